@@ -1,0 +1,114 @@
+"""Event types: past-tense facts (`dataset.submitted`) and explicit requests
+(`notification.requested`), each a CloudEvents envelope with a typed, bounded, strict payload.
+
+The schema version of each type is its `dataschema` URN; a breaking change gets a new type name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
+
+from contracts.envelope import Envelope, Payload
+
+
+def schema_urn(event_type: str, version: int = 1) -> str:
+    return f"urn:courier:schema:{event_type}:{version}"
+
+
+# --- notification.requested -------------------------------------------------------------------
+
+Channel = Literal["log", "webhook", "email"]
+
+
+class NotificationRequestedData(Payload):
+    channel: Channel = "log"
+    recipient: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    body: Annotated[str, StringConstraints(max_length=10_000)] = ""
+
+
+class NotificationRequested(Envelope):
+    """Someone asked for a notification to be delivered on a channel."""
+
+    type: Literal["notification.requested"] = "notification.requested"
+    dataschema: str | None = schema_urn("notification.requested")
+    data: NotificationRequestedData
+
+
+# --- dataset.submitted → dataset.processed ----------------------------------------------------
+
+MAX_RECORDS: Final = 10_000
+MAX_FIELDS: Final = 100
+
+FieldName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Scalar = (
+    StrictBool | StrictInt | StrictFloat | Annotated[str, StringConstraints(max_length=1024)] | None
+)
+Record = Annotated[dict[FieldName, Scalar], Field(max_length=MAX_FIELDS)]
+
+
+class DatasetSubmittedData(Payload):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "dataset"
+    records: Annotated[list[Record], Field(min_length=1, max_length=MAX_RECORDS)]
+    notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+
+
+class DatasetSubmitted(Envelope):
+    """A client submitted a dataset for summarising."""
+
+    type: Literal["dataset.submitted"] = "dataset.submitted"
+    dataschema: str | None = schema_urn("dataset.submitted")
+    data: DatasetSubmittedData
+
+
+FieldKind = Literal["number", "string", "boolean", "mixed", "null"]
+
+
+class FieldSummary(Payload):
+    kind: FieldKind
+    count: StrictInt = Field(ge=0, description="records where the field is present and not null")
+    nulls: StrictInt = Field(ge=0, description="records where the field is missing or null")
+    min: StrictFloat | None = None
+    max: StrictFloat | None = None
+    mean: StrictFloat | None = None
+    distinct: StrictInt | None = Field(default=None, ge=0, description="distinct strings")
+
+
+class DatasetProcessedData(Payload):
+    dataset_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    record_count: StrictInt = Field(ge=0)
+    fields: Annotated[dict[FieldName, FieldSummary], Field(max_length=MAX_RECORDS * MAX_FIELDS)]
+    notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+
+
+class DatasetProcessed(Envelope):
+    """The processor summarised a submitted dataset."""
+
+    type: Literal["dataset.processed"] = "dataset.processed"
+    dataschema: str | None = schema_urn("dataset.processed")
+    data: DatasetProcessedData
+
+
+# --- unions -----------------------------------------------------------------------------------
+
+Event = Annotated[
+    NotificationRequested | DatasetSubmitted | DatasetProcessed,
+    Field(discriminator="type"),
+]
+"""Every event that travels on the broker."""
+
+IngestEvent = Annotated[NotificationRequested | DatasetSubmitted, Field(discriminator="type")]
+"""The events an upstream client may submit through the gateway."""
+
+EVENT_ADAPTER: Final[TypeAdapter[Event]] = TypeAdapter(Event)
+INGEST_ADAPTER: Final[TypeAdapter[IngestEvent]] = TypeAdapter(IngestEvent)
+
+EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
+    "notification.requested": NotificationRequested,
+    "dataset.submitted": DatasetSubmitted,
+    "dataset.processed": DatasetProcessed,
+}
+INGEST_TYPES: Final[frozenset[str]] = frozenset({"notification.requested", "dataset.submitted"})

@@ -1,0 +1,186 @@
+"""The broker topology, as values: every exchange, queue, binding and route Courier uses.
+
+This is the only place that names broker objects. Names derive from pure functions of a
+namespace (which isolates deployments and test runs) and a service name:
+
+    <ns>.events                    topic exchange, routing key = event type
+    <ns>.<service>                 the service's work queue (quorum), bound to its event types
+    <ns>.<service>.retry.<N>s      delay tier: queue-level TTL, dead-letters back to the work queue
+    <ns>.<service>.dlq             dead letters of the service (quorum)
+    <ns>.dlx                       direct exchange the work queues dead-letter into
+
+Declaring these values on a broker is `services.messaging.declare`'s job; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from contracts.events import EVENT_MODELS
+
+ExchangeKind = Literal["topic", "direct"]
+
+# Which service consumes which event types. Each service gets its own copy of each event.
+SUBSCRIPTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "processor": ("dataset.submitted",),
+    "notifier": ("notification.requested", "dataset.processed"),
+}
+
+DEFAULT_RETRY_DELAYS: Final[tuple[int, ...]] = (5, 30, 120, 600)
+DEFAULT_DELIVERY_LIMIT: Final = 5
+
+
+def events_exchange(ns: str) -> str:
+    return f"{ns}.events"
+
+
+def dead_letter_exchange(ns: str) -> str:
+    return f"{ns}.dlx"
+
+
+def work_queue(ns: str, service: str) -> str:
+    return f"{ns}.{service}"
+
+
+def dead_letter_queue(ns: str, service: str) -> str:
+    return f"{work_queue(ns, service)}.dlq"
+
+
+def retry_queue(ns: str, service: str, delay_seconds: int) -> str:
+    return f"{work_queue(ns, service)}.retry.{delay_seconds}s"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    kind: ExchangeKind
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, str | int] = field(default_factory=dict)
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+def _lossless_dead_lettering(exchange: str, routing_key: str) -> dict[str, str | int]:
+    # at-least-once needs reject-publish too, or the broker silently falls back to at-most-once.
+    return {
+        "x-dead-letter-exchange": exchange,
+        "x-dead-letter-routing-key": routing_key,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+@dataclass(frozen=True)
+class ServiceTopology:
+    """Everything one consuming service needs on the broker."""
+
+    namespace: str
+    service: str
+    event_types: tuple[str, ...]
+    retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.event_types) - EVENT_MODELS.keys()
+        if unknown:
+            raise ValueError(f"unknown event types for {self.service}: {sorted(unknown)}")
+        if any(d <= 0 for d in self.retry_delays) or list(self.retry_delays) != sorted(
+            set(self.retry_delays)
+        ):
+            raise ValueError("retry delays must be positive, distinct and ascending")
+        if self.delivery_limit < 1:
+            raise ValueError("delivery limit must be at least 1")
+
+    @property
+    def queue(self) -> str:
+        return work_queue(self.namespace, self.service)
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return dead_letter_queue(self.namespace, self.service)
+
+    @property
+    def events_exchange(self) -> str:
+        return events_exchange(self.namespace)
+
+    def retry_queue(self, delay_seconds: int) -> str:
+        return retry_queue(self.namespace, self.service, delay_seconds)
+
+    def exchanges(self) -> tuple[ExchangeSpec, ...]:
+        return (
+            ExchangeSpec(events_exchange(self.namespace), "topic"),
+            ExchangeSpec(dead_letter_exchange(self.namespace), "direct"),
+        )
+
+    def work_queue_spec(self) -> QueueSpec:
+        args: dict[str, str | int] = {
+            "x-queue-type": "quorum",
+            # A message that crashes its consumer every time ends in the DLQ, not in a loop.
+            "x-delivery-limit": self.delivery_limit,
+            **_lossless_dead_lettering(
+                dead_letter_exchange(self.namespace), self.dead_letter_queue
+            ),
+        }
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+        return QueueSpec(self.queue, args)
+
+    def dead_letter_queue_spec(self) -> QueueSpec:
+        return QueueSpec(self.dead_letter_queue, {"x-queue-type": "quorum"})
+
+    def retry_queue_specs(self) -> tuple[QueueSpec, ...]:
+        # One queue per tier, so every message in a tier has the same TTL and none waits behind
+        # a longer one; on expiry the default exchange routes it straight back to the work queue.
+        return tuple(
+            QueueSpec(
+                self.retry_queue(delay),
+                {
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": delay * 1000,
+                    **_lossless_dead_lettering("", self.queue),
+                },
+            )
+            for delay in self.retry_delays
+        )
+
+    def queues(self) -> tuple[QueueSpec, ...]:
+        return (self.work_queue_spec(), self.dead_letter_queue_spec(), *self.retry_queue_specs())
+
+    def bindings(self) -> tuple[BindingSpec, ...]:
+        events = events_exchange(self.namespace)
+        dlx = dead_letter_exchange(self.namespace)
+        return (
+            *(BindingSpec(self.queue, events, t) for t in self.event_types),
+            BindingSpec(self.dead_letter_queue, dlx, self.dead_letter_queue),
+        )
+
+
+def service_topology(
+    namespace: str,
+    service: str,
+    *,
+    retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    max_length: int | None = None,
+) -> ServiceTopology:
+    return ServiceTopology(
+        namespace=namespace,
+        service=service,
+        event_types=SUBSCRIPTIONS[service],
+        retry_delays=retry_delays,
+        delivery_limit=delivery_limit,
+        max_length=max_length,
+    )

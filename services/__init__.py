@@ -1,0 +1,1 @@
+"""Courier's services: the gateway, the consumers and the shared messaging runtime."""

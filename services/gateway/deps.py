@@ -1,0 +1,24 @@
+"""FastAPI dependencies as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.gateway.broker import BrokerLink
+from services.gateway.settings import GatewaySettings
+
+
+def _broker(request: Request) -> BrokerLink:
+    broker: BrokerLink = request.app.state.broker
+    return broker
+
+
+def _settings(request: Request) -> GatewaySettings:
+    settings: GatewaySettings = request.app.state.settings
+    return settings
+
+
+Broker = Annotated[BrokerLink, Depends(_broker)]
+Settings = Annotated[GatewaySettings, Depends(_settings)]

@@ -1,0 +1,107 @@
+"""Turning an HTTP request into typed events: the three CloudEvents HTTP modes and batches.
+
+* plain JSON (`application/json`): `{"type": ..., "data": ..., other attributes optional}`;
+* structured mode (`application/cloudevents+json`): the whole CloudEvent as the body;
+* binary mode (`ce-*` headers): attributes in headers, the body is `data`.
+
+Every function here is pure: bytes and headers in, events out, or an `IngestError` carrying the
+HTTP status that describes what is wrong with the request.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Final
+
+import orjson
+from pydantic import Field, TypeAdapter, ValidationError
+
+from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent
+
+STRUCTURED: Final = "application/cloudevents+json"
+BATCH: Final = "application/cloudevents-batch+json"
+JSON: Final = "application/json"
+SINGLE_TYPES: Final = frozenset({JSON, STRUCTURED})
+BATCH_TYPES: Final = frozenset({JSON, BATCH})
+
+# CloudEvents attributes that may arrive as `ce-<name>` headers in binary mode.
+BINARY_ATTRIBUTES: Final = (
+    "id", "source", "type", "specversion", "time", "subject", "dataschema",
+    "correlationid", "causationid",
+)  # fmt: skip
+
+
+@functools.cache
+def _batch_adapter(max_events: int) -> TypeAdapter[list[IngestEvent]]:
+    return TypeAdapter(Annotated[list[IngestEvent], Field(min_length=1, max_length=max_events)])
+
+
+class IngestError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _invalid(exc: ValidationError) -> IngestError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    if any(error["type"] == "json_invalid" for error in errors):
+        return IngestError(400, "malformed JSON body")
+    for error in errors:
+        if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+            error["msg"] = f"unknown or missing event type; known types: {sorted(INGEST_TYPES)}"
+    return IngestError(422, errors)
+
+
+def _binary_body(headers: Mapping[str, str], body: bytes) -> bytes:
+    """A structured-mode body from binary-mode headers plus the data body."""
+    attributes = {
+        name: headers[f"ce-{name}"] for name in BINARY_ATTRIBUTES if f"ce-{name}" in headers
+    }
+    if not body.strip():
+        raise IngestError(400, "binary-mode CloudEvent without a data body")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise IngestError(400, "malformed JSON body") from exc
+    return orjson.dumps({**attributes, "data": data})
+
+
+def _with_correlation(event: IngestEvent, correlation_id: str | None) -> IngestEvent:
+    if correlation_id and event.correlationid is None:
+        return event.model_copy(update={"correlationid": correlation_id[:128]})
+    return event
+
+
+def parse_event(content_type: str | None, headers: Mapping[str, str], body: bytes) -> IngestEvent:
+    kind = media_type(content_type)
+    if kind not in SINGLE_TYPES:
+        raise IngestError(415, f"use {JSON} or {STRUCTURED}, not {kind or 'no content type'!r}")
+    if kind == JSON and "ce-specversion" in headers:
+        body = _binary_body(headers, body)
+    try:
+        event = INGEST_ADAPTER.validate_json(body)
+    except ValidationError as exc:
+        raise _invalid(exc) from exc
+    return _with_correlation(event, headers.get("x-correlation-id"))
+
+
+def parse_batch(
+    content_type: str | None, headers: Mapping[str, str], body: bytes, max_events: int
+) -> Sequence[IngestEvent]:
+    kind = media_type(content_type)
+    if kind not in BATCH_TYPES:
+        raise IngestError(415, f"use {JSON} or {BATCH}, not {kind or 'no content type'!r}")
+    try:
+        events = _batch_adapter(max_events).validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "too_long" and not e["loc"] for e in exc.errors()):
+            raise IngestError(413, f"a batch holds at most {max_events} events") from exc
+        raise _invalid(exc) from exc
+    correlation = headers.get("x-correlation-id")
+    return [_with_correlation(event, correlation) for event in events]

@@ -1,0 +1,269 @@
+"""The consumer: validate, handle, publish follow-ups, acknowledge — in that order.
+
+The acknowledgement policy, in one place:
+
+* handler succeeded and every follow-up event is confirmed → ack;
+* body is not a valid event, or no handler for its type     → dead letter `invalid`, then ack;
+* handler raised a permanent error                         → dead letter `permanent`, then ack;
+* handler raised anything else                             → delay tier (confirmed), then ack,
+                                                              or dead letter `retries_exhausted`;
+* a crash before any of these                              → the broker redelivers; after
+                                                              `x-delivery-limit` it dead-letters
+                                                              the message as `delivery_limit`.
+
+Every republish (retry or dead letter) is confirmed before the original is acked, so a crash in
+between duplicates a message at worst, never loses it. Handlers never see aio-pika: they take a
+typed event and return the follow-up events to publish, or raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from pydantic import ValidationError
+
+from contracts.envelope import Envelope
+from contracts.events import EVENT_ADAPTER
+from contracts.topology import ServiceTopology
+from services.messaging.errors import CourierError
+from services.messaging.failure import Failure, FailureReason, attempt_of
+from services.messaging.logs import event_context, get_logger
+from services.messaging.publisher import CONTENT_TYPE, Publisher
+from services.messaging.retry import RetryPolicy
+
+log = get_logger("consumer")
+
+Handler = Callable[[Any], Awaitable[Sequence[Envelope] | None]]
+"""An async function taking one typed event and returning follow-up events (or None)."""
+
+
+class UnhandledEventType(CourierError):
+    """A message reached a queue whose service has no handler for its type (a routing bug)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    handler: Handler
+    retry: RetryPolicy
+
+
+def with_cause(follow_up: Envelope, cause: Envelope) -> Envelope:
+    """A follow-up event carries the cause's correlation id and names the cause."""
+    return follow_up.model_copy(
+        update={"correlationid": cause.correlation(), "causationid": cause.id}
+    )
+
+
+class Consumer:
+    def __init__(
+        self,
+        *,
+        topology: ServiceTopology,
+        routes: Mapping[str, Route],
+        publisher: Publisher,
+        prefetch: int,
+    ) -> None:
+        for event_type, route in routes.items():
+            unknown = set(route.retry.delays) - set(topology.retry_delays)
+            if unknown:
+                raise ValueError(
+                    f"{event_type}: retry delays {sorted(unknown)} are not declared tiers "
+                    f"{topology.retry_delays}"
+                )
+        self._topology = topology
+        self._routes = routes
+        self._publisher = publisher
+        self._prefetch = prefetch
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Start consuming; aio-pika's robust channel restores the consumer after reconnects."""
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        spec = self._topology.work_queue_spec()
+        self._queue = await channel.declare_queue(
+            spec.name, durable=spec.durable, arguments=dict(spec.arguments)
+        )
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._connection = connection
+        log.info("consuming", extra={"queue": spec.name, "prefetch": self._prefetch})
+
+    @property
+    def consuming(self) -> bool:
+        connection, queue = self._connection, self._queue
+        return (
+            connection is not None
+            and connection.connected.is_set()
+            and queue is not None
+            and not queue.channel.is_closed
+            and self._consumer_tag is not None
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def stop(self, drain_seconds: float) -> bool:
+        """Stop taking messages; wait up to `drain_seconds` for in-flight ones. True if drained."""
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except (AMQPError, ChannelInvalidStateError, ConnectionError):
+                log.warning("could not cancel the consumer; the channel is gone already")
+            self._consumer_tag = None
+        try:
+            async with asyncio.timeout(drain_seconds):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "in-flight handlers did not finish in time; their messages return to the queue",
+                extra={"in_flight": self._in_flight, "drain_seconds": drain_seconds},
+            )
+            return False
+        return True
+
+    # --- one delivery -------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._process(message)
+        except Exception:  # settled below: never left hanging, never dropped
+            # Could not ack, retry or dead-letter (the broker went away mid-way, or a bug in
+            # this runtime). Return the message to the queue: the quorum queue's delivery limit
+            # bounds how often, then dead-letters it as `delivery_limit`.
+            log.exception("delivery not settled; returning it to the queue")
+            await _requeue(message)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        attempt = attempt_of(headers)
+        try:
+            event: Envelope = EVENT_ADAPTER.validate_json(message.body)
+        except ValidationError as exc:
+            await self._dead_letter(message, Failure.of(exc, attempt), "invalid")
+            return
+        with event_context(event.id, event.correlation()):
+            route = self._routes.get(event.type)
+            if route is None:
+                exc_ = UnhandledEventType(f"{self._topology.service} has no handler for this type")
+                await self._dead_letter(message, Failure.of(exc_, attempt), "invalid", event)
+                return
+            try:
+                follow_ups = await route.retry.call(lambda: route.handler(event))
+            except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
+                await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
+                return
+            await self._publish_follow_ups(event, follow_ups or ())
+            await message.ack()
+            log.info("handled", extra={"event_type": event.type, "attempt": attempt})
+
+    async def _publish_follow_ups(self, cause: Envelope, follow_ups: Sequence[Envelope]) -> None:
+        exchange = self._topology.events_exchange
+        await asyncio.gather(
+            *(
+                self._publisher.publish_event(with_cause(event, cause), exchange=exchange)
+                for event in follow_ups
+            )
+        )
+
+    async def _on_failure(
+        self,
+        message: AbstractIncomingMessage,
+        event: Envelope,
+        policy: RetryPolicy,
+        failure: Failure,
+    ) -> None:
+        if policy.is_permanent(failure.exc):
+            await self._dead_letter(message, failure, "permanent", event)
+            return
+        delay = policy.next_delay(failure.attempt)
+        if delay is None:
+            await self._dead_letter(message, failure, "retries_exhausted", event)
+            return
+        retry_headers = failure.retry_headers(message.headers or {})
+        await self._publisher.publish(
+            _republished(message, retry_headers),
+            exchange="",
+            routing_key=self._topology.retry_queue(delay),
+        )
+        await message.ack()
+        log.warning(
+            "attempt failed; retrying later",
+            extra={
+                "event_type": event.type,
+                "attempt": failure.attempt,
+                "retry_in_seconds": delay,
+                "error": failure.summary(),
+            },
+        )
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        failure: Failure,
+        reason: FailureReason,
+        event: Envelope | None = None,
+    ) -> None:
+        dead_headers = failure.dead_letter_headers(
+            message.headers or {},
+            reason=reason,
+            service=self._topology.service,
+            queue=self._topology.queue,
+            event_id=event.id if event is not None else message.message_id,
+            event_type=event.type if event is not None else message.type,
+        )
+        await self._publisher.publish(
+            _republished(message, dead_headers),
+            exchange="",
+            routing_key=self._topology.dead_letter_queue,
+        )
+        await message.ack()
+        log.error(
+            "dead-lettered",
+            extra={
+                "reason": reason,
+                "event_id": dead_headers["courier-event-id"],
+                "attempt": failure.attempt,
+                "error": failure.summary(),
+            },
+        )
+
+
+def _republished(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a delivery with new headers; body and identity unchanged."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type or CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.type,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+    )
+
+
+async def _requeue(message: AbstractIncomingMessage) -> None:
+    # If the channel is gone, the broker returns the message by itself.
+    with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
+        await message.nack(requeue=True)

@@ -1,0 +1,88 @@
+"""Declares topology values (`contracts.topology`) on the broker, idempotently.
+
+Every service calls this at start-up (and after each reconnect, through aio-pika's robust
+channels). A queue that already exists with other arguments makes the broker close the channel
+with PRECONDITION_FAILED; that is turned into a `TopologyMismatch` that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import AMQPError, ChannelPreconditionFailed
+
+from contracts.topology import ExchangeSpec, QueueSpec, ServiceTopology
+from services.messaging.errors import TopologyMismatch
+from services.messaging.logs import get_logger
+
+log = get_logger("declare")
+
+_EXCHANGE_TYPES = {"topic": aio_pika.ExchangeType.TOPIC, "direct": aio_pika.ExchangeType.DIRECT}
+
+
+async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> None:
+    await channel.declare_exchange(spec.name, _EXCHANGE_TYPES[spec.kind], durable=spec.durable)
+
+
+async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(
+            spec.name, durable=spec.durable, arguments=dict(spec.arguments)
+        )
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"queue {spec.name!r} exists with other arguments than this service declares "
+            f"({exc}); wanted {dict(spec.arguments)}. Drain and delete the queue, or configure "
+            "the service like the deployment that created it."
+        ) from exc
+
+
+async def declare_topology(
+    connection: AbstractConnection, topologies: Iterable[ServiceTopology]
+) -> None:
+    """Declare exchanges, queues and bindings of the given services, on a throwaway channel.
+
+    A dedicated channel keeps a PRECONDITION_FAILED from closing a channel that is in use.
+    """
+    async with connection.channel() as channel:
+        seen_exchanges: set[ExchangeSpec] = set()
+        for topology in topologies:
+            for exchange in topology.exchanges():
+                if exchange not in seen_exchanges:
+                    await declare_exchange(channel, exchange)
+                    seen_exchanges.add(exchange)
+            queues = {spec.name: await declare_queue(channel, spec) for spec in topology.queues()}
+            for binding in topology.bindings():
+                await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
+
+
+Redeclare = Callable[[AbstractRobustConnection | None], Awaitable[None]]
+
+
+def redeclare_on_reconnect(
+    connection: AbstractRobustConnection, topologies: Iterable[ServiceTopology]
+) -> Redeclare:
+    """Declare again after every reconnect: a broker that lost its definitions gets them back.
+
+    aio-pika holds reconnect callbacks weakly: keep the returned callback for as long as the
+    connection lives.
+    """
+    wanted = tuple(topologies)
+
+    async def redeclare(conn: AbstractRobustConnection | None, /) -> None:
+        if conn is None:
+            return
+        try:
+            await declare_topology(conn, wanted)
+        except (TopologyMismatch, AMQPError, ConnectionError):
+            log.exception("declaring the topology after a reconnect failed")
+
+    connection.reconnect_callbacks.add(redeclare)
+    return redeclare

@@ -1,0 +1,139 @@
+"""What a failed delivery carries: its attempt count, and on a dead letter the whole story.
+
+Counters live in Courier's own headers (`courier-*`), never in `x-death`, which newer brokers
+own. A fingerprint (exception type + the innermost frame in project code) groups failures that
+share a cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+FailureReason = Literal["permanent", "retries_exhausted", "delivery_limit", "invalid"]
+
+ATTEMPT: Final = "courier-attempt"
+FIRST_FAILURE: Final = "courier-first-failure"
+LAST_FAILURE: Final = "courier-last-failure"
+LAST_ERROR: Final = "courier-last-error"
+REASON: Final = "courier-reason"
+SERVICE: Final = "courier-service"
+QUEUE: Final = "courier-queue"
+EVENT_ID: Final = "courier-event-id"
+EVENT_TYPE: Final = "courier-event-type"
+EXCEPTION_TYPE: Final = "courier-exception-type"
+EXCEPTION_MESSAGE: Final = "courier-exception-message"
+TRACEBACK: Final = "courier-traceback"
+FINGERPRINT: Final = "courier-fingerprint"
+
+# Headers the broker sets on a redelivered or dead-lettered message; never carried forward.
+BROKER_HEADERS: Final = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+MAX_TRACEBACK_CHARS: Final = 4_000
+MAX_MESSAGE_CHARS: Final = 1_000
+_PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
+
+
+def attempt_of(headers: Mapping[str, Any]) -> int:
+    """The attempt this delivery is (1 for a first delivery)."""
+    value = headers.get(ATTEMPT, 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers a republished message keeps: Courier's and the sender's, not the broker's."""
+    return {k: v for k, v in headers.items() if k not in BROKER_HEADERS}
+
+
+def _project_frame(exc: BaseException) -> str:
+    """`module:function` of the innermost frame in project code, or of the last frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(_PROJECT_ROOT) and "site-packages" not in path.parts:
+            module = ".".join(path.relative_to(_PROJECT_ROOT).with_suffix("").parts)
+            return f"{module}:{frame.name}"
+    return f"{Path(frames[-1].filename).stem}:{frames[-1].name}" if frames else "<unknown>"
+
+
+def fingerprint(exc: BaseException) -> str:
+    key = f"{type(exc).__module__}.{type(exc).__qualname__}|{_project_frame(exc)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _exception_name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _trimmed_traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    # Keep the end: the raise site and the exception line are what an operator needs.
+    return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-MAX_TRACEBACK_CHARS:]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt, ready to be written into headers."""
+
+    exc: BaseException
+    attempt: int
+    at: datetime
+
+    @classmethod
+    def of(cls, exc: BaseException, attempt: int) -> Failure:
+        return cls(exc, attempt, datetime.now(UTC))
+
+    def summary(self) -> str:
+        return f"{_exception_name(self.exc)}: {self.exc}"[:MAX_MESSAGE_CHARS]
+
+    def retry_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """Headers for the next attempt of a message whose attempt failed transiently."""
+        return {
+            **carried_headers(headers),
+            ATTEMPT: self.attempt + 1,
+            FIRST_FAILURE: headers.get(FIRST_FAILURE, self.at),
+            LAST_FAILURE: self.at,
+            LAST_ERROR: self.summary(),
+        }
+
+    def dead_letter_headers(
+        self,
+        headers: Mapping[str, Any],
+        *,
+        reason: FailureReason,
+        service: str,
+        queue: str,
+        event_id: str | None,
+        event_type: str | None,
+    ) -> dict[str, Any]:
+        return {
+            **carried_headers(headers),
+            REASON: reason,
+            SERVICE: service,
+            QUEUE: queue,
+            EVENT_ID: event_id,
+            EVENT_TYPE: event_type,
+            ATTEMPT: self.attempt,
+            FIRST_FAILURE: headers.get(FIRST_FAILURE, self.at),
+            LAST_FAILURE: self.at,
+            EXCEPTION_TYPE: _exception_name(self.exc),
+            EXCEPTION_MESSAGE: str(self.exc)[:MAX_MESSAGE_CHARS],
+            TRACEBACK: _trimmed_traceback(self.exc),
+            FINGERPRINT: fingerprint(self.exc),
+        }

@@ -1,0 +1,67 @@
+"""Retry policy: which failures are permanent, how often to retry at once, and the delay tiers.
+
+Two stages, as in Dramatiq and Celery but without holding messages in worker memory:
+
+1. immediate retries inside the handler call (tenacity, jittered exponential, ~1 s in total) for
+   blips such as a dropped connection;
+2. delayed retries through the broker: the message is republished (confirmed) into a delay-tier
+   queue whose TTL dead-letters it back into the work queue, then the original is acked.
+
+After the last tier the message is dead-lettered with reason `retries_exhausted`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from services.messaging.errors import PermanentError
+
+T = TypeVar("T")
+
+IMMEDIATE_BUDGET_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    delays: tuple[int, ...]
+    """Delayed retries, in seconds; each must be one of the service's declared delay tiers."""
+    immediate: int = 2
+    """Extra in-process attempts of a transient failure before a delayed retry."""
+    permanent: tuple[type[BaseException], ...] = ()
+    """Exception types that retrying cannot fix, on top of `PermanentError`."""
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        return isinstance(exc, (PermanentError, ValidationError, *self.permanent))
+
+    def next_delay(self, attempt: int) -> int | None:
+        """Delay before attempt `attempt + 1`, or None when `attempt` was the last one."""
+        return self.delays[attempt - 1] if 1 <= attempt <= len(self.delays) else None
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.delays) + 1
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn`, retrying transient failures a few times at once."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.immediate + 1)
+            | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
+            wait=wait_random_exponential(multiplier=0.05, max=0.4),
+            retry=retry_if_exception(lambda exc: not self.is_permanent(exc)),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity reraises the last failure")

@@ -1,0 +1,146 @@
+"""A consuming service's life: connect, declare, consume, watch, drain on SIGTERM, exit.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the service could not consume for
+`unready_exit_after` seconds (a supervisor restarts it), 2 when the broker's topology does not
+match this service's (an operator must act; restarting cannot help).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import NoReturn, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.exceptions import AMQPConnectionError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from services.messaging.consumer import Consumer, Route
+from services.messaging.declare import declare_topology, redeclare_on_reconnect
+from services.messaging.errors import TopologyMismatch
+from services.messaging.health import serve_health
+from services.messaging.logs import configure_logging, get_logger
+from services.messaging.publisher import Publisher
+from services.messaging.settings import ConsumerSettings
+
+log = get_logger("runtime")
+
+S = TypeVar("S", bound=ConsumerSettings)
+RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
+"""Builds a service's routes and their resources; resources register their cleanup on the stack."""
+
+EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
+_CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
+
+
+async def _connect(
+    settings: ConsumerSettings, service: str, publisher: Publisher
+) -> AbstractRobustConnection:
+    """Connect consumer and publisher, retrying for up to `unready_exit_after` seconds."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(settings.unready_exit_after),
+        wait=wait_exponential(multiplier=0.5, max=5),
+        retry=retry_if_exception_type(_CONNECT_ERRORS),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "broker not reachable; retrying",
+            extra={
+                "attempt": state.attempt_number,
+                "error": repr(state.outcome and state.outcome.exception()),
+            },
+        ),
+    ):
+        with attempt:
+            connection = await aio_pika.connect_robust(
+                settings.amqp_url,
+                heartbeat=settings.heartbeat,
+                client_properties={"connection_name": f"{service}-consumer"},
+            )
+            try:
+                await publisher.connect()
+            except BaseException:
+                await connection.close()
+                raise
+            return connection
+    raise AssertionError("unreachable: tenacity reraises")
+
+
+async def _watch(consumer: Consumer, stop: asyncio.Event, unready_exit_after: float) -> int:
+    """Wait for a stop signal; give up if not consuming for too long."""
+    last_consuming = time.monotonic()
+    while not stop.is_set():
+        if consumer.consuming:
+            last_consuming = time.monotonic()
+        elif time.monotonic() - last_consuming > unready_exit_after:
+            log.error("not consuming for too long; exiting", extra={"seconds": unready_exit_after})
+            return EXIT_UNREADY
+        try:
+            async with asyncio.timeout(1.0):
+                await stop.wait()
+        except TimeoutError:
+            continue
+    return EXIT_OK
+
+
+async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+    topology = settings.topology(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as stack:
+        routes = await build_routes(stack, settings)
+        publisher = Publisher(
+            settings.amqp_url,
+            channels=settings.publisher_channels,
+            confirm_timeout=settings.publish_timeout,
+            heartbeat=settings.heartbeat,
+            name=f"{service}-publisher",
+        )
+        try:
+            connection = await _connect(settings, service, publisher)
+        except _CONNECT_ERRORS:
+            log.exception("could not reach the broker; exiting")
+            return EXIT_UNREADY
+        stack.push_async_callback(publisher.close)
+        stack.push_async_callback(connection.close)
+        try:
+            await declare_topology(connection, [topology])
+        except TopologyMismatch:
+            log.exception("topology mismatch; refusing to start")
+            return EXIT_TOPOLOGY
+        keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
+
+        consumer = Consumer(
+            topology=topology, routes=routes, publisher=publisher, prefetch=settings.prefetch
+        )
+        await consumer.start(connection)
+        if settings.health_port:
+            server = await serve_health(
+                settings.health_host, settings.health_port, lambda: consumer.consuming, service
+            )
+            stack.callback(server.close)
+
+        code = await _watch(consumer, stop, settings.unready_exit_after)
+        log.info("stopping: draining in-flight handlers", extra={"in_flight": consumer.in_flight})
+        await consumer.stop(settings.shutdown_timeout)
+        del keep_declared
+    log.info("stopped", extra={"exit_code": code})
+    return code
+
+
+def run(service: str, settings: S, build_routes: RoutesFactory[S]) -> NoReturn:
+    """Entry point of a consuming service: configure logging once, serve, exit with its code."""
+    configure_logging(settings.log_level, service)
+    sys.exit(asyncio.run(serve(service, settings, build_routes)))

@@ -1,0 +1,109 @@
+"""Settings read from the environment (pydantic-settings); README documents every variable.
+
+Broker-wide names keep their conventional spelling (`AMQP_URL`); everything else is `COURIER_*`.
+Topology settings are shared by every service, because the gateway declares every service's
+queues too and the broker refuses a queue re-declared with other arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from contracts.topology import (
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_RETRY_DELAYS,
+    SUBSCRIPTIONS,
+    ServiceTopology,
+    service_topology,
+)
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _int_tuple(value: object) -> object:
+    """Accept `5,30,120` as well as a JSON list."""
+    if isinstance(value, str):
+        value = value.strip().removeprefix("[").removesuffix("]")
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    return value
+
+
+class CourierSettings(BaseSettings):
+    """What every Courier process reads."""
+
+    model_config = SettingsConfigDict(env_prefix="COURIER_", extra="ignore", frozen=True)
+
+    amqp_url: str = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias=AliasChoices("AMQP_URL", "COURIER_AMQP_URL"),
+        description="RabbitMQ connection URL.",
+    )
+    namespace: str = Field(
+        default="courier",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Prefix of every exchange and queue name; isolates deployments and test runs.",
+    )
+    heartbeat: int = Field(default=30, ge=0, description="AMQP heartbeat in seconds.")
+    publish_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to wait for a publisher confirm."
+    )
+    publisher_channels: int = Field(
+        default=4, ge=1, le=64, description="Confirming channels the publisher spreads work over."
+    )
+    retry_delays: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=DEFAULT_RETRY_DELAYS, description="Delay tiers in seconds, e.g. `5,30,120,600`."
+    )
+    delivery_limit: int = Field(
+        default=DEFAULT_DELIVERY_LIMIT,
+        ge=1,
+        description="Redeliveries before the broker dead-letters a message (crash-loop guard).",
+    )
+    max_queue_length: int | None = Field(
+        default=None, ge=1, description="Work queue length limit; publishes beyond it are refused."
+    )
+    log_level: LogLevel = "INFO"
+
+    _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
+
+    def topology(self, service: str) -> ServiceTopology:
+        return service_topology(
+            self.namespace,
+            service,
+            retry_delays=self.retry_delays,
+            delivery_limit=self.delivery_limit,
+            max_length=self.max_queue_length,
+        )
+
+    def all_topologies(self) -> tuple[ServiceTopology, ...]:
+        return tuple(self.topology(service) for service in SUBSCRIPTIONS)
+
+
+class ConsumerSettings(CourierSettings):
+    """What a consuming service reads on top of the common settings."""
+
+    prefetch: int = Field(
+        default=32, ge=1, le=65_535, description="Unacked messages (and concurrent handlers)."
+    )
+    immediate_retries: int = Field(
+        default=2, ge=0, le=10, description="In-process retries of a transient failure."
+    )
+    shutdown_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds SIGTERM waits for in-flight handlers."
+    )
+    health_host: str = Field(
+        default="127.0.0.1", description="Address of the health endpoint (0.0.0.0 in containers)."
+    )
+    health_port: int = Field(
+        default=0, ge=0, le=65_535, description="Port of /healthz and /readyz; 0 turns it off."
+    )
+    unready_exit_after: float = Field(
+        default=120.0,
+        gt=0,
+        description="Exit non-zero when unable to consume for this long (a supervisor restarts).",
+    )
+    cpu_workers: int = Field(
+        default=0, ge=0, le=64, description="Processes for CPU-bound handlers; 0 = CPU count."
+    )

@@ -1,0 +1,1 @@
+"""The notifier service: delivers notifications on their channels."""

@@ -1,0 +1,35 @@
+"""`python -m services.processor`: the processor service's composition root."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+
+from services.messaging.consumer import Route
+from services.messaging.cpu import CpuPool
+from services.messaging.retry import RetryPolicy
+from services.messaging.runtime import run
+from services.messaging.settings import ConsumerSettings
+from services.processor import handlers
+
+SERVICE = "processor"
+
+
+async def build_routes(stack: AsyncExitStack, settings: ConsumerSettings) -> Mapping[str, Route]:
+    pool = CpuPool(settings.cpu_workers)
+    stack.callback(pool.close)
+    policy = RetryPolicy(delays=settings.retry_delays, immediate=settings.immediate_retries)
+    return {
+        "dataset.submitted": Route(
+            functools.partial(handlers.dataset_submitted, pool=pool), policy
+        ),
+    }
+
+
+def main() -> None:
+    run(SERVICE, ConsumerSettings(), build_routes)
+
+
+if __name__ == "__main__":
+    main()
