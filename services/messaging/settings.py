@@ -68,6 +68,13 @@ class CourierSettings(BaseSettings):
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
+    @field_validator("retry_delays")
+    @classmethod
+    def _ascending(cls, delays: tuple[int, ...]) -> tuple[int, ...]:
+        if not delays or delays[0] <= 0 or list(delays) != sorted(set(delays)):
+            raise ValueError("retry delays must be positive, distinct and ascending")
+        return delays
+
     def topology(self, service: str) -> ServiceTopology:
         return service_topology(
             self.namespace,

@@ -1,0 +1,47 @@
+# Courier: the commands README.md documents. `make run` starts everything, `make test` checks everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test pytest lint typecheck broker schemas bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+## run: set up, make sure a broker answers (start a local one if installed), run all services
+run: $(STAMP)
+	$(BIN)/python scripts/ensure_broker.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -f Procfile
+
+## test: everything CI checks: lint, strict typing, the whole test suite against a real broker
+test: lint typecheck pytest
+
+pytest: $(STAMP)
+	$(BIN)/python scripts/ensure_broker.py --optional
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+broker:
+	$(PYTHON) scripts/ensure_broker.py
+
+## schemas: regenerate contracts/schemas/*.json and contracts/asyncapi.yaml from the models
+schemas: $(STAMP)
+	$(BIN)/courier-schemas
+
+## lock: re-resolve requirements.lock from pyproject.toml (needs uv)
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,70 @@
+"""Make sure a RabbitMQ broker answers at AMQP_URL before the system or the tests start.
+
+If nothing answers and RabbitMQ is installed locally, start it (`rabbitmq-server -detached`) and
+wait for it. Otherwise stop with a message pointing at `docker compose up`. With `--optional`
+a missing broker is only reported (the test suite then finds one itself, e.g. testcontainers).
+Standard library only: this runs before anything else is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+START_TIMEOUT = 90.0
+
+
+def answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(host, port):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--optional", action="store_true", help="do not fail without a broker")
+    args = parser.parse_args()
+
+    url = urlsplit(os.environ.get("AMQP_URL", DEFAULT_URL))
+    host, port = url.hostname or "127.0.0.1", url.port or 5672
+    if answers(host, port):
+        print(f"broker: answering at {host}:{port}")
+        return 0
+    local = host in {"127.0.0.1", "localhost", "::1"}
+    server = shutil.which("rabbitmq-server")
+    if local and server:
+        print(f"broker: nothing at {host}:{port}; starting the local RabbitMQ ({server} -detached)")
+        subprocess.run([server, "-detached"], check=False)
+        if wait_for(host, port, START_TIMEOUT):
+            print(f"broker: answering at {host}:{port}")
+            return 0
+        print(f"broker: started RabbitMQ but {host}:{port} did not answer in {START_TIMEOUT:.0f}s")
+    else:
+        print(
+            f"broker: nothing answers at {host}:{port} and RabbitMQ is not installed here. "
+            "Start one with `docker compose up -d rabbitmq` (then AMQP_URL's default works), "
+            "or set AMQP_URL to a running broker."
+        )
+    return 0 if args.optional else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

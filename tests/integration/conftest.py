@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from tests.conftest import Namespace
+from tests.support.polling import eventually
+
+
+async def gateway_client(
+    settings: GatewaySettings, *, wait_ready: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            if wait_ready:
+
+                async def ready() -> None:
+                    assert (await client.get("/readyz")).status_code == 200
+
+                await eventually(ready)
+            yield client
+
+
+@pytest.fixture
+async def client(namespace: Namespace) -> AsyncIterator[httpx.AsyncClient]:
+    settings = GatewaySettings(
+        amqp_url=namespace.amqp_url,
+        namespace=namespace.name,
+        max_body_bytes=4096,
+        max_batch_events=5,
+    )
+    namespace.remember(settings)
+    async for c in gateway_client(settings):
+        yield c

@@ -1,0 +1,228 @@
+"""The consumer's acknowledgement policy, against a real broker.
+
+Each test runs the real `Consumer` on a private namespace with a handler written for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from contracts.envelope import Envelope, derived_event_id
+from contracts.events import (
+    DatasetProcessed,
+    DatasetProcessedData,
+    DatasetSubmitted,
+    DatasetSubmittedData,
+    NotificationRequested,
+    NotificationRequestedData,
+)
+from contracts.topology import ServiceTopology
+from services.messaging import failure as f
+from services.messaging.consumer import Consumer, Handler, Route
+from services.messaging.declare import declare_topology
+from services.messaging.errors import PermanentError
+from services.messaging.publisher import Publisher
+from services.messaging.retry import RetryPolicy
+from tests.conftest import Namespace
+from tests.support.polling import eventually
+from tests.support.queues import assert_empty, take
+
+pytestmark = pytest.mark.broker
+
+
+def notification(subject: str = "hi") -> NotificationRequested:
+    return NotificationRequested(data=NotificationRequestedData(recipient="r", subject=subject))
+
+
+class Recorder:
+    """A handler that fails as scripted and records every call."""
+
+    def __init__(
+        self, failures: Sequence[BaseException] = (), returns: Sequence[Envelope] = ()
+    ) -> None:
+        self.failures = list(failures)
+        self.returns = returns
+        self.calls: list[str] = []
+
+    async def __call__(self, event: Envelope) -> Sequence[Envelope]:
+        self.calls.append(event.id)
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.returns
+
+
+@asynccontextmanager
+async def running(
+    namespace: Namespace, service: str, routes: Mapping[str, Route], delays: tuple[int, ...] = (1,)
+) -> AsyncIterator[tuple[Publisher, ServiceTopology]]:
+    settings = namespace.settings(retry_delays=delays)
+    topology = settings.topology(service)
+    publisher = Publisher(namespace.amqp_url)
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    try:
+        await publisher.connect()
+        await declare_topology(connection, settings.all_topologies())
+        consumer = Consumer(topology=topology, routes=routes, publisher=publisher, prefetch=8)
+        await consumer.start(connection)
+        yield publisher, topology
+        assert await consumer.stop(drain_seconds=5)
+    finally:
+        await connection.close()
+        await publisher.close()
+
+
+def route(handler: Handler, delays: tuple[int, ...] = (1,), immediate: int = 0) -> Route:
+    return Route(handler, RetryPolicy(delays=delays, immediate=immediate))
+
+
+async def publish(publisher: Publisher, topology: ServiceTopology, event: Envelope) -> None:
+    await publisher.publish_event(event, exchange=topology.events_exchange)
+
+
+async def test_a_handled_message_is_acked_once(namespace: Namespace) -> None:
+    handler = Recorder()
+    event = notification()
+    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
+        pub,
+        topo,
+    ):
+        await publish(pub, topo, event)
+
+        async def handled() -> None:
+            assert handler.calls == [event.id]
+
+        await eventually(handled)
+    # The consumer is gone: an unacked message would be back in the queue now.
+    await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
+    assert handler.calls == [event.id]
+
+
+async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: Namespace) -> None:
+    handler = Recorder(failures=[PermanentError("recipient refused")])
+    event = notification()
+    async with running(
+        namespace, "notifier", {"notification.requested": route(handler, immediate=3)}
+    ) as (pub, topo):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert handler.calls == [event.id]
+    headers: dict[str, Any] = dict(dead.headers)
+    assert headers[f.REASON] == "permanent"
+    assert headers[f.SERVICE] == "notifier" and headers[f.QUEUE] == topo.queue
+    assert headers[f.EVENT_ID] == event.id and headers[f.EVENT_TYPE] == "notification.requested"
+    assert headers[f.EXCEPTION_TYPE] == "services.messaging.errors.PermanentError"
+    assert headers[f.EXCEPTION_MESSAGE] == "recipient refused"
+    assert "raise self.failures.pop(0)" in headers[f.TRACEBACK] and headers[f.FINGERPRINT]
+    assert dead.message_id == event.id and orjson.loads(dead.body)["id"] == event.id
+    await assert_empty(namespace.amqp_url, [topo.queue])
+
+
+async def test_a_transient_failure_is_retried_later_through_the_broker(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder(failures=[ConnectionResetError("blip")])
+    event = notification()
+    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
+        pub,
+        topo,
+    ):
+        await publish(pub, topo, event)
+
+        async def retried() -> None:
+            assert handler.calls == [event.id, event.id]
+
+        await eventually(retried, timeout=10)
+    await assert_empty(
+        namespace.amqp_url, [topo.queue, topo.dead_letter_queue, topo.retry_queue(1)]
+    )
+
+
+async def test_retries_exhausted_end_in_the_dead_letter_queue(namespace: Namespace) -> None:
+    handler = Recorder(failures=[TimeoutError("down")] * 100)
+    event = notification()
+    routes = {"notification.requested": route(handler, delays=(1, 2), immediate=1)}
+    async with running(namespace, "notifier", routes, delays=(1, 2)) as (pub, topo):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=15)
+    headers: dict[str, Any] = dict(dead.headers)
+    assert headers[f.REASON] == "retries_exhausted"
+    assert headers[f.ATTEMPT] == 3  # first delivery + two delayed retries
+    assert len(handler.calls) == 3 * 2  # each attempt retried once in process
+    assert headers[f.FIRST_FAILURE] < headers[f.LAST_FAILURE]
+    assert "x-death" not in headers
+
+
+async def test_a_body_that_is_not_an_event_is_dead_lettered_as_invalid(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder()
+    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
+        pub,
+        topo,
+    ):
+        garbage = aio_pika.Message(
+            b'{"type": "notification.requested", "data": {}}', message_id="junk-1"
+        )
+        await pub.publish(
+            garbage, exchange=topo.events_exchange, routing_key="notification.requested"
+        )
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert dead.headers[f.REASON] == "invalid" and dead.headers[f.EVENT_ID] == "junk-1"
+    assert handler.calls == []
+
+
+async def test_a_type_without_a_handler_is_dead_lettered_as_invalid(namespace: Namespace) -> None:
+    async with running(namespace, "notifier", {}) as (pub, topo):
+        await publish(pub, topo, notification())
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert dead.headers[f.REASON] == "invalid"
+    assert "no handler" in str(dead.headers[f.EXCEPTION_MESSAGE])
+
+
+async def test_follow_up_events_are_published_before_the_ack(namespace: Namespace) -> None:
+    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
+    )
+    handler = Recorder(returns=[processed])
+    async with running(namespace, "processor", {"dataset.submitted": route(handler)}) as (
+        pub,
+        topo,
+    ):
+        await publish(pub, topo, submitted)
+        [follow_up] = await take(namespace.amqp_url, f"{namespace.name}.notifier", 1)
+    body = orjson.loads(follow_up.body)
+    assert body["id"] == processed.id
+    assert body["causationid"] == submitted.id and body["correlationid"] == submitted.id
+    await assert_empty(namespace.amqp_url, [topo.queue])
+
+
+async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace) -> None:
+    started = asyncio.Event()
+    running_now = 0
+    peak = 0
+
+    async def slow(event: Envelope) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        if peak >= 4:
+            started.set()
+        await asyncio.wait_for(started.wait(), 5)
+        running_now -= 1
+
+    async with running(namespace, "notifier", {"notification.requested": route(slow)}) as (
+        pub,
+        topo,
+    ):
+        await asyncio.gather(*(publish(pub, topo, notification(str(i))) for i in range(4)))
+        await asyncio.wait_for(started.wait(), 5)
+    assert peak >= 4

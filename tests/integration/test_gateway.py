@@ -1,0 +1,204 @@
+"""The gateway against a real broker: 202 only once the broker has the event."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from contracts.events import EVENT_ADAPTER, DatasetSubmitted
+from contracts.topology import work_queue
+from services.gateway.settings import GatewaySettings
+from tests.conftest import Namespace
+from tests.integration.conftest import gateway_client
+from tests.support.queues import assert_empty, take
+
+pytestmark = pytest.mark.broker
+
+NOTIFICATION: dict[str, Any] = {
+    "type": "notification.requested",
+    "data": {"recipient": "r@example.org", "subject": "hi"},
+}
+DATASET = {"type": "dataset.submitted", "data": {"records": [{"a": 1}, {"a": 2}]}}
+
+
+async def test_an_accepted_event_is_already_in_its_queue(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    response = await client.post("/v1/events", json=DATASET)
+    assert response.status_code == 202
+    body = response.json()
+    assert response.headers["location"] == body["status_url"] == f"/v1/events/{body['id']}"
+    assert body["type"] == "dataset.submitted"
+    [message] = await take(
+        namespace.amqp_url, work_queue(namespace.name, "processor"), 1, timeout=2
+    )
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, DatasetSubmitted) and event.id == body["id"]
+    assert message.delivery_mode == 2  # persistent
+    assert message.message_id == body["id"] and message.type == "dataset.submitted"
+
+
+async def test_each_consuming_service_gets_its_own_copy(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    response = await client.post("/v1/events", json=NOTIFICATION)
+    assert response.status_code == 202
+    await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_structured_mode_cloudevent_is_accepted(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    event = {"specversion": "1.0", "id": "ce-1", "source": "urn:test", **NOTIFICATION}
+    response = await client.post(
+        "/v1/events",
+        content=orjson.dumps(event),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert response.status_code == 202 and response.json()["id"] == "ce-1"
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
+    assert orjson.loads(message.body)["source"] == "urn:test"
+
+
+async def test_binary_mode_cloudevent_is_accepted(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    headers = {
+        "content-type": "application/json",
+        "ce-specversion": "1.0",
+        "ce-type": "notification.requested",
+        "ce-id": "bin-1",
+        "ce-source": "urn:test",
+    }
+    response = await client.post(
+        "/v1/events", content=orjson.dumps(NOTIFICATION["data"]), headers=headers
+    )
+    assert response.status_code == 202 and response.json()["id"] == "bin-1"
+    await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
+
+
+async def test_a_batch_is_published_whole(client: httpx.AsyncClient, namespace: Namespace) -> None:
+    response = await client.post("/v1/events/batch", json=[NOTIFICATION, DATASET, NOTIFICATION])
+    assert response.status_code == 202
+    ids = [e["id"] for e in response.json()["events"]]
+    assert len(set(ids)) == 3
+    notified = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2, timeout=2)
+    assert {m.message_id for m in notified} == {ids[0], ids[2]}
+
+
+async def test_a_batch_with_one_bad_event_publishes_nothing(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    bad = {"type": "notification.requested", "data": {"recipient": "r"}}
+    response = await client.post("/v1/events/batch", json=[NOTIFICATION, bad])
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] == 1
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "notifier")])
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b"{oops", "application/json", 400),
+        (b'{"type": "invoice.paid", "data": {}}', "application/json", 422),
+        (b'{"data": {"recipient": "r", "subject": "s"}}', "application/json", 422),
+        (b'{"type": "notification.requested", "data": {"subject": "s"}}', "application/json", 422),
+        (
+            b'{"type": "notification.requested", "data": {"recipient": ["r"], "subject": "s"}}',
+            "application/json",
+            422,
+        ),
+        (orjson.dumps(NOTIFICATION), "text/plain", 415),
+        (
+            orjson.dumps({**NOTIFICATION, "data": {**NOTIFICATION["data"], "body": "x" * 5000}}),
+            "application/json",
+            413,
+        ),
+    ],
+    ids=[
+        "malformed",
+        "unknown-type",
+        "missing-type",
+        "missing-field",
+        "wrong-type",
+        "content-type",
+        "too-large",
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx_and_publishes_nothing(
+    client: httpx.AsyncClient, namespace: Namespace, content: bytes, content_type: str, status: int
+) -> None:
+    response = await client.post(
+        "/v1/events", content=content, headers={"content-type": content_type}
+    )
+    assert response.status_code == status
+    assert response.json()["detail"]
+    await assert_empty(
+        namespace.amqp_url, [work_queue(namespace.name, s) for s in ("notifier", "processor")]
+    )
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = await client.post(
+        "/v1/events", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+async def test_a_batch_over_the_configured_size_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/events/batch", json=[NOTIFICATION] * 6)
+    assert response.status_code == 413
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_broker_unreachable_is_503_with_retry_after(namespace: Namespace) -> None:
+    settings = GatewaySettings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/", namespace=namespace.name
+    )
+    async for client in gateway_client(settings, wait_ready=False):
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+        response = await client.post("/v1/events", json=NOTIFICATION)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == str(settings.retry_after_seconds)
+        batch = await client.post("/v1/events/batch", json=[NOTIFICATION])
+        assert batch.status_code == 503
+
+
+async def test_an_unroutable_event_is_a_500_naming_its_type(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        await queue.unbind(f"{namespace.name}.events", "dataset.submitted")
+    response = await client.post("/v1/events", json=DATASET)
+    assert response.status_code == 500
+    assert "dataset.submitted" in response.json()["detail"]
+
+
+async def test_openapi_shows_every_event_schema(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    for model in ("NotificationRequested", "DatasetSubmitted", "DatasetProcessed", "IngestEvent"):
+        assert model in components
+    body = schema["paths"]["/v1/events"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "application/cloudevents+json"}

@@ -1,0 +1,106 @@
+"""Running Courier's services as real processes for end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.polling import eventually_sync
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    module: str
+    env: Mapping[str, str]
+    log_path: Path
+    health_url: str
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env={**self.env, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.health_url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 30) -> ServiceProcess:
+        def check() -> None:
+            assert self.process is not None
+            assert self.process.poll() is None, f"{self.name} exited:\n{self.log()}"
+            assert self.ready(), f"{self.name} not ready yet"
+
+        eventually_sync(check, timeout)
+        return self
+
+    def terminate(self, timeout: float = 40) -> int:
+        """SIGTERM, then wait for the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+def gateway(env: Mapping[str, str], workdir: Path) -> ServiceProcess:
+    port = free_port()
+    return ServiceProcess(
+        name="gateway",
+        module="services.gateway",
+        env={**env, "COURIER_PORT": str(port), "COURIER_HOST": "127.0.0.1"},
+        log_path=workdir / "gateway.log",
+        health_url=f"http://127.0.0.1:{port}/readyz",
+    )
+
+
+def consumer(
+    name: str, env: Mapping[str, str], workdir: Path, module: str | None = None
+) -> ServiceProcess:
+    port = free_port()
+    return ServiceProcess(
+        name=name,
+        module=module or f"services.{name}",
+        env={**env, "COURIER_HEALTH_PORT": str(port), "COURIER_SHUTDOWN_TIMEOUT": "20"},
+        log_path=workdir / f"{name}.log",
+        health_url=f"http://127.0.0.1:{port}/readyz",
+    )
+
+
+def base_url(gateway_process: ServiceProcess) -> str:
+    return gateway_process.health_url.removesuffix("/readyz")

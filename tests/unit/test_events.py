@@ -1,0 +1,111 @@
+"""The event contracts: strict, bounded, discriminated by type."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from contracts.envelope import derived_event_id
+from contracts.events import (
+    EVENT_ADAPTER,
+    INGEST_ADAPTER,
+    MAX_FIELDS,
+    MAX_RECORDS,
+    DatasetSubmitted,
+    NotificationRequested,
+)
+
+
+def notification(**data: object) -> dict[str, object]:
+    return {
+        "type": "notification.requested",
+        "data": {"recipient": "a@example.org", "subject": "hi", **data},
+    }
+
+
+def test_an_event_gets_an_id_time_and_schema_when_absent() -> None:
+    event = INGEST_ADAPTER.validate_python(notification())
+    assert isinstance(event, NotificationRequested)
+    assert event.id and event.time.tzinfo is not None
+    assert event.specversion == "1.0"
+    assert event.dataschema == "urn:courier:schema:notification.requested:1"
+
+
+def test_the_type_selects_the_payload_model() -> None:
+    event = INGEST_ADAPTER.validate_json(
+        b'{"type": "dataset.submitted", "data": {"records": [{"a": 1}]}}'
+    )
+    assert isinstance(event, DatasetSubmitted)
+    assert event.data.records == [{"a": 1}]
+
+
+def test_an_unknown_type_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"union_tag_invalid|does not match any"):
+        INGEST_ADAPTER.validate_python({"type": "order.placed", "data": {}})
+
+
+def test_internal_events_cannot_be_ingested() -> None:
+    processed = {
+        "type": "dataset.processed",
+        "data": {"dataset_id": "x", "name": "n", "record_count": 0, "fields": {}},
+    }
+    EVENT_ADAPTER.validate_python(processed)
+    with pytest.raises(ValidationError):
+        INGEST_ADAPTER.validate_python(processed)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("recipient", 5),
+        ("subject", False),
+        ("channel", "pigeon"),
+        ("subject", ""),
+        ("body", "x" * 10_001),
+    ],
+)
+def test_payload_fields_are_strict_and_bounded(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        INGEST_ADAPTER.validate_python(notification(**{field: value}))
+
+
+def test_unknown_payload_fields_are_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        INGEST_ADAPTER.validate_python(notification(priority="high"))
+
+
+def test_a_json_false_is_not_a_number() -> None:
+    event = INGEST_ADAPTER.validate_json(
+        b'{"type": "dataset.submitted", "data": {"records": [{"a": false, "b": 0}]}}'
+    )
+    assert isinstance(event, DatasetSubmitted)
+    assert event.data.records[0]["a"] is False
+    assert event.data.records[0]["b"] == 0
+
+
+def test_dataset_size_is_bounded() -> None:
+    too_many = {"type": "dataset.submitted", "data": {"records": [{"a": 1}] * (MAX_RECORDS + 1)}}
+    with pytest.raises(ValidationError):
+        INGEST_ADAPTER.validate_python(too_many)
+    too_wide = {f"f{i}": i for i in range(MAX_FIELDS + 1)}
+    with pytest.raises(ValidationError):
+        INGEST_ADAPTER.validate_python(
+            {"type": "dataset.submitted", "data": {"records": [too_wide]}}
+        )
+    with pytest.raises(ValidationError):
+        INGEST_ADAPTER.validate_python({"type": "dataset.submitted", "data": {"records": []}})
+
+
+def test_events_round_trip_through_json() -> None:
+    event = INGEST_ADAPTER.validate_python(notification(body="hello"))
+    assert EVENT_ADAPTER.validate_json(EVENT_ADAPTER.dump_json(event)) == event
+
+
+def test_derived_ids_are_stable_and_distinct_per_type() -> None:
+    assert derived_event_id("abc", "dataset.processed") == derived_event_id(
+        "abc", "dataset.processed"
+    )
+    assert derived_event_id("abc", "dataset.processed") != derived_event_id(
+        "abd", "dataset.processed"
+    )
+    assert derived_event_id("abc", "dataset.processed") != derived_event_id("abc", "other")

@@ -1,0 +1,69 @@
+"""Failure headers: attempts, the dead letter's story, and fingerprints."""
+
+from __future__ import annotations
+
+from services.messaging import failure as f
+
+
+def raise_at_a(exc: Exception) -> None:
+    raise exc
+
+
+def raise_at_b(exc: Exception) -> None:
+    raise exc
+
+
+def caught(raiser: object, exc: Exception) -> Exception:
+    assert callable(raiser)
+    try:
+        raiser(exc)
+    except Exception as err:  # noqa: BLE001
+        return err
+    raise AssertionError
+
+
+def test_a_first_delivery_is_attempt_one() -> None:
+    assert f.attempt_of({}) == 1
+    assert f.attempt_of({f.ATTEMPT: 3}) == 3
+    assert f.attempt_of({f.ATTEMPT: "junk"}) == 1
+
+
+def test_retry_headers_count_up_and_keep_the_first_failure_time() -> None:
+    first = f.Failure.of(caught(raise_at_a, ValueError("x")), attempt=1)
+    headers = first.retry_headers({"x-death": [], "x-delivery-count": 2, "custom": "kept"})
+    assert headers[f.ATTEMPT] == 2 and headers["custom"] == "kept"
+    assert "x-death" not in headers and "x-delivery-count" not in headers
+    second = f.Failure.of(caught(raise_at_a, ValueError("y")), attempt=2)
+    assert second.retry_headers(headers)[f.FIRST_FAILURE] == first.at
+
+
+def test_a_dead_letter_carries_the_whole_story() -> None:
+    failure = f.Failure.of(caught(raise_at_a, ValueError("boom")), attempt=4)
+    headers = failure.dead_letter_headers(
+        {}, reason="retries_exhausted", service="svc", queue="ns.svc", event_id="e", event_type="t"
+    )
+    assert headers[f.REASON] == "retries_exhausted"
+    assert (headers[f.SERVICE], headers[f.QUEUE], headers[f.EVENT_ID]) == ("svc", "ns.svc", "e")
+    assert headers[f.ATTEMPT] == 4
+    assert headers[f.EXCEPTION_TYPE] == "builtins.ValueError"
+    assert headers[f.EXCEPTION_MESSAGE] == "boom"
+    assert "raise_at_a" in headers[f.TRACEBACK]
+    assert headers[f.FIRST_FAILURE] == headers[f.LAST_FAILURE] == failure.at
+
+
+def test_fingerprints_group_by_exception_type_and_raise_site() -> None:
+    a1 = f.fingerprint(caught(raise_at_a, ValueError("one")))
+    a2 = f.fingerprint(caught(raise_at_a, ValueError("two")))
+    b = f.fingerprint(caught(raise_at_b, ValueError("one")))
+    other_type = f.fingerprint(caught(raise_at_a, KeyError("one")))
+    assert a1 == a2
+    assert len({a1, b, other_type}) == 3
+
+
+def test_tracebacks_are_trimmed() -> None:
+    failure = f.Failure.of(caught(raise_at_a, ValueError("z" * 10_000)), attempt=1)
+    headers = failure.dead_letter_headers(
+        {}, reason="permanent", service="s", queue="q", event_id=None, event_type=None
+    )
+    assert len(headers[f.TRACEBACK]) <= f.MAX_TRACEBACK_CHARS + 1
+    assert len(headers[f.EXCEPTION_MESSAGE]) <= f.MAX_MESSAGE_CHARS

@@ -1,0 +1,106 @@
+"""Reading events from HTTP requests: the three CloudEvents modes, batches and bad input."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from contracts.events import NotificationRequested
+from services.gateway.ingest import IngestError, parse_batch, parse_event
+
+PLAIN = orjson.dumps({"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}})
+
+
+def error_of(call: object) -> IngestError:
+    assert callable(call)
+    with pytest.raises(IngestError) as caught:
+        call()
+    return caught.value
+
+
+def test_plain_json_is_an_event_with_type_and_data() -> None:
+    event = parse_event("application/json", {}, PLAIN)
+    assert isinstance(event, NotificationRequested) and event.data.subject == "s"
+
+
+def test_structured_mode_keeps_the_given_attributes() -> None:
+    body = orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": "evt-1",
+            "source": "urn:shop",
+            "type": "notification.requested",
+            "time": "2026-01-02T03:04:05Z",
+            "subject": "order-9",
+            "data": {"recipient": "r", "subject": "s"},
+        }
+    )
+    event = parse_event("application/cloudevents+json; charset=utf-8", {}, body)
+    assert (event.id, event.source, event.subject) == ("evt-1", "urn:shop", "order-9")
+    assert event.time.year == 2026
+
+
+def test_binary_mode_reads_attributes_from_ce_headers() -> None:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "notification.requested",
+        "ce-id": "evt-2",
+        "ce-source": "urn:crm",
+        "ce-correlationid": "corr-7",
+    }
+    event = parse_event("application/json", headers, b'{"recipient": "r", "subject": "s"}')
+    assert (event.id, event.source, event.correlationid) == ("evt-2", "urn:crm", "corr-7")
+
+
+def test_a_correlation_header_applies_when_the_event_has_none() -> None:
+    event = parse_event("application/json", {"x-correlation-id": "c-1"}, PLAIN)
+    assert event.correlationid == "c-1"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/json", b"{not json", 400),
+        ("application/json", b'{"type": "order.placed", "data": {}}', 422),
+        ("application/json", b'{"data": {}}', 422),
+        ("application/json", b'{"type": "notification.requested", "data": {"subject": "s"}}', 422),
+        (
+            "application/json",
+            b'{"type": "notification.requested", "data": {"recipient": 1, "subject": "s"}}',
+            422,
+        ),
+        ("text/plain", PLAIN, 415),
+        (None, PLAIN, 415),
+    ],
+)
+def test_bad_input_is_a_clear_client_error(
+    content_type: str | None, body: bytes, status: int
+) -> None:
+    assert error_of(lambda: parse_event(content_type, {}, body)).status == status
+
+
+def test_an_unknown_type_names_the_known_ones() -> None:
+    error = error_of(lambda: parse_event("application/json", {}, b'{"type": "x", "data": {}}'))
+    assert "notification.requested" in str(error.detail)
+
+
+def test_a_batch_is_validated_as_a_whole() -> None:
+    good = orjson.loads(PLAIN)
+    events = parse_batch("application/cloudevents-batch+json", {}, orjson.dumps([good, good]), 10)
+    assert len(events) == 2 and events[0].id != events[1].id
+    error = error_of(
+        lambda: parse_batch("application/json", {}, orjson.dumps([good, {"type": "x"}]), 10)
+    )
+    assert error.status == 422 and error.detail[0]["loc"][0] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"[]", 422), (b"{}", 422), (b"[", 400), (orjson.dumps([orjson.loads(PLAIN)] * 3), 413)],
+)
+def test_bad_batches_are_refused(body: bytes, status: int) -> None:
+    assert error_of(lambda: parse_batch("application/json", {}, body, 2)).status == status
+
+
+def test_a_batch_needs_a_batch_content_type() -> None:
+    assert error_of(lambda: parse_batch("application/cloudevents+json", {}, b"[]", 2)).status == 415

@@ -1,0 +1,78 @@
+"""The retry policy: permanent versus transient, immediate retries, delay tiers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from services.messaging.errors import PermanentError
+from services.messaging.retry import IMMEDIATE_BUDGET_SECONDS, RetryPolicy
+
+
+class Flaky:
+    def __init__(self, failures: int, exc: Exception) -> None:
+        self.failures, self.exc, self.calls = failures, exc, 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return "done"
+
+
+def a_validation_error() -> ValidationError:
+    class M(BaseModel):
+        x: int
+
+    try:
+        M.model_validate({"x": "nope"})
+    except ValidationError as exc:
+        return exc
+    raise AssertionError
+
+
+def test_delays_are_consumed_in_order_then_exhausted() -> None:
+    policy = RetryPolicy(delays=(5, 30))
+    assert [policy.next_delay(a) for a in (1, 2, 3)] == [5, 30, None]
+    assert policy.max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    "exc", [PermanentError("no"), a_validation_error(), KeyError("configured")]
+)
+def test_permanent_errors_are_recognised(exc: Exception) -> None:
+    assert RetryPolicy(delays=(1,), permanent=(KeyError,)).is_permanent(exc)
+
+
+def test_anything_else_is_transient() -> None:
+    assert not RetryPolicy(delays=(1,)).is_permanent(ConnectionResetError())
+
+
+async def test_a_blip_is_retried_in_process() -> None:
+    flaky = Flaky(failures=2, exc=ConnectionResetError())
+    assert await RetryPolicy(delays=(1,), immediate=2).call(flaky) == "done"
+    assert flaky.calls == 3
+
+
+async def test_immediate_retries_are_bounded_in_count() -> None:
+    flaky = Flaky(failures=10, exc=ConnectionResetError())
+    with pytest.raises(ConnectionResetError):
+        await RetryPolicy(delays=(1,), immediate=2).call(flaky)
+    assert flaky.calls == 3
+
+
+async def test_immediate_retries_are_bounded_in_time() -> None:
+    flaky = Flaky(failures=100, exc=ConnectionResetError())
+    started = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        await RetryPolicy(delays=(1,), immediate=10).call(flaky)
+    assert time.monotonic() - started < IMMEDIATE_BUDGET_SECONDS + 0.5
+
+
+async def test_a_permanent_error_is_not_retried_in_process() -> None:
+    flaky = Flaky(failures=1, exc=PermanentError("bad input"))
+    with pytest.raises(PermanentError):
+        await RetryPolicy(delays=(1,), immediate=5).call(flaky)
+    assert flaky.calls == 1

@@ -1,0 +1,70 @@
+"""Settings come from the environment, and README documents every one of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from services.gateway.settings import GatewaySettings
+from services.messaging.settings import ConsumerSettings, CourierSettings
+from services.notifier.settings import NotifierSettings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    CourierSettings,
+    GatewaySettings,
+    ConsumerSettings,
+    NotifierSettings,
+)
+
+
+def env_names(settings: type[BaseSettings]) -> set[str]:
+    prefix = settings.model_config.get("env_prefix", "")
+    names = set()
+    for name, field in settings.model_fields.items():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", None)
+        names.add(str(choices[0]) if choices else f"{prefix}{name}".upper())
+    return names
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: s.__name__)
+def test_readme_documents_every_setting(settings: type[BaseSettings]) -> None:
+    table = README.read_text()
+    missing = sorted(name for name in env_names(settings) if f"| `{name}` |" not in table)
+    assert not missing, f"README's settings table lacks {missing}"
+
+
+def test_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMQP_URL", "amqp://u:p@broker:5672/v")
+    monkeypatch.setenv("COURIER_NAMESPACE", "prod")
+    monkeypatch.setenv("COURIER_RETRY_DELAYS", "1,10,60")
+    monkeypatch.setenv("COURIER_PREFETCH", "7")
+    settings = ConsumerSettings()
+    assert settings.amqp_url == "amqp://u:p@broker:5672/v"
+    assert settings.retry_delays == (1, 10, 60)
+    assert settings.prefetch == 7
+    assert settings.topology("processor").queue == "prod.processor"
+
+
+def test_retry_delays_accept_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COURIER_RETRY_DELAYS", "[2, 4]")
+    assert CourierSettings().retry_delays == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COURIER_NAMESPACE", "has space"),
+        ("COURIER_PREFETCH", "0"),
+        ("COURIER_RETRY_DELAYS", "9,3"),
+    ],
+)
+def test_nonsense_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match="validation error"):
+        ConsumerSettings()

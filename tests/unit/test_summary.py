@@ -1,0 +1,38 @@
+"""Dataset summaries: per-field counts, nulls, numeric stats and distinct strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.processor.summary import summarise
+
+
+def test_numbers_get_min_max_mean() -> None:
+    fields = summarise([{"x": 1}, {"x": 2.5}, {"x": -3}])
+    assert fields["x"].kind == "number"
+    assert (fields["x"].min, fields["x"].max) == (-3.0, 2.5)
+    assert fields["x"].mean == pytest.approx(0.1666666, rel=1e-5)
+    assert fields["x"].distinct is None
+
+
+def test_strings_get_a_distinct_count() -> None:
+    fields = summarise([{"s": "a"}, {"s": "b"}, {"s": "a"}])
+    assert fields["s"].kind == "string"
+    assert fields["s"].distinct == 2 and fields["s"].count == 3 and fields["s"].mean is None
+
+
+def test_missing_and_null_values_count_as_nulls() -> None:
+    fields = summarise([{"a": 1, "b": None}, {"a": None}, {}])
+    assert (fields["a"].count, fields["a"].nulls) == (1, 2)
+    assert fields["b"].kind == "null" and fields["b"].nulls == 3
+
+
+def test_booleans_are_not_numbers() -> None:
+    fields = summarise([{"f": True}, {"f": False}])
+    assert fields["f"].kind == "boolean" and fields["f"].mean is None
+
+
+def test_mixed_kinds_are_reported_as_mixed() -> None:
+    fields = summarise([{"m": 1}, {"m": "one"}])
+    assert fields["m"].kind == "mixed"
+    assert fields["m"].min == 1.0 and fields["m"].distinct == 1
