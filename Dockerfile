@@ -1,0 +1,35 @@
+# One image for the three Courier services. The default command serves the gateway;
+# compose.yaml runs the processor and the notifier from the same image with `command:`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, unprivileged user. /data is created here and owned by it, so a named volume mounted
+# there (the notifier's log channel) starts out writable by the service.
+RUN groupadd --system --gid 10001 courier \
+    && useradd --system --uid 10001 --gid courier --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin courier \
+    && mkdir -p /data \
+    && chown courier:courier /data
+
+WORKDIR /app
+
+# Dependencies first, pinned by the lock file, so that a code change does not reinstall them.
+COPY pyproject.toml requirements.lock README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY contracts/ contracts/
+COPY services/ services/
+RUN pip install --no-cache-dir -c requirements.lock .
+
+USER courier
+
+# 8000: the gateway's HTTP API; 8081: a consumer's /healthz and /readyz (COURIER_HEALTH_PORT).
+EXPOSE 8000 8081
+
+# Exec form: the Python process itself receives SIGTERM and drains in-flight work.
+CMD ["python", "-m", "services.gateway"]
