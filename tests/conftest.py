@@ -7,11 +7,13 @@ message saying how to get a broker (never a silent skip, and never in CI).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from urllib.parse import urlsplit
 
@@ -24,10 +26,12 @@ from services.messaging.settings import CourierSettings
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, default_port: int = 5672) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 2):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
             return True
     except OSError:
         return False
@@ -113,3 +117,44 @@ async def namespace(amqp_url: str) -> AsyncIterator[Namespace]:
     ns = Namespace(amqp_url)
     yield ns
     await ns.cleanup()
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get("TEST_DATABASE_URL", POSTGRES_URL)
+    if not _answers(url, default_port=5432):
+        pytest.fail(
+            f"No PostgreSQL for the storage tests at {url}. Start one "
+            "(`pg_ctlcluster 15 main start`) or set TEST_DATABASE_URL.",
+            pytrace=False,
+        )
+    return url
+
+
+def _admin(postgres_url: str, statement: str) -> None:
+    """Run one admin statement on its own loop (usable from sync and async fixtures alike)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def run() -> None:
+        connection = await asyncpg.connect(postgres_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

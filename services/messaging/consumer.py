@@ -2,7 +2,10 @@
 
 The acknowledgement policy, in one place:
 
-* handler succeeded and every follow-up event is confirmed → ack;
+* event already in the inbox (a redelivery)                → republish its recorded
+                                                              follow-ups, ack, no second effect;
+* handler succeeded, inbox record committed, every follow-up
+  event confirmed                                          → ack;
 * body is not a valid event, or no handler for its type     → dead letter `invalid`, then ack;
 * handler raised a permanent error                         → dead letter `permanent`, then ack;
 * handler raised anything else                             → delay tier (confirmed), then ack,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +36,18 @@ from pydantic import ValidationError
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
 from contracts.topology import ServiceTopology
-from services.messaging.errors import CourierError
+from services.messaging.errors import CourierError, PermanentError
 from services.messaging.failure import Failure, FailureReason, attempt_of
+from services.messaging.inbox import Inbox
 from services.messaging.logs import event_context, get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
 from services.messaging.retry import RetryPolicy
 
 log = get_logger("consumer")
 
-Handler = Callable[[Any], Awaitable[Sequence[Envelope] | None]]
-"""An async function taking one typed event and returning follow-up events (or None)."""
+Handler = Callable[..., Awaitable[Sequence[Envelope] | None]]
+"""An async function taking one typed event (and, if stateful, the store transaction) and
+returning the follow-up events to publish (or None)."""
 
 
 class UnhandledEventType(CourierError):
@@ -52,6 +58,15 @@ class UnhandledEventType(CourierError):
 class Route:
     handler: Handler
     retry: RetryPolicy
+    stateful: bool = False
+    """The handler takes `(event, conn)` and writes its state through `conn`, in the same
+    transaction that records the event in the inbox."""
+
+
+class _AlreadyHandled(PermanentError):
+    """Raised inside the inbox transaction to roll back the state of a concurrent duplicate.
+
+    Permanent, so the in-process retry does not run the handler again."""
 
 
 def with_cause(follow_up: Envelope, cause: Envelope) -> Envelope:
@@ -68,6 +83,7 @@ class Consumer:
         topology: ServiceTopology,
         routes: Mapping[str, Route],
         publisher: Publisher,
+        inbox: Inbox,
         prefetch: int,
     ) -> None:
         for event_type, route in routes.items():
@@ -80,11 +96,15 @@ class Consumer:
         self._topology = topology
         self._routes = routes
         self._publisher = publisher
+        self._inbox = inbox
         self._prefetch = prefetch
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._connection: AbstractRobustConnection | None = None
         self._in_flight = 0
+        self._event_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -168,22 +188,59 @@ class Consumer:
                 exc_ = UnhandledEventType(f"{self._topology.service} has no handler for this type")
                 await self._dead_letter(message, Failure.of(exc_, attempt), "invalid", event)
                 return
-            try:
-                follow_ups = await route.retry.call(lambda: route.handler(event))
-            except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
-                await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
-                return
-            await self._publish_follow_ups(event, follow_ups or ())
-            await message.ack()
-            log.info("handled", extra={"event_type": event.type, "attempt": attempt})
+            # One delivery of an event id at a time in this process: a duplicate waits, then
+            # finds the inbox record instead of running the handler beside the original.
+            lock = self._event_locks.setdefault(event.id, asyncio.Lock())
+            async with lock:
+                await self._handle(message, event, route, attempt)
 
-    async def _publish_follow_ups(self, cause: Envelope, follow_ups: Sequence[Envelope]) -> None:
+    async def _handle(
+        self, message: AbstractIncomingMessage, event: Envelope, route: Route, attempt: int
+    ) -> None:
+        handled = await self._inbox.lookup(event.id)
+        if handled is not None:
+            await self._skip_duplicate(message, handled.follow_ups)
+            return
+        try:
+            follow_ups = await route.retry.call(lambda: self._attempt(route, event))
+        except _AlreadyHandled:
+            handled = await self._inbox.lookup(event.id)
+            await self._skip_duplicate(message, handled.follow_ups if handled else ())
+            return
+        except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
+            await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
+            return
+        await self._publish_follow_ups(follow_ups)
+        await message.ack()
+        log.info("handled", extra={"event_type": event.type, "attempt": attempt})
+
+    async def _attempt(self, route: Route, event: Envelope) -> list[Envelope]:
+        """Run the handler once and record the event in the inbox (with the handler's state)."""
+        if route.stateful:
+            async with self._inbox.transaction() as conn:
+                follow_ups = [with_cause(e, event) for e in await route.handler(event, conn) or ()]
+                if not await self._inbox.record(conn, event, follow_ups):
+                    raise _AlreadyHandled
+            return follow_ups
+        follow_ups = [with_cause(e, event) for e in await route.handler(event) or ()]
+        async with self._inbox.transaction() as conn:
+            if not await self._inbox.record(conn, event, follow_ups):
+                raise _AlreadyHandled
+        return follow_ups
+
+    async def _skip_duplicate(
+        self, message: AbstractIncomingMessage, follow_ups: Sequence[Envelope]
+    ) -> None:
+        # The first handling may have crashed before its follow-ups were confirmed: send them
+        # again (same derived ids, so downstream inboxes drop them if they did arrive).
+        await self._publish_follow_ups(follow_ups)
+        await message.ack()
+        log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
+
+    async def _publish_follow_ups(self, follow_ups: Sequence[Envelope]) -> None:
         exchange = self._topology.events_exchange
         await asyncio.gather(
-            *(
-                self._publisher.publish_event(with_cause(event, cause), exchange=exchange)
-                for event in follow_ups
-            )
+            *(self._publisher.publish_event(event, exchange=exchange) for event in follow_ups)
         )
 
     async def _on_failure(

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import NoReturn, TypeVar
 
 import aio_pika
@@ -29,9 +30,11 @@ from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.health import serve_health
+from services.messaging.inbox import Inbox
 from services.messaging.logs import configure_logging, get_logger
 from services.messaging.publisher import Publisher
 from services.messaging.settings import ConsumerSettings
+from services.messaging.store import open_store, store_url
 
 log = get_logger("runtime")
 
@@ -40,6 +43,7 @@ RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 """Builds a service's routes and their resources; resources register their cleanup on the stack."""
 
 EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
+PRUNE_INTERVAL_SECONDS = 3600
 _CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
 
 
@@ -92,6 +96,24 @@ async def _watch(consumer: Consumer, stop: asyncio.Event, unready_exit_after: fl
     return EXIT_OK
 
 
+async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
+    engine = open_store(store_url(settings.database_url, settings.data_dir, service))
+    stack.push_async_callback(engine.dispose)
+    inbox = Inbox(engine, service)
+    await inbox.start()
+    retention = timedelta(hours=settings.inbox_retention_hours)
+
+    async def prune_periodically() -> None:
+        while True:
+            pruned = await inbox.prune(retention)
+            log.info("inbox pruned", extra={"removed": pruned})
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    pruner = asyncio.get_running_loop().create_task(prune_periodically())
+    stack.callback(pruner.cancel)
+    return inbox
+
+
 async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
     topology = settings.topology(service)
     stop = asyncio.Event()
@@ -122,8 +144,13 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
             return EXIT_TOPOLOGY
         keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
 
+        inbox = await _open_inbox(stack, settings, service)
         consumer = Consumer(
-            topology=topology, routes=routes, publisher=publisher, prefetch=settings.prefetch
+            topology=topology,
+            routes=routes,
+            publisher=publisher,
+            inbox=inbox,
+            prefetch=settings.prefetch,
         )
         await consumer.start(connection)
         if settings.health_port:

@@ -7,6 +7,8 @@ queues too and the broker refuses a queue re-declared with other arguments.
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -19,6 +21,7 @@ from contracts.topology import (
     ServiceTopology,
     service_topology,
 )
+from services.messaging.retry import RetryPolicy
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -111,6 +114,49 @@ class ConsumerSettings(CourierSettings):
         gt=0,
         description="Exit non-zero when unable to consume for this long (a supervisor restarts).",
     )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "COURIER_DATABASE_URL"),
+        description="The service's store (inbox); unset means a SQLite file in the data directory.",
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Directory of the default SQLite stores."
+    )
+    inbox_retention_hours: float = Field(
+        default=168.0, gt=0, description="How long handled event ids are remembered."
+    )
+    permanent_errors: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Exception types (dotted names, comma-separated) never retried.",
+    )
     cpu_workers: int = Field(
         default=0, ge=0, le=64, description="Processes for CPU-bound handlers; 0 = CPU count."
     )
+
+    @field_validator("permanent_errors", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    def retry_policy(self) -> RetryPolicy:
+        """The service-wide retry policy; a route may use its own."""
+        return RetryPolicy(
+            delays=self.retry_delays,
+            immediate=self.immediate_retries,
+            permanent=self.permanent_exception_types(),
+        )
+
+    def permanent_exception_types(self) -> tuple[type[BaseException], ...]:
+        """Resolve `permanent_errors` to classes; an unknown name is a configuration error."""
+        return tuple(_exception_type(name) for name in self.permanent_errors)
+
+
+def _exception_type(dotted: str) -> type[BaseException]:
+    module_name, _, name = dotted.rpartition(".")
+    module = importlib.import_module(module_name or "builtins")
+    found = getattr(module, name, None)
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise TypeError(f"COURIER_PERMANENT_ERRORS: {dotted!r} is not an exception type")
+    return found

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
 from services.messaging.consumer import Route
-from services.messaging.retry import RetryPolicy
 from services.messaging.runtime import run
 from services.notifier import handlers
 from services.notifier.channels import Channels, LogChannel, Unconfigured
@@ -24,7 +23,7 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
             "email": Unconfigured("email"),
         }
     )
-    policy = RetryPolicy(delays=settings.retry_delays, immediate=settings.immediate_retries)
+    policy = settings.retry_policy()
     return {
         "notification.requested": Route(
             functools.partial(handlers.notification_requested, channels=channels), policy

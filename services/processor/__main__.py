@@ -8,7 +8,6 @@ from contextlib import AsyncExitStack
 
 from services.messaging.consumer import Route
 from services.messaging.cpu import CpuPool
-from services.messaging.retry import RetryPolicy
 from services.messaging.runtime import run
 from services.messaging.settings import ConsumerSettings
 from services.processor import handlers
@@ -19,7 +18,7 @@ SERVICE = "processor"
 async def build_routes(stack: AsyncExitStack, settings: ConsumerSettings) -> Mapping[str, Route]:
     pool = CpuPool(settings.cpu_workers)
     stack.callback(pool.close)
-    policy = RetryPolicy(delays=settings.retry_delays, immediate=settings.immediate_retries)
+    policy = settings.retry_policy()
     return {
         "dataset.submitted": Route(
             functools.partial(handlers.dataset_submitted, pool=pool), policy

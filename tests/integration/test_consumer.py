@@ -6,13 +6,17 @@ Each test runs the real `Consumer` on a private namespace with a handler written
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import (
@@ -28,8 +32,10 @@ from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError
+from services.messaging.inbox import Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
+from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
 from tests.support.queues import assert_empty, take
@@ -60,22 +66,35 @@ class Recorder:
 
 @asynccontextmanager
 async def running(
-    namespace: Namespace, service: str, routes: Mapping[str, Route], delays: tuple[int, ...] = (1,)
+    namespace: Namespace,
+    service: str,
+    routes: Mapping[str, Route],
+    delays: tuple[int, ...] = (1,),
+    inbox: Inbox | None = None,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology]]:
     settings = namespace.settings(retry_delays=delays)
     topology = settings.topology(service)
     publisher = Publisher(namespace.amqp_url)
     connection = await aio_pika.connect_robust(namespace.amqp_url)
+    store = tempfile.TemporaryDirectory()
+    engine = open_store(f"sqlite+aiosqlite:///{store.name}/inbox.sqlite3")
     try:
+        if inbox is None:
+            inbox = Inbox(engine, service)
+            await inbox.start()
         await publisher.connect()
         await declare_topology(connection, settings.all_topologies())
-        consumer = Consumer(topology=topology, routes=routes, publisher=publisher, prefetch=8)
+        consumer = Consumer(
+            topology=topology, routes=routes, publisher=publisher, inbox=inbox, prefetch=8
+        )
         await consumer.start(connection)
         yield publisher, topology
         assert await consumer.stop(drain_seconds=5)
     finally:
         await connection.close()
         await publisher.close()
+        await engine.dispose()
+        store.cleanup()
 
 
 def route(handler: Handler, delays: tuple[int, ...] = (1,), immediate: int = 0) -> Route:
@@ -226,3 +245,65 @@ async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace
         await asyncio.gather(*(publish(pub, topo, notification(str(i))) for i in range(4)))
         await asyncio.wait_for(started.wait(), 5)
     assert peak >= 4
+
+
+async def test_a_redelivered_event_has_no_second_effect(namespace: Namespace) -> None:
+    handler = Recorder()
+    event = notification()
+    routes = {"notification.requested": route(handler)}
+    async with running(namespace, "notifier", routes) as (pub, topo):
+        await publish(pub, topo, event)
+        await publish(pub, topo, event)  # the same event id again, e.g. a redelivery
+
+        async def both_settled() -> None:
+            await assert_empty(namespace.amqp_url, [topo.queue])
+
+        await eventually(both_settled)
+    assert handler.calls == [event.id]
+    await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
+
+
+async def test_a_duplicate_republishes_the_recorded_follow_ups(namespace: Namespace) -> None:
+    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
+    )
+    handler = Recorder(returns=[processed])
+    routes = {"dataset.submitted": route(handler)}
+    async with running(namespace, "processor", routes) as (pub, topo):
+        await publish(pub, topo, submitted)
+        await publish(pub, topo, submitted)
+        follow_ups = await take(namespace.amqp_url, f"{namespace.name}.notifier", 2)
+    # Handled once, but the follow-up is sent again (same id) in case the first send was lost.
+    assert handler.calls == [submitted.id]
+    assert [m.message_id for m in follow_ups] == [processed.id, processed.id]
+
+
+async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/state.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+
+    async def stateful(event: Envelope, conn: AsyncConnection) -> None:
+        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+
+    routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
+    event = notification()
+    async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo):
+        await publish(pub, topo, event)
+        await publish(pub, topo, event)
+
+        async def settled() -> None:
+            await assert_empty(namespace.amqp_url, [topo.queue])
+            assert await inbox.lookup(event.id) is not None
+
+        await eventually(settled)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+    await engine.dispose()
+    assert [r.event_id for r in rows] == [event.id]

@@ -1,0 +1,84 @@
+"""A service's own store: SQLite by default (a file in the data directory, zero set-up),
+PostgreSQL when `DATABASE_URL` says so. SQLAlchemy Core, async, one API for both.
+
+Schema changes are versioned steps applied at start-up, recorded in `courier_migrations`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, select
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+Migration = Callable[[AsyncConnection], Awaitable[None]]
+
+_META = MetaData()
+_MIGRATIONS = Table(
+    "courier_migrations",
+    _META,
+    Column("component", String(128), primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+
+def store_url(database_url: str | None, data_dir: Path, service: str) -> str:
+    """The SQLAlchemy URL of a service's store."""
+    if database_url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{(data_dir / f'{service}.sqlite3').resolve()}"
+    for plain in ("postgres://", "postgresql://"):
+        if database_url.startswith(plain):
+            return "postgresql+asyncpg://" + database_url.removeprefix(plain)
+    return database_url
+
+
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+    # WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which survives a
+    # process crash (kill -9) and costs one fsync per checkpoint instead of one per commit.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def open_store(url: str) -> AsyncEngine:
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if not url.startswith("sqlite"):
+        options["pool_size"] = 10
+    engine = create_async_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:
+    """Apply the steps of `component` not applied yet, each in its own transaction."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_META.create_all)
+    applied = 0
+    for version, step in enumerate(steps, start=1):
+        async with engine.begin() as conn:
+            current = await conn.scalar(
+                select(_MIGRATIONS.c.version).where(_MIGRATIONS.c.component == component)
+            )
+            if current is not None and current >= version:
+                continue
+            await step(conn)
+            if current is None:
+                await conn.execute(
+                    _MIGRATIONS.insert().values(component=component, version=version)
+                )
+            else:
+                await conn.execute(
+                    _MIGRATIONS.update()
+                    .where(_MIGRATIONS.c.component == component)
+                    .values(version=version)
+                )
+            applied += 1
+    return applied

@@ -1,0 +1,93 @@
+"""The inbox on both stores: SQLite (the default) and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts.envelope import derived_event_id
+from contracts.events import (
+    DatasetProcessed,
+    DatasetProcessedData,
+    NotificationRequested,
+    NotificationRequestedData,
+)
+from services.messaging.inbox import Inbox
+from services.messaging.store import open_store, store_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        url = store_url(None, tmp_path, "svc")
+    else:
+        url = store_url(request.getfixturevalue("postgres_database"), tmp_path, "svc")
+    store = open_store(url)
+    yield store
+    await store.dispose()
+
+
+@pytest.fixture
+async def inbox(engine: AsyncEngine) -> Inbox:
+    box = Inbox(engine, "svc")
+    await box.start()
+    return box
+
+
+def an_event() -> NotificationRequested:
+    return NotificationRequested(data=NotificationRequestedData(recipient="r", subject="s"))
+
+
+async def test_an_unknown_event_is_not_in_the_inbox(inbox: Inbox) -> None:
+    assert await inbox.lookup("nope") is None
+
+
+async def test_a_recorded_event_is_found_with_its_follow_ups(inbox: Inbox) -> None:
+    event = an_event()
+    follow_up = DatasetProcessed(
+        id=derived_event_id(event.id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=event.id, name="n", record_count=0, fields={}),
+    )
+    async with inbox.transaction() as conn:
+        assert await inbox.record(conn, event, [follow_up])
+    handled = await inbox.lookup(event.id)
+    assert handled is not None
+    assert handled.follow_ups == (follow_up,)
+
+
+async def test_recording_twice_is_refused_and_rolls_back_only_the_duplicate(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id VARCHAR(64))"))
+    event = an_event()
+    for _ in range(2):
+        async with inbox.transaction() as conn:
+            await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+            if not await inbox.record(conn, event, []):
+                await conn.rollback()
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM effects"))).scalar() == 1
+
+
+async def test_starting_again_keeps_the_records(inbox: Inbox, engine: AsyncEngine) -> None:
+    event = an_event()
+    async with inbox.transaction() as conn:
+        await inbox.record(conn, event, [])
+    again = Inbox(engine, "svc")
+    await again.start()
+    assert await again.lookup(event.id) is not None
+
+
+async def test_old_records_are_pruned(inbox: Inbox, engine: AsyncEngine) -> None:
+    event = an_event()
+    async with inbox.transaction() as conn:
+        await inbox.record(conn, event, [])
+    assert await inbox.prune(timedelta(hours=1)) == 0
+    assert await inbox.prune(timedelta(seconds=-1)) == 1
+    assert await inbox.lookup(event.id) is None
