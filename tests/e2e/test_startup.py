@@ -1,0 +1,41 @@
+"""How a consumer process starts, or refuses to: real processes, exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from services.messaging.declare import declare_topology
+from tests.conftest import Namespace
+from tests.support.processes import consumer, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+
+
+async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        await declare_topology(connection, namespace.settings(delivery_limit=3).all_topologies())
+    env = namespace.env(COURIER_DELIVERY_LIMIT="9", COURIER_DATA_DIR=str(tmp_path))
+    notifier = consumer("notifier", env, tmp_path).start()
+    assert notifier.process is not None
+    assert notifier.process.wait(30) == 2
+    assert "x-delivery-limit" in notifier.log()
+
+
+def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    env = namespace.env(
+        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        COURIER_UNREADY_EXIT_AFTER="2",
+        COURIER_DATA_DIR=str(tmp_path),
+    )
+    processor = consumer("processor", env, tmp_path).start()
+    assert processor.process is not None
+    assert processor.process.wait(30) == 1
+    assert not processor.ready()
