@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
@@ -41,18 +41,18 @@ class BrokerLink:
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential(multiplier=0.2, max=5),
-            retry=retry_if_exception_type((AMQPConnectionError, ConnectionError, OSError)),
-            before_sleep=lambda state: log.warning(
-                "broker not reachable; retrying", extra={"attempt": state.attempt_number}
-            ),
-        ):
-            with attempt:
-                connection = await self.publisher.connect()
         topologies = self.settings.all_topologies()
         try:
-            await declare_topology(connection, topologies)
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.2, max=5),
+                retry=retry_if_exception_type((AMQPError, ConnectionError, OSError)),
+                before_sleep=lambda state: log.warning(
+                    "broker not reachable; retrying", extra={"attempt": state.attempt_number}
+                ),
+            ):
+                with attempt:
+                    connection = self.publisher.connection or await self.publisher.connect()
+                    await declare_topology(connection, topologies)
         except TopologyMismatch as exc:
             self.topology_error = str(exc)
             log.exception("topology mismatch; publishing may be refused")

@@ -81,7 +81,13 @@ class Publisher:
             heartbeat=self._heartbeat,
             client_properties={"connection_name": self._name},
         )
-        self._channels = [await self._open_channel(connection) for _ in range(self._channel_count)]
+        try:
+            self._channels = [
+                await self._open_channel(connection) for _ in range(self._channel_count)
+            ]
+        except BaseException:
+            await connection.close()
+            raise
         self._connection = connection
         return connection
 
