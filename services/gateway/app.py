@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
@@ -12,8 +14,14 @@ from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
 from services.gateway.broker import BrokerLink
 from services.gateway.routes import router
 from services.gateway.settings import GatewaySettings
+from services.messaging.dead_letters import DeadLetterDrain
+from services.messaging.store import open_store, store_url
+from services.ops.operations import Operations
+from services.ops.routes import router as ops_router
+from services.ops.store import FailureStore
 
 _REF = "#/components/schemas/{model}"
+PURGE_INTERVAL_SECONDS = 3600
 
 
 def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
@@ -31,18 +39,44 @@ def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+async def _purge_periodically(failures: FailureStore, retention: timedelta) -> None:
+    while True:
+        await failures.purge_closed(retention)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        broker = BrokerLink(settings)
+        engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
+        failures = FailureStore(engine)
+        await failures.start()
+        drain = DeadLetterDrain(
+            settings.namespace,
+            [topology.dead_letter_queue for topology in settings.all_topologies()],
+            failures.add_letter,
+        )
+        broker = BrokerLink(settings, drain)
         app.state.broker = broker
+        app.state.failures = failures
+        app.state.operations = Operations(
+            failures,
+            broker.publisher,
+            settings.namespace,
+            lease=timedelta(seconds=settings.replay_lease_seconds),
+        )
         broker.start()
+        purge = asyncio.get_running_loop().create_task(
+            _purge_periodically(failures, timedelta(days=settings.ops_retention_days))
+        )
         try:
             yield
         finally:
+            purge.cancel()
             await broker.close()
+            await engine.dispose()
 
     app = FastAPI(
         title="Courier gateway",
@@ -52,5 +86,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(ops_router)
     app.openapi = lambda: _with_event_schemas(app)  # type: ignore[method-assign]
     return app

@@ -1,6 +1,7 @@
 """The gateway's link to the broker: connects in the background, so the gateway starts (and
 answers 503) while the broker is away, then declares every service's topology so events are
-kept even before their consumers first start."""
+kept even before their consumers first start, and drains the dead-letter queues into the
+operators' failure store."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 from aiormq.exceptions import AMQPError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from services.messaging.dead_letters import DeadLetterDrain
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.logs import get_logger
@@ -19,8 +21,9 @@ log = get_logger("gateway.broker")
 
 
 class BrokerLink:
-    def __init__(self, settings: CourierSettings) -> None:
+    def __init__(self, settings: CourierSettings, drain: DeadLetterDrain | None = None) -> None:
         self.settings = settings
+        self._drain = drain
         self.publisher = Publisher(
             settings.amqp_url,
             channels=settings.publisher_channels,
@@ -53,6 +56,8 @@ class BrokerLink:
                 with attempt:
                     connection = self.publisher.connection or await self.publisher.connect()
                     await declare_topology(connection, topologies)
+                    if self._drain is not None:
+                        await self._drain.start(connection)
         except TopologyMismatch as exc:
             self.topology_error = str(exc)
             log.exception("topology mismatch; publishing may be refused")

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from services.messaging.settings import CourierSettings
 
@@ -17,3 +20,46 @@ class GatewaySettings(CourierSettings):
     retry_after_seconds: int = Field(
         default=5, ge=1, description="`Retry-After` sent with a 503 when the broker is away."
     )
+    environment: Literal["production", "development"] = Field(
+        default="production",
+        description="`development` allows placeholder ops tokens; never use it in production.",
+    )
+    ops_tokens: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Ops API tokens as `name:token` pairs, comma-separated; the name is the actor.",
+    )
+    ops_retention_days: float = Field(
+        default=30.0, gt=0, description="How long replayed and discarded dead letters are kept."
+    )
+    replay_lease_seconds: float = Field(
+        default=300.0, gt=0, description="After this, a replay that died mid-way is taken over."
+    )
+
+    @field_validator("ops_tokens", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.strip() for item in value.split(",") if item.strip()]
+            if any(":" not in pair for pair in pairs):
+                raise ValueError("COURIER_OPS_TOKENS holds `name:token` pairs")
+            return dict(pair.split(":", 1) for pair in pairs)
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_tokens(self) -> GatewaySettings:
+        if self.environment == "development":
+            return self
+        if not self.ops_tokens:
+            raise ValueError("COURIER_OPS_TOKENS is required outside development")
+        for name, token in self.ops_tokens.items():
+            if len(token) < MIN_TOKEN_LENGTH or token.lower() in PLACEHOLDERS:
+                raise ValueError(
+                    f"the ops token of {name!r} is a placeholder or shorter than "
+                    f"{MIN_TOKEN_LENGTH} characters; generate one, e.g. "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
+        return self
+
+
+MIN_TOKEN_LENGTH = 24
+PLACEHOLDERS = frozenset({"changeme", "change-me", "secret", "token", "password", "dev", "test"})

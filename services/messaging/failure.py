@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import traceback
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,16 @@ EXCEPTION_TYPE: Final = "courier-exception-type"
 EXCEPTION_MESSAGE: Final = "courier-exception-message"
 TRACEBACK: Final = "courier-traceback"
 FINGERPRINT: Final = "courier-fingerprint"
+DEAD_LETTER_ID: Final = "courier-dead-letter-id"
+REPLAYS: Final = "courier-replays"
+
+# Headers that describe one failure; a replayed message starts without them.
+FAILURE_HEADERS: Final = frozenset(
+    {
+        ATTEMPT, FIRST_FAILURE, LAST_FAILURE, LAST_ERROR, REASON, SERVICE, QUEUE, EVENT_ID,
+        EVENT_TYPE, EXCEPTION_TYPE, EXCEPTION_MESSAGE, TRACEBACK, FINGERPRINT, DEAD_LETTER_ID,
+    }
+)  # fmt: skip
 
 # Headers the broker sets on a redelivered or dead-lettered message; never carried forward.
 BROKER_HEADERS: Final = frozenset(
@@ -124,6 +135,7 @@ class Failure:
     ) -> dict[str, Any]:
         return {
             **carried_headers(headers),
+            DEAD_LETTER_ID: str(uuid.uuid4()),
             REASON: reason,
             SERVICE: service,
             QUEUE: queue,

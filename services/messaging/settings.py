@@ -68,6 +68,14 @@ class CourierSettings(BaseSettings):
         default=None, ge=1, description="Work queue length limit; publishes beyond it are refused."
     )
     log_level: LogLevel = "INFO"
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "COURIER_DATABASE_URL"),
+        description="The service's own store; unset means a SQLite file in the data directory.",
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Directory of the default SQLite stores."
+    )
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
@@ -113,14 +121,6 @@ class ConsumerSettings(CourierSettings):
         default=120.0,
         gt=0,
         description="Exit non-zero when unable to consume for this long (a supervisor restarts).",
-    )
-    database_url: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("DATABASE_URL", "COURIER_DATABASE_URL"),
-        description="The service's store (inbox); unset means a SQLite file in the data directory.",
-    )
-    data_dir: Path = Field(
-        default=Path("data"), description="Directory of the default SQLite stores."
     )
     inbox_retention_hours: float = Field(
         default=168.0, gt=0, description="How long handled event ids are remembered."

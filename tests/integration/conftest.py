@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,14 +30,25 @@ async def gateway_client(
             yield client
 
 
-@pytest.fixture
-async def client(namespace: Namespace) -> AsyncIterator[httpx.AsyncClient]:
+OPS_TOKEN = "integration-test-ops-token-0123456789"
+
+
+def gateway_settings(namespace: Namespace, data_dir: Path, **overrides: Any) -> GatewaySettings:
     settings = GatewaySettings(
-        amqp_url=namespace.amqp_url,
-        namespace=namespace.name,
-        max_body_bytes=4096,
-        max_batch_events=5,
+        **{
+            "amqp_url": namespace.amqp_url,
+            "namespace": namespace.name,
+            "data_dir": data_dir,
+            "ops_tokens": {"tester": OPS_TOKEN},
+            **overrides,
+        }
     )
     namespace.remember(settings)
+    return settings
+
+
+@pytest.fixture
+async def client(namespace: Namespace, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = gateway_settings(namespace, tmp_path, max_body_bytes=4096, max_batch_events=5)
     async for c in gateway_client(settings):
         yield c

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,9 +13,8 @@ import pytest
 
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
-from services.gateway.settings import GatewaySettings
 from tests.conftest import Namespace
-from tests.integration.conftest import gateway_client
+from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.queues import assert_empty, take
 
 pytestmark = pytest.mark.broker
@@ -166,9 +166,11 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_broker_unreachable_is_503_with_retry_after(namespace: Namespace) -> None:
-    settings = GatewaySettings(
-        amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/", namespace=namespace.name
+async def test_broker_unreachable_is_503_with_retry_after(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(
+        namespace, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/"
     )
     async for client in gateway_client(settings, wait_ready=False):
         assert (await client.get("/healthz")).status_code == 200

@@ -83,7 +83,14 @@ def gateway(env: Mapping[str, str], workdir: Path) -> ServiceProcess:
     return ServiceProcess(
         name="gateway",
         module="services.gateway",
-        env={**env, "COURIER_PORT": str(port), "COURIER_HOST": "127.0.0.1"},
+        env={
+            "COURIER_DATA_DIR": str(workdir / "gateway-data"),
+            "COURIER_ENVIRONMENT": "development",
+            "COURIER_OPS_TOKENS": "ops:e2e-test-ops-token",
+            **env,
+            "COURIER_PORT": str(port),
+            "COURIER_HOST": "127.0.0.1",
+        },
         log_path=workdir / "gateway.log",
         health_url=f"http://127.0.0.1:{port}/readyz",
     )
@@ -96,7 +103,12 @@ def consumer(
     return ServiceProcess(
         name=name,
         module=module or f"services.{name}",
-        env={**env, "COURIER_HEALTH_PORT": str(port), "COURIER_SHUTDOWN_TIMEOUT": "20"},
+        env={
+            "COURIER_DATA_DIR": str(workdir / f"{name}-data"),
+            "COURIER_SHUTDOWN_TIMEOUT": "20",
+            **env,
+            "COURIER_HEALTH_PORT": str(port),
+        },
         log_path=workdir / f"{name}.log",
         health_url=f"http://127.0.0.1:{port}/readyz",
     )

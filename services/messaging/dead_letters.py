@@ -1,0 +1,262 @@
+"""Dead letters as values, draining dead-letter queues, and replaying a dead letter.
+
+A dead letter reaches a `<ns>.<service>.dlq` queue two ways: the consumer republishes it with
+Courier's `courier-*` headers (reasons `invalid`, `permanent`, `retries_exhausted`), or the
+broker dead-letters it after `x-delivery-limit` redeliveries (reason `delivery_limit`, the story
+only in `x-death`). `read_dead_letter` turns either into one `DeadLetter` value.
+
+The drain consumes every service's dead-letter queue and acknowledges a message only after the
+sink (the operators' failure store) committed it. A replay republishes a dead letter, confirmed,
+straight into the work queue of the service that failed it (not to the topic exchange, so other
+subscribers do not get it twice), with its attempt counter reset and its replay count raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from contracts.topology import work_queue
+from services.messaging import failure as f
+from services.messaging.logs import get_logger
+from services.messaging.publisher import CONTENT_TYPE, Publisher
+
+log = get_logger("dead_letters")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    service: str
+    queue: str
+    event_id: str | None
+    event_type: str | None
+    reason: str
+    attempts: int
+    replays: int
+    first_failure: datetime
+    last_failure: datetime
+    exception_type: str | None
+    exception_message: str | None
+    traceback: str | None
+    fingerprint: str
+    group: str
+    """Failures that share a cause: fingerprint plus the normalised message."""
+    body: bytes
+    headers: dict[str, Any]
+    """The message's headers, JSON-safe, for operators to read."""
+    correlation_id: str | None
+
+
+_VARIABLE_PARTS = (
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I), "<uuid>"),
+    (re.compile(r"\b0x[0-9a-f]+\b|\b[0-9a-f]{16,}\b", re.I), "<hex>"),
+    (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
+    (re.compile(r"\d+(\.\d+)?"), "<n>"),
+)
+
+
+def normalise_message(message: str) -> str:
+    """The message with its variable parts (ids, numbers, quoted values) replaced."""
+    for pattern, placeholder in _VARIABLE_PARTS:
+        message = pattern.sub(placeholder, message)
+    return message[:300]
+
+
+def group_key(fingerprint: str, message: str) -> str:
+    return hashlib.sha256(f"{fingerprint}|{normalise_message(message)}".encode()).hexdigest()[:16]
+
+
+def json_safe(value: Any) -> Any:
+    """AMQP header values (datetimes, bytes, nested tables) as JSON-compatible values."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _as_datetime(value: Any, default: datetime) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return default
+
+
+def _service_of(queue: str, namespace: str) -> str:
+    return queue.removeprefix(f"{namespace}.")
+
+
+def read_dead_letter(
+    namespace: str,
+    *,
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    message_type: str | None,
+    correlation_id: str | None,
+    now: datetime | None = None,
+) -> DeadLetter:
+    now = now or datetime.now(UTC)
+    if f.REASON in headers:  # dead-lettered by a Courier consumer, with the whole story
+        fingerprint = str(headers.get(f.FINGERPRINT, "unknown"))
+        message = str(headers.get(f.EXCEPTION_MESSAGE, ""))
+        return DeadLetter(
+            id=str(headers.get(f.DEAD_LETTER_ID) or _stable_id(message_id, headers)),
+            service=str(headers.get(f.SERVICE)),
+            queue=str(headers.get(f.QUEUE)),
+            event_id=_str_or_none(headers.get(f.EVENT_ID)) or message_id,
+            event_type=_str_or_none(headers.get(f.EVENT_TYPE)) or message_type,
+            reason=str(headers[f.REASON]),
+            attempts=f.attempt_of(headers),
+            replays=_int(headers.get(f.REPLAYS)),
+            first_failure=_as_datetime(headers.get(f.FIRST_FAILURE), now),
+            last_failure=_as_datetime(headers.get(f.LAST_FAILURE), now),
+            exception_type=_str_or_none(headers.get(f.EXCEPTION_TYPE)),
+            exception_message=message,
+            traceback=_str_or_none(headers.get(f.TRACEBACK)),
+            fingerprint=fingerprint,
+            group=group_key(fingerprint, message),
+            body=body,
+            headers=json_safe(dict(headers)),
+            correlation_id=correlation_id,
+        )
+    return _broker_dead_letter(
+        namespace, body, headers, message_id, message_type, correlation_id, now
+    )
+
+
+def _broker_dead_letter(
+    namespace: str,
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    message_type: str | None,
+    correlation_id: str | None,
+    now: datetime,
+) -> DeadLetter:
+    """A message the broker dead-lettered itself (after `x-delivery-limit` redeliveries)."""
+    deaths = headers.get("x-death") or [{}]
+    death = deaths[0] if isinstance(deaths, list) and deaths else {}
+    queue = str(headers.get("x-first-death-queue") or death.get("queue") or "unknown")
+    reason = str(headers.get("x-first-death-reason") or death.get("reason") or "unknown")
+    service = _service_of(queue, namespace)
+    fingerprint = hashlib.sha256(f"{reason}|{service}|{message_type}".encode()).hexdigest()[:16]
+    died = _as_datetime(death.get("time"), now)
+    return DeadLetter(
+        id=_stable_id(message_id, headers),
+        service=service,
+        queue=queue,
+        event_id=message_id,
+        event_type=message_type,
+        reason=reason,
+        attempts=f.attempt_of(headers),
+        replays=_int(headers.get(f.REPLAYS)),
+        first_failure=_as_datetime(headers.get(f.FIRST_FAILURE), died),
+        last_failure=died,
+        exception_type=None,
+        exception_message=f"the broker dead-lettered the message: {reason}",
+        traceback=None,
+        fingerprint=fingerprint,
+        group=group_key(fingerprint, reason),
+        body=body,
+        headers=json_safe(dict(headers)),
+        correlation_id=correlation_id,
+    )
+
+
+def _stable_id(message_id: str | None, headers: Mapping[str, Any]) -> str:
+    # Same message redelivered to the drain → same id, so the store does not hold it twice.
+    key = orjson.dumps(json_safe({"id": message_id, "death": headers.get("x-death")}))
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+# --- draining -------------------------------------------------------------------------------
+
+Sink = Callable[[DeadLetter], Awaitable[None]]
+
+
+class DeadLetterDrain:
+    """Consumes dead-letter queues into a sink; acks only after the sink returned."""
+
+    def __init__(
+        self, namespace: str, queues: Sequence[str], sink: Sink, prefetch: int = 64
+    ) -> None:
+        self._namespace = namespace
+        self._queues = queues
+        self._sink = sink
+        self._prefetch = prefetch
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        for name in self._queues:
+            queue = await channel.get_queue(name, ensure=True)
+            await queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        letter = read_dead_letter(
+            self._namespace,
+            body=message.body,
+            headers=message.headers or {},
+            message_id=message.message_id,
+            message_type=message.type,
+            correlation_id=message.correlation_id,
+        )
+        try:
+            await self._sink(letter)
+        except Exception:
+            # The store is unavailable: keep the dead letter in its queue and slow down.
+            log.exception("could not store a dead letter; it stays in its queue")
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+
+# --- replaying ------------------------------------------------------------------------------
+
+
+def replay_message(letter: DeadLetter) -> aio_pika.Message:
+    """The dead letter as a fresh first attempt, marked with one more replay."""
+    kept = {
+        k: v
+        for k, v in letter.headers.items()
+        if k not in f.FAILURE_HEADERS and k not in f.BROKER_HEADERS and k != f.REPLAYS
+    }
+    return aio_pika.Message(
+        letter.body,
+        headers={**kept, f.REPLAYS: letter.replays + 1},
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=letter.event_id,
+        type=letter.event_type,
+        correlation_id=letter.correlation_id,
+    )
+
+
+async def replay(publisher: Publisher, namespace: str, letter: DeadLetter) -> None:
+    """Publish the dead letter into its service's work queue; returns once confirmed."""
+    await publisher.publish(
+        replay_message(letter), exchange="", routing_key=work_queue(namespace, letter.service)
+    )

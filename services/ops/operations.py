@@ -1,0 +1,114 @@
+"""Replay and discard: moving dead letters safely, with an audit record of every operation.
+
+A replay claims letters in the store, publishes each (confirmed) into the work queue of the
+service that failed it, and only then marks it replayed. A crash midway leaves every letter
+either still dead (claimed letters return to `dead` after the lease) or back in its work queue
+(possibly both, and then the consumer's inbox drops the duplicate): nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.messaging.dead_letters import replay
+from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.logs import get_logger
+from services.messaging.publisher import Publisher
+from services.ops.store import FailureStore, Filter
+
+log = get_logger("ops")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action_id: str
+    dry_run: bool
+    count: int
+    ids: list[str]
+    error: str | None = None
+    """Why the operation stopped early (the broker went away); `count` says what was done."""
+
+
+class Operations:
+    def __init__(
+        self, store: FailureStore, publisher: Publisher, namespace: str, lease: timedelta
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._namespace = namespace
+        self._lease = lease
+
+    async def replay(
+        self, selection: Filter, *, actor: str, limit: int, rate: float, dry_run: bool
+    ) -> Outcome:
+        if dry_run:
+            page = await self._store.page(selection, limit=limit)
+            ids = [item["id"] for item in page.items]
+            action_id = await self._store.record_action(
+                action="replay", actor=actor, selection=selection, dry_run=True, count=len(ids)
+            )
+            return Outcome(action_id, True, len(ids), ids)
+
+        action_id = uuid.uuid4().hex
+        token, letters = await self._store.claim(selection, limit=limit, lease=self._lease)
+        moved: list[str] = []
+        error: str | None = None
+        interval = 1.0 / rate
+        next_at = time.monotonic()
+        try:
+            for letter in letters:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = time.monotonic() + interval
+                await replay(self._publisher, self._namespace, letter)
+                await self._store.mark_replayed(letter.id, token, action_id, actor)
+                moved.append(letter.id)
+        except (BrokerUnavailable, Unroutable) as exc:
+            error = str(exc)
+            log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
+        finally:
+            await self._store.release(token)  # what was not moved is dead again, at once
+            await self._store.record_action(
+                action="replay",
+                actor=actor,
+                selection=selection,
+                dry_run=False,
+                count=len(moved),
+                action_id=action_id,
+            )
+        log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
+        return Outcome(action_id, False, len(moved), moved, error)
+
+    async def discard(
+        self, selection: Filter, *, actor: str, limit: int, reason: str, dry_run: bool
+    ) -> Outcome:
+        if dry_run:
+            page = await self._store.page(selection, limit=limit)
+            ids = [item["id"] for item in page.items]
+            action_id = await self._store.record_action(
+                action="discard",
+                actor=actor,
+                selection=selection,
+                dry_run=True,
+                count=len(ids),
+                reason=reason,
+            )
+            return Outcome(action_id, True, len(ids), ids)
+        action_id = uuid.uuid4().hex
+        ids = await self._store.discard(
+            selection, limit=limit, reason=reason, actor=actor, action_id=action_id
+        )
+        await self._store.record_action(
+            action="discard",
+            actor=actor,
+            selection=selection,
+            dry_run=False,
+            count=len(ids),
+            reason=reason,
+            action_id=action_id,
+        )
+        log.info("discarded dead letters", extra={"count": len(ids), "actor": actor})
+        return Outcome(action_id, False, len(ids), ids)

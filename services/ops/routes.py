@@ -1,0 +1,185 @@
+"""The ops API under `/v1/ops`: list, show, group, replay and discard dead letters.
+
+Every route needs an ops token; every replay and discard (dry runs included) is recorded with
+who, when, what and how many, and listed under `/v1/ops/actions`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.ops.auth import Operator
+from services.ops.operations import Operations, Outcome
+from services.ops.store import FailureStore, Filter, Status
+
+router = APIRouter(prefix="/v1/ops", tags=["ops"])
+
+
+class Selection(BaseModel):
+    """Which dead letters: explicit ids, or filters (all of them must match)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=10_000)
+    service: str | None = None
+    event_type: str | None = None
+    group: str | None = None
+    reason: str | None = None
+    exception_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: Annotated[str, Field(max_length=200)] | None = None
+    all: bool = Field(default=False, description="Required to select without any filter.")
+
+    @model_validator(mode="after")
+    def _not_everything_by_accident(self) -> Selection:
+        criteria = self.model_dump(exclude={"all", "dry_run", "limit", "rate", "reason_text"})
+        if not self.all and not any(v not in (None, []) for v in criteria.values()):
+            raise ValueError('select by ids or a filter, or say "all": true')
+        return self
+
+    def to_filter(self) -> Filter:
+        return Filter(
+            ids=tuple(self.ids),
+            service=self.service,
+            event_type=self.event_type,
+            group=self.group,
+            reason=self.reason,
+            exception_type=self.exception_type,
+            since=self.since,
+            until=self.until,
+            text=self.text,
+        )
+
+
+class ReplayRequest(Selection):
+    dry_run: bool = False
+    limit: int = Field(default=100, ge=1, le=10_000, description="Most letters moved.")
+    rate: float = Field(default=100.0, gt=0, le=10_000, description="Most letters per second.")
+
+
+class DiscardRequest(Selection):
+    reason_text: Annotated[str, Field(min_length=1, max_length=1000, alias="why")]
+    dry_run: bool = False
+    limit: int = Field(default=100, ge=1, le=10_000)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ListQuery(BaseModel):
+    service: str | None = None
+    event_type: str | None = None
+    group: str | None = None
+    reason: str | None = None
+    exception_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+    status: Status | None = "dead"
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = None
+
+    def to_filter(self) -> Filter:
+        return Filter(
+            service=self.service,
+            event_type=self.event_type,
+            group=self.group,
+            reason=self.reason,
+            exception_type=self.exception_type,
+            since=self.since,
+            until=self.until,
+            text=self.text,
+            status=self.status,
+        )
+
+
+class OutcomeResponse(BaseModel):
+    action_id: str
+    dry_run: bool
+    count: int
+    ids: list[str]
+    error: str | None = None
+
+
+def _store(request: Request) -> FailureStore:
+    store: FailureStore = request.app.state.failures
+    return store
+
+
+def _operations(request: Request) -> Operations:
+    operations: Operations = request.app.state.operations
+    return operations
+
+
+def _outcome(outcome: Outcome) -> OutcomeResponse:
+    return OutcomeResponse(**outcome.__dict__)
+
+
+@router.get("/dead-letters", summary="List dead letters, newest first, with filters and paging")
+async def list_dead_letters(
+    request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
+) -> dict[str, Any]:
+    store = _store(request)
+    page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
+    return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/dead-letters/{letter_id}", summary="One dead letter: payload, error, history")
+async def show_dead_letter(request: Request, actor: Operator, letter_id: str) -> dict[str, Any]:
+    item = await _store(request).get(letter_id)
+    if item is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {letter_id!r}")
+    body: bytes = item.pop("body")
+    try:
+        item["payload"] = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        item["payload_text"] = body.decode(errors="replace")
+    item.pop("claim", None)
+    return item
+
+
+@router.get("/groups", summary="Dead letters grouped by failure fingerprint")
+async def groups(
+    request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
+) -> dict[str, Any]:
+    found = await _store(request).groups(query.to_filter(), limit=query.limit)
+    return {"groups": [group.__dict__ for group in found]}
+
+
+@router.post("/replays", response_model=OutcomeResponse, summary="Replay dead letters")
+async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
+    outcome = await _operations(request).replay(
+        body.to_filter(), actor=actor, limit=body.limit, rate=body.rate, dry_run=body.dry_run
+    )
+    if outcome.error is not None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            {"error": outcome.error, **_outcome(outcome).model_dump()},
+            headers={"Retry-After": "5"},
+        )
+    return _outcome(outcome)
+
+
+@router.post("/discards", response_model=OutcomeResponse, summary="Discard dead letters")
+async def discard(request: Request, actor: Operator, body: DiscardRequest) -> Any:
+    return _outcome(
+        await _operations(request).discard(
+            body.to_filter(),
+            actor=actor,
+            limit=body.limit,
+            reason=body.reason_text,
+            dry_run=body.dry_run,
+        )
+    )
+
+
+@router.get("/actions", summary="Every replay and discard: who, when, what, how many")
+async def list_actions(
+    request: Request, actor: Operator, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    return {"actions": await _store(request).actions(limit=limit)}

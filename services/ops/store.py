@@ -1,0 +1,515 @@
+"""The operators' failure store: every dead letter, its state, and an audit of what ops did.
+
+The dead-letter queues are drained into this store (the broker stays the transport, the store is
+the operators' view): listing, grouping and filtering 100,000 failures stay fast here, which a
+queue cannot do. SQLite by default, PostgreSQL via `DATABASE_URL`; SQLAlchemy Core, async.
+
+A dead letter's status moves `dead` → `replaying` (claimed by one replay) → `replayed`, or
+`dead` → `discarded`. A claim is a conditional update, so two replays of the same selection
+never both take a letter; a claim whose replay died is taken over after a lease.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from services.messaging.dead_letters import DeadLetter
+from services.messaging.store import migrate
+
+Status = Literal["dead", "replaying", "replayed", "discarded"]
+
+metadata = MetaData()
+dead_letters = Table(
+    "ops_dead_letters",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("service", String(64), nullable=False),
+    Column("queue", String(200), nullable=False),
+    Column("event_id", String(128), nullable=True),
+    Column("event_type", String(128), nullable=True),
+    Column("reason", String(32), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("replays", Integer, nullable=False),
+    Column("first_failure", DateTime(timezone=True), nullable=False),
+    Column("last_failure", DateTime(timezone=True), nullable=False),
+    Column("dead_lettered_at", DateTime(timezone=True), nullable=False),
+    Column("exception_type", String(256), nullable=True),
+    Column("exception_message", Text, nullable=True),
+    Column("traceback", Text, nullable=True),
+    Column("fingerprint", String(32), nullable=False),
+    Column("group_key", String(32), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("headers", JSON, nullable=False),
+    Column("correlation_id", String(128), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("claim", String(64), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("history", JSON, nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    Index("ix_ops_dl_status_time", "status", "dead_lettered_at", "id"),
+    Index("ix_ops_dl_group", "group_key", "status"),
+    Index("ix_ops_dl_event", "event_id"),
+)
+actions = Table(
+    "ops_actions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("action", String(16), nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("selection", JSON, nullable=False),
+    Column("dry_run", Integer, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("reason", Text, nullable=True),
+    Index("ix_ops_actions_at", "at"),
+)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead letters an operation applies to; every field narrows the selection."""
+
+    ids: tuple[str, ...] = ()
+    service: str | None = None
+    event_type: str | None = None
+    group: str | None = None
+    reason: str | None = None
+    exception_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+    status: Status | None = "dead"
+
+    def where(self) -> ColumnElement[bool]:
+        c = dead_letters.c
+        clauses: list[ColumnElement[bool]] = []
+        if self.ids:
+            clauses.append(c.id.in_(self.ids))
+        for column, value in (
+            (c.service, self.service),
+            (c.event_type, self.event_type),
+            (c.group_key, self.group),
+            (c.reason, self.reason),
+            (c.exception_type, self.exception_type),
+            (c.status, self.status),
+        ):
+            if value is not None:
+                clauses.append(column == value)
+        if self.since is not None:
+            clauses.append(c.dead_lettered_at >= self.since)
+        if self.until is not None:
+            clauses.append(c.dead_lettered_at < self.until)
+        if self.text:
+            pattern = f"%{self.text.lower()}%"
+            clauses.append(
+                or_(
+                    func.lower(c.exception_message).like(pattern),
+                    func.lower(c.exception_type).like(pattern),
+                )
+            )
+        return and_(*clauses) if clauses else and_(True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: (
+                v.isoformat() if isinstance(v, datetime) else list(v) if isinstance(v, tuple) else v
+            )
+            for k, v in self.__dict__.items()
+            if v not in (None, ())
+        }
+
+
+@dataclass(frozen=True)
+class Group:
+    group: str
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    exception_type: str | None
+    example_message: str | None
+    reason: str
+    services: tuple[str, ...]
+    event_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+SUMMARY_COLUMNS = tuple(
+    col
+    for col in dead_letters.c
+    if col.name not in {"body", "headers", "traceback", "history", "claim", "claimed_at"}
+)
+
+
+def _cursor(row: Any) -> str:
+    raw = f"{row.dead_lettered_at.isoformat()}|{row.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _after(cursor: str) -> ColumnElement[bool]:
+    at, _, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+    when = datetime.fromisoformat(at)
+    c = dead_letters.c
+    return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    for key, value in out.items():
+        if isinstance(value, datetime):
+            out[key] = _utc(value)
+    return out
+
+
+class FailureStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def start(self) -> None:
+        async def create(conn: AsyncConnection) -> None:
+            await conn.run_sync(metadata.create_all)
+
+        await migrate(self.engine, "ops.failures", [create])
+
+    # --- ingest -------------------------------------------------------------------------------
+
+    async def add_letter(self, letter: DeadLetter) -> None:
+        """The drain's sink."""
+        await self.add(letter)
+
+    async def add(self, letter: DeadLetter) -> bool:
+        """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            exists = await conn.scalar(
+                select(dead_letters.c.id).where(dead_letters.c.id == letter.id)
+            )
+            if exists is not None:
+                return False
+            await conn.execute(
+                dead_letters.insert().values(
+                    id=letter.id,
+                    service=letter.service,
+                    queue=letter.queue,
+                    event_id=letter.event_id,
+                    event_type=letter.event_type,
+                    reason=letter.reason,
+                    attempts=letter.attempts,
+                    replays=letter.replays,
+                    first_failure=letter.first_failure,
+                    last_failure=letter.last_failure,
+                    dead_lettered_at=now,
+                    exception_type=letter.exception_type,
+                    exception_message=letter.exception_message,
+                    traceback=letter.traceback,
+                    fingerprint=letter.fingerprint,
+                    group_key=letter.group,
+                    body=letter.body,
+                    headers=letter.headers,
+                    correlation_id=letter.correlation_id,
+                    status="dead",
+                    history=[
+                        {"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}
+                    ],
+                )
+            )
+        return True
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def page(self, selection: Filter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        query = select(*SUMMARY_COLUMNS).where(selection.where())
+        if cursor:
+            query = query.where(_after(cursor))
+        query = query.order_by(
+            dead_letters.c.dead_lettered_at.desc(), dead_letters.c.id.desc()
+        ).limit(limit + 1)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([_row_dict(r) for r in rows], _cursor(rows[-1]) if more and rows else None)
+
+    async def get(self, letter_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(dead_letters).where(dead_letters.c.id == letter_id))
+            ).first()
+            if row is None:
+                return None
+            item = _row_dict(row)
+            # Earlier and later failures of the same event: its replay history across letters.
+            related = (
+                await conn.execute(
+                    select(
+                        dead_letters.c.id,
+                        dead_letters.c.status,
+                        dead_letters.c.reason,
+                        dead_letters.c.replays,
+                        dead_letters.c.dead_lettered_at,
+                    )
+                    .where(dead_letters.c.event_id == row.event_id, dead_letters.c.id != letter_id)
+                    .order_by(dead_letters.c.dead_lettered_at)
+                )
+            ).all()
+        item["related"] = [_row_dict(r) for r in related]
+        return item
+
+    async def count(self, selection: Filter) -> int:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                select(func.count()).select_from(dead_letters).where(selection.where())
+            )
+        return int(value or 0)
+
+    async def groups(self, selection: Filter, *, limit: int = 100) -> list[Group]:
+        c = dead_letters.c
+        where = selection.where()
+        summary = (
+            select(
+                c.group_key,
+                func.count().label("total"),
+                func.min(c.dead_lettered_at).label("first_seen"),
+                func.max(c.dead_lettered_at).label("last_seen"),
+                func.max(c.exception_type).label("exception_type"),
+                func.max(c.exception_message).label("example_message"),
+                func.max(c.reason).label("reason"),
+            )
+            .where(where)
+            .group_by(c.group_key)
+            .order_by(func.count().desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(summary)).all()
+            keys = [r.group_key for r in rows]
+            spread = (
+                await conn.execute(
+                    select(c.group_key, c.service, c.event_type)
+                    .where(where, c.group_key.in_(keys))
+                    .group_by(c.group_key, c.service, c.event_type)
+                )
+            ).all()
+        services: dict[str, set[str]] = {}
+        types: dict[str, set[str]] = {}
+        for row in spread:
+            services.setdefault(row.group_key, set()).add(row.service)
+            if row.event_type:
+                types.setdefault(row.group_key, set()).add(row.event_type)
+        return [
+            Group(
+                group=r.group_key,
+                count=int(r.total),
+                first_seen=_utc(r.first_seen),
+                last_seen=_utc(r.last_seen),
+                exception_type=r.exception_type,
+                example_message=r.example_message,
+                reason=r.reason,
+                services=tuple(sorted(services.get(r.group_key, ()))),
+                event_types=tuple(sorted(types.get(r.group_key, ()))),
+            )
+            for r in rows
+        ]
+
+    # --- replay claims ------------------------------------------------------------------------
+
+    async def claim(
+        self, selection: Filter, *, limit: int, lease: timedelta
+    ) -> tuple[str, list[DeadLetter]]:
+        """Take up to `limit` matching letters for one replay; others cannot take them."""
+        token = uuid.uuid4().hex
+        now = datetime.now(UTC)
+        c = dead_letters.c
+        # A letter is claimable when dead, or when its claim's lease ran out (the replay died).
+        claimable = or_(
+            c.status == "dead", and_(c.status == "replaying", c.claimed_at < now - lease)
+        )
+        base = Filter(**{**selection.__dict__, "status": None}).where()
+        async with self.engine.begin() as conn:
+            candidates = (
+                (
+                    await conn.execute(
+                        select(c.id)
+                        .where(base, claimable)
+                        .order_by(c.dead_lettered_at, c.id)
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if candidates:
+                await conn.execute(
+                    update(dead_letters)
+                    .where(c.id.in_(candidates), claimable)
+                    .values(status="replaying", claim=token, claimed_at=now)
+                )
+            rows = (await conn.execute(select(dead_letters).where(c.claim == token))).all()
+        return token, [_letter(r) for r in rows]
+
+    async def mark_replayed(self, letter_id: str, token: str, action_id: str, actor: str) -> None:
+        """The replay of a claimed letter was confirmed by the broker."""
+        now = datetime.now(UTC)
+        c = dead_letters.c
+        entry = {
+            "at": now.isoformat(),
+            "action": "replayed",
+            "actor": actor,
+            "action_id": action_id,
+        }
+        async with self.engine.begin() as conn:
+            history = await conn.scalar(select(c.history).where(c.id == letter_id))
+            await conn.execute(
+                update(dead_letters)
+                .where(c.id == letter_id, c.claim == token)
+                .values(
+                    status="replayed",
+                    claim=None,
+                    closed_at=now,
+                    history=[*(history or []), entry],
+                )
+            )
+
+    async def release(self, token: str) -> None:
+        """Give back what a replay claimed but did not move (it stays dead)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(dead_letters)
+                .where(dead_letters.c.claim == token, dead_letters.c.status == "replaying")
+                .values(status="dead", claim=None, claimed_at=None)
+            )
+
+    # --- discard and audit --------------------------------------------------------------------
+
+    async def discard(
+        self, selection: Filter, *, limit: int, reason: str, actor: str, action_id: str
+    ) -> list[str]:
+        now = datetime.now(UTC)
+        c = dead_letters.c
+        entry = {
+            "at": now.isoformat(),
+            "action": "discarded",
+            "actor": actor,
+            "reason": reason,
+            "action_id": action_id,
+        }
+        base = Filter(**{**selection.__dict__, "status": "dead"}).where()
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(c.id, c.history).where(base).order_by(c.dead_lettered_at).limit(limit)
+                )
+            ).all()
+            discarded = []
+            for row in rows:
+                result = await conn.execute(
+                    update(dead_letters)
+                    .where(c.id == row.id, c.status == "dead")
+                    .values(status="discarded", closed_at=now, history=[*row.history, entry])
+                )
+                if result.rowcount == 1:  # not taken by a concurrent replay meanwhile
+                    discarded.append(row.id)
+        return discarded
+
+    async def purge_closed(self, older_than: timedelta) -> int:
+        """Forget discarded and replayed letters once their audit period is over."""
+        cutoff = datetime.now(UTC) - older_than
+        c = dead_letters.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(dead_letters).where(
+                    c.status.in_(("discarded", "replayed")), c.closed_at < cutoff
+                )
+            )
+        return int(result.rowcount or 0)
+
+    async def record_action(
+        self,
+        *,
+        action: str,
+        actor: str,
+        selection: Filter,
+        dry_run: bool,
+        count: int,
+        reason: str | None = None,
+        action_id: str | None = None,
+    ) -> str:
+        action_id = action_id or uuid.uuid4().hex
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                actions.insert().values(
+                    id=action_id,
+                    action=action,
+                    actor=actor,
+                    at=datetime.now(UTC),
+                    selection=selection.as_dict(),
+                    dry_run=int(dry_run),
+                    count=count,
+                    reason=reason,
+                )
+            )
+        return action_id
+
+    async def actions(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(select(actions).order_by(actions.c.at.desc()).limit(limit))
+            ).all()
+        return [{**_row_dict(r), "dry_run": bool(r.dry_run)} for r in rows]
+
+
+def _letter(row: Any) -> DeadLetter:
+    return DeadLetter(
+        id=row.id,
+        service=row.service,
+        queue=row.queue,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        reason=row.reason,
+        attempts=row.attempts,
+        replays=row.replays,
+        first_failure=_utc(row.first_failure),
+        last_failure=_utc(row.last_failure),
+        exception_type=row.exception_type,
+        exception_message=row.exception_message,
+        traceback=row.traceback,
+        fingerprint=row.fingerprint,
+        group=row.group_key,
+        body=row.body,
+        headers=row.headers,
+        correlation_id=row.correlation_id,
+    )
