@@ -11,6 +11,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
 
 from contracts.envelope import Envelope, Payload
+from contracts.tracking import CancellationRequested, StatusReported
 
 
 def schema_urn(event_type: str, version: int = 1) -> str:
@@ -95,7 +96,11 @@ class DatasetProcessed(Envelope):
 # --- unions -----------------------------------------------------------------------------------
 
 Event = Annotated[
-    NotificationRequested | DatasetSubmitted | DatasetProcessed,
+    NotificationRequested
+    | DatasetSubmitted
+    | DatasetProcessed
+    | StatusReported
+    | CancellationRequested,
     Field(discriminator="type"),
 ]
 """Every event that travels on the broker."""
@@ -110,5 +115,7 @@ EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
     "notification.requested": NotificationRequested,
     "dataset.submitted": DatasetSubmitted,
     "dataset.processed": DatasetProcessed,
+    "status.reported": StatusReported,
+    "cancellation.requested": CancellationRequested,
 }
 INGEST_TYPES: Final[frozenset[str]] = frozenset({"notification.requested", "dataset.submitted"})

@@ -20,7 +20,14 @@ from typing import Any, Final, Literal
 import yaml
 
 from contracts.events import EVENT_MODELS, INGEST_TYPES, schema_urn
-from contracts.topology import SUBSCRIPTIONS, ExchangeSpec, events_exchange, service_topology
+from contracts.topology import (
+    CONTROL_EVENT_TYPES,
+    SUBSCRIPTIONS,
+    WORKERS,
+    ExchangeSpec,
+    events_exchange,
+    service_topology,
+)
 
 __all__ = [
     "ASYNCAPI_FILE",
@@ -56,11 +63,18 @@ _GENERATED: Final = f"Generated from contracts.events by `{COMMAND}`; do not edi
 
 PUBLICATIONS: Final[dict[str, tuple[str, ...]]] = {
     # The gateway publishes what upstream clients may submit ...
-    "gateway": tuple(t for t in EVENT_MODELS if t in INGEST_TYPES),
-    # ... and handlers publish the follow-up events they return.
-    "processor": ("dataset.processed",),
+    "gateway": (*(t for t in EVENT_MODELS if t in INGEST_TYPES), "cancellation.requested"),
+    # ... handlers publish the follow-up events they return, and workers report status.
+    "processor": ("dataset.processed", "status.reported"),
+    "notifier": ("status.reported",),
 }
 """Which service publishes which event types (who consumes what is `SUBSCRIPTIONS`)."""
+
+
+def receives(service: str) -> tuple[str, ...]:
+    """What a service consumes: its subscriptions, and control requests if it is a worker."""
+    control = CONTROL_EVENT_TYPES if service in WORKERS else ()
+    return (*SUBSCRIPTIONS.get(service, ()), *control)
 
 
 # --- JSON Schema ------------------------------------------------------------------------------
@@ -226,7 +240,7 @@ def _operations() -> dict[str, Any]:
     for service in services:
         flows: tuple[tuple[Action, tuple[str, ...]], ...] = (
             ("send", PUBLICATIONS.get(service, ())),
-            ("receive", SUBSCRIPTIONS.get(service, ())),
+            ("receive", receives(service)),
         )
         for action, types in flows:
             for event_type in _ordered(types):

@@ -7,6 +7,7 @@ namespace (which isolates deployments and test runs) and a service name:
     <ns>.<service>                 the service's work queue (quorum), bound to its event types
     <ns>.<service>.retry.<N>s      delay tier: queue-level TTL, dead-letters back to the work queue
     <ns>.<service>.dlq             dead letters of the service (quorum)
+    <ns>.<service>.control         control requests (cancellations) ahead of the work backlog
     <ns>.dlx                       direct exchange the work queues dead-letter into
 
 Declaring these values on a broker is `services.messaging.declare`'s job; nothing here does I/O.
@@ -25,7 +26,19 @@ ExchangeKind = Literal["topic", "direct"]
 SUBSCRIPTIONS: Final[dict[str, tuple[str, ...]]] = {
     "processor": ("dataset.submitted",),
     "notifier": ("notification.requested", "dataset.processed"),
+    # The gateway keeps the status projection and the results it serves.
+    "gateway": ("status.reported", "dataset.processed"),
 }
+
+# Services that do the work and report status; each gets a control queue for cancellations.
+WORKERS: Final[frozenset[str]] = frozenset({"processor", "notifier"})
+CONTROL_EVENT_TYPES: Final[tuple[str, ...]] = ("cancellation.requested",)
+
+
+def workers_of(event_type: str) -> tuple[str, ...]:
+    """The services that will do work for an event of this type (what its status tracks)."""
+    return tuple(s for s, types in SUBSCRIPTIONS.items() if s in WORKERS and event_type in types)
+
 
 DEFAULT_RETRY_DELAYS: Final[tuple[int, ...]] = (5, 30, 120, 600)
 DEFAULT_DELIVERY_LIMIT: Final = 5
@@ -45,6 +58,10 @@ def work_queue(ns: str, service: str) -> str:
 
 def dead_letter_queue(ns: str, service: str) -> str:
     return f"{work_queue(ns, service)}.dlq"
+
+
+def control_queue(ns: str, service: str) -> str:
+    return f"{work_queue(ns, service)}.control"
 
 
 def retry_queue(ns: str, service: str, delay_seconds: int) -> str:
@@ -89,12 +106,13 @@ class ServiceTopology:
     namespace: str
     service: str
     event_types: tuple[str, ...]
+    control_event_types: tuple[str, ...] = ()
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     max_length: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.event_types) - EVENT_MODELS.keys()
+        unknown = set(self.event_types + self.control_event_types) - EVENT_MODELS.keys()
         if unknown:
             raise ValueError(f"unknown event types for {self.service}: {sorted(unknown)}")
         if any(d <= 0 for d in self.retry_delays) or list(self.retry_delays) != sorted(
@@ -119,14 +137,18 @@ class ServiceTopology:
     def retry_queue(self, delay_seconds: int) -> str:
         return retry_queue(self.namespace, self.service, delay_seconds)
 
+    @property
+    def control_queue(self) -> str | None:
+        return control_queue(self.namespace, self.service) if self.control_event_types else None
+
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
         return (
             ExchangeSpec(events_exchange(self.namespace), "topic"),
             ExchangeSpec(dead_letter_exchange(self.namespace), "direct"),
         )
 
-    def work_queue_spec(self) -> QueueSpec:
-        args: dict[str, str | int] = {
+    def _consumed_queue_arguments(self) -> dict[str, str | int]:
+        return {
             "x-queue-type": "quorum",
             # A message that crashes its consumer every time ends in the DLQ, not in a loop.
             "x-delivery-limit": self.delivery_limit,
@@ -134,9 +156,16 @@ class ServiceTopology:
                 dead_letter_exchange(self.namespace), self.dead_letter_queue
             ),
         }
+
+    def work_queue_spec(self) -> QueueSpec:
+        args = self._consumed_queue_arguments()
         if self.max_length is not None:
             args["x-max-length"] = self.max_length
         return QueueSpec(self.queue, args)
+
+    def control_queue_spec(self) -> QueueSpec | None:
+        name = self.control_queue
+        return None if name is None else QueueSpec(name, self._consumed_queue_arguments())
 
     def dead_letter_queue_spec(self) -> QueueSpec:
         return QueueSpec(self.dead_letter_queue, {"x-queue-type": "quorum"})
@@ -157,13 +186,24 @@ class ServiceTopology:
         )
 
     def queues(self) -> tuple[QueueSpec, ...]:
-        return (self.work_queue_spec(), self.dead_letter_queue_spec(), *self.retry_queue_specs())
+        control = self.control_queue_spec()
+        return (
+            self.work_queue_spec(),
+            *((control,) if control else ()),
+            self.dead_letter_queue_spec(),
+            *self.retry_queue_specs(),
+        )
 
     def bindings(self) -> tuple[BindingSpec, ...]:
         events = events_exchange(self.namespace)
         dlx = dead_letter_exchange(self.namespace)
         return (
             *(BindingSpec(self.queue, events, t) for t in self.event_types),
+            *(
+                BindingSpec(self.control_queue, events, t)
+                for t in self.control_event_types
+                if self.control_queue
+            ),
             BindingSpec(self.dead_letter_queue, dlx, self.dead_letter_queue),
         )
 
@@ -180,6 +220,7 @@ def service_topology(
         namespace=namespace,
         service=service,
         event_types=SUBSCRIPTIONS[service],
+        control_event_types=CONTROL_EVENT_TYPES if service in WORKERS else (),
         retry_delays=retry_delays,
         delivery_limit=delivery_limit,
         max_length=max_length,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -12,9 +12,15 @@ from fastapi import FastAPI
 
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
 from services.gateway.broker import BrokerLink
+from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.routes import router
 from services.gateway.settings import GatewaySettings
+from services.gateway.tracking import Tracking
+from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetterDrain
+from services.messaging.inbox import Inbox
+from services.messaging.publisher import Publisher
+from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
@@ -22,6 +28,8 @@ from services.ops.store import FailureStore
 
 _REF = "#/components/schemas/{model}"
 PURGE_INTERVAL_SECONDS = 3600
+PROJECTION_PREFETCH = 64
+SERVICE = "gateway"
 
 
 def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
@@ -39,10 +47,32 @@ def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-async def _purge_periodically(failures: FailureStore, retention: timedelta) -> None:
+async def _housekeeping(
+    failures: FailureStore, keys: IdempotencyKeys, retention: timedelta
+) -> None:
     while True:
         await failures.purge_closed(retention)
+        await keys.purge()
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
+def _projection_consumer(
+    settings: GatewaySettings, tracking: Tracking, inbox: Inbox, publisher: Publisher
+) -> Consumer:
+    """The gateway's own consumer: status reports and results, into its projection."""
+    topology = settings.topology(SERVICE)
+    policy = RetryPolicy(delays=settings.retry_delays)
+    routes = {
+        "status.reported": Route(tracking.apply_reported, policy, stateful=True),
+        "dataset.processed": Route(tracking.record_result, policy, stateful=True),
+    }
+    return Consumer(
+        topology=topology,
+        routes=routes,
+        publisher=publisher,
+        inbox=inbox,
+        prefetch=PROJECTION_PREFETCH,
+    )
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -50,33 +80,48 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
-        failures = FailureStore(engine)
-        await failures.start()
-        drain = DeadLetterDrain(
-            settings.namespace,
-            [topology.dead_letter_queue for topology in settings.all_topologies()],
-            failures.add_letter,
-        )
-        broker = BrokerLink(settings, drain)
-        app.state.broker = broker
-        app.state.failures = failures
-        app.state.operations = Operations(
-            failures,
-            broker.publisher,
-            settings.namespace,
-            lease=timedelta(seconds=settings.replay_lease_seconds),
-        )
-        broker.start()
-        purge = asyncio.get_running_loop().create_task(
-            _purge_periodically(failures, timedelta(days=settings.ops_retention_days))
-        )
-        try:
+        async with AsyncExitStack() as stack:
+            engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
+            stack.push_async_callback(engine.dispose)
+            failures = FailureStore(engine)
+            tracking = Tracking(engine)
+            keys = IdempotencyKeys(
+                engine,
+                ttl=timedelta(hours=settings.idempotency_ttl_hours),
+                lease=timedelta(seconds=settings.publish_timeout * 3),
+            )
+            inbox = Inbox(engine, SERVICE)
+            for store in (failures, tracking, keys, inbox):
+                await store.start()
+            stack.push_async_callback(tracking.close)
+
+            broker = BrokerLink(settings)
+            broker.consume_with(
+                DeadLetterDrain(
+                    settings.namespace,
+                    [topology.dead_letter_queue for topology in settings.all_topologies()],
+                    failures.add_letter,
+                )
+            )
+            broker.consume_with(_projection_consumer(settings, tracking, inbox, broker.publisher))
+            stack.push_async_callback(broker.close)
+            app.state.broker = broker
+            app.state.failures = failures
+            app.state.tracking = tracking
+            app.state.idempotency = keys
+            app.state.operations = Operations(
+                failures,
+                broker.publisher,
+                settings.namespace,
+                lease=timedelta(seconds=settings.replay_lease_seconds),
+                on_replayed=tracking.apply,
+            )
+            broker.start()
+            housekeeping = asyncio.get_running_loop().create_task(
+                _housekeeping(failures, keys, timedelta(days=settings.ops_retention_days))
+            )
+            stack.callback(housekeeping.cancel)
             yield
-        finally:
-            purge.cancel()
-            await broker.close()
-            await engine.dispose()
 
     app = FastAPI(
         title="Courier gateway",

@@ -1,16 +1,17 @@
 """The gateway's link to the broker: connects in the background, so the gateway starts (and
 answers 503) while the broker is away, then declares every service's topology so events are
 kept even before their consumers first start, and drains the dead-letter queues into the
-operators' failure store."""
+operators' failure store and consuming what the gateway keeps (status, results)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
+from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from services.messaging.dead_letters import DeadLetterDrain
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.logs import get_logger
@@ -20,10 +21,15 @@ from services.messaging.settings import CourierSettings
 log = get_logger("gateway.broker")
 
 
+class Startable(Protocol):
+    async def start(self, connection: AbstractRobustConnection) -> None: ...
+
+
 class BrokerLink:
-    def __init__(self, settings: CourierSettings, drain: DeadLetterDrain | None = None) -> None:
+    def __init__(self, settings: CourierSettings) -> None:
         self.settings = settings
-        self._drain = drain
+        self._consumers: list[Startable] = []
+        self._started: set[int] = set()
         self.publisher = Publisher(
             settings.amqp_url,
             channels=settings.publisher_channels,
@@ -35,6 +41,10 @@ class BrokerLink:
         self._declared = False
         self._task: asyncio.Task[None] | None = None
         self._redeclare: Redeclare | None = None
+
+    def consume_with(self, consumer: Startable) -> None:
+        """Start `consumer` on the link's connection once the topology is declared."""
+        self._consumers.append(consumer)
 
     @property
     def ready(self) -> bool:
@@ -56,8 +66,10 @@ class BrokerLink:
                 with attempt:
                     connection = self.publisher.connection or await self.publisher.connect()
                     await declare_topology(connection, topologies)
-                    if self._drain is not None:
-                        await self._drain.start(connection)
+                    for consumer in self._consumers:
+                        if id(consumer) not in self._started:
+                            await consumer.start(connection)
+                            self._started.add(id(consumer))
         except TopologyMismatch as exc:
             self.topology_error = str(exc)
             log.exception("topology mismatch; publishing may be refused")

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from services.gateway.broker import BrokerLink
 from services.gateway.settings import GatewaySettings
+from services.gateway.tracking import Tracking
 
 
 def _broker(request: Request) -> BrokerLink:
@@ -22,3 +23,11 @@ def _settings(request: Request) -> GatewaySettings:
 
 Broker = Annotated[BrokerLink, Depends(_broker)]
 Settings = Annotated[GatewaySettings, Depends(_settings)]
+
+
+def _tracking(request: Request) -> Tracking:
+    tracking: Tracking = request.app.state.tracking
+    return tracking
+
+
+TrackingDep = Annotated[Tracking, Depends(_tracking)]

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+import orjson
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange
-from services.gateway.deps import Broker, Settings
-from services.gateway.ingest import BATCH, JSON, STRUCTURED, IngestError, parse_batch, parse_event
+from contracts.tracking import CancellationRequested, CancellationRequestedData
+from services.gateway.deps import Broker, Settings, TrackingDep
+from services.gateway.idempotency import MAX_KEY_LENGTH, IdempotencyKeys, fingerprint
+from services.gateway.ingest import (
+    BATCH,
+    JSON,
+    STRUCTURED,
+    IngestError,
+    media_type,
+    parse_batch,
+    parse_event,
+)
+from services.gateway.tracking import Tracking
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import event_context, get_logger
 
@@ -93,6 +106,65 @@ async def _publish(broker: Broker, settings: Settings, event: IngestEvent) -> No
             ) from exc
 
 
+def _accepted(events: Sequence[IngestEvent], tracking: Tracking) -> list[Accepted]:
+    for event in events:
+        tracking.accepted(event)
+    return [Accepted(id=e.id, type=e.type, status_url=status_url(e.id)) for e in events]
+
+
+async def _idempotent(
+    request: Request,
+    body: bytes,
+    events: list[IngestEvent],
+    settings: Settings,
+    publish: Callable[[list[IngestEvent]], Awaitable[JSONResponse]],
+) -> JSONResponse:
+    """Publish once per `Idempotency-Key`: a repeat gets the first response (see idempotency)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return await publish(events)
+    if not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+    keys: IdempotencyKeys = request.app.state.idempotency
+    request_id = fingerprint(
+        request.method, request.url.path, media_type(request.headers.get("content-type")), body
+    )
+    claim = await keys.claim(key, request_id, [event.id for event in events])
+    if claim.kind == "busy":
+        try:
+            async with asyncio.timeout(settings.publish_timeout * 2):
+                waited = await keys.wait(key)
+        except TimeoutError:
+            waited = None
+        claim = waited or await keys.claim(key, request_id, [event.id for event in events])
+    if claim.kind == "busy":
+        raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
+    if claim.kind == "conflict":
+        raise HTTPException(409, "this Idempotency-Key was used with a different request")
+    if claim.kind == "done":
+        stored = claim.response
+        headers = {"Idempotent-Replayed": "true"}
+        if stored.get("location"):
+            headers["Location"] = stored["location"]
+        return JSONResponse(stored["body"], status_code=claim.status_code or 202, headers=headers)
+    # Publish under the ids this key holds, so a retry after a failure reuses them.
+    events = [
+        event if event.id == event_id else event.model_copy(update={"id": event_id})
+        for event, event_id in zip(events, claim.event_ids, strict=True)
+    ]
+    try:
+        response = await publish(events)
+    except BaseException:
+        await keys.release(key)
+        raise
+    if response.status_code >= 300:
+        await keys.release(key)
+        return response
+    stored = {"body": orjson.loads(response.body), "location": response.headers.get("location")}
+    await keys.complete(key, response.status_code, stored)
+    return response
+
+
 @router.post(
     "/v1/events",
     status_code=status.HTTP_202_ACCEPTED,
@@ -102,16 +174,23 @@ async def _publish(broker: Broker, settings: Settings, event: IngestEvent) -> No
     summary="Submit one event (plain JSON, or a CloudEvent in structured or binary mode)",
 )
 async def submit_event(
-    request: Request, response: Response, broker: Broker, settings: Settings
-) -> Accepted:
+    request: Request, broker: Broker, settings: Settings, tracking: TrackingDep
+) -> JSONResponse:
     try:
         body = await read_body(request, settings.max_body_bytes)
         event = parse_event(request.headers.get("content-type"), request.headers, body)
     except IngestError as exc:
         raise _problem(exc) from exc
-    await _publish(broker, settings, event)
-    response.headers["Location"] = status_url(event.id)
-    return Accepted(id=event.id, type=event.type, status_url=status_url(event.id))
+
+    async def publish(events: list[IngestEvent]) -> JSONResponse:
+        [one] = events
+        await _publish(broker, settings, one)
+        [accepted] = _accepted(events, tracking)
+        return JSONResponse(
+            accepted.model_dump(), status_code=202, headers={"Location": accepted.status_url}
+        )
+
+    return await _idempotent(request, body, [event], settings, publish)
 
 
 @router.post(
@@ -135,7 +214,9 @@ async def submit_event(
     },
     summary="Submit several events: all validated first, then published with pipelined confirms",
 )
-async def submit_batch(request: Request, broker: Broker, settings: Settings) -> Any:
+async def submit_batch(
+    request: Request, broker: Broker, settings: Settings, tracking: TrackingDep
+) -> JSONResponse:
     try:
         body = await read_body(request, settings.max_body_bytes)
         events = parse_batch(
@@ -143,15 +224,18 @@ async def submit_batch(request: Request, broker: Broker, settings: Settings) -> 
         )
     except IngestError as exc:
         raise _problem(exc) from exc
-    outcomes = await asyncio.gather(
-        *(_publish(broker, settings, event) for event in events), return_exceptions=True
-    )
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    if not failures:
-        return BatchAccepted(
-            events=[Accepted(id=e.id, type=e.type, status_url=status_url(e.id)) for e in events]
+
+    async def publish(events: list[IngestEvent]) -> JSONResponse:
+        outcomes = await asyncio.gather(
+            *(_publish(broker, settings, event) for event in events), return_exceptions=True
         )
-    return _partial_failure(events, outcomes, failures)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            return _partial_failure(events, outcomes, failures)
+        accepted = BatchAccepted(events=_accepted(events, tracking))
+        return JSONResponse(accepted.model_dump(), status_code=202)
+
+    return await _idempotent(request, body, list(events), settings, publish)
 
 
 def _partial_failure(
@@ -174,6 +258,94 @@ def _partial_failure(
             "failed": [e.id for e, o in zip(events, outcomes, strict=True) if o is not None],
         },
     )
+
+
+@router.get(
+    "/v1/events/{event_id}",
+    summary="An event's fate: per consuming service, its state and history",
+    responses={404: {"model": Problem, "description": "Unknown event id"}},
+)
+async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
+    found = await tracking.status(event_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
+    if found["type"] == "dataset.submitted":
+        found["result_url"] = f"/v1/datasets/{event_id}"
+    return found
+
+
+async def _cancel(event_id: str, broker: Broker, settings: Settings, tracking: Tracking) -> Any:
+    found = await tracking.status(event_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
+    done = sorted(s for s, info in found["services"].items() if info["state"] == "succeeded")
+    if done:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"already processed by {', '.join(done)}; too late to cancel"
+        )
+    request = CancellationRequested(data=CancellationRequestedData(event_id=event_id))
+    try:
+        await broker.publisher.publish_event(request, exchange=events_exchange(settings.namespace))
+    except (BrokerUnavailable, Unroutable) as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the broker did not take the cancellation: {exc}",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        ) from exc
+    await tracking.request_cancel(event_id)
+    return JSONResponse(
+        {"id": event_id, "status": "cancellation_requested", "status_url": status_url(event_id)},
+        status_code=status.HTTP_202_ACCEPTED,
+    )
+
+
+_CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "Unknown event id"},
+    409: {"model": Problem, "description": "A service already processed the event"},
+    503: {"model": Problem, "description": "The broker did not take the cancellation"},
+}
+
+
+@router.delete(
+    "/v1/events/{event_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_CANCEL_RESPONSES,
+    summary="Cancel an event no service has processed yet (durable; every service skips it)",
+)
+async def cancel_event(
+    event_id: str, broker: Broker, settings: Settings, tracking: TrackingDep
+) -> Any:
+    return await _cancel(event_id, broker, settings, tracking)
+
+
+@router.post(
+    "/v1/events/{event_id}:cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_CANCEL_RESPONSES,
+    summary="Cancel an event (the same as DELETE)",
+)
+async def cancel_event_post(
+    event_id: str, broker: Broker, settings: Settings, tracking: TrackingDep
+) -> Any:
+    return await _cancel(event_id, broker, settings, tracking)
+
+
+@router.get(
+    "/v1/datasets/{dataset_id}",
+    summary="A processed dataset's summary (202 with the status while not done yet)",
+    responses={
+        202: {"description": "Not processed yet: the event's status"},
+        404: {"model": Problem, "description": "Unknown dataset"},
+    },
+)
+async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
+    result = await tracking.result(dataset_id)
+    if result is not None:
+        return result
+    found = await tracking.status(dataset_id)
+    if found is None or found["type"] not in (None, "dataset.submitted"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r} is known")
+    return JSONResponse(jsonable_encoder(found), status_code=status.HTTP_202_ACCEPTED)
 
 
 @router.get("/healthz", summary="Liveness: the process runs")

@@ -31,6 +31,9 @@ class GatewaySettings(CourierSettings):
     ops_retention_days: float = Field(
         default=30.0, gt=0, description="How long replayed and discarded dead letters are kept."
     )
+    idempotency_ttl_hours: float = Field(
+        default=24.0, gt=0, description="How long an Idempotency-Key is remembered."
+    )
     replay_lease_seconds: float = Field(
         default=300.0, gt=0, description="After this, a replay that died mid-way is taken over."
     )

@@ -26,6 +26,7 @@ import contextlib
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -35,13 +36,22 @@ from pydantic import ValidationError
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
-from contracts.topology import ServiceTopology
+from contracts.topology import QueueSpec, ServiceTopology
+from contracts.tracking import State
+from services.messaging.dead_letters import group_key
 from services.messaging.errors import CourierError, PermanentError
-from services.messaging.failure import Failure, FailureReason, attempt_of
-from services.messaging.inbox import Inbox
+from services.messaging.failure import (
+    EXCEPTION_MESSAGE,
+    FINGERPRINT,
+    Failure,
+    FailureReason,
+    attempt_of,
+)
+from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.logs import event_context, get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
 from services.messaging.retry import RetryPolicy
+from services.messaging.status import StatusReporter
 
 log = get_logger("consumer")
 
@@ -85,6 +95,8 @@ class Consumer:
         publisher: Publisher,
         inbox: Inbox,
         prefetch: int,
+        reporter: StatusReporter | None = None,
+        queue: QueueSpec | None = None,
     ) -> None:
         for event_type, route in routes.items():
             unknown = set(route.retry.delays) - set(topology.retry_delays)
@@ -98,6 +110,10 @@ class Consumer:
         self._publisher = publisher
         self._inbox = inbox
         self._prefetch = prefetch
+        self._reporter = reporter
+        self._queue_spec = queue or topology.work_queue_spec()
+        # Status is reported for the work this service exists for, not for control requests.
+        self._reported_types = frozenset(topology.event_types)
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -114,7 +130,7 @@ class Consumer:
         """Start consuming; aio-pika's robust channel restores the consumer after reconnects."""
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
-        spec = self._topology.work_queue_spec()
+        spec = self._queue_spec
         self._queue = await channel.declare_queue(
             spec.name, durable=spec.durable, arguments=dict(spec.arguments)
         )
@@ -197,22 +213,34 @@ class Consumer:
     async def _handle(
         self, message: AbstractIncomingMessage, event: Envelope, route: Route, attempt: int
     ) -> None:
-        handled = await self._inbox.lookup(event.id)
-        if handled is not None:
-            await self._skip_duplicate(message, handled.follow_ups)
+        known = await self._inbox.lookup(event.id)
+        if isinstance(known, Cancelled):
+            await message.ack()
+            self._report(event, "cancelled")
+            log.info("skipped: cancelled")
             return
+        if known is not None:
+            await self._skip_duplicate(message, event, known.follow_ups)
+            return
+        self._report(event, "processing", attempt=attempt)
         try:
             follow_ups = await route.retry.call(lambda: self._attempt(route, event))
         except _AlreadyHandled:
-            handled = await self._inbox.lookup(event.id)
-            await self._skip_duplicate(message, handled.follow_ups if handled else ())
+            known = await self._inbox.lookup(event.id)
+            recorded = known.follow_ups if isinstance(known, Handled) else ()
+            await self._skip_duplicate(message, event, recorded)
             return
         except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return
         await self._publish_follow_ups(follow_ups)
         await message.ack()
+        self._report(event, "succeeded", attempt=attempt)
         log.info("handled", extra={"event_type": event.type, "attempt": attempt})
+
+    def _report(self, event: Envelope, state: State, **detail: Any) -> None:
+        if self._reporter is not None and event.type in self._reported_types:
+            self._reporter.report(event.id, event.type, state, **detail)
 
     async def _attempt(self, route: Route, event: Envelope) -> list[Envelope]:
         """Run the handler once and record the event in the inbox (with the handler's state)."""
@@ -229,12 +257,13 @@ class Consumer:
         return follow_ups
 
     async def _skip_duplicate(
-        self, message: AbstractIncomingMessage, follow_ups: Sequence[Envelope]
+        self, message: AbstractIncomingMessage, event: Envelope, follow_ups: Sequence[Envelope]
     ) -> None:
         # The first handling may have crashed before its follow-ups were confirmed: send them
         # again (same derived ids, so downstream inboxes drop them if they did arrive).
         await self._publish_follow_ups(follow_ups)
         await message.ack()
+        self._report(event, "skipped_duplicate")
         log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
 
     async def _publish_follow_ups(self, follow_ups: Sequence[Envelope]) -> None:
@@ -264,6 +293,13 @@ class Consumer:
             routing_key=self._topology.retry_queue(delay),
         )
         await message.ack()
+        self._report(
+            event,
+            "retrying",
+            attempt=failure.attempt,
+            next_attempt_at=failure.at + timedelta(seconds=delay),
+            detail=failure.summary(),
+        )
         log.warning(
             "attempt failed; retrying later",
             extra={
@@ -295,6 +331,15 @@ class Consumer:
             routing_key=self._topology.dead_letter_queue,
         )
         await message.ack()
+        if event is not None:
+            self._report(
+                event,
+                "dead_lettered",
+                attempt=failure.attempt,
+                reason=reason,
+                group=group_key(dead_headers[FINGERPRINT], dead_headers[EXCEPTION_MESSAGE]),
+                detail=failure.summary(),
+            )
         log.error(
             "dead-lettered",
             extra={

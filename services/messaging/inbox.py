@@ -14,14 +14,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import orjson
+from pydantic import TypeAdapter
 from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.envelope import Envelope
-from contracts.events import EVENT_ADAPTER
-from services.messaging.store import migrate
+from contracts.events import Event
+from services.messaging.store import Migration, migrate
+
+_FOLLOW_UPS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class Handled:
     event_id: str
     handled_at: datetime
     follow_ups: tuple[Envelope, ...]
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    event_id: str
+    cancelled_at: datetime
 
 
 class Inbox:
@@ -43,19 +51,32 @@ class Inbox:
             Column("handled_at", DateTime(timezone=True), nullable=False, index=True),
             Column("follow_ups", LargeBinary, nullable=True),
         )
+        # Cancellations are durable: they survive restarts, unlike an in-memory revoke list.
+        self._cancellations = Table(
+            f"{service}_cancellations",
+            self._table.metadata,
+            Column("event_id", String(128), primary_key=True),
+            Column("cancelled_at", DateTime(timezone=True), nullable=False, index=True),
+        )
 
     async def start(self) -> None:
-        async def create(conn: AsyncConnection) -> None:
-            await conn.run_sync(self._table.metadata.create_all)
+        def creating(table: Table) -> Migration:
+            async def create(conn: AsyncConnection) -> None:
+                await conn.run_sync(lambda sync: table.create(sync, checkfirst=True))
 
-        await migrate(self._engine, self._component, [create])
+            return create
+
+        await migrate(
+            self._engine, self._component, [creating(self._table), creating(self._cancellations)]
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self._engine.begin() as conn:
             yield conn
 
-    async def lookup(self, event_id: str) -> Handled | None:
+    async def lookup(self, event_id: str) -> Handled | Cancelled | None:
+        """Whether this event was handled here already, or cancelled before it was."""
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -64,18 +85,21 @@ class Inbox:
                     )
                 )
             ).first()
-        if row is None:
-            return None
-        follow_ups = tuple(
-            EVENT_ADAPTER.validate_python(e) for e in orjson.loads(row.follow_ups or b"[]")
-        )
+            if row is None:
+                cancelled_at = await conn.scalar(
+                    select(self._cancellations.c.cancelled_at).where(
+                        self._cancellations.c.event_id == event_id
+                    )
+                )
+                return None if cancelled_at is None else Cancelled(event_id, cancelled_at)
+        follow_ups = tuple(_FOLLOW_UPS.validate_json(row.follow_ups or b"[]"))
         return Handled(event_id, row.handled_at, follow_ups)
 
     async def record(
         self, conn: AsyncConnection, event: Envelope, follow_ups: Sequence[Envelope]
     ) -> bool:
         """Record `event` as handled inside `conn`'s transaction; False if it already was."""
-        payload = orjson.dumps([EVENT_ADAPTER.dump_python(e, mode="json") for e in follow_ups])  # type: ignore[arg-type]
+        payload = _FOLLOW_UPS.dump_json(list(follow_ups))  # type: ignore[arg-type]
         try:
             async with conn.begin_nested():
                 await conn.execute(
@@ -90,11 +114,27 @@ class Inbox:
             return False
         return True
 
+    async def cancel(self, conn: AsyncConnection, event_id: str) -> bool:
+        """Record a cancellation; False if the event was cancelled already."""
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    self._cancellations.insert().values(
+                        event_id=event_id, cancelled_at=datetime.now(UTC)
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
     async def prune(self, older_than: timedelta) -> int:
         """Forget events handled longer ago than any redelivery can come."""
         cutoff = datetime.now(UTC) - older_than
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 delete(self._table).where(self._table.c.handled_at < cutoff)
+            )
+            await conn.execute(
+                delete(self._cancellations).where(self._cancellations.c.cancelled_at < cutoff)
             )
         return int(result.rowcount or 0)

@@ -8,6 +8,7 @@ match this service's (an operator must act; restarting cannot help).
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import NoReturn, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -26,6 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from contracts.tracking import CancellationRequested
 from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
@@ -34,6 +37,7 @@ from services.messaging.inbox import Inbox
 from services.messaging.logs import configure_logging, get_logger
 from services.messaging.publisher import Publisher
 from services.messaging.settings import ConsumerSettings
+from services.messaging.status import StatusReporter
 from services.messaging.store import open_store, store_url
 
 log = get_logger("runtime")
@@ -43,6 +47,7 @@ RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 """Builds a service's routes and their resources; resources register their cleanup on the stack."""
 
 EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
+CONTROL_PREFETCH = 16
 PRUNE_INTERVAL_SECONDS = 3600
 _CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
 
@@ -79,11 +84,13 @@ async def _connect(
     raise AssertionError("unreachable: tenacity reraises")
 
 
-async def _watch(consumer: Consumer, stop: asyncio.Event, unready_exit_after: float) -> int:
+async def _watch(
+    consuming: Callable[[], bool], stop: asyncio.Event, unready_exit_after: float
+) -> int:
     """Wait for a stop signal; give up if not consuming for too long."""
     last_consuming = time.monotonic()
     while not stop.is_set():
-        if consumer.consuming:
+        if consuming():
             last_consuming = time.monotonic()
         elif time.monotonic() - last_consuming > unready_exit_after:
             log.error("not consuming for too long; exiting", extra={"seconds": unready_exit_after})
@@ -112,6 +119,13 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     pruner = asyncio.get_running_loop().create_task(prune_periodically())
     stack.callback(pruner.cancel)
     return inbox
+
+
+async def _record_cancellation(
+    inbox: Inbox, event: CancellationRequested, conn: AsyncConnection
+) -> None:
+    """A cancelled event is skipped when (if ever) it arrives; cancelling twice is harmless."""
+    await inbox.cancel(conn, event.data.event_id)
 
 
 async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
@@ -145,23 +159,52 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
 
         inbox = await _open_inbox(stack, settings, service)
-        consumer = Consumer(
-            topology=topology,
-            routes=routes,
-            publisher=publisher,
-            inbox=inbox,
-            prefetch=settings.prefetch,
+        reporter = StatusReporter(service, publisher, topology.events_exchange)
+        reporter.start()
+        stack.push_async_callback(reporter.close)  # after the drain: report what finished
+        cancel = Route(
+            functools.partial(_record_cancellation, inbox), settings.retry_policy(), stateful=True
         )
-        await consumer.start(connection)
+        consumers = [
+            Consumer(
+                topology=topology,
+                routes={**routes, **dict.fromkeys(topology.control_event_types, cancel)},
+                publisher=publisher,
+                inbox=inbox,
+                prefetch=settings.prefetch,
+                reporter=reporter,
+            )
+        ]
+        control = topology.control_queue_spec()
+        if control is not None:
+            consumers.append(
+                Consumer(
+                    topology=topology,
+                    routes=dict.fromkeys(topology.control_event_types, cancel),
+                    publisher=publisher,
+                    inbox=inbox,
+                    prefetch=CONTROL_PREFETCH,
+                    queue=control,
+                )
+            )
+        for consumer in consumers:
+            await consumer.start(connection)
+
+        def consuming() -> bool:
+            return all(consumer.consuming for consumer in consumers)
+
         if settings.health_port:
             server = await serve_health(
-                settings.health_host, settings.health_port, lambda: consumer.consuming, service
+                settings.health_host, settings.health_port, consuming, service
             )
             stack.callback(server.close)
 
-        code = await _watch(consumer, stop, settings.unready_exit_after)
-        log.info("stopping: draining in-flight handlers", extra={"in_flight": consumer.in_flight})
-        await consumer.stop(settings.shutdown_timeout)
+        code = await _watch(consuming, stop, settings.unready_exit_after)
+        log.info(
+            "stopping: draining in-flight handlers",
+            extra={"in_flight": sum(consumer.in_flight for consumer in consumers)},
+        )
+        await asyncio.gather(*(c.stop(settings.shutdown_timeout) for c in consumers))
         del keep_declared
     log.info("stopped", extra={"exit_code": code})
     return code

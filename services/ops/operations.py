@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from services.messaging.dead_letters import replay
+from contracts.tracking import Transition
+from services.messaging.dead_letters import DeadLetter, replay
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
@@ -35,8 +37,14 @@ class Outcome:
 
 class Operations:
     def __init__(
-        self, store: FailureStore, publisher: Publisher, namespace: str, lease: timedelta
+        self,
+        store: FailureStore,
+        publisher: Publisher,
+        namespace: str,
+        lease: timedelta,
+        on_replayed: Callable[[Sequence[Transition]], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_replayed = on_replayed
         self._store = store
         self._publisher = publisher
         self._namespace = namespace
@@ -66,6 +74,7 @@ class Operations:
                 await replay(self._publisher, self._namespace, letter)
                 await self._store.mark_replayed(letter.id, token, action_id, actor)
                 moved.append(letter.id)
+                await self._report_replayed(letter)
         except (BrokerUnavailable, Unroutable) as exc:
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
@@ -81,6 +90,22 @@ class Operations:
             )
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error)
+
+    async def _report_replayed(self, letter: DeadLetter) -> None:
+        if self._on_replayed is None or letter.event_id is None:
+            return
+        await self._on_replayed(
+            [
+                Transition.model_construct(
+                    event_id=letter.event_id,
+                    event_type=letter.event_type,
+                    service=letter.service,
+                    state="replayed",
+                    at=datetime.now(UTC),
+                    detail=f"dead letter {letter.id}",
+                )
+            ]
+        )
 
     async def discard(
         self, selection: Filter, *, actor: str, limit: int, reason: str, dry_run: bool

@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -214,39 +215,34 @@ class FailureStore:
     async def add(self, letter: DeadLetter) -> bool:
         """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
         now = datetime.now(UTC)
-        async with self.engine.begin() as conn:
-            exists = await conn.scalar(
-                select(dead_letters.c.id).where(dead_letters.c.id == letter.id)
-            )
-            if exists is not None:
-                return False
-            await conn.execute(
-                dead_letters.insert().values(
-                    id=letter.id,
-                    service=letter.service,
-                    queue=letter.queue,
-                    event_id=letter.event_id,
-                    event_type=letter.event_type,
-                    reason=letter.reason,
-                    attempts=letter.attempts,
-                    replays=letter.replays,
-                    first_failure=letter.first_failure,
-                    last_failure=letter.last_failure,
-                    dead_lettered_at=now,
-                    exception_type=letter.exception_type,
-                    exception_message=letter.exception_message,
-                    traceback=letter.traceback,
-                    fingerprint=letter.fingerprint,
-                    group_key=letter.group,
-                    body=letter.body,
-                    headers=letter.headers,
-                    correlation_id=letter.correlation_id,
-                    status="dead",
-                    history=[
-                        {"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}
-                    ],
-                )
-            )
+        insert = dead_letters.insert().values(
+            id=letter.id,
+            service=letter.service,
+            queue=letter.queue,
+            event_id=letter.event_id,
+            event_type=letter.event_type,
+            reason=letter.reason,
+            attempts=letter.attempts,
+            replays=letter.replays,
+            first_failure=letter.first_failure,
+            last_failure=letter.last_failure,
+            dead_lettered_at=now,
+            exception_type=letter.exception_type,
+            exception_message=letter.exception_message,
+            traceback=letter.traceback,
+            fingerprint=letter.fingerprint,
+            group_key=letter.group,
+            body=letter.body,
+            headers=letter.headers,
+            correlation_id=letter.correlation_id,
+            status="dead",
+            history=[{"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}],
+        )
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert)
+        except IntegrityError:
+            return False  # stored already (redelivered, or a concurrent drain)
         return True
 
     # --- reading ------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ import pytest
 
 from contracts.topology import (
     SUBSCRIPTIONS,
+    WORKERS,
     ServiceTopology,
     dead_letter_queue,
     retry_queue,
     service_topology,
     work_queue,
+    workers_of,
 )
 
 
@@ -47,8 +49,27 @@ def test_each_delay_tier_expires_back_into_the_work_queue() -> None:
 def test_work_queues_are_bound_to_their_subscriptions_only() -> None:
     for service, types in SUBSCRIPTIONS.items():
         bindings = service_topology("ns", service).bindings()
-        bound = {b.routing_key for b in bindings if b.exchange == "ns.events"}
+        bound = {b.routing_key for b in bindings if b.queue == f"ns.{service}"}
         assert bound == set(types)
+
+
+def test_workers_get_cancellations_on_a_control_queue_ahead_of_their_backlog() -> None:
+    for service in WORKERS:
+        topology = service_topology("ns", service)
+        assert topology.control_queue == f"ns.{service}.control"
+        control = [b for b in topology.bindings() if b.queue == topology.control_queue]
+        assert [(b.exchange, b.routing_key) for b in control] == [
+            ("ns.events", "cancellation.requested")
+        ]
+        spec = topology.control_queue_spec()
+        assert spec is not None
+        assert spec.arguments["x-delivery-limit"] == topology.delivery_limit
+    assert service_topology("ns", "gateway").control_queue is None
+
+
+def test_status_is_tracked_for_the_workers_of_a_type() -> None:
+    assert workers_of("dataset.processed") == ("notifier",)
+    assert workers_of("status.reported") == ()
 
 
 def test_dead_letter_queue_is_a_durable_quorum_queue() -> None:

@@ -1,0 +1,72 @@
+"""Events about events: status transitions the services report, and cancellation requests.
+
+Each consuming service reports what happens to every event it handles (`status.reported`,
+batched); the gateway keeps the projection that answers `GET /v1/events/{id}`. A
+`cancellation.requested` reaches every consuming service's control queue, ahead of its work.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+from pydantic import Field, StrictInt, StringConstraints
+
+from contracts.envelope import Envelope, Payload
+
+State = Literal[
+    "pending",
+    "processing",
+    "succeeded",
+    "retrying",
+    "dead_lettered",
+    "replayed",
+    "cancelled",
+    "skipped_duplicate",
+]
+FINAL_STATES: Final[frozenset[str]] = frozenset({"succeeded", "dead_lettered", "cancelled"})
+
+# Timestamps accept ISO strings even in strict payloads (JSON has no datetime type).
+Timestamp = Annotated[datetime, Field(strict=False)]
+EventIdField = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ServiceName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class Transition(Payload):
+    event_id: EventIdField
+    event_type: Annotated[str, StringConstraints(max_length=128)] | None = None
+    service: ServiceName
+    state: State
+    at: Timestamp
+    attempt: StrictInt | None = Field(default=None, ge=1)
+    next_attempt_at: Timestamp | None = None
+    reason: Annotated[str, StringConstraints(max_length=64)] | None = None
+    group: Annotated[str, StringConstraints(max_length=64)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=1000)] | None = None
+
+
+MAX_TRANSITIONS: Final = 1000
+
+
+class StatusReportedData(Payload):
+    transitions: Annotated[list[Transition], Field(min_length=1, max_length=MAX_TRANSITIONS)]
+
+
+class StatusReported(Envelope):
+    """A service reports what happened to events it handled (a batch of transitions)."""
+
+    type: Literal["status.reported"] = "status.reported"
+    dataschema: str | None = "urn:courier:schema:status.reported:1"
+    data: StatusReportedData
+
+
+class CancellationRequestedData(Payload):
+    event_id: EventIdField
+
+
+class CancellationRequested(Envelope):
+    """A client asked that an event not be processed by any service that has not done so yet."""
+
+    type: Literal["cancellation.requested"] = "cancellation.requested"
+    dataschema: str | None = "urn:courier:schema:cancellation.requested:1"
+    data: CancellationRequestedData

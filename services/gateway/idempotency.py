@@ -1,0 +1,174 @@
+"""Idempotent ingest: the same `Idempotency-Key` with the same body publishes once.
+
+A key is claimed with the request's fingerprint and the event ids chosen for it. The same key
+again with the same body returns the first response and publishes nothing; with a different body
+it is a conflict. Concurrent requests with one key: one publishes, the others wait for its
+response. If the broker did not take the events, or the gateway died while publishing, the next
+request with the key publishes again under the same event ids, so a publish that did land after
+all is dropped by the consumers' inboxes instead of doubling the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.messaging.store import migrate
+
+metadata = MetaData()
+keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key", String(256), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("event_ids", JSON, nullable=False),
+    Column("state", String(16), nullable=False),  # in_progress | done | retryable
+    Column("status_code", Integer, nullable=True),
+    Column("response", JSON, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+MAX_KEY_LENGTH = 256
+WAIT_POLL_SECONDS = 0.05
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    kind: Literal["publish", "done", "conflict", "busy"]
+    event_ids: list[str]
+    status_code: int | None = None
+    response: Any = None
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class IdempotencyKeys:
+    def __init__(self, engine: AsyncEngine, ttl: timedelta, lease: timedelta) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._lease = lease
+
+    async def start(self) -> None:
+        async def create(conn: AsyncConnection) -> None:
+            await conn.run_sync(metadata.create_all)
+
+        await migrate(self._engine, "gateway.idempotency", [create])
+
+    async def claim(self, key: str, request: str, event_ids: list[str]) -> Claim:
+        """Take the key for this request, or say why not (done, conflict, busy elsewhere)."""
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        keys.insert().values(
+                            key=key,
+                            fingerprint=request,
+                            event_ids=event_ids,
+                            state="in_progress",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                return Claim("publish", event_ids)
+            except IntegrityError:
+                pass
+            row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
+            if _utc(row.created_at) < now - self._ttl:  # expired: the key is free again
+                await conn.execute(
+                    update(keys)
+                    .where(keys.c.key == key)
+                    .values(
+                        fingerprint=request,
+                        event_ids=event_ids,
+                        state="in_progress",
+                        status_code=None,
+                        response=None,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                return Claim("publish", event_ids)
+            if row.fingerprint != request:
+                return Claim("conflict", row.event_ids)
+            if row.state == "done":
+                return Claim("done", row.event_ids, row.status_code, row.response)
+            stale = _utc(row.updated_at) < now - self._lease
+            if row.state == "retryable" or stale:
+                taken = await conn.execute(
+                    update(keys)
+                    .where(keys.c.key == key, keys.c.updated_at == row.updated_at)
+                    .values(state="in_progress", updated_at=now)
+                )
+                if taken.rowcount == 1:
+                    return Claim("publish", row.event_ids)
+            return Claim("busy", row.event_ids)
+
+    async def wait(self, key: str) -> Claim | None:
+        """Wait for another request with this key to finish (bound it with a timeout); its
+        response, or None if that request failed."""
+        while True:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(select(keys).where(keys.c.key == key))).first()
+            if row is None or row.state == "retryable":
+                return None
+            if row.state == "done":
+                return Claim("done", row.event_ids, row.status_code, row.response)
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+
+    async def complete(self, key: str, status_code: int, response: Any) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(keys)
+                .where(keys.c.key == key)
+                .values(
+                    state="done",
+                    status_code=status_code,
+                    response=response,
+                    updated_at=datetime.now(UTC),
+                )
+            )
+
+    async def release(self, key: str) -> None:
+        """The broker did not take the events: the next request publishes them again."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(keys)
+                .where(keys.c.key == key)
+                .values(state="retryable", updated_at=datetime.now(UTC))
+            )
+
+    async def purge(self) -> int:
+        cutoff = datetime.now(UTC) - self._ttl
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(keys).where(keys.c.created_at < cutoff))
+        return int(result.rowcount or 0)

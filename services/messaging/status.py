@@ -1,0 +1,100 @@
+"""Status reporting: what happens to each event, told to the gateway as batched events.
+
+A consumer notes each transition (`processing`, `succeeded`, `retrying`, `dead_lettered`,
+`skipped_duplicate`, `cancelled`) here; a background task publishes them as one
+`status.reported` event every `interval` (or sooner when the batch is full). Reporting is off
+the acknowledgement path — a slow or absent broker delays status, never work — and a batch that
+could not be published is kept and sent with the next one (bounded; the oldest transitions are
+dropped first, with a warning, if the broker stays away for long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from contracts.tracking import (
+    MAX_TRANSITIONS,
+    State,
+    StatusReported,
+    StatusReportedData,
+    Transition,
+)
+from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.logs import get_logger
+from services.messaging.publisher import Publisher
+
+log = get_logger("status")
+
+MAX_PENDING = 100_000
+
+
+class StatusReporter:
+    def __init__(
+        self, service: str, publisher: Publisher, exchange: str, interval: float = 0.2
+    ) -> None:
+        self._service = service
+        self._publisher = publisher
+        self._exchange = exchange
+        self._interval = interval
+        self._pending: deque[Transition] = deque(maxlen=MAX_PENDING)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def report(self, event_id: str, event_type: str | None, state: State, **detail: Any) -> None:
+        if len(self._pending) == MAX_PENDING:
+            log.warning("status backlog full; dropping the oldest transition")
+        # Built here from known-good values: skip validation on this hot path.
+        self._pending.append(
+            Transition.model_construct(
+                event_id=event_id,
+                event_type=event_type,
+                service=self._service,
+                state=state,
+                at=datetime.now(UTC),
+                **detail,
+            )
+        )
+        if len(self._pending) >= MAX_TRANSITIONS:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish what is pending, in batches; keep what the broker did not take."""
+        while self._pending:
+            batch = [
+                self._pending.popleft() for _ in range(min(len(self._pending), MAX_TRANSITIONS))
+            ]
+            event = StatusReported(
+                source=f"urn:courier:{self._service}",
+                data=StatusReportedData(transitions=batch),
+            )
+            try:
+                await self._publisher.publish_event(event, exchange=self._exchange)
+            except (BrokerUnavailable, Unroutable):
+                self._pending.extendleft(reversed(batch))
+                log.warning(
+                    "could not report status; will retry", extra={"pending": len(self._pending)}
+                )
+                return
+
+    async def close(self) -> None:
+        """Stop the loop and send what is left (best effort at shutdown)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()

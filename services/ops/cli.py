@@ -1,0 +1,1036 @@
+"""The operators' CLI: `courier dlq list|show|groups|replay|discard|actions`.
+
+It talks to the gateway's ops API (`/v1/ops`) over HTTP, with the gateway's address from `--url`
+(env `COURIER_URL`) and an ops token from `--token` (env `COURIER_OPS_TOKEN`; the token is never
+printed or logged). Output is a human table by default and one JSON document on stdout with
+`--json`; errors and progress go to stderr.
+
+A replay or discard works in batches until the selection is exhausted or `--limit` is reached.
+Its selection is frozen when it starts: letters dead-lettered after that (for example a replayed
+letter that fails again) are not taken by the same run, so a replay never chases its own tail.
+
+Exit codes:
+
+* 0: done;
+* 1: the gateway failed or refused the request (HTTP error, unknown id, invalid request);
+* 2: usage error (bad option, no selection for replay or discard);
+* 3: authentication: no token, or the gateway refused it (401, 403);
+* 4: the gateway is unreachable (connection refused, DNS, connect timeout);
+* 5: the broker is unavailable (503): a replay stopped early; what moved is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+import click
+import httpx
+from rich import box
+from rich.console import Console, Group
+from rich.json import JSON
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["ExitCode", "OpsClient", "OpsError", "cli", "main"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STATUSES = ("dead", "replaying", "replayed", "discarded")
+MAX_PER_REQUEST = 10_000
+"""The most letters one replay or discard request may take (the API's bound)."""
+LIST_PAGE = 500
+"""The largest page the list endpoint serves; used to count a selection."""
+DISCARD_BATCH = 1_000
+MAX_MESSAGE_WIDTH = 80
+PIPED_WIDTH = 200
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    AUTH = 3
+    UNREACHABLE = 4
+    UNAVAILABLE = 5
+
+
+class OpsError(Exception):
+    """Something the operator must hear about; carries the exit code and any partial result."""
+
+    def __init__(
+        self,
+        message: str,
+        code: ExitCode = ExitCode.FAILED,
+        *,
+        status: int | None = None,
+        detail: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.detail = detail
+        self.partial: dict[str, Any] | None = None
+
+
+# --- the HTTP client --------------------------------------------------------------------------
+
+
+class OpsClient:
+    """The ops API over HTTP; every failure becomes an `OpsError` with a clear message."""
+
+    def __init__(self, url: str, token: str, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self._timeout = timeout
+        self._http = httpx.Client(
+            base_url=f"{self.url}/v1/ops",
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "courier-cli"},
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        # httpx would send a None as an empty value (`cursor=`): leave those out.
+        query = {key: value for key, value in (params or {}).items() if value is not None}
+        return self._send("GET", path, params=query)
+
+    def post(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> Any:
+        return self._send("POST", path, json=dict(body), timeout=timeout)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        try:
+            response = self._http.request(
+                method, path, params=params, json=json, timeout=timeout or self._timeout
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise OpsError(
+                f"cannot reach the gateway at {self.url}: {exc or type(exc).__name__} "
+                "(check --url / COURIER_URL)",
+                ExitCode.UNREACHABLE,
+            ) from None
+        except httpx.TimeoutException:
+            raise OpsError(
+                f"the gateway at {self.url} did not answer in time; a replay or discard may "
+                "still have happened: check `courier dlq actions`",
+                ExitCode.FAILED,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise OpsError(f"talking to the gateway at {self.url} failed: {exc}") from None
+        return _decode(response)
+
+
+def _decode(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    status = response.status_code
+    if response.is_success and isinstance(body, dict):
+        return body
+    if response.is_success:
+        raise OpsError(
+            f"{response.request.url.path} answered {status} without a JSON object; "
+            "is --url the Courier gateway?",
+            status=status,
+        )
+    detail = body.get("detail") if isinstance(body, dict) else response.text[:300]
+    if status == 401:
+        raise OpsError(
+            "the gateway wants an ops token (401): pass --token or set COURIER_OPS_TOKEN",
+            ExitCode.AUTH,
+            status=status,
+        )
+    if status == 403:
+        raise OpsError(
+            "the gateway refused this ops token (403): check COURIER_OPS_TOKEN against the "
+            "gateway's COURIER_OPS_TOKENS",
+            ExitCode.AUTH,
+            status=status,
+        )
+    if status == 503:
+        error = detail.get("error") if isinstance(detail, dict) else detail
+        retry = response.headers.get("retry-after")
+        raise OpsError(
+            f"the broker is unavailable (503): {error or 'no detail'}"
+            + (f"; retry in {retry}s" if retry else ""),
+            ExitCode.UNAVAILABLE,
+            status=status,
+            detail=detail,
+        )
+    if status == 422:
+        raise OpsError(
+            f"the gateway rejected the request (422): {_validation_text(detail)}",
+            status=status,
+            detail=detail,
+        )
+    if status == 404 and detail == "Not Found":
+        raise OpsError(
+            f"{response.request.url.path} does not exist (404); is --url the Courier gateway?",
+            status=status,
+        )
+    raise OpsError(f"the gateway answered {status}: {detail}", status=status, detail=detail)
+
+
+def _validation_text(detail: Any) -> str:
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for error in detail:
+        if isinstance(error, dict):
+            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or str(detail)
+
+
+# --- options and values -----------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """A moment in UTC from ISO 8601 (no offset means UTC) or an age: `90s`, `15m`, `2h`, `7d`."""
+    text = text.strip()
+    match = _RELATIVE.match(text)
+    if match:
+        age = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+        return (now or datetime.now(UTC)) - age
+    moment = datetime.fromisoformat(text)  # ValueError when it is neither
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _when_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither an ISO 8601 time nor an age like 15m, 2h, 7d"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The filters the API understands; every one narrows the selection."""
+
+    service: str | None = None
+    event_type: str | None = None
+    group: str | None = None
+    reason: str | None = None
+    exception_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            key: value.isoformat() if isinstance(value, datetime) else value
+            for key, value in self.__dict__.items()
+            if value is not None
+        }
+
+    def any(self) -> bool:
+        return bool(self.params())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a replay or discard takes: ids, filters, or (explicitly) everything."""
+
+    ids: tuple[str, ...] = ()
+    filters: Filters = field(default_factory=Filters)
+    everything: bool = False
+
+    def body(self, until: datetime | None = None) -> dict[str, Any]:
+        params = self.filters.params()
+        if until is not None:
+            params["until"] = until.isoformat()
+        return {
+            **({"ids": list(self.ids)} if self.ids else {}),
+            **params,
+            **({"all": True} if self.everything else {}),
+        }
+
+
+def _filter_options(f: F) -> F:
+    options = [
+        click.option("--service", help="Only the service that failed it (processor, notifier)."),
+        click.option("--event-type", help="Only this event type, e.g. notification.requested."),
+        click.option("--group", help="Only this failure group (see `courier dlq groups`)."),
+        click.option(
+            "--reason", help="Only this reason: invalid, permanent, retries_exhausted, ..."
+        ),
+        click.option("--exception-type", help="Only this exception type (dotted name)."),
+        click.option(
+            "--since",
+            callback=_when_option,
+            metavar="WHEN",
+            help="Dead-lettered at or after: ISO 8601 or 2h, 7d.",
+        ),
+        click.option(
+            "--until",
+            callback=_when_option,
+            metavar="WHEN",
+            help="Dead-lettered before: ISO 8601 or 2h, 7d.",
+        ),
+        click.option("--text", help="Text in the exception type or message (case-insensitive)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _selection_options(f: F) -> F:
+    f = _filter_options(f)
+    f = click.option(
+        "--all",
+        "everything",
+        is_flag=True,
+        help="Take every dead letter (required when no --id and no filter is given).",
+    )(f)
+    return click.option(
+        "--id", "ids", multiple=True, metavar="ID", help="A dead letter id (repeatable)."
+    )(f)
+
+
+def _filters(options: dict[str, Any]) -> Filters:
+    return Filters(**{name: options.pop(name) for name in Filters.__dataclass_fields__})
+
+
+def _selection(options: dict[str, Any]) -> Selection:
+    filters = _filters(options)
+    ids = tuple(options.pop("ids"))
+    everything = bool(options.pop("everything"))
+    if not (ids or filters.any() or everything):
+        raise click.UsageError("select dead letters by --id or a filter, or pass --all")
+    if len(ids) > MAX_PER_REQUEST:
+        raise click.UsageError(f"at most {MAX_PER_REQUEST} --id at a time")
+    return Selection(ids, filters, everything)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """One command run: the client, and where its output goes."""
+
+    client: OpsClient
+    as_json: bool
+    out: Console
+    err: Console
+
+    def emit(self, document: Any) -> None:
+        _emit(document)
+
+    def note(self, message: str) -> None:
+        """A human remark on stderr (silent with --json)."""
+        if not self.as_json:
+            self.err.print(Text(message, style="dim"))
+
+
+def _emit(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+
+
+def _fail(error: OpsError, *, as_json: bool, err: Console) -> NoReturn:
+    """Say what went wrong on stderr (and as a JSON document with --json), then exit."""
+    err.print(Text(f"error: {error.message}", style="bold red"))
+    if as_json:
+        problem: dict[str, Any] = {"message": error.message, "exit_code": int(error.code)}
+        if error.status is not None:
+            problem["status"] = error.status
+        # What a replay or discard did before it stopped comes along.
+        _emit({**(error.partial or {}), "error": problem})
+    raise click.exceptions.Exit(int(error.code))
+
+
+def _consoles() -> tuple[Console, Console]:
+    # Made per run so output follows whatever sys.stdout/sys.stderr are at that moment. Piped
+    # output (grep, less, a file) gets wide tables instead of rich's 80-column default.
+    piped_width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH
+    return (
+        Console(highlight=False, width=piped_width),
+        Console(stderr=True, highlight=False, soft_wrap=True),
+    )
+
+
+def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--url, --token, --json, --timeout; hands the command a `Session` as its first argument."""
+
+    @functools.wraps(f)
+    def run(*args: Any, **options: Any) -> Any:
+        url: str = options.pop("url")
+        token: str | None = options.pop("token")
+        timeout: float = options.pop("timeout")
+        as_json: bool = options.pop("as_json")
+        out, err = _consoles()
+        if not token:
+            error = OpsError("no ops token: set COURIER_OPS_TOKEN (or pass --token)", ExitCode.AUTH)
+            _fail(error, as_json=as_json, err=err)
+        client = OpsClient(url, token, timeout)
+        try:
+            return f(Session(client, as_json, out, err), *args, **options)
+        except OpsError as error:
+            _fail(error, as_json=as_json, err=err)
+        finally:
+            client.close()
+
+    for option in (
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=30.0,
+            show_default=True,
+            help="Seconds to wait for each answer (replays get more for slow --rate).",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout."),
+        click.option(
+            "--token",
+            envvar="COURIER_OPS_TOKEN",
+            show_envvar=True,
+            metavar="TOKEN",
+            help="Ops token. Prefer the variable: arguments are visible to other users.",
+        ),
+        click.option(
+            "--url",
+            envvar="COURIER_URL",
+            show_envvar=True,
+            default=DEFAULT_URL,
+            show_default=True,
+            help="The gateway's base URL.",
+        ),
+    ):
+        run = option(run)
+    return run
+
+
+def _cell(value: Any, *, width: int | None = None) -> Text:
+    """A table cell as plain text: data never gets interpreted as rich markup."""
+    if value is None:
+        return Text("-", style="dim")
+    if isinstance(value, list | tuple):
+        value = ", ".join(str(v) for v in value)
+    text = str(value).replace("\n", " ")
+    if width is not None and len(text) > width:
+        text = text[: width - 1] + "…"
+    return Text(text)
+
+
+def _when(value: Any) -> Text:
+    """An API timestamp, shortened to the second, in UTC."""
+    if not isinstance(value, str):
+        return _cell(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return Text(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return Text(moment.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _short_type(value: Any) -> Any:
+    """`pydantic_core._pydantic_core.ValidationError` → `ValidationError` (tables only)."""
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) else value
+
+
+def _error_text(item: Mapping[str, Any]) -> Text:
+    kind, message = _short_type(item.get("exception_type")), item.get("exception_message")
+    text = ": ".join(str(part) for part in (kind, message) if part)
+    return _cell(text or None, width=MAX_MESSAGE_WIDTH * 2)
+
+
+def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
+    table = Table(
+        title=f"{len(items)} {status} letter(s), newest first",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    # Only the id never wraps (it is copied into `show` and `--id`); the rest wrap as needed.
+    table.add_column("id", no_wrap=True, min_width=36)
+    for name in ("when (UTC)", "service", "event type", "reason"):
+        table.add_column(name, overflow="fold")
+    table.add_column("att", justify="right")
+    table.add_column("rep", justify="right")
+    table.add_column("error", overflow="fold")
+    for item in items:
+        table.add_row(
+            _cell(item.get("id")),
+            _when(item.get("dead_lettered_at")),
+            _cell(item.get("service")),
+            _cell(item.get("event_type")),
+            _cell(item.get("reason")),
+            _cell(item.get("attempts")),
+            _cell(item.get("replays")),
+            _error_text(item),
+        )
+    return table
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """Courier operations: inspect, group, replay and discard dead letters."""
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters in the gateway's failure store."""
+
+
+@dlq.command("list")
+@_filter_options
+@click.option(
+    "--status",
+    type=click.Choice(STATUSES),
+    default="dead",
+    show_default=True,
+    help="Which state to list.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, LIST_PAGE),
+    default=50,
+    show_default=True,
+    help="Page size.",
+)
+@click.option("--cursor", help="Continue after a page (the previous page's next cursor).")
+@click.option("--all-pages", is_flag=True, help="Follow next_cursor to the end.")
+@_connection_options
+def list_letters(
+    session: Session,
+    status: str,
+    limit: int,
+    cursor: str | None,
+    all_pages: bool,
+    **options: Any,
+) -> None:
+    """List dead letters, newest first."""
+    params = {**_filters(options).params(), "status": status, "limit": limit}
+    items: list[dict[str, Any]] = []
+    next_cursor = cursor
+    while True:
+        page = session.client.get("/dead-letters", {**params, "cursor": next_cursor})
+        items.extend(page.get("items", []))
+        next_cursor = page.get("next_cursor")
+        if not (all_pages and next_cursor):
+            break
+    if session.as_json:
+        session.emit({"items": items, "next_cursor": next_cursor})
+        return
+    if not items:
+        session.out.print("No dead letters match.")
+    else:
+        session.out.print(_letters_table(items, status))
+    if next_cursor:
+        session.note(f"more: --cursor {next_cursor} (or --all-pages)")
+
+
+@dlq.command("show")
+@click.argument("letter_id", metavar="ID")
+@_connection_options
+def show_letter(session: Session, letter_id: str) -> None:
+    """One dead letter: payload, headers, error, traceback, history and related letters."""
+    item = session.client.get(f"/dead-letters/{quote(letter_id, safe='')}")
+    if session.as_json:
+        session.emit(item)
+        return
+    session.out.print(_letter_view(item))
+
+
+def _letter_view(item: Mapping[str, Any]) -> Group:
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
+    for label, key in (
+        ("id", "id"),
+        ("status", "status"),
+        ("service", "service"),
+        ("queue", "queue"),
+        ("event id", "event_id"),
+        ("event type", "event_type"),
+        ("correlation id", "correlation_id"),
+        ("reason", "reason"),
+        ("attempts", "attempts"),
+        ("replays", "replays"),
+        ("group", "group_key"),
+        ("fingerprint", "fingerprint"),
+        ("exception", "exception_type"),
+        ("message", "exception_message"),
+    ):
+        facts.add_row(label, _cell(item.get(key)))
+    for label, key in (
+        ("first failure", "first_failure"),
+        ("last failure", "last_failure"),
+        ("dead-lettered", "dead_lettered_at"),
+        ("closed", "closed_at"),
+    ):
+        facts.add_row(label, _cell(item.get(key)))
+
+    if "payload" in item:
+        payload: Any = JSON(json.dumps(item["payload"], ensure_ascii=False), highlight=False)
+    else:
+        payload = Text(str(item.get("payload_text", "")))
+    parts: list[Any] = [
+        Panel(facts, title="dead letter", title_align="left"),
+        Panel(payload, title="payload", title_align="left"),
+    ]
+
+    headers = Table(box=None, show_header=False, padding=(0, 2))
+    headers.add_column(style="bold", no_wrap=True)
+    headers.add_column()
+    for name, value in sorted((item.get("headers") or {}).items()):
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        if name == "courier-traceback":
+            shown = "(below)"
+        headers.add_row(Text(name), _cell(shown, width=200))
+    parts.append(Panel(headers, title="headers", title_align="left"))
+
+    if item.get("traceback"):
+        parts.append(Panel(Text(str(item["traceback"])), title="traceback", title_align="left"))
+
+    history = Table(box=None, padding=(0, 2))
+    for column in ("at (UTC)", "action", "actor", "reason", "action id"):
+        history.add_column(column)
+    for entry in item.get("history") or []:
+        history.add_row(
+            _when(entry.get("at")),
+            _cell(entry.get("action")),
+            _cell(entry.get("actor")),
+            _cell(entry.get("reason")),
+            _cell(entry.get("action_id")),
+        )
+    parts.append(Panel(history, title="history", title_align="left"))
+
+    related = item.get("related") or []
+    if related:
+        others = Table(box=None, padding=(0, 2))
+        for column in ("id", "dead-lettered (UTC)", "status", "reason", "replays"):
+            others.add_column(column, no_wrap=column == "id")
+        for other in related:
+            others.add_row(
+                _cell(other.get("id")),
+                _when(other.get("dead_lettered_at")),
+                _cell(other.get("status")),
+                _cell(other.get("reason")),
+                _cell(other.get("replays")),
+            )
+        parts.append(Panel(others, title="same event, other letters", title_align="left"))
+    return Group(*parts)
+
+
+@dlq.command("groups")
+@_filter_options
+@click.option(
+    "--status",
+    type=click.Choice(STATUSES),
+    default="dead",
+    show_default=True,
+    help="Which state to group.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, LIST_PAGE),
+    default=50,
+    show_default=True,
+    help="Most groups.",
+)
+@_connection_options
+def groups(session: Session, status: str, limit: int, **options: Any) -> None:
+    """Dead letters grouped by cause (failure fingerprint and normalised message)."""
+    params = {**_filters(options).params(), "status": status, "limit": limit}
+    found = session.client.get("/groups", params).get("groups", [])
+    if session.as_json:
+        session.emit({"groups": found})
+        return
+    if not found:
+        session.out.print("No dead letters match.")
+        return
+    table = Table(
+        title=f"{len(found)} group(s) of {status} letters, largest first",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("group", no_wrap=True)
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("first seen (UTC)", no_wrap=True)
+    table.add_column("last seen (UTC)", no_wrap=True)
+    table.add_column("services")
+    table.add_column("event types")
+    table.add_column("reason", no_wrap=True)
+    table.add_column("exception", no_wrap=True)
+    table.add_column("example message", overflow="fold", min_width=24)
+    for group in found:
+        table.add_row(
+            _cell(group.get("group")),
+            _cell(group.get("count")),
+            _when(group.get("first_seen")),
+            _when(group.get("last_seen")),
+            _cell(group.get("services")),
+            _cell(group.get("event_types")),
+            _cell(group.get("reason")),
+            _cell(_short_type(group.get("exception_type"))),
+            _cell(group.get("example_message"), width=MAX_MESSAGE_WIDTH),
+        )
+    session.out.print(table)
+
+
+# --- replay and discard -----------------------------------------------------------------------
+
+
+def _frozen_until(session: Session, selection: Selection) -> datetime | None:
+    """The selection's upper bound in time: just after the newest letter that matches now.
+
+    Taken from the store's own clock (the newest letter's time), so letters dead-lettered while
+    the operation runs (a replayed letter failing again, say) are never picked up by it.
+    """
+    params = {**selection.filters.params(), "status": "dead", "limit": 1}
+    items = session.client.get("/dead-letters", params).get("items", [])
+    if not items:
+        return None
+    newest = datetime.fromisoformat(str(items[0]["dead_lettered_at"]))
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=UTC)
+    return newest + timedelta(microseconds=1)
+
+
+def _count(session: Session, selection: Selection, until: datetime, cap: int | None) -> int:
+    """How many dead letters the selection holds (up to `cap`), from the list endpoint."""
+    params: dict[str, Any] = {
+        **selection.filters.params(),
+        "until": until.isoformat(),
+        "status": "dead",
+        "limit": LIST_PAGE if cap is None else min(LIST_PAGE, cap),
+    }
+    total, cursor = 0, None
+    while cap is None or total < cap:
+        page = session.client.get("/dead-letters", {**params, "cursor": cursor})
+        total += len(page.get("items", []))
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    return total if cap is None else min(total, cap)
+
+
+class _Progress:
+    """Moved so far / total: a bar on a terminal, a line per batch otherwise, silent with --json."""
+
+    def __init__(self, session: Session, verb: str, total: int) -> None:
+        self._session = session
+        self._verb = verb
+        self._total = total
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if not self._session.as_json and self._session.err.is_terminal:
+            self._bar = Progress(
+                TextColumn(f"{self._verb}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self._session.err,
+                transient=True,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self._verb, total=self._total)
+        return self
+
+    def update(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+        else:
+            self._session.note(f"{self._verb} {done}/{self._total}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _batches(total: int, batch: int) -> Iterator[int]:
+    """Sizes of the requests that cover `total`, and then keep going while letters remain."""
+    remaining = total
+    while remaining > 0:
+        size = min(batch, remaining)
+        yield size
+        remaining -= size
+
+
+@dataclass
+class _Run:
+    """A batched replay or discard: totals, the requests' action ids, and the ids moved."""
+
+    action: str
+    total: int
+    done: int = 0
+    ids: list[str] = field(default_factory=list)
+    action_ids: list[str] = field(default_factory=list)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "dry_run": False,
+            "total": self.total,
+            "count": self.done,
+            "ids": self.ids,
+            "action_ids": self.action_ids,
+        }
+
+
+def _run_batches(
+    session: Session,
+    *,
+    action: str,
+    verb: str,
+    path: str,
+    selection: Selection,
+    extra: Mapping[str, Any],
+    limit: int | None,
+    batch: int,
+    timeout_for: Callable[[int], float | None],
+) -> _Run:
+    if selection.ids:
+        until = None
+        total = len(selection.ids) if limit is None else min(limit, len(selection.ids))
+    else:
+        until = _frozen_until(session, selection)
+        if selection.filters.until is not None and until is not None:
+            until = min(until, selection.filters.until)
+        total = 0 if until is None else _count(session, selection, until, limit)
+    run = _Run(action, total)
+    if total == 0:
+        return run
+    body = {**selection.body(until), **extra}
+    with _Progress(session, verb, total) as progress:
+        for size in _batches(total, batch):
+            try:
+                outcome = session.client.post(
+                    path, {**body, "limit": size}, timeout=timeout_for(size)
+                )
+            except OpsError as error:
+                if isinstance(error.detail, dict):  # a 503 says what it did before stopping
+                    run.done += int(error.detail.get("count", 0))
+                    run.ids.extend(error.detail.get("ids", []))
+                    if error.detail.get("action_id"):
+                        run.action_ids.append(str(error.detail["action_id"]))
+                error.partial = run.document()
+                error.message += f" ({verb.lower()} {run.done} of {total} before it stopped)"
+                raise
+            run.done += int(outcome["count"])
+            run.ids.extend(outcome.get("ids", []))
+            run.action_ids.append(str(outcome["action_id"]))
+            progress.update(run.done)
+            if outcome["count"] == 0:  # nothing left (others took or discarded the rest)
+                break
+    return run
+
+
+def _dry_run(
+    session: Session,
+    path: str,
+    selection: Selection,
+    extra: Mapping[str, Any],
+    limit: int | None,
+    action: str,
+    verb: str,
+) -> None:
+    size = MAX_PER_REQUEST if limit is None else min(limit, MAX_PER_REQUEST)
+    outcome = session.client.post(
+        path, {**selection.body(), **extra, "dry_run": True, "limit": size}
+    )
+    if session.as_json:
+        session.emit({"action": action, **outcome})
+        return
+    session.out.print(
+        f"Dry run: would {verb} {outcome['count']} dead letter(s)"
+        + (" (or more)" if outcome["count"] >= size else "")
+        + f"; nothing was changed (recorded as action {outcome['action_id']})."
+    )
+    for letter_id in outcome.get("ids", [])[:20]:
+        session.out.print(Text(f"  {letter_id}"))
+    if outcome["count"] > 20:
+        session.out.print(f"  … and {outcome['count'] - 20} more")
+
+
+@dlq.command("replay")
+@_selection_options
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; move nothing.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Most letters to replay in total (default: every match).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.001, max=10_000, min_open=False),
+    default=100.0,
+    show_default=True,
+    help="Most letters per second.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, MAX_PER_REQUEST),
+    default=100,
+    show_default=True,
+    help="Letters per request.",
+)
+@_connection_options
+def replay(
+    session: Session,
+    dry_run: bool,
+    limit: int | None,
+    rate: float,
+    batch: int,
+    **options: Any,
+) -> None:
+    """Replay dead letters into the work queue of the service that failed them.
+
+    Select by --id (repeatable), by filters, or --all. Works in batches of --batch at --rate
+    letters per second until the selection or --limit is exhausted.
+    """
+    selection = _selection(options)
+    if dry_run:
+        _dry_run(session, "/replays", selection, {"rate": rate}, limit, "replay", "replay")
+        return
+    run = _run_batches(
+        session,
+        action="replay",
+        verb="Replayed",
+        path="/replays",
+        selection=selection,
+        extra={"rate": rate},
+        limit=limit,
+        batch=batch,
+        timeout_for=lambda size: size / rate + 30.0,
+    )
+    _report(session, run, "Replayed", "back into their work queues")
+
+
+@dlq.command("discard")
+@_selection_options
+@click.option("--why", required=True, help="Why they are discarded (kept in the audit trail).")
+@click.option("--dry-run", is_flag=True, help="Show what would be discarded; change nothing.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Most letters to discard in total (default: every match).",
+)
+@_connection_options
+def discard(session: Session, why: str, dry_run: bool, limit: int | None, **options: Any) -> None:
+    """Discard dead letters for good (kept for the audit period, never replayed).
+
+    Select by --id (repeatable), by filters, or --all; --why is required.
+    """
+    selection = _selection(options)
+    if dry_run:
+        _dry_run(session, "/discards", selection, {"why": why}, limit, "discard", "discard")
+        return
+    run = _run_batches(
+        session,
+        action="discard",
+        verb="Discarded",
+        path="/discards",
+        selection=selection,
+        extra={"why": why},
+        limit=limit,
+        batch=DISCARD_BATCH,
+        timeout_for=lambda size: None,
+    )
+    _report(session, run, "Discarded", "")
+
+
+def _report(session: Session, run: _Run, verb: str, where: str) -> None:
+    if session.as_json:
+        session.emit(run.document())
+        return
+    if run.total == 0:
+        session.out.print("No dead letters match; nothing to do.")
+        return
+    session.out.print(
+        f"{verb} {run.done} of {run.total} dead letter(s){' ' + where if where else ''}"
+        + (f" (actions {', '.join(run.action_ids)})." if run.action_ids else ".")
+    )
+
+
+@dlq.command("actions")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="Most actions, newest first.",
+)
+@_connection_options
+def actions(session: Session, limit: int) -> None:
+    """The audit trail: every replay and discard (dry runs too), who, when, what, how many."""
+    found = session.client.get("/actions", {"limit": limit}).get("actions", [])
+    if session.as_json:
+        session.emit({"actions": found})
+        return
+    if not found:
+        session.out.print("No actions recorded.")
+        return
+    table = Table(
+        title=f"{len(found)} action(s), newest first",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    table.add_column("dry run", no_wrap=True)
+    table.add_column("actor", no_wrap=True)
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    table.add_column("selection", overflow="fold", min_width=24)
+    table.add_column("id", no_wrap=True)
+    for entry in found:
+        table.add_row(
+            _when(entry.get("at")),
+            _cell(entry.get("action")),
+            _cell("yes" if entry.get("dry_run") else "no"),
+            _cell(entry.get("actor")),
+            _cell(entry.get("count")),
+            _cell(entry.get("reason")),
+            _cell(json.dumps(entry.get("selection") or {}, sort_keys=True), width=120),
+            _cell(entry.get("id")),
+        )
+    session.out.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `courier` console script."""
+    cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="courier")
+
+
+if __name__ == "__main__":
+    main()
