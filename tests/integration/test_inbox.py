@@ -17,7 +17,7 @@ from contracts.events import (
     NotificationRequested,
     NotificationRequestedData,
 )
-from services.messaging.inbox import Inbox
+from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.store import open_store, store_url
 
 
@@ -56,7 +56,7 @@ async def test_a_recorded_event_is_found_with_its_follow_ups(inbox: Inbox) -> No
     async with inbox.transaction() as conn:
         assert await inbox.record(conn, event, [follow_up])
     handled = await inbox.lookup(event.id)
-    assert handled is not None
+    assert isinstance(handled, Handled)
     assert handled.follow_ups == (follow_up,)
 
 
@@ -91,3 +91,16 @@ async def test_old_records_are_pruned(inbox: Inbox, engine: AsyncEngine) -> None
     assert await inbox.prune(timedelta(hours=1)) == 0
     assert await inbox.prune(timedelta(seconds=-1)) == 1
     assert await inbox.lookup(event.id) is None
+
+
+async def test_a_cancellation_is_durable_and_recorded_once(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    event = an_event()
+    async with inbox.transaction() as conn:
+        assert await inbox.cancel(conn, event.id)
+    async with inbox.transaction() as conn:
+        assert not await inbox.cancel(conn, event.id)
+    again = Inbox(engine, "svc")
+    await again.start()
+    assert isinstance(await again.lookup(event.id), Cancelled)
