@@ -11,7 +11,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
+from services.blobs import LocalBlobStore
 from services.gateway.broker import BrokerLink
+from services.gateway.file_routes import router as files_router
+from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.routes import router
 from services.gateway.settings import GatewaySettings
@@ -57,7 +60,11 @@ async def _housekeeping(
 
 
 def _projection_consumer(
-    settings: GatewaySettings, tracking: Tracking, inbox: Inbox, publisher: Publisher
+    settings: GatewaySettings,
+    tracking: Tracking,
+    inbox: Inbox,
+    publisher: Publisher,
+    files: Files,
 ) -> Consumer:
     """The gateway's own consumer: status reports and results, into its projection."""
     topology = settings.topology(SERVICE)
@@ -65,6 +72,7 @@ def _projection_consumer(
     routes = {
         "status.reported": Route(tracking.apply_reported, policy, stateful=True),
         "dataset.processed": Route(tracking.record_result, policy, stateful=True),
+        "file.processed": Route(files.record_result, policy, stateful=True),
     }
     return Consumer(
         topology=topology,
@@ -91,7 +99,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 lease=timedelta(seconds=settings.publish_timeout * 3),
             )
             inbox = Inbox(engine, SERVICE)
-            for store in (failures, tracking, keys, inbox):
+            stack.callback(inbox.close)
+            files = Files(engine)
+            for store in (failures, tracking, keys, inbox, files):
                 await store.start()
             stack.push_async_callback(tracking.close)
 
@@ -103,12 +113,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     failures.add_letter,
                 )
             )
-            broker.consume_with(_projection_consumer(settings, tracking, inbox, broker.publisher))
+            broker.consume_with(
+                _projection_consumer(settings, tracking, inbox, broker.publisher, files)
+            )
             stack.push_async_callback(broker.close)
             app.state.broker = broker
             app.state.failures = failures
             app.state.tracking = tracking
             app.state.idempotency = keys
+            app.state.files = files
+            app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.operations = Operations(
                 failures,
                 broker.publisher,
@@ -132,5 +146,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.include_router(ops_router)
+    app.include_router(files_router)
     app.openapi = lambda: _with_event_schemas(app)  # type: ignore[method-assign]
     return app

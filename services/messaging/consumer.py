@@ -9,7 +9,9 @@ The acknowledgement policy, in one place:
 * body is not a valid event, or no handler for its type     → dead letter `invalid`, then ack;
 * handler raised a permanent error                         → dead letter `permanent`, then ack;
 * handler raised anything else                             → delay tier (confirmed), then ack,
-                                                              or dead letter `retries_exhausted`;
+                                                              or dead letter `retries_exhausted`
+                                                              (`RetryLater`: a tier at least its
+                                                              `min_delay` long);
 * a crash before any of these                              → the broker redelivers; after
                                                               `x-delivery-limit` it dead-letters
                                                               the message as `delivery_limit`.
@@ -236,7 +238,7 @@ class Consumer:
         await self._publish_follow_ups(follow_ups)
         await message.ack()
         self._report(event, "succeeded", attempt=attempt)
-        log.info("handled", extra={"event_type": event.type, "attempt": attempt})
+        log.debug("handled", extra={"event_type": event.type, "attempt": attempt})
 
     def _report(self, event: Envelope, state: State, **detail: Any) -> None:
         if self._reporter is not None and event.type in self._reported_types:
@@ -251,9 +253,8 @@ class Consumer:
                     raise _AlreadyHandled
             return follow_ups
         follow_ups = [with_cause(e, event) for e in await route.handler(event) or ()]
-        async with self._inbox.transaction() as conn:
-            if not await self._inbox.record(conn, event, follow_ups):
-                raise _AlreadyHandled
+        if not await self._inbox.remember(event, follow_ups):
+            raise _AlreadyHandled
         return follow_ups
 
     async def _skip_duplicate(
@@ -282,7 +283,7 @@ class Consumer:
         if policy.is_permanent(failure.exc):
             await self._dead_letter(message, failure, "permanent", event)
             return
-        delay = policy.next_delay(failure.attempt)
+        delay = policy.next_delay(failure.attempt, failure.exc)
         if delay is None:
             await self._dead_letter(message, failure, "retries_exhausted", event)
             return

@@ -15,15 +15,39 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pydantic import TypeAdapter
-from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, delete, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    select,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.dml import Insert
 
 from contracts.envelope import Envelope
 from contracts.events import Event
-from services.messaging.store import Migration, migrate
+from services.messaging.batching import Batcher
+from services.messaging.store import BatchRunner, Migration, migrate
 
 _FOLLOW_UPS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+
+def _insert_new(dialect: str, table: Table) -> Insert:
+    """INSERT that skips rows whose key exists, returning the keys it did insert."""
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    return (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.event_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,11 @@ class Cancelled:
 class Inbox:
     def __init__(self, engine: AsyncEngine, service: str) -> None:
         self._engine = engine
+        self._runner = BatchRunner(engine)
+        # Concurrent handlers share round trips: one query answers many lookups, and one
+        # transaction commits many records (group commit).
+        self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(self._lookup_many)
+        self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(self._record_many)
         self._component = f"{service}.inbox"
         self._table = Table(
             f"{service}_inbox",
@@ -77,23 +106,52 @@ class Inbox:
 
     async def lookup(self, event_id: str) -> Handled | Cancelled | None:
         """Whether this event was handled here already, or cancelled before it was."""
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(self._table.c.handled_at, self._table.c.follow_ups).where(
-                        self._table.c.event_id == event_id
-                    )
+        return await self._lookups.submit(event_id)
+
+    async def _lookup_many(self, event_ids: list[str]) -> list[Handled | Cancelled | None]:
+        return await self._runner.run(lambda conn: self._find(conn, event_ids))
+
+    def _find(self, conn: Connection, event_ids: list[str]) -> list[Handled | Cancelled | None]:
+        wanted = list(set(event_ids))
+        found: dict[str, Handled | Cancelled] = {}
+        rows = conn.execute(
+            select(
+                self._table.c.event_id, self._table.c.handled_at, self._table.c.follow_ups
+            ).where(self._table.c.event_id.in_(wanted))
+        )
+        for row in rows:
+            follow_ups = tuple(_FOLLOW_UPS.validate_json(row.follow_ups or b"[]"))
+            found[row.event_id] = Handled(row.event_id, row.handled_at, follow_ups)
+        missing = [event_id for event_id in wanted if event_id not in found]
+        if missing:
+            cancelled = conn.execute(
+                select(self._cancellations.c.event_id, self._cancellations.c.cancelled_at).where(
+                    self._cancellations.c.event_id.in_(missing)
                 )
-            ).first()
-            if row is None:
-                cancelled_at = await conn.scalar(
-                    select(self._cancellations.c.cancelled_at).where(
-                        self._cancellations.c.event_id == event_id
-                    )
-                )
-                return None if cancelled_at is None else Cancelled(event_id, cancelled_at)
-        follow_ups = tuple(_FOLLOW_UPS.validate_json(row.follow_ups or b"[]"))
-        return Handled(event_id, row.handled_at, follow_ups)
+            )
+            for hit in cancelled:
+                found[hit.event_id] = Cancelled(hit.event_id, hit.cancelled_at)
+        return [found.get(event_id) for event_id in event_ids]
+
+    async def remember(self, event: Envelope, follow_ups: Sequence[Envelope]) -> bool:
+        """Record `event` as handled (group-committed with others); False if it already was."""
+        payload = _FOLLOW_UPS.dump_json(list(follow_ups)) if follow_ups else None  # type: ignore[arg-type]
+        return await self._records.submit((event, payload))
+
+    async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:
+        now = datetime.now(UTC)
+        rows = [
+            {"event_id": e.id, "event_type": e.type, "handled_at": now, "follow_ups": payload}
+            for e, payload in items
+        ]
+
+        def insert(conn: Connection) -> set[str]:
+            statement = _insert_new(conn.dialect.name, self._table)
+            return set(conn.execute(statement, rows).scalars())
+
+        inserted = await self._runner.run(insert)
+        # Within one batch an id appears once: the consumer serialises deliveries of an id.
+        return [e.id in inserted for e, _ in items]
 
     async def record(
         self, conn: AsyncConnection, event: Envelope, follow_ups: Sequence[Envelope]
@@ -126,6 +184,9 @@ class Inbox:
         except IntegrityError:
             return False
         return True
+
+    def close(self) -> None:
+        self._runner.close()
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget events handled longer ago than any redelivery can come."""

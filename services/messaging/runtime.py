@@ -107,6 +107,7 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
     inbox = Inbox(engine, service)
+    stack.callback(inbox.close)
     await inbox.start()
     retention = timedelta(hours=settings.inbox_retention_hours)
 

@@ -6,16 +6,30 @@ Schema changes are versioned steps applied at start-up, recorded in `courier_mig
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, event, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
+T = TypeVar("T")
 
 _META = MetaData()
 _MIGRATIONS = Table(
@@ -55,6 +69,47 @@ def open_store(url: str) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+class BatchRunner:
+    """Runs a batch of synchronous SQLAlchemy work in one transaction, as cheaply as possible.
+
+    On PostgreSQL it runs on the async engine (asyncpg, no threads). On SQLite it runs in one
+    dedicated thread with a plain sqlite3 connection: a whole batch costs one thread hop, where
+    aiosqlite costs one per statement and fetch (each waiting for the GIL behind a busy event
+    loop). Used on the consumers' hot path (inbox look-ups and group commits).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sync: Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        if engine.dialect.name == "sqlite":
+            url = engine.url.set(drivername="sqlite")
+            self._sync = create_engine(url, poolclass=SingletonThreadPool)
+            event.listen(self._sync, "connect", _sqlite_pragmas)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="courier-sqlite")
+
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        if self._sync is None:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(work)
+        sync = self._sync
+
+        def in_transaction() -> T:
+            with sync.begin() as conn:
+                return work(conn)
+
+        if self._thread is None:
+            raise RuntimeError("the store was closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, in_transaction)
+
+    def close(self) -> None:
+        thread, sync = self._thread, self._sync
+        self._thread = None
+        if thread is not None and sync is not None:
+            thread.submit(sync.dispose).result()
+            thread.shutdown(wait=True)
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:

@@ -93,6 +93,8 @@ async def running(
     finally:
         await connection.close()
         await publisher.close()
+        if inbox is not None:
+            inbox.close()
         await engine.dispose()
         store.cleanup()
 
@@ -305,5 +307,6 @@ async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
         await eventually(settled)
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+    inbox.close()
     await engine.dispose()
     assert [r.event_id for r in rows] == [event.id]

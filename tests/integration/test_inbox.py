@@ -33,10 +33,11 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 @pytest.fixture
-async def inbox(engine: AsyncEngine) -> Inbox:
+async def inbox(engine: AsyncEngine) -> AsyncIterator[Inbox]:
     box = Inbox(engine, "svc")
     await box.start()
-    return box
+    yield box
+    box.close()
 
 
 def an_event() -> NotificationRequested:
