@@ -4,7 +4,9 @@
     ├── BrokerUnavailable      the broker did not take a publish: down, nack, or no confirm in time
     ├── Unroutable             the broker returned a mandatory publish: no queue bound (a bug)
     ├── TopologyMismatch       an existing queue was declared with other arguments
-    └── PermanentError         raised by a handler: retrying cannot help; dead-letter at once
+    ├── PermanentError         raised by a handler: retrying cannot help; dead-letter at once
+    └── RetryLater             raised by a handler: transient, and not worth retrying before
+                               `min_delay` seconds (e.g. an HTTP `Retry-After`)
 
 Any other exception a handler raises is transient: retried, then dead-lettered when exhausted.
 """
@@ -35,3 +37,17 @@ class TopologyMismatch(CourierError):
 
 class PermanentError(CourierError):
     """Raised by a handler when the input can never succeed (bad data, refused by a target)."""
+
+
+class RetryLater(CourierError):
+    """Raised by a handler for a transient failure that should not be retried for a while.
+
+    No immediate in-process retry is made when `min_delay` is positive, and the delayed retry
+    goes to the first declared delay tier of at least `min_delay` seconds (the longest tier if
+    none is that long). It still counts as an attempt, so a target that keeps asking to wait is
+    dead-lettered as `retries_exhausted` in the end.
+    """
+
+    def __init__(self, message: str, *, min_delay: float = 0.0) -> None:
+        super().__init__(message)
+        self.min_delay = max(0.0, min_delay)

@@ -8,6 +8,9 @@ Two stages, as in Dramatiq and Celery but without holding messages in worker mem
    queue whose TTL dead-letters it back into the work queue, then the original is acked.
 
 After the last tier the message is dead-lettered with reason `retries_exhausted`.
+
+A handler that knows how long to wait (an HTTP `Retry-After`) raises `RetryLater`: no immediate
+retry, and the delayed retry uses the first tier at least that long.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from services.messaging.errors import PermanentError
+from services.messaging.errors import PermanentError, RetryLater
 
 T = TypeVar("T")
 
@@ -44,9 +47,19 @@ class RetryPolicy:
     def is_permanent(self, exc: BaseException) -> bool:
         return isinstance(exc, (PermanentError, ValidationError, *self.permanent))
 
-    def next_delay(self, attempt: int) -> int | None:
-        """Delay before attempt `attempt + 1`, or None when `attempt` was the last one."""
-        return self.delays[attempt - 1] if 1 <= attempt <= len(self.delays) else None
+    def next_delay(self, attempt: int, exc: BaseException | None = None) -> int | None:
+        """Delay before attempt `attempt + 1`, or None when `attempt` was the last one.
+
+        When `exc` asks for a minimum delay (`RetryLater`) longer than this attempt's tier, the
+        first of the policy's tiers at least that long is used instead (the longest if none is).
+        """
+        if not 1 <= attempt <= len(self.delays):
+            return None
+        delay = self.delays[attempt - 1]
+        wanted = min_delay_of(exc)
+        if delay < wanted:
+            delay = next((tier for tier in self.delays if tier >= wanted), self.delays[-1])
+        return delay
 
     @property
     def max_attempts(self) -> int:
@@ -58,10 +71,17 @@ class RetryPolicy:
             stop=stop_after_attempt(self.immediate + 1)
             | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
             wait=wait_random_exponential(multiplier=0.05, max=0.4),
-            retry=retry_if_exception(lambda exc: not self.is_permanent(exc)),
+            retry=retry_if_exception(
+                lambda exc: not self.is_permanent(exc) and min_delay_of(exc) == 0
+            ),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises the last failure")
+
+
+def min_delay_of(exc: BaseException | None) -> float:
+    """How long `exc` asks to wait before the next attempt; 0 for an ordinary failure."""
+    return exc.min_delay if isinstance(exc, RetryLater) else 0.0

@@ -7,8 +7,8 @@ import time
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from services.messaging.errors import PermanentError
-from services.messaging.retry import IMMEDIATE_BUDGET_SECONDS, RetryPolicy
+from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.retry import IMMEDIATE_BUDGET_SECONDS, RetryPolicy, min_delay_of
 
 
 class Flaky:
@@ -76,3 +76,51 @@ async def test_a_permanent_error_is_not_retried_in_process() -> None:
     with pytest.raises(PermanentError):
         await RetryPolicy(delays=(1,), immediate=5).call(flaky)
     assert flaky.calls == 1
+
+
+# --- RetryLater: a failure that says how long to wait -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "min_delay", "expected"),
+    [
+        (1, 0, 5),  # an ordinary tier
+        (1, 5, 5),  # the tier is long enough already
+        (1, 6, 30),  # raised to the first tier at least that long
+        (1, 30, 30),
+        (2, 1, 30),  # never shortened
+        (1, 31, 120),
+        (1, 10_000, 120),  # none is that long: the longest tier
+        (3, 1, 120),
+        (4, 60, None),  # the last attempt stays the last
+    ],
+)
+def test_retry_later_picks_the_first_tier_at_least_that_long(
+    attempt: int, min_delay: float, expected: int | None
+) -> None:
+    policy = RetryPolicy(delays=(5, 30, 120))
+    assert policy.next_delay(attempt, RetryLater("busy", min_delay=min_delay)) == expected
+
+
+def test_other_failures_keep_their_tier() -> None:
+    policy = RetryPolicy(delays=(5, 30))
+    assert policy.next_delay(1, ConnectionResetError()) == 5
+    assert min_delay_of(ConnectionResetError()) == 0
+    assert min_delay_of(RetryLater("busy", min_delay=-3)) == 0
+
+
+def test_retry_later_is_transient() -> None:
+    assert not RetryPolicy(delays=(1,)).is_permanent(RetryLater("busy", min_delay=2))
+
+
+async def test_retry_later_with_a_delay_is_not_retried_in_process() -> None:
+    flaky = Flaky(failures=1, exc=RetryLater("busy", min_delay=2))
+    with pytest.raises(RetryLater):
+        await RetryPolicy(delays=(1,), immediate=5).call(flaky)
+    assert flaky.calls == 1
+
+
+async def test_retry_later_without_a_delay_is_retried_in_process() -> None:
+    flaky = Flaky(failures=1, exc=RetryLater("busy", min_delay=0))
+    assert await RetryPolicy(delays=(1,), immediate=2).call(flaky) == "done"
+    assert flaky.calls == 2
