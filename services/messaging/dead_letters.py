@@ -179,7 +179,13 @@ def _broker_dead_letter(
 
 def _stable_id(message_id: str | None, headers: Mapping[str, Any]) -> str:
     # Same message redelivered to the drain → same id, so the store does not hold it twice.
-    key = orjson.dumps(json_safe({"id": message_id, "death": headers.get("x-death")}))
+    # The replay count tells apart deaths of one event after successive replays, whose
+    # `x-death` (time in whole seconds) can be identical.
+    key = orjson.dumps(
+        json_safe(
+            {"id": message_id, "replays": headers.get(f.REPLAYS), "death": headers.get("x-death")}
+        )
+    )
     return hashlib.sha256(key).hexdigest()[:32]
 
 

@@ -37,7 +37,11 @@ def _int_tuple(value: object) -> object:
 class CourierSettings(BaseSettings):
     """What every Courier process reads."""
 
-    model_config = SettingsConfigDict(env_prefix="COURIER_", extra="ignore", frozen=True)
+    # Errors name the setting, never echo its value: tokens and URLs with passwords stay out
+    # of start-up failures (and so out of the logs).
+    model_config = SettingsConfigDict(
+        env_prefix="COURIER_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     amqp_url: str = Field(
         default="amqp://guest:guest@127.0.0.1:5672/",

@@ -53,6 +53,7 @@ class Operations:
     async def replay(
         self, selection: Filter, *, actor: str, limit: int, rate: float, dry_run: bool
     ) -> Outcome:
+        await self._store.release_expired(self._lease)  # letters of a replay that died
         if dry_run:
             page = await self._store.page(selection, limit=limit)
             ids = [item["id"] for item in page.items]
@@ -71,10 +72,12 @@ class Operations:
             for letter in letters:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic() + interval
+                if not await self._store.renew(token, letter.id):
+                    continue  # this replay outlived its lease; another one took the letter
                 await replay(self._publisher, self._namespace, letter)
-                await self._store.mark_replayed(letter.id, token, action_id, actor)
-                moved.append(letter.id)
-                await self._report_replayed(letter)
+                if await self._store.mark_replayed(letter.id, token, action_id, actor):
+                    moved.append(letter.id)
+                    await self._report_replayed(letter)
         except (BrokerUnavailable, Unroutable) as exc:
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ops.auth import Operator
 from services.ops.operations import Operations, Outcome
-from services.ops.store import FailureStore, Filter, Status
+from services.ops.store import FailureStore, Filter, InvalidCursor, Status
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
@@ -125,7 +125,10 @@ async def list_dead_letters(
     request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
 ) -> dict[str, Any]:
     store = _store(request)
-    page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
+    try:
+        page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
+    except InvalidCursor as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 

@@ -122,15 +122,16 @@ class Filter:
             if value is not None:
                 clauses.append(column == value)
         if self.since is not None:
-            clauses.append(c.dead_lettered_at >= self.since)
+            clauses.append(c.dead_lettered_at >= _as_utc(self.since))
         if self.until is not None:
-            clauses.append(c.dead_lettered_at < self.until)
+            clauses.append(c.dead_lettered_at < _as_utc(self.until))
         if self.text:
-            pattern = f"%{self.text.lower()}%"
+            # Literal text: `%` and `_` in it are no wildcards.
+            needle = self.text.lower()
             clauses.append(
                 or_(
-                    func.lower(c.exception_message).like(pattern),
-                    func.lower(c.exception_type).like(pattern),
+                    func.lower(c.exception_message).contains(needle, autoescape=True),
+                    func.lower(c.exception_type).contains(needle, autoescape=True),
                 )
             )
         return and_(*clauses) if clauses else and_(True)
@@ -176,11 +177,26 @@ def _cursor(row: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
+class InvalidCursor(ValueError):
+    """A paging cursor this store did not hand out."""
+
+
 def _after(cursor: str) -> ColumnElement[bool]:
-    at, _, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-    when = datetime.fromisoformat(at)
+    try:
+        at, _, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        when = datetime.fromisoformat(at)
+    except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
+    if not last_id:
+        raise InvalidCursor(f"not a cursor: {cursor!r}")
     c = dead_letters.c
     return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A bound for a comparison with stored (UTC) times; naive means UTC. SQLite compares
+    the wall-clock text, so an offset has to be converted, not just carried."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _utc(value: datetime) -> datetime:
@@ -268,6 +284,9 @@ class FailureStore:
             if row is None:
                 return None
             item = _row_dict(row)
+            if row.event_id is None:  # not an event at all: nothing links it to other letters
+                item["related"] = []
+                return item
             # Earlier and later failures of the same event: its replay history across letters.
             related = (
                 await conn.execute(
@@ -377,7 +396,34 @@ class FailureStore:
             rows = (await conn.execute(select(dead_letters).where(c.claim == token))).all()
         return token, [_letter(r) for r in rows]
 
-    async def mark_replayed(self, letter_id: str, token: str, action_id: str, actor: str) -> None:
+    async def renew(self, token: str, letter_id: str) -> bool:
+        """Extend a replay's claim on all its letters; False if `letter_id` is no longer its own
+        (the lease ran out and another replay took it over)."""
+        now = datetime.now(UTC)
+        c = dead_letters.c
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(dead_letters)
+                .where(c.claim == token, c.status == "replaying")
+                .values(claimed_at=now)
+            )
+            mine = await conn.scalar(
+                select(c.id).where(c.id == letter_id, c.claim == token, c.status == "replaying")
+            )
+        return mine is not None
+
+    async def release_expired(self, lease: timedelta) -> int:
+        """Letters claimed by a replay that died (its lease ran out) are dead again."""
+        c = dead_letters.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(dead_letters)
+                .where(c.status == "replaying", c.claimed_at < datetime.now(UTC) - lease)
+                .values(status="dead", claim=None, claimed_at=None)
+            )
+        return int(result.rowcount or 0)
+
+    async def mark_replayed(self, letter_id: str, token: str, action_id: str, actor: str) -> bool:
         """The replay of a claimed letter was confirmed by the broker."""
         now = datetime.now(UTC)
         c = dead_letters.c
@@ -389,7 +435,7 @@ class FailureStore:
         }
         async with self.engine.begin() as conn:
             history = await conn.scalar(select(c.history).where(c.id == letter_id))
-            await conn.execute(
+            result = await conn.execute(
                 update(dead_letters)
                 .where(c.id == letter_id, c.claim == token)
                 .values(
@@ -399,6 +445,7 @@ class FailureStore:
                     history=[*(history or []), entry],
                 )
             )
+        return result.rowcount == 1
 
     async def release(self, token: str) -> None:
         """Give back what a replay claimed but did not move (it stays dead)."""

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures; run them by hand (`python -m bench.<name>`), never as tests."""

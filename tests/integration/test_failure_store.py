@@ -1,0 +1,559 @@
+"""The operators' failure store on both databases: SQLite (the default) and PostgreSQL.
+
+Dead letters are written as values (`DeadLetter`); times the tests depend on (when a letter was
+dead-lettered, claimed or closed) are set in the table directly, so nothing waits for a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from services.messaging import failure as f
+from services.messaging.dead_letters import DeadLetter, read_dead_letter
+from services.messaging.store import open_store, store_url
+from services.ops.store import FailureStore, Filter, dead_letters
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FailureStore]:
+    if request.param == "sqlite":
+        url = store_url(None, tmp_path, "gateway")
+    else:
+        url = store_url(request.getfixturevalue("postgres_database"), tmp_path, "gateway")
+    engine = open_store(url)
+    failures = FailureStore(engine)
+    await failures.start()
+    await failures.start()  # start-up is idempotent: a restarted gateway migrates nothing twice
+    yield failures
+    await engine.dispose()
+
+
+def letter(**overrides: Any) -> DeadLetter:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "service": "notifier",
+        "queue": "ns.notifier",
+        "event_id": str(uuid.uuid4()),
+        "event_type": "notification.requested",
+        "reason": "retries_exhausted",
+        "attempts": 3,
+        "replays": 0,
+        "first_failure": T0,
+        "last_failure": T0 + timedelta(seconds=30),
+        "exception_type": "builtins.ConnectionError",
+        "exception_message": "connection refused",
+        "traceback": "Traceback (most recent call last):\n...\nConnectionError: refused",
+        "fingerprint": "f" * 16,
+        "group": "g-connection",
+        "body": b'{"id": "x"}',
+        "headers": {"courier-reason": "retries_exhausted", "courier-attempt": 3},
+        "correlation_id": None,
+    }
+    values.update(overrides)
+    return DeadLetter(**values)
+
+
+async def add_all(store: FailureStore, letters: Iterable[DeadLetter]) -> list[DeadLetter]:
+    added = list(letters)
+    for item in added:
+        assert await store.add(item)
+    return added
+
+
+async def set_column(store: FailureStore, column: str, values: dict[str, Any]) -> None:
+    """Set one column of some letters directly (times the test controls)."""
+    async with store.engine.begin() as conn:
+        for letter_id, value in values.items():
+            await conn.execute(
+                update(dead_letters).where(dead_letters.c.id == letter_id).values({column: value})
+            )
+
+
+async def status_of(store: FailureStore, ids: Iterable[str]) -> dict[str, str]:
+    async with store.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(dead_letters.c.id, dead_letters.c.status).where(
+                    dead_letters.c.id.in_(list(ids))
+                )
+            )
+        ).all()
+    return {row.id: row.status for row in rows}
+
+
+async def all_pages(store: FailureStore, selection: Filter, limit: int) -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        page = await store.page(selection, limit=limit, cursor=cursor)
+        pages.append([item["id"] for item in page.items])
+        if page.next_cursor is None:
+            return pages
+        assert len(pages) < 100, "paging does not end"
+        cursor = page.next_cursor
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+async def test_add_is_idempotent_by_id(store: FailureStore) -> None:
+    first = letter()
+    assert await store.add(first)
+    # The drain may receive the same dead letter again (a redelivery): stored once.
+    assert not await store.add(replace(first, exception_message="changed"))
+    assert await store.count(Filter(status=None)) == 1
+    stored = await store.get(first.id)
+    assert stored is not None
+    assert stored["exception_message"] == "connection refused"
+    assert stored["status"] == "dead"
+    assert [entry["action"] for entry in stored["history"]] == ["dead_lettered"]
+    assert stored["body"] == first.body and stored["headers"] == first.headers
+    assert stored["dead_lettered_at"].tzinfo is not None
+
+
+async def test_concurrent_adds_of_one_letter_store_it_once(store: FailureStore) -> None:
+    same = letter()
+    results = await asyncio.gather(*(store.add(same) for _ in range(4)))
+    assert sorted(results) == [False, False, False, True]
+    assert await store.count(Filter(status=None)) == 1
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+
+async def test_listing_is_newest_first_and_paging_neither_repeats_nor_skips(
+    store: FailureStore,
+) -> None:
+    letters = await add_all(store, (letter() for _ in range(23)))
+    # Several letters share a timestamp, so the cursor has to break ties by id.
+    times = {item.id: T0 + timedelta(seconds=i // 3) for i, item in enumerate(letters)}
+    await set_column(store, "dead_lettered_at", times)
+    expected = sorted(times, key=lambda i: (times[i], i), reverse=True)
+
+    first = await store.page(Filter(), limit=50)
+    assert [item["id"] for item in first.items] == expected
+    assert first.next_cursor is None
+    assert "body" not in first.items[0] and "traceback" not in first.items[0]
+
+    for size in (1, 4, 5, 22, 23):
+        pages = await all_pages(store, Filter(), limit=size)
+        assert [i for page in pages for i in page] == expected, f"page size {size}"
+        assert all(len(page) == size for page in pages[:-1])
+
+
+async def test_paging_with_a_filter_keeps_to_the_filter(store: FailureStore) -> None:
+    letters = await add_all(
+        store, (letter(service="notifier" if i % 2 else "processor") for i in range(12))
+    )
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {item.id: T0 + timedelta(seconds=i // 4) for i, item in enumerate(letters)},
+    )
+    pages = await all_pages(store, Filter(service="processor"), limit=2)
+    ids = [i for page in pages for i in page]
+    assert len(ids) == len(set(ids)) == 6
+    assert set(ids) == {item.id for item in letters if item.service == "processor"}
+
+
+async def test_each_filter_narrows_the_listing(store: FailureStore) -> None:
+    letters = await add_all(
+        store,
+        [
+            letter(
+                service="processor",
+                event_type="dataset.submitted",
+                reason="permanent",
+                exception_type="services.messaging.errors.PermanentError",
+                exception_message="Dataset refused by Warehouse",
+                group="g-refused",
+            ),
+            letter(
+                reason="invalid",
+                exception_type="pydantic_core._pydantic_core.ValidationError",
+                exception_message="1 validation error for notification.requested",
+                group="g-invalid",
+                event_type=None,
+            ),
+            letter(exception_message="connection refused by smtp.example.org"),
+            letter(reason="delivery_limit", exception_type=None, group="g-broker"),
+            letter(),
+        ],
+    )
+    refused, invalid, smtp, broker, plain = letters
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {item.id: T0 + timedelta(minutes=i) for i, item in enumerate(letters)},
+    )
+
+    async def ids(selection: Filter) -> set[str]:
+        return {item["id"] for item in (await store.page(selection, limit=100)).items}
+
+    everyone = {item.id for item in letters}
+    assert await ids(Filter()) == everyone
+    assert await ids(Filter(service="processor")) == {refused.id}
+    assert await ids(Filter(service="notifier")) == everyone - {refused.id}
+    assert await ids(Filter(event_type="dataset.submitted")) == {refused.id}
+    assert await ids(Filter(group="g-connection")) == {smtp.id, plain.id}
+    assert await ids(Filter(reason="invalid")) == {invalid.id}
+    assert await ids(Filter(reason="delivery_limit")) == {broker.id}
+    assert await ids(Filter(exception_type="builtins.ConnectionError")) == {smtp.id, plain.id}
+    assert await ids(Filter(since=T0 + timedelta(minutes=2))) == {smtp.id, broker.id, plain.id}
+    assert await ids(Filter(until=T0 + timedelta(minutes=2))) == {refused.id, invalid.id}
+    window = Filter(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))
+    assert await ids(window) == {invalid.id, smtp.id}
+    # Text search: case-insensitive, in the message and in the exception type.
+    assert await ids(Filter(text="WAREHOUSE")) == {refused.id}
+    assert await ids(Filter(text="smtp.example")) == {smtp.id}
+    assert await ids(Filter(text="validationerror")) == {invalid.id}
+    assert await ids(Filter(text="refused")) == {refused.id, smtp.id, broker.id, plain.id}
+    # Filters combine; an explicit id list narrows too.
+    assert await ids(Filter(service="notifier", text="smtp")) == {smtp.id}
+    assert await ids(Filter(ids=(smtp.id, refused.id), service="notifier")) == {smtp.id}
+    assert await ids(Filter(service="nobody")) == set()
+    # Status: closed letters leave the default (dead) listing.
+    await set_column(store, "status", {plain.id: "replayed"})
+    assert await ids(Filter()) == everyone - {plain.id}
+    assert await ids(Filter(status="replayed")) == {plain.id}
+    assert await ids(Filter(status=None)) == everyone
+    assert await store.count(Filter(group="g-connection")) == 1
+
+
+async def test_a_time_filter_means_the_same_moment_in_any_utc_offset(
+    store: FailureStore, request: pytest.FixtureRequest
+) -> None:
+    early, late = await add_all(store, [letter(), letter()])
+    await set_column(store, "dead_lettered_at", {early.id: T0, late.id: T0 + timedelta(minutes=30)})
+    # 13:15 at UTC+02:00 is 11:15 UTC: both letters (12:00 and 12:30 UTC) come after it.
+    plus_two = timezone(timedelta(hours=2))
+    since = (T0 - timedelta(minutes=45)).astimezone(plus_two)
+    page = await store.page(Filter(since=since), limit=10)
+    assert {item["id"] for item in page.items} == {early.id, late.id}
+    until = (T0 + timedelta(minutes=15)).astimezone(plus_two)
+    page = await store.page(Filter(until=until), limit=10)
+    assert {item["id"] for item in page.items} == {early.id}
+
+
+async def test_text_search_takes_the_text_literally(store: FailureStore) -> None:
+    percent, other = await add_all(
+        store,
+        [
+            letter(exception_message="disk 100% full"),
+            letter(exception_message="disk 100 blocks full"),
+        ],
+    )
+    page = await store.page(Filter(text="100%"), limit=10)
+    assert [item["id"] for item in page.items] == [percent.id]
+    underscore = await store.page(Filter(text="k_1"), limit=10)  # `_` is no wildcard either
+    assert underscore.items == []
+    assert other.id  # listed only by a literal search for its own text
+
+
+async def test_show_links_the_other_letters_of_the_same_event(store: FailureStore) -> None:
+    event_id = str(uuid.uuid4())
+    first, second = await add_all(
+        store, [letter(event_id=event_id), letter(event_id=event_id, replays=1)]
+    )
+    unrelated = await add_all(store, [letter()])
+    await set_column(store, "dead_lettered_at", {first.id: T0, second.id: T0 + timedelta(hours=1)})
+    shown = await store.get(second.id)
+    assert shown is not None
+    assert [r["id"] for r in shown["related"]] == [first.id]
+    assert shown["related"][0]["replays"] == 0
+    assert unrelated[0].id not in {r["id"] for r in shown["related"]}
+    assert await store.get("no-such-letter") is None
+
+
+async def test_letters_without_an_event_id_are_not_related_to_each_other(
+    store: FailureStore,
+) -> None:
+    # Bodies that were not events at all (no message id): nothing links them to each other.
+    one, _ = await add_all(store, [letter(event_id=None), letter(event_id=None)])
+    shown = await store.get(one.id)
+    assert shown is not None
+    assert shown["related"] == []
+
+
+# --- groups ------------------------------------------------------------------------------------
+
+
+async def test_groups_count_and_aggregate_services_and_event_types(store: FailureStore) -> None:
+    letters = await add_all(
+        store,
+        [
+            *(letter(group="g-big") for _ in range(3)),
+            letter(group="g-big", service="processor", event_type="dataset.submitted"),
+            letter(group="g-small", reason="permanent", exception_type="x.Refused"),
+            letter(group="g-small", reason="permanent", exception_type="x.Refused"),
+            letter(group="g-one", reason="invalid", event_type=None),
+        ],
+    )
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {item.id: T0 + timedelta(minutes=i) for i, item in enumerate(letters)},
+    )
+    groups = await store.groups(Filter())
+    assert [(g.group, g.count) for g in groups] == [("g-big", 4), ("g-small", 2), ("g-one", 1)]
+    big, small, one = groups
+    assert big.services == ("notifier", "processor")
+    assert big.event_types == ("dataset.submitted", "notification.requested")
+    assert (big.first_seen, big.last_seen) == (T0, T0 + timedelta(minutes=3))
+    assert big.exception_type == "builtins.ConnectionError"
+    assert big.example_message == "connection refused"
+    assert big.reason == "retries_exhausted"
+    assert (small.reason, small.exception_type, small.services) == (
+        "permanent",
+        "x.Refused",
+        ("notifier",),
+    )
+    assert one.event_types == ()
+    # A filter applies before grouping; closed letters do not count as dead.
+    only_processor = await store.groups(Filter(service="processor"))
+    assert [(g.group, g.count, g.services) for g in only_processor] == [
+        ("g-big", 1, ("processor",))
+    ]
+    await set_column(store, "status", {letters[0].id: "discarded"})
+    assert [(g.group, g.count) for g in await store.groups(Filter(), limit=1)] == [("g-big", 3)]
+
+
+# --- claims ------------------------------------------------------------------------------------
+
+
+async def test_concurrent_claims_of_one_selection_take_disjoint_sets(store: FailureStore) -> None:
+    letters = await add_all(store, (letter() for _ in range(12)))
+    everyone = {item.id for item in letters}
+    claims = await asyncio.gather(
+        *(store.claim(Filter(group="g-connection"), limit=100, lease=LEASE) for _ in range(4))
+    )
+    taken = [{item.id for item in claimed} for _, claimed in claims]
+    assert sum(len(ids) for ids in taken) == len(everyone)
+    assert set().union(*taken) == everyone
+    for i, ids in enumerate(taken):
+        for other in taken[i + 1 :]:
+            assert not ids & other
+    assert set((await status_of(store, everyone)).values()) == {"replaying"}
+    # Claimed letters leave the dead listing and cannot be claimed again within the lease.
+    assert await store.count(Filter()) == 0
+    _, again = await store.claim(Filter(group="g-connection"), limit=100, lease=LEASE)
+    assert again == []
+
+
+async def test_a_claim_takes_at_most_its_limit_oldest_first(store: FailureStore) -> None:
+    letters = await add_all(store, (letter() for _ in range(5)))
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {item.id: T0 - timedelta(minutes=i) for i, item in enumerate(letters)},
+    )
+    _, claimed = await store.claim(Filter(), limit=2, lease=LEASE)
+    by_id = {item.id: item for item in claimed}
+    assert by_id.keys() == {letters[4].id, letters[3].id}
+    # What a replay gets back is the dead letter as it was stored: body, headers, story.
+    assert by_id[letters[4].id] == letters[4]
+
+
+async def test_a_claim_past_its_lease_is_taken_over(store: FailureStore) -> None:
+    letters = await add_all(store, (letter() for _ in range(3)))
+    ids = {item.id for item in letters}
+    dead_token, claimed = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert {item.id for item in claimed} == ids
+    _, none = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert none == []
+
+    # The replay that claimed them died; its lease runs out.
+    await set_column(store, "claimed_at", dict.fromkeys(ids, datetime.now(UTC) - 2 * LEASE))
+    token, taken = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert {item.id for item in taken} == ids and token != dead_token
+
+    # The dead replay can no longer finish them; the new owner can.
+    await store.mark_replayed(letters[0].id, dead_token, "old-action", "ghost")
+    await store.release(dead_token)
+    assert set((await status_of(store, ids)).values()) == {"replaying"}
+    await store.mark_replayed(letters[0].id, token, "action-1", "tester")
+    shown = await store.get(letters[0].id)
+    assert shown is not None
+    assert shown["status"] == "replayed" and shown["closed_at"] is not None
+    assert shown["history"][-1]["action"] == "replayed"
+    assert shown["history"][-1]["actor"] == "tester"
+    assert shown["history"][-1]["action_id"] == "action-1"
+
+
+async def test_release_returns_unmoved_letters_to_dead(store: FailureStore) -> None:
+    letters = await add_all(store, (letter() for _ in range(3)))
+    token, claimed = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert len(claimed) == 3
+    await store.mark_replayed(letters[0].id, token, "a", "tester")
+    await store.release(token)
+    assert await status_of(store, [item.id for item in letters]) == {
+        letters[0].id: "replayed",
+        letters[1].id: "dead",
+        letters[2].id: "dead",
+    }
+    _, again = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert {item.id for item in again} == {letters[1].id, letters[2].id}
+
+
+# --- discard and purge -------------------------------------------------------------------------
+
+
+async def test_discard_closes_dead_letters_and_records_history(store: FailureStore) -> None:
+    doomed = await add_all(store, (letter(group="g-doomed") for _ in range(3)))
+    kept = await add_all(store, [letter()])
+    token, claimed = await store.claim(Filter(ids=(doomed[2].id,)), limit=1, lease=LEASE)
+    assert len(claimed) == 1
+
+    discarded = await store.discard(
+        Filter(group="g-doomed"), limit=10, reason="bad input", actor="alice", action_id="act-9"
+    )
+    # A letter claimed by a replay is not discarded under it.
+    assert set(discarded) == {doomed[0].id, doomed[1].id}
+    statuses = await status_of(store, [*(item.id for item in doomed), kept[0].id])
+    assert statuses == {
+        doomed[0].id: "discarded",
+        doomed[1].id: "discarded",
+        doomed[2].id: "replaying",
+        kept[0].id: "dead",
+    }
+    shown = await store.get(doomed[0].id)
+    assert shown is not None and shown["closed_at"] is not None
+    assert [entry["action"] for entry in shown["history"]] == ["dead_lettered", "discarded"]
+    entry = shown["history"][-1]
+    assert (entry["actor"], entry["reason"], entry["action_id"]) == ("alice", "bad input", "act-9")
+    assert datetime.fromisoformat(entry["at"]) > datetime.now(UTC) - timedelta(minutes=1)
+    # Discarding again finds nothing dead in the group.
+    again = await store.discard(
+        Filter(group="g-doomed"), limit=10, reason="x", actor="alice", action_id="act-10"
+    )
+    assert again == []
+    await store.release(token)
+
+
+async def test_discard_takes_at_most_its_limit(store: FailureStore) -> None:
+    await add_all(store, (letter() for _ in range(5)))
+    discarded = await store.discard(
+        Filter(), limit=2, reason="enough", actor="alice", action_id="act"
+    )
+    assert len(discarded) == 2
+    assert await store.count(Filter()) == 3
+
+
+async def test_purge_removes_only_closed_letters_older_than_retention(
+    store: FailureStore,
+) -> None:
+    old_dead, old_replayed, old_discarded, new_discarded, old_replaying = await add_all(
+        store, (letter() for _ in range(5))
+    )
+    long_ago = datetime.now(UTC) - timedelta(days=40)
+    await set_column(
+        store,
+        "status",
+        {
+            old_replayed.id: "replayed",
+            old_discarded.id: "discarded",
+            new_discarded.id: "discarded",
+            old_replaying.id: "replaying",
+        },
+    )
+    await set_column(
+        store,
+        "closed_at",
+        {
+            old_replayed.id: long_ago,
+            old_discarded.id: long_ago,
+            new_discarded.id: datetime.now(UTC) - timedelta(days=1),
+        },
+    )
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {old_dead.id: long_ago, old_replaying.id: long_ago},
+    )
+    assert await store.purge_closed(timedelta(days=30)) == 2
+    remaining = await status_of(
+        store,
+        [item.id for item in (old_dead, old_replayed, old_discarded, new_discarded, old_replaying)],
+    )
+    assert remaining == {
+        old_dead.id: "dead",
+        new_discarded.id: "discarded",
+        old_replaying.id: "replaying",
+    }
+    assert await store.purge_closed(timedelta(days=30)) == 0
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+async def test_actions_are_listed_newest_first_with_their_selection(store: FailureStore) -> None:
+    first = await store.record_action(
+        action="replay",
+        actor="alice",
+        selection=Filter(group="g", since=T0),
+        dry_run=True,
+        count=3,
+    )
+    second = await store.record_action(
+        action="discard",
+        actor="bob",
+        selection=Filter(ids=("a", "b")),
+        dry_run=False,
+        count=2,
+        reason="noise",
+    )
+    listed = await store.actions()
+    assert [a["id"] for a in listed] == [second, first]
+    newest, oldest = listed
+    assert (newest["action"], newest["actor"], newest["dry_run"], newest["count"]) == (
+        "discard",
+        "bob",
+        False,
+        2,
+    )
+    assert newest["reason"] == "noise" and newest["selection"]["ids"] == ["a", "b"]
+    assert oldest["dry_run"] is True
+    assert oldest["selection"] == {"group": "g", "since": T0.isoformat(), "status": "dead"}
+    assert oldest["at"].tzinfo is not None
+    assert [a["id"] for a in await store.actions(limit=1)] == [second]
+
+
+async def test_broker_dead_letters_of_one_event_from_different_replays_are_kept_apart(
+    store: FailureStore,
+) -> None:
+    # A message that crashes its consumer is dead-lettered by the broker, replayed, and crashes
+    # it again: `x-death` (time in whole seconds) can be identical both times.
+    death = {
+        "count": 1,
+        "reason": "delivery_limit",
+        "queue": "ns.processor",
+        "time": T0,
+        "exchange": "",
+        "routing-keys": ["ns.processor"],
+    }
+    letters = [
+        read_dead_letter(
+            "ns",
+            body=b"{}",
+            headers={"x-death": [death], "x-first-death-queue": "ns.processor", f.REPLAYS: n},
+            message_id="event-1",
+            message_type="dataset.submitted",
+            correlation_id=None,
+        )
+        for n in (1, 2)
+    ]
+    assert [item.replays for item in letters] == [1, 2]
+    assert [await store.add(item) for item in letters] == [True, True]
+    assert await store.count(Filter(service="processor")) == 2

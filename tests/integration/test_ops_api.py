@@ -1,0 +1,600 @@
+"""The ops API (`/v1/ops`) of an in-process gateway on a real broker and a real store.
+
+Dead letters reach the store the way they do in production: a real `Consumer` (or the broker
+itself, for `delivery_limit`) puts them in a dead-letter queue, and the gateway's drain moves
+them into its failure store, acknowledging each only once the store committed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import orjson
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy import text, update
+
+from contracts.events import NotificationRequested, NotificationRequestedData
+from contracts.topology import dead_letter_queue, work_queue
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from services.messaging import failure as f
+from services.messaging.consumer import Consumer, Route
+from services.messaging.errors import PermanentError
+from services.messaging.inbox import Inbox
+from services.messaging.publisher import Publisher
+from services.messaging.retry import RetryPolicy
+from services.messaging.settings import CourierSettings
+from services.messaging.store import open_store, store_url
+from services.ops.store import FailureStore, Filter, dead_letters
+from tests.conftest import Namespace
+from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
+from tests.integration.test_failure_store import letter
+from tests.support.polling import eventually
+from tests.support.processes import REPO
+from tests.support.queues import assert_empty, take
+
+AUTH = {"Authorization": f"Bearer {OPS_TOKEN}"}
+WRONG_TOKEN = "wrong-but-plausible-ops-token-9876543210"
+HEX16 = re.compile(r"^[0-9a-f]{16}$")
+DELAYS = (1,)
+
+
+@asynccontextmanager
+async def running_gateway(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
+    """The in-process gateway; its lifespan ends (drain stopped) when the block is left."""
+    clients = gateway_client(settings)
+    client = await anext(clients)
+    try:
+        yield client
+    finally:
+        with suppress(StopAsyncIteration):
+            await anext(clients)
+
+
+def topology_settings(namespace: Namespace, **overrides: Any) -> dict[str, Any]:
+    """Topology settings shared by the gateway and the test's own consumer and publisher."""
+    values: dict[str, Any] = {"retry_delays": DELAYS, "delivery_limit": 1, **overrides}
+    namespace.settings(**values)
+    return values
+
+
+async def letters(client: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
+    response = await client.get("/v1/ops/dead-letters", params=params, headers=AUTH)
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+def ops_requests(app_settings: GatewaySettings) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """Every route under /v1/ops with a body it would accept: (method, path, json)."""
+    bodies: dict[str, dict[str, Any]] = {
+        "/v1/ops/replays": {"ids": ["x"], "dry_run": True},
+        "/v1/ops/discards": {"ids": ["x"], "why": "test", "dry_run": True},
+    }
+    found: list[tuple[str, str, dict[str, Any] | None]] = []
+    # From the OpenAPI document, so a route added later is covered without editing this test.
+    for path, operations in create_app(app_settings).openapi()["paths"].items():
+        if path.startswith("/v1/ops"):
+            concrete = path.replace("{letter_id}", "no-such-letter")
+            found.extend((method.upper(), concrete, bodies.get(path)) for method in operations)
+    assert len(found) >= 6, found
+    return found
+
+
+@pytest.fixture
+def unstarted_app_settings(tmp_path: Path) -> GatewaySettings:
+    # Authentication needs no broker and no store: the app is not even started.
+    return GatewaySettings(
+        namespace="auth-only", data_dir=tmp_path, ops_tokens={"tester": OPS_TOKEN}
+    )
+
+
+async def test_every_ops_route_needs_a_token(unstarted_app_settings: GatewaySettings) -> None:
+    app = create_app(unstarted_app_settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        for method, path, body in ops_requests(unstarted_app_settings):
+            for headers in (
+                {},
+                {"Authorization": f"Basic {OPS_TOKEN}"},
+                {"Authorization": "Bearer"},
+                {"Authorization": OPS_TOKEN},
+            ):
+                response = await client.request(method, path, json=body, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.text)
+                assert response.headers["www-authenticate"] == "Bearer", (method, path)
+            # An invalid body is not even looked at without a token.
+            response = await client.request(method, path, json={"junk": True})
+            assert response.status_code == 401, (method, path)
+
+
+async def test_a_wrong_token_is_forbidden(unstarted_app_settings: GatewaySettings) -> None:
+    app = create_app(unstarted_app_settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        for method, path, body in ops_requests(unstarted_app_settings):
+            for token in (WRONG_TOKEN, OPS_TOKEN[:-1], OPS_TOKEN + "x", OPS_TOKEN.upper()):
+                response = await client.request(
+                    method, path, json=body, headers={"Authorization": f"Bearer {token}"}
+                )
+                assert response.status_code == 403, (method, path, token, response.text)
+                assert token not in response.text
+
+
+@pytest.mark.broker
+async def test_tokens_never_reach_the_logs(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = gateway_settings(namespace, tmp_path)
+    async with running_gateway(settings) as client:
+        for method, path, body in ops_requests(settings):
+            allowed = await client.request(method, path, json=body, headers=AUTH)
+            assert allowed.status_code not in (401, 403), (method, path, allowed.text)
+            denied = await client.request(
+                method, path, json=body, headers={"Authorization": f"Bearer {WRONG_TOKEN}"}
+            )
+            assert denied.status_code == 403
+        actions = (await client.get("/v1/ops/actions", headers=AUTH)).json()["actions"]
+        assert {a["actor"] for a in actions} == {"tester"}  # the token's name, not the token
+        assert OPS_TOKEN not in str(actions)
+    assert caplog.records, "nothing was logged at all: the check would prove nothing"
+    for record in caplog.records:
+        logged = f"{record.getMessage()} {record.__dict__!r}"
+        assert OPS_TOKEN not in logged, record
+        assert WRONG_TOKEN not in logged, record
+
+
+def test_a_refused_token_setting_does_not_echo_the_tokens(tmp_path: Path) -> None:
+    good = "a-real-token-of-sufficient-length-0123456789"
+    short = "short-secret"
+    result = subprocess.run(
+        [sys.executable, "-m", "services.gateway"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "COURIER_ENVIRONMENT": "production",
+            "COURIER_OPS_TOKENS": f"alice:{good},bob:{short}",
+            "COURIER_DATA_DIR": str(tmp_path),
+        },
+        cwd=REPO,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode != 0 and "shorter than" in output  # it refused, and said why
+    for token in (good, short):
+        pieces = {token[i : i + 8] for i in range(len(token) - 7)}
+        assert not [p for p in pieces if p in output], f"part of {token!r} is in:\n{output}"
+
+
+# --- ingest: real dead letters through the drain -----------------------------------------------
+
+
+def notification(subject: str) -> NotificationRequested:
+    return NotificationRequested(data=NotificationRequestedData(recipient="r", subject=subject))
+
+
+async def failing(event: NotificationRequested) -> None:
+    subject = event.data.subject
+    if subject == "permanent":
+        raise PermanentError(f"recipient of {event.id} refused the message")
+    if subject.startswith("transient"):
+        raise TimeoutError(f"upstream did not answer within {len(subject)} seconds")
+
+
+@asynccontextmanager
+async def failing_consumer(
+    namespace: Namespace, topology: Mapping[str, Any]
+) -> AsyncIterator[None]:
+    """A real `Consumer` for the notifier queue whose handler fails as its subject says."""
+    settings = CourierSettings(amqp_url=namespace.amqp_url, namespace=namespace.name, **topology)
+    publisher = Publisher(namespace.amqp_url)
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    with tempfile.TemporaryDirectory() as data:
+        engine = open_store(store_url(None, Path(data), "notifier"))
+        try:
+            inbox = Inbox(engine, "notifier")
+            await inbox.start()
+            await publisher.connect()
+            consumer = Consumer(
+                topology=settings.topology("notifier"),
+                routes={"notification.requested": Route(failing, RetryPolicy(DELAYS, 0))},
+                publisher=publisher,
+                inbox=inbox,
+                prefetch=8,
+            )
+            await consumer.start(connection)
+            yield
+            assert await consumer.stop(drain_seconds=5)
+        finally:
+            await connection.close()
+            await publisher.close()
+            await engine.dispose()
+
+
+@asynccontextmanager
+async def crashing_consumer(url: str, queue: str) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    """Takes every delivery of `queue` and hands it back unsettled (nack, requeue): what a
+    consumer that keeps crashing on a message does to it."""
+    deliveries: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.get_queue(queue, ensure=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            deliveries.append(message)
+            await message.nack(requeue=True)
+
+        tag = await q.consume(on_message)
+        yield deliveries
+        await q.cancel(tag)
+
+
+@pytest.mark.broker
+async def test_dead_letters_of_every_kind_reach_the_store_with_their_story(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    topology = topology_settings(namespace)
+    settings = gateway_settings(namespace, tmp_path, **topology)
+    dlqs = [dead_letter_queue(namespace.name, s) for s in ("notifier", "processor")]
+    async with (
+        running_gateway(settings) as client,
+        failing_consumer(namespace, topology),
+        crashing_consumer(namespace.amqp_url, work_queue(namespace.name, "processor")) as crashes,
+    ):
+        sent = {}
+        for subject in ("permanent", "transient-a", "transient-bb"):
+            response = await client.post(
+                "/v1/events",
+                json={
+                    "type": "notification.requested",
+                    "data": {"recipient": "r", "subject": subject},
+                },
+            )
+            assert response.status_code == 202
+            sent[subject] = response.json()["id"]
+        response = await client.post(
+            "/v1/events", json={"type": "dataset.submitted", "data": {"records": [{"a": 1}]}}
+        )
+        assert response.status_code == 202
+        sent["crash"] = response.json()["id"]
+        junk_id = f"junk-{uuid.uuid4()}"
+        publisher = Publisher(namespace.amqp_url)
+        await publisher.connect()
+        try:
+            await publisher.publish(
+                aio_pika.Message(b'{"type": "notification.requested"}', message_id=junk_id),
+                exchange=f"{namespace.name}.events",
+                routing_key="notification.requested",
+            )
+        finally:
+            await publisher.close()
+
+        async def all_stored() -> list[dict[str, Any]]:
+            found = await letters(client)
+            assert len(found) == 5, found
+            return found
+
+        stored = {
+            item["reason"] + ":" + str(item["event_id"]): item
+            for item in await eventually(all_stored, timeout=20)
+        }
+        shown = {}
+        for key, item in stored.items():
+            response = await client.get(f"/v1/ops/dead-letters/{item['id']}", headers=AUTH)
+            assert response.status_code == 200
+            shown[key] = response.json()
+
+        groups = (await client.get("/v1/ops/groups", headers=AUTH)).json()["groups"]
+
+    permanent = shown[f"permanent:{sent['permanent']}"]
+    assert permanent["service"] == "notifier"
+    assert permanent["queue"] == work_queue(namespace.name, "notifier")
+    assert permanent["event_type"] == "notification.requested"
+    assert permanent["attempts"] == 1 and permanent["replays"] == 0
+    assert permanent["exception_type"] == "services.messaging.errors.PermanentError"
+    assert permanent["exception_message"] == f"recipient of {sent['permanent']} refused the message"
+    assert 'raise PermanentError(f"recipient of' in permanent["traceback"]
+    assert HEX16.match(permanent["fingerprint"]) and HEX16.match(permanent["group_key"])
+    assert permanent["payload"]["id"] == sent["permanent"]
+    assert permanent["payload"]["data"]["subject"] == "permanent"
+    assert permanent["status"] == "dead" and permanent["related"] == []
+    assert [entry["action"] for entry in permanent["history"]] == ["dead_lettered"]
+    assert permanent["headers"][f.REASON] == "permanent"
+
+    exhausted = [shown[f"retries_exhausted:{sent[s]}"] for s in ("transient-a", "transient-bb")]
+    for item in exhausted:
+        assert item["service"] == "notifier"
+        assert item["attempts"] == 2  # the first delivery and one delayed retry
+        assert item["exception_type"] == "builtins.TimeoutError"
+        assert "raise TimeoutError(" in item["traceback"]
+        assert item["first_failure"] <= item["last_failure"]
+    # Same cause, different numbers in the message: one fingerprint, one group.
+    assert exhausted[0]["fingerprint"] == exhausted[1]["fingerprint"]
+    assert exhausted[0]["group_key"] == exhausted[1]["group_key"]
+    assert exhausted[0]["exception_message"] != exhausted[1]["exception_message"]
+    assert exhausted[0]["group_key"] != permanent["group_key"]
+
+    invalid = shown[f"invalid:{junk_id}"]
+    assert invalid["service"] == "notifier" and invalid["attempts"] == 1
+    assert invalid["exception_type"] == "pydantic_core._pydantic_core.ValidationError"
+    assert invalid["payload"] == {"type": "notification.requested"}
+
+    broken = shown[f"delivery_limit:{sent['crash']}"]
+    assert broken["service"] == "processor"
+    assert broken["queue"] == work_queue(namespace.name, "processor")
+    assert broken["event_type"] == "dataset.submitted"
+    assert "delivery_limit" in broken["exception_message"]
+    assert broken["exception_type"] is None and broken["traceback"] is None
+    assert HEX16.match(broken["fingerprint"]) and HEX16.match(broken["group_key"])
+    assert broken["payload"]["id"] == sent["crash"]
+    assert len(crashes) == 2  # delivered, handed back, delivered again, then dead-lettered
+
+    by_group = {g["group"]: g for g in groups}
+    assert by_group[exhausted[0]["group_key"]]["count"] == 2
+    assert by_group[exhausted[0]["group_key"]]["services"] == ["notifier"]
+    assert by_group[broken["group_key"]]["services"] == ["processor"]
+    assert by_group[broken["group_key"]]["event_types"] == ["dataset.submitted"]
+    assert sum(g["count"] for g in groups) == 5
+
+    # The gateway is stopped: any dead letter it had not acknowledged would be back now.
+    await assert_empty(namespace.amqp_url, dlqs)
+
+
+@pytest.mark.broker
+async def test_a_dead_letter_stays_in_its_queue_until_the_store_has_it(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        async with running_gateway(settings) as client:
+            async with engine.begin() as conn:  # the store breaks
+                await conn.execute(text("ALTER TABLE ops_dead_letters RENAME TO unavailable"))
+            publisher = Publisher(namespace.amqp_url)
+            await publisher.connect()
+            try:
+                await publisher.publish(
+                    aio_pika.Message(b"not json", message_id="m-1"),
+                    exchange="",
+                    routing_key=dead_letter_queue(namespace.name, "notifier"),
+                )
+            finally:
+                await publisher.close()
+
+            async def refused() -> None:
+                assert any("could not store a dead letter" in r.message for r in caplog.records)
+
+            await eventually(refused, timeout=10)
+            async with engine.begin() as conn:  # the store is back
+                await conn.execute(text("ALTER TABLE unavailable RENAME TO ops_dead_letters"))
+
+            async def stored() -> None:
+                found = await letters(client)
+                assert [item["event_id"] for item in found] == ["m-1"]
+
+            await eventually(stored, timeout=10)
+    finally:
+        await engine.dispose()
+    await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
+
+
+# --- reading, replaying and discarding through the API ------------------------------------------
+
+
+async def seed(tmp_path: Path, namespace: Namespace, count: int, **fields: Any) -> list[str]:
+    """Dead letters written into the gateway's store (as the drain would), with real events."""
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    store = FailureStore(engine)
+    await store.start()
+    ids = []
+    try:
+        for _ in range(count):
+            event = notification("seeded")
+            body = event.model_dump_json().encode()
+            item = letter(
+                event_id=event.id,
+                queue=work_queue(namespace.name, "notifier"),
+                body=body,
+                headers={"courier-reason": "retries_exhausted", "x-trace": "keep-me"},
+                **fields,
+            )
+            await store.add(item)
+            ids.append(item.id)
+    finally:
+        await engine.dispose()
+    return ids
+
+
+@pytest.mark.broker
+async def test_listing_filters_and_cursor_paging_through_the_api(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    seeded = await seed(tmp_path, namespace, 7, group="g-seven")
+    others = await seed(tmp_path, namespace, 2, group="g-two", service="processor")
+    async with running_gateway(settings) as client:
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            response = await client.get("/v1/ops/dead-letters", params=params, headers=AUTH)
+            assert response.status_code == 200
+            page = response.json()
+            seen += [item["id"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen)) == 9
+        assert set(seen) == {*seeded, *others}
+        assert {i["id"] for i in await letters(client, group="g-two")} == set(others)
+        assert {i["id"] for i in await letters(client, service="notifier")} == set(seeded)
+        assert await letters(client, status="replayed") == []
+        groups = (await client.get("/v1/ops/groups", headers=AUTH)).json()["groups"]
+        assert [(g["group"], g["count"]) for g in groups] == [("g-seven", 7), ("g-two", 2)]
+        missing = await client.get("/v1/ops/dead-letters/nope", headers=AUTH)
+        assert missing.status_code == 404
+        bad = await client.get("/v1/ops/dead-letters", params={"limit": 0}, headers=AUTH)
+        assert bad.status_code == 422
+
+
+@pytest.mark.broker
+async def test_a_replay_or_discard_without_a_selection_is_refused(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    await seed(tmp_path, namespace, 2)
+    async with running_gateway(settings) as client:
+        for path, body in (("/v1/ops/replays", {}), ("/v1/ops/discards", {"why": "x"})):
+            response = await client.post(path, json=body, headers=AUTH)
+            assert response.status_code == 422, response.text
+        discard = await client.post("/v1/ops/discards", json={"all": True}, headers=AUTH)
+        assert discard.status_code == 422  # a discard needs a reason
+        assert len(await letters(client)) == 2
+        actions = (await client.get("/v1/ops/actions", headers=AUTH)).json()["actions"]
+        assert actions == []
+
+
+@pytest.mark.broker
+async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    [letter_id] = await seed(tmp_path, namespace, 1)
+    async with running_gateway(settings) as client:
+        [item] = await letters(client)
+        response = await client.post(
+            "/v1/ops/replays", json={"ids": [letter_id], "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        outcome = response.json()
+        assert (outcome["count"], outcome["ids"], outcome["dry_run"]) == (1, [letter_id], False)
+        [message] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+        shown = (await client.get(f"/v1/ops/dead-letters/{letter_id}", headers=AUTH)).json()
+        actions = (await client.get("/v1/ops/actions", headers=AUTH)).json()["actions"]
+    # Into the work queue of the service that failed it, not re-broadcast to every subscriber.
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    assert message.message_id == item["event_id"]
+    assert orjson.loads(message.body)["id"] == item["event_id"]
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    headers = dict(message.headers)
+    assert headers[f.REPLAYS] == 1
+    assert headers["x-trace"] == "keep-me"  # the sender's own headers travel on
+    assert not set(headers) & f.FAILURE_HEADERS  # a fresh first attempt
+    assert shown["status"] == "replayed"
+    assert shown["history"][-1]["actor"] == "tester"
+    assert shown["history"][-1]["action_id"] == outcome["action_id"]
+    [action] = actions
+    assert (action["id"], action["action"], action["actor"]) == (
+        outcome["action_id"],
+        "replay",
+        "tester",
+    )
+    assert (action["count"], action["dry_run"], action["selection"]["ids"]) == (
+        1,
+        False,
+        [letter_id],
+    )
+
+
+@pytest.mark.broker
+async def test_a_malformed_cursor_is_a_client_error(namespace: Namespace, tmp_path: Path) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    async with running_gateway(settings) as client:
+        for cursor in ("garbage", "Zm9v"):
+            response = await client.get(
+                "/v1/ops/dead-letters", params={"cursor": cursor}, headers=AUTH
+            )
+            assert response.status_code in (400, 422), response.text
+
+
+async def ready_messages(url: str, queue: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
+@pytest.mark.broker
+async def test_a_replay_that_outlives_its_lease_moves_no_letter_twice(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path, replay_lease_seconds=0.5)
+    await seed(tmp_path, namespace, 10)
+    async with running_gateway(settings) as client:
+        # 10 letters at 4 a second: the replay runs for 2.5 s, five times its lease.
+        slow = asyncio.create_task(
+            client.post("/v1/ops/replays", json={"all": True, "rate": 4}, headers=AUTH, timeout=30)
+        )
+
+        async def claimed() -> None:
+            assert await letters(client) == []  # all ten claimed by the slow replay
+
+        await eventually(claimed, timeout=10)
+        # Meanwhile another replay of the same selection keeps trying, until the first ends.
+        taken_over: list[str] = []
+
+        async def first_replay_ended() -> None:
+            response = await client.post(
+                "/v1/ops/replays", json={"all": True, "rate": 1000}, headers=AUTH
+            )
+            taken_over.extend(response.json()["ids"])
+            assert slow.done()
+
+        await eventually(first_replay_ended, timeout=15)
+        first = (await slow).json()
+    assert not set(first["ids"]) & set(taken_over)
+    assert len(first["ids"]) + len(taken_over) == 10
+    queued = await ready_messages(namespace.amqp_url, work_queue(namespace.name, "notifier"))
+    assert queued == 10
+
+
+@pytest.mark.broker
+async def test_letters_a_dead_replay_left_claimed_count_as_dead_again(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path, replay_lease_seconds=60)
+    ids = await seed(tmp_path, namespace, 3)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:  # a replay claimed them, then its gateway died; the lease ran out long ago
+        store = FailureStore(engine)
+        _, claimed = await store.claim(Filter(), limit=10, lease=timedelta(seconds=60))
+        assert len(claimed) == 3
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(dead_letters).values(claimed_at=datetime.now(UTC) - timedelta(hours=1))
+            )
+    finally:
+        await engine.dispose()
+    async with running_gateway(settings) as client:
+        listed = {item["id"] for item in await letters(client)}
+        groups = (await client.get("/v1/ops/groups", headers=AUTH)).json()["groups"]
+        dry = await client.post(
+            "/v1/ops/replays", json={"all": True, "dry_run": True}, headers=AUTH
+        )
+        real = await client.post("/v1/ops/replays", json={"all": True}, headers=AUTH)
+    assert real.json()["count"] == 3  # the replay does take them over
+    assert dry.json()["count"] == 3
+    assert listed == set(ids)
+    assert [g["count"] for g in groups] == [3]
