@@ -6,13 +6,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# A fixed, unprivileged user. /data is created here and owned by it, so a named volume mounted
-# there (the notifier's log channel) starts out writable by the service.
+# A fixed, unprivileged user. /data and /blobs are created here and owned by it, so named
+# volumes mounted there (the stores, the notifier's log, uploaded files) start out writable.
 RUN groupadd --system --gid 10001 courier \
     && useradd --system --uid 10001 --gid courier --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin courier \
-    && mkdir -p /data \
-    && chown courier:courier /data
+    && mkdir -p /data /blobs \
+    && chown courier:courier /data /blobs
 
 WORKDIR /app
 

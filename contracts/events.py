@@ -11,6 +11,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
 
 from contracts.envelope import Envelope, Payload
+from contracts.files import FileProcessed, FileUploaded
 from contracts.tracking import CancellationRequested, StatusReported
 
 
@@ -100,7 +101,9 @@ Event = Annotated[
     | DatasetSubmitted
     | DatasetProcessed
     | StatusReported
-    | CancellationRequested,
+    | CancellationRequested
+    | FileUploaded
+    | FileProcessed,
     Field(discriminator="type"),
 ]
 """Every event that travels on the broker."""
@@ -117,5 +120,7 @@ EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
     "dataset.processed": DatasetProcessed,
     "status.reported": StatusReported,
     "cancellation.requested": CancellationRequested,
+    "file.uploaded": FileUploaded,
+    "file.processed": FileProcessed,
 }
 INGEST_TYPES: Final[frozenset[str]] = frozenset({"notification.requested", "dataset.submitted"})

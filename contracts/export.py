@@ -62,10 +62,14 @@ AMQP_BINDING_VERSION: Final = "0.3.0"
 _GENERATED: Final = f"Generated from contracts.events by `{COMMAND}`; do not edit by hand."
 
 PUBLICATIONS: Final[dict[str, tuple[str, ...]]] = {
-    # The gateway publishes what upstream clients may submit ...
-    "gateway": (*(t for t in EVENT_MODELS if t in INGEST_TYPES), "cancellation.requested"),
+    # The gateway publishes what upstream clients may submit, and the files it stored ...
+    "gateway": (
+        *(t for t in EVENT_MODELS if t in INGEST_TYPES),
+        "cancellation.requested",
+        "file.uploaded",
+    ),
     # ... handlers publish the follow-up events they return, and workers report status.
-    "processor": ("dataset.processed", "status.reported"),
+    "processor": ("dataset.processed", "status.reported", "file.processed"),
     "notifier": ("status.reported",),
 }
 """Which service publishes which event types (who consumes what is `SUBSCRIPTIONS`)."""

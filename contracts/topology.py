@@ -24,10 +24,10 @@ ExchangeKind = Literal["topic", "direct"]
 
 # Which service consumes which event types. Each service gets its own copy of each event.
 SUBSCRIPTIONS: Final[dict[str, tuple[str, ...]]] = {
-    "processor": ("dataset.submitted",),
+    "processor": ("dataset.submitted", "file.uploaded"),
     "notifier": ("notification.requested", "dataset.processed"),
     # The gateway keeps the status projection and the results it serves.
-    "gateway": ("status.reported", "dataset.processed"),
+    "gateway": ("status.reported", "dataset.processed", "file.processed"),
 }
 
 # Services that do the work and report status; each gets a control queue for cancellations.

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI
 
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
+from contracts.tracking import Transition
 from services.blobs import LocalBlobStore
 from services.gateway.broker import BrokerLink
 from services.gateway.file_routes import router as files_router
@@ -20,7 +21,8 @@ from services.gateway.routes import router
 from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
-from services.messaging.dead_letters import DeadLetterDrain
+from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
+from services.messaging.failure import REASON
 from services.messaging.inbox import Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
@@ -57,6 +59,33 @@ async def _housekeeping(
         await failures.purge_closed(retention)
         await keys.purge()
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
+def _keep_letter(failures: FailureStore, tracking: Tracking) -> Sink:
+    """Store a dead letter; if the broker dead-lettered it (no consumer could report it, e.g. a
+    delivery that kept crashing its consumer), show it in the event's status too."""
+
+    async def keep(letter: DeadLetter) -> None:
+        await failures.add_letter(letter)
+        if letter.event_id is None or REASON in letter.headers:
+            return  # the consumer reported `dead_lettered` itself
+        await tracking.apply(
+            [
+                Transition.model_construct(
+                    event_id=letter.event_id,
+                    event_type=letter.event_type,
+                    service=letter.service,
+                    state="dead_lettered",
+                    at=datetime.now(UTC),  # x-death's time has whole seconds only
+                    attempt=None,
+                    reason=letter.reason[:64],
+                    group=letter.group,
+                    detail=(letter.exception_message or "")[:1000] or None,
+                )
+            ]
+        )
+
+    return keep
 
 
 def _projection_consumer(
@@ -103,6 +132,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             files = Files(engine)
             for store in (failures, tracking, keys, inbox, files):
                 await store.start()
+            # Letters a replay of a previous run left claimed are dead again once its lease ran
+            # out (the lease counts from the last renewal, so no live replay loses them).
+            await failures.release_expired(timedelta(seconds=settings.replay_lease_seconds))
             stack.push_async_callback(tracking.close)
 
             broker = BrokerLink(settings)
@@ -110,7 +142,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 DeadLetterDrain(
                     settings.namespace,
                     [topology.dead_letter_queue for topology in settings.all_topologies()],
-                    failures.add_letter,
+                    _keep_letter(failures, tracking),
                 )
             )
             broker.consume_with(

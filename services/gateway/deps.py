@@ -6,7 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.blobs import BlobStore
 from services.gateway.broker import BrokerLink
+from services.gateway.files import Files
 from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
 
@@ -31,3 +33,17 @@ def _tracking(request: Request) -> Tracking:
 
 
 TrackingDep = Annotated[Tracking, Depends(_tracking)]
+
+
+def _files(request: Request) -> Files:
+    files: Files = request.app.state.files
+    return files
+
+
+def _blobs(request: Request) -> BlobStore:
+    blobs: BlobStore = request.app.state.blobs
+    return blobs
+
+
+FilesDep = Annotated[Files, Depends(_files)]
+BlobsDep = Annotated[BlobStore, Depends(_blobs)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from contracts.envelope import Envelope
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange
 from contracts.tracking import CancellationRequested, CancellationRequestedData
@@ -85,7 +87,8 @@ def _problem(exc: IngestError) -> HTTPException:
     return HTTPException(exc.status, exc.detail)
 
 
-async def _publish(broker: Broker, settings: Settings, event: IngestEvent) -> None:
+async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope) -> None:
+    """Publish one event and return once the broker confirmed it; else an HTTPException."""
     with event_context(event.id, event.correlation()):
         try:
             await broker.publisher.publish_event(
@@ -106,9 +109,9 @@ async def _publish(broker: Broker, settings: Settings, event: IngestEvent) -> No
             ) from exc
 
 
-def _accepted(events: Sequence[IngestEvent], tracking: Tracking) -> list[Accepted]:
+def _accepted(events: Sequence[IngestEvent], tracking: Tracking, at: datetime) -> list[Accepted]:
     for event in events:
-        tracking.accepted(event)
+        tracking.accepted(event, at)
     return [Accepted(id=e.id, type=e.type, status_url=status_url(e.id)) for e in events]
 
 
@@ -126,8 +129,18 @@ async def _idempotent(
     if not 0 < len(key) <= MAX_KEY_LENGTH:
         raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
     keys: IdempotencyKeys = request.app.state.idempotency
+    # In binary mode the event's attributes are headers: they are part of the request.
+    attributes = sorted(
+        f"{name}:{value}"
+        for name, value in request.headers.items()
+        if name.startswith("ce-") or name == "x-correlation-id"
+    )
     request_id = fingerprint(
-        request.method, request.url.path, media_type(request.headers.get("content-type")), body
+        request.method,
+        request.url.path,
+        media_type(request.headers.get("content-type")),
+        *attributes,
+        body,
     )
     claim = await keys.claim(key, request_id, [event.id for event in events])
     if claim.kind == "busy":
@@ -184,8 +197,9 @@ async def submit_event(
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         [one] = events
-        await _publish(broker, settings, one)
-        [accepted] = _accepted(events, tracking)
+        at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
+        await publish_confirmed(broker, settings, one)
+        [accepted] = _accepted(events, tracking, at)
         return JSONResponse(
             accepted.model_dump(), status_code=202, headers={"Location": accepted.status_url}
         )
@@ -226,13 +240,15 @@ async def submit_batch(
         raise _problem(exc) from exc
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
+        at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
         outcomes = await asyncio.gather(
-            *(_publish(broker, settings, event) for event in events), return_exceptions=True
+            *(publish_confirmed(broker, settings, event) for event in events),
+            return_exceptions=True,
         )
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
             return _partial_failure(events, outcomes, failures)
-        accepted = BatchAccepted(events=_accepted(events, tracking))
+        accepted = BatchAccepted(events=_accepted(events, tracking, at))
         return JSONResponse(accepted.model_dump(), status_code=202)
 
     return await _idempotent(request, body, list(events), settings, publish)
@@ -271,6 +287,8 @@ async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
     if found["type"] == "dataset.submitted":
         found["result_url"] = f"/v1/datasets/{event_id}"
+    elif found["type"] == "file.uploaded":
+        found["result_url"] = f"/v1/files/{event_id}"
     return found
 
 
@@ -278,7 +296,13 @@ async def _cancel(event_id: str, broker: Broker, settings: Settings, tracking: T
     found = await tracking.status(event_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
-    done = sorted(s for s, info in found["services"].items() if info["state"] == "succeeded")
+    # Processed means succeeded at some point: a later skipped duplicate or replay of the same
+    # event does not make it cancellable again.
+    done = sorted(
+        service
+        for service, info in found["services"].items()
+        if any(step["state"] == "succeeded" for step in info["history"])
+    )
     if done:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"already processed by {', '.join(done)}; too late to cancel"

@@ -7,6 +7,20 @@ from pydantic_settings import NoDecode
 
 from services.messaging.settings import CourierSettings
 
+DEFAULT_UPLOAD_TYPES = (
+    "text/csv",
+    "text/plain",
+    "text/tab-separated-values",
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/octet-stream",
+    "application/pdf",
+    "application/zip",
+    "application/gzip",
+    "image/*",
+)
+
 
 class GatewaySettings(CourierSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
@@ -37,6 +51,20 @@ class GatewaySettings(CourierSettings):
     replay_lease_seconds: float = Field(
         default=300.0, gt=0, description="After this, a replay that died mid-way is taken over."
     )
+    max_upload_bytes: int = Field(
+        default=1 << 30, ge=1, description="Largest file accepted by POST /v1/files (413 beyond)."
+    )
+    upload_types: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=DEFAULT_UPLOAD_TYPES,
+        description="Media types POST /v1/files accepts (415 otherwise); `type/*` allowed.",
+    )
+
+    @field_validator("upload_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip().lower() for item in value.split(",") if item.strip())
+        return value
 
     @field_validator("ops_tokens", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    or_,
     select,
     update,
 )
@@ -98,6 +99,8 @@ class Tracking:
         self._engine = engine
         self._accepted: list[tuple[Envelope, datetime]] = []
         self._flushed = asyncio.Event()
+        # Held while a batch is written: a reader waits for it instead of missing the batch.
+        self._flush_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -115,9 +118,12 @@ class Tracking:
 
     # --- accepted events (group-committed off the request path) -------------------------------
 
-    def accepted(self, event: Envelope) -> None:
-        """Note an event the broker confirmed; written within ~50 ms with others."""
-        self._accepted.append((event, datetime.now(UTC)))
+    def accepted(self, event: Envelope, at: datetime | None = None) -> None:
+        """Note an event the broker confirmed; written within ~50 ms with others.
+
+        `at` is when the gateway started publishing it: a consumer may report work on the event
+        before the confirm reaches the gateway, so the accept time must not be taken after it."""
+        self._accepted.append((event, at or datetime.now(UTC)))
 
     async def _write_accepted(self) -> None:
         while True:
@@ -128,27 +134,28 @@ class Tracking:
                 log.exception("could not record accepted events; retrying")
 
     async def _flush_accepted(self) -> None:
-        batch, self._accepted = self._accepted, []
-        if not batch:
-            return
-        try:
-            async with self._engine.begin() as conn:
-                for event, at in batch:
-                    await self._ensure_event(conn, event.id, event.type, accepted_at=at)
-                    for service in workers_of(event.type):
-                        await self._apply(
-                            conn,
-                            Transition.model_construct(
-                                event_id=event.id,
-                                event_type=event.type,
-                                service=service,
-                                state="pending",
-                                at=at,
-                            ),
-                        )
-        except BaseException:
-            self._accepted[:0] = batch  # keep them for the next round
-            raise
+        async with self._flush_lock:
+            batch, self._accepted = self._accepted, []
+            if not batch:
+                return
+            try:
+                async with self._engine.begin() as conn:
+                    for event, at in batch:
+                        await self._ensure_event(conn, event.id, event.type, accepted_at=at)
+                        for service in workers_of(event.type):
+                            await self._apply(
+                                conn,
+                                Transition.model_construct(
+                                    event_id=event.id,
+                                    event_type=event.type,
+                                    service=service,
+                                    state="pending",
+                                    at=at,
+                                ),
+                            )
+            except BaseException:
+                self._accepted[:0] = batch  # keep them for the next round
+                raise
 
     # --- transitions ---------------------------------------------------------------------------
 
@@ -189,10 +196,10 @@ class Tracking:
                 return
             except IntegrityError:
                 pass  # recorded meanwhile by a concurrent writer
-        if accepted_at is not None:
+        if accepted_at is not None:  # the first accept counts; a resent event changes nothing
             await conn.execute(
                 update(events)
-                .where(events.c.event_id == event_id)
+                .where(events.c.event_id == event_id, events.c.accepted_at.is_(None))
                 .values(accepted_at=accepted_at, event_type=event_type)
             )
 
@@ -217,19 +224,30 @@ class Tracking:
             "detail": t.detail,
             "updated_at": t.at,
         }
-        moved = await conn.execute(
-            update(states)
-            .where(
-                and_(
-                    states.c.event_id == t.event_id,
-                    states.c.service == t.service,
-                    states.c.updated_at <= t.at,
+        if t.state == "pending":
+            # The weakest state: shown only until a service reports anything (an event resent
+            # with the same id is not pending again).
+            exists = await conn.scalar(
+                select(states.c.state).where(
+                    states.c.event_id == t.event_id, states.c.service == t.service
                 )
             )
-            .values(**values)
-        )
-        if moved.rowcount:
-            return
+            if exists is not None:
+                return
+        else:
+            moved = await conn.execute(
+                update(states)
+                .where(
+                    and_(
+                        states.c.event_id == t.event_id,
+                        states.c.service == t.service,
+                        or_(states.c.updated_at <= t.at, states.c.state == "pending"),
+                    )
+                )
+                .values(**values)
+            )
+            if moved.rowcount:
+                return
         try:
             async with conn.begin_nested():
                 await conn.execute(

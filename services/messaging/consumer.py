@@ -125,6 +125,9 @@ class Consumer:
         )
         self._idle = asyncio.Event()
         self._idle.set()
+        self._backlog = 0
+        self._settled = 0
+        self._caught_up = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -136,6 +139,10 @@ class Consumer:
         self._queue = await channel.declare_queue(
             spec.name, durable=spec.durable, arguments=dict(spec.arguments)
         )
+        # What waited in the queue when consuming began (see `caught_up`).
+        self._backlog = self._queue.declaration_result.message_count or 0
+        if self._settled >= self._backlog:
+            self._caught_up.set()
         self._consumer_tag = await self._queue.consume(self._on_message)
         self._connection = connection
         log.info("consuming", extra={"queue": spec.name, "prefetch": self._prefetch})
@@ -150,6 +157,12 @@ class Consumer:
             and not queue.channel.is_closed
             and self._consumer_tag is not None
         )
+
+    async def caught_up(self) -> None:
+        """Wait until the messages that waited in the queue when consuming began are settled:
+        a service applies the control requests that arrived while it was down before it takes
+        the work they are about. Bound it with a timeout."""
+        await self._caught_up.wait()
 
     @property
     def in_flight(self) -> int:
@@ -188,6 +201,9 @@ class Consumer:
             log.exception("delivery not settled; returning it to the queue")
             await _requeue(message)
         finally:
+            self._settled += 1
+            if self._settled >= self._backlog:
+                self._caught_up.set()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

@@ -1,5 +1,10 @@
 """A process pool for CPU-bound handler work, so the event loop keeps acking, heart-beating
-and answering health checks while a handler computes."""
+and answering health checks while a handler computes.
+
+Closing the pool stops work still running in it: by then the service gave up on those handlers
+(the shutdown timeout passed) and their messages went back to the queue, so the work is redone
+elsewhere. Waiting for it instead would keep the process alive past its shutdown timeout.
+"""
 
 from __future__ import annotations
 
@@ -28,4 +33,11 @@ class CpuPool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # ProcessPoolExecutor cannot stop a running task (`terminate_workers` is Python 3.14+):
+        # end the workers, or shutdown (and the interpreter's exit hook) waits for their tasks.
+        workers = list((self._executor._processes or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(timeout=5)

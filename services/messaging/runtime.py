@@ -48,6 +48,7 @@ RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 
 EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
 CONTROL_PREFETCH = 16
+CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
 _CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
 
@@ -188,8 +189,16 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
                     queue=control,
                 )
             )
-        for consumer in consumers:
+        # Control first, and caught up with what arrived while this service was down: a
+        # cancellation waiting in the control queue must be recorded before its event is taken.
+        for consumer in reversed(consumers):
             await consumer.start(connection)
+            if consumer is not consumers[0]:
+                try:
+                    async with asyncio.timeout(CATCH_UP_SECONDS):
+                        await consumer.caught_up()
+                except TimeoutError:
+                    log.warning("control requests not all applied before consuming work")
 
         def consuming() -> bool:
             return all(consumer.consuming for consumer in consumers)

@@ -80,6 +80,10 @@ class CourierSettings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="Directory of the default SQLite stores."
     )
+    blob_dir: Path = Field(
+        default=Path("data/blobs"),
+        description="Directory of uploaded files (shared by the gateway and the processor).",
+    )
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 

@@ -2,26 +2,91 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from datetime import timedelta
 
 from services.messaging.consumer import Route
+from services.messaging.logs import get_logger
 from services.messaging.runtime import run
+from services.messaging.store import open_store, store_url
 from services.notifier import handlers
-from services.notifier.channels import Channels, LogChannel, Unconfigured
+from services.notifier.channels import Channels, DeliveryChannel, LogChannel, Unconfigured
+from services.notifier.deliveries import Deliveries
+from services.notifier.mail import EmailChannel, SmtpConfig
 from services.notifier.settings import NotifierSettings
+from services.notifier.targets import TargetPolicy
+from services.notifier.webhook import WebhookChannel, WebhookSecrets, webhook_client
 
 SERVICE = "notifier"
+PRUNE_INTERVAL_SECONDS = 3600
+
+log = get_logger("notifier")
+
+
+async def open_deliveries(stack: AsyncExitStack, settings: NotifierSettings) -> Deliveries:
+    """The deliveries record in the service's own store, pruned hourly."""
+    engine = open_store(store_url(settings.database_url, settings.data_dir, SERVICE))
+    stack.push_async_callback(engine.dispose)
+    deliveries = Deliveries(engine)
+    await deliveries.start()
+    retention = timedelta(days=settings.delivery_retention_days)
+
+    async def prune_periodically() -> None:
+        while True:
+            pruned = await deliveries.prune(retention)
+            log.info("deliveries pruned", extra={"removed": pruned})
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    pruner = asyncio.get_running_loop().create_task(prune_periodically())
+    stack.callback(pruner.cancel)
+    return deliveries
+
+
+async def webhook_channel(stack: AsyncExitStack, settings: NotifierSettings) -> DeliveryChannel:
+    if not settings.webhook_enabled:
+        return Unconfigured("webhook")
+    client = webhook_client(
+        TargetPolicy.from_entries(settings.webhook_allowed_hosts),
+        timeout=settings.webhook_timeout,
+        connect_timeout=settings.webhook_connect_timeout,
+        max_connections=settings.webhook_max_connections,
+    )
+    await stack.enter_async_context(client)  # closed (pool drained) at shutdown
+    secrets = WebhookSecrets(
+        settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None,
+        {host: s.get_secret_value().encode() for host, s in settings.webhook_secrets.items()},
+    )
+    return WebhookChannel(client, secrets, timeout=settings.webhook_timeout)
+
+
+def email_channel(settings: NotifierSettings) -> DeliveryChannel:
+    if settings.smtp_host is None or settings.smtp_from is None:
+        return Unconfigured("email")
+    return EmailChannel(
+        SmtpConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port_or_default,
+            sender=settings.smtp_from,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            starttls=settings.smtp_uses_starttls,
+            tls=settings.smtp_tls,
+            timeout=settings.smtp_timeout,
+        )
+    )
 
 
 async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Mapping[str, Route]:
     channels = Channels(
         {
             "log": LogChannel(settings.notify_log),
-            "webhook": Unconfigured("webhook"),
-            "email": Unconfigured("email"),
-        }
+            "webhook": await webhook_channel(stack, settings),
+            "email": email_channel(settings),
+        },
+        await open_deliveries(stack, settings),
     )
     policy = settings.retry_policy()
     return {

@@ -1,18 +1,29 @@
-"""Delivery channels. Each takes a `Notification` and delivers it, or raises."""
+"""Delivery channels. Each takes a `Notification` and delivers it, or raises.
+
+`log` (here), `webhook` (`webhook.py`) and `email` (`mail.py`); `Channels` picks the channel
+and records every attempt in the deliveries record (`deliveries.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
+from contracts.envelope import Envelope
 from contracts.events import Channel
 from services.messaging.errors import PermanentError
+from services.messaging.logs import get_logger
+
+if TYPE_CHECKING:
+    from services.notifier.deliveries import Deliveries
+
+log = get_logger("notifier.channels")
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,8 @@ class Notification:
     recipient: str
     subject: str
     body: str
+    event: Envelope = field(repr=False, compare=False)
+    """The event that asked for the notification (what a webhook receives)."""
 
 
 class DeliveryChannel(Protocol):
@@ -47,7 +60,15 @@ class LogChannel:
             os.close(fd)
 
     async def deliver(self, notification: Notification) -> None:
-        record = {**asdict(notification), "delivered_at": datetime.now(UTC).isoformat()}
+        record = {
+            "event_id": notification.event_id,
+            "correlation_id": notification.correlation_id,
+            "channel": notification.channel,
+            "recipient": notification.recipient,
+            "subject": notification.subject,
+            "body": notification.body,
+            "delivered_at": datetime.now(UTC).isoformat(),
+        }
         line = orjson.dumps(record) + b"\n"
         async with self._lock:
             await asyncio.to_thread(self._append, line)
@@ -64,8 +85,24 @@ class Unconfigured:
 
 
 class Channels:
-    def __init__(self, by_name: dict[Channel, DeliveryChannel]) -> None:
+    """Delivers on the notification's channel, at most once per event id once it succeeded."""
+
+    def __init__(self, by_name: dict[Channel, DeliveryChannel], deliveries: Deliveries) -> None:
         self._by_name = by_name
+        self._deliveries = deliveries
 
     async def deliver(self, notification: Notification) -> None:
-        await self._by_name[notification.channel].deliver(notification)
+        if not await self._deliveries.begin(notification):
+            # An earlier attempt delivered, then died before the inbox recorded the event.
+            log.info(
+                "already delivered; not sending again", extra={"channel": notification.channel}
+            )
+            return
+        try:
+            await self._by_name[notification.channel].deliver(notification)
+        except Exception as exc:
+            summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+            permanent = isinstance(exc, PermanentError)
+            await self._deliveries.failed(notification.event_id, summary, permanent=permanent)
+            raise
+        await self._deliveries.delivered(notification.event_id)

@@ -17,6 +17,7 @@ async def notification_requested(event: NotificationRequested, *, channels: Chan
             recipient=event.data.recipient,
             subject=event.data.subject,
             body=event.data.body,
+            event=event,
         )
     )
 
@@ -42,5 +43,6 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             recipient=event.data.notify or DEFAULT_DATASET_RECIPIENT,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
+            event=event,
         )
     )

@@ -1,10 +1,29 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from services.messaging.settings import ConsumerSettings
+from services.notifier.mail import EmailRejected, parse_address
+from services.notifier.targets import TargetPolicy
+
+MIN_SECRET_LENGTH = 24
+PLACEHOLDERS = frozenset(
+    {"changeme", "change-me", "secret", "token", "password", "dev", "test", "example"}
+)
+_OPTIONAL = (
+    "webhook_secret",
+    "smtp_host",
+    "smtp_port",
+    "smtp_username",
+    "smtp_password",
+    "smtp_starttls",
+    "smtp_from",
+)
 
 
 class NotifierSettings(ConsumerSettings):
@@ -12,3 +31,130 @@ class NotifierSettings(ConsumerSettings):
         default=Path("data/notifications.jsonl"),
         description="File the `log` channel appends one JSON line per notification to.",
     )
+    environment: Literal["production", "development"] = Field(
+        default="production",
+        description="`development` accepts placeholder webhook secrets; not for production.",
+    )
+    delivery_retention_days: float = Field(
+        default=30.0, gt=0, description="How long the deliveries record keeps a notification."
+    )
+
+    # --- webhook ---------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Default HMAC-SHA256 signing secret; none at all turns the channel off.",
+    )
+    webhook_secrets: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-host signing secrets as `host=secret` pairs, comma-separated (or JSON).",
+    )
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Host names, IPs or CIDR networks a webhook may reach although not public.",
+    )
+    webhook_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds one webhook request may take in total."
+    )
+    webhook_connect_timeout: float = Field(
+        default=5.0, gt=0, le=60, description="Seconds to resolve and connect to a receiver."
+    )
+    webhook_max_connections: int = Field(
+        default=100, ge=1, le=10_000, description="Pooled connections to webhook receivers."
+    )
+
+    # --- email -----------------------------------------------------------------------------
+    smtp_host: str | None = Field(default=None, description="SMTP server; unset = channel off.")
+    smtp_port: int | None = Field(
+        default=None, ge=1, le=65_535, description="SMTP port; default 465 with TLS, else 587."
+    )
+    smtp_username: str | None = Field(default=None, description="SMTP login, if any.")
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP password.")
+    smtp_starttls: bool | None = Field(
+        default=None, description="Require STARTTLS; default: yes unless `smtp_tls`."
+    )
+    smtp_tls: bool = Field(default=False, description="Implicit TLS from the first byte (465).")
+    smtp_from: str | None = Field(default=None, description="The From address of every email.")
+    smtp_timeout: float = Field(default=30.0, gt=0, description="Seconds per SMTP exchange.")
+
+    @field_validator(*_OPTIONAL, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `${VAR:-}` as an empty string: that means "not set".
+        return None if value == "" else value
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _host_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("{"):
+            parsed: object = json.loads(value)
+            return parsed
+        pairs = [item.strip() for item in value.split(",") if item.strip()]
+        if any("=" not in pair for pair in pairs):
+            raise ValueError("COURIER_WEBHOOK_SECRETS holds `host=secret` pairs")
+        return {host.strip().lower(): secret for host, secret in (p.split("=", 1) for p in pairs)}
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        TargetPolicy.from_entries(value)  # raises ValueError on an entry it cannot read
+        return value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _sender(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_address(value, "sender", display_name=True)
+            except EmailRejected as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> NotifierSettings:
+        if self.smtp_tls and self.smtp_starttls:
+            raise ValueError("COURIER_SMTP_TLS and COURIER_SMTP_STARTTLS exclude each other")
+        if self.smtp_host is not None and not self.smtp_from:
+            raise ValueError("COURIER_SMTP_FROM is required with COURIER_SMTP_HOST")
+        if (self.smtp_username is None) != (self.smtp_password is None):
+            raise ValueError("set both COURIER_SMTP_USERNAME and COURIER_SMTP_PASSWORD, or neither")
+        if self.environment == "development":
+            return self
+        secrets = {"COURIER_WEBHOOK_SECRET": self.webhook_secret} | {
+            f"COURIER_WEBHOOK_SECRETS[{host}]": secret
+            for host, secret in self.webhook_secrets.items()
+        }
+        for name, secret in secrets.items():
+            if secret is None:
+                continue
+            value = secret.get_secret_value()
+            if len(value) < MIN_SECRET_LENGTH or value.lower() in PLACEHOLDERS:
+                raise ValueError(
+                    f"{name} is a placeholder or shorter than {MIN_SECRET_LENGTH} characters; "
+                    "generate one, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`"
+                )
+        if self.smtp_password is not None and (
+            self.smtp_password.get_secret_value().lower() in PLACEHOLDERS
+        ):
+            raise ValueError("COURIER_SMTP_PASSWORD is a placeholder")
+        return self
+
+    @property
+    def webhook_enabled(self) -> bool:
+        return self.webhook_secret is not None or bool(self.webhook_secrets)
+
+    @property
+    def smtp_uses_starttls(self) -> bool:
+        return (not self.smtp_tls) if self.smtp_starttls is None else self.smtp_starttls
+
+    @property
+    def smtp_port_or_default(self) -> int:
+        return self.smtp_port or (465 if self.smtp_tls else 587)

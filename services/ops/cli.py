@@ -16,7 +16,8 @@ Exit codes:
 * 2: usage error (bad option, no selection for replay or discard);
 * 3: authentication: no token, or the gateway refused it (401, 403);
 * 4: the gateway is unreachable (connection refused, DNS, connect timeout);
-* 5: the broker is unavailable (503): a replay stopped early; what moved is reported.
+* 5: the broker is unavailable (503): a replay stopped early; what moved is reported;
+* 130: interrupted (Ctrl-C) during a replay or discard; what moved is reported.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class ExitCode(IntEnum):
     AUTH = 3
     UNREACHABLE = 4
     UNAVAILABLE = 5
+    INTERRUPTED = 130
 
 
 class OpsError(Exception):
@@ -109,8 +111,9 @@ class OpsClient:
         query = {key: value for key, value in (params or {}).items() if value is not None}
         return self._send("GET", path, params=query)
 
-    def post(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> Any:
-        return self._send("POST", path, json=dict(body), timeout=timeout)
+    def post(self, path: str, body: Mapping[str, Any], *, extra_seconds: float = 0.0) -> Any:
+        """POST; `extra_seconds` on top of the timeout for work the gateway paces (--rate)."""
+        return self._send("POST", path, body=dict(body), timeout=self._timeout + extra_seconds)
 
     def _send(
         self,
@@ -118,12 +121,12 @@ class OpsClient:
         path: str,
         *,
         params: dict[str, Any] | None = None,
-        json: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         try:
             response = self._http.request(
-                method, path, params=params, json=json, timeout=timeout or self._timeout
+                method, path, params=params, json=body, timeout=timeout or self._timeout
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise OpsError(
@@ -406,7 +409,7 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(min=0.1),
             default=30.0,
             show_default=True,
-            help="Seconds to wait for each answer (replays get more for slow --rate).",
+            help="Seconds to wait for each answer (plus --batch / --rate for a replay).",
         ),
         click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout."),
         click.option(
@@ -558,7 +561,11 @@ def list_letters(
 @click.argument("letter_id", metavar="ID")
 @_connection_options
 def show_letter(session: Session, letter_id: str) -> None:
-    """One dead letter: payload, headers, error, traceback, history and related letters."""
+    """Show one dead letter in full.
+
+    Payload, headers, error, traceback, attempts, failure times, its history, and the other
+    letters of the same event (earlier or later failures, replays).
+    """
     item = session.client.get(f"/dead-letters/{quote(letter_id, safe='')}")
     if session.as_json:
         session.emit(item)
@@ -665,7 +672,11 @@ def _letter_view(item: Mapping[str, Any]) -> Group:
 )
 @_connection_options
 def groups(session: Session, status: str, limit: int, **options: Any) -> None:
-    """Dead letters grouped by cause (failure fingerprint and normalised message)."""
+    """Group dead letters by cause.
+
+    A group is the failure fingerprint (exception type and innermost project frame) plus the
+    message with its variable parts removed; largest first.
+    """
     params = {**_filters(options).params(), "status": status, "limit": limit}
     found = session.client.get("/groups", params).get("groups", [])
     if session.as_json:
@@ -724,20 +735,9 @@ def _frozen_until(session: Session, selection: Selection) -> datetime | None:
 
 
 def _count(session: Session, selection: Selection, until: datetime, cap: int | None) -> int:
-    """How many dead letters the selection holds (up to `cap`), from the list endpoint."""
-    params: dict[str, Any] = {
-        **selection.filters.params(),
-        "until": until.isoformat(),
-        "status": "dead",
-        "limit": LIST_PAGE if cap is None else min(LIST_PAGE, cap),
-    }
-    total, cursor = 0, None
-    while cap is None or total < cap:
-        page = session.client.get("/dead-letters", {**params, "cursor": cursor})
-        total += len(page.get("items", []))
-        cursor = page.get("next_cursor")
-        if not cursor:
-            break
+    """How many dead letters the selection holds (up to `cap`)."""
+    params = {**selection.filters.params(), "until": until.isoformat(), "status": "dead"}
+    total = int(session.client.get("/count", params)["count"])
     return total if cap is None else min(total, cap)
 
 
@@ -754,7 +754,7 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if not self._session.as_json and self._session.err.is_terminal:
             self._bar = Progress(
-                TextColumn(f"{self._verb}"),
+                TextColumn(self._verb),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
@@ -777,7 +777,7 @@ class _Progress:
 
 
 def _batches(total: int, batch: int) -> Iterator[int]:
-    """Sizes of the requests that cover `total`, and then keep going while letters remain."""
+    """Sizes of the requests that cover `total`, each at most `batch`."""
     remaining = total
     while remaining > 0:
         size = min(batch, remaining)
@@ -816,7 +816,7 @@ def _run_batches(
     extra: Mapping[str, Any],
     limit: int | None,
     batch: int,
-    timeout_for: Callable[[int], float | None],
+    paced: Callable[[int], float],
 ) -> _Run:
     if selection.ids:
         until = None
@@ -834,8 +834,16 @@ def _run_batches(
         for size in _batches(total, batch):
             try:
                 outcome = session.client.post(
-                    path, {**body, "limit": size}, timeout=timeout_for(size)
+                    path, {**body, "limit": size}, extra_seconds=paced(size)
                 )
+            except KeyboardInterrupt:
+                error = OpsError(
+                    f"interrupted after {run.done} of {total}; the batch in flight may still "
+                    "complete on the gateway: check `courier dlq actions`",
+                    ExitCode.INTERRUPTED,
+                )
+                error.partial = run.document()
+                raise error from None
             except OpsError as error:
                 if isinstance(error.detail, dict):  # a 503 says what it did before stopping
                     run.done += int(error.detail.get("count", 0))
@@ -912,10 +920,12 @@ def replay(
     batch: int,
     **options: Any,
 ) -> None:
-    """Replay dead letters into the work queue of the service that failed them.
+    """Replay dead letters into their work queues.
 
-    Select by --id (repeatable), by filters, or --all. Works in batches of --batch at --rate
-    letters per second until the selection or --limit is exhausted.
+    Each goes back to the work queue of the service that failed it. Select by --id
+    (repeatable), by filters, or --all. Works in batches of --batch at --rate letters per
+    second until the selection or --limit is exhausted; letters dead-lettered after the start
+    are not taken.
     """
     selection = _selection(options)
     if dry_run:
@@ -930,7 +940,7 @@ def replay(
         extra={"rate": rate},
         limit=limit,
         batch=batch,
-        timeout_for=lambda size: size / rate + 30.0,
+        paced=lambda size: size / rate,
     )
     _report(session, run, "Replayed", "back into their work queues")
 
@@ -946,9 +956,10 @@ def replay(
 )
 @_connection_options
 def discard(session: Session, why: str, dry_run: bool, limit: int | None, **options: Any) -> None:
-    """Discard dead letters for good (kept for the audit period, never replayed).
+    """Discard dead letters for good, with a reason.
 
-    Select by --id (repeatable), by filters, or --all; --why is required.
+    Discarded letters are never replayed; they stay in the store (and the audit trail) for
+    the retention period. Select by --id (repeatable), by filters, or --all; --why is required.
     """
     selection = _selection(options)
     if dry_run:
@@ -963,7 +974,7 @@ def discard(session: Session, why: str, dry_run: bool, limit: int | None, **opti
         extra={"why": why},
         limit=limit,
         batch=DISCARD_BATCH,
-        timeout_for=lambda size: None,
+        paced=lambda size: 0.0,
     )
     _report(session, run, "Discarded", "")
 
@@ -975,9 +986,12 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
     if run.total == 0:
         session.out.print("No dead letters match; nothing to do.")
         return
+    if len(run.action_ids) == 1:
+        audit = f" (action {run.action_ids[0]})"
+    else:
+        audit = f" ({len(run.action_ids)} actions; see `courier dlq actions`)"
     session.out.print(
-        f"{verb} {run.done} of {run.total} dead letter(s){' ' + where if where else ''}"
-        + (f" (actions {', '.join(run.action_ids)})." if run.action_ids else ".")
+        f"{verb} {run.done} of {run.total} dead letter(s){' ' + where if where else ''}{audit}."
     )
 
 
@@ -991,7 +1005,10 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
 )
 @_connection_options
 def actions(session: Session, limit: int) -> None:
-    """The audit trail: every replay and discard (dry runs too), who, when, what, how many."""
+    """Show the audit trail of replays and discards.
+
+    Every replay and discard, dry runs too: who, when, which selection, how many.
+    """
     found = session.client.get("/actions", {"limit": limit}).get("actions", [])
     if session.as_json:
         session.emit({"actions": found})

@@ -54,9 +54,8 @@ class Operations:
         self, selection: Filter, *, actor: str, limit: int, rate: float, dry_run: bool
     ) -> Outcome:
         await self._store.release_expired(self._lease)  # letters of a replay that died
-        if dry_run:
-            page = await self._store.page(selection, limit=limit)
-            ids = [item["id"] for item in page.items]
+        if dry_run:  # exactly what a real run would take now, in its order
+            ids = await self._store.preview(selection, limit=limit, lease=self._lease)
             action_id = await self._store.record_action(
                 action="replay", actor=actor, selection=selection, dry_run=True, count=len(ids)
             )
@@ -74,10 +73,13 @@ class Operations:
                 next_at = time.monotonic() + interval
                 if not await self._store.renew(token, letter.id):
                     continue  # this replay outlived its lease; another one took the letter
+                # Stamped before the publish: the service may report its new attempt before
+                # the letter is marked, and the status must keep them in that order.
+                replayed_at = datetime.now(UTC)
                 await replay(self._publisher, self._namespace, letter)
                 if await self._store.mark_replayed(letter.id, token, action_id, actor):
                     moved.append(letter.id)
-                    await self._report_replayed(letter)
+                    await self._report_replayed(letter, replayed_at)
         except (BrokerUnavailable, Unroutable) as exc:
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
@@ -94,7 +96,7 @@ class Operations:
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error)
 
-    async def _report_replayed(self, letter: DeadLetter) -> None:
+    async def _report_replayed(self, letter: DeadLetter, at: datetime) -> None:
         if self._on_replayed is None or letter.event_id is None:
             return
         await self._on_replayed(
@@ -104,7 +106,7 @@ class Operations:
                     event_type=letter.event_type,
                     service=letter.service,
                     state="replayed",
-                    at=datetime.now(UTC),
+                    at=at,
                     detail=f"dead letter {letter.id}",
                 )
             ]
@@ -114,8 +116,7 @@ class Operations:
         self, selection: Filter, *, actor: str, limit: int, reason: str, dry_run: bool
     ) -> Outcome:
         if dry_run:
-            page = await self._store.page(selection, limit=limit)
-            ids = [item["id"] for item in page.items]
+            ids = await self._store.preview(selection, limit=limit, lease=None)
             action_id = await self._store.record_action(
                 action="discard",
                 actor=actor,

@@ -146,6 +146,13 @@ async def show_dead_letter(request: Request, actor: Operator, letter_id: str) ->
     return item
 
 
+@router.get("/count", summary="How many dead letters match (the list's filters)")
+async def count_dead_letters(
+    request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
+) -> dict[str, int]:
+    return {"count": await _store(request).count(query.to_filter())}
+
+
 @router.get("/groups", summary="Dead letters grouped by failure fingerprint")
 async def groups(
     request: Request, actor: Operator, query: Annotated[ListQuery, Query()]

@@ -37,6 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.messaging.dead_letters import DeadLetter
@@ -369,24 +370,9 @@ class FailureStore:
         token = uuid.uuid4().hex
         now = datetime.now(UTC)
         c = dead_letters.c
-        # A letter is claimable when dead, or when its claim's lease ran out (the replay died).
-        claimable = or_(
-            c.status == "dead", and_(c.status == "replaying", c.claimed_at < now - lease)
-        )
-        base = Filter(**{**selection.__dict__, "status": None}).where()
+        claimable = _takeable(selection, lease, now)
         async with self.engine.begin() as conn:
-            candidates = (
-                (
-                    await conn.execute(
-                        select(c.id)
-                        .where(base, claimable)
-                        .order_by(c.dead_lettered_at, c.id)
-                        .limit(limit)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            candidates = (await conn.execute(_oldest_first(claimable, limit))).scalars().all()
             if candidates:
                 await conn.execute(
                     update(dead_letters)
@@ -395,6 +381,13 @@ class FailureStore:
                 )
             rows = (await conn.execute(select(dead_letters).where(c.claim == token))).all()
         return token, [_letter(r) for r in rows]
+
+    async def preview(self, selection: Filter, *, limit: int, lease: timedelta | None) -> list[str]:
+        """The ids a replay (with `lease`) or a discard (without) would take now, in order:
+        what a dry run reports."""
+        query = _oldest_first(_takeable(selection, lease, datetime.now(UTC)), limit)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars().all())
 
     async def renew(self, token: str, letter_id: str) -> bool:
         """Extend a replay's claim on all its letters; False if `letter_id` is no longer its own
@@ -470,11 +463,14 @@ class FailureStore:
             "reason": reason,
             "action_id": action_id,
         }
-        base = Filter(**{**selection.__dict__, "status": "dead"}).where()
+        base = _takeable(selection, None, now)
         async with self.engine.begin() as conn:
             rows = (
                 await conn.execute(
-                    select(c.id, c.history).where(base).order_by(c.dead_lettered_at).limit(limit)
+                    select(c.id, c.history)
+                    .where(base)
+                    .order_by(c.dead_lettered_at, c.id)
+                    .limit(limit)
                 )
             ).all()
             discarded = []
@@ -533,6 +529,22 @@ class FailureStore:
                 await conn.execute(select(actions).order_by(actions.c.at.desc()).limit(limit))
             ).all()
         return [{**_row_dict(r), "dry_run": bool(r.dry_run)} for r in rows]
+
+
+def _takeable(selection: Filter, lease: timedelta | None, now: datetime) -> ColumnElement[bool]:
+    """Letters an operation may take: dead ones, and for a replay (`lease` given) also those
+    whose replay died (its claim's lease ran out)."""
+    c = dead_letters.c
+    base = Filter(**{**selection.__dict__, "status": None}).where()
+    if lease is None:
+        return and_(base, c.status == "dead")
+    expired = and_(c.status == "replaying", c.claimed_at < now - lease)
+    return and_(base, or_(c.status == "dead", expired))
+
+
+def _oldest_first(where: ColumnElement[bool], limit: int) -> Select[Any]:
+    c = dead_letters.c
+    return select(c.id).where(where).order_by(c.dead_lettered_at, c.id).limit(limit)
 
 
 def _letter(row: Any) -> DeadLetter:

@@ -1,1 +1,1 @@
-"""The processor service: summarises submitted datasets."""
+"""The processor service: summarises submitted datasets and analyses uploaded files."""

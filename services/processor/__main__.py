@@ -6,6 +6,7 @@ import functools
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
+from services.blobs import LocalBlobStore
 from services.messaging.consumer import Route
 from services.messaging.cpu import CpuPool
 from services.messaging.runtime import run
@@ -22,6 +23,12 @@ async def build_routes(stack: AsyncExitStack, settings: ConsumerSettings) -> Map
     return {
         "dataset.submitted": Route(
             functools.partial(handlers.dataset_submitted, pool=pool), policy
+        ),
+        "file.uploaded": Route(
+            functools.partial(
+                handlers.file_uploaded, pool=pool, blobs=LocalBlobStore(settings.blob_dir)
+            ),
+            policy,
         ),
     }
 

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import DatasetProcessed, DatasetProcessedData, DatasetSubmitted
+from contracts.files import FileProcessed, FileProcessedData, FileUploaded
+from services.blobs import BlobStore
 from services.messaging.cpu import CpuPool
+from services.processor.analysis import analyse_file
 from services.processor.summary import summarise
 
 
@@ -23,6 +26,34 @@ async def dataset_submitted(event: DatasetSubmitted, *, pool: CpuPool) -> Sequen
             record_count=len(event.data.records),
             fields=fields,
             notify=event.data.notify,
+        ),
+    )
+    return [processed]
+
+
+async def file_uploaded(
+    event: FileUploaded, *, pool: CpuPool, blobs: BlobStore
+) -> Sequence[Envelope]:
+    """Analyse the stored file in a worker process (streaming it) and announce the analysis.
+
+    A missing, changed or unreadable file raises `PermanentError` (from the worker) with the
+    reason; it is dead-lettered, not retried.
+    """
+    data = event.data
+    analysis = await pool.run(
+        analyse_file, blobs, data.blob, data.content_type, data.size, data.sha256
+    )
+    processed = FileProcessed(
+        id=derived_event_id(event.id, "file.processed"),
+        source="urn:courier:processor",
+        subject=event.id,
+        data=FileProcessedData(
+            file_id=data.file_id,
+            name=data.name,
+            declared_type=data.content_type,
+            size=data.size,
+            sha256=data.sha256,
+            analysis=analysis,
         ),
     )
     return [processed]

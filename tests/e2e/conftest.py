@@ -14,7 +14,11 @@ class System:
 
     def __init__(self, namespace: Namespace, workdir: Path) -> None:
         self.notify_log = workdir / "notifications.jsonl"
-        env = namespace.env(COURIER_NOTIFY_LOG=str(self.notify_log), COURIER_LOG_LEVEL="INFO")
+        env = namespace.env(
+            COURIER_NOTIFY_LOG=str(self.notify_log),
+            COURIER_LOG_LEVEL="INFO",
+            COURIER_BLOB_DIR=str(workdir / "blobs"),  # shared by gateway and processor
+        )
         self.gateway = gateway(env, workdir)
         self.processor = consumer("processor", env, workdir)
         self.notifier = consumer("notifier", env, workdir)

@@ -5,6 +5,11 @@ as the `notifier` service of its namespace. Its handler is stateful: it inserts 
 `notification.requested` into an `effects` table of the service's own store, in the same
 transaction as the inbox record, so tests count effects in a store instead of reading logs.
 
+Every handler call first commits a row to `starts` (event id, time, pid) in its own
+transaction, before any misbehaviour: tests see that a handler is mid-work, and count how often
+an event was delivered to a handler (a redelivery after a crash or a dropped connection shows as
+a second start). An event that is a duplicate in the inbox never reaches the handler.
+
 The event's subject tells the handler how to misbehave:
 
 * `slow:<seconds>`        sleep that long before the effect (a kill lands mid-work);
@@ -13,6 +18,7 @@ The event's subject tells the handler how to misbehave:
 * `die-before-ack`        after the effect is committed, exit instead of acking — once;
 * `fail:<n>`              raise a transient error on the first n attempts (counted in the store);
 * `fail-always`           raise a transient error on every attempt;
+* `fixable`               raise a transient error while `<COURIER_DATA_DIR>/broken` exists;
 * anything else           just the effect.
 """
 
@@ -38,9 +44,11 @@ from services.messaging.store import open_store, store_url
 
 SERVICE = "notifier"
 EFFECTS_DDL = (
-    "CREATE TABLE IF NOT EXISTS effects (event_id VARCHAR(128), subject VARCHAR(200), pid INTEGER)"
+    "CREATE TABLE IF NOT EXISTS effects "
+    "(event_id VARCHAR(128), subject VARCHAR(200), pid INTEGER, at FLOAT)"
 )
 ATTEMPTS_DDL = "CREATE TABLE IF NOT EXISTS attempts (event_id VARCHAR(128), at FLOAT)"
+STARTS_DDL = "CREATE TABLE IF NOT EXISTS starts (event_id VARCHAR(128), at FLOAT, pid INTEGER)"
 
 
 def burn(seconds: float) -> int:
@@ -61,6 +69,14 @@ class EffectHandler:
         async with self._engine.begin() as conn:
             await conn.execute(text(EFFECTS_DDL))
             await conn.execute(text(ATTEMPTS_DDL))
+            await conn.execute(text(STARTS_DDL))
+
+    async def _started(self, event_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO starts VALUES (:id, :at, :pid)"),
+                {"id": event_id, "at": time.time(), "pid": os.getpid()},
+            )
 
     async def _attempts(self, event_id: str) -> int:
         async with self._engine.begin() as conn:
@@ -75,6 +91,7 @@ class EffectHandler:
     async def __call__(self, event: NotificationRequested, conn: AsyncConnection) -> None:
         subject = event.data.subject
         kind, _, arg = subject.partition(":")
+        await self._started(event.id)
         if kind == "crash":
             os._exit(3)
         if kind == "slow":
@@ -86,11 +103,13 @@ class EffectHandler:
         if kind == "fail-always":
             await self._attempts(event.id)
             raise ConnectionError("always failing")
+        if kind == "fixable" and (self._marker_dir / "broken").exists():
+            raise ConnectionError(f"broken until fixed: {event.id}")
         if kind == "die-before-ack":
             _die_at_next_ack(self._marker_dir / f"died-{event.id}")
         await conn.execute(
-            text("INSERT INTO effects VALUES (:id, :subject, :pid)"),
-            {"id": event.id, "subject": subject, "pid": os.getpid()},
+            text("INSERT INTO effects VALUES (:id, :subject, :pid, :at)"),
+            {"id": event.id, "subject": subject, "pid": os.getpid(), "at": time.time()},
         )
 
 

@@ -309,6 +309,37 @@ def test_notifier_log_is_on_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(notify_log.is_relative_to(target) for target in targets), (notify_log, targets)
 
 
+def _volume_mounts(name: str) -> dict[Path, str]:
+    """Mount target → source of a service's volumes."""
+    mounts: dict[Path, str] = {}
+    for volume in _service(name).get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[Path(volume["target"])] = volume["source"]
+        else:
+            source, target = volume.split(":")[:2]
+            mounts[Path(target)] = source
+    return mounts
+
+
+def test_gateway_and_processor_share_the_blob_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processor reads the files the gateway stored: same directory, same named volume."""
+    volumes: list[str] = []
+    directories: list[Path] = []
+    for name in ("gateway", "processor"):
+        _apply_environment(name, monkeypatch)
+        blob_dir = SETTINGS[name]().blob_dir
+        directories.append(blob_dir)
+        mounts = [
+            (len(target.parts), source)
+            for target, source in _volume_mounts(name).items()
+            if blob_dir.is_relative_to(target)
+        ]
+        assert mounts, f"{name}: {blob_dir} is on no volume"
+        volumes.append(max(mounts)[1])  # the innermost mount holds the directory
+    assert directories[0] == directories[1], directories
+    assert volumes[0] == volumes[1] and volumes[0] in (_compose().get("volumes") or {}), volumes
+
+
 def test_credentials_only_through_the_environment() -> None:
     for name, service in _compose()["services"].items():
         elsewhere = {key: value for key, value in service.items() if key != "environment"}

@@ -74,6 +74,36 @@ VALID: dict[str, dict[str, Any]] = {
         "id": "x-1",
         "data": {"event_id": "d-1"},
     },
+    "file.uploaded": {
+        "type": "file.uploaded",
+        "id": "f-1",
+        "data": {
+            "file_id": "f-1",
+            "blob": "f-1",
+            "name": "prices.csv",
+            "content_type": "text/csv",
+            "size": 12,
+            "sha256": "0" * 64,
+        },
+    },
+    "file.processed": {
+        "type": "file.processed",
+        "id": "fp-1",
+        "causationid": "f-1",
+        "data": {
+            "file_id": "f-1",
+            "name": "prices.csv",
+            "declared_type": "text/csv",
+            "size": 12,
+            "sha256": "0" * 64,
+            "analysis": {
+                "detected_type": "text/csv",
+                "format": "csv",
+                "record_count": 1,
+                "columns": [{"name": "a", "kind": "number", "count": 1, "nulls": 0, "distinct": 1}],
+            },
+        },
+    },
 }
 # ... and where to put a value of the wrong type to make it invalid.
 WRONG_TYPE: dict[str, tuple[tuple[str, ...], object]] = {
@@ -82,6 +112,8 @@ WRONG_TYPE: dict[str, tuple[tuple[str, ...], object]] = {
     "dataset.processed": (("data", "record_count"), "1"),
     "status.reported": (("data", "transitions"), {"event_id": "d-1"}),
     "cancellation.requested": (("data", "event_id"), 7),
+    "file.uploaded": (("data", "size"), "12"),
+    "file.processed": (("data", "analysis", "record_count"), True),
 }
 
 

@@ -1,0 +1,193 @@
+"""HTTP routes for files: upload (streamed to blob storage), status and analysis, download."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from contracts.envelope import new_event_id
+from contracts.files import FileUploaded, FileUploadedData
+from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
+from services.gateway.ingest import IngestError
+from services.gateway.routes import Problem, publish_confirmed, status_url
+from services.gateway.uploads import FRAMING_ALLOWANCE, receive_upload
+from services.messaging.logs import event_context, get_logger
+
+log = get_logger("gateway.files")
+router = APIRouter()
+
+PROCESSOR = "processor"
+
+
+class FileAccepted(BaseModel):
+    id: str
+    type: str
+    status_url: str
+    file_url: str
+
+
+def file_url(file_id: str) -> str:
+    return f"/v1/files/{file_id}"
+
+
+def content_disposition(name: str) -> str:
+    """`attachment` with an ASCII fallback name and the exact name in RFC 5987 form."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/v1/files",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=FileAccepted,
+    responses={
+        400: {"model": Problem, "description": "Malformed multipart body, or no 'file' part"},
+        413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
+        415: {"model": Problem, "description": "Not multipart, or a file type not accepted"},
+        503: {"model": Problem, "description": "The broker did not take the event; retry later"},
+    },
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    summary="Upload one file (multipart part 'file'): streamed to storage, then analysed",
+)
+async def upload_file(
+    request: Request,
+    broker: Broker,
+    settings: Settings,
+    tracking: TrackingDep,
+    files: FilesDep,
+    blobs: BlobsDep,
+) -> JSONResponse:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_upload_bytes + FRAMING_ALLOWANCE:
+        raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
+    if not broker.ready:  # say so before taking a large body that could not be announced
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "not connected to the broker",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+    file_id = new_event_id()
+    try:
+        received = await receive_upload(
+            request.stream(),
+            request.headers.get("content-type"),
+            store=blobs,
+            key=file_id,
+            max_bytes=settings.max_upload_bytes,
+            allowed_types=settings.upload_types,
+        )
+    except IngestError as exc:
+        raise HTTPException(exc.status, exc.detail) from exc
+    correlation = request.headers.get("x-correlation-id")
+    event = FileUploaded(
+        id=file_id,
+        correlationid=correlation[:128] if correlation else None,
+        data=FileUploadedData(
+            file_id=file_id,
+            blob=received.key,
+            name=received.name,
+            content_type=received.content_type,
+            size=received.size,
+            sha256=received.sha256,
+        ),
+    )
+    with event_context(event.id, event.correlation()):
+        accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
+        try:
+            await files.add(event.data, accepted_at)
+            await publish_confirmed(broker, settings, event)
+        except BaseException:
+            # Not announced, so never processed: leave nothing behind.
+            await blobs.delete(received.key)
+            await files.remove(file_id)
+            raise
+        tracking.accepted(event, accepted_at)
+        log.info(
+            "file stored", extra={"size": received.size, "content_type": received.content_type}
+        )
+    accepted = FileAccepted(
+        id=file_id, type=event.type, status_url=status_url(file_id), file_url=file_url(file_id)
+    )
+    return JSONResponse(
+        accepted.model_dump(), status_code=202, headers={"Location": accepted.file_url}
+    )
+
+
+def _processing(found: dict[str, Any] | None, analysed: bool) -> dict[str, Any]:
+    if analysed:
+        return {"status": "succeeded"}
+    info = (found or {}).get("services", {}).get(PROCESSOR)
+    if info is None:
+        return {"status": "pending"}
+    # "succeeded" is shown once the analysis is here too (the result may trail the report).
+    state = "processing" if info["state"] == "succeeded" else info["state"]
+    view = {"status": state, "attempt": info.get("attempt")}
+    for key in ("next_attempt_at", "reason", "detail"):
+        if info.get(key) is not None:
+            view[key] = info[key]
+    return view
+
+
+@router.get(
+    "/v1/files/{file_id}",
+    summary="A file's record, its processing status and, once done, its analysis",
+    responses={404: {"model": Problem, "description": "Unknown file"}},
+)
+async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> dict[str, Any]:
+    record = await files.get(file_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r} is known")
+    del record["blob"]
+    analysed = record["analysis"] is not None
+    found = None if analysed else await tracking.status(file_id)
+    return {
+        **record,
+        **_processing(found, analysed),
+        "status_url": status_url(file_id),
+        "content_url": f"{file_url(file_id)}/content",
+    }
+
+
+@router.get(
+    "/v1/files/{file_id}/content",
+    summary="The uploaded bytes, streamed back as they were stored",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+        404: {"model": Problem, "description": "Unknown file"},
+    },
+)
+async def file_content(file_id: str, files: FilesDep, blobs: BlobsDep) -> StreamingResponse:
+    record = await files.get(file_id)
+    size = None if record is None else await blobs.size(record["blob"])
+    if record is None or size is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r} is stored")
+    return StreamingResponse(
+        blobs.stream(record["blob"]),
+        media_type=record["content_type"],
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": content_disposition(record["name"]),
+            "ETag": f'"{record["sha256"]}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

@@ -1,0 +1,123 @@
+"""The gateway's record of uploaded files and of their analyses (the `file.processed` results).
+
+What was uploaded is written here before `file.uploaded` is published (and removed again if the
+broker does not take it); analyses arrive as `file.processed` events, applied in the same
+transaction as the gateway's inbox record, like dataset results.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    delete,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from contracts.files import FileProcessed, FileUploadedData
+from services.messaging.store import migrate
+
+metadata = MetaData()
+files = Table(
+    "files",
+    metadata,
+    Column("file_id", String(128), primary_key=True),
+    Column("blob", String(512), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("uploaded_at", DateTime(timezone=True), nullable=False),
+)
+results = Table(
+    "file_results",
+    metadata,
+    Column("file_id", String(128), primary_key=True),
+    Column("event_id", String(128), nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+    Column("analysis", JSON, nullable=False),
+)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class Files:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def start(self) -> None:
+        async def create(conn: AsyncConnection) -> None:
+            await conn.run_sync(metadata.create_all)
+
+        await migrate(self._engine, "gateway.files", [create])
+
+    async def add(self, data: FileUploadedData, uploaded_at: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                files.insert().values(
+                    file_id=data.file_id,
+                    blob=data.blob,
+                    name=data.name,
+                    content_type=data.content_type,
+                    size=data.size,
+                    sha256=data.sha256,
+                    uploaded_at=uploaded_at,
+                )
+            )
+
+    async def remove(self, file_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(files).where(files.c.file_id == file_id))
+
+    async def record_result(self, event: FileProcessed, conn: AsyncConnection) -> None:
+        """Handler of `file.processed` (stateful: same transaction as the gateway's inbox)."""
+        exists = await conn.scalar(
+            select(results.c.file_id).where(results.c.file_id == event.data.file_id)
+        )
+        if exists is not None:
+            return
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    results.insert().values(
+                        file_id=event.data.file_id,
+                        event_id=event.id,
+                        processed_at=event.time,
+                        analysis=event.data.analysis.model_dump(mode="json"),
+                    )
+                )
+        except IntegrityError:
+            pass  # recorded meanwhile by a concurrent delivery
+
+    async def get(self, file_id: str) -> dict[str, Any] | None:
+        """The file's record and, once analysed, its analysis; None if unknown."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(files).where(files.c.file_id == file_id))).first()
+            if row is None:
+                return None
+            result = (
+                await conn.execute(select(results).where(results.c.file_id == file_id))
+            ).first()
+        return {
+            "id": row.file_id,
+            "blob": row.blob,
+            "name": row.name,
+            "content_type": row.content_type,
+            "size": row.size,
+            "sha256": row.sha256,
+            "uploaded_at": _utc(row.uploaded_at),
+            "processed_at": _utc(result.processed_at) if result is not None else None,
+            "analysis": result.analysis if result is not None else None,
+        }

@@ -1,0 +1,260 @@
+"""Receiving a multipart upload straight into blob storage, in bounded memory.
+
+The request body is fed, chunk by chunk as it arrives, to python-multipart's incremental
+`MultipartParser`. Its callbacks only note what they saw (headers, slices of part data) for the
+chunk at hand; after each chunk the notes are acted on: the `file` part's headers are checked
+(media type against the allow-list: 415 before a byte is stored), its data is gathered into a
+block of at most `BLOCK_SIZE` bytes, and each full block is hashed and written to the blob
+upload in worker threads, side by side. So the gateway holds one request chunk plus one block
+per upload, whatever the file's size; the size limit is enforced as the bytes arrive (413, and
+the partial blob is removed). Other form fields are read past and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from contracts.files import MEDIA_TYPE_PATTERN
+from services.blobs import BlobStore, BlobUpload
+from services.gateway.ingest import IngestError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+FILE_FIELD: Final = "file"
+BLOCK_SIZE: Final = 1 << 20
+FRAMING_ALLOWANCE: Final = 1 << 20
+"""Bytes of a request beyond the file's own: boundaries, part headers, small form fields."""
+DEFAULT_TYPE: Final = "application/octet-stream"
+DEFAULT_NAME: Final = "upload"
+MAX_NAME_LENGTH: Final = 255
+
+_MEDIA_TYPE = re.compile(MEDIA_TYPE_PATTERN)
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    key: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+def media_type_allowed(media: str, allowed: Sequence[str]) -> bool:
+    """`media` matches an entry exactly, or its `type/*`, or `*/*`."""
+    major = media.split("/", 1)[0]
+    return any(entry in (media, f"{major}/*", "*/*") for entry in allowed)
+
+
+def safe_file_name(raw: bytes | None) -> str:
+    """The client's file name without directories or control characters, at most 255 long."""
+    if not raw:
+        return DEFAULT_NAME
+    name = raw.decode("utf-8", errors="replace").replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_NAME.sub("", name).strip()
+    return name[:MAX_NAME_LENGTH] or DEFAULT_NAME
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    is_file: bool = False
+
+
+Note = tuple[str, bytes, bytes]
+"""("header", name, value), ("data", bytes, b""), or ("begin"|"headers"|"end"|"done", b"", b"")."""
+
+
+class _Notes:
+    """What the parser reported for one chunk, in order (the parser's callbacks are sync)."""
+
+    def __init__(self) -> None:
+        self.items: list[Note] = []
+        self._field = bytearray()
+        self._value = bytearray()
+
+    def _mark(self, what: str) -> Callable[[], None]:
+        return lambda: self.items.append((what, b"", b""))
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self.items.append(("data", data[start:end], b""))
+
+    def _header_end(self) -> None:
+        self.items.append(("header", bytes(self._field).lower(), bytes(self._value)))
+        self._field.clear()
+        self._value.clear()
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._mark("begin"),
+            "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._mark("headers"),
+            "on_part_data": self._data,
+            "on_part_end": self._mark("end"),
+            "on_end": self._mark("done"),
+        }
+
+    def take(self) -> list[Note]:
+        items, self.items = self.items, []
+        return items
+
+
+class _Sink:
+    """Hashes, counts and writes the file part's bytes in blocks; enforces the size limit."""
+
+    def __init__(self, upload: BlobUpload, max_bytes: int) -> None:
+        self.upload = upload
+        self.size = 0
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        self._block = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self._max_bytes:
+            raise IngestError(413, f"file larger than {self._max_bytes} bytes")
+        self._block += data
+        if len(self._block) >= BLOCK_SIZE:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        block, self._block = self._block, bytearray()
+        if block:
+            # hashlib and file writes release the GIL: hash and write one block in parallel.
+            await asyncio.gather(
+                asyncio.to_thread(self._hash.update, block), self.upload.write(block)
+            )
+
+    async def finish(self) -> str:
+        await self._flush()
+        return self._hash.hexdigest()
+
+
+async def receive_upload(
+    body: AsyncIterator[bytes],
+    content_type: str | None,
+    *,
+    store: BlobStore,
+    key: str,
+    max_bytes: int,
+    allowed_types: Sequence[str],
+) -> ReceivedFile:
+    """Stream the `file` part of a multipart/form-data body into the blob `key` and commit it.
+
+    Raises `IngestError` (400 malformed, 413 too large, 415 not multipart or a media type not
+    allowed) having removed anything written.
+    """
+    media, options = parse_options_header(content_type)
+    if media != b"multipart/form-data":
+        raise IngestError(415, "send the file as multipart/form-data in a part named 'file'")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise IngestError(400, "multipart/form-data without a boundary")
+    notes = _Notes()
+    try:
+        parser = MultipartParser(boundary, notes.callbacks())
+    except ValueError as exc:
+        raise IngestError(400, f"unusable multipart boundary: {exc}") from exc
+    receiver = _Receiver(store, key, max_bytes, allowed_types)
+    try:
+        await _feed(body, parser, notes, receiver, max_bytes + FRAMING_ALLOWANCE)
+        return await receiver.finish()
+    except BaseException:
+        await receiver.abort()
+        raise
+
+
+async def _feed(
+    body: AsyncIterator[bytes],
+    parser: MultipartParser,
+    notes: _Notes,
+    receiver: _Receiver,
+    max_request_bytes: int,
+) -> None:
+    read = 0
+    async for chunk in body:
+        read += len(chunk)
+        if read > max_request_bytes:
+            raise IngestError(413, f"request larger than {max_request_bytes} bytes")
+        try:
+            parser.write(chunk)
+        except MultipartParseError as exc:
+            raise IngestError(400, f"malformed multipart body: {exc}") from exc
+        await receiver.act(notes.take())
+
+
+class _Receiver:
+    def __init__(
+        self, store: BlobStore, key: str, max_bytes: int, allowed_types: Sequence[str]
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._max_bytes = max_bytes
+        self._allowed = allowed_types
+        self._part = _Part()
+        self._sink: _Sink | None = None
+        self._name = DEFAULT_NAME
+        self._type = DEFAULT_TYPE
+        self._file_done = False
+        self._body_done = False
+
+    async def act(self, notes: list[Note]) -> None:
+        for kind, value, extra in notes:
+            if kind == "begin":
+                self._part = _Part()
+            elif kind == "header":
+                self._part.headers[value] = extra
+            elif kind == "headers":
+                await self._start_part()
+            elif kind == "data" and self._part.is_file:
+                assert self._sink is not None
+                await self._sink.write(value)
+            elif kind == "end" and self._part.is_file:
+                self._file_done = True
+                self._part = _Part()
+            elif kind == "done":
+                self._body_done = True
+
+    async def _start_part(self) -> None:
+        disposition, params = parse_options_header(self._part.headers.get(b"content-disposition"))
+        if disposition != b"form-data" or params.get(b"name") != FILE_FIELD.encode():
+            return  # another form field: read past it
+        if self._sink is not None:
+            raise IngestError(400, "one file per request: more than one part named 'file'")
+        declared, _ = parse_options_header(self._part.headers.get(b"content-type"))
+        media = declared.decode("latin-1") or DEFAULT_TYPE
+        if not _MEDIA_TYPE.fullmatch(media):
+            raise IngestError(415, f"not a media type: {media!r}")
+        if not media_type_allowed(media, self._allowed):
+            raise IngestError(
+                415, f"files of type {media!r} are not accepted; accepted: {list(self._allowed)}"
+            )
+        self._type = media
+        self._name = safe_file_name(params.get(b"filename"))
+        self._part.is_file = True
+        self._sink = _Sink(await self._store.put_stream(self._key), self._max_bytes)
+
+    async def finish(self) -> ReceivedFile:
+        if not self._body_done:
+            raise IngestError(400, "the multipart body ended early (no closing boundary)")
+        if self._sink is None or not self._file_done:
+            raise IngestError(400, "no part named 'file' in the multipart body")
+        sha256 = await self._sink.finish()
+        await self._sink.upload.commit()
+        return ReceivedFile(self._key, self._name, self._type, self._sink.size, sha256)
+
+    async def abort(self) -> None:
+        if self._sink is not None:
+            await self._sink.upload.abort()

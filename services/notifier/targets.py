@@ -1,0 +1,157 @@
+"""Where a webhook may go: http(s) URLs without credentials, to public addresses only.
+
+A webhook URL comes from whoever requested the notification, so without a guard it could make
+the notifier call the metadata service, the broker's management API or anything else on the
+private network (server-side request forgery). The guard runs when a connection is opened, on
+the addresses the connection will actually use: every address the host resolves to must be
+public, or allow-listed (`COURIER_WEBHOOK_ALLOWED_HOSTS`), and the connection then goes to one
+of those checked addresses. Checking the name once and letting the HTTP client resolve it again
+would let a DNS answer that changes in between (DNS rebinding) through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import httpx
+
+from services.messaging.errors import PermanentError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
+"""Resolves `(host, port)` to addresses."""
+
+SCHEMES: Final = frozenset({"http", "https"})
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]{1,63}$")
+
+
+class TargetRefused(PermanentError):
+    """The webhook URL is not one the notifier may call; retrying cannot change that."""
+
+
+def check_url(url: str) -> httpx.URL:
+    """Parse a webhook URL; refuse other schemes, credentials in it, and a missing host."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise TargetRefused(f"not a valid URL: {exc}") from None
+    if parsed.scheme not in SCHEMES:
+        raise TargetRefused(f"webhook URLs must be http or https, not {parsed.scheme or 'none'!r}")
+    if parsed.userinfo:
+        raise TargetRefused("webhook URLs must not carry credentials")
+    if not parsed.host:
+        raise TargetRefused("the webhook URL has no host")
+    return parsed
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to (mapped, 6to4, Teredo): checked as well."""
+    found = [address.ipv4_mapped, address.sixtofour]
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return [a for a in found if a is not None]
+
+
+def is_public(address: IPAddress) -> bool:
+    """True for a globally routable unicast address; False for private, loopback, link-local,
+    shared (CGNAT), multicast, reserved, unspecified and documentation ranges."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            return False
+        if not all(is_public(embedded) for embedded in _embedded_ipv4(address)):
+            return False
+    return not (
+        not address.is_global
+        or address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def parse_address(host: str) -> IPAddress | None:
+    """The host as an IP address, or None if it is a name."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and len(sockaddr) == 4 and sockaddr[3]:
+            address = ipaddress.IPv6Address(f"{address}%{sockaddr[3]}")  # keep the zone
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """Which non-public targets are allowed anyway: host names, addresses and networks."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str]) -> TargetPolicy:
+        """`entries` are host names, IP addresses or CIDR networks; anything else is an error."""
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for raw in entries:
+            entry = raw.strip().lower()
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if not _HOSTNAME.match(entry.rstrip(".")):
+                raise ValueError(f"{raw!r} is not a host name, an IP address or a CIDR network")
+            hosts.add(entry.rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def allows(self, address: IPAddress) -> bool:
+        if is_public(address):
+            return True
+        plain = ipaddress.ip_address(str(address).split("%", 1)[0])
+        return any(plain in network for network in self.networks)
+
+    def check(self, host: str, addresses: Sequence[IPAddress]) -> None:
+        """Refuse `host` unless every one of its addresses is allowed."""
+        if self.allows_host(host):
+            return
+        if not addresses:
+            raise TargetRefused(f"{host} resolves to no address")
+        refused = [str(a) for a in addresses if not self.allows(a)]
+        if refused:
+            raise TargetRefused(
+                f"{host} resolves to a non-public address ({', '.join(refused)}); "
+                "allow it with COURIER_WEBHOOK_ALLOWED_HOSTS if it is meant"
+            )
+
+    async def addresses(
+        self, host: str, port: int, resolver: Resolver = resolve
+    ) -> list[IPAddress]:
+        """The checked addresses to connect to for `host` (a name or an IP literal)."""
+        literal = parse_address(host)
+        found = [literal] if literal is not None else list(await resolver(host, port))
+        self.check(host, found)
+        return found

@@ -1,0 +1,127 @@
+"""What a file is, from its first bytes: magic numbers first (`filetype`), then text formats.
+
+Binary formats with a signature (images, PDF, archives, audio, video, fonts ...) are recognised
+by `filetype`. Anything else is text if its head is UTF-8 without NUL bytes, and then, by its
+shape: JSON lines (every sampled line a JSON value, the first an object or array), JSON (starts
+with `{` or `[`), CSV (a delimiter that splits the sampled lines into the same number, at least
+two, of fields), or plain text. The head is a sample: the analysis that follows reads the whole
+file and may find that it is not what its head suggested.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from typing import Final
+
+import filetype
+import orjson
+
+from contracts.files import FileFormat
+
+HEAD_SIZE: Final = 64 * 1024
+SAMPLE_LINES: Final = 50
+DELIMITERS: Final = (",", "\t", ";", "|")
+CONSISTENT_SHARE: Final = 0.8
+
+FORMAT_TYPES: Final[dict[FileFormat, str]] = {
+    "csv": "text/csv",
+    "jsonl": "application/x-ndjson",
+    "json": "application/json",
+    "text": "text/plain",
+    "binary": "application/octet-stream",
+}
+FORMAT_EXTENSIONS: Final[dict[FileFormat, str | None]] = {
+    "csv": "csv",
+    "jsonl": "jsonl",
+    "json": "json",
+    "text": "txt",
+    "binary": None,
+}
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    format: FileFormat
+    media_type: str
+    extension: str | None
+    delimiter: str | None = None
+
+
+def _sniffed(fmt: FileFormat, delimiter: str | None = None) -> Sniffed:
+    if delimiter == "\t":
+        return Sniffed(fmt, "text/tab-separated-values", "tsv", delimiter)
+    return Sniffed(fmt, FORMAT_TYPES[fmt], FORMAT_EXTENSIONS[fmt], delimiter)
+
+
+def decode_head(head: bytes, whole: bool) -> str | None:
+    """The head as text, or None if it is not UTF-8 text (a cut last character is fine)."""
+    if b"\x00" in head:
+        return None
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
+    except UnicodeDecodeError:
+        return None
+    return text.removeprefix("\ufeff")
+
+
+def sample_lines(text: str, whole: bool) -> list[str]:
+    """Complete, non-blank lines of the head (the last one only if the head is the file)."""
+    lines = text.splitlines()
+    if not whole and lines and not text.endswith(("\n", "\r")):
+        lines.pop()
+    return [line for line in lines if line.strip()][:SAMPLE_LINES]
+
+
+def _is_json_lines(lines: list[str]) -> bool:
+    if len(lines) < 2:  # one line alone is a JSON document
+        return False
+    try:
+        values = [orjson.loads(line) for line in lines]
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(values[0], dict | list)
+
+
+def csv_delimiter(lines: list[str]) -> str | None:
+    """The delimiter that splits most sampled lines into one same field count (≥ 2), if any."""
+    if len(lines) < 2:  # a header and a record at least
+        return None
+    best: tuple[int, str] | None = None
+    for delimiter in DELIMITERS:
+        try:
+            widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter))
+        except csv.Error:
+            continue
+        width, rows = widths.most_common(1)[0]
+        consistent = width >= 2 and rows >= CONSISTENT_SHARE * len(lines)
+        if consistent and (best is None or width > best[0]):
+            best = (width, delimiter)
+    return best[1] if best else None
+
+
+def sniff(head: bytes, whole: bool) -> Sniffed:
+    """Classify a file by its first bytes; `whole` says the head is the entire file."""
+    kind = filetype.guess(head) if head else None
+    if kind is not None:
+        return Sniffed("binary", str(kind.mime), str(kind.extension))
+    text = decode_head(head, whole)
+    if text is None:
+        return _sniffed("binary")
+    lines = sample_lines(text, whole)
+    if text.lstrip()[:1] in ("{", "["):
+        if _is_json_lines(lines):
+            return _sniffed("jsonl")
+        if not whole:
+            return _sniffed("json")  # too big to validate here; the analysis will tell
+        try:
+            orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return _sniffed("text")
+        return _sniffed("json")
+    delimiter = csv_delimiter(lines)
+    if delimiter is not None:
+        return _sniffed("csv", delimiter)
+    return _sniffed("text")

@@ -1,0 +1,109 @@
+"""The deliveries record: every attempt counted, a delivered notification never sent twice."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from contracts.events import NotificationRequested, NotificationRequestedData
+from services.messaging.store import open_store
+from services.notifier.channels import Channels, LogChannel, Notification, Unconfigured
+from services.notifier.deliveries import Deliveries
+from services.notifier.targets import TargetPolicy
+from services.notifier.webhook import (
+    WebhookChannel,
+    WebhookRejected,
+    WebhookSecrets,
+    WebhookUnavailable,
+    webhook_client,
+)
+from tests.support.webhook_receiver import Reply, WebhookReceiver
+
+SECRET = b"integration-webhook-secret-0123456789"
+
+
+def notification(url: str) -> Notification:
+    event = NotificationRequested(
+        data=NotificationRequestedData(channel="webhook", recipient=url, subject="Deployed")
+    )
+    return Notification(
+        event_id=event.id,
+        correlation_id=event.correlation(),
+        channel="webhook",
+        recipient=url,
+        subject="Deployed",
+        body="",
+        event=event,
+    )
+
+
+@pytest.fixture
+async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/notifier.sqlite3")
+    record = Deliveries(engine)
+    await record.start()
+    await record.start()  # idempotent
+    yield record
+    await engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver([Reply(503), Reply(400, body=b"no such hook")]).running() as running:
+        yield running
+
+
+@pytest.fixture
+async def channels(deliveries: Deliveries, tmp_path: Path) -> AsyncIterator[Channels]:
+    policy = TargetPolicy.from_entries(["127.0.0.1"])
+    async with webhook_client(policy, timeout=5, connect_timeout=2, max_connections=2) as client:
+        yield Channels(
+            {
+                "log": LogChannel(tmp_path / "log.jsonl"),
+                "webhook": WebhookChannel(client, WebhookSecrets(SECRET, {}), timeout=5),
+                "email": Unconfigured("email"),
+            },
+            deliveries,
+        )
+
+
+async def test_attempts_and_outcomes_are_recorded(
+    channels: Channels, deliveries: Deliveries, receiver: WebhookReceiver
+) -> None:
+    n = notification(receiver.url())
+    with pytest.raises(WebhookUnavailable):
+        await channels.deliver(n)
+    first = await deliveries.get(n.event_id)
+    assert first is not None
+    assert (first.channel, first.target, first.outcome, first.attempts) == (
+        "webhook",
+        n.recipient,
+        "failed",
+        1,
+    )
+    assert first.last_error is not None and "webhook answered 503" in first.last_error
+
+    with pytest.raises(WebhookRejected):
+        await channels.deliver(n)
+    second = await deliveries.get(n.event_id)
+    assert second is not None and (second.outcome, second.attempts) == ("rejected", 2)
+    assert second.last_error is not None and "400: no such hook" in second.last_error
+
+    await channels.deliver(n)
+    third = await deliveries.get(n.event_id)
+    assert third is not None and (third.outcome, third.attempts) == ("delivered", 3)
+    assert third.delivered_at is not None and third.first_attempt_at <= third.last_attempt_at
+
+
+async def test_a_delivered_notification_is_not_sent_again(
+    channels: Channels, deliveries: Deliveries
+) -> None:
+    with WebhookReceiver().running() as receiver:
+        n = notification(receiver.url())
+        await channels.deliver(n)
+        await channels.deliver(n)  # e.g. redelivered: the first run died before its inbox commit
+        assert len(receiver.received) == 1
+    record = await deliveries.get(n.event_id)
+    assert record is not None and (record.outcome, record.attempts) == ("delivered", 1)

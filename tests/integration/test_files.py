@@ -1,0 +1,255 @@
+"""File uploads against a real broker: streamed to blob storage, announced, served back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from contracts.envelope import derived_event_id
+from contracts.events import EVENT_ADAPTER
+from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
+from contracts.topology import events_exchange, work_queue
+from services.messaging.publisher import Publisher
+from tests.conftest import Namespace
+from tests.integration.conftest import gateway_client, gateway_settings
+from tests.support.polling import eventually
+from tests.support.queues import assert_empty, take
+
+pytestmark = pytest.mark.broker
+
+LIMIT = 256 * 1024
+CSV = b"sku,price\na,10\nb,30\n"
+BOUNDARY = "courier-test-boundary"
+
+
+@pytest.fixture
+def blob_dir(tmp_path: Path) -> Path:
+    return tmp_path / "blobs"
+
+
+@pytest.fixture
+async def client(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    settings = gateway_settings(
+        namespace,
+        tmp_path,
+        blob_dir=blob_dir,
+        max_upload_bytes=LIMIT,
+        upload_types=("text/csv", "text/plain", "image/*"),
+    )
+    async for c in gateway_client(settings):
+        yield c
+
+
+def stored_files(blob_dir: Path) -> list[Path]:
+    """Everything in the blob directory, temporary files included."""
+    return sorted(p for p in blob_dir.rglob("*") if p.is_file()) if blob_dir.exists() else []
+
+
+async def streamed(size: int, content_type: str = "text/csv") -> AsyncIterator[bytes]:
+    """A multipart body whose file part is `size` bytes, sent in 64 KiB chunks (no length)."""
+    yield (
+        f"--{BOUNDARY}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    line = b"0123456789abcdef,fedcba9876543210\n"
+    chunk = line * (65_536 // len(line))
+    sent = 0
+    while sent < size:
+        part = chunk[: size - sent]
+        sent += len(part)
+        yield part
+    yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+async def test_an_upload_is_stored_announced_and_served_back(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("prices.csv", CSV, "text/csv")},
+        data={"comment": "ignored"},
+        headers={"x-correlation-id": "order-7"},
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    file_id = body["id"]
+    assert body == {
+        "id": file_id,
+        "type": "file.uploaded",
+        "status_url": f"/v1/events/{file_id}",
+        "file_url": f"/v1/files/{file_id}",
+    }
+    assert response.headers["location"] == body["file_url"]
+
+    # The blob is committed under its key, with no temporary file left beside it.
+    assert stored_files(blob_dir) == [blob_dir / file_id]
+    assert (blob_dir / file_id).read_bytes() == CSV
+
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded)
+    assert event.id == file_id and event.correlationid == "order-7"
+    assert event.data.model_dump() == {
+        "file_id": file_id,
+        "blob": file_id,
+        "name": "prices.csv",
+        "content_type": "text/csv",
+        "size": len(CSV),
+        "sha256": hashlib.sha256(CSV).hexdigest(),
+    }
+    assert message.delivery_mode == 2
+
+    status = (await client.get(body["file_url"])).json()
+    assert status["status"] == "pending" and status["analysis"] is None
+    assert (status["name"], status["size"], status["content_type"]) == (
+        "prices.csv",
+        len(CSV),
+        "text/csv",
+    )
+    assert status["sha256"] == hashlib.sha256(CSV).hexdigest()
+    tracked = (await client.get(body["status_url"])).json()
+    assert tracked["type"] == "file.uploaded"
+    assert tracked["services"]["processor"]["state"] == "pending"
+
+    download = await client.get(status["content_url"])
+    assert download.status_code == 200
+    assert download.content == CSV
+    assert download.headers["content-type"].startswith("text/csv")
+    assert download.headers["content-length"] == str(len(CSV))
+    assert download.headers["content-disposition"] == (
+        "attachment; filename=\"prices.csv\"; filename*=UTF-8''prices.csv"
+    )
+
+
+async def test_a_streamed_upload_is_hashed_as_it_arrives(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    size = LIMIT - 10
+    response = await client.post("/v1/files", content=streamed(size), headers=MULTIPART)
+    assert response.status_code == 202, response.text
+    file_id = response.json()["id"]
+    stored = (blob_dir / file_id).read_bytes()
+    assert len(stored) == size
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded)
+    assert (event.data.size, event.data.sha256) == (size, hashlib.sha256(stored).hexdigest())
+
+
+async def test_a_file_over_the_limit_is_refused_and_removed(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    # Streamed without a Content-Length: the limit is enforced on the bytes as they arrive.
+    response = await client.post("/v1/files", content=streamed(LIMIT + 1), headers=MULTIPART)
+    assert response.status_code == 413, response.text
+    assert str(LIMIT) in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    # With a Content-Length beyond the limit, before a byte is read.
+    declared = await client.post(
+        "/v1/files", files={"file": ("big.csv", b"x" * (2 * LIMIT), "text/csv")}
+    )
+    assert declared.status_code == 413
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+@pytest.mark.parametrize(
+    ("files", "content", "headers", "status"),
+    [
+        ({"file": ("app.exe", b"MZ\x90\x00", "application/x-msdownload")}, None, None, 415),
+        (None, b'{"a": 1}', {"content-type": "application/json"}, 415),
+        ({"other": ("a.csv", CSV, "text/csv")}, None, None, 400),
+        (None, b"--x\r\nnot a multipart body", {"content-type": "multipart/form-data"}, 400),
+    ],
+    ids=["type-not-allowed", "not-multipart", "no-file-part", "no-boundary"],
+)
+async def test_unacceptable_uploads_store_and_publish_nothing(
+    client: httpx.AsyncClient,
+    namespace: Namespace,
+    blob_dir: Path,
+    files: dict[str, tuple[str, bytes, str]] | None,
+    content: bytes | None,
+    headers: dict[str, str] | None,
+    status: int,
+) -> None:
+    response = await client.post("/v1/files", files=files, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_a_wildcard_type_is_allowed_and_the_name_is_made_safe(
+    client: httpx.AsyncClient, blob_dir: Path
+) -> None:
+    response = await client.post(
+        "/v1/files", files={"file": ("../../etc/pic\u00e9.png", b"\x89PNG\r\n\x1a\n", "image/png")}
+    )
+    assert response.status_code == 202
+    status = (await client.get(response.json()["file_url"])).json()
+    assert status["name"] == "pic\u00e9.png"
+    download = await client.get(status["content_url"])
+    assert download.headers["content-disposition"] == (
+        "attachment; filename=\"pic_.png\"; filename*=UTF-8''pic%C3%A9.png"
+    )
+
+
+async def test_unknown_files_are_404(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/files/nope")).status_code == 404
+    assert (await client.get("/v1/files/nope/content")).status_code == 404
+
+
+async def test_the_gateway_stores_the_analysis_it_is_sent(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+    file_id = response.json()["id"]
+    analysis = FileAnalysis(detected_type="text/csv", format="csv", record_count=2)
+    processed = FileProcessed(
+        id=derived_event_id(file_id, "file.processed"),
+        data=FileProcessedData(
+            file_id=file_id,
+            name="p.csv",
+            declared_type="text/csv",
+            size=len(CSV),
+            sha256=hashlib.sha256(CSV).hexdigest(),
+            analysis=analysis,
+        ),
+    )
+    publisher = Publisher(namespace.amqp_url)
+    await publisher.connect()
+    try:
+        await publisher.publish_event(processed, exchange=events_exchange(namespace.name))
+    finally:
+        await publisher.close()
+
+    async def analysed() -> dict[str, object]:
+        status: dict[str, object] = (await client.get(f"/v1/files/{file_id}")).json()
+        assert status["analysis"] is not None, status
+        return status
+
+    status = await eventually(analysed)
+    assert status["status"] == "succeeded"
+    assert status["analysis"] == analysis.model_dump(mode="json")
+
+
+async def test_without_a_broker_an_upload_is_refused_before_it_is_read(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    settings = gateway_settings(
+        namespace, tmp_path, blob_dir=blob_dir, amqp_url="amqp://guest:guest@127.0.0.1:1/"
+    )
+    async for client in gateway_client(settings, wait_ready=False):
+        response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == str(settings.retry_after_seconds)
+    assert stored_files(blob_dir) == []

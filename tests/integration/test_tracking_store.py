@@ -1,0 +1,505 @@
+"""The status projection (`services.gateway.tracking`) on both stores: SQLite and PostgreSQL.
+
+First `Tracking` itself against a real engine from `open_store` (what `GET /v1/events/{id}`
+and `GET /v1/datasets/{id}` read), then the routes that read and feed it, through an in-process
+gateway on a real broker. `IdempotencyKeys` is in test_idempotency.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import aio_pika
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts.envelope import derived_event_id
+from contracts.events import (
+    EVENT_ADAPTER,
+    DatasetProcessed,
+    DatasetProcessedData,
+    DatasetSubmitted,
+    DatasetSubmittedData,
+    FieldSummary,
+    NotificationRequested,
+    NotificationRequestedData,
+)
+from contracts.topology import WORKERS, control_queue, work_queue
+from contracts.tracking import (
+    CancellationRequested,
+    State,
+    StatusReported,
+    StatusReportedData,
+    Transition,
+)
+from services.gateway.tracking import Tracking, states_of
+from services.messaging.store import open_store, store_url
+from tests.conftest import Namespace, _admin
+from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
+from tests.support.polling import eventually
+from tests.support.queues import take
+
+NOTIFICATION: dict[str, Any] = {
+    "type": "notification.requested",
+    "data": {"recipient": "r@example.org", "subject": "hi"},
+}
+
+
+@pytest.fixture(scope="module")
+def module_database(postgres_url: str) -> Iterator[str]:
+    """One PostgreSQL database for the module (creating one per test costs about a second);
+    every test uses its own event ids and keys."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    database_url = None if request.param == "sqlite" else request.getfixturevalue("module_database")
+    store = open_store(store_url(database_url, tmp_path, "gateway"))
+    yield store
+    await store.dispose()
+
+
+@pytest.fixture
+async def tracking(engine: AsyncEngine) -> AsyncIterator[Tracking]:
+    projection = Tracking(engine)
+    await projection.start()
+    yield projection
+    await projection.close()
+
+
+def notification() -> NotificationRequested:
+    return NotificationRequested(data=NotificationRequestedData(recipient="r", subject="s"))
+
+
+def dataset() -> DatasetSubmitted:
+    return DatasetSubmitted(data=DatasetSubmittedData(name="prices", records=[{"price": 10}]))
+
+
+def step(event_id: str, service: str, state: State, at: datetime, **detail: Any) -> Transition:
+    return Transition(
+        event_id=event_id,
+        event_type="notification.requested",
+        service=service,
+        state=state,
+        at=at,
+        **detail,
+    )
+
+
+async def status_of(tracking: Tracking, event_id: str) -> dict[str, Any]:
+    found = await tracking.status(event_id)
+    assert found is not None, event_id
+    return found
+
+
+def history_states(status: dict[str, Any], service: str) -> list[str]:
+    return [h["state"] for h in status["services"][service]["history"]]
+
+
+# --- Tracking -----------------------------------------------------------------------------------
+
+
+async def test_an_unknown_event_has_no_status(tracking: Tracking) -> None:
+    assert await tracking.status("nope") is None
+    assert await tracking.result("nope") is None
+
+
+async def test_an_accepted_event_is_pending_for_every_service_that_consumes_it(
+    tracking: Tracking,
+) -> None:
+    before = datetime.now(UTC)
+    note, data = notification(), dataset()
+    tracking.accepted(note)
+    tracking.accepted(data)
+    status = await status_of(tracking, note.id)  # visible at once, without waiting for the writer
+    assert status["id"] == note.id and status["type"] == "notification.requested"
+    assert before <= status["accepted_at"] <= datetime.now(UTC)
+    assert status["cancel_requested_at"] is None
+    assert states_of(status) == {"notifier": "pending"}
+    assert states_of(await status_of(tracking, data.id)) == {"processor": "pending"}
+
+
+async def test_transitions_move_forward_with_a_timestamped_history(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    accepted = (await status_of(tracking, event.id))["accepted_at"]
+    t = accepted + timedelta(milliseconds=10)
+    retry_at = t + timedelta(seconds=5)
+    await tracking.apply([step(event.id, "notifier", "processing", t, attempt=1)])
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "processing"}
+    await tracking.apply(
+        [
+            step(
+                event.id,
+                "notifier",
+                "retrying",
+                t + timedelta(milliseconds=1),
+                attempt=1,
+                next_attempt_at=retry_at,
+                detail="ConnectionError: down",
+            )
+        ]
+    )
+    retrying = (await status_of(tracking, event.id))["services"]["notifier"]
+    assert retrying["state"] == "retrying"
+    assert retrying["attempt"] == 1
+    assert retrying["next_attempt_at"] == retry_at
+    assert retrying["detail"] == "ConnectionError: down"
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "processing", t + timedelta(seconds=5), attempt=2),
+            step(event.id, "notifier", "succeeded", t + timedelta(seconds=6), attempt=2),
+        ]
+    )
+    status = await status_of(tracking, event.id)
+    notifier = status["services"]["notifier"]
+    assert (notifier["state"], notifier["attempt"]) == ("succeeded", 2)
+    assert notifier["updated_at"] == t + timedelta(seconds=6)
+    assert history_states(status, "notifier") == [
+        "pending",
+        "processing",
+        "retrying",
+        "processing",
+        "succeeded",
+    ]
+    times = [h["at"] for h in notifier["history"]]
+    assert times == sorted(times) and times[0] == accepted
+
+
+async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply([step(event.id, "notifier", "succeeded", t + timedelta(seconds=1))])
+    await tracking.apply([step(event.id, "notifier", "processing", t)])  # arrives late
+    status = await status_of(tracking, event.id)
+    assert states_of(status) == {"notifier": "succeeded"}
+    assert history_states(status, "notifier") == ["pending", "processing", "succeeded"]
+
+
+async def test_dead_lettered_keeps_reason_and_group(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply(
+        [
+            step(
+                event.id,
+                "notifier",
+                "dead_lettered",
+                t,
+                attempt=3,
+                reason="retries_exhausted",
+                group="0123456789abcdef",
+                detail="ConnectionError: down",
+            )
+        ]
+    )
+    notifier = (await status_of(tracking, event.id))["services"]["notifier"]
+    assert notifier["state"] == "dead_lettered"
+    assert (notifier["reason"], notifier["group"], notifier["attempt"]) == (
+        "retries_exhausted",
+        "0123456789abcdef",
+        3,
+    )
+    assert notifier["history"][-1]["reason"] == "retries_exhausted"
+
+
+async def test_reports_through_the_status_reported_handler_create_the_event(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    """A derived event (never accepted by the gateway) gets its status from the reports alone."""
+    event_id = derived_event_id("some-input", "dataset.processed")
+    now = datetime.now(UTC)
+    steps: tuple[State, ...] = ("processing", "succeeded")
+    report = StatusReported(
+        source="urn:courier:notifier",
+        data=StatusReportedData(
+            transitions=[
+                Transition(
+                    event_id=event_id,
+                    event_type="dataset.processed",
+                    service="notifier",
+                    state=state,
+                    at=now + timedelta(milliseconds=i),
+                )
+                for i, state in enumerate(steps)
+            ]
+        ),
+    )
+    async with engine.begin() as conn:
+        await tracking.apply_reported(report, conn)
+    status = await status_of(tracking, event_id)
+    assert status["type"] == "dataset.processed"
+    assert status["accepted_at"] is None
+    assert states_of(status) == {"notifier": "succeeded"}
+
+
+async def test_a_report_that_overtakes_the_accept_record_is_kept(tracking: Tracking) -> None:
+    """The consumer's report can reach the projection before the gateway wrote `pending`."""
+    event = notification()
+    t = datetime.now(UTC) + timedelta(seconds=1)
+    await tracking.apply([step(event.id, "notifier", "processing", t)])
+    tracking.accepted(event)  # written after the report, with an older timestamp
+    status = await status_of(tracking, event.id)
+    assert status["type"] == "notification.requested"
+    assert status["accepted_at"] is not None
+    assert states_of(status) == {"notifier": "processing"}
+
+
+async def test_work_finished_before_the_gateway_noted_the_accept_is_not_hidden_by_pending(
+    tracking: Tracking,
+) -> None:
+    """The gateway takes the accept time after the broker's confirm reached it; a fast consumer
+    may have processed the event (with earlier timestamps) by then. `pending` is the weakest
+    state: it must never hide what a service reported."""
+    event = notification()
+    before_confirm_reached_the_gateway = datetime.now(UTC)
+    tracking.accepted(event)
+    await status_of(tracking, event.id)  # `pending` written, stamped after the work's times
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "processing", before_confirm_reached_the_gateway),
+            step(
+                event.id,
+                "notifier",
+                "succeeded",
+                before_confirm_reached_the_gateway + timedelta(microseconds=1),
+            ),
+        ]
+    )
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
+async def test_accepting_the_same_event_id_again_does_not_reset_its_status(
+    tracking: Tracking,
+) -> None:
+    """A client that resends an event (same id) must not turn a processed event back into
+    `pending` or change the time it was first accepted."""
+    event = notification()
+    tracking.accepted(event)
+    first = await status_of(tracking, event.id)
+    t = first["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "processing", t),
+            step(event.id, "notifier", "succeeded", t + timedelta(milliseconds=1)),
+        ]
+    )
+    tracking.accepted(event)  # the same id, accepted again later
+    again = await status_of(tracking, event.id)
+    assert again["accepted_at"] == first["accepted_at"]
+    assert states_of(again) == {"notifier": "succeeded"}
+
+
+async def test_results_are_recorded_once_and_served(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    submitted = dataset()
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(
+            dataset_id=submitted.id,
+            name="prices",
+            record_count=1,
+            fields={
+                "price": FieldSummary(
+                    kind="number", count=1, nulls=0, min=10.0, max=10.0, mean=10.0
+                )
+            },
+        ),
+    )
+    for _ in range(2):  # a redelivered result changes nothing
+        async with engine.begin() as conn:
+            await tracking.record_result(processed, conn)
+    result = await tracking.result(submitted.id)
+    assert result is not None
+    assert result["dataset_id"] == submitted.id and result["event_id"] == processed.id
+    assert result["record_count"] == 1 and result["name"] == "prices"
+    assert result["fields"]["price"]["mean"] == 10
+    assert result["processed_at"] == processed.time
+
+
+async def test_a_cancel_request_is_noted_once(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    await status_of(tracking, event.id)
+    await tracking.request_cancel(event.id)
+    first = (await status_of(tracking, event.id))["cancel_requested_at"]
+    assert first is not None
+    await tracking.request_cancel(event.id)
+    assert (await status_of(tracking, event.id))["cancel_requested_at"] == first
+
+
+async def test_concurrent_reports_for_one_event_are_all_kept(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"]
+    await asyncio.gather(
+        *(
+            tracking.apply([step(event.id, "notifier", "processing", t + timedelta(seconds=i))])
+            for i in range(1, 11)
+        )
+    )
+    status = await status_of(tracking, event.id)
+    notifier = status["services"]["notifier"]
+    assert len(notifier["history"]) == 11
+    assert notifier["updated_at"] == t + timedelta(seconds=10)
+
+
+# --- The projection behind the gateway's routes (an in-process gateway, a real broker) ---------
+
+
+@asynccontextmanager
+async def running_gateway(
+    namespace: Namespace, data_dir: Path, database_url: str | None, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    settings = gateway_settings(namespace, data_dir, database_url=database_url, **overrides)
+    clients = cast(AsyncGenerator[httpx.AsyncClient, None], gateway_client(settings))
+    client = await anext(clients)
+    try:
+        yield client
+    finally:
+        await clients.aclose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("module_database")
+    return url
+
+
+@pytest.mark.broker
+async def test_the_gateway_serves_status_and_results_before_any_service_ran(
+    namespace: Namespace, tmp_path: Path, database_url: str | None
+) -> None:
+    async with running_gateway(namespace, tmp_path, database_url) as client:
+        assert (await client.get("/v1/events/no-such-event")).status_code == 404
+        assert (await client.get("/v1/datasets/no-such-dataset")).status_code == 404
+
+        submitted = await client.post(
+            "/v1/events",
+            json={"type": "dataset.submitted", "data": {"name": "d", "records": [{"a": 1}]}},
+        )
+        assert submitted.status_code == 202
+        dataset_id = submitted.json()["id"]
+        status = await client.get(f"/v1/events/{dataset_id}")
+        assert status.status_code == 200
+        body = status.json()
+        assert body["type"] == "dataset.submitted"
+        assert body["accepted_at"] is not None
+        assert body["result_url"] == f"/v1/datasets/{dataset_id}"
+        assert {s: i["state"] for s, i in body["services"].items()} == {"processor": "pending"}
+        assert [h["state"] for h in body["services"]["processor"]["history"]] == ["pending"]
+
+        not_yet = await client.get(f"/v1/datasets/{dataset_id}")  # no processor runs here
+        assert not_yet.status_code == 202
+        assert not_yet.json()["id"] == dataset_id
+        assert not_yet.json()["services"]["processor"]["state"] == "pending"
+
+        note = await client.post("/v1/events", json=NOTIFICATION)
+        note_id = note.json()["id"]
+        assert (await client.get(f"/v1/datasets/{note_id}")).status_code == 404
+        assert "result_url" not in (await client.get(f"/v1/events/{note_id}")).json()
+
+
+@pytest.mark.broker
+async def test_an_accepted_event_has_a_status_at_once(
+    namespace: Namespace, tmp_path: Path, database_url: str | None
+) -> None:
+    """The `Location` a 202 points to answers right away, every time (not 404 while the accept
+    record waits for the group commit)."""
+    async with running_gateway(namespace, tmp_path, database_url) as client:
+        missing = []
+        for _ in range(60):
+            accepted = await client.post("/v1/events", json=NOTIFICATION)
+            assert accepted.status_code == 202
+            status = await client.get(accepted.headers["location"])
+            if status.status_code != 200:
+                missing.append(status.status_code)
+        assert missing == []
+
+
+@pytest.mark.broker
+async def test_a_cancel_request_reaches_every_workers_control_queue(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    async with running_gateway(namespace, tmp_path, None) as client:
+        assert (await client.delete("/v1/events/no-such-event")).status_code == 404
+        assert (await client.post("/v1/events/no-such-event:cancel")).status_code == 404
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+
+        async def known() -> None:  # (see test_an_accepted_event_has_a_status_at_once)
+            assert (await client.get(f"/v1/events/{event_id}")).status_code == 200
+
+        await eventually(known)
+        cancelled = await client.delete(f"/v1/events/{event_id}")
+        assert cancelled.status_code == 202, cancelled.text
+        assert cancelled.json() == {
+            "id": event_id,
+            "status": "cancellation_requested",
+            "status_url": f"/v1/events/{event_id}",
+        }
+        again = await client.post(f"/v1/events/{event_id}:cancel")
+        assert again.status_code == 202  # asking twice is harmless
+        status = (await client.get(f"/v1/events/{event_id}")).json()
+        assert status["cancel_requested_at"] is not None
+        for worker in sorted(WORKERS):
+            messages = await take(namespace.amqp_url, control_queue(namespace.name, worker), 2)
+            requests = [EVENT_ADAPTER.validate_json(m.body) for m in messages]
+            assert all(isinstance(r, CancellationRequested) for r in requests)
+            assert {r.data.event_id for r in requests if isinstance(r, CancellationRequested)} == {
+                event_id
+            }
+
+
+@pytest.mark.broker
+async def test_a_message_the_broker_dead_letters_shows_as_dead_lettered(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A delivery that keeps crashing its consumer is dead-lettered by the broker itself
+    (`x-delivery-limit`, reason `delivery_limit`); the status must not stay `pending` or
+    `processing` for ever. Here a bare consumer returns the message until the broker gives up."""
+    async with running_gateway(namespace, tmp_path, None, delivery_limit=1) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        returned = 0
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(work_queue(namespace.name, "notifier"))
+            while (message := await queue.get(fail=False)) is not None or returned == 0:
+                if message is not None:
+                    await message.nack(requeue=True)
+                    returned += 1
+
+        async def letter_stored() -> None:
+            response = await client.get(
+                "/v1/ops/dead-letters",
+                params={"service": "notifier"},
+                headers={"Authorization": f"Bearer {OPS_TOKEN}"},
+            )
+            letters = [(i["event_id"], i["reason"]) for i in response.json()["items"]]
+            assert letters == [(event_id, "delivery_limit")]
+
+        await eventually(letter_stored)
+
+        async def dead_lettered() -> None:
+            notifier = (await client.get(f"/v1/events/{event_id}")).json()["services"]["notifier"]
+            assert (notifier["state"], notifier["reason"]) == ("dead_lettered", "delivery_limit")
+
+        await eventually(dead_lettered, timeout=3)

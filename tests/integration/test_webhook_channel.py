@@ -1,0 +1,185 @@
+"""The webhook channel against a real HTTP server on 127.0.0.1 (no broker needed)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import orjson
+import pytest
+
+from contracts.events import NotificationRequested, NotificationRequestedData
+from services.messaging.errors import PermanentError
+from services.notifier.channels import Notification
+from services.notifier.signing import verify
+from services.notifier.targets import TargetPolicy, TargetRefused
+from services.notifier.webhook import (
+    WebhookChannel,
+    WebhookRejected,
+    WebhookSecrets,
+    WebhookUnavailable,
+    webhook_client,
+)
+from tests.support.processes import free_port
+from tests.support.webhook_receiver import Reply, WebhookReceiver
+
+SECRET = b"integration-webhook-secret-0123456789"
+LOCAL = TargetPolicy.from_entries(["127.0.0.1"])
+
+
+def notification(url: str, subject: str = "Deployed") -> Notification:
+    event = NotificationRequested(
+        data=NotificationRequestedData(channel="webhook", recipient=url, subject=subject, body="v2")
+    )
+    return Notification(
+        event_id=event.id,
+        correlation_id=event.correlation(),
+        channel="webhook",
+        recipient=url,
+        subject=subject,
+        body="v2",
+        event=event,
+    )
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver().running() as running:
+        yield running
+
+
+async def channel_with(
+    policy: TargetPolicy = LOCAL, secrets: WebhookSecrets | None = None, timeout: float = 5.0
+) -> AsyncIterator[WebhookChannel]:
+    async with webhook_client(
+        policy, timeout=timeout, connect_timeout=2.0, max_connections=4
+    ) as client:
+        yield WebhookChannel(client, secrets or WebhookSecrets(SECRET, {}), timeout=timeout)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[WebhookChannel]:
+    async for c in channel_with():
+        yield c
+
+
+async def test_the_event_is_posted_as_signed_json_with_the_event_id_as_idempotency_key(
+    channel: WebhookChannel, receiver: WebhookReceiver
+) -> None:
+    n = notification(receiver.url("/in?team=ops"))
+    await channel.deliver(n)
+    [request] = receiver.received
+    assert (request.method, request.path) == ("POST", "/in?team=ops")
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["idempotency-key"] == n.event_id
+    assert request.headers["user-agent"].startswith("Courier-Webhook/")
+    assert verify(request.headers["courier-signature"], request.body, SECRET, now=time.time())
+    assert not verify(request.headers["courier-signature"], request.body, b"other", now=time.time())
+    body = orjson.loads(request.body)
+    assert body["id"] == n.event_id and body["type"] == "notification.requested"
+    assert body["data"] == {
+        "channel": "webhook",
+        "recipient": n.recipient,
+        "subject": "Deployed",
+        "body": "v2",
+    }
+
+
+async def test_connections_are_pooled(channel: WebhookChannel, receiver: WebhookReceiver) -> None:
+    for _ in range(3):
+        await channel.deliver(notification(receiver.url()))
+    assert len(receiver.received) == 3
+    assert len({request.peer for request in receiver.received}) == 1  # one kept-alive connection
+
+
+async def test_a_per_host_secret_overrides_the_default(receiver: WebhookReceiver) -> None:
+    per_host = b"per-host-secret-for-127.0.0.1-abcdef"
+    async for channel in channel_with(secrets=WebhookSecrets(SECRET, {"127.0.0.1": per_host})):
+        await channel.deliver(notification(receiver.url()))
+    [request] = receiver.received
+    assert verify(request.headers["courier-signature"], request.body, per_host, now=time.time())
+
+
+async def test_a_host_without_a_secret_is_refused(receiver: WebhookReceiver) -> None:
+    secrets = WebhookSecrets(None, {"hooks.example.org": SECRET})
+    async for channel in channel_with(secrets=secrets):
+        with pytest.raises(TargetRefused, match="no webhook signing secret"):
+            await channel.deliver(notification(receiver.url()))
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+        "127.0.0.2",
+        "0x7f000001",
+        "2130706433",
+        "127.1",
+        "[::ffff:127.0.0.1]",
+        "0.0.0.0",
+    ],
+)
+async def test_webhook_refuses_private_targets_through_the_client(
+    receiver: WebhookReceiver, host: str
+) -> None:
+    """No allow-list: the guarded client refuses loopback, also behind a name."""
+    async for channel in channel_with(policy=TargetPolicy()):
+        with pytest.raises(TargetRefused, match="non-public") as caught:
+            await channel.deliver(notification(f"http://{host}:{receiver.port}/hook"))
+    assert isinstance(caught.value, PermanentError)
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/x", "http://user:pw@127.0.0.1/x", "ops@example.org"]
+)
+async def test_bad_urls_are_refused_before_connecting(channel: WebhookChannel, url: str) -> None:
+    with pytest.raises(TargetRefused):
+        await channel.deliver(notification(url))
+
+
+async def test_a_refused_connection_is_transient(channel: WebhookChannel) -> None:
+    with pytest.raises(httpx.ConnectError) as caught:
+        await channel.deliver(notification(f"http://127.0.0.1:{free_port()}/hook"))
+    assert not isinstance(caught.value, PermanentError)
+
+
+async def test_a_slow_receiver_times_out_as_transient() -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        async for channel in channel_with(timeout=0.5):
+            started = time.monotonic()
+            with pytest.raises((httpx.TimeoutException, TimeoutError)):
+                await channel.deliver(notification(url))
+            assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (Reply(503, {"Retry-After": "3"}, b"maintenance"), WebhookUnavailable),
+        (Reply(429), WebhookUnavailable),
+        (Reply(408), WebhookUnavailable),
+        (Reply(400, body=b"bad payload"), WebhookRejected),
+        (Reply(302, {"Location": "http://169.254.169.254/"}), WebhookRejected),
+    ],
+)
+async def test_answers_are_classified(
+    channel: WebhookChannel, reply: Reply, error: type[Exception]
+) -> None:
+    with WebhookReceiver([reply]).running() as receiver:
+        with pytest.raises(error) as caught:
+            await channel.deliver(notification(receiver.url()))
+        assert len(receiver.received) == 1  # redirects are not followed
+    assert f"webhook answered {reply.status}" in str(caught.value)
+    if reply.status == 503:
+        assert isinstance(caught.value, WebhookUnavailable) and caught.value.min_delay == 3
+        assert "maintenance" in str(caught.value)

@@ -1,0 +1,159 @@
+"""The webhook target guard: schemes, credentials, and non-public addresses (SSRF)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+import pytest
+
+from services.notifier.targets import (
+    IPAddress,
+    TargetPolicy,
+    TargetRefused,
+    check_url,
+    is_public,
+)
+
+NOT_PUBLIC = [
+    "10.0.0.1",  # private
+    "172.16.5.4",
+    "192.168.1.1",
+    "127.0.0.1",  # loopback
+    "127.8.9.10",
+    "169.254.169.254",  # link-local: the cloud metadata service
+    "100.64.0.1",  # shared address space (CGNAT)
+    "0.0.0.0",  # unspecified
+    "224.0.0.1",  # multicast
+    "239.255.255.250",
+    "240.0.0.1",  # reserved
+    "255.255.255.255",
+    "192.0.2.10",  # documentation
+    "::1",  # IPv6 loopback
+    "::",  # unspecified
+    "fe80::1",  # link-local
+    "fc00::1",  # unique local
+    "fd12:3456:789a::1",
+    "ff02::1",  # multicast
+    "::ffff:127.0.0.1",  # IPv4-mapped loopback
+    "::ffff:10.0.0.1",  # IPv4-mapped private
+    "::ffff:169.254.169.254",
+    "2002:7f00:1::1",  # 6to4 wrapping 127.0.0.1
+    "2002:a00:1::1",  # 6to4 wrapping 10.0.0.1
+    "2001:db8::1",  # documentation
+]
+PUBLIC = ["93.184.215.14", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001::1"]
+
+
+@pytest.mark.parametrize("address", NOT_PUBLIC)
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert not is_public(ipaddress.ip_address(address))
+    with pytest.raises(TargetRefused, match="non-public"):
+        TargetPolicy().check(address, [ipaddress.ip_address(address)])
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_pass(address: str) -> None:
+    assert is_public(ipaddress.ip_address(address))
+    TargetPolicy().check(address, [ipaddress.ip_address(address)])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://hooks.example.org/x",
+        "file:///etc/passwd",
+        "gopher://hooks.example.org/",
+        "ops@example.org",
+        "hooks.example.org/path",
+        "javascript:alert(1)",
+    ],
+)
+def test_other_schemes_are_refused(url: str) -> None:
+    with pytest.raises(TargetRefused, match="http or https"):
+        check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://user:pass@hooks.example.org/x", "https://token@hooks.example.org/x"],
+)
+def test_credentials_in_the_url_are_refused(url: str) -> None:
+    with pytest.raises(TargetRefused, match="credentials"):
+        check_url(url)
+
+
+def test_a_plain_https_url_is_accepted() -> None:
+    url = check_url("https://Hooks.Example.org:8443/in?x=1")
+    assert (url.host, url.port, url.path) == ("hooks.example.org", 8443, "/in")
+
+
+class FakeDns:
+    def __init__(self, answers: dict[str, Sequence[str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[IPAddress]:
+        self.asked.append(host)
+        return [ipaddress.ip_address(a) for a in self.answers.get(host, ())]
+
+
+async def test_a_name_resolving_to_a_private_address_is_refused() -> None:
+    dns = FakeDns({"internal.example.org": ["10.1.2.3"]})
+    with pytest.raises(TargetRefused, match=r"10\.1\.2\.3"):
+        await TargetPolicy().addresses("internal.example.org", 443, dns)
+
+
+async def test_every_resolved_address_must_pass() -> None:
+    dns = FakeDns({"mixed.example.org": ["93.184.215.14", "127.0.0.1"]})
+    with pytest.raises(TargetRefused, match=r"127\.0\.0\.1"):
+        await TargetPolicy().addresses("mixed.example.org", 443, dns)
+
+
+async def test_a_name_resolving_to_an_ipv6_loopback_is_refused() -> None:
+    dns = FakeDns({"v6.example.org": ["2606:4700:4700::1111", "::1"]})
+    with pytest.raises(TargetRefused, match="::1"):
+        await TargetPolicy().addresses("v6.example.org", 443, dns)
+
+
+async def test_a_name_resolving_to_nothing_is_refused() -> None:
+    with pytest.raises(TargetRefused, match="no address"):
+        await TargetPolicy().addresses("void.example.org", 443, FakeDns({}))
+
+
+async def test_a_public_name_yields_its_checked_addresses() -> None:
+    dns = FakeDns({"hooks.example.org": ["93.184.215.14", "2606:4700:4700::1111"]})
+    found = await TargetPolicy().addresses("hooks.example.org", 443, dns)
+    assert [str(a) for a in found] == ["93.184.215.14", "2606:4700:4700::1111"]
+
+
+async def test_an_ip_literal_is_checked_without_resolving() -> None:
+    dns = FakeDns({})
+    with pytest.raises(TargetRefused):
+        await TargetPolicy().addresses("169.254.169.254", 80, dns)
+    with pytest.raises(TargetRefused):
+        await TargetPolicy().addresses("[::1]", 80, dns)
+    assert dns.asked == []
+
+
+async def test_the_real_resolver_refuses_localhost() -> None:
+    with pytest.raises(TargetRefused, match="non-public"):
+        await TargetPolicy().addresses("localhost", 80)
+
+
+async def test_allow_listed_addresses_networks_and_hosts_pass() -> None:
+    policy = TargetPolicy.from_entries(["127.0.0.1", "10.20.0.0/16", "Hooks.Internal", "fd00::/8"])
+    dns = FakeDns({"hooks.internal": ["192.168.9.9"], "other.internal": ["10.20.3.4", "fd00::5"]})
+    assert [str(a) for a in await policy.addresses("127.0.0.1", 80, dns)] == ["127.0.0.1"]
+    await policy.addresses("hooks.internal", 80, dns)  # allowed by name
+    await policy.addresses("other.internal", 80, dns)  # every address in an allowed network
+    with pytest.raises(TargetRefused):
+        await policy.addresses("127.0.0.2", 80, dns)
+    with pytest.raises(TargetRefused):
+        await policy.addresses("10.21.0.1", 80, dns)
+
+
+@pytest.mark.parametrize("entry", ["not a host", "10.0.0.0/33", "http://x.example.org", "a/b"])
+def test_unreadable_allow_list_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match="not a host name"):
+        TargetPolicy.from_entries([entry])
