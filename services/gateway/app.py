@@ -99,7 +99,7 @@ def _projection_consumer(
     topology = settings.topology(SERVICE)
     policy = RetryPolicy(delays=settings.retry_delays)
     routes = {
-        "status.reported": Route(tracking.apply_reported, policy, stateful=True),
+        "status.reported": Route(tracking.apply_reported, policy),
         "dataset.processed": Route(tracking.record_result, policy, stateful=True),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }

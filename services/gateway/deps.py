@@ -1,4 +1,8 @@
-"""FastAPI dependencies as `Annotated` aliases."""
+"""FastAPI dependencies as `Annotated` aliases.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per
+request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
 
 
-def _broker(request: Request) -> BrokerLink:
+async def _broker(request: Request) -> BrokerLink:
     broker: BrokerLink = request.app.state.broker
     return broker
 
 
-def _settings(request: Request) -> GatewaySettings:
+async def _settings(request: Request) -> GatewaySettings:
     settings: GatewaySettings = request.app.state.settings
     return settings
 
@@ -27,7 +31,7 @@ Broker = Annotated[BrokerLink, Depends(_broker)]
 Settings = Annotated[GatewaySettings, Depends(_settings)]
 
 
-def _tracking(request: Request) -> Tracking:
+async def _tracking(request: Request) -> Tracking:
     tracking: Tracking = request.app.state.tracking
     return tracking
 
@@ -35,12 +39,12 @@ def _tracking(request: Request) -> Tracking:
 TrackingDep = Annotated[Tracking, Depends(_tracking)]
 
 
-def _files(request: Request) -> Files:
+async def _files(request: Request) -> Files:
     files: Files = request.app.state.files
     return files
 
 
-def _blobs(request: Request) -> BlobStore:
+async def _blobs(request: Request) -> BlobStore:
     blobs: BlobStore = request.app.state.blobs
     return blobs
 

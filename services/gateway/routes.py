@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from contracts.envelope import Envelope
 from contracts.events import IngestEvent
@@ -76,10 +77,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise IngestError(413, f"body larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise IngestError(413, f"body larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise IngestError(413, f"body larger than {limit} bytes")
+    except ClientDisconnect:
+        # The client went away mid-body: nothing was published; no one is left to answer.
+        raise IngestError(400, "the client disconnected before the body was complete") from None
     return bytes(body)
 
 

@@ -10,13 +10,14 @@ the one shown, so late or repeated reports do not move a state backwards.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     DateTime,
     Index,
     Integer,
@@ -24,12 +25,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
+    bindparam,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.envelope import Envelope
@@ -37,7 +37,7 @@ from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import State, StatusReported, Transition
 from services.messaging.logs import get_logger
-from services.messaging.store import migrate
+from services.messaging.store import BatchRunner, insert_for, migrate
 
 log = get_logger("gateway.tracking")
 
@@ -75,6 +75,8 @@ history = Table(
     Column("reason", String(64), nullable=True),
     Column("detail", Text, nullable=True),
     Index("ix_tracking_history_event", "event_id", "at"),
+    # A natural key: a status report applied twice (a redelivery) adds no second row.
+    Index("ux_tracking_history", "event_id", "service", "state", "at", unique=True),
 )
 results = Table(
     "dataset_results",
@@ -97,6 +99,7 @@ def _utc(value: datetime | None) -> datetime | None:
 class Tracking:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._runner = BatchRunner(engine)
         self._accepted: list[tuple[Envelope, datetime]] = []
         self._flushed = asyncio.Event()
         # Held while a batch is written: a reader waits for it instead of missing the batch.
@@ -107,10 +110,23 @@ class Tracking:
         async def create(conn: AsyncConnection) -> None:
             await conn.run_sync(metadata.create_all)
 
-        await migrate(self._engine, "gateway.tracking", [create])
+        def create_history_indexes(sync: Connection) -> None:
+            for index in history.indexes:
+                index.create(sync, checkfirst=True)
+
+        async def unique_history(conn: AsyncConnection) -> None:
+            await conn.run_sync(create_history_indexes)
+
+        await migrate(self._engine, "gateway.tracking", [create, unique_history])
         self._writer = asyncio.get_running_loop().create_task(self._write_accepted())
 
     async def close(self) -> None:
+        try:
+            await self._close_writer()
+        finally:
+            self._runner.close()
+
+    async def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -138,123 +154,34 @@ class Tracking:
             batch, self._accepted = self._accepted, []
             if not batch:
                 return
+            pending = [
+                Transition.model_construct(
+                    event_id=event.id,
+                    event_type=event.type,
+                    service=service,
+                    state="pending",
+                    at=at,
+                )
+                for event, at in batch
+                for service in workers_of(event.type)
+            ]
+            accepted = [(event.id, event.type, at) for event, at in batch]
             try:
-                async with self._engine.begin() as conn:
-                    for event, at in batch:
-                        await self._ensure_event(conn, event.id, event.type, accepted_at=at)
-                        for service in workers_of(event.type):
-                            await self._apply(
-                                conn,
-                                Transition.model_construct(
-                                    event_id=event.id,
-                                    event_type=event.type,
-                                    service=service,
-                                    state="pending",
-                                    at=at,
-                                ),
-                            )
+                await self._runner.run(lambda conn: _write(conn, pending, accepted))
             except BaseException:
                 self._accepted[:0] = batch  # keep them for the next round
                 raise
 
     # --- transitions ---------------------------------------------------------------------------
 
-    async def apply_reported(self, event: StatusReported, conn: AsyncConnection) -> None:
-        """Handler of `status.reported` (stateful: same transaction as the gateway's inbox)."""
-        for transition in event.data.transitions:
-            await self._ensure_event(conn, transition.event_id, transition.event_type)
-            await self._apply(conn, transition)
+    async def apply_reported(self, event: StatusReported) -> None:
+        """Handler of `status.reported`. Applying a report twice changes nothing (the history
+        has a natural key and states only move forward), so it needs no transaction of its own
+        with the inbox."""
+        await self.apply(event.data.transitions)
 
-    async def apply(self, transitions: Iterable[Transition]) -> None:
-        async with self._engine.begin() as conn:
-            for transition in transitions:
-                await self._ensure_event(conn, transition.event_id, transition.event_type)
-                await self._apply(conn, transition)
-
-    async def _ensure_event(
-        self,
-        conn: AsyncConnection,
-        event_id: str,
-        event_type: str | None,
-        accepted_at: datetime | None = None,
-    ) -> None:
-        existing = (
-            await conn.execute(
-                select(events.c.event_type, events.c.accepted_at).where(
-                    events.c.event_id == event_id
-                )
-            )
-        ).first()
-        if existing is None:
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(
-                        events.insert().values(
-                            event_id=event_id, event_type=event_type, accepted_at=accepted_at
-                        )
-                    )
-                return
-            except IntegrityError:
-                pass  # recorded meanwhile by a concurrent writer
-        if accepted_at is not None:  # the first accept counts; a resent event changes nothing
-            await conn.execute(
-                update(events)
-                .where(events.c.event_id == event_id, events.c.accepted_at.is_(None))
-                .values(accepted_at=accepted_at, event_type=event_type)
-            )
-
-    async def _apply(self, conn: AsyncConnection, t: Transition) -> None:
-        await conn.execute(
-            history.insert().values(
-                event_id=t.event_id,
-                service=t.service,
-                state=t.state,
-                at=t.at,
-                attempt=t.attempt,
-                reason=t.reason,
-                detail=t.detail,
-            )
-        )
-        values = {
-            "state": t.state,
-            "attempt": t.attempt,
-            "next_attempt_at": t.next_attempt_at,
-            "reason": t.reason,
-            "group_key": t.group,
-            "detail": t.detail,
-            "updated_at": t.at,
-        }
-        if t.state == "pending":
-            # The weakest state: shown only until a service reports anything (an event resent
-            # with the same id is not pending again).
-            exists = await conn.scalar(
-                select(states.c.state).where(
-                    states.c.event_id == t.event_id, states.c.service == t.service
-                )
-            )
-            if exists is not None:
-                return
-        else:
-            moved = await conn.execute(
-                update(states)
-                .where(
-                    and_(
-                        states.c.event_id == t.event_id,
-                        states.c.service == t.service,
-                        or_(states.c.updated_at <= t.at, states.c.state == "pending"),
-                    )
-                )
-                .values(**values)
-            )
-            if moved.rowcount:
-                return
-        try:
-            async with conn.begin_nested():
-                await conn.execute(
-                    states.insert().values(event_id=t.event_id, service=t.service, **values)
-                )
-        except IntegrityError:
-            pass  # a newer state is shown already: keep it
+    async def apply(self, transitions: Sequence[Transition]) -> None:
+        await self._runner.run(lambda conn: _write(conn, transitions, ()))
 
     # --- results and cancellation ---------------------------------------------------------------
 
@@ -350,6 +277,91 @@ class Tracking:
             "cancel_requested_at": _utc(event.cancel_requested_at),
             "services": services,
         }
+
+
+def _write(
+    conn: Connection,
+    transitions: Sequence[Transition],
+    accepted: Sequence[tuple[str, str, datetime]],
+) -> None:
+    """Apply transitions and accept records in a few bulk statements.
+
+    Events are created on first sight; the first accept sets `accepted_at`; history rows have a
+    natural key, so a report applied twice adds nothing; a state moves only to a transition at
+    least as new as the one shown, except that any report replaces `pending`, and `pending`
+    never replaces anything.
+    """
+    insert = insert_for(conn.dialect.name)
+    seen: dict[str, dict[str, Any]] = {}
+    for event_id, event_type, _ in accepted:
+        seen[event_id] = {"event_id": event_id, "event_type": event_type, "accepted_at": None}
+    for t in transitions:
+        seen.setdefault(
+            t.event_id, {"event_id": t.event_id, "event_type": t.event_type, "accepted_at": None}
+        )
+    if seen:
+        conn.execute(
+            insert(events).on_conflict_do_nothing(index_elements=["event_id"]), list(seen.values())
+        )
+    if accepted:
+        conn.execute(
+            update(events)
+            .where(events.c.event_id == bindparam("eid"), events.c.accepted_at.is_(None))
+            .values(accepted_at=bindparam("at"), event_type=bindparam("etype")),
+            [{"eid": i, "at": at, "etype": typ} for i, typ, at in accepted],
+        )
+    if not transitions:
+        return
+    ordered = sorted(transitions, key=lambda t: t.at)
+    conn.execute(
+        insert(history).on_conflict_do_nothing(
+            index_elements=["event_id", "service", "state", "at"]
+        ),
+        [
+            {
+                "event_id": t.event_id,
+                "service": t.service,
+                "state": t.state,
+                "at": t.at,
+                "attempt": t.attempt,
+                "reason": t.reason,
+                "detail": t.detail,
+            }
+            for t in ordered
+        ],
+    )
+    rows = [
+        {
+            "event_id": t.event_id,
+            "service": t.service,
+            "state": t.state,
+            "attempt": t.attempt,
+            "next_attempt_at": t.next_attempt_at,
+            "reason": t.reason,
+            "group_key": t.group,
+            "detail": t.detail,
+            "updated_at": t.at,
+        }
+        for t in ordered
+    ]
+    keys = ["event_id", "service"]
+    weakest = [row for row in rows if row["state"] == "pending"]
+    if weakest:
+        conn.execute(insert(states).on_conflict_do_nothing(index_elements=keys), weakest)
+    reports = [row for row in rows if row["state"] != "pending"]
+    if reports:
+        upsert = insert(states)
+        moved = {column: upsert.excluded[column] for column in rows[0] if column not in keys}
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=keys,
+                set_=moved,
+                where=or_(
+                    states.c.updated_at <= upsert.excluded.updated_at, states.c.state == "pending"
+                ),
+            ),
+            reports,
+        )
 
 
 def states_of(status: dict[str, Any]) -> dict[str, State]:

@@ -26,8 +26,6 @@ from sqlalchemy import (
     delete,
     select,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import Insert
@@ -35,19 +33,19 @@ from sqlalchemy.sql.dml import Insert
 from contracts.envelope import Envelope
 from contracts.events import Event
 from services.messaging.batching import Batcher
-from services.messaging.store import BatchRunner, Migration, migrate
+from services.messaging.store import BatchRunner, Migration, insert_for, migrate
 
 _FOLLOW_UPS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 def _insert_new(dialect: str, table: Table) -> Insert:
     """INSERT that skips rows whose key exists, returning the keys it did insert."""
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    return (
-        insert(table)
+    statement: Insert = (
+        insert_for(dialect)(table)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(table.c.event_id)
     )
+    return statement
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from sqlalchemy import (
     event,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
@@ -69,6 +71,11 @@ def open_store(url: str) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def insert_for(dialect: str) -> Callable[[Table], Any]:
+    """The dialect's INSERT construct, which has ON CONFLICT (upsert / do nothing)."""
+    return postgresql_insert if dialect == "postgresql" else sqlite_insert
 
 
 class BatchRunner:

@@ -25,7 +25,7 @@ def identify(tokens: dict[str, str], presented: str) -> str | None:
     return found
 
 
-def require_operator(
+async def require_operator(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:

@@ -240,8 +240,7 @@ async def test_reports_through_the_status_reported_handler_create_the_event(
             ]
         ),
     )
-    async with engine.begin() as conn:
-        await tracking.apply_reported(report, conn)
+    await tracking.apply_reported(report)
     status = await status_of(tracking, event_id)
     assert status["type"] == "dataset.processed"
     assert status["accepted_at"] is None
