@@ -45,8 +45,12 @@ MAX_RECORDS: Final = 10_000
 MAX_FIELDS: Final = 100
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# Numbers stay within what a double represents exactly, and finite: a 400-digit integer or an
+# infinity is refused at the gateway instead of failing (and retrying) deep in a handler.
+SafeInt = Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Scalar = (
-    StrictBool | StrictInt | StrictFloat | Annotated[str, StringConstraints(max_length=1024)] | None
+    StrictBool | SafeInt | FiniteFloat | Annotated[str, StringConstraints(max_length=1024)] | None
 )
 Record = Annotated[dict[FieldName, Scalar], Field(max_length=MAX_FIELDS)]
 

@@ -68,6 +68,15 @@ def retry_queue(ns: str, service: str, delay_seconds: int) -> str:
     return f"{work_queue(ns, service)}.retry.{delay_seconds}s"
 
 
+def service_of_queue(ns: str, queue: str) -> str:
+    """The service a queue belongs to: the inverse of the name functions above."""
+    name = queue.removeprefix(f"{ns}.")
+    for suffix in (".dlq", ".control"):
+        name = name.removesuffix(suffix)
+    service, _, tier = name.partition(".retry.")
+    return service if tier else name
+
+
 @dataclass(frozen=True)
 class ExchangeSpec:
     name: str

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
 from services.messaging.failure import REASON
 from services.messaging.inbox import Inbox
+from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store, store_url
@@ -52,13 +52,18 @@ def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-async def _housekeeping(
-    failures: FailureStore, keys: IdempotencyKeys, retention: timedelta
+def _housekeeping(
+    stack: AsyncExitStack,
+    failures: FailureStore,
+    keys: IdempotencyKeys,
+    inbox: Inbox,
+    retention: timedelta,
 ) -> None:
-    while True:
-        await failures.purge_closed(retention)
-        await keys.purge()
-        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+    run_every(
+        stack, PURGE_INTERVAL_SECONDS, "failures-purge", lambda: failures.purge_closed(retention)
+    )
+    run_every(stack, PURGE_INTERVAL_SECONDS, "idempotency-purge", keys.purge)
+    run_every(stack, PURGE_INTERVAL_SECONDS, "inbox-prune", lambda: inbox.prune(retention))
 
 
 def _keep_letter(failures: FailureStore, tracking: Tracking) -> Sink:
@@ -163,10 +168,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 on_replayed=tracking.apply,
             )
             broker.start()
-            housekeeping = asyncio.get_running_loop().create_task(
-                _housekeeping(failures, keys, timedelta(days=settings.ops_retention_days))
-            )
-            stack.callback(housekeeping.cancel)
+            _housekeeping(stack, failures, keys, inbox, timedelta(days=settings.ops_retention_days))
             yield
 
     app = FastAPI(

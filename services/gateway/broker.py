@@ -20,6 +20,8 @@ from services.messaging.settings import CourierSettings
 
 log = get_logger("gateway.broker")
 
+RELINK_SECONDS = 5.0
+
 
 class Startable(Protocol):
     async def start(self, connection: AbstractRobustConnection) -> None: ...
@@ -51,7 +53,18 @@ class BrokerLink:
         return self._declared and self.publisher.ready
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._connect())
+        self._task = asyncio.get_running_loop().create_task(self._link())
+
+    async def _link(self) -> None:
+        """Connect until it works; an unexpected failure is logged and retried, never left to
+        end the task quietly (the gateway would answer 503 for ever)."""
+        while True:
+            try:
+                await self._connect()
+                return
+            except Exception:
+                log.exception("linking to the broker failed unexpectedly; retrying")
+                await asyncio.sleep(RELINK_SECONDS)
 
     async def _connect(self) -> None:
         topologies = self.settings.all_topologies()

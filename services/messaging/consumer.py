@@ -57,6 +57,8 @@ from services.messaging.status import StatusReporter
 
 log = get_logger("consumer")
 
+MAX_REQUEUE_BACKOFF = 30.0
+
 Handler = Callable[..., Awaitable[Sequence[Envelope] | None]]
 """An async function taking one typed event (and, if stateful, the store transaction) and
 returning the follow-up events to publish (or None)."""
@@ -73,6 +75,11 @@ class Route:
     stateful: bool = False
     """The handler takes `(event, conn)` and writes its state through `conn`, in the same
     transaction that records the event in the inbox."""
+
+
+class _NotRecorded(Exception):
+    """The inbox could not record a handled event: settle nothing, return the delivery later
+    (an infrastructure failure, not the handler's), rather than retry or dead-letter it."""
 
 
 class _AlreadyHandled(PermanentError):
@@ -120,6 +127,8 @@ class Consumer:
         self._consumer_tag: str | None = None
         self._connection: AbstractRobustConnection | None = None
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._infrastructure_failures = 0
         self._event_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -184,6 +193,12 @@ class Consumer:
                 "in-flight handlers did not finish in time; their messages return to the queue",
                 extra={"in_flight": self._in_flight, "drain_seconds": drain_seconds},
             )
+            # Stop them: unsettled, their messages return to the queue when the channel
+            # closes, and nothing they do after this point (a half-recorded effect, a retry
+            # copy) can race the shutdown.
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             return False
         return True
 
@@ -192,15 +207,32 @@ class Consumer:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             await self._process(message)
+            self._infrastructure_failures = 0
         except Exception:  # settled below: never left hanging, never dropped
-            # Could not ack, retry or dead-letter (the broker went away mid-way, or a bug in
-            # this runtime). Return the message to the queue: the quorum queue's delivery limit
-            # bounds how often, then dead-letters it as `delivery_limit`.
-            log.exception("delivery not settled; returning it to the queue")
+            # Could not ack, retry or dead-letter: the store or the broker is away, or a bug in
+            # this runtime. Back off (a store outage must not spin the backlog through the
+            # delivery limit in milliseconds), then return the message to the queue; the
+            # quorum queue's delivery limit bounds how often.
+            self._infrastructure_failures += 1
+            pause = min(MAX_REQUEUE_BACKOFF, 0.1 * 2 ** min(self._infrastructure_failures, 10))
+            log.exception(
+                "delivery not settled; returning it to the queue",
+                extra={
+                    "event_id": message.message_id,
+                    "correlation_id": message.correlation_id,
+                    "backoff_seconds": pause,
+                },
+            )
+            await asyncio.sleep(pause)
             await _requeue(message)
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             self._settled += 1
             if self._settled >= self._backlog:
                 self._caught_up.set()
@@ -242,12 +274,14 @@ class Consumer:
             return
         self._report(event, "processing", attempt=attempt)
         try:
-            follow_ups = await route.retry.call(lambda: self._attempt(route, event))
+            follow_ups = await self._attempt(route, event)
         except _AlreadyHandled:
             known = await self._inbox.lookup(event.id)
             recorded = known.follow_ups if isinstance(known, Handled) else ()
             await self._skip_duplicate(message, event, recorded)
             return
+        except _NotRecorded:
+            raise
         except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return
@@ -261,15 +295,30 @@ class Consumer:
             self._reporter.report(event.id, event.type, state, **detail)
 
     async def _attempt(self, route: Route, event: Envelope) -> list[Envelope]:
-        """Run the handler once and record the event in the inbox (with the handler's state)."""
+        """Run the handler (retrying blips in process) and record the event in the inbox.
+
+        A stateful handler writes its state in the inbox transaction, so each try is one
+        transaction. Otherwise only the handler is retried: a store error while recording
+        must not run the handler's effect again (it propagates, and the delivery is returned
+        to the queue after a back-off)."""
         if route.stateful:
-            async with self._inbox.transaction() as conn:
-                follow_ups = [with_cause(e, event) for e in await route.handler(event, conn) or ()]
-                if not await self._inbox.record(conn, event, follow_ups):
-                    raise _AlreadyHandled
-            return follow_ups
-        follow_ups = [with_cause(e, event) for e in await route.handler(event) or ()]
-        if not await self._inbox.remember(event, follow_ups):
+
+            async def stateful() -> list[Envelope]:
+                async with self._inbox.transaction() as conn:
+                    produced = await route.handler(event, conn) or ()
+                    follow_ups = [with_cause(e, event) for e in produced]
+                    if not await self._inbox.record(conn, event, follow_ups):
+                        raise _AlreadyHandled
+                return follow_ups
+
+            return await route.retry.call(stateful)
+        produced = await route.retry.call(lambda: route.handler(event))
+        follow_ups = [with_cause(e, event) for e in produced or ()]
+        try:
+            recorded = await self._inbox.remember(event, follow_ups)
+        except Exception as exc:
+            raise _NotRecorded(f"the handler succeeded but recording it failed: {exc!r}") from exc
+        if not recorded:
             raise _AlreadyHandled
         return follow_ups
 

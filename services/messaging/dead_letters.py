@@ -25,7 +25,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from contracts.topology import work_queue
+from contracts.topology import service_of_queue, work_queue
 from services.messaging import failure as f
 from services.messaging.logs import get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
@@ -95,10 +95,6 @@ def _as_datetime(value: Any, default: datetime) -> datetime:
     return default
 
 
-def _service_of(queue: str, namespace: str) -> str:
-    return queue.removeprefix(f"{namespace}.")
-
-
 def read_dead_letter(
     namespace: str,
     *,
@@ -150,9 +146,11 @@ def _broker_dead_letter(
     """A message the broker dead-lettered itself (after `x-delivery-limit` redeliveries)."""
     deaths = headers.get("x-death") or [{}]
     death = deaths[0] if isinstance(deaths, list) and deaths else {}
-    queue = str(headers.get("x-first-death-queue") or death.get("queue") or "unknown")
-    reason = str(headers.get("x-first-death-reason") or death.get("reason") or "unknown")
-    service = _service_of(queue, namespace)
+    # x-death[0] is the newest death: a message may have expired out of a delay tier before
+    # the delivery limit dead-lettered it from its work queue (x-first-death-* names the tier).
+    queue = str(death.get("queue") or headers.get("x-last-death-queue") or "unknown")
+    reason = str(death.get("reason") or headers.get("x-last-death-reason") or "unknown")
+    service = service_of_queue(namespace, queue)
     fingerprint = hashlib.sha256(f"{reason}|{service}|{message_type}".encode()).hexdigest()[:16]
     died = _as_datetime(death.get("time"), now)
     return DeadLetter(

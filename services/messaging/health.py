@@ -8,7 +8,6 @@ the probe too — which is the point.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import orjson
@@ -29,7 +28,7 @@ async def serve_health(
     host: str, port: int, ready: Callable[[], bool], service: str
 ) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        try:
             async with asyncio.timeout(5):
                 request_line = await reader.readline()
                 parts = request_line.decode("latin-1").split()
@@ -45,6 +44,9 @@ async def serve_health(
                     response = _response(404, {"detail": "not found"})
                 writer.write(response)
                 await writer.drain()
-        writer.close()
+        except (ConnectionError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            pass  # a broken or oversized probe gets no answer; the connection is closed below
+        finally:
+            writer.close()
 
     return await asyncio.start_server(handle, host, port)

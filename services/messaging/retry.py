@@ -71,8 +71,14 @@ class RetryPolicy:
             stop=stop_after_attempt(self.immediate + 1)
             | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
             wait=wait_random_exponential(multiplier=0.05, max=0.4),
+            # Only failures of the handler: never a cancellation (a shutdown, a closed channel),
+            # which must stop the handler rather than run it again.
             retry=retry_if_exception(
-                lambda exc: not self.is_permanent(exc) and min_delay_of(exc) == 0
+                lambda exc: (
+                    isinstance(exc, Exception)
+                    and not self.is_permanent(exc)
+                    and min_delay_of(exc) == 0
+                )
             ),
             reraise=True,
         )

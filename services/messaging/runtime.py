@@ -35,6 +35,7 @@ from services.messaging.errors import TopologyMismatch
 from services.messaging.health import serve_health
 from services.messaging.inbox import Inbox
 from services.messaging.logs import configure_logging, get_logger
+from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.settings import ConsumerSettings
 from services.messaging.status import StatusReporter
@@ -112,14 +113,10 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     await inbox.start()
     retention = timedelta(hours=settings.inbox_retention_hours)
 
-    async def prune_periodically() -> None:
-        while True:
-            pruned = await inbox.prune(retention)
-            log.info("inbox pruned", extra={"removed": pruned})
-            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+    async def prune() -> None:
+        log.info("inbox pruned", extra={"removed": await inbox.prune(retention)})
 
-    pruner = asyncio.get_running_loop().create_task(prune_periodically())
-    stack.callback(pruner.cancel)
+    run_every(stack, PRUNE_INTERVAL_SECONDS, "inbox-prune", prune)
     return inbox
 
 

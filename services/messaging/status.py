@@ -71,7 +71,10 @@ class StatusReporter:
             except TimeoutError:
                 pass
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # never let status reporting die quietly
+                log.exception("status report failed; trying again")
 
     async def flush(self) -> None:
         """Publish what is pending, in batches; keep what the broker did not take."""

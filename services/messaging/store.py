@@ -23,6 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -54,11 +55,13 @@ def store_url(database_url: str | None, data_dir: Path, service: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
-    # WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which survives a
-    # process crash (kill -9) and costs one fsync per checkpoint instead of one per commit.
+    # WAL lets readers run beside the writer. FULL syncs every commit: a store may hold the only
+    # copy of something the broker no longer has (a drained dead letter, a claimed idempotency
+    # key), so a commit must survive a power loss, not only a process crash. Group commits keep
+    # the fsyncs few.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
 
@@ -120,12 +123,17 @@ class BatchRunner:
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:
-    """Apply the steps of `component` not applied yet, each in its own transaction."""
+    """Apply the steps of `component` not applied yet, each in its own transaction.
+
+    On PostgreSQL a transaction-scoped advisory lock serialises services and replicas that
+    start together against one database (SQLite serialises writers by itself)."""
     async with engine.begin() as conn:
+        await _lock_migrations(conn)
         await conn.run_sync(_META.create_all)
     applied = 0
     for version, step in enumerate(steps, start=1):
         async with engine.begin() as conn:
+            await _lock_migrations(conn)
             current = await conn.scalar(
                 select(_MIGRATIONS.c.version).where(_MIGRATIONS.c.component == component)
             )
@@ -144,3 +152,11 @@ async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration
                 )
             applied += 1
     return applied
+
+
+MIGRATION_LOCK_KEY = 0x636F7572  # "cour"
+
+
+async def _lock_migrations(conn: AsyncConnection) -> None:
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})

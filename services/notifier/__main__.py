@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -10,6 +9,7 @@ from datetime import timedelta
 
 from services.messaging.consumer import Route
 from services.messaging.logs import get_logger
+from services.messaging.periodic import run_every
 from services.messaging.runtime import run
 from services.messaging.store import open_store, store_url
 from services.notifier import handlers
@@ -34,14 +34,10 @@ async def open_deliveries(stack: AsyncExitStack, settings: NotifierSettings) -> 
     await deliveries.start()
     retention = timedelta(days=settings.delivery_retention_days)
 
-    async def prune_periodically() -> None:
-        while True:
-            pruned = await deliveries.prune(retention)
-            log.info("deliveries pruned", extra={"removed": pruned})
-            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+    async def prune() -> None:
+        log.info("deliveries pruned", extra={"removed": await deliveries.prune(retention)})
 
-    pruner = asyncio.get_running_loop().create_task(prune_periodically())
-    stack.callback(pruner.cancel)
+    run_every(stack, PRUNE_INTERVAL_SECONDS, "deliveries-prune", prune)
     return deliveries
 
 

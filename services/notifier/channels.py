@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
+from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 
 from contracts.envelope import Envelope
 from contracts.events import Channel
@@ -84,6 +85,9 @@ class Unconfigured:
         raise PermanentError(f"the {self._channel!r} channel is not configured")
 
 
+RECORD_BUDGET_SECONDS = 5.0
+
+
 class Channels:
     """Delivers on the notification's channel, at most once per event id once it succeeded."""
 
@@ -103,6 +107,16 @@ class Channels:
         except Exception as exc:
             summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
             permanent = isinstance(exc, PermanentError)
-            await self._deliveries.failed(notification.event_id, summary, permanent=permanent)
+            try:
+                await self._deliveries.failed(notification.event_id, summary, permanent=permanent)
+            except Exception:  # the delivery's own failure is what counts; keep it
+                log.exception("could not record a failed delivery")
             raise
-        await self._deliveries.delivered(notification.event_id)
+        # Delivered: record it even through a store blip, or a retry would send it again.
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(RECORD_BUDGET_SECONDS),
+            wait=wait_exponential(multiplier=0.05, max=1),
+            reraise=True,
+        ):
+            with attempt:
+                await self._deliveries.delivered(notification.event_id)

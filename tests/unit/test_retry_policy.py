@@ -124,3 +124,18 @@ async def test_retry_later_without_a_delay_is_retried_in_process() -> None:
     flaky = Flaky(failures=1, exc=RetryLater("busy", min_delay=0))
     assert await RetryPolicy(delays=(1,), immediate=2).call(flaky) == "done"
     assert flaky.calls == 2
+
+
+async def test_a_cancellation_is_never_retried_in_process() -> None:
+    import asyncio
+
+    calls = 0
+
+    async def cancelled() -> None:
+        nonlocal calls
+        calls += 1
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await RetryPolicy(delays=(1,), immediate=3).call(cancelled)
+    assert calls == 1

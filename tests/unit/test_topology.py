@@ -10,6 +10,7 @@ from contracts.topology import (
     ServiceTopology,
     dead_letter_queue,
     retry_queue,
+    service_of_queue,
     service_topology,
     work_queue,
     workers_of,
@@ -95,3 +96,11 @@ def test_nonsense_topologies_are_refused(kwargs: dict[str, object]) -> None:
     }
     with pytest.raises(ValueError, match=r"retry|delivery|unknown"):
         ServiceTopology(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "queue",
+    ["ns.processor", "ns.processor.dlq", "ns.processor.control", "ns.processor.retry.30s"],
+)
+def test_every_queue_name_leads_back_to_its_service(queue: str) -> None:
+    assert service_of_queue("ns", queue) == "processor"
