@@ -23,7 +23,7 @@ test: lint typecheck pytest
 
 pytest: $(STAMP)
 	$(BIN)/python scripts/ensure_broker.py --optional
-	$(BIN)/pytest
+	$(BIN)/pytest -n 4 --dist loadscope
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
