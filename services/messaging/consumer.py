@@ -58,6 +58,7 @@ from services.messaging.status import StatusReporter
 log = get_logger("consumer")
 
 MAX_REQUEUE_BACKOFF = 30.0
+CANCEL_TIMEOUT = 5.0
 
 Handler = Callable[..., Awaitable[Sequence[Envelope] | None]]
 """An async function taking one typed event (and, if stateful, the store transaction) and
@@ -180,10 +181,14 @@ class Consumer:
     async def stop(self, drain_seconds: float) -> bool:
         """Stop taking messages; wait up to `drain_seconds` for in-flight ones. True if drained."""
         if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await self._queue.cancel(self._consumer_tag)
-            except (AMQPError, ChannelInvalidStateError, ConnectionError):
-                log.warning("could not cancel the consumer; the channel is gone already")
+            # With the broker away a robust channel would wait for it for ever: bound the
+            # cancel (deliveries stop anyway once the connection closes).
+            if self.consuming:
+                try:
+                    async with asyncio.timeout(CANCEL_TIMEOUT):
+                        await self._queue.cancel(self._consumer_tag)
+                except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
+                    log.warning("could not cancel the consumer; the channel is gone already")
             self._consumer_tag = None
         try:
             async with asyncio.timeout(drain_seconds):

@@ -51,6 +51,7 @@ EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
 CONTROL_PREFETCH = 16
 CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
+CLOSE_TIMEOUT = 5.0
 _CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
 
 
@@ -120,6 +121,15 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     return inbox
 
 
+async def _bounded(closing: Awaitable[object], seconds: float = CLOSE_TIMEOUT) -> None:
+    """Close something that may wait for an absent broker: never hang a shutdown on it."""
+    try:
+        async with asyncio.timeout(seconds):
+            await closing
+    except TimeoutError:
+        log.warning("closing took too long; leaving it", extra={"seconds": seconds})
+
+
 async def _record_cancellation(
     inbox: Inbox, event: CancellationRequested, conn: AsyncConnection
 ) -> None:
@@ -148,8 +158,8 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")
             return EXIT_UNREADY
-        stack.push_async_callback(publisher.close)
-        stack.push_async_callback(connection.close)
+        stack.push_async_callback(_bounded, publisher.close())
+        stack.push_async_callback(_bounded, connection.close())
         try:
             await declare_topology(connection, [topology])
         except TopologyMismatch:

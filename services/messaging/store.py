@@ -28,8 +28,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 T = TypeVar("T")
@@ -125,8 +127,21 @@ class BatchRunner:
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:
     """Apply the steps of `component` not applied yet, each in its own transaction.
 
-    On PostgreSQL a transaction-scoped advisory lock serialises services and replicas that
-    start together against one database (SQLite serialises writers by itself)."""
+    Processes that start together against one store race here: on PostgreSQL an advisory lock
+    serialises them; on SQLite (no such lock) a step that lost the race to another process
+    fails on "already exists", and the whole check is simply run again."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.3),
+        retry=retry_if_exception_type((OperationalError, IntegrityError, ProgrammingError)),
+        reraise=True,
+    ):
+        with attempt:
+            return await _migrate_once(engine, component, steps)
+    raise AssertionError("unreachable: tenacity reraises")
+
+
+async def _migrate_once(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:
     async with engine.begin() as conn:
         await _lock_migrations(conn)
         await conn.run_sync(_META.create_all)
