@@ -121,11 +121,11 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     return inbox
 
 
-async def _bounded(closing: Awaitable[object], seconds: float = CLOSE_TIMEOUT) -> None:
+async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
     """Close something that may wait for an absent broker: never hang a shutdown on it."""
     try:
         async with asyncio.timeout(seconds):
-            await closing
+            await close()
     except TimeoutError:
         log.warning("closing took too long; leaving it", extra={"seconds": seconds})
 
@@ -158,8 +158,8 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")
             return EXIT_UNREADY
-        stack.push_async_callback(_bounded, publisher.close())
-        stack.push_async_callback(_bounded, connection.close())
+        stack.push_async_callback(_bounded, publisher.close)
+        stack.push_async_callback(_bounded, connection.close)
         try:
             await declare_topology(connection, [topology])
         except TopologyMismatch:
