@@ -39,6 +39,14 @@ broker:
 schemas: $(STAMP)
 	$(BIN)/courier-schemas
 
+## bench: benchmarks with same-run baselines (never part of the test run); figures in bench/results/
+bench: $(STAMP)
+	$(BIN)/python scripts/ensure_broker.py
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.consumer
+	$(BIN)/python -m bench.dlq_store
+
 ## lock: re-resolve requirements.lock from pyproject.toml (needs uv)
 lock:
 	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
