@@ -43,6 +43,8 @@ CONSUMERS = 2
 KILLS = 5
 REPLICAS_STARTING = 4
 PREFETCH = "16"
+# About 2 minutes here (some 80 effects a second); the rest is margin for a loaded machine.
+BUDGET_SECONDS = 330
 SEED = int(os.environ.get("COURIER_BURST_SEED", "20240611"))
 
 
@@ -105,27 +107,40 @@ async def test_a_burst_survives_random_consumer_kills_with_each_effect_exactly_o
     consumers = [start_consumer().wait_ready() for _ in range(CONSUMERS)]
 
     started = time.monotonic()
+    deadline = started + BUDGET_SECONDS  # for all of it: kills, publishing, every effect
+
+    def remaining() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     publishing = asyncio.get_running_loop().create_task(publish_burst(publisher, namespace, EVENTS))
     killed_pids: list[int] = []
-    for point, victim in zip(kill_points, victims, strict=True):
+    try:
+        for point, victim in zip(kill_points, victims, strict=True):
 
-        async def reached(point: int = point) -> None:
-            assert effect_total(effects) >= point
+            async def reached(point: int = point) -> None:
+                total = effect_total(effects)
+                assert total >= point, f"{total} effects, next kill at {point}; {schedule}"
 
-        await eventually(reached, timeout=240)
-        service = consumers[victim]
-        assert service.process is not None
-        assert service.process.poll() is None, f"consumer died by itself:\n{service.log()}"
-        killed_pids.append(service.process.pid)
-        service.kill()  # SIGKILL, whatever it is doing
-        consumers[victim] = start_consumer()  # restarted at once, not waited for
-    event_ids = await publishing
+            await eventually(reached, timeout=remaining())
+            service = consumers[victim]
+            assert service.process is not None
+            assert service.process.poll() is None, f"consumer died by itself:\n{service.log()}"
+            killed_pids.append(service.process.pid)
+            service.kill()  # SIGKILL, whatever it is doing
+            consumers[victim] = start_consumer()  # restarted at once, not waited for
+        async with asyncio.timeout(remaining()):
+            event_ids = await publishing
+    finally:
+        if not publishing.done():
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
     published_after = time.monotonic() - started
 
     async def all_done() -> None:
-        assert effect_total(effects) >= EVENTS, f"{effect_total(effects)} effects; {schedule}"
+        total = effect_total(effects)
+        assert total >= EVENTS, f"{total} effects; {schedule}"
 
-    await eventually(all_done, timeout=360)
+    await eventually(all_done, timeout=remaining())
     done_after = time.monotonic() - started
     for service in consumers:
         assert service.process is not None
