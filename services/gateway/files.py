@@ -7,7 +7,7 @@ transaction as the gateway's inbox record, like dataset results.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.files import FileProcessed, FileUploadedData
-from services.messaging.store import migrate
+from services.messaging.store import as_utc, migrate
 
 metadata = MetaData()
 files = Table(
@@ -47,10 +47,6 @@ results = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False),
     Column("analysis", JSON, nullable=False),
 )
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Files:
@@ -117,7 +113,7 @@ class Files:
             "content_type": row.content_type,
             "size": row.size,
             "sha256": row.sha256,
-            "uploaded_at": _utc(row.uploaded_at),
-            "processed_at": _utc(result.processed_at) if result is not None else None,
+            "uploaded_at": as_utc(row.uploaded_at),
+            "processed_at": as_utc(result.processed_at) if result is not None else None,
             "analysis": result.analysis if result is not None else None,
         }

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.messaging.store import migrate
+from services.messaging.store import as_utc, migrate
 
 metadata = MetaData()
 keys = Table(
@@ -67,10 +67,6 @@ class Claim:
     response: Any = None
 
 
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 class IdempotencyKeys:
     def __init__(self, engine: AsyncEngine, ttl: timedelta, lease: timedelta) -> None:
         self._engine = engine
@@ -103,7 +99,7 @@ class IdempotencyKeys:
             except IntegrityError:
                 pass
             row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
-            if _utc(row.created_at) < now - self._ttl:  # expired: the key is free again
+            if as_utc(row.created_at) < now - self._ttl:  # expired: the key is free again
                 await conn.execute(
                     update(keys)
                     .where(keys.c.key == key)
@@ -122,7 +118,7 @@ class IdempotencyKeys:
                 return Claim("conflict", row.event_ids)
             if row.state == "done":
                 return Claim("done", row.event_ids, row.status_code, row.response)
-            stale = _utc(row.updated_at) < now - self._lease
+            stale = as_utc(row.updated_at) < now - self._lease
             if row.state == "retryable" or stale:
                 taken = await conn.execute(
                     update(keys)

@@ -37,7 +37,7 @@ from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import State, StatusReported, Transition
 from services.messaging.logs import get_logger
-from services.messaging.store import BatchRunner, insert_for, migrate
+from services.messaging.store import BatchRunner, as_utc, insert_for, migrate
 
 log = get_logger("gateway.tracking")
 
@@ -91,9 +91,7 @@ ACCEPT_BATCH_SECONDS = 0.05
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return None if value is None else as_utc(value)
 
 
 class Tracking:

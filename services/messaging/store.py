@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +77,12 @@ def open_store(url: str) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def as_utc(value: datetime) -> datetime:
+    """A datetime read back from a store, in UTC: SQLite hands back naive ones, and
+    everything Courier stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def insert_for(dialect: str) -> Callable[[Table], Any]:

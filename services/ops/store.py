@@ -41,7 +41,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.messaging.dead_letters import DeadLetter
-from services.messaging.store import migrate
+from services.messaging.store import as_utc, migrate
 
 Status = Literal["dead", "replaying", "replayed", "discarded"]
 
@@ -200,16 +200,11 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _row_dict(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     for key, value in out.items():
         if isinstance(value, datetime):
-            out[key] = _utc(value)
+            out[key] = as_utc(value)
     return out
 
 
@@ -350,8 +345,8 @@ class FailureStore:
             Group(
                 group=r.group_key,
                 count=int(r.total),
-                first_seen=_utc(r.first_seen),
-                last_seen=_utc(r.last_seen),
+                first_seen=as_utc(r.first_seen),
+                last_seen=as_utc(r.last_seen),
                 exception_type=r.exception_type,
                 example_message=r.example_message,
                 reason=r.reason,
@@ -557,8 +552,8 @@ def _letter(row: Any) -> DeadLetter:
         reason=row.reason,
         attempts=row.attempts,
         replays=row.replays,
-        first_failure=_utc(row.first_failure),
-        last_failure=_utc(row.last_failure),
+        first_failure=as_utc(row.first_failure),
+        last_failure=as_utc(row.last_failure),
         exception_type=row.exception_type,
         exception_message=row.exception_message,
         traceback=row.traceback,
