@@ -40,6 +40,7 @@ from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
 from contracts.topology import QueueSpec, ServiceTopology
 from contracts.tracking import State
+from services.messaging.acks import Acks
 from services.messaging.dead_letters import group_key
 from services.messaging.errors import CourierError, PermanentError
 from services.messaging.failure import (
@@ -138,6 +139,7 @@ class Consumer:
         self._backlog = 0
         self._settled = 0
         self._caught_up = asyncio.Event()
+        self._acks = Acks()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -204,12 +206,20 @@ class Consumer:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._acks.flush()  # what did finish is acked, not redelivered
             return False
+        await self._acks.flush()
         return True
 
     # --- one delivery -------------------------------------------------------------------------
 
+    def _ack(self, message: AbstractIncomingMessage) -> None:
+        if message.delivery_tag is not None:
+            self._acks.settle(message.channel, message.delivery_tag)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if message.delivery_tag is not None:
+            self._acks.delivered(message.channel, message.delivery_tag)
         self._in_flight += 1
         self._idle.clear()
         task = asyncio.current_task()
@@ -235,6 +245,8 @@ class Consumer:
             )
             await asyncio.sleep(pause)
             await _requeue(message)
+            if message.delivery_tag is not None:
+                self._acks.forget(message.channel, message.delivery_tag)
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -270,7 +282,7 @@ class Consumer:
     ) -> None:
         known = await self._inbox.lookup(event.id)
         if isinstance(known, Cancelled):
-            await message.ack()
+            self._ack(message)
             self._report(event, "cancelled")
             log.info("skipped: cancelled")
             return
@@ -291,7 +303,7 @@ class Consumer:
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return
         await self._publish_follow_ups(follow_ups)
-        await message.ack()
+        self._ack(message)
         self._report(event, "succeeded", attempt=attempt)
         log.debug("handled", extra={"event_type": event.type, "attempt": attempt})
 
@@ -333,7 +345,7 @@ class Consumer:
         # The first handling may have crashed before its follow-ups were confirmed: send them
         # again (same derived ids, so downstream inboxes drop them if they did arrive).
         await self._publish_follow_ups(follow_ups)
-        await message.ack()
+        self._ack(message)
         self._report(event, "skipped_duplicate")
         log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
 
@@ -363,7 +375,7 @@ class Consumer:
             exchange="",
             routing_key=self._topology.retry_queue(delay),
         )
-        await message.ack()
+        self._ack(message)
         self._report(
             event,
             "retrying",
@@ -401,7 +413,7 @@ class Consumer:
             exchange="",
             routing_key=self._topology.dead_letter_queue,
         )
-        await message.ack()
+        self._ack(message)
         if event is not None:
             self._report(
                 event,

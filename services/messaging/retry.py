@@ -15,6 +15,8 @@ retry, and the delayed retry uses the first tier at least that long.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,6 +35,7 @@ from services.messaging.errors import PermanentError, RetryLater
 T = TypeVar("T")
 
 IMMEDIATE_BUDGET_SECONDS = 1.0
+FIRST_RETRY_MAX_WAIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,25 +70,29 @@ class RetryPolicy:
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn`, retrying transient failures a few times at once."""
+        try:
+            return await fn()
+        except Exception as exc:
+            if self.immediate == 0 or not self._retry_at_once(exc):
+                raise
+        # A blip. The retry machinery is built only now: almost every call succeeds at once,
+        # and building it for each call costs more than a no-op handler.
+        await asyncio.sleep(random.uniform(0, FIRST_RETRY_MAX_WAIT))  # jitter
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.immediate + 1)
-            | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
+            stop=stop_after_attempt(self.immediate) | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
             wait=wait_random_exponential(multiplier=0.05, max=0.4),
-            # Only failures of the handler: never a cancellation (a shutdown, a closed channel),
-            # which must stop the handler rather than run it again.
-            retry=retry_if_exception(
-                lambda exc: (
-                    isinstance(exc, Exception)
-                    and not self.is_permanent(exc)
-                    and min_delay_of(exc) == 0
-                )
-            ),
+            retry=retry_if_exception(self._retry_at_once),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises the last failure")
+
+    def _retry_at_once(self, exc: BaseException) -> bool:
+        # Only failures of the handler: never a cancellation (a shutdown, a closed channel),
+        # which must stop the handler rather than run it again.
+        return isinstance(exc, Exception) and not self.is_permanent(exc) and min_delay_of(exc) == 0
 
 
 def min_delay_of(exc: BaseException | None) -> float:
