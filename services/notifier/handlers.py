@@ -101,10 +101,16 @@ def file_body(data: FileProcessedData) -> str:
     return "\n".join([header, *_analysis_lines(data.analysis)])
 
 
+def _without_targets(event: FileProcessed) -> FileProcessed:
+    """The event as receivers see it: other targets' URLs (often secret) and addresses stay out."""
+    return event.model_copy(update={"data": event.data.model_copy(update={"notify": []})})
+
+
 def file_notifications(event: FileProcessed) -> list[Notification]:
     """One notification per distinct target, each with its own stable id."""
     subject = f"File {event.data.name!r} processed"
     body = file_body(event.data)
+    announced = _without_targets(event)
     by_id = {
         target_event_id(event.id, target): target for target in event.data.notify
     }  # a target named twice is one notification
@@ -116,7 +122,7 @@ def file_notifications(event: FileProcessed) -> list[Notification]:
             recipient=target.recipient,
             subject=subject,
             body=body,
-            event=event,
+            event=announced,
         )
         for notification_id, target in by_id.items()
     ]

@@ -86,6 +86,7 @@ def test_a_processed_upload_is_announced_by_webhook_and_email(
         "csv",
     )
     assert request.headers["idempotency-key"] != event["id"]  # one key per target
+    assert "notify" not in event["data"]  # receivers do not see each other
 
     def mailed() -> None:
         assert len(smtp.messages) == 1
