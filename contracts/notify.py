@@ -6,14 +6,14 @@ from `file.uploaded` into `file.processed`, where the notifier delivers one noti
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer
 
 from contracts.envelope import Payload
 
 Channel = Literal["log", "webhook", "email"]
-CHANNELS: Final[tuple[Channel, ...]] = ("log", "webhook", "email")
+CHANNELS: Final[tuple[Channel, ...]] = get_args(Channel)
 
 Recipient = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 """A log label, an http(s) URL (webhook) or one email address, by channel."""
