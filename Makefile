@@ -36,8 +36,10 @@ broker:
 	$(PYTHON) scripts/ensure_broker.py
 
 ## schemas: regenerate contracts/schemas/*.json and contracts/asyncapi.yaml from the models
+# `python -m` imports the contracts of this checkout; the `courier-schemas` script imports the ones
+# the environment was installed from, another checkout when worktrees share one .venv.
 schemas: $(STAMP)
-	$(BIN)/courier-schemas
+	$(BIN)/python -m contracts.export
 
 ## bench: benchmarks with same-run baselines (never part of the test run); figures in bench/results/
 bench: $(STAMP)

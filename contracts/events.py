@@ -12,6 +12,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraint
 
 from contracts.envelope import Envelope, Payload
 from contracts.files import FileProcessed, FileUploaded
+from contracts.notify import Channel as Channel  # re-exported: it was defined here first
 from contracts.tracking import CancellationRequested, StatusReported
 
 
@@ -20,8 +21,6 @@ def schema_urn(event_type: str, version: int = 1) -> str:
 
 
 # --- notification.requested -------------------------------------------------------------------
-
-Channel = Literal["log", "webhook", "email"]
 
 
 class NotificationRequestedData(Payload):

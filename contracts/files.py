@@ -12,6 +12,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints
 
 from contracts.envelope import Envelope, Payload
+from contracts.notify import Notifying, NotifyTargets
 
 MAX_COLUMNS: Final = 100
 """Columns reported per file (more are counted, not described)."""
@@ -35,13 +36,14 @@ Count = Annotated[StrictInt, Field(ge=0)]
 # --- file.uploaded ----------------------------------------------------------------------------
 
 
-class FileUploadedData(Payload):
+class FileUploadedData(Notifying):
     file_id: FileId
     blob: BlobKey = Field(description="Key of the stored bytes in the blob store")
     name: FileName = Field(description="The client's file name, without any directory")
     content_type: MediaType = Field(description="The media type the client declared")
     size: Size = Field(description="Bytes stored")
     sha256: Sha256 = Field(description="Hex SHA-256 of the stored bytes")
+    notify: NotifyTargets = Field(default_factory=list)
 
 
 class FileUploaded(Envelope):
@@ -93,13 +95,15 @@ class FileAnalysis(Payload):
     ] = Field(default_factory=list)
 
 
-class FileProcessedData(Payload):
+class FileProcessedData(Notifying):
     file_id: FileId
     name: FileName
     declared_type: MediaType
     size: Size
     sha256: Sha256
     analysis: FileAnalysis
+    notify: NotifyTargets = Field(default_factory=list)
+    """Copied from the `file.uploaded` it answers."""
 
 
 class FileProcessed(Envelope):

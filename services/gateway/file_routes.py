@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from contracts.envelope import new_event_id
 from contracts.files import FileUploaded, FileUploadedData
+from contracts.notify import MAX_NOTIFY_TARGETS
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
 from services.gateway.ingest import IngestError
 from services.gateway.routes import Problem, publish_confirmed, status_url
@@ -48,7 +49,16 @@ _UPLOAD_BODY: dict[str, Any] = {
             "schema": {
                 "type": "object",
                 "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}},
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "notify": {
+                        "type": "array",
+                        "maxItems": MAX_NOTIFY_TARGETS,
+                        "items": {"type": "string", "example": "email:ops@example.com"},
+                        "description": "Targets to notify once the file is processed, each "
+                        "`<channel>:<recipient>` (log, webhook, email); repeat the field",
+                    },
+                },
             }
         }
     },
@@ -63,6 +73,7 @@ _UPLOAD_BODY: dict[str, Any] = {
         400: {"model": Problem, "description": "Malformed multipart body, or no 'file' part"},
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
         415: {"model": Problem, "description": "Not multipart, or a file type not accepted"},
+        422: {"model": Problem, "description": "A 'notify' target that cannot be delivered to"},
         503: {"model": Problem, "description": "The broker did not take the event; retry later"},
     },
     openapi_extra={"requestBody": _UPLOAD_BODY},
@@ -108,6 +119,7 @@ async def upload_file(
             content_type=received.content_type,
             size=received.size,
             sha256=received.sha256,
+            notify=list(received.notify),
         ),
     )
     with event_context(event.id, event.correlation()):

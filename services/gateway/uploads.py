@@ -7,7 +7,9 @@ chunk at hand; after each chunk the notes are acted on: the `file` part's header
 block of at most `BLOCK_SIZE` bytes, and each full block is hashed and written to the blob
 upload in worker threads, side by side. So the gateway holds one request chunk plus one block
 per upload, whatever the file's size; the size limit is enforced as the bytes arrive (413, and
-the partial blob is removed). Other form fields are read past and dropped.
+the partial blob is removed). `notify` fields (notification targets, before or after the file
+part) are gathered, bounded in size and number, and each is checked as soon as it ends (422);
+other form fields are read past and dropped.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from contracts.files import MEDIA_TYPE_PATTERN
+from contracts.notify import NotifyTarget
 from services.blobs import BlobStore, BlobUpload
 from services.gateway.ingest import IngestError
+from services.gateway.notify_targets import MAX_VALUE_BYTES, NOTIFY_FIELD, add_target, decode_value
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -48,6 +52,7 @@ class ReceivedFile:
     content_type: str
     size: int
     sha256: str
+    notify: tuple[NotifyTarget, ...] = ()
 
 
 def media_type_allowed(media: str, allowed: Sequence[str]) -> bool:
@@ -65,10 +70,19 @@ def safe_file_name(raw: bytes | None) -> str:
     return name[:MAX_NAME_LENGTH] or DEFAULT_NAME
 
 
+PartKind = Literal["file", "notify", "other"]
+
+
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
-    is_file: bool = False
+    kind: PartKind = "other"
+    value: bytearray = field(default_factory=bytearray)
+    """A `notify` part's bytes so far (one byte past the limit at most)."""
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
 
 
 Note = tuple[str, bytes, bytes]
@@ -209,6 +223,7 @@ class _Receiver:
         self._type = DEFAULT_TYPE
         self._file_done = False
         self._body_done = False
+        self._notify: list[NotifyTarget] = []
 
     async def act(self, notes: list[Note]) -> None:
         for kind, value, extra in notes:
@@ -221,15 +236,28 @@ class _Receiver:
             elif kind == "data" and self._part.is_file:
                 assert self._sink is not None
                 await self._sink.write(value)
+            elif kind == "data" and self._part.kind == "notify":
+                self._gather(value)
             elif kind == "end" and self._part.is_file:
                 self._file_done = True
+                self._part = _Part()
+            elif kind == "end" and self._part.kind == "notify":
+                add_target(self._notify, decode_value(bytes(self._part.value)))
                 self._part = _Part()
             elif kind == "done":
                 self._body_done = True
 
+    def _gather(self, data: bytes) -> None:
+        room = MAX_VALUE_BYTES + 1 - len(self._part.value)  # one byte more shows it is too long
+        self._part.value += data[: max(room, 0)]
+
     async def _start_part(self) -> None:
         disposition, params = parse_options_header(self._part.headers.get(b"content-disposition"))
-        if disposition != b"form-data" or params.get(b"name") != FILE_FIELD.encode():
+        name = params.get(b"name") if disposition == b"form-data" else None
+        if name == NOTIFY_FIELD.encode():
+            self._part.kind = "notify"
+            return
+        if name != FILE_FIELD.encode():
             return  # another form field: read past it
         if self._sink is not None:
             raise IngestError(400, "one file per request: more than one part named 'file'")
@@ -243,7 +271,7 @@ class _Receiver:
             )
         self._type = media
         self._name = safe_file_name(params.get(b"filename"))
-        self._part.is_file = True
+        self._part.kind = "file"
         self._sink = _Sink(await self._store.put_stream(self._key), self._max_bytes)
 
     async def finish(self) -> ReceivedFile:
@@ -253,7 +281,9 @@ class _Receiver:
             raise IngestError(400, "no part named 'file' in the multipart body")
         sha256 = await self._sink.finish()
         await self._sink.upload.commit()
-        return ReceivedFile(self._key, self._name, self._type, self._sink.size, sha256)
+        return ReceivedFile(
+            self._key, self._name, self._type, self._sink.size, sha256, tuple(self._notify)
+        )
 
     async def abort(self) -> None:
         if self._sink is not None:

@@ -92,6 +92,9 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
         "dataset.processed": Route(
             functools.partial(handlers.dataset_processed, channels=channels), policy
         ),
+        "file.processed": Route(
+            functools.partial(handlers.file_processed, channels=channels), policy
+        ),
     }
 
 

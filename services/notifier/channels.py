@@ -17,7 +17,7 @@ import orjson
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 
 from contracts.envelope import Envelope
-from contracts.events import Channel
+from contracts.notify import Channel
 from services.messaging.errors import PermanentError
 from services.messaging.logs import get_logger
 

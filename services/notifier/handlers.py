@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from contracts.envelope import derived_event_id
 from contracts.events import DatasetProcessed, NotificationRequested
+from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
+from contracts.notify import NotifyTarget
+from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
 
 DEFAULT_DATASET_RECIPIENT = "ops"
+
+log = get_logger("notifier.handlers")
 
 
 async def notification_requested(event: NotificationRequested, *, channels: Channels) -> None:
@@ -46,3 +55,110 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             event=event,
         )
     )
+
+
+# --- file.processed: one notification per target ------------------------------------------------
+
+
+def target_event_id(event_id: str, target: NotifyTarget) -> str:
+    """The notification id of one target of an event: stable across redeliveries and replays.
+
+    It keys the deliveries record, the webhook's `Idempotency-Key` and the email's `Message-ID`,
+    so each target is delivered once however often the event comes back.
+    """
+    return derived_event_id(event_id, f"notify:{target.channel}:{target.recipient}")
+
+
+def _count(value: int | None, noun: str) -> list[str]:
+    return [] if value is None else [f"{value} {noun}"]
+
+
+def _column_line(column: ColumnStats) -> str:
+    line = f"{column.name}: {column.kind}, {column.count} values, {column.nulls} missing"
+    if column.mean is not None:
+        line += f", min {column.min:g}, max {column.max:g}, mean {column.mean:g}"
+    bound = "at least " if column.distinct_capped else ""
+    return f"{line}, {bound}{column.distinct} distinct"
+
+
+def _analysis_lines(analysis: FileAnalysis) -> list[str]:
+    counts = [
+        *_count(analysis.record_count, "records"),
+        *_count(analysis.column_count, "columns"),
+        *_count(analysis.line_count, "lines"),
+    ]
+    lines = [", ".join([f"format {analysis.format} ({analysis.detected_type})", *counts])]
+    lines += [_column_line(column) for column in analysis.columns]
+    if analysis.columns_truncated:
+        lines.append("(more columns than described)")
+    lines += [f"note: {note}" for note in analysis.notes]
+    return lines
+
+
+def file_body(data: FileProcessedData) -> str:
+    """A plain-text summary of the analysis, for people (a webhook gets the whole event)."""
+    header = f"{data.name}: {data.size} bytes, declared {data.declared_type}, sha256 {data.sha256}"
+    return "\n".join([header, *_analysis_lines(data.analysis)])
+
+
+def _without_targets(event: FileProcessed) -> FileProcessed:
+    """The event as receivers see it: other targets' URLs (often secret) and addresses stay out."""
+    return event.model_copy(update={"data": event.data.model_copy(update={"notify": []})})
+
+
+def file_notifications(event: FileProcessed) -> list[Notification]:
+    """One notification per distinct target, each with its own stable id."""
+    subject = f"File {event.data.name!r} processed"
+    body = file_body(event.data)
+    announced = _without_targets(event)
+    by_id = {
+        target_event_id(event.id, target): target for target in event.data.notify
+    }  # a target named twice is one notification
+    return [
+        Notification(
+            event_id=notification_id,
+            correlation_id=event.correlation(),
+            channel=target.channel,
+            recipient=target.recipient,
+            subject=subject,
+            body=body,
+            event=announced,
+        )
+        for notification_id, target in by_id.items()
+    ]
+
+
+def _to_raise(failures: Sequence[Exception]) -> Exception:
+    """The failure that decides what happens to the event.
+
+    A transient one wins, so the event is retried (its delivered targets are skipped then, by
+    their deliveries record), with the longest wait any target asked for; only when every
+    failure is permanent is the event dead-lettered. The other failures are attached as notes.
+    """
+    transient = [exc for exc in failures if not isinstance(exc, PermanentError)]
+    candidates = transient or list(failures)
+    chosen = max(candidates, key=lambda exc: exc.min_delay if isinstance(exc, RetryLater) else 0.0)
+    for other in failures:
+        if other is not chosen:
+            chosen.add_note(f"another target failed too: {type(other).__name__}: {other}")
+    return chosen
+
+
+async def file_processed(event: FileProcessed, *, channels: Channels) -> None:
+    """Deliver the analysis to every target the upload named; no targets, nothing to do.
+
+    Every target is tried even when an earlier one fails, so one broken receiver does not hold
+    the others back; the event fails afterwards if any target did.
+    """
+    failures: list[Exception] = []
+    for notification in file_notifications(event):
+        try:
+            await channels.deliver(notification)
+        except Exception as exc:  # noqa: BLE001  # raised below, after the other targets
+            log.warning(
+                "file notification failed",
+                extra={"channel": notification.channel, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            failures.append(exc)
+    if failures:
+        raise _to_raise(failures)

@@ -54,6 +54,7 @@ async def file_uploaded(
             size=data.size,
             sha256=data.sha256,
             analysis=analysis,
+            notify=data.notify,  # the notifier announces the analysis to these targets
         ),
     )
     return [processed]

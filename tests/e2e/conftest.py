@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -12,12 +12,15 @@ from tests.support.processes import ServiceProcess, consumer, gateway
 class System:
     """Gateway, processor and notifier as three processes in one namespace."""
 
-    def __init__(self, namespace: Namespace, workdir: Path) -> None:
+    def __init__(
+        self, namespace: Namespace, workdir: Path, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.notify_log = workdir / "notifications.jsonl"
         env = namespace.env(
             COURIER_NOTIFY_LOG=str(self.notify_log),
             COURIER_LOG_LEVEL="INFO",
             COURIER_BLOB_DIR=str(workdir / "blobs"),  # shared by gateway and processor
+            **(extra_env or {}),
         )
         self.gateway = gateway(env, workdir)
         self.processor = consumer("processor", env, workdir)

@@ -253,3 +253,100 @@ async def test_without_a_broker_an_upload_is_refused_before_it_is_read(
         assert response.status_code == 503
         assert response.headers["retry-after"] == str(settings.retry_after_seconds)
     assert stored_files(blob_dir) == []
+
+
+def form(*parts: tuple[str, str | tuple[str, bytes, str]]) -> bytes:
+    """A multipart body with the parts in exactly this order (httpx puts fields first)."""
+    body = b""
+    for name, value in parts:
+        if isinstance(value, str):
+            head = f'Content-Disposition: form-data; name="{name}"\r\n\r\n'
+            data = value.encode()
+        else:
+            filename, data, content_type = value
+            head = (
+                f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n"
+            )
+        body += f"--{BOUNDARY}\r\n{head}".encode() + data + b"\r\n"
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+async def test_notify_targets_before_and_after_the_file_travel_with_it(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    body = form(
+        ("notify", "webhook:https://hooks.example.com/files"),
+        ("comment", "ignored"),
+        ("file", ("prices.csv", CSV, "text/csv")),
+        ("notify", "email:ops@example.com"),
+        ("notify", "webhook:https://hooks.example.com/files"),  # named twice: kept once
+        ("notify", "log:ops"),
+    )
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 202, response.text
+
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded)
+    assert [(t.channel, t.recipient) for t in event.data.notify] == [
+        ("webhook", "https://hooks.example.com/files"),
+        ("email", "ops@example.com"),
+        ("log", "ops"),
+    ]
+    assert event.data.size == len(CSV)
+
+
+async def test_notify_fields_sent_by_a_form_client_are_read(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("prices.csv", CSV, "text/csv")},
+        data={"notify": ["email:a@example.com", "email:b@example.com"]},
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded)
+    assert [t.recipient for t in event.data.notify] == ["a@example.com", "b@example.com"]
+
+
+@pytest.mark.parametrize("file_first", [True, False], ids=["after-the-file", "before-the-file"])
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("sms:+4412345", "unknown channel 'sms'"),
+        ("webhook:file:///etc/passwd", "must be http or https"),
+        ("email:nobody", "not a valid recipient address"),
+        ("ops@example.com", "expected <channel>:<recipient>"),
+    ],
+)
+async def test_a_bad_notify_target_is_a_422_that_stores_and_publishes_nothing(
+    client: httpx.AsyncClient,
+    namespace: Namespace,
+    blob_dir: Path,
+    file_first: bool,
+    value: str,
+    says: str,
+) -> None:
+    file_part = ("file", ("prices.csv", CSV, "text/csv"))
+    notify = ("notify", value)
+    body = form(file_part, notify) if file_first else form(notify, file_part)
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 422, response.text
+    assert says in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_more_than_ten_notify_targets_are_refused(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    targets = [("notify", f"log:team-{n}") for n in range(11)]
+    body = form(*targets, ("file", ("prices.csv", CSV, "text/csv")))
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 422, response.text
+    assert "at most 10 notify targets" in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])

@@ -7,7 +7,7 @@ receiver runs in the test process on 127.0.0.1, which the notifier allow-lists.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from contracts.envelope import Envelope
 from contracts.events import NotificationRequested, NotificationRequestedData
+from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
+from contracts.notify import NotifyTarget
 from contracts.topology import ServiceTopology
 from services.messaging import failure as f
 from services.messaging.inbox import Inbox
@@ -23,10 +26,12 @@ from services.messaging.publisher import Publisher
 from services.messaging.store import open_store
 from services.notifier.channels import Notification
 from services.notifier.deliveries import Deliveries, Delivery
+from services.notifier.handlers import target_event_id
 from tests.conftest import Namespace
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess, consumer
 from tests.support.queues import assert_empty, take
+from tests.support.smtp_server import SmtpServer
 from tests.support.webhook_receiver import Reply, WebhookReceiver
 
 pytestmark = pytest.mark.broker
@@ -43,7 +48,7 @@ class Running:
     deliveries: Deliveries
     inbox: Inbox
 
-    async def publish(self, event: NotificationRequested) -> None:
+    async def publish(self, event: Envelope) -> None:
         await self.publisher.publish_event(event, exchange=self.topology.events_exchange)
 
     async def delivery(self, event_id: str) -> Delivery:
@@ -54,7 +59,10 @@ class Running:
 
 @asynccontextmanager
 async def notifier(
-    namespace: Namespace, workdir: Path, before_start: Any = None
+    namespace: Namespace,
+    workdir: Path,
+    before_start: Any = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Running]:
     env = namespace.env(
         COURIER_RETRY_DELAYS=DELAYS,
@@ -62,6 +70,7 @@ async def notifier(
         COURIER_WEBHOOK_SECRET=SECRET,
         COURIER_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
         COURIER_NOTIFY_LOG=str(workdir / "notifications.jsonl"),
+        **(extra_env or {}),
     )
     process = consumer("notifier", env, workdir)
     store = workdir / "notifier-data"
@@ -190,3 +199,70 @@ async def test_a_notification_delivered_before_a_crash_is_not_sent_again(
         assert receiver.received == []
     assert (record.outcome, record.attempts) == ("delivered", 1)
     assert "already delivered; not sending again" in running.process.log()
+
+
+def smtp_env(smtp: SmtpServer) -> dict[str, str]:
+    return {
+        "COURIER_SMTP_HOST": smtp.host,
+        "COURIER_SMTP_PORT": str(smtp.port),
+        "COURIER_SMTP_STARTTLS": "false",
+        "COURIER_SMTP_FROM": "Courier <courier@example.com>",
+    }
+
+
+def file_processed(*targets: NotifyTarget) -> FileProcessed:
+    return FileProcessed(
+        data=FileProcessedData(
+            file_id="f-1",
+            name="prices.csv",
+            declared_type="text/csv",
+            size=35,
+            sha256="0" * 64,
+            analysis=FileAnalysis(detected_type="text/csv", format="csv", record_count=3),
+            notify=list(targets),
+        )
+    )
+
+
+async def test_a_file_notification_retried_for_its_email_does_not_repeat_its_webhook(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """Webhook accepted, email deferred (451): the event goes through a delay tier and comes
+    back; only the email is sent again."""
+    with (
+        WebhookReceiver().running() as receiver,
+        SmtpServer(rcpt_replies=["451 4.3.0 try again later"]).running() as smtp,
+    ):
+        async with notifier(namespace, tmp_path, extra_env=smtp_env(smtp)) as running:
+            hook = NotifyTarget(channel="webhook", recipient=receiver.url("/files"))
+            mail = NotifyTarget(channel="email", recipient="ops@example.com")
+            event = file_processed(hook, mail)
+            await running.publish(event)
+
+            async def mailed() -> Delivery:
+                record = await running.delivery(target_event_id(event.id, mail))
+                assert record.outcome == "delivered", record
+                return record
+
+            mail_record = await eventually(mailed, timeout=20)
+            hook_record = await running.delivery(target_event_id(event.id, hook))
+            await assert_settled(namespace, running.topology)
+        assert len(receiver.received) == 1
+        assert len(smtp.messages) == 1
+    assert (hook_record.outcome, hook_record.attempts) == ("delivered", 1)
+    assert (mail_record.outcome, mail_record.attempts) == ("delivered", 2)
+
+
+async def test_a_processed_file_without_targets_is_acked_without_effect(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    async with notifier(namespace, tmp_path) as running:
+        event = file_processed()
+        await running.publish(event)
+
+        async def handled() -> None:
+            assert await running.inbox.lookup(event.id) is not None
+
+        await eventually(handled, timeout=15)
+        await assert_settled(namespace, running.topology)
+    assert not (tmp_path / "notifications.jsonl").exists()

@@ -2,7 +2,8 @@
 
 It runs its own event loop in a thread (aiosmtpd's `Controller`), so async tests, sync e2e tests
 and service processes can all send to it. It records every message it accepted, parsed, and can
-be told to answer RCPT with a given reply (`"550 5.1.1 no such user"`, `"451 4.3.0 later"`).
+be told to answer RCPT with a given reply (`"550 5.1.1 no such user"`, `"451 4.3.0 later"`),
+always (`rcpt_reply`) or for the first few recipients only (`rcpt_replies`, then `250 OK`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import email
 import email.policy
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from email.message import EmailMessage
 
@@ -21,8 +22,9 @@ from tests.support.processes import free_port
 
 
 class SmtpServer:
-    def __init__(self, rcpt_reply: str | None = None) -> None:
+    def __init__(self, rcpt_reply: str | None = None, rcpt_replies: Sequence[str] = ()) -> None:
         self.rcpt_reply = rcpt_reply
+        self._rcpt_replies = list(rcpt_replies)
         self.host = "127.0.0.1"
         self.port = free_port()
         self._messages: list[tuple[Envelope, EmailMessage]] = []
@@ -50,6 +52,10 @@ class SmtpServer:
     ) -> str:
         if self.rcpt_reply is not None:
             return self.rcpt_reply
+        with self._lock:
+            scripted = self._rcpt_replies.pop(0) if self._rcpt_replies else None
+        if scripted is not None:
+            return scripted
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

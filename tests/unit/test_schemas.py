@@ -102,6 +102,7 @@ VALID: dict[str, dict[str, Any]] = {
                 "record_count": 1,
                 "columns": [{"name": "a", "kind": "number", "count": 1, "nulls": 0, "distinct": 1}],
             },
+            "notify": [{"channel": "email", "recipient": "ops@example.org"}],
         },
     },
 }

@@ -70,6 +70,7 @@ def test_workers_get_cancellations_on_a_control_queue_ahead_of_their_backlog() -
 
 def test_status_is_tracked_for_the_workers_of_a_type() -> None:
     assert workers_of("dataset.processed") == ("notifier",)
+    assert workers_of("file.processed") == ("notifier",)  # it announces files to their targets
     assert workers_of("status.reported") == ()
 
 

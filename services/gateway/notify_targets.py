@@ -1,0 +1,73 @@
+"""Notification targets of an upload: the `notify` form fields of `POST /v1/files`.
+
+Each value is `<channel>:<recipient>`: `webhook:https://example.com/hook`,
+`email:ops@example.com`, `log:ops`. A value that the notifier could never deliver is refused
+here (422), before the upload is announced, instead of being dead-lettered later. The checks are
+the notifier's own syntactic ones (`check_url`, `parse_address`), so both sides agree; whether a
+webhook host resolves to an allowed address is decided by the notifier when it connects.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pydantic import ValidationError
+
+from contracts.notify import CHANNELS, MAX_NOTIFY_TARGETS, Channel, NotifyTarget
+from services.gateway.ingest import IngestError
+from services.messaging.errors import PermanentError
+from services.notifier.mail import parse_address
+from services.notifier.targets import check_url
+
+NOTIFY_FIELD: Final = "notify"
+MAX_VALUE_BYTES: Final = 8 * 1024
+"""Longest `notify` value read: well above any valid one (a channel, `:`, 2048 characters)."""
+
+
+def _refused(raw: str, why: str) -> IngestError:
+    return IngestError(422, f"notify target {raw[:100]!r}: {why}")
+
+
+def _check_recipient(channel: Channel, recipient: str) -> None:
+    """Raise `PermanentError` (what the notifier would raise) if it cannot be delivered to."""
+    if channel == "webhook":
+        check_url(recipient)
+    elif channel == "email":
+        parse_address(recipient, "recipient")
+
+
+def parse_target(raw: str) -> NotifyTarget:
+    """`<channel>:<recipient>` as a target; `IngestError(422)` saying what is wrong."""
+    channel, sep, recipient = raw.strip().partition(":")
+    if not sep:
+        raise _refused(raw, "expected <channel>:<recipient>, e.g. email:ops@example.com")
+    if channel not in CHANNELS:
+        raise _refused(raw, f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
+    try:
+        target = NotifyTarget(channel=channel, recipient=recipient.strip())
+        _check_recipient(channel, target.recipient)
+    except ValidationError as exc:
+        raise _refused(raw, "the recipient must be 1 to 2048 characters") from exc
+    except PermanentError as exc:
+        raise _refused(raw, str(exc)) from exc
+    return target
+
+
+def decode_value(raw: bytes) -> str:
+    """A `notify` form value's bytes as text; `IngestError(422)` if too long or not UTF-8."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise IngestError(422, f"a notify target is longer than {MAX_VALUE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IngestError(422, "a notify target is not valid UTF-8") from None
+
+
+def add_target(targets: list[NotifyTarget], raw: str) -> None:
+    """Parse `raw` into `targets`: a target named twice is kept once, at most the maximum."""
+    target = parse_target(raw)
+    if target in targets:
+        return
+    if len(targets) >= MAX_NOTIFY_TARGETS:
+        raise IngestError(422, f"at most {MAX_NOTIFY_TARGETS} notify targets per upload")
+    targets.append(target)

@@ -1,0 +1,182 @@
+"""`file.processed` notifications through the real channels: a local webhook receiver, a local
+SMTP server and the deliveries record (SQLite). Each target is delivered once, whatever fails."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
+from contracts.notify import NotifyTarget
+from services.messaging.store import open_store
+from services.notifier.channels import Channels, LogChannel
+from services.notifier.deliveries import Deliveries, Delivery
+from services.notifier.handlers import file_processed, target_event_id
+from services.notifier.mail import EmailChannel, EmailDeferred, SmtpConfig
+from services.notifier.targets import TargetPolicy
+from services.notifier.webhook import (
+    WebhookChannel,
+    WebhookRejected,
+    WebhookSecrets,
+    WebhookUnavailable,
+    webhook_client,
+)
+from tests.support.smtp_server import SmtpServer
+from tests.support.webhook_receiver import Reply, WebhookReceiver
+
+SECRET = b"integration-webhook-secret-0123456789"
+MAIL = NotifyTarget(channel="email", recipient="ops@example.com")
+LATER = "451 4.3.0 try again later"
+
+
+def processed(*targets: NotifyTarget) -> FileProcessed:
+    return FileProcessed(
+        data=FileProcessedData(
+            file_id="f-1",
+            name="prices.csv",
+            declared_type="text/csv",
+            size=35,
+            sha256="0" * 64,
+            analysis=FileAnalysis(detected_type="text/csv", format="csv", record_count=3),
+            notify=list(targets),
+        )
+    )
+
+
+def hook(receiver: WebhookReceiver) -> NotifyTarget:
+    return NotifyTarget(channel="webhook", recipient=receiver.url("/files"))
+
+
+@pytest.fixture
+async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/notifier.sqlite3")
+    record = Deliveries(engine)
+    await record.start()
+    yield record
+    await engine.dispose()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    policy = TargetPolicy.from_entries(["127.0.0.1"])
+    async with webhook_client(policy, timeout=5, connect_timeout=2, max_connections=2) as c:
+        yield c
+
+
+def channels(
+    client: httpx.AsyncClient, smtp: SmtpServer, deliveries: Deliveries, log: Path
+) -> Channels:
+    mail = SmtpConfig(
+        host=smtp.host,
+        port=smtp.port,
+        sender="Courier <courier@example.com>",
+        starttls=False,
+        timeout=5,
+    )
+    return Channels(
+        {
+            "log": LogChannel(log),
+            "webhook": WebhookChannel(client, WebhookSecrets(SECRET, {}), timeout=5),
+            "email": EmailChannel(mail),
+        },
+        deliveries,
+    )
+
+
+async def record(deliveries: Deliveries, event: FileProcessed, target: NotifyTarget) -> Delivery:
+    found = await deliveries.get(target_event_id(event.id, target))
+    assert found is not None, f"no delivery recorded for {target}"
+    return found
+
+
+async def test_every_target_gets_one_notification(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    with WebhookReceiver().running() as receiver, SmtpServer().running() as smtp:
+        target = hook(receiver)
+        event = processed(target, MAIL, NotifyTarget(channel="log", recipient="ops"))
+        await file_processed(event, channels=channels(client, smtp, deliveries, log))
+        [request] = receiver.received
+        [message] = smtp.messages
+    assert request.headers["idempotency-key"] == target_event_id(event.id, target)
+    assert orjson.loads(request.body)["id"] == event.id  # the file.processed event itself
+    assert message["Subject"] == "File 'prices.csv' processed"
+    assert message["Message-ID"] == f"<{target_event_id(event.id, MAIL)}@example.com>"
+    [line] = log.read_bytes().splitlines()
+    assert orjson.loads(line)["recipient"] == "ops"
+    for each in event.data.notify:
+        assert (await record(deliveries, event, each)).outcome == "delivered"
+
+
+async def test_no_targets_no_effect(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    with SmtpServer().running() as smtp:
+        await file_processed(processed(), channels=channels(client, smtp, deliveries, log))
+        assert smtp.messages == []
+    assert not log.exists()
+
+
+async def test_a_retried_partial_failure_does_not_send_the_webhook_twice(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    with (
+        WebhookReceiver().running() as receiver,
+        SmtpServer(rcpt_replies=[LATER]).running() as smtp,
+    ):
+        target = hook(receiver)
+        event = processed(target, MAIL)
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        with pytest.raises(EmailDeferred):  # transient: the consumer retries the event
+            await file_processed(event, channels=send)
+        assert len(receiver.received) == 1 and smtp.messages == []
+        assert (await record(deliveries, event, target)).outcome == "delivered"
+        assert (await record(deliveries, event, MAIL)).outcome == "failed"
+
+        await file_processed(event, channels=send)  # the retry
+        assert len(receiver.received) == 1  # not again
+        assert len(smtp.messages) == 1
+    webhook, mail = await record(deliveries, event, target), await record(deliveries, event, MAIL)
+    assert (webhook.outcome, webhook.attempts) == ("delivered", 1)
+    assert (mail.outcome, mail.attempts) == ("delivered", 2)
+
+
+async def test_a_failing_target_does_not_hold_back_the_next_one(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    with (
+        WebhookReceiver([Reply(503)]).running() as receiver,
+        SmtpServer().running() as smtp,
+    ):
+        event = processed(hook(receiver), MAIL)  # the webhook comes first, and fails
+        with pytest.raises(WebhookUnavailable):
+            await file_processed(
+                event, channels=channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+            )
+        assert len(smtp.messages) == 1
+
+
+async def test_a_transient_failure_decides_over_a_permanent_one(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    """Retrying is what the transient target needs; only all-permanent failures dead-letter."""
+    with (
+        WebhookReceiver(default=Reply(400, body=b"unknown hook")).running() as receiver,
+        SmtpServer(rcpt_reply=LATER).running() as smtp,
+    ):
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        event = processed(hook(receiver), MAIL)
+        with pytest.raises(EmailDeferred) as caught:
+            await file_processed(event, channels=send)
+        assert any("WebhookRejected" in note for note in caught.value.__notes__)
+
+        smtp.rcpt_reply = "550 5.1.1 no such user"
+        with pytest.raises(WebhookRejected) as permanent:
+            await file_processed(event, channels=send)
+        assert any("EmailRejected" in note for note in permanent.value.__notes__)
