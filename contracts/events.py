@@ -10,9 +10,9 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
 
-from contracts.envelope import Envelope, Payload
+from contracts.envelope import Envelope, IngestEnvelope, Payload
 from contracts.files import FileProcessed, FileUploaded
-from contracts.tracking import CancellationRequested, StatusReported
+from contracts.tracking import CallbackRequested, CancellationRequested, StatusReported
 
 
 def schema_urn(event_type: str, version: int = 1) -> str:
@@ -31,7 +31,7 @@ class NotificationRequestedData(Payload):
     body: Annotated[str, StringConstraints(max_length=10_000)] = ""
 
 
-class NotificationRequested(Envelope):
+class NotificationRequested(IngestEnvelope):
     """Someone asked for a notification to be delivered on a channel."""
 
     type: Literal["notification.requested"] = "notification.requested"
@@ -61,7 +61,7 @@ class DatasetSubmittedData(Payload):
     notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
 
 
-class DatasetSubmitted(Envelope):
+class DatasetSubmitted(IngestEnvelope):
     """A client submitted a dataset for summarising."""
 
     type: Literal["dataset.submitted"] = "dataset.submitted"
@@ -107,7 +107,8 @@ Event = Annotated[
     | StatusReported
     | CancellationRequested
     | FileUploaded
-    | FileProcessed,
+    | FileProcessed
+    | CallbackRequested,
     Field(discriminator="type"),
 ]
 """Every event that travels on the broker."""
@@ -126,5 +127,6 @@ EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
     "cancellation.requested": CancellationRequested,
     "file.uploaded": FileUploaded,
     "file.processed": FileProcessed,
+    "callback.requested": CallbackRequested,
 }
 INGEST_TYPES: Final[frozenset[str]] = frozenset({"notification.requested", "dataset.submitted"})

@@ -92,6 +92,9 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
         "dataset.processed": Route(
             functools.partial(handlers.dataset_processed, channels=channels), policy
         ),
+        "callback.requested": Route(
+            functools.partial(handlers.callback_requested, channels=channels), policy
+        ),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contracts.events import DatasetProcessed, NotificationRequested
+from contracts.tracking import CallbackRequested
 from services.notifier.channels import Channels, Notification
 
 DEFAULT_DATASET_RECIPIENT = "ops"
@@ -43,6 +44,22 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             recipient=event.data.notify or DEFAULT_DATASET_RECIPIENT,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
+            event=event,
+        )
+    )
+
+
+async def callback_requested(event: CallbackRequested, *, channels: Channels) -> None:
+    """Post an event's final status to its client's callback URL: the webhook body is this
+    event, its `Idempotency-Key` this event's id (the same for every retry and redelivery)."""
+    await channels.deliver(
+        Notification(
+            event_id=event.id,
+            correlation_id=event.correlation(),
+            channel="webhook",
+            recipient=event.data.callback_url,
+            subject=f"{event.data.event_type or 'event'} {event.data.outcome}",
+            body="",
             event=event,
         )
     )
