@@ -23,6 +23,22 @@ async def notification_requested(event: NotificationRequested, *, channels: Chan
     )
 
 
+async def callback_requested(event: CallbackRequested, *, channels: Channels) -> None:
+    """Post an event's final status to its client's callback URL: the webhook body is this
+    event, its `Idempotency-Key` this event's id (the same for every retry and redelivery)."""
+    await channels.deliver(
+        Notification(
+            event_id=event.id,
+            correlation_id=event.correlation(),
+            channel="webhook",
+            recipient=event.data.callback_url,
+            subject=f"{event.data.event_type or 'event'} {event.data.outcome}",
+            body="",
+            event=event,
+        )
+    )
+
+
 def _dataset_body(event: DatasetProcessed) -> str:
     lines = [f"{event.data.record_count} records, {len(event.data.fields)} fields"]
     for name, summary in sorted(event.data.fields.items()):
@@ -44,22 +60,6 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             recipient=event.data.notify or DEFAULT_DATASET_RECIPIENT,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
-            event=event,
-        )
-    )
-
-
-async def callback_requested(event: CallbackRequested, *, channels: Channels) -> None:
-    """Post an event's final status to its client's callback URL: the webhook body is this
-    event, its `Idempotency-Key` this event's id (the same for every retry and redelivery)."""
-    await channels.deliver(
-        Notification(
-            event_id=event.id,
-            correlation_id=event.correlation(),
-            channel="webhook",
-            recipient=event.data.callback_url,
-            subject=f"{event.data.event_type or 'event'} {event.data.outcome}",
-            body="",
             event=event,
         )
     )
