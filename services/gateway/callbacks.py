@@ -194,6 +194,7 @@ class Callbacks:
         self._runner = BatchRunner(engine)
         self._publisher = publisher
         self._exchange = exchange
+        self._publishing = asyncio.Lock()
 
     def close(self) -> None:
         self._runner.close()
@@ -203,7 +204,17 @@ class Callbacks:
         mark them. Raises (after marking the ones that went out) if any publish failed."""
         due = await self._runner.run(lambda conn: _due(conn, event_ids))
         if not due:
-            return
+            return  # the usual answer, found without waiting for anyone
+        # Checks run side by side (status reports, the accept writer, the sweep) and may find
+        # the same settlement: publish one batch at a time and look again under the lock, so
+        # that what another check just published and marked is not published twice. (Another
+        # gateway process may still do so: the same id, which the notifier's inbox drops.)
+        async with self._publishing:
+            again = await self._runner.run(lambda conn: _due(conn, [s.event_id for s in due]))
+            if again:
+                await self._publish_and_mark(again)
+
+    async def _publish_and_mark(self, due: Sequence[Settlement]) -> None:
         sent = [s for s in due if s.request is not None]
         outcomes = await asyncio.gather(
             *(self._publish(s.request) for s in sent if s.request is not None),

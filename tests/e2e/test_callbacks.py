@@ -20,11 +20,12 @@ from services.notifier.signing import verify
 from tests.conftest import Namespace
 from tests.support.polling import eventually_sync
 from tests.support.processes import ServiceProcess, base_url, consumer, gateway
-from tests.support.webhook_receiver import Received, WebhookReceiver
+from tests.support.webhook_receiver import Received, Reply, WebhookReceiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 SECRET = "e2e-callback-signing-secret-0123456789abcdef"
+AUTH = {"Authorization": "Bearer e2e-test-ops-token"}  # COURIER_OPS_TOKENS of `gateway()`
 
 
 @pytest.fixture
@@ -167,3 +168,56 @@ def test_the_final_status_is_posted_to_the_callback_url_once(
         "/callbacks/dataset",
         "/callbacks/doomed",
     ]
+
+
+def test_a_replayed_dead_letter_that_succeeds_posts_a_second_callback(
+    services: tuple[ServiceProcess, ...], receiver: WebhookReceiver
+) -> None:
+    """A webhook notification whose target refuses it (400: permanent) is dead-lettered, and the
+    client hears so; an operator replays it, the target takes it, and the client hears that."""
+    gateway_process = services[0]
+    with WebhookReceiver(replies=[Reply(400, body=b"not yet")]).running() as target:
+        event_id = accepted(
+            gateway_process,
+            {
+                "type": "notification.requested",
+                "callback_url": receiver.url("/callbacks/order-9"),
+                "data": {"channel": "webhook", "recipient": target.url(), "subject": "Shipped"},
+            },
+        )
+
+        def posted(count: int) -> list[dict[str, Any]]:
+            requests = receiver.received
+            assert len(requests) == count, requests
+            return [signed_callback(request)["data"] for request in requests]
+
+        [dead] = eventually_sync(lambda: posted(1), timeout=30)
+        assert (dead["event_id"], dead["outcome"]) == (event_id, "dead_lettered")
+        assert "400" in dead["services"]["notifier"]["detail"]
+
+        def letter() -> str:
+            response = httpx.get(
+                f"{base_url(gateway_process)}/v1/ops/dead-letters",
+                params={"service": "notifier"},
+                headers=AUTH,
+                timeout=10,
+            )
+            ids: list[str] = [
+                i["id"] for i in response.json()["items"] if i["event_id"] == event_id
+            ]
+            assert len(ids) == 1, response.text
+            return ids[0]
+
+        replay = httpx.post(
+            f"{base_url(gateway_process)}/v1/ops/replays",
+            json={"ids": [eventually_sync(letter, timeout=10)]},
+            headers=AUTH,
+            timeout=10,
+        )
+        assert replay.status_code == 200 and replay.json()["count"] == 1, replay.text
+
+        dead_again, succeeded = eventually_sync(lambda: posted(2), timeout=30)
+        assert dead_again == dead
+        assert (succeeded["event_id"], succeeded["outcome"]) == (event_id, "succeeded")
+        assert succeeded["services"]["notifier"]["state"] == "succeeded"
+        assert [r.path for r in target.received] == ["/hook", "/hook"]  # refused, then taken
