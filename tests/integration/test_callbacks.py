@@ -17,24 +17,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import Envelope
 from contracts.events import (
+    EVENT_ADAPTER,
     DatasetSubmitted,
     DatasetSubmittedData,
     NotificationRequested,
     NotificationRequestedData,
 )
+from contracts.topology import work_queue
 from contracts.tracking import CallbackRequested, State, Transition
 from services.gateway.callbacks import Callbacks, callback_id
 from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.store import open_store, store_url
-from tests.conftest import _admin
+from tests.conftest import Namespace, _admin
+from tests.integration.test_tracking_store import running_gateway
 from tests.support.polling import eventually
+from tests.support.queues import take
 
 HOOK = "https://shop.example/hooks/courier"
 
@@ -348,3 +353,42 @@ async def test_an_older_store_gets_the_callback_columns(engine: AsyncEngine) -> 
         assert url == HOOK
     finally:
         await upgraded.close()
+
+
+@pytest.mark.broker
+async def test_a_delivery_the_broker_dead_letters_gets_its_callback(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """No consumer could report this one (it kept crashing its consumer): the gateway's
+    dead-letter drain marks it dead-lettered, and publishes the callback request, through the
+    real broker, to the notifier's queue."""
+    async with running_gateway(namespace, tmp_path, None, delivery_limit=1) as client:
+        response = await client.post(
+            "/v1/events",
+            json={
+                "type": "notification.requested",
+                "callback_url": HOOK,
+                "data": {"recipient": "r@example.org", "subject": "hi"},
+            },
+        )
+        assert response.status_code == 202, response.text
+        event_id = response.json()["id"]
+        notifier_queue = work_queue(namespace.name, "notifier")
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection:  # a consumer that returns the message until the broker gives up
+            channel = await connection.channel()
+            queue = await channel.get_queue(notifier_queue)
+            returned = 0
+            while (message := await queue.get(fail=False)) is not None or returned == 0:
+                if message is not None:
+                    assert message.type == "notification.requested"
+                    await message.nack(requeue=True)
+                    returned += 1
+
+        [message] = await take(namespace.amqp_url, notifier_queue, 1)
+        callback = EVENT_ADAPTER.validate_json(message.body)
+        assert isinstance(callback, CallbackRequested)
+        assert (callback.data.event_id, callback.data.outcome) == (event_id, "dead_lettered")
+        assert callback.data.callback_url == HOOK
+        notifier = callback.data.services["notifier"]
+        assert (notifier.state, notifier.reason) == ("dead_lettered", "delivery_limit")
