@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, strict=True)]
@@ -112,6 +121,16 @@ class IngestEnvelope(Envelope):
         description="Where the gateway has the final status posted (a signed webhook) once "
         "every service finished with the event: succeeded or dead-lettered.",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_callback(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without a callback URL the event serialises exactly as before the attribute existed,
+        # so consumers of the previous version (which forbid unknown attributes) keep reading
+        # every event that does not ask for a callback while a deployment is upgraded.
+        serialised: dict[str, Any] = handler(self)
+        if "callbackurl" in serialised and serialised["callbackurl"] is None:
+            del serialised["callbackurl"]
+        return serialised
 
 
 def callback_url_of(event: Envelope) -> str | None:

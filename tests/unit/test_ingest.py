@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from contracts.events import NotificationRequested
+from contracts.events import EVENT_ADAPTER, NotificationRequested
 from services.gateway.ingest import IngestError, parse_batch, parse_event
 
 PLAIN = orjson.dumps({"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}})
@@ -133,8 +133,13 @@ def test_binary_mode_reads_the_callback_url_from_its_ce_header() -> None:
     assert event.callbackurl == HOOK
 
 
-def test_an_event_without_a_callback_url_has_none() -> None:
-    assert parse_event("application/json", {}, PLAIN).callbackurl is None
+def test_an_event_without_a_callback_url_serialises_as_before_the_attribute_existed() -> None:
+    """Consumers of the previous version forbid unknown attributes: an absent callback URL must
+    not reach them as `"callbackurl": null` while a deployment is upgraded."""
+    event = parse_event("application/json", {}, PLAIN)
+    assert event.callbackurl is None
+    assert "callbackurl" not in orjson.loads(EVENT_ADAPTER.dump_json(event))
+    assert "callbackurl" not in event.model_dump()
 
 
 def test_a_batch_keeps_each_events_callback_url() -> None:
