@@ -37,7 +37,7 @@ broker:
 
 ## schemas: regenerate contracts/schemas/*.json and contracts/asyncapi.yaml from the models
 schemas: $(STAMP)
-	$(BIN)/courier-schemas
+	$(BIN)/python -m contracts.export
 
 ## bench: benchmarks with same-run baselines (never part of the test run); figures in bench/results/
 bench: $(STAMP)
