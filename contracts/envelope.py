@@ -2,16 +2,27 @@
 
 Attribute names follow the CloudEvents spec (`id`, `source`, `type`, `specversion`, `time`,
 `subject`, `datacontenttype`, `dataschema`, `data`) plus the `correlationid` and `causationid`
-extensions. Concrete events narrow `type` to a literal and `data` to a typed payload.
+extensions. Concrete events narrow `type` to a literal and `data` to a typed payload. Events a
+client submits (`IngestEnvelope`) may also carry the `callbackurl` extension.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, strict=True)]
@@ -19,6 +30,39 @@ Source = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=T
 Subject = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 
 DEFAULT_SOURCE = "urn:courier:gateway"
+
+MAX_CALLBACK_URL: Final = 2048
+
+
+def _check_callback_url(url: str) -> str:
+    """Refuse what can never be delivered, at the gateway (422) rather than in the notifier.
+
+    The notifier checks again, and guards the addresses the host resolves to, when it delivers.
+    """
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError("a callback URL must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"a callback URL must be http or https, not {parts.scheme or 'none'!r}")
+    if "@" in parts.netloc:
+        raise ValueError("a callback URL must not carry credentials")
+    if not parts.hostname:
+        raise ValueError("a callback URL needs a host")
+    return url
+
+
+CallbackUrl = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=MAX_CALLBACK_URL, strict=True, pattern=r"^[hH][tT][tT][pP][sS]?://"
+    ),
+    AfterValidator(_check_callback_url),
+]
+"""An absolute http(s) URL without credentials, at most 2048 characters."""
 
 
 def new_event_id() -> str:
@@ -62,3 +106,33 @@ class Envelope(BaseModel):
     def correlation(self) -> str:
         """The correlation id for logs and follow-ups: an explicit one, else the event's own id."""
         return self.correlationid or self.id
+
+
+class IngestEnvelope(Envelope):
+    """The envelope of events a client submits: it may ask for the final status to be posted.
+
+    `callbackurl` is a CloudEvents extension attribute (their names allow no underscore); JSON
+    bodies may spell it `callback_url` too. It is serialised as `callbackurl`.
+    """
+
+    callbackurl: CallbackUrl | None = Field(
+        default=None,
+        validation_alias=AliasChoices("callbackurl", "callback_url"),
+        description="Where the gateway has the final status posted (a signed webhook) once "
+        "every service finished with the event: succeeded or dead-lettered.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_callback(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without a callback URL the event serialises exactly as before the attribute existed,
+        # so consumers of the previous version (which forbid unknown attributes) keep reading
+        # every event that does not ask for a callback while a deployment is upgraded.
+        serialised: dict[str, Any] = handler(self)
+        if "callbackurl" in serialised and serialised["callbackurl"] is None:
+            del serialised["callbackurl"]
+        return serialised
+
+
+def callback_url_of(event: Envelope) -> str | None:
+    """The callback URL an event asks for, if it is one that may ask."""
+    return event.callbackurl if isinstance(event, IngestEnvelope) else None

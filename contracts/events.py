@@ -10,10 +10,10 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
 
-from contracts.envelope import Envelope, Payload
+from contracts.envelope import Envelope, IngestEnvelope, Payload
 from contracts.files import FileProcessed, FileUploaded
 from contracts.notify import Channel as Channel  # re-exported: it was defined here first
-from contracts.tracking import CancellationRequested, StatusReported
+from contracts.tracking import CallbackRequested, CancellationRequested, StatusReported
 
 
 def schema_urn(event_type: str, version: int = 1) -> str:
@@ -30,7 +30,7 @@ class NotificationRequestedData(Payload):
     body: Annotated[str, StringConstraints(max_length=10_000)] = ""
 
 
-class NotificationRequested(Envelope):
+class NotificationRequested(IngestEnvelope):
     """Someone asked for a notification to be delivered on a channel."""
 
     type: Literal["notification.requested"] = "notification.requested"
@@ -60,7 +60,7 @@ class DatasetSubmittedData(Payload):
     notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
 
 
-class DatasetSubmitted(Envelope):
+class DatasetSubmitted(IngestEnvelope):
     """A client submitted a dataset for summarising."""
 
     type: Literal["dataset.submitted"] = "dataset.submitted"
@@ -106,7 +106,8 @@ Event = Annotated[
     | StatusReported
     | CancellationRequested
     | FileUploaded
-    | FileProcessed,
+    | FileProcessed
+    | CallbackRequested,
     Field(discriminator="type"),
 ]
 """Every event that travels on the broker."""
@@ -125,5 +126,6 @@ EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
     "cancellation.requested": CancellationRequested,
     "file.uploaded": FileUploaded,
     "file.processed": FileProcessed,
+    "callback.requested": CallbackRequested,
 }
 INGEST_TYPES: Final[frozenset[str]] = frozenset({"notification.requested", "dataset.submitted"})

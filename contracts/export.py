@@ -62,11 +62,13 @@ AMQP_BINDING_VERSION: Final = "0.3.0"
 _GENERATED: Final = f"Generated from contracts.events by `{COMMAND}`; do not edit by hand."
 
 PUBLICATIONS: Final[dict[str, tuple[str, ...]]] = {
-    # The gateway publishes what upstream clients may submit, and the files it stored ...
+    # The gateway publishes what upstream clients may submit, the files it stored and the
+    # callbacks clients asked for ...
     "gateway": (
         *(t for t in EVENT_MODELS if t in INGEST_TYPES),
         "cancellation.requested",
         "file.uploaded",
+        "callback.requested",
     ),
     # ... handlers publish the follow-up events they return, and workers report status.
     "processor": ("dataset.processed", "status.reported", "file.processed"),

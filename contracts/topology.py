@@ -25,7 +25,12 @@ ExchangeKind = Literal["topic", "direct"]
 # Which service consumes which event types. Each service gets its own copy of each event.
 SUBSCRIPTIONS: Final[dict[str, tuple[str, ...]]] = {
     "processor": ("dataset.submitted", "file.uploaded"),
-    "notifier": ("notification.requested", "dataset.processed", "file.processed"),
+    "notifier": (
+        "notification.requested",
+        "dataset.processed",
+        "file.processed",
+        "callback.requested",
+    ),
     # The gateway keeps the status projection and the results it serves.
     "gateway": ("status.reported", "dataset.processed", "file.processed"),
 }

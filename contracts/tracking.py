@@ -1,8 +1,11 @@
-"""Events about events: status transitions the services report, and cancellation requests.
+"""Events about events: status transitions the services report, cancellation requests, and
+callback requests.
 
 Each consuming service reports what happens to every event it handles (`status.reported`,
 batched); the gateway keeps the projection that answers `GET /v1/events/{id}`. A
-`cancellation.requested` reaches every consuming service's control queue, ahead of its work.
+`cancellation.requested` reaches every consuming service's control queue, ahead of its work. A
+`callback.requested` asks the notifier to post an event's final status to the URL its client
+gave (`callbackurl`), once every service that works on the event finished with it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictInt, StringConstraints
 
-from contracts.envelope import Envelope, Payload
+from contracts.envelope import CallbackUrl, Envelope, Payload
 
 State = Literal[
     "pending",
@@ -70,3 +73,45 @@ class CancellationRequested(Envelope):
     type: Literal["cancellation.requested"] = "cancellation.requested"
     dataschema: str | None = "urn:courier:schema:cancellation.requested:1"
     data: CancellationRequestedData
+
+
+# --- callback.requested -------------------------------------------------------------------------
+
+CallbackOutcome = Literal["succeeded", "dead_lettered"]
+"""What a callback reports: dead-lettered if any service dead-lettered the event, else
+succeeded (an event only cancelled gets no callback)."""
+
+MAX_SERVICES: Final = 32
+
+
+class ServiceOutcome(Payload):
+    """One service's final state of the event, as `GET /v1/events/{id}` shows it."""
+
+    state: State
+    attempt: StrictInt | None = Field(default=None, ge=1)
+    reason: Annotated[str, StringConstraints(max_length=64)] | None = None
+    group: Annotated[str, StringConstraints(max_length=64)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    updated_at: Timestamp
+
+
+class CallbackRequestedData(Payload):
+    event_id: EventIdField
+    event_type: Annotated[str, StringConstraints(max_length=128)] | None = None
+    outcome: CallbackOutcome
+    settled_at: Timestamp = Field(description="when the last service reached its final state")
+    callback_url: CallbackUrl
+    services: Annotated[
+        dict[ServiceName, ServiceOutcome], Field(min_length=1, max_length=MAX_SERVICES)
+    ]
+
+
+class CallbackRequested(Envelope):
+    """The gateway asks for an event's final status to be posted to its client's callback URL.
+
+    Its id derives from the event's id, the outcome and the settlement time, so the same
+    settlement found twice (a redelivered status report) is the same request."""
+
+    type: Literal["callback.requested"] = "callback.requested"
+    dataschema: str | None = "urn:courier:schema:callback.requested:1"
+    data: CallbackRequestedData

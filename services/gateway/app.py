@@ -10,9 +10,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
+from contracts.topology import events_exchange
 from contracts.tracking import Transition
 from services.blobs import LocalBlobStore
 from services.gateway.broker import BrokerLink
+from services.gateway.callbacks import Callbacks
 from services.gateway.file_routes import router as files_router
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
@@ -33,6 +35,7 @@ from services.ops.store import FailureStore
 
 _REF = "#/components/schemas/{model}"
 PURGE_INTERVAL_SECONDS = 3600
+CALLBACK_SWEEP_SECONDS = 60
 PROJECTION_PREFETCH = 64
 SERVICE = "gateway"
 
@@ -126,7 +129,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
             stack.push_async_callback(engine.dispose)
             failures = FailureStore(engine)
-            tracking = Tracking(engine)
+            broker = BrokerLink(settings)  # connects only once started, below
+            callbacks = Callbacks(engine, broker.publisher, events_exchange(settings.namespace))
+            stack.callback(callbacks.close)
+            tracking = Tracking(engine, on_final=callbacks.publish_settled)
             keys = IdempotencyKeys(
                 engine,
                 ttl=timedelta(hours=settings.idempotency_ttl_hours),
@@ -142,7 +148,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await failures.release_expired(timedelta(seconds=settings.replay_lease_seconds))
             stack.push_async_callback(tracking.close)
 
-            broker = BrokerLink(settings)
             broker.consume_with(
                 DeadLetterDrain(
                     settings.namespace,
@@ -169,6 +174,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             broker.start()
             _housekeeping(stack, failures, keys, inbox, timedelta(days=settings.ops_retention_days))
+            run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             yield
 
     app = FastAPI(

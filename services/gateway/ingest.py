@@ -28,7 +28,7 @@ BATCH_TYPES: Final = frozenset({JSON, BATCH})
 # CloudEvents attributes that may arrive as `ce-<name>` headers in binary mode.
 BINARY_ATTRIBUTES: Final = (
     "id", "source", "type", "specversion", "time", "subject", "dataschema",
-    "correlationid", "causationid",
+    "correlationid", "causationid", "callbackurl",
 )  # fmt: skip
 
 

@@ -5,14 +5,19 @@ services report their transitions as `status.reported` events, which the gateway
 Each service keeps owning its data: the projection is built from the events, never by reading
 another service's tables. A transition only moves a service's state if it is at least as new as
 the one shown, so late or repeated reports do not move a state backwards.
+
+An event accepted with a `callbackurl` keeps it here; once a transition that may end an event is
+written, the `on_final` hook (`callbacks.Callbacks.publish_settled`) is given the event ids, and
+so are accepted events with a callback URL (a fast service may have finished with an event
+before the gateway wrote down that it accepted it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -26,16 +31,18 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
-from contracts.tracking import State, StatusReported, Transition
+from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
 from services.messaging.logs import get_logger
 from services.messaging.store import BatchRunner, as_utc, insert_for, migrate
 
@@ -49,7 +56,20 @@ events = Table(
     Column("event_type", String(128), nullable=True),
     Column("accepted_at", DateTime(timezone=True), nullable=True),
     Column("cancel_requested_at", DateTime(timezone=True), nullable=True),
+    # Where the final status goes (from the accepted event), and which settlement the last
+    # published `callback.requested` reported (`cancelled`: settled with nothing to post).
+    Column("callback_url", String(2048), nullable=True),
+    Column("callback_outcome", String(16), nullable=True),
+    Column("callback_settled_at", DateTime(timezone=True), nullable=True),
+    # The few events still waiting for their first callback, for the periodic sweep.
+    Index(
+        "ix_tracking_callbacks_open",
+        "event_id",
+        sqlite_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
+        postgresql_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
+    ),
 )
+CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled_at")
 states = Table(
     "tracking_states",
     metadata,
@@ -89,16 +109,24 @@ results = Table(
 
 ACCEPT_BATCH_SECONDS = 0.05
 
+ENDING_STATES: frozenset[str] = FINAL_STATES | {"skipped_duplicate"}
+"""States that may settle an event (a skipped duplicate was handled before: it succeeded)."""
+
+OnFinal = Callable[[Collection[str]], Awaitable[None]]
+"""Told the ids of events that may have settled; looks for callbacks to publish."""
+
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else as_utc(value)
 
 
 class Tracking:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, on_final: OnFinal | None = None) -> None:
         self._engine = engine
         self._runner = BatchRunner(engine)
+        self._on_final = on_final
         self._accepted: list[tuple[Envelope, datetime]] = []
+        self._with_callback: set[str] = set()  # written accepted events to look at once
         self._flushed = asyncio.Event()
         # Held while a batch is written: a reader waits for it instead of missing the batch.
         self._flush_lock = asyncio.Lock()
@@ -115,7 +143,9 @@ class Tracking:
         async def unique_history(conn: AsyncConnection) -> None:
             await conn.run_sync(create_history_indexes)
 
-        await migrate(self._engine, "gateway.tracking", [create, unique_history])
+        await migrate(
+            self._engine, "gateway.tracking", [create, unique_history, _add_callback_columns]
+        )
         self._writer = asyncio.get_running_loop().create_task(self._write_accepted())
 
     async def close(self) -> None:
@@ -146,6 +176,20 @@ class Tracking:
                 await self._flush_accepted()
             except Exception:
                 log.exception("could not record accepted events; retrying")
+                continue
+            await self._check_accepted_callbacks()
+
+    async def _check_accepted_callbacks(self) -> None:
+        """Accepted events with a callback URL may be settled already, if their reports were
+        applied before the accept was written. Nothing acks on this path: what fails here is
+        left to the periodic sweep (`Callbacks.sweep`)."""
+        ids, self._with_callback = self._with_callback, set()
+        if not ids or self._on_final is None:
+            return
+        try:
+            await self._on_final(ids)
+        except Exception:
+            log.warning("could not look for callbacks of accepted events", exc_info=True)
 
     async def _flush_accepted(self) -> None:
         async with self._flush_lock:
@@ -163,12 +207,15 @@ class Tracking:
                 for event, at in batch
                 for service in workers_of(event.type)
             ]
-            accepted = [(event.id, event.type, at) for event, at in batch]
+            accepted = [
+                Accepted(event.id, event.type, at, callback_url_of(event)) for event, at in batch
+            ]
             try:
                 await self._runner.run(lambda conn: _write(conn, pending, accepted))
             except BaseException:
                 self._accepted[:0] = batch  # keep them for the next round
                 raise
+            self._with_callback.update(a.event_id for a in accepted if a.callback_url)
 
     # --- transitions ---------------------------------------------------------------------------
 
@@ -179,7 +226,14 @@ class Tracking:
         await self.apply(event.data.transitions)
 
     async def apply(self, transitions: Sequence[Transition]) -> None:
+        """Write the transitions; then, if any may end an event, have its callback published.
+
+        Raises if a due callback could not be published, so the caller does not acknowledge
+        what triggered it (a status report, a dead letter) and it comes back."""
         await self._runner.run(lambda conn: _write(conn, transitions, ()))
+        ending = {t.event_id for t in transitions if t.state in ENDING_STATES}
+        if ending and self._on_final is not None:
+            await self._on_final(ending)
 
     # --- results and cancellation ---------------------------------------------------------------
 
@@ -277,22 +331,47 @@ class Tracking:
         }
 
 
+class Accepted(NamedTuple):
+    event_id: str
+    event_type: str
+    at: datetime
+    callback_url: str | None
+
+
+async def _add_callback_columns(conn: AsyncConnection) -> None:
+    await conn.run_sync(_add_callback_columns_sync)
+
+
+def _add_callback_columns_sync(sync: Connection) -> None:
+    """Version 3: callback columns. A store created by this version has them already (step 1
+    creates the current tables); an older one gets them through ALTER TABLE, on SQLite and
+    PostgreSQL alike (nullable columns without a default: no table rewrite)."""
+    present = {column["name"] for column in inspect(sync).get_columns(events.name)}
+    for name in CALLBACK_COLUMNS:
+        if name not in present:
+            kind = events.c[name].type.compile(dialect=sync.dialect)
+            sync.execute(text(f"ALTER TABLE {events.name} ADD COLUMN {name} {kind}"))
+    for index in events.indexes:
+        index.create(sync, checkfirst=True)
+
+
 def _write(
     conn: Connection,
     transitions: Sequence[Transition],
-    accepted: Sequence[tuple[str, str, datetime]],
+    accepted: Sequence[Accepted],
 ) -> None:
     """Apply transitions and accept records in a few bulk statements.
 
-    Events are created on first sight; the first accept sets `accepted_at`; history rows have a
+    Events are created on first sight; the first accept sets `accepted_at` and the callback URL
+    (an event id accepted again keeps what it was first accepted with); history rows have a
     natural key, so a report applied twice adds nothing; a state moves only to a transition at
     least as new as the one shown, except that any report replaces `pending`, and `pending`
     never replaces anything.
     """
     insert = insert_for(conn.dialect.name)
     seen: dict[str, dict[str, Any]] = {}
-    for event_id, event_type, _ in accepted:
-        seen[event_id] = {"event_id": event_id, "event_type": event_type, "accepted_at": None}
+    for a in accepted:
+        seen[a.event_id] = {"event_id": a.event_id, "event_type": a.event_type, "accepted_at": None}
     for t in transitions:
         seen.setdefault(
             t.event_id, {"event_id": t.event_id, "event_type": t.event_type, "accepted_at": None}
@@ -305,8 +384,15 @@ def _write(
         conn.execute(
             update(events)
             .where(events.c.event_id == bindparam("eid"), events.c.accepted_at.is_(None))
-            .values(accepted_at=bindparam("at"), event_type=bindparam("etype")),
-            [{"eid": i, "at": at, "etype": typ} for i, typ, at in accepted],
+            .values(
+                accepted_at=bindparam("at"),
+                event_type=bindparam("etype"),
+                callback_url=bindparam("callback"),
+            ),
+            [
+                {"eid": a.event_id, "at": a.at, "etype": a.event_type, "callback": a.callback_url}
+                for a in accepted
+            ],
         )
     if not transitions:
         return

@@ -86,6 +86,9 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
     )
     policy = settings.retry_policy()
     return {
+        "callback.requested": Route(
+            functools.partial(handlers.callback_requested, channels=channels), policy
+        ),
         "notification.requested": Route(
             functools.partial(handlers.notification_requested, channels=channels), policy
         ),

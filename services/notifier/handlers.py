@@ -8,6 +8,7 @@ from contracts.envelope import derived_event_id
 from contracts.events import DatasetProcessed, NotificationRequested
 from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
+from contracts.tracking import CallbackRequested
 from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
@@ -26,6 +27,22 @@ async def notification_requested(event: NotificationRequested, *, channels: Chan
             recipient=event.data.recipient,
             subject=event.data.subject,
             body=event.data.body,
+            event=event,
+        )
+    )
+
+
+async def callback_requested(event: CallbackRequested, *, channels: Channels) -> None:
+    """Post an event's final status to its client's callback URL: the webhook body is this
+    event, its `Idempotency-Key` this event's id (the same for every retry and redelivery)."""
+    await channels.deliver(
+        Notification(
+            event_id=event.id,
+            correlation_id=event.correlation(),
+            channel="webhook",
+            recipient=event.data.callback_url,
+            subject=f"{event.data.event_type or 'event'} {event.data.outcome}",
+            body="",
             event=event,
         )
     )

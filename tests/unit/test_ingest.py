@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from contracts.events import NotificationRequested
+from contracts.events import EVENT_ADAPTER, NotificationRequested
 from services.gateway.ingest import IngestError, parse_batch, parse_event
 
 PLAIN = orjson.dumps({"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}})
@@ -104,3 +104,86 @@ def test_bad_batches_are_refused(body: bytes, status: int) -> None:
 
 def test_a_batch_needs_a_batch_content_type() -> None:
     assert error_of(lambda: parse_batch("application/cloudevents+json", {}, b"[]", 2)).status == 415
+
+
+# --- callbackurl ----------------------------------------------------------------------------
+
+HOOK = "https://shop.example/hooks/courier?order=9"
+
+
+def with_callback(name: str, url: object) -> bytes:
+    return orjson.dumps({**orjson.loads(PLAIN), name: url})
+
+
+@pytest.mark.parametrize("name", ["callbackurl", "callback_url"])
+def test_a_callback_url_is_accepted_under_either_name_and_kept_as_callbackurl(name: str) -> None:
+    event = parse_event("application/json", {}, with_callback(name, HOOK))
+    assert isinstance(event, NotificationRequested) and event.callbackurl == HOOK
+    serialised = orjson.loads(event.model_dump_json())
+    assert serialised["callbackurl"] == HOOK and "callback_url" not in serialised
+
+
+def test_binary_mode_reads_the_callback_url_from_its_ce_header() -> None:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "dataset.submitted",
+        "ce-callbackurl": HOOK,
+    }
+    event = parse_event("application/json", headers, b'{"records": [{"a": 1}]}')
+    assert event.callbackurl == HOOK
+
+
+def test_an_event_without_a_callback_url_serialises_as_before_the_attribute_existed() -> None:
+    """Consumers of the previous version forbid unknown attributes: an absent callback URL must
+    not reach them as `"callbackurl": null` while a deployment is upgraded."""
+    event = parse_event("application/json", {}, PLAIN)
+    assert event.callbackurl is None
+    assert "callbackurl" not in orjson.loads(EVENT_ADAPTER.dump_json(event))
+    assert "callbackurl" not in event.model_dump()
+
+
+def test_a_batch_keeps_each_events_callback_url() -> None:
+    good = orjson.loads(PLAIN)
+    body = orjson.dumps([{**good, "callback_url": HOOK}, good])
+    first, second = parse_batch("application/json", {}, body, 10)
+    assert (first.callbackurl, second.callbackurl) == (HOOK, None)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://shop.example/hook",
+        "javascript:alert(1)",
+        "file:///etc/passwd",
+        "shop.example/hook",
+        "https://user:secret@shop.example/hook",
+        "https://token@shop.example/hook",
+        "https:///no-host",
+        "https://shop.example:99999/hook",
+        "https://shop.example/a hook",
+        "https://shop.example/\nhook",
+        "https://shop.example/" + "a" * 2048,
+        "",
+        7,
+    ],
+)
+def test_an_unusable_callback_url_is_refused_with_422(url: object) -> None:
+    error = error_of(
+        lambda: parse_event("application/json", {}, with_callback("callback_url", url))
+    )
+    assert error.status == 422
+    assert error.detail[0]["loc"][-1] in {"callbackurl", "callback_url"}, error.detail
+
+
+def test_an_unusable_callback_url_in_a_ce_header_is_refused_with_422() -> None:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "dataset.submitted",
+        "ce-callbackurl": "gopher://x",
+    }
+    assert (
+        error_of(
+            lambda: parse_event("application/json", headers, b'{"records": [{"a": 1}]}')
+        ).status
+        == 422
+    )

@@ -38,6 +38,7 @@ VALID: dict[str, dict[str, Any]] = {
         "type": "dataset.submitted",
         "id": "d-1",
         "correlationid": "c-1",
+        "callbackurl": "https://shop.example/hooks/courier",
         "data": {"name": "sales", "records": [{"a": 1, "b": "x", "c": None, "d": True}]},
     },
     "dataset.processed": {
@@ -106,6 +107,28 @@ VALID: dict[str, dict[str, Any]] = {
         },
     },
 }
+VALID["callback.requested"] = {
+    "type": "callback.requested",
+    "id": "cb-1",
+    "subject": "d-1",
+    "data": {
+        "event_id": "d-1",
+        "event_type": "dataset.submitted",
+        "outcome": "dead_lettered",
+        "settled_at": "2025-01-01T00:00:09Z",
+        "callback_url": "https://shop.example/hooks/courier",
+        "services": {
+            "processor": {
+                "state": "dead_lettered",
+                "attempt": 3,
+                "reason": "retries_exhausted",
+                "group": "0123456789abcdef",
+                "detail": "ConnectionError: down",
+                "updated_at": "2025-01-01T00:00:09Z",
+            }
+        },
+    },
+}
 # ... and where to put a value of the wrong type to make it invalid.
 WRONG_TYPE: dict[str, tuple[tuple[str, ...], object]] = {
     "notification.requested": (("data", "subject"), 5),
@@ -115,6 +138,7 @@ WRONG_TYPE: dict[str, tuple[tuple[str, ...], object]] = {
     "cancellation.requested": (("data", "event_id"), 7),
     "file.uploaded": (("data", "size"), "12"),
     "file.processed": (("data", "analysis", "record_count"), True),
+    "callback.requested": (("data", "outcome"), "cancelled"),
 }
 
 

@@ -1,0 +1,394 @@
+"""Callbacks (`services.gateway.callbacks`) on both stores, SQLite and PostgreSQL: when an event
+is settled, that one `callback.requested` is published per outcome, and what a crash between
+the status write and the publish leaves behind.
+
+The publisher here is a stand-in that records (or refuses) what it is given, so each test can
+say exactly what was published and when a publish fails; the flow through a real broker, the
+notifier and a webhook receiver is tests/e2e/test_callbacks.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts.envelope import Envelope
+from contracts.events import (
+    EVENT_ADAPTER,
+    DatasetSubmitted,
+    DatasetSubmittedData,
+    NotificationRequested,
+    NotificationRequestedData,
+)
+from contracts.topology import work_queue
+from contracts.tracking import CallbackRequested, State, Transition
+from services.gateway.callbacks import Callbacks, callback_id
+from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events
+from services.messaging.errors import BrokerUnavailable
+from services.messaging.store import open_store, store_url
+from tests.conftest import Namespace, _admin
+from tests.integration.test_tracking_store import running_gateway
+from tests.support.polling import eventually
+from tests.support.queues import take
+
+HOOK = "https://shop.example/hooks/courier"
+
+
+@dataclass
+class FakePublisher:
+    """Records confirmed publishes; `down` makes every publish fail as a broker outage would."""
+
+    down: bool = False
+    ready: bool = True
+    published: list[CallbackRequested] = field(default_factory=list)
+    refused: list[CallbackRequested] = field(default_factory=list)
+
+    async def publish_event(self, event: Envelope, *, exchange: str) -> None:
+        assert isinstance(event, CallbackRequested) and exchange == "test.events"
+        if self.down:
+            self.refused.append(event)
+            raise BrokerUnavailable("no confirm within 5s")
+        self.published.append(event)
+
+
+@pytest.fixture(scope="module")
+def module_database(postgres_url: str) -> Iterator[str]:
+    name = f"t{uuid.uuid4().hex[:12]}"
+    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    database_url = None if request.param == "sqlite" else request.getfixturevalue("module_database")
+    store = open_store(store_url(database_url, tmp_path, "gateway"))
+    yield store
+    await store.dispose()
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    return FakePublisher()
+
+
+@pytest.fixture
+async def callbacks(engine: AsyncEngine, publisher: FakePublisher) -> AsyncIterator[Callbacks]:
+    found = Callbacks(engine, publisher, "test.events")
+    yield found
+    found.close()
+
+
+@pytest.fixture
+async def tracking(engine: AsyncEngine, callbacks: Callbacks) -> AsyncIterator[Tracking]:
+    projection = Tracking(engine, on_final=callbacks.publish_settled)
+    await projection.start()
+    yield projection
+    await projection.close()
+
+
+def dataset(callback: str | None = HOOK) -> DatasetSubmitted:
+    return DatasetSubmitted(
+        callbackurl=callback, data=DatasetSubmittedData(name="prices", records=[{"price": 10}])
+    )
+
+
+def step(event: Envelope, state: State, at: datetime, **detail: Any) -> Transition:
+    service = "processor" if event.type == "dataset.submitted" else "notifier"
+    return Transition(
+        event_id=event.id, event_type=event.type, service=service, state=state, at=at, **detail
+    )
+
+
+def published_for(publisher: FakePublisher, *mine: Envelope) -> list[str]:
+    """Ids of the events among `mine` a callback was published for (the sweep also finds what
+    other tests in the module's PostgreSQL database left open)."""
+    ids = {event.id for event in mine}
+    return [c.data.event_id for c in publisher.published if c.data.event_id in ids]
+
+
+async def accept(tracking: Tracking, event: Envelope) -> datetime:
+    """Accept and write it (reading the status flushes the accept batch); the accept time."""
+    tracking.accepted(event)
+    status = await tracking.status(event.id)
+    assert status is not None
+    accepted_at: datetime = status["accepted_at"]
+    return accepted_at
+
+
+async def test_nothing_is_published_until_every_worker_is_done_then_exactly_once(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    event = dataset()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    await tracking.apply([step(event, "processing", t, attempt=1)])
+    await tracking.apply(
+        [step(event, "retrying", t + timedelta(seconds=1), attempt=1, detail="OSError: x")]
+    )
+    assert publisher.published == []
+
+    done = [
+        step(event, "processing", t + timedelta(seconds=5), attempt=2),
+        step(event, "succeeded", t + timedelta(seconds=6), attempt=2),
+    ]
+    await tracking.apply(done)
+    [callback] = publisher.published
+    assert callback.id == callback_id(event.id, "succeeded", t + timedelta(seconds=6))
+    assert callback.subject == event.id
+    assert "callbackurl" not in callback.model_dump()  # a callback never asks for a callback
+    data = callback.data
+    assert (data.event_id, data.event_type, data.outcome) == (
+        event.id,
+        "dataset.submitted",
+        "succeeded",
+    )
+    assert data.callback_url == HOOK
+    assert data.settled_at == t + timedelta(seconds=6)
+    assert set(data.services) == {"processor"}
+    assert (data.services["processor"].state, data.services["processor"].attempt) == (
+        "succeeded",
+        2,
+    )
+
+    await tracking.apply(done)  # the same report again (a redelivery)
+    await tracking.apply([step(event, "skipped_duplicate", t + timedelta(seconds=9))])
+    assert len(publisher.published) == 1
+
+
+async def test_checks_running_side_by_side_publish_a_settlement_once(
+    tracking: Tracking, callbacks: Callbacks, publisher: FakePublisher
+) -> None:
+    """The same report delivered twice at once, the accept writer and the sweep all find the
+    settled event together; one of them publishes it."""
+    event = dataset()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    report = [step(event, "succeeded", t, attempt=1)]
+    await asyncio.gather(
+        tracking.apply(report), tracking.apply(report), callbacks.sweep(), callbacks.sweep()
+    )
+    assert published_for(publisher, event) == [event.id]
+
+
+async def test_an_event_without_a_callback_url_publishes_nothing(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    event = dataset(callback=None)
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    await tracking.apply([step(event, "succeeded", t)])
+    assert publisher.published == []
+
+
+async def test_a_dead_letter_posts_its_reason_and_a_replay_that_succeeds_posts_again(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    event = NotificationRequested(
+        callbackurl=HOOK,
+        data=NotificationRequestedData(channel="email", recipient="a@example.org", subject="s"),
+    )
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    await tracking.apply(
+        [
+            step(event, "processing", t, attempt=1),
+            step(
+                event,
+                "dead_lettered",
+                t + timedelta(milliseconds=1),
+                attempt=1,
+                reason="permanent",
+                group="0123456789abcdef",
+                detail="PermanentError: the 'email' channel is not configured",
+            ),
+        ]
+    )
+    [dead] = publisher.published
+    assert dead.data.outcome == "dead_lettered"
+    notifier = dead.data.services["notifier"]
+    assert (notifier.state, notifier.reason, notifier.group) == (
+        "dead_lettered",
+        "permanent",
+        "0123456789abcdef",
+    )
+    assert notifier.detail is not None and "not configured" in notifier.detail
+
+    await tracking.apply([step(event, "replayed", t + timedelta(seconds=1))])  # ops replay
+    assert len(publisher.published) == 1
+    await tracking.apply(
+        [
+            step(event, "processing", t + timedelta(seconds=2), attempt=1),
+            step(event, "succeeded", t + timedelta(seconds=3), attempt=1),
+        ]
+    )
+    assert [c.data.outcome for c in publisher.published] == ["dead_lettered", "succeeded"]
+    assert publisher.published[0].id != publisher.published[1].id
+
+
+async def test_a_failed_publish_leaves_the_callback_due_and_the_redelivery_publishes_it(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    """A crash (or a broker outage) between writing the final state and the confirmed publish:
+    the status report is not acknowledged, comes back, and then the callback goes out, under the
+    id the first try had."""
+    event = dataset()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    report = [step(event, "processing", t, attempt=1), step(event, "succeeded", t, attempt=1)]
+    publisher.down = True
+    with pytest.raises(BrokerUnavailable):
+        await tracking.apply(report)
+    assert publisher.published == [] and len(publisher.refused) == 1
+
+    publisher.down = False
+    await tracking.apply(report)  # the redelivered report
+    [callback] = publisher.published
+    assert callback.id == publisher.refused[0].id
+    await tracking.apply(report)
+    assert len(publisher.published) == 1
+
+
+async def test_a_report_that_overtakes_the_accept_still_gets_its_callback(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    """The service finished, and its report was applied, before the gateway wrote the accept
+    (and with it the callback URL): the accept writer finds the settled event."""
+    event = dataset()
+    t = datetime.now(UTC)
+    await tracking.apply([step(event, "succeeded", t, attempt=1)])
+    assert publisher.published == []
+    tracking.accepted(event)
+
+    async def published() -> None:
+        assert [c.data.event_id for c in publisher.published] == [event.id]
+
+    await eventually(published)
+
+
+async def test_the_sweep_publishes_what_no_trigger_brings_back(
+    engine: AsyncEngine, callbacks: Callbacks, publisher: FakePublisher
+) -> None:
+    """A settled event whose check died with the process (here: a projection without the hook)
+    is found by the periodic sweep, once; an event only cancelled is closed with nothing sent."""
+    unhooked = Tracking(engine)
+    await unhooked.start()
+    try:
+        settled, cancelled, running = dataset(), dataset(), dataset()
+        for event in (settled, cancelled, running):
+            t = await accept(unhooked, event) + timedelta(milliseconds=10)
+        await unhooked.apply(
+            [
+                step(settled, "succeeded", t),
+                step(cancelled, "cancelled", t),
+                step(running, "processing", t),
+            ]
+        )
+    finally:
+        await unhooked.close()
+
+    publisher.ready = False
+    await callbacks.sweep()  # not connected yet: nothing tried
+    assert publisher.published == [] and publisher.refused == []
+    publisher.ready = True
+    await callbacks.sweep()
+    assert published_for(publisher, settled, cancelled, running) == [settled.id]
+    await callbacks.sweep()
+    assert published_for(publisher, settled, cancelled, running) == [settled.id]
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT event_id, callback_outcome FROM tracking_events "
+                    "WHERE event_id IN (:a, :b, :c)"
+                ),
+                {"a": settled.id, "b": cancelled.id, "c": running.id},
+            )
+        ).all()
+    assert dict(rows) == {settled.id: "succeeded", cancelled.id: "cancelled", running.id: None}
+
+
+async def test_an_older_store_gets_the_callback_columns(engine: AsyncEngine) -> None:
+    """A store migrated by the previous version (two steps, no callback columns) is upgraded by
+    ALTER TABLE at start-up, keeping its rows."""
+    first = Tracking(engine)
+    await first.start()
+    await first.close()
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP INDEX ix_tracking_callbacks_open"))
+        for column in CALLBACK_COLUMNS:
+            await conn.execute(text(f"ALTER TABLE tracking_events DROP COLUMN {column}"))
+        await conn.execute(
+            text("UPDATE courier_migrations SET version = 2 WHERE component = 'gateway.tracking'")
+        )
+        await conn.execute(text("INSERT INTO tracking_events (event_id) VALUES ('old-event')"))
+
+    upgraded = Tracking(engine)
+    await upgraded.start()
+    try:
+        async with engine.connect() as conn:
+            columns = await conn.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns(events.name)}
+            )
+            indexes = await conn.run_sync(
+                lambda sync: {i["name"] for i in inspect(sync).get_indexes(events.name)}
+            )
+        assert set(CALLBACK_COLUMNS) <= columns
+        assert "ix_tracking_callbacks_open" in indexes
+        assert await upgraded.status("old-event") is not None
+        event = dataset()
+        await accept(upgraded, event)
+        async with engine.connect() as conn:
+            url = await conn.scalar(
+                text("SELECT callback_url FROM tracking_events WHERE event_id = :id"),
+                {"id": event.id},
+            )
+        assert url == HOOK
+    finally:
+        await upgraded.close()
+
+
+@pytest.mark.broker
+async def test_a_delivery_the_broker_dead_letters_gets_its_callback(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """No consumer could report this one (it kept crashing its consumer): the gateway's
+    dead-letter drain marks it dead-lettered, and publishes the callback request, through the
+    real broker, to the notifier's queue."""
+    async with running_gateway(namespace, tmp_path, None, delivery_limit=1) as client:
+        response = await client.post(
+            "/v1/events",
+            json={
+                "type": "notification.requested",
+                "callback_url": HOOK,
+                "data": {"recipient": "r@example.org", "subject": "hi"},
+            },
+        )
+        assert response.status_code == 202, response.text
+        event_id = response.json()["id"]
+        notifier_queue = work_queue(namespace.name, "notifier")
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection:  # a consumer that returns the message until the broker gives up
+            channel = await connection.channel()
+            queue = await channel.get_queue(notifier_queue)
+            returned = 0
+            while (message := await queue.get(fail=False)) is not None or returned == 0:
+                if message is not None:
+                    assert message.type == "notification.requested"
+                    await message.nack(requeue=True)
+                    returned += 1
+
+        [message] = await take(namespace.amqp_url, notifier_queue, 1)
+        callback = EVENT_ADAPTER.validate_json(message.body)
+        assert isinstance(callback, CallbackRequested)
+        assert (callback.data.event_id, callback.data.outcome) == (event_id, "dead_lettered")
+        assert callback.data.callback_url == HOOK
+        notifier = callback.data.services["notifier"]
+        assert (notifier.state, notifier.reason) == ("dead_lettered", "delivery_limit")
