@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -19,9 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StringConstraints,
-    model_serializer,
 )
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
@@ -115,22 +113,16 @@ class IngestEnvelope(Envelope):
     bodies may spell it `callback_url` too. It is serialised as `callbackurl`.
     """
 
+    # Left out when absent: the event then serialises exactly as before the attribute existed,
+    # so consumers of the previous version (which forbid unknown attributes) keep reading every
+    # event that does not ask for a callback while a deployment is upgraded.
     callbackurl: CallbackUrl | None = Field(
         default=None,
+        exclude_if=lambda url: url is None,
         validation_alias=AliasChoices("callbackurl", "callback_url"),
         description="Where the gateway has the final status posted (a signed webhook) once "
         "every service finished with the event: succeeded or dead-lettered.",
     )
-
-    @model_serializer(mode="wrap")
-    def _without_absent_callback(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Without a callback URL the event serialises exactly as before the attribute existed,
-        # so consumers of the previous version (which forbid unknown attributes) keep reading
-        # every event that does not ask for a callback while a deployment is upgraded.
-        serialised: dict[str, Any] = handler(self)
-        if "callbackurl" in serialised and serialised["callbackurl"] is None:
-            del serialised["callbackurl"]
-        return serialised
 
 
 def callback_url_of(event: Envelope) -> str | None:

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 
 from contracts.envelope import Envelope
@@ -31,18 +32,19 @@ log = get_logger("publisher")
 
 CONTENT_TYPE = "application/cloudevents+json"
 HeaderValue = str | int | float | bool | datetime | None
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
-def event_message(
-    event: Envelope, *, body: bytes | None = None, headers: Mapping[str, HeaderValue] | None = None
-) -> aio_pika.Message:
-    """A persistent AMQP message carrying the event as a structured-mode CloudEvent."""
-    return aio_pika.Message(
-        body if body is not None else EVENT_ADAPTER.dump_json(event),  # type: ignore[arg-type]
+def event_properties(
+    event: Envelope, headers: Mapping[str, HeaderValue] | None = None
+) -> spec.Basic.Properties:
+    """AMQP properties of a persistent message carrying the event as a structured-mode
+    CloudEvent (built directly: no intermediate message object on the hot path)."""
+    return spec.Basic.Properties(
         content_type=CONTENT_TYPE,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=PERSISTENT,
         message_id=event.id,
-        type=event.type,
+        message_type=event.type,
         correlation_id=event.correlation(),
         timestamp=event.time,
         headers=dict(headers) if headers else None,
@@ -67,7 +69,6 @@ class Publisher:
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
         self._next = itertools.count()
-        self._exchanges: dict[tuple[int, str], AbstractExchange] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -113,34 +114,8 @@ class Publisher:
                 return slot, self._channels[slot]
         raise BrokerUnavailable("no open channel to the broker")
 
-    def _exchange(self, channel: AbstractRobustChannel, name: str) -> AbstractExchange:
-        if not name:
-            return channel.default_exchange
-        key = (id(channel), name)
-        exchange = self._exchanges.get(key)
-        if exchange is None:
-            # Declared by the topology step already; no round trip here.
-            exchange = self._exchanges[key] = aio_pika.Exchange(
-                channel, name, aio_pika.ExchangeType.TOPIC
-            )
-        return exchange
-
     async def publish(self, message: aio_pika.Message, *, exchange: str, routing_key: str) -> None:
-        slot, channel = self._pick()
-        try:
-            async with asyncio.timeout(self._confirm_timeout):
-                await self._exchange(channel, exchange).publish(
-                    message, routing_key=routing_key, mandatory=True
-                )
-        except PublishError as exc:
-            raise Unroutable(exchange, routing_key) from exc
-        except DeliveryError as exc:
-            self._replace_channel(slot, channel)
-            raise BrokerUnavailable("the broker refused the message (nack)") from exc
-        except TimeoutError as exc:
-            raise BrokerUnavailable(f"no confirm within {self._confirm_timeout}s") from exc
-        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-            raise BrokerUnavailable(f"connection to the broker failed: {exc!r}") from exc
+        await self._send(message.body, message.properties, exchange, routing_key)
 
     async def publish_event(
         self,
@@ -151,11 +126,38 @@ class Publisher:
         body: bytes | None = None,
         headers: Mapping[str, HeaderValue] | None = None,
     ) -> None:
-        await self.publish(
-            event_message(event, body=body, headers=headers),
-            exchange=exchange,
-            routing_key=routing_key or event.type,
+        await self._send(
+            body if body is not None else EVENT_ADAPTER.dump_json(event),  # type: ignore[arg-type]
+            event_properties(event, headers),
+            exchange,
+            routing_key or event.type,
         )
+
+    async def _send(
+        self, body: bytes, properties: spec.Basic.Properties, exchange: str, routing_key: str
+    ) -> None:
+        slot, channel = self._pick()
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                # Straight to the channel's aiormq layer: aio-pika's Exchange and Message
+                # objects would only be rebuilt into these same frames.
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except PublishError as exc:  # returned: the channel has on_return_raises
+            raise Unroutable(exchange, routing_key) from exc
+        except DeliveryError as exc:
+            self._replace_channel(slot, channel)
+            raise BrokerUnavailable("the broker refused the message (nack)") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"no confirm within {self._confirm_timeout}s") from exc
+        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+            raise BrokerUnavailable(f"connection to the broker failed: {exc!r}") from exc
 
     def _replace_channel(self, slot: int, channel: AbstractRobustChannel) -> None:
         async def replace() -> None:
@@ -167,7 +169,6 @@ class Publisher:
                 log.warning("could not replace a nacked channel", exc_info=True)
                 return
             self._channels[slot] = fresh
-            self._exchanges = {k: v for k, v in self._exchanges.items() if k[0] != id(channel)}
             await channel.close()
 
         task = asyncio.get_running_loop().create_task(replace())
@@ -179,4 +180,3 @@ class Publisher:
             await self._connection.close()
         self._connection = None
         self._channels = []
-        self._exchanges = {}

@@ -31,6 +31,7 @@ async def open_deliveries(stack: AsyncExitStack, settings: NotifierSettings) -> 
     engine = open_store(store_url(settings.database_url, settings.data_dir, SERVICE))
     stack.push_async_callback(engine.dispose)
     deliveries = Deliveries(engine)
+    stack.callback(deliveries.close)
     await deliveries.start()
     retention = timedelta(days=settings.delivery_retention_days)
 

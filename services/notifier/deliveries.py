@@ -18,20 +18,22 @@ from typing import Literal
 
 from sqlalchemy import (
     Column,
+    Connection,
     DateTime,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    bindparam,
     delete,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.messaging.store import migrate
+from services.messaging.batching import Batcher
+from services.messaging.store import BatchRunner, insert_for, migrate
 from services.notifier.channels import Notification
 
 Outcome = Literal["sending", "delivered", "failed", "rejected"]
@@ -70,61 +72,51 @@ async def _create(conn: AsyncConnection) -> None:
 
 
 class Deliveries:
+    """Attempts and successes are group-committed: notifications sent at the same time share
+    one transaction (and one fsync) instead of queueing for the store one by one."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._runner = BatchRunner(engine)
+        self._attempts: Batcher[Notification, bool] = Batcher(self._begin_many)
+        self._successes: Batcher[str, None] = Batcher(self._delivered_many)
 
     async def start(self) -> None:
         await migrate(self._engine, "notifier.deliveries", [_create])
 
+    def close(self) -> None:
+        self._runner.close()
+
     async def begin(self, notification: Notification) -> bool:
         """Record an attempt; False (and nothing recorded) if the notification was delivered."""
+        return await self._attempts.submit(notification)
+
+    async def _begin_many(self, notifications: list[Notification]) -> list[bool]:
         now = datetime.now(UTC)
-        async with self._engine.begin() as conn:
-            outcome = await conn.scalar(
-                select(TABLE.c.outcome)
-                .where(TABLE.c.event_id == notification.event_id)
-                .with_for_update()
-            )
-            if outcome == "delivered":
-                return False
-            if outcome is None:
-                try:
-                    async with conn.begin_nested():
-                        await conn.execute(
-                            TABLE.insert().values(
-                                event_id=notification.event_id,
-                                channel=notification.channel,
-                                target=notification.recipient,
-                                outcome="sending",
-                                attempts=1,
-                                first_attempt_at=now,
-                                last_attempt_at=now,
-                            )
-                        )
-                    return True
-                except IntegrityError:  # a concurrent first attempt: count this one too
-                    pass
-            await conn.execute(
-                update(TABLE)
-                .where(TABLE.c.event_id == notification.event_id)
-                .values(outcome="sending", attempts=TABLE.c.attempts + 1, last_attempt_at=now)
-            )
-        return True
+        return await self._runner.run(lambda conn: _record_attempts(conn, notifications, now))
 
     async def delivered(self, event_id: str) -> None:
+        await self._successes.submit(event_id)
+
+    async def _delivered_many(self, event_ids: list[str]) -> list[None]:
         now = datetime.now(UTC)
-        await self._set(event_id, outcome="delivered", delivered_at=now)
+        statement = (
+            update(TABLE)
+            .where(TABLE.c.event_id == bindparam("eid"))
+            .values(outcome="delivered", delivered_at=bindparam("at"))
+        )
+        rows = [{"eid": event_id, "at": now} for event_id in event_ids]
+        await self._runner.run(lambda conn: conn.execute(statement, rows))
+        return [None] * len(event_ids)
 
     async def failed(self, event_id: str, error: str, *, permanent: bool) -> None:
-        await self._set(
-            event_id,
-            outcome="rejected" if permanent else "failed",
-            last_error=error[:MAX_ERROR_CHARS],
-        )
-
-    async def _set(self, event_id: str, **values: object) -> None:
+        outcome = "rejected" if permanent else "failed"
         async with self._engine.begin() as conn:
-            await conn.execute(update(TABLE).where(TABLE.c.event_id == event_id).values(**values))
+            await conn.execute(
+                update(TABLE)
+                .where(TABLE.c.event_id == event_id)
+                .values(outcome=outcome, last_error=error[:MAX_ERROR_CHARS])
+            )
 
     async def get(self, event_id: str) -> Delivery | None:
         async with self._engine.connect() as conn:
@@ -137,3 +129,45 @@ class Deliveries:
         async with self._engine.begin() as conn:
             result = await conn.execute(delete(TABLE).where(TABLE.c.last_attempt_at < cutoff))
         return int(result.rowcount or 0)
+
+
+def _record_attempts(
+    conn: Connection, notifications: list[Notification], now: datetime
+) -> list[bool]:
+    """One batch of attempts: False for those delivered already; the others are counted
+    (a first attempt inserts the row, a later one bumps it)."""
+    ids = list({n.event_id for n in notifications})
+    delivered = set(
+        conn.execute(
+            select(TABLE.c.event_id).where(
+                TABLE.c.event_id.in_(ids), TABLE.c.outcome == "delivered"
+            )
+        ).scalars()
+    )
+    sending = {n.event_id: n for n in notifications if n.event_id not in delivered}
+    if sending:
+        upsert = insert_for(conn.dialect.name)(TABLE)
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["event_id"],
+                set_={
+                    "outcome": "sending",
+                    "attempts": TABLE.c.attempts + 1,
+                    "last_attempt_at": upsert.excluded.last_attempt_at,
+                },
+                where=TABLE.c.outcome != "delivered",  # delivered meanwhile elsewhere
+            ),
+            [
+                {
+                    "event_id": n.event_id,
+                    "channel": n.channel,
+                    "target": n.recipient,
+                    "outcome": "sending",
+                    "attempts": 1,
+                    "first_attempt_at": now,
+                    "last_attempt_at": now,
+                }
+                for n in sending.values()
+            ],
+        )
+    return [n.event_id not in delivered for n in notifications]

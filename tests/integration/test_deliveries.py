@@ -46,6 +46,7 @@ async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
     await record.start()
     await record.start()  # idempotent
     yield record
+    record.close()
     await engine.dispose()
 
 

@@ -57,6 +57,7 @@ async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
     record = Deliveries(engine)
     await record.start()
     yield record
+    record.close()
     await engine.dispose()
 
 
