@@ -46,8 +46,11 @@ bench: $(STAMP)
 	$(BIN)/python scripts/ensure_broker.py
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.batch
+	$(BIN)/python -m bench.e2e_latency
 	$(BIN)/python -m bench.consumer
 	$(BIN)/python -m bench.dlq_store
+	$(BIN)/python -m bench.table
 
 ## lock: re-resolve requirements.lock from pyproject.toml (needs uv)
 lock:

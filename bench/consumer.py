@@ -167,7 +167,12 @@ async def main(events: int, prefetch: int, rounds: int) -> None:
     ratio = results[1].median / results[0].median
     print_table(f"Consumers: {events} events, prefetch {prefetch}, quorum queue", results)
     print(f"ratio courier / bare aio-pika: {ratio:.2f} (target >= 0.80)")
-    save("consumer", results, {"events": events, "prefetch": prefetch, "ratio": ratio})
+    target = "ratio courier / bare aio-pika >= 0.80"
+    save(
+        "consumer",
+        results,
+        {"events": events, "prefetch": prefetch, "ratio": ratio, "target": target},
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.report import Result, save
 from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter, dead_letters
 
@@ -146,15 +147,15 @@ async def _insert(engine: AsyncEngine, batch: list[dict[str, Any]]) -> None:
         await conn.execute(dead_letters.insert(), batch)
 
 
-async def timed(fn: Callable[[], Awaitable[int]], runs: int) -> tuple[float, float, int]:
-    """Median and best wall time in ms over `runs` runs (after one warm-up), and rows returned."""
+async def timed(fn: Callable[[], Awaitable[int]], runs: int) -> tuple[list[float], int]:
+    """Wall times in ms of `runs` runs (after one warm-up), and the rows returned."""
     found = await fn()
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
         found = await fn()
         samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples), min(samples), found
+    return samples, found
 
 
 async def measure(store: FailureStore, groups: list[Group], runs: int) -> list[tuple[str, Any]]:
@@ -214,8 +215,22 @@ async def run(url: str, count: int, runs: int, seed: int) -> None:
     print(f"median and best of {runs} runs after a warm-up\n")
     print(f"{'query':<42} {'median ms':>10} {'best ms':>9} {'rows':>6}")
     print("-" * 70)
-    for name, (median, best, found) in results:
-        print(f"{name:<42} {median:>10.2f} {best:>9.2f} {found:>6}")
+    for name, (samples, found) in results:
+        print(f"{name:<42} {statistics.median(samples):>10.2f} {min(samples):>9.2f} {found:>6}")
+    path = save(
+        f"dlq_store_{dialect}",
+        [Result(name, "ms", statistics.median(samples), samples) for name, (samples, _) in results],
+        {
+            "dialect": dialect,
+            "dead_letters": count,
+            "groups": GROUPS,
+            "runs": runs,
+            "fill_seconds": fill_seconds,
+            "fill_rows_per_second": count / fill_seconds,
+            "rows_returned": {name: found for name, (_, found) in results},
+        },
+    )
+    print(f"\nsaved {path}")
 
 
 async def _admin(url: str, statement: str) -> None:

@@ -12,99 +12,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
-import aio_pika
-import httpx
-
 from bench.report import Result, print_table, save
-from services.messaging.settings import CourierSettings
+from bench.system import (
+    AMQP_URL,
+    cleanup,
+    courier_env,
+    free_port,
+    new_namespace,
+    require_wrk,
+    start,
+    start_gateway,
+    stop,
+    wait_ready,
+    wrk,
+)
 
-AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BODY = '{"type":"notification.requested","data":{"recipient":"r@example.org","subject":"hi"}}'
 LUA = f"""wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(
-    app: str, env: dict[str, str], port: int, factory: bool = False
-) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop",
-        "--http", "httptools", "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
-    if factory:
-        command.append("--factory")
-    return subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
-
-
-def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready")
-
-
-def wrk(url: str, seconds: int, connections: int, script: Path) -> tuple[float, float, float, int]:
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-    def percentile(p: str) -> float:
-        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-        return float(value) * UNITS[unit]
-
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: .*", out)
-    bad = int(errors.group(1)) if errors else 0
-    if socket_errors:
-        print("  wrk:", socket_errors.group(0))
-    return rate, percentile("50"), percentile("99"), bad
-
-
-async def cleanup(namespace: str, queue: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for topology in CourierSettings(namespace=namespace).all_topologies():
-            for spec in topology.queues():
-                await channel.queue_delete(spec.name)
-        await channel.queue_delete(queue)
-        await channel.exchange_delete(f"{namespace}.events")
-        await channel.exchange_delete(f"{namespace}.dlx")
 
 
 def main(seconds: int, rounds: int, connections: int) -> None:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: `apt-get install wrk` (make bench does it)")
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    require_wrk()
+    namespace = new_namespace()
     bare_queue = f"{namespace}.bare"
     data = Path(tempfile.mkdtemp())
     ports = {"background": free_port(), "bare": free_port(), "courier": free_port()}
@@ -115,18 +52,7 @@ def main(seconds: int, rounds: int, connections: int) -> None:
             {"AMQP_URL": AMQP_URL, "BENCH_QUEUE": bare_queue},
             ports["bare"],
         ),
-        "courier": start(
-            "services.gateway.app:create_app",
-            {
-                "AMQP_URL": AMQP_URL,
-                "COURIER_NAMESPACE": namespace,
-                "COURIER_DATA_DIR": str(data),
-                "COURIER_ENVIRONMENT": "development",
-                "COURIER_LOG_LEVEL": "WARNING",
-            },
-            ports["courier"],
-            factory=True,
-        ),
+        "courier": start_gateway(courier_env(namespace, data), ports["courier"]),
     }
     names = {
         "background": "BackgroundTasks (no-op, not durable)",
@@ -149,8 +75,7 @@ def main(seconds: int, rounds: int, connections: int) -> None:
                 print(f"p99 {p99:.1f} ms, non-2xx {bad}")
     finally:
         for server in servers.values():
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
+            stop(server)
         asyncio.run(cleanup(namespace, bare_queue))
         shutil.rmtree(data, ignore_errors=True)
 

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from bench.report import Result, save
 from tests.conftest import LOCAL_URL, Namespace
 from tests.support.processes import ServiceProcess, base_url, consumer, gateway
 
@@ -215,6 +216,19 @@ def run(size: int, with_processor: bool, analysis_timeout: float) -> None:
         print(f"  peak - before       {mib(growth)}  ({growth / stored:.4%} of the file)")
         client_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"this client's peak RSS {mib(client_peak)}")
+        results = [
+            Result("upload throughput", "MB/s", stored / elapsed / 1e6, [stored / elapsed / 1e6]),
+            Result("gateway peak RSS - before", "MiB", growth / MiB, [growth / MiB]),
+        ]
+        extra: dict[str, Any] = {
+            "file_bytes": stored,
+            "gateway": {
+                "before_mib": before["VmRSS"] / MiB,
+                "peak_mib": (before["VmRSS"] + growth) / MiB,
+                "after_mib": after["VmRSS"] / MiB,
+                "growth_of_file": growth / stored,
+            },
+        }
 
         if with_processor:
             processor_process = services[1].process
@@ -245,6 +259,7 @@ def run(size: int, with_processor: bool, analysis_timeout: float) -> None:
                 f"{analysis.get('column_count')} columns"
             )
             print("processor memory (RSS), per process (main first, then pool workers):")
+            roles: dict[str, int] = {}
             for p, peak in sorted(sampler.peaks.items(), key=lambda item: item[0] != ppid):
                 start_rss = before_tree.get(p, 0)  # 0: the pool started the worker for this file
                 top = max(peak, sampler.hwm[p])
@@ -252,6 +267,13 @@ def run(size: int, with_processor: bool, analysis_timeout: float) -> None:
                     f"  {_role(p, ppid):<16} before {mib(start_rss)}  peak {mib(top)}"
                     f"  peak - before {mib(top - start_rss)}"
                 )
+                role = f"processor {_role(p, ppid)}"
+                roles[role] = roles.get(role, 0) + 1
+                role += f" {roles[role]}" if role.endswith("worker") else ""
+                results.append(Result(f"{role} peak RSS", "MiB", top / MiB, [top / MiB]))
+            extra["analysis_seconds"] = elapsed
+            extra["analysis_status"] = found["status"]
+        print(f"saved {save('upload_memory', results, extra)}")
     finally:
         for service in services:
             if service.process is not None:
