@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
 from contracts.envelope import Envelope
@@ -132,6 +133,22 @@ def _accepted(
     return [{"id": e.id, "type": e.type, "status_url": status_url(e.id)} for e in events]
 
 
+async def _note_callbacks(
+    tracking: Tracking, events: Sequence[IngestEvent], settings: GatewaySettings
+) -> None:
+    """Store the events' callback URLs before publishing; 503 if the store is not there
+    (nothing was published: the client may simply retry)."""
+    try:
+        await tracking.note_callbacks(events)
+    except SQLAlchemyError as exc:
+        log.exception("could not store callback URLs; refusing the events")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the gateway could not store the callback URL; retry later",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        ) from exc
+
+
 def _ingest_state(request: Request) -> tuple[BrokerLink, GatewaySettings, Tracking]:
     """What the ingest routes need, read from the app directly: FastAPI's dependency
     resolution costs more per request than the rest of the route's own work but the publish."""
@@ -220,6 +237,7 @@ async def submit_event(request: Request) -> JSONResponse:
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         [one] = events
+        await _note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
         await publish_confirmed(broker, settings, one)
         [accepted] = _accepted(events, tracking, at)
@@ -262,6 +280,7 @@ async def submit_batch(request: Request) -> JSONResponse:
         raise _problem(exc) from exc
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
+        await _note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
         outcomes = await asyncio.gather(
             *(publish_confirmed(broker, settings, event) for event in events),

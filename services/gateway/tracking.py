@@ -127,6 +127,7 @@ class Tracking:
         self._on_final = on_final
         self._accepted: list[tuple[Envelope, datetime]] = []
         self._with_callback: set[str] = set()  # written accepted events to look at once
+        self._checks: set[asyncio.Task[None]] = set()
         self._flushed = asyncio.Event()
         # Held while a batch is written: a reader waits for it instead of missing the batch.
         self._flush_lock = asyncio.Lock()
@@ -157,10 +158,22 @@ class Tracking:
     async def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+            await asyncio.gather(self._writer, *self._checks, return_exceptions=True)
         await self._flush_accepted()
 
     # --- accepted events (group-committed off the request path) -------------------------------
+
+    async def note_callbacks(self, accepting: Sequence[Envelope]) -> None:
+        """Store the callback URLs of events about to be published, before they are: the
+        accept is written a moment after the `202`, and a gateway that died in between would
+        otherwise lose the only copy of the URL while the event is processed."""
+        wanted = [
+            {"event_id": e.id, "event_type": e.type, "callback_url": url}
+            for e in accepting
+            if (url := callback_url_of(e)) is not None
+        ]
+        if wanted:
+            await self._runner.run(lambda conn: _write_callback_urls(conn, wanted))
 
     def accepted(self, event: Envelope, at: datetime | None = None) -> None:
         """Note an event the broker confirmed; written within ~50 ms with others.
@@ -177,7 +190,11 @@ class Tracking:
             except Exception:
                 log.exception("could not record accepted events; retrying")
                 continue
-            await self._check_accepted_callbacks()
+            if self._with_callback and self._on_final is not None:
+                # Apart from the writer: publishing may wait for a confirm, accepts must not.
+                check = asyncio.get_running_loop().create_task(self._check_accepted_callbacks())
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
 
     async def _check_accepted_callbacks(self) -> None:
         """Accepted events with a callback URL may be settled already, if their reports were
@@ -353,6 +370,18 @@ def _add_callback_columns_sync(sync: Connection) -> None:
             sync.execute(text(f"ALTER TABLE {events.name} ADD COLUMN {name} {kind}"))
     for index in events.indexes:
         index.create(sync, checkfirst=True)
+
+
+def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:
+    insert = insert_for(conn.dialect.name)(events)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["event_id"],
+            set_={"callback_url": insert.excluded.callback_url},
+            where=events.c.callback_url.is_(None),  # the first accept's URL stays
+        ),
+        rows,
+    )
 
 
 def _write(

@@ -56,6 +56,13 @@ class Acks:
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_due())
 
+    def is_settled(self, channel: AbstractChannel, tag: int) -> bool:
+        """Whether the delivery was settled (its ack sent or due)."""
+        pending = self._channels.get(channel)
+        return pending is not None and (
+            tag in pending.settled or not _is_outstanding(pending.outstanding, tag)
+        )
+
     def forget(self, channel: AbstractChannel, tag: int) -> None:
         """The delivery was settled otherwise (rejected back to the queue): no ack for it."""
         pending = self._channels.get(channel)
@@ -93,3 +100,10 @@ class Acks:
             log.info("channel closed before its acks were sent; the broker redelivers")
             with contextlib.suppress(KeyError):
                 del self._channels[channel]
+        except Exception:  # e.g. aiormq failing its futures on close: keep the sender alive
+            log.exception("acks not written; a later multiple ack or a redelivery covers them")
+
+
+def _is_outstanding(outstanding: list[int], tag: int) -> bool:
+    at = bisect.bisect_left(outstanding, tag)
+    return at < len(outstanding) and outstanding[at] == tag

@@ -215,11 +215,20 @@ class Consumer:
 
     def _ack(self, message: AbstractIncomingMessage) -> None:
         if message.delivery_tag is not None:
-            self._acks.settle(message.channel, message.delivery_tag)
+            # A closed channel (aio-pika raises on `.channel`) takes its deliveries back.
+            with contextlib.suppress(ChannelInvalidStateError):
+                self._acks.settle(message.channel, message.delivery_tag)
+
+    def _acked(self, message: AbstractIncomingMessage) -> bool:
+        with contextlib.suppress(ChannelInvalidStateError):
+            tag = message.delivery_tag
+            return tag is not None and self._acks.is_settled(message.channel, tag)
+        return False
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if message.delivery_tag is not None:
-            self._acks.delivered(message.channel, message.delivery_tag)
+        with contextlib.suppress(ChannelInvalidStateError):  # closed: redelivered anyway
+            if message.delivery_tag is not None:
+                self._acks.delivered(message.channel, message.delivery_tag)
         self._in_flight += 1
         self._idle.clear()
         task = asyncio.current_task()
@@ -243,10 +252,13 @@ class Consumer:
                     "backoff_seconds": pause,
                 },
             )
+            if self._acked(message):
+                return  # settled before the failure: a nack now would close the channel
             await asyncio.sleep(pause)
             await _requeue(message)
-            if message.delivery_tag is not None:
-                self._acks.forget(message.channel, message.delivery_tag)
+            with contextlib.suppress(ChannelInvalidStateError):
+                if message.delivery_tag is not None:
+                    self._acks.forget(message.channel, message.delivery_tag)
         finally:
             if task is not None:
                 self._tasks.discard(task)

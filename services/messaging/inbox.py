@@ -152,15 +152,15 @@ class Inbox:
         return [e.id in inserted for e, _ in items]
 
     def _insert_new(self, conn: Connection, rows: list[dict[str, Any]], now: datetime) -> set[str]:
-        """Insert the rows whose event id is new; the ids inserted.
-
-        Only when some id existed already (a duplicate handled elsewhere meanwhile) are the
-        inserted ones told apart from the old ones, by this batch's timestamp."""
+        """Insert the rows whose event id is new; the ids inserted."""
         table = self._table
-        insert = _insert_sqlite if conn.dialect.name == "sqlite" else _insert_core
+        if conn.dialect.name != "sqlite":
+            return _insert_core(conn, table, rows)
         ids = {row["event_id"] for row in rows}
-        if insert(conn, table, rows) == len(rows):
+        if _insert_sqlite(conn, table, rows) == len(rows):
             return ids
+        # Some id existed already (a duplicate handled meanwhile by another process): the rows
+        # this batch inserted are the ones with its timestamp.
         ours = select(table.c.event_id).where(table.c.event_id.in_(ids), table.c.handled_at == now)
         return set(conn.execute(ours).scalars())
 
@@ -267,11 +267,13 @@ class _SqliteReads:
         ]
 
 
-def _insert_core(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> int:
-    statement = insert_for(conn.dialect.name)(table).on_conflict_do_nothing(
-        index_elements=["event_id"]
+def _insert_core(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> set[str]:
+    statement = (
+        insert_for(conn.dialect.name)(table)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.event_id)
     )
-    return int(conn.execute(statement, rows).rowcount)
+    return set(conn.execute(statement, rows).scalars())
 
 
 def _insert_sqlite(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -69,17 +70,20 @@ class RetryPolicy:
         return len(self.delays) + 1
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run `fn`, retrying transient failures a few times at once."""
+        """Run `fn`, retrying transient failures a few times at once, within a time budget that
+        the first attempt counts against (a slow failure goes straight to a delay tier)."""
+        started = time.monotonic()
         try:
             return await fn()
         except Exception as exc:
-            if self.immediate == 0 or not self._retry_at_once(exc):
+            left = IMMEDIATE_BUDGET_SECONDS - (time.monotonic() - started)
+            if self.immediate == 0 or not self._retry_at_once(exc) or left <= 0:
                 raise
         # A blip. The retry machinery is built only now: almost every call succeeds at once,
         # and building it for each call costs more than a no-op handler.
-        await asyncio.sleep(random.uniform(0, FIRST_RETRY_MAX_WAIT))  # jitter
+        await asyncio.sleep(random.uniform(0, min(FIRST_RETRY_MAX_WAIT, left)))  # jitter
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.immediate) | stop_after_delay(IMMEDIATE_BUDGET_SECONDS),
+            stop=stop_after_attempt(self.immediate) | stop_after_delay(left),
             wait=wait_random_exponential(multiplier=0.05, max=0.4),
             retry=retry_if_exception(self._retry_at_once),
             reraise=True,

@@ -59,7 +59,9 @@ class LogChannel:
     def _append(self, lines: list[bytes]) -> None:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, b"".join(lines))
+            data = memoryview(b"".join(lines))
+            while data:  # a write may take part of the buffer (a full disk raises next time)
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -19,7 +19,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import Envelope
@@ -271,6 +271,40 @@ async def test_a_report_that_overtakes_the_accept_still_gets_its_callback(
         assert [c.data.event_id for c in publisher.published] == [event.id]
 
     await eventually(published)
+
+
+async def test_a_url_noted_before_publishing_survives_a_gateway_that_died_before_the_accept(
+    engine: AsyncEngine, tracking: Tracking, publisher: FakePublisher
+) -> None:
+    """The route stores the URL before it publishes; the accept itself is written a moment
+    after the 202. A gateway that dies in between never writes it, yet the callback is due
+    as soon as the report arrives (here: read by a fresh projection, as after a restart)."""
+    event = dataset()
+    await tracking.note_callbacks([event])  # what the route does; then the process dies
+    restarted = Tracking(
+        engine, on_final=Callbacks(engine, publisher, "test.events").publish_settled
+    )
+    await restarted.start()
+    try:
+        await restarted.apply([step(event, "succeeded", datetime.now(UTC), attempt=1)])
+    finally:
+        await restarted.close()
+    assert published_for(publisher, event) == [event.id]
+
+
+async def test_noting_urls_keeps_the_first_and_skips_events_without_one(
+    engine: AsyncEngine, tracking: Tracking
+) -> None:
+    first, plain = dataset(), dataset(callback=None)
+    await tracking.note_callbacks([first, plain])
+    await tracking.note_callbacks(
+        [first.model_copy(update={"callbackurl": "https://other.example/"})]
+    )
+    async with engine.connect() as conn:
+        found = await conn.execute(select(events.c.event_id, events.c.callback_url))
+        rows = {event_id: url for event_id, url in found}
+    assert rows.get(first.id) == HOOK
+    assert plain.id not in rows
 
 
 async def test_the_sweep_publishes_what_no_trigger_brings_back(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -69,6 +70,25 @@ async def test_immediate_retries_are_bounded_in_time() -> None:
     with pytest.raises(ConnectionResetError):
         await RetryPolicy(delays=(1,), immediate=10).call(flaky)
     assert time.monotonic() - started < IMMEDIATE_BUDGET_SECONDS + 0.5
+
+
+async def test_a_failure_slower_than_the_budget_is_not_retried_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first attempt counts against the budget: a handler that took longer than it to
+    fail (a webhook timing out) goes to a delay tier instead of failing slowly twice."""
+    monkeypatch.setattr("services.messaging.retry.IMMEDIATE_BUDGET_SECONDS", 0.05)
+    calls = 0
+
+    async def slow_failure() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        await RetryPolicy(delays=(1,), immediate=2).call(slow_failure)
+    assert calls == 1
 
 
 async def test_a_permanent_error_is_not_retried_in_process() -> None:
