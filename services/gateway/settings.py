@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from services.messaging.settings import CourierSettings
@@ -38,7 +38,8 @@ class GatewaySettings(CourierSettings):
         default="production",
         description="`development` allows placeholder ops tokens; never use it in production.",
     )
-    ops_tokens: Annotated[dict[str, str], NoDecode] = Field(
+    # SecretStr: a settings repr or a validation error never shows a token.
+    ops_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(
         default_factory=dict,
         description="Ops API tokens as `name:token` pairs, comma-separated; the name is the actor.",
     )
@@ -82,7 +83,8 @@ class GatewaySettings(CourierSettings):
             return self
         if not self.ops_tokens:
             raise ValueError("COURIER_OPS_TOKENS is required outside development")
-        for name, token in self.ops_tokens.items():
+        for name, secret in self.ops_tokens.items():
+            token = secret.get_secret_value()
             if len(token) < MIN_TOKEN_LENGTH or token.lower() in PLACEHOLDERS:
                 raise ValueError(
                     f"the ops token of {name!r} is a placeholder or shorter than "

@@ -8,19 +8,21 @@ recorded in the audit trail.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 _bearer = HTTPBearer(auto_error=False, description="An ops token from COURIER_OPS_TOKENS.")
 
 
-def identify(tokens: dict[str, str], presented: str) -> str | None:
+def identify(tokens: Mapping[str, SecretStr], presented: str) -> str | None:
     """The name of the token that matches, comparing against all in constant time."""
     found: str | None = None
     for name, token in tokens.items():
-        if hmac.compare_digest(token.encode(), presented.encode()):
+        if hmac.compare_digest(token.get_secret_value().encode(), presented.encode()):
             found = name
     return found
 

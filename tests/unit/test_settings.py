@@ -68,3 +68,10 @@ def test_nonsense_settings_are_refused(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match="validation error"):
         ConsumerSettings()
+
+
+def test_ops_tokens_never_show_in_a_settings_repr() -> None:
+    token = "t0k3n-" + "z" * 40
+    settings = GatewaySettings(environment="production", ops_tokens=f"alice:{token}")
+    assert token not in repr(settings)
+    assert settings.ops_tokens["alice"].get_secret_value() == token
