@@ -89,9 +89,11 @@ def settle(
     return "cancelled", at
 
 
-def callback_id(event_id: str, outcome: str, settled_at: datetime) -> str:
-    """The same settlement found twice is the same request (the notifier dedups it)."""
-    return derived_event_id(event_id, f"callback:{outcome}:{as_utc(settled_at).isoformat()}")
+def callback_id(event_id: str, outcome: str) -> str:
+    """One request per event and outcome: the same settlement found twice (a redelivered
+    report, or a later report after a publish whose mark was lost) is the same request, which
+    the notifier and the receiver dedup. An event posts each outcome at most once anyway."""
+    return derived_event_id(event_id, f"callback:{outcome}")
 
 
 def _service_outcome(row: Row[*tuple[Any, ...]]) -> ServiceOutcome:
@@ -140,7 +142,7 @@ def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
         request = None
         if outcome != "cancelled":
             request = CallbackRequested(
-                id=callback_id(event_id, outcome, at),
+                id=callback_id(event_id, outcome),
                 subject=event_id,
                 data=CallbackRequestedData(
                     event_id=event_id,

@@ -145,7 +145,8 @@ async def test_nothing_is_published_until_every_worker_is_done_then_exactly_once
     ]
     await tracking.apply(done)
     [callback] = publisher.published
-    assert callback.id == callback_id(event.id, "succeeded", t + timedelta(seconds=6))
+    assert callback.id == callback_id(event.id, "succeeded")
+    assert callback.data.settled_at == t + timedelta(seconds=6)
     assert callback.subject == event.id
     assert "callbackurl" not in callback.model_dump()  # a callback never asks for a callback
     data = callback.data
