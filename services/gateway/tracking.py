@@ -15,6 +15,7 @@ before the gateway wrote down that it accepted it).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
 from services.messaging.logs import get_logger
-from services.messaging.store import BatchRunner, as_utc, insert_for, migrate
+from services.messaging.store import BatchRunner, as_utc, insert_for, migrate, sqlite_time
 
 log = get_logger("gateway.tracking")
 
@@ -213,22 +214,11 @@ class Tracking:
             batch, self._accepted = self._accepted, []
             if not batch:
                 return
-            pending = [
-                Transition.model_construct(
-                    event_id=event.id,
-                    event_type=event.type,
-                    service=service,
-                    state="pending",
-                    at=at,
-                )
-                for event, at in batch
-                for service in workers_of(event.type)
-            ]
             accepted = [
                 Accepted(event.id, event.type, at, callback_url_of(event)) for event, at in batch
             ]
             try:
-                await self._runner.run(lambda conn: _write(conn, pending, accepted))
+                await self._runner.run(lambda conn: _write_accepted(conn, accepted))
             except BaseException:
                 self._accepted[:0] = batch  # keep them for the next round
                 raise
@@ -370,6 +360,66 @@ def _add_callback_columns_sync(sync: Connection) -> None:
             sync.execute(text(f"ALTER TABLE {events.name} ADD COLUMN {name} {kind}"))
     for index in events.indexes:
         index.create(sync, checkfirst=True)
+
+
+def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
+    """Accept records: the event (first accept wins) and `pending` for each of its workers.
+
+    On the gateway's hot path: on SQLite as a few multi-row statements on the raw connection
+    (SQLAlchemy's executemany costs a statement step, and a GIL hand-over with the busy event
+    loop, per row); elsewhere through `_write`."""
+    if conn.dialect.name != "sqlite":
+        pending = [
+            Transition.model_construct(
+                event_id=a.event_id, event_type=a.event_type, service=service, state="pending",
+                at=a.at,
+            )
+            for a in accepted
+            for service in workers_of(a.event_type)
+        ]  # fmt: skip
+        _write(conn, pending, accepted)
+        return
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    event_rows = [(a.event_id, a.event_type, sqlite_time(a.at), a.callback_url) for a in accepted]
+    pending_rows = [
+        (a.event_id, service, "pending", sqlite_time(a.at))
+        for a in accepted
+        for service in workers_of(a.event_type)
+    ]
+    for chunk in _chunks(event_rows):
+        raw.execute(
+            f"INSERT INTO {events.name} (event_id, event_type, accepted_at, callback_url) "  # noqa: S608
+            f"VALUES {_marks(chunk)} ON CONFLICT (event_id) DO UPDATE SET "
+            "accepted_at = excluded.accepted_at, event_type = excluded.event_type, "
+            f"callback_url = coalesce({events.name}.callback_url, excluded.callback_url) "
+            f"WHERE {events.name}.accepted_at IS NULL",
+            [value for row in chunk for value in row],
+        )
+    for chunk in _chunks(pending_rows):
+        values = [value for row in chunk for value in row]
+        raw.execute(
+            f"INSERT INTO {history.name} (event_id, service, state, at) "  # noqa: S608
+            f"VALUES {_marks(chunk)} ON CONFLICT (event_id, service, state, at) DO NOTHING",
+            values,
+        )
+        raw.execute(
+            f"INSERT INTO {states.name} (event_id, service, state, updated_at) "  # noqa: S608
+            f"VALUES {_marks(chunk)} ON CONFLICT (event_id, service) DO NOTHING",
+            values,
+        )
+
+
+ROWS_PER_STATEMENT = 200  # 4 values a row: well under SQLite's bound-parameter limit
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    return [rows[i : i + ROWS_PER_STATEMENT] for i in range(0, len(rows), ROWS_PER_STATEMENT)]
+
+
+def _marks(rows: list[tuple[Any, ...]]) -> str:
+    one = "(" + ",".join("?" * len(rows[0])) + ")"
+    return ",".join([one] * len(rows))
 
 
 def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:

@@ -38,7 +38,15 @@ from contracts.envelope import Envelope
 from contracts.events import Event
 from services.messaging.batching import Batcher
 from services.messaging.logs import get_logger
-from services.messaging.store import BatchRunner, Migration, as_utc, insert_for, migrate
+from services.messaging.store import (
+    BatchRunner,
+    Migration,
+    as_utc,
+    from_sqlite_time,
+    insert_for,
+    migrate,
+    sqlite_time,
+)
 
 log = get_logger("inbox")
 
@@ -262,7 +270,7 @@ class _SqliteReads:
             f"WHERE event_id IN ({marks})"
         )
         return [
-            (event_id, _parse_time(at), follow_ups, bool(handled))
+            (event_id, from_sqlite_time(at), follow_ups, bool(handled))
             for event_id, at, follow_ups, handled in self.raw.execute(sql, wanted + wanted)
         ]
 
@@ -289,19 +297,10 @@ def _insert_sqlite(conn: Connection, table: Table, rows: list[dict[str, Any]]) -
         for value in (
             row["event_id"],
             row["event_type"],
-            _store_time(row["handled_at"]),
+            sqlite_time(row["handled_at"]),
             row["follow_ups"],
         )
     ]
     raw = conn.connection.driver_connection
     assert raw is not None
     return int(raw.execute(sql, params).rowcount)
-
-
-def _store_time(value: datetime) -> str:
-    """A UTC time as SQLAlchemy's SQLite DateTime stores it (so Core reads it back alike)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)

@@ -85,6 +85,16 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def sqlite_time(value: datetime) -> str:
+    """A UTC time as SQLAlchemy's SQLite DateTime stores it: for raw statements on hot paths,
+    whose rows Core reads back like its own."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def from_sqlite_time(value: str) -> datetime:
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
 def insert_for(dialect: str) -> Callable[[Table], Any]:
     """The dialect's INSERT construct, which has ON CONFLICT (upsert / do nothing)."""
     return postgresql_insert if dialect == "postgresql" else sqlite_insert
