@@ -368,7 +368,8 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
     On the gateway's hot path: on SQLite as a few multi-row statements on the raw connection
     (SQLAlchemy's executemany costs a statement step, and a GIL hand-over with the busy event
     loop, per row); elsewhere through `_write`."""
-    if conn.dialect.name != "sqlite":
+    raw = _raw_sqlite(conn)
+    if raw is None:
         pending = [
             Transition.model_construct(
                 event_id=a.event_id, event_type=a.event_type, service=service, state="pending",
@@ -379,64 +380,55 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
         ]  # fmt: skip
         _write(conn, pending, accepted)
         return
-    raw = conn.connection.driver_connection
-    assert isinstance(raw, sqlite3.Connection)
-    event_rows = [(a.event_id, a.event_type, sqlite_time(a.at), a.callback_url) for a in accepted]
+    _insert_rows(
+        raw,
+        events.name,
+        ("event_id", "event_type", "accepted_at", "callback_url"),
+        [(a.event_id, a.event_type, sqlite_time(a.at), a.callback_url) for a in accepted],
+        "ON CONFLICT (event_id) DO UPDATE SET accepted_at = excluded.accepted_at, "
+        "event_type = excluded.event_type, "
+        f"callback_url = coalesce({events.name}.callback_url, excluded.callback_url) "
+        f"WHERE {events.name}.accepted_at IS NULL",
+    )
     pending_rows = [
         (a.event_id, service, "pending", sqlite_time(a.at))
         for a in accepted
         for service in workers_of(a.event_type)
     ]
-    for chunk in _chunks(event_rows):
-        raw.execute(
-            f"INSERT INTO {events.name} (event_id, event_type, accepted_at, callback_url) "  # noqa: S608
-            f"VALUES {_marks(chunk)} ON CONFLICT (event_id) DO UPDATE SET "
-            "accepted_at = excluded.accepted_at, event_type = excluded.event_type, "
-            f"callback_url = coalesce({events.name}.callback_url, excluded.callback_url) "
-            f"WHERE {events.name}.accepted_at IS NULL",
-            [value for row in chunk for value in row],
-        )
-    for chunk in _chunks(pending_rows):
-        values = [value for row in chunk for value in row]
-        raw.execute(
-            f"INSERT INTO {history.name} (event_id, service, state, at) "  # noqa: S608
-            f"VALUES {_marks(chunk)} ON CONFLICT (event_id, service, state, at) DO NOTHING",
-            values,
-        )
-        raw.execute(
-            f"INSERT INTO {states.name} (event_id, service, state, updated_at) "  # noqa: S608
-            f"VALUES {_marks(chunk)} ON CONFLICT (event_id, service) DO NOTHING",
-            values,
-        )
+    _insert_rows(
+        raw, history.name, ("event_id", "service", "state", "at"), pending_rows, _HISTORY_KEPT
+    )
+    _insert_rows(
+        raw, states.name, ("event_id", "service", "state", "updated_at"), pending_rows, _STATE_KEPT
+    )
 
 
 def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> None:
     """`_write` for status reports (the projection's hot path); on SQLite as multi-row
     statements on the raw connection, with the same rules."""
-    if conn.dialect.name != "sqlite" or not transitions:
+    raw = _raw_sqlite(conn)
+    if raw is None or not transitions:
         _write(conn, transitions, ())
         return
-    raw = conn.connection.driver_connection
-    assert isinstance(raw, sqlite3.Connection)
     ordered = sorted(transitions, key=lambda t: t.at)
     first_seen = {t.event_id: (t.event_id, t.event_type) for t in reversed(ordered)}
-    for chunk in _chunks(list(first_seen.values())):
-        raw.execute(
-            f"INSERT INTO {events.name} (event_id, event_type) VALUES {_marks(chunk)} "  # noqa: S608
-            "ON CONFLICT (event_id) DO NOTHING",
-            [value for row in chunk for value in row],
-        )
-    steps = [
-        (t.event_id, t.service, t.state, sqlite_time(t.at), t.attempt, t.reason, t.detail)
-        for t in ordered
-    ]
-    for chunk in _chunks(steps):
-        raw.execute(
-            f"INSERT INTO {history.name} "  # noqa: S608
-            "(event_id, service, state, at, attempt, reason, detail) "
-            f"VALUES {_marks(chunk)} ON CONFLICT (event_id, service, state, at) DO NOTHING",
-            [value for row in chunk for value in row],
-        )
+    _insert_rows(
+        raw,
+        events.name,
+        ("event_id", "event_type"),
+        list(first_seen.values()),
+        "ON CONFLICT (event_id) DO NOTHING",
+    )
+    _insert_rows(
+        raw,
+        history.name,
+        ("event_id", "service", "state", "at", "attempt", "reason", "detail"),
+        [
+            (t.event_id, t.service, t.state, sqlite_time(t.at), t.attempt, t.reason, t.detail)
+            for t in ordered
+        ],
+        _HISTORY_KEPT,
+    )
     rows = [
         (
             t.event_id, t.service, t.state, t.attempt,
@@ -445,34 +437,19 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         )
         for t in ordered
     ]  # fmt: skip
-    columns = f"({', '.join(('event_id', 'service', *STATE_FIELDS))})"
-    weakest = [row for row in rows if row[2] == "pending"]
-    for chunk in _chunks(weakest):
-        raw.execute(
-            f"INSERT INTO {states.name} {columns} VALUES {_marks(chunk)} "  # noqa: S608
-            "ON CONFLICT (event_id, service) DO NOTHING",
-            [value for row in chunk for value in row],
-        )
-    moved = ", ".join(
-        f"{c} = excluded.{c}"
-        for c in (
-            "state",
-            "attempt",
-            "next_attempt_at",
-            "reason",
-            "group_key",
-            "detail",
-            "updated_at",
-        )
+    columns = ("event_id", "service", *STATE_FIELDS)
+    pending = [row for row in rows if row[2] == "pending"]
+    _insert_rows(raw, states.name, columns, pending, _STATE_KEPT)
+    moved = ", ".join(f"{c} = excluded.{c}" for c in STATE_FIELDS)
+    _insert_rows(
+        raw,
+        states.name,
+        columns,
+        [row for row in rows if row[2] != "pending"],
+        f"ON CONFLICT (event_id, service) DO UPDATE SET {moved} "
+        f"WHERE {states.name}.updated_at <= excluded.updated_at "
+        f"OR {states.name}.state = 'pending'",
     )
-    for chunk in _chunks([row for row in rows if row[2] != "pending"]):
-        raw.execute(
-            f"INSERT INTO {states.name} {columns} VALUES {_marks(chunk)} "  # noqa: S608
-            f"ON CONFLICT (event_id, service) DO UPDATE SET {moved} "
-            f"WHERE {states.name}.updated_at <= excluded.updated_at "
-            f"OR {states.name}.state = 'pending'",
-            [value for row in chunk for value in row],
-        )
 
 
 STATE_FIELDS = (
@@ -485,15 +462,34 @@ STATE_FIELDS = (
     "updated_at",
 )
 ROWS_PER_STATEMENT = 100  # up to 9 values a row: well under SQLite's parameter limit
+_HISTORY_KEPT = "ON CONFLICT (event_id, service, state, at) DO NOTHING"  # its natural key
+_STATE_KEPT = "ON CONFLICT (event_id, service) DO NOTHING"  # pending never replaces a state
 
 
-def _chunks(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
-    return [rows[i : i + ROWS_PER_STATEMENT] for i in range(0, len(rows), ROWS_PER_STATEMENT)]
+def _raw_sqlite(conn: Connection) -> sqlite3.Connection | None:
+    if conn.dialect.name != "sqlite":
+        return None
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
 
 
-def _marks(rows: list[tuple[Any, ...]]) -> str:
-    one = "(" + ",".join("?" * len(rows[0])) + ")"
-    return ",".join([one] * len(rows))
+def _insert_rows(
+    raw: sqlite3.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    on_conflict: str,
+) -> None:
+    """INSERT of many rows, a hundred to a statement; names come from code, values are bound."""
+    one = "(" + ",".join("?" * len(columns)) + ")"
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[i : i + ROWS_PER_STATEMENT]
+        raw.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
+            f"VALUES {','.join([one] * len(chunk))} {on_conflict}",
+            [value for row in chunk for value in row],
+        )
 
 
 def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:
