@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
@@ -33,14 +31,24 @@ class _ContextFilter(logging.Filter):
         return True
 
 
-@contextmanager
-def event_context(event_id: str | None, correlation_id: str | None) -> Iterator[None]:
-    """Attach the ids to every log line emitted inside the block."""
-    event_token = event_id_var.set(event_id)
-    correlation_token = correlation_id_var.set(correlation_id)
-    try:
-        yield
-    finally:
+class event_context:  # used like the function it replaced: `with event_context(...)`
+    """Attach the ids to every log line emitted inside the block. A class, not a
+    @contextmanager generator: it is entered for every message a consumer handles."""
+
+    __slots__ = ("_correlation_id", "_event_id", "_tokens")
+
+    def __init__(self, event_id: str | None, correlation_id: str | None) -> None:
+        self._event_id = event_id
+        self._correlation_id = correlation_id
+
+    def __enter__(self) -> None:
+        self._tokens = (
+            event_id_var.set(self._event_id),
+            correlation_id_var.set(self._correlation_id),
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        event_token, correlation_token = self._tokens
         event_id_var.reset(event_token)
         correlation_id_var.reset(correlation_token)
 
