@@ -106,7 +106,10 @@ class Publisher:
         )
 
     def _pick(self) -> tuple[int, AbstractRobustChannel]:
-        if not self.ready:
+        # Checked per publish: the connection first, then each channel only as it is tried
+        # (`ready` would look at every channel, on every publish).
+        connection = self._connection
+        if connection is None or not connection.connected.is_set() or not self._channels:
             raise BrokerUnavailable("not connected to the broker")
         for _ in range(len(self._channels)):
             slot = next(self._next) % len(self._channels)
