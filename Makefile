@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.e2e_latency
 	$(BIN)/python -m bench.consumer
 	$(BIN)/python -m bench.dlq_store
+	$(BIN)/python -m bench.upload_memory
+	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.table
 
 ## lock: re-resolve requirements.lock from pyproject.toml (needs uv)
