@@ -149,12 +149,23 @@ def _admin(postgres_url: str, statement: str) -> None:
         pool.submit(asyncio.run, run()).result()
 
 
-@pytest.fixture
-def postgres_database(postgres_url: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+def _scratch_database(postgres_url: str) -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:12]}"
     _admin(postgres_url, f'CREATE DATABASE "{name}"')
     try:
         yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
         _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    yield from _scratch_database(postgres_url)
+
+
+@pytest.fixture(scope="module")
+def module_database(postgres_url: str) -> Iterator[str]:
+    """One PostgreSQL database for a module (creating one per test costs about a second);
+    its tests use their own event ids and keys."""
+    yield from _scratch_database(postgres_url)

@@ -10,8 +10,7 @@ notifier and a webhook receiver is tests/e2e/test_callbacks.py.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +35,7 @@ from services.gateway.callbacks import Callbacks, callback_id
 from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.store import open_store, store_url
-from tests.conftest import Namespace, _admin
+from tests.conftest import Namespace
 from tests.integration.test_tracking_store import running_gateway
 from tests.support.polling import eventually
 from tests.support.queues import take
@@ -59,16 +58,6 @@ class FakePublisher:
             self.refused.append(event)
             raise BrokerUnavailable("no confirm within 5s")
         self.published.append(event)
-
-
-@pytest.fixture(scope="module")
-def module_database(postgres_url: str) -> Iterator[str]:
-    name = f"t{uuid.uuid4().hex[:12]}"
-    _admin(postgres_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

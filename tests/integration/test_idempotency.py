@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +28,7 @@ from contracts.topology import work_queue
 from services.gateway import idempotency
 from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.messaging.store import open_store, store_url
-from tests.conftest import Namespace, _admin
+from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
 from tests.support.queues import take
@@ -44,18 +44,6 @@ OTHER_NOTIFICATION: dict[str, Any] = {
     "type": "notification.requested",
     "data": {"recipient": "r@example.org", "subject": "another"},
 }
-
-
-@pytest.fixture(scope="module")
-def module_database(postgres_url: str) -> Iterator[str]:
-    """One PostgreSQL database for the module (creating one per test costs about a second);
-    every test uses its own keys, event ids and namespace."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    _admin(postgres_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -8,8 +8,7 @@ gateway on a real broker. `IdempotencyKeys` is in test_idempotency.py.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +40,7 @@ from contracts.tracking import (
 )
 from services.gateway.tracking import Tracking, states_of
 from services.messaging.store import open_store, store_url
-from tests.conftest import Namespace, _admin
+from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
 from tests.support.polling import eventually
 from tests.support.queues import take
@@ -50,18 +49,6 @@ NOTIFICATION: dict[str, Any] = {
     "type": "notification.requested",
     "data": {"recipient": "r@example.org", "subject": "hi"},
 }
-
-
-@pytest.fixture(scope="module")
-def module_database(postgres_url: str) -> Iterator[str]:
-    """One PostgreSQL database for the module (creating one per test costs about a second);
-    every test uses its own event ids and keys."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    _admin(postgres_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
