@@ -174,6 +174,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             broker.start()
             _housekeeping(stack, failures, keys, inbox, timedelta(days=settings.ops_retention_days))
+            tracking_retention = timedelta(days=settings.tracking_retention_days)
+            run_every(
+                stack,
+                PURGE_INTERVAL_SECONDS,
+                "tracking-prune",
+                lambda: tracking.prune(tracking_retention),
+            )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             yield
 

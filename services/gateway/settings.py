@@ -46,6 +46,12 @@ class GatewaySettings(CourierSettings):
     ops_retention_days: float = Field(
         default=30.0, gt=0, description="How long replayed and discarded dead letters are kept."
     )
+    tracking_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long an event's status (and a dataset's result) is kept after its "
+        "last activity.",
+    )
     idempotency_ttl_hours: float = Field(
         default=24.0, gt=0, description="How long an Idempotency-Key is remembered."
     )

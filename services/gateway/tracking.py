@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    delete,
     inspect,
     or_,
     select,
@@ -69,6 +70,7 @@ events = Table(
         sqlite_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
         postgresql_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
     ),
+    Index("ix_tracking_events_accepted", "accepted_at"),  # what retention looks at first
 )
 CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled_at")
 states = Table(
@@ -109,6 +111,8 @@ results = Table(
 )
 
 ACCEPT_BATCH_SECONDS = 0.05
+PRUNE_BATCH = 5_000
+_ACCEPTED_INDEX = next(i for i in events.indexes if i.name == "ix_tracking_events_accepted")
 
 ENDING_STATES: frozenset[str] = FINAL_STATES | {"skipped_duplicate"}
 """States that may settle an event (a skipped duplicate was handled before: it succeeded)."""
@@ -145,8 +149,13 @@ class Tracking:
         async def unique_history(conn: AsyncConnection) -> None:
             await conn.run_sync(create_history_indexes)
 
+        async def accepted_index(conn: AsyncConnection) -> None:
+            await conn.run_sync(_ACCEPTED_INDEX.create, checkfirst=True)
+
         await migrate(
-            self._engine, "gateway.tracking", [create, unique_history, _add_callback_columns]
+            self._engine,
+            "gateway.tracking",
+            [create, unique_history, _add_callback_columns, accepted_index],
         )
         self._writer = asyncio.get_running_loop().create_task(self._write_accepted())
 
@@ -273,6 +282,32 @@ class Tracking:
             "event_id": row.event_id,
             **row.summary,
         }
+
+    async def prune(self, older_than: timedelta, *, batch: int = PRUNE_BATCH) -> int:
+        """Forget events with no activity for `older_than`: accepted before the cutoff (or
+        never) and no service state moved since; their history and states go with them, and
+        dataset results processed before the cutoff. In batches, each its own transaction,
+        so the projection is never locked for long. The number of events forgotten."""
+        cutoff = datetime.now(UTC) - older_than
+        recent = (
+            select(states.c.event_id)
+            .where(states.c.event_id == events.c.event_id, states.c.updated_at >= cutoff)
+            .exists()
+        )
+        stale = select(events.c.event_id).where(
+            or_(events.c.accepted_at.is_(None), events.c.accepted_at < cutoff), ~recent
+        )
+        removed = 0
+        while True:
+            async with self._engine.begin() as conn:
+                ids = list((await conn.execute(stale.limit(batch))).scalars())
+                for table in (history, states, events):
+                    await conn.execute(delete(table).where(table.c.event_id.in_(ids)))
+                if len(ids) < batch:
+                    await conn.execute(delete(results).where(results.c.processed_at < cutoff))
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
 
     async def request_cancel(self, event_id: str) -> None:
         async with self._engine.begin() as conn:

@@ -291,6 +291,66 @@ async def test_accepting_the_same_event_id_again_does_not_reset_its_status(
     assert states_of(again) == {"notifier": "succeeded"}
 
 
+RETENTION = timedelta(days=30)
+
+
+async def test_an_event_quiet_for_the_retention_is_forgotten_with_its_history(
+    tracking: Tracking,
+) -> None:
+    old = datetime.now(UTC) - RETENTION - timedelta(days=1)
+    event = notification()
+    tracking.accepted(event, old)
+    await tracking.apply([step(event.id, "notifier", "succeeded", old + timedelta(seconds=1))])
+    assert await tracking.status(event.id) is not None
+    assert await tracking.prune(RETENTION) >= 1
+    assert await tracking.status(event.id) is None
+
+
+async def test_an_old_event_with_recent_activity_is_kept(tracking: Tracking) -> None:
+    """Accepted long ago, but a service moved it lately (a replay, a slow retry)."""
+    now = datetime.now(UTC)
+    event = notification()
+    tracking.accepted(event, now - RETENTION - timedelta(days=1))
+    await tracking.apply([step(event.id, "notifier", "succeeded", now)])
+    await tracking.prune(RETENTION)
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
+async def test_a_recent_event_is_kept(tracking: Tracking) -> None:
+    event = notification()
+    tracking.accepted(event)
+    await tracking.prune(RETENTION)
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "pending"}
+
+
+async def test_pruning_goes_in_batches_until_nothing_is_left(tracking: Tracking) -> None:
+    old = datetime.now(UTC) - RETENTION - timedelta(days=1)
+    events = [notification() for _ in range(5)]
+    for event in events:
+        tracking.accepted(event, old)
+    await status_of(tracking, events[0].id)  # written
+    assert await tracking.prune(RETENTION, batch=2) >= 5
+    assert [await tracking.status(e.id) for e in events] == [None] * 5
+
+
+async def test_a_result_older_than_the_retention_is_forgotten(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    submitted = dataset()
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        time=datetime.now(UTC) - RETENTION - timedelta(days=1),
+        data=DatasetProcessedData(
+            dataset_id=submitted.id, name="prices", record_count=0, fields={}
+        ),
+    )
+    async with engine.begin() as conn:
+        await tracking.record_result(processed, conn)
+    assert await tracking.result(submitted.id) is not None
+    await tracking.prune(RETENTION)
+    assert await tracking.result(submitted.id) is None
+
+
 async def test_results_are_recorded_once_and_served(
     tracking: Tracking, engine: AsyncEngine
 ) -> None:
