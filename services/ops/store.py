@@ -237,7 +237,7 @@ class FailureStore:
     async def add(self, letter: DeadLetter) -> bool:
         """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
         now = datetime.now(UTC)
-        insert = dead_letters.insert().values(
+        values = dict(
             id=letter.id,
             service=letter.service,
             queue=letter.queue,
@@ -262,7 +262,7 @@ class FailureStore:
         )
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert)
+                await conn.execute(dead_letters.insert().values(_fitted(values)))
         except IntegrityError:
             return False  # stored already (redelivered, or a concurrent drain)
         return True
@@ -542,6 +542,18 @@ class FailureStore:
                 await conn.execute(select(actions).order_by(actions.c.at.desc()).limit(limit))
             ).all()
         return [{**_row_dict(r), "dry_run": bool(r.dry_run)} for r in rows]
+
+
+def _fitted(values: dict[str, Any]) -> dict[str, Any]:
+    """Strings cut to their column's length. A dead letter may come from anything that
+    published to a work queue (a 200-character message id, say): refused by PostgreSQL, it
+    would go back to its queue for ever instead of reaching the operators."""
+    fitted = dict(values)
+    for name, value in values.items():
+        length = getattr(dead_letters.c[name].type, "length", None)
+        if isinstance(value, str) and length is not None and len(value) > length:
+            fitted[name] = value[:length]
+    return fitted
 
 
 def _takeable(selection: Filter, lease: timedelta | None, now: datetime) -> ColumnElement[bool]:

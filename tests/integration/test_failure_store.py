@@ -287,6 +287,18 @@ async def test_letters_without_an_event_id_are_not_related_to_each_other(
     assert shown["related"] == []
 
 
+async def test_a_letter_with_oversized_fields_is_stored_cut_to_fit(store: FailureStore) -> None:
+    """Anything may publish to a work queue: a message id longer than an event id may be must
+    still reach the operators (PostgreSQL would refuse it, and the drain would retry it for
+    ever)."""
+    long_id = "m" * 300
+    oversized = letter(event_id=long_id, event_type="t" * 300, correlation_id=long_id)
+    assert await store.add(oversized)
+    shown = await store.get(oversized.id)
+    assert shown is not None
+    assert shown["event_id"] == long_id[:128] and shown["event_type"] == "t" * 128
+
+
 # --- groups ------------------------------------------------------------------------------------
 
 
