@@ -181,6 +181,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 "tracking-prune",
                 lambda: tracking.prune(tracking_retention),
             )
+            file_retention = timedelta(days=settings.file_retention_days)
+            run_every(
+                stack,
+                PURGE_INTERVAL_SECONDS,
+                "files-prune",
+                lambda: files.prune(app.state.blobs, file_retention),
+            )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             yield
 

@@ -7,7 +7,7 @@ transaction as the gateway's inbox record, like dataset results.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.files import FileProcessed, FileUploadedData
+from services.blobs import BlobStore
 from services.messaging.store import as_utc, migrate
 
 metadata = MetaData()
@@ -96,6 +97,32 @@ class Files:
                 )
         except IntegrityError:
             pass  # recorded meanwhile by a concurrent delivery
+
+    async def prune(self, blobs: BlobStore, older_than: timedelta, *, batch: int = 500) -> int:
+        """Forget files uploaded longer ago than `older_than`: the stored bytes first, then the
+        record and the analysis (a failure in between leaves a record whose blob is gone, and
+        the next round deletes it again; never a blob no record points to). The number of
+        files forgotten."""
+        cutoff = datetime.now(UTC) - older_than
+        removed = 0
+        while True:
+            async with self._engine.connect() as conn:
+                old = (
+                    await conn.execute(
+                        select(files.c.file_id, files.c.blob)
+                        .where(files.c.uploaded_at < cutoff)
+                        .limit(batch)
+                    )
+                ).all()
+            for row in old:
+                await blobs.delete(row.blob)
+            ids = [row.file_id for row in old]
+            async with self._engine.begin() as conn:
+                for table in (results, files):
+                    await conn.execute(delete(table).where(table.c.file_id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
         """The file's record and, once analysed, its analysis; None if unknown."""

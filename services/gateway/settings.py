@@ -52,6 +52,11 @@ class GatewaySettings(CourierSettings):
         description="How long an event's status (and a dataset's result) is kept after its "
         "last activity.",
     )
+    file_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long an uploaded file (its bytes, record and analysis) is kept.",
+    )
     idempotency_ttl_hours: float = Field(
         default=24.0, gt=0, description="How long an Idempotency-Key is remembered."
     )
