@@ -225,9 +225,10 @@ class Inbox:
 
 
 # --- the hot path's statements ----------------------------------------------------------------
-# Both run once per batch. On SQLite they bypass SQLAlchemy's statement machinery, which costs
-# ten times the query itself, and use one statement each: every sqlite3 call hands the GIL back
-# and forth with the busy event loop thread, and each hand-back can wait out a switch interval.
+# A look-up per message, a record per batch. On SQLite they bypass SQLAlchemy's statement
+# machinery, which costs ten times the query itself, and use one statement each: in the store's
+# thread every sqlite3 call hands the GIL back and forth with the busy event loop thread, and
+# each hand-back can wait out a switch interval.
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
 
