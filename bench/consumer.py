@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aio_pika
+import uvloop
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.report import Result, print_table, save
@@ -181,4 +182,5 @@ if __name__ == "__main__":
     parser.add_argument("--prefetch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.prefetch, args.rounds))
+    # The loop the services run on (services.messaging.runtime); the bare loop shares it.
+    uvloop.run(main(args.events, args.prefetch, args.rounds))
