@@ -20,7 +20,7 @@ from typing import NoReturn, TypeVar
 import aio_pika
 import uvloop
 from aio_pika.abc import AbstractRobustConnection
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tenacity import (
     AsyncRetrying,
@@ -29,6 +29,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from contracts.topology import ServiceTopology
 from contracts.tracking import CancellationRequested
 from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
@@ -53,13 +54,16 @@ CONTROL_PREFETCH = 16
 CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
 CLOSE_TIMEOUT = 5.0
-_CONNECT_ERRORS = (AMQPConnectionError, ConnectionError, OSError)
+# Also a channel the broker closed under a declaration: the connection went right after it came.
+_CONNECT_ERRORS = (AMQPConnectionError, ChannelInvalidStateError, ConnectionError, OSError)
 
 
 async def _connect(
-    settings: ConsumerSettings, service: str, publisher: Publisher
+    settings: ConsumerSettings, service: str, publisher: Publisher, topology: ServiceTopology
 ) -> AbstractRobustConnection:
-    """Connect consumer and publisher, retrying for up to `unready_exit_after` seconds."""
+    """Connect consumer and publisher and declare the topology, retrying for up to
+    `unready_exit_after` seconds (a broker that drops the connection right after accepting it
+    is retried like one that refuses it). A `TopologyMismatch` is not retried."""
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(settings.unready_exit_after),
         wait=wait_exponential(multiplier=0.5, max=5),
@@ -81,7 +85,9 @@ async def _connect(
             )
             try:
                 await publisher.connect()
+                await declare_topology(connection, [topology])
             except BaseException:
+                await publisher.close()
                 await connection.close()
                 raise
             return connection
@@ -155,17 +161,15 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
             name=f"{service}-publisher",
         )
         try:
-            connection = await _connect(settings, service, publisher)
+            connection = await _connect(settings, service, publisher, topology)
+        except TopologyMismatch:
+            log.exception("topology mismatch; refusing to start")
+            return EXIT_TOPOLOGY
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")
             return EXIT_UNREADY
         stack.push_async_callback(_bounded, publisher.close)
         stack.push_async_callback(_bounded, connection.close)
-        try:
-            await declare_topology(connection, [topology])
-        except TopologyMismatch:
-            log.exception("topology mismatch; refusing to start")
-            return EXIT_TOPOLOGY
         keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
 
         inbox = await _open_inbox(stack, settings, service)
