@@ -15,7 +15,6 @@ before the gateway wrote down that it accepted it).
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -46,7 +45,15 @@ from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
 from services.messaging.logs import get_logger
-from services.messaging.store import BatchRunner, as_utc, insert_for, migrate, sqlite_time
+from services.messaging.store import (
+    BatchRunner,
+    as_utc,
+    insert_for,
+    insert_rows,
+    migrate,
+    raw_sqlite,
+    sqlite_time,
+)
 
 log = get_logger("gateway.tracking")
 
@@ -403,7 +410,7 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
     On the gateway's hot path: on SQLite as a few multi-row statements on the raw connection
     (SQLAlchemy's executemany costs a statement step, and a GIL hand-over with the busy event
     loop, per row); elsewhere through `_write`."""
-    raw = _raw_sqlite(conn)
+    raw = raw_sqlite(conn)
     if raw is None:
         pending = [
             Transition.model_construct(
@@ -415,7 +422,7 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
         ]  # fmt: skip
         _write(conn, pending, accepted)
         return
-    _insert_rows(
+    insert_rows(
         raw,
         events.name,
         ("event_id", "event_type", "accepted_at", "callback_url"),
@@ -430,10 +437,10 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
         for a in accepted
         for service in workers_of(a.event_type)
     ]
-    _insert_rows(
+    insert_rows(
         raw, history.name, ("event_id", "service", "state", "at"), pending_rows, _HISTORY_KEPT
     )
-    _insert_rows(
+    insert_rows(
         raw, states.name, ("event_id", "service", "state", "updated_at"), pending_rows, _STATE_KEPT
     )
 
@@ -441,20 +448,20 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
 def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> None:
     """`_write` for status reports (the projection's hot path); on SQLite as multi-row
     statements on the raw connection, with the same rules."""
-    raw = _raw_sqlite(conn)
+    raw = raw_sqlite(conn)
     if raw is None or not transitions:
         _write(conn, transitions, ())
         return
     ordered = sorted(transitions, key=lambda t: t.at)
     first_seen = {t.event_id: (t.event_id, t.event_type) for t in reversed(ordered)}
-    _insert_rows(
+    insert_rows(
         raw,
         events.name,
         ("event_id", "event_type"),
         list(first_seen.values()),
         "ON CONFLICT (event_id) DO NOTHING",
     )
-    _insert_rows(
+    insert_rows(
         raw,
         history.name,
         ("event_id", "service", "state", "at", "attempt", "reason", "detail"),
@@ -474,9 +481,9 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
     ]  # fmt: skip
     columns = ("event_id", "service", *STATE_FIELDS)
     pending = [row for row in rows if row[2] == "pending"]
-    _insert_rows(raw, states.name, columns, pending, _STATE_KEPT)
+    insert_rows(raw, states.name, columns, pending, _STATE_KEPT)
     moved = ", ".join(f"{c} = excluded.{c}" for c in STATE_FIELDS)
-    _insert_rows(
+    insert_rows(
         raw,
         states.name,
         columns,
@@ -496,35 +503,8 @@ STATE_FIELDS = (
     "detail",
     "updated_at",
 )
-ROWS_PER_STATEMENT = 100  # up to 9 values a row: well under SQLite's parameter limit
 _HISTORY_KEPT = "ON CONFLICT (event_id, service, state, at) DO NOTHING"  # its natural key
 _STATE_KEPT = "ON CONFLICT (event_id, service) DO NOTHING"  # pending never replaces a state
-
-
-def _raw_sqlite(conn: Connection) -> sqlite3.Connection | None:
-    if conn.dialect.name != "sqlite":
-        return None
-    raw = conn.connection.driver_connection
-    assert isinstance(raw, sqlite3.Connection)
-    return raw
-
-
-def _insert_rows(
-    raw: sqlite3.Connection,
-    table: str,
-    columns: Sequence[str],
-    rows: Sequence[tuple[Any, ...]],
-    on_conflict: str,
-) -> None:
-    """INSERT of many rows, a hundred to a statement; names come from code, values are bound."""
-    one = "(" + ",".join("?" * len(columns)) + ")"
-    for i in range(0, len(rows), ROWS_PER_STATEMENT):
-        chunk = rows[i : i + ROWS_PER_STATEMENT]
-        raw.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
-            f"VALUES {','.join([one] * len(chunk))} {on_conflict}",
-            [value for row in chunk for value in row],
-        )
 
 
 def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:

@@ -44,7 +44,9 @@ from services.messaging.store import (
     as_utc,
     from_sqlite_time,
     insert_for,
+    insert_rows,
     migrate,
+    raw_sqlite,
     sqlite_time,
 )
 
@@ -127,9 +129,8 @@ class Inbox:
         return await self._runner.run(lambda conn: self._found(event_ids, self._find(conn, wanted)))
 
     def _find(self, conn: Connection, wanted: list[str]) -> list[FoundRow]:
-        if conn.dialect.name == "sqlite":
-            raw = conn.connection.driver_connection
-            assert isinstance(raw, sqlite3.Connection)
+        raw = raw_sqlite(conn)
+        if raw is not None:
             return _SqliteReads(raw, self._table, self._cancellations).find(wanted)
         return _find_core(conn, self._table, self._cancellations, wanted)
 
@@ -163,10 +164,16 @@ class Inbox:
     def _insert_new(self, conn: Connection, rows: list[dict[str, Any]], now: datetime) -> set[str]:
         """Insert the rows whose event id is new; the ids inserted."""
         table = self._table
-        if conn.dialect.name != "sqlite":
+        raw = raw_sqlite(conn)
+        if raw is None:
             return _insert_core(conn, table, rows)
         ids = {row["event_id"] for row in rows}
-        if _insert_sqlite(conn, table, rows) == len(rows):
+        values = [
+            (r["event_id"], r["event_type"], sqlite_time(r["handled_at"]), r["follow_ups"])
+            for r in rows
+        ]
+        columns = ("event_id", "event_type", "handled_at", "follow_ups")
+        if insert_rows(raw, table.name, columns, values, _NEW_ONLY) == len(rows):
             return ids
         # Some id existed already (a duplicate handled meanwhile by another process): the rows
         # this batch inserted are the ones with its timestamp.
@@ -231,6 +238,7 @@ class Inbox:
 # each hand-back can wait out a switch interval.
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
+_NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 
 def _find_core(
@@ -284,25 +292,3 @@ def _insert_core(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> 
         .returning(table.c.event_id)
     )
     return set(conn.execute(statement, rows).scalars())
-
-
-def _insert_sqlite(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> int:
-    """Insert new rows in one multi-row statement; how many were new."""
-    values = ",".join(["(?,?,?,?)"] * len(rows))
-    sql = (
-        f'INSERT INTO "{table.name}" (event_id, event_type, handled_at, follow_ups) '  # noqa: S608
-        f"VALUES {values} ON CONFLICT (event_id) DO NOTHING"
-    )
-    params = [
-        value
-        for row in rows
-        for value in (
-            row["event_id"],
-            row["event_type"],
-            sqlite_time(row["handled_at"]),
-            row["follow_ups"],
-        )
-    ]
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    return int(raw.execute(sql, params).rowcount)

@@ -7,6 +7,7 @@ Schema changes are versioned steps applied at start-up, recorded in `courier_mig
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -93,6 +94,42 @@ def sqlite_time(value: datetime) -> str:
 
 def from_sqlite_time(value: str) -> datetime:
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+ROWS_PER_STATEMENT = 100
+"""Rows per multi-row INSERT: at up to ten values a row, well under SQLite's parameter limit."""
+
+
+def raw_sqlite(conn: Connection) -> sqlite3.Connection | None:
+    """The sqlite3 connection under `conn`, or None on another database. Hot paths use it for
+    multi-row statements: SQLAlchemy's executemany steps every row, and on a store thread each
+    step hands the GIL back and forth with the busy event loop."""
+    if conn.dialect.name != "sqlite":
+        return None
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def insert_rows(
+    raw: sqlite3.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    on_conflict: str,
+) -> int:
+    """INSERT of many rows, a hundred to a statement (names come from code, values are bound);
+    how many rows were written."""
+    one = "(" + ",".join("?" * len(columns)) + ")"
+    written = 0
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[i : i + ROWS_PER_STATEMENT]
+        written += raw.execute(
+            f'INSERT INTO "{table}" ({", ".join(columns)}) '  # noqa: S608
+            f"VALUES {','.join([one] * len(chunk))} {on_conflict}",
+            [value for row in chunk for value in row],
+        ).rowcount
+    return written
 
 
 def insert_for(dialect: str) -> Callable[[Table], Any]:
