@@ -18,8 +18,9 @@ from services.gateway.callbacks import Callbacks
 from services.gateway.file_routes import router as files_router
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
-from services.gateway.routes import router
+from services.gateway.routes import router, submit_batch, submit_event
 from services.gateway.settings import GatewaySettings
+from services.gateway.short_path import Gateway
 from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
@@ -191,7 +192,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             yield
 
-    app = FastAPI(
+    app = Gateway(
         title="Courier gateway",
         version="0.1.0",
         summary="Durable background work and events: submit events, the broker keeps them.",
@@ -201,5 +202,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(ops_router)
     app.include_router(files_router)
+    app.short_path("/v1/events", submit_event)
+    app.short_path("/v1/events/batch", submit_batch)
     app.openapi = lambda: _with_event_schemas(app)  # type: ignore[method-assign]
     return app
