@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
@@ -42,7 +44,8 @@ from contracts.topology import QueueSpec, ServiceTopology
 from contracts.tracking import State
 from services.messaging.acks import Acks
 from services.messaging.dead_letters import group_key
-from services.messaging.errors import CourierError, PermanentError
+from services.messaging.declare import declare_topology
+from services.messaging.errors import CourierError, PermanentError, TopologyMismatch
 from services.messaging.failure import (
     EXCEPTION_MESSAGE,
     FINGERPRINT,
@@ -52,7 +55,7 @@ from services.messaging.failure import (
 )
 from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.logs import event_context, get_logger
-from services.messaging.publisher import CONTENT_TYPE, Publisher
+from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import StatusReporter
 
@@ -60,6 +63,7 @@ log = get_logger("consumer")
 
 MAX_REQUEUE_BACKOFF = 30.0
 CANCEL_TIMEOUT = 5.0
+RESUBSCRIBE_BACKOFF = (0.5, 10.0)
 
 Handler = Callable[..., Awaitable[Sequence[Envelope] | None]]
 """An async function taking one typed event (and, if stateful, the store transaction) and
@@ -127,6 +131,9 @@ class Consumer:
         self._reported_types = frozenset(topology.event_types)
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._subscribed = False
+        self._subscribing = asyncio.Lock()
+        self._resubscribing: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -144,20 +151,73 @@ class Consumer:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        """Start consuming; aio-pika's robust channel restores the consumer after reconnects."""
+        """Start consuming, and again whenever the robust channel comes back after a reconnect."""
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
-        spec = self._queue_spec
+        spec_ = self._queue_spec
         self._queue = await channel.declare_queue(
-            spec.name, durable=spec.durable, arguments=dict(spec.arguments)
+            spec_.name, durable=spec_.durable, arguments=dict(spec_.arguments)
         )
         # What waited in the queue when consuming began (see `caught_up`).
         self._backlog = self._queue.declaration_result.message_count or 0
         if self._settled >= self._backlog:
             self._caught_up.set()
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._consumer_tag = f"courier.{self._topology.service}.{uuid.uuid4().hex}"
+        await self._subscribe()
+        if isinstance(channel, AbstractRobustChannel):
+            channel.reopen_callbacks.add(self._on_reopened)
         self._connection = connection
-        log.info("consuming", extra={"queue": spec.name, "prefetch": self._prefetch})
+        log.info("consuming", extra={"queue": spec_.name, "prefetch": self._prefetch})
+
+    async def _subscribe(self) -> None:
+        """Consume on the channel's aiormq layer: aio-pika would wrap each delivery in a
+        message object and a second task, which cost more than the runtime's own work with
+        an event (profiled with bench.consumer). The robust channel still restores the
+        channel, its QoS and the queue after a reconnect; `_on_reopened` consumes again."""
+        assert self._queue is not None
+        assert self._consumer_tag is not None
+        async with self._subscribing:  # a reconnect and a broker cancel may overlap
+            if self._subscribed:
+                return
+            underlay = await self._queue.channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            await underlay.basic_consume(
+                self._queue_spec.name, self._on_message, consumer_tag=self._consumer_tag
+            )
+            self._subscribed = True
+
+    async def _on_reopened(self, channel: object) -> None:
+        self._subscribed = False
+        if self._consumer_tag is not None:  # not stopped
+            await self._subscribe()
+            log.info("consuming again after a reconnect", extra={"queue": self._queue_spec.name})
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        """The broker cancelled the consumer (its queue was deleted, or it moved): consume
+        again, declaring the queue anew, until it works; not consuming meanwhile."""
+        if frame.consumer_tag != self._consumer_tag or self._consumer_tag is None:
+            return
+        self._subscribed = False
+        log.warning("the broker cancelled the consumer", extra={"queue": self._queue_spec.name})
+        if self._resubscribing is None or self._resubscribing.done():
+            self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        pause, longest = RESUBSCRIBE_BACKOFF
+        while self._consumer_tag is not None and not self._subscribed:
+            connection, queue = self._connection, self._queue
+            if connection is None or queue is None or connection.is_closed:
+                return  # closed: a reconnect, if any, consumes again (`_on_reopened`)
+            try:
+                # The service's whole topology: a deleted queue lost its bindings too.
+                await declare_topology(connection, [self._topology])
+                await queue.declare()
+                await self._subscribe()
+                log.info("consuming again", extra={"queue": self._queue_spec.name})
+            except (TopologyMismatch, AMQPError, ChannelInvalidStateError, ConnectionError):
+                log.warning("could not consume again; retrying", exc_info=True)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
 
     @property
     def consuming(self) -> bool:
@@ -168,6 +228,7 @@ class Consumer:
             and queue is not None
             and not queue.channel.is_closed
             and self._consumer_tag is not None
+            and self._subscribed
         )
 
     async def caught_up(self) -> None:
@@ -182,6 +243,8 @@ class Consumer:
 
     async def stop(self, drain_seconds: float) -> bool:
         """Stop taking messages; wait up to `drain_seconds` for in-flight ones. True if drained."""
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
         if self._queue is not None and self._consumer_tag is not None:
             # With the broker away a robust channel would wait for it for ever: bound the
             # cancel (deliveries stop anyway once the connection closes).
@@ -192,6 +255,7 @@ class Consumer:
                 except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
                     log.warning("could not cancel the consumer; the channel is gone already")
             self._consumer_tag = None
+            self._subscribed = False
         try:
             async with asyncio.timeout(drain_seconds):
                 await self._idle.wait()
@@ -213,22 +277,14 @@ class Consumer:
 
     # --- one delivery -------------------------------------------------------------------------
 
-    def _ack(self, message: AbstractIncomingMessage) -> None:
-        if message.delivery_tag is not None:
-            # A closed channel (aio-pika raises on `.channel`) takes its deliveries back.
-            with contextlib.suppress(ChannelInvalidStateError):
-                self._acks.settle(message.channel, message.delivery_tag)
+    def _ack(self, message: DeliveredMessage) -> None:
+        self._acks.settle(message.channel, _tag(message))
 
-    def _acked(self, message: AbstractIncomingMessage) -> bool:
-        with contextlib.suppress(ChannelInvalidStateError):
-            tag = message.delivery_tag
-            return tag is not None and self._acks.is_settled(message.channel, tag)
-        return False
+    def _acked(self, message: DeliveredMessage) -> bool:
+        return self._acks.is_settled(message.channel, _tag(message))
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        with contextlib.suppress(ChannelInvalidStateError):  # closed: redelivered anyway
-            if message.delivery_tag is not None:
-                self._acks.delivered(message.channel, message.delivery_tag)
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        self._acks.delivered(message.channel, _tag(message))
         self._in_flight += 1
         self._idle.clear()
         task = asyncio.current_task()
@@ -244,11 +300,12 @@ class Consumer:
             # quorum queue's delivery limit bounds how often.
             self._infrastructure_failures += 1
             pause = min(MAX_REQUEUE_BACKOFF, 0.1 * 2 ** min(self._infrastructure_failures, 10))
+            properties = message.header.properties
             log.exception(
                 "delivery not settled; returning it to the queue",
                 extra={
-                    "event_id": message.message_id,
-                    "correlation_id": message.correlation_id,
+                    "event_id": properties.message_id,
+                    "correlation_id": properties.correlation_id,
                     "backoff_seconds": pause,
                 },
             )
@@ -256,9 +313,7 @@ class Consumer:
                 return  # settled before the failure: a nack now would close the channel
             await asyncio.sleep(pause)
             await _requeue(message)
-            with contextlib.suppress(ChannelInvalidStateError):
-                if message.delivery_tag is not None:
-                    self._acks.forget(message.channel, message.delivery_tag)
+            self._acks.forget(message.channel, _tag(message))
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -269,8 +324,8 @@ class Consumer:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
+    async def _process(self, message: DeliveredMessage) -> None:
+        headers = message.header.properties.headers or {}
         attempt = attempt_of(headers)
         try:
             event: Envelope = EVENT_ADAPTER.validate_json(message.body)
@@ -290,7 +345,7 @@ class Consumer:
                 await self._handle(message, event, route, attempt)
 
     async def _handle(
-        self, message: AbstractIncomingMessage, event: Envelope, route: Route, attempt: int
+        self, message: DeliveredMessage, event: Envelope, route: Route, attempt: int
     ) -> None:
         known = await self._inbox.lookup(event.id)
         if isinstance(known, Cancelled):
@@ -352,7 +407,7 @@ class Consumer:
         return follow_ups
 
     async def _skip_duplicate(
-        self, message: AbstractIncomingMessage, event: Envelope, follow_ups: Sequence[Envelope]
+        self, message: DeliveredMessage, event: Envelope, follow_ups: Sequence[Envelope]
     ) -> None:
         # The first handling may have crashed before its follow-ups were confirmed: send them
         # again (same derived ids, so downstream inboxes drop them if they did arrive).
@@ -369,7 +424,7 @@ class Consumer:
 
     async def _on_failure(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         event: Envelope,
         policy: RetryPolicy,
         failure: Failure,
@@ -381,8 +436,9 @@ class Consumer:
         if delay is None:
             await self._dead_letter(message, failure, "retries_exhausted", event)
             return
-        retry_headers = failure.retry_headers(message.headers or {})
-        await self._publisher.publish(
+        retry_headers = failure.retry_headers(message.header.properties.headers or {})
+        await self._publisher.publish_raw(
+            message.body,
             _republished(message, retry_headers),
             exchange="",
             routing_key=self._topology.retry_queue(delay),
@@ -407,20 +463,22 @@ class Consumer:
 
     async def _dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         failure: Failure,
         reason: FailureReason,
         event: Envelope | None = None,
     ) -> None:
+        properties = message.header.properties
         dead_headers = failure.dead_letter_headers(
-            message.headers or {},
+            properties.headers or {},
             reason=reason,
             service=self._topology.service,
             queue=self._topology.queue,
-            event_id=event.id if event is not None else message.message_id,
-            event_type=event.type if event is not None else message.type,
+            event_id=event.id if event is not None else properties.message_id,
+            event_type=event.type if event is not None else properties.message_type,
         )
-        await self._publisher.publish(
+        await self._publisher.publish_raw(
+            message.body,
             _republished(message, dead_headers),
             exchange="",
             routing_key=self._topology.dead_letter_queue,
@@ -446,21 +504,26 @@ class Consumer:
         )
 
 
-def _republished(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of a delivery with new headers; body and identity unchanged."""
-    return aio_pika.Message(
-        message.body,
+def _tag(message: DeliveredMessage) -> int:
+    """A consumed delivery's tag (aiormq's type also covers basic.get answers and returns)."""
+    return cast(int, cast(spec.Basic.Deliver, message.delivery).delivery_tag)
+
+
+def _republished(message: DeliveredMessage, headers: dict[str, Any]) -> spec.Basic.Properties:
+    """The properties of a persistent copy of a delivery with new headers; identity unchanged."""
+    properties = message.header.properties
+    return spec.Basic.Properties(
+        content_type=properties.content_type or CONTENT_TYPE,
+        delivery_mode=PERSISTENT,
+        message_id=properties.message_id,
+        message_type=properties.message_type,
+        correlation_id=properties.correlation_id,
+        timestamp=properties.timestamp,
         headers=headers,
-        content_type=message.content_type or CONTENT_TYPE,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        type=message.type,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
     )
 
 
-async def _requeue(message: AbstractIncomingMessage) -> None:
+async def _requeue(message: DeliveredMessage) -> None:
     # If the channel is gone, the broker returns the message by itself.
     with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
-        await message.nack(requeue=True)
+        await message.channel.basic_nack(_tag(message), requeue=True)

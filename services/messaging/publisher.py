@@ -120,6 +120,12 @@ class Publisher:
     async def publish(self, message: aio_pika.Message, *, exchange: str, routing_key: str) -> None:
         await self._send(message.body, message.properties, exchange, routing_key)
 
+    async def publish_raw(
+        self, body: bytes, properties: spec.Basic.Properties, *, exchange: str, routing_key: str
+    ) -> None:
+        """Publish a body with ready AMQP properties (a delivery's copy, say)."""
+        await self._send(body, properties, exchange, routing_key)
+
     async def publish_event(
         self,
         event: Envelope,

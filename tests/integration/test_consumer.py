@@ -31,7 +31,7 @@ from contracts.topology import ServiceTopology
 from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.declare import declare_topology
-from services.messaging.errors import PermanentError
+from services.messaging.errors import PermanentError, Unroutable
 from services.messaging.inbox import Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
@@ -72,6 +72,18 @@ async def running(
     delays: tuple[int, ...] = (1,),
     inbox: Inbox | None = None,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology]]:
+    async with running_consumer(namespace, service, routes, delays, inbox) as (pub, topo, _):
+        yield pub, topo
+
+
+@asynccontextmanager
+async def running_consumer(
+    namespace: Namespace,
+    service: str,
+    routes: Mapping[str, Route],
+    delays: tuple[int, ...] = (1,),
+    inbox: Inbox | None = None,
+) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
     settings = namespace.settings(retry_delays=delays)
     topology = settings.topology(service)
     publisher = Publisher(namespace.amqp_url)
@@ -88,7 +100,7 @@ async def running(
             topology=topology, routes=routes, publisher=publisher, inbox=inbox, prefetch=8
         )
         await consumer.start(connection)
-        yield publisher, topology
+        yield publisher, topology, consumer
         assert await consumer.stop(drain_seconds=5)
     finally:
         await connection.close()
@@ -310,3 +322,29 @@ async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
     inbox.close()
     await engine.dispose()
     assert [r.event_id for r in rows] == [event.id]
+
+
+async def test_a_consumer_whose_queue_was_deleted_declares_it_and_consumes_again(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder()
+    routes = {"notification.requested": route(handler)}
+    async with running_consumer(namespace, "notifier", routes) as (pub, topo, consumer):
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection, connection.channel() as channel:
+            await channel.queue_delete(topo.queue)  # the broker cancels the consumer
+        event = notification()
+
+        async def consuming_and_bound() -> None:
+            assert consumer.consuming
+            try:
+                await publish(pub, topo, event)
+            except Unroutable as exc:  # mandatory: refused while the queue has no binding
+                raise AssertionError(exc) from exc
+
+        await eventually(consuming_and_bound)
+
+        async def handled() -> None:
+            assert handler.calls == [event.id]
+
+        await eventually(handled)
