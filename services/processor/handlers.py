@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import DatasetProcessed, DatasetProcessedData, DatasetSubmitted
@@ -12,10 +12,20 @@ from services.messaging.cpu import CpuPool
 from services.processor.analysis import analyse_file
 from services.processor.summary import summarise
 
+INLINE_VALUES = 500
+"""Datasets of at most this many values (fields over all records) are summarised on the event
+loop: that takes up to ~0.25 ms, less than a round trip to the process pool (~0.4 ms, and CPU
+on both sides), and most datasets are that small. Larger ones go to the pool."""
+
+
+def _small(records: Sequence[Mapping[str, object]]) -> bool:
+    return len(records) <= INLINE_VALUES and sum(map(len, records)) <= INLINE_VALUES
+
 
 async def dataset_submitted(event: DatasetSubmitted, *, pool: CpuPool) -> Sequence[Envelope]:
-    """Summarise the records in a worker process and announce the result."""
-    fields = await pool.run(summarise, event.data.records)
+    """Summarise the records (in a worker process unless they are few) and announce the result."""
+    records = event.data.records
+    fields = summarise(records) if _small(records) else await pool.run(summarise, records)
     processed = DatasetProcessed(
         id=derived_event_id(event.id, "dataset.processed"),
         source="urn:courier:processor",
