@@ -83,8 +83,10 @@ async def running_consumer(
     routes: Mapping[str, Route],
     delays: tuple[int, ...] = (1,),
     inbox: Inbox | None = None,
+    delivery_limit: int | None = None,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
-    settings = namespace.settings(retry_delays=delays)
+    limit = {} if delivery_limit is None else {"delivery_limit": delivery_limit}
+    settings = namespace.settings(retry_delays=delays, **limit)
     topology = settings.topology(service)
     publisher = Publisher(namespace.amqp_url)
     connection = await aio_pika.connect_robust(namespace.amqp_url)
@@ -236,6 +238,43 @@ async def test_follow_up_events_are_published_before_the_ack(namespace: Namespac
     assert body["id"] == processed.id
     assert body["causationid"] == submitted.id and body["correlationid"] == submitted.id
     await assert_empty(namespace.amqp_url, [topo.queue])
+
+
+async def unbind_everyone(namespace: Namespace, event_type: str) -> None:
+    """Leave no queue bound for `event_type`: a publish of it is returned as unroutable."""
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection, connection.channel() as channel:
+        for topology in namespace.settings().all_topologies():
+            for binding in topology.bindings():
+                if binding.routing_key == event_type:
+                    queue = await channel.get_queue(binding.queue)
+                    await queue.unbind(binding.exchange, binding.routing_key)
+
+
+async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second_effect(
+    namespace: Namespace,
+) -> None:
+    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
+    )
+    handler = Recorder(returns=[processed])
+    routes = {"dataset.submitted": route(handler)}
+    async with running_consumer(namespace, "processor", routes, delivery_limit=2) as (
+        pub,
+        topo,
+        _,
+    ):
+        await unbind_everyone(namespace, "dataset.processed")
+        await publish(pub, topo, submitted)
+        # Not the handler's failure: no retry tier; the input goes back to the queue (the
+        # inbox recognises it: no second effect) until the broker's delivery limit
+        # dead-letters it.
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=20)
+        assert dead.message_id == submitted.id
+        assert handler.calls == [submitted.id]
+        await assert_empty(namespace.amqp_url, [topo.queue, topo.retry_queue(1)])
 
 
 async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace) -> None:
