@@ -197,6 +197,26 @@ async def test_an_unroutable_event_is_a_500_naming_its_type(
     assert "dataset.submitted" in response.json()["detail"]
 
 
+async def test_a_batch_with_an_unroutable_event_says_which_events_were_published(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        await queue.unbind(f"{namespace.name}.events", "dataset.submitted")
+    batch = [{**NOTIFICATION, "id": "n-1"}, {**DATASET, "id": "d-1"}, {**NOTIFICATION, "id": "n-2"}]
+    response = await client.post("/v1/events/batch", json=batch)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["published"] == ["n-1", "n-2"] and body["failed"] == ["d-1"]
+    assert "dataset.submitted" in body["detail"]
+    notified = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2, timeout=2)
+    assert [m.message_id for m in notified] == ["n-1", "n-2"]
+
+
 async def test_openapi_shows_every_event_schema(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     components = schema["components"]["schemas"]
