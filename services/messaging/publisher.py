@@ -32,7 +32,6 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
 from pamqp.header import ContentHeader
 
 from contracts.envelope import Envelope
-from contracts.events import EVENT_ADAPTER
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import get_logger
 
@@ -52,6 +51,12 @@ class Outgoing(NamedTuple):
     body: bytes
     properties: spec.Basic.Properties
     routing_key: str
+
+
+def event_body(event: Envelope) -> bytes:
+    """The event as a structured-mode CloudEvent: the bytes `EVENT_ADAPTER.dump_json` gives,
+    from the event's own model serializer (the union's dispatch would triple the cost)."""
+    return event.__pydantic_serializer__.to_json(event)
 
 
 def event_properties(
@@ -149,7 +154,7 @@ class Publisher:
         headers: Mapping[str, HeaderValue] | None = None,
     ) -> None:
         await self._send(
-            body if body is not None else EVENT_ADAPTER.dump_json(event),  # type: ignore[arg-type]
+            body if body is not None else event_body(event),
             event_properties(event, headers),
             exchange,
             routing_key or event.type,
@@ -158,10 +163,7 @@ class Publisher:
     async def publish_events(self, events: Sequence[Envelope], *, exchange: str) -> list[Outcome]:
         """`publish_event` for many events at once (routed by type): see `publish_many`."""
         return await self.publish_many(
-            [
-                Outgoing(EVENT_ADAPTER.dump_json(event), event_properties(event), event.type)  # type: ignore[arg-type]
-                for event in events
-            ],
+            [Outgoing(event_body(event), event_properties(event), event.type) for event in events],
             exchange=exchange,
         )
 
