@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -121,6 +122,15 @@ def _projection_consumer(
     )
 
 
+def _freeze_start_up_heap(stack: AsyncExitStack) -> None:
+    """Keep what start-up built (FastAPI, pydantic's schemas, SQLAlchemy, aio-pika) out of the
+    cyclic garbage collector's way until shutdown. Every full collection walked all of it, and
+    the batch route allocates enough to set one off often: a fifth of its CPU under load."""
+    gc.collect()  # what is garbage already is not kept
+    gc.freeze()
+    stack.callback(gc.unfreeze)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
@@ -190,6 +200,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 lambda: files.prune(app.state.blobs, file_retention),
             )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
+            _freeze_start_up_heap(stack)
             yield
 
     app = Gateway(

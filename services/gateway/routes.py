@@ -102,19 +102,31 @@ async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope)
             await broker.publisher.publish_event(
                 event, exchange=events_exchange(settings.namespace)
             )
-        except Unroutable as exc:
-            log.exception("no queue bound for an accepted event type", extra={"type": event.type})
-            raise HTTPException(
+        except (Unroutable, BrokerUnavailable) as exc:
+            raise _refusal(event, exc, settings) from exc
+
+
+def _refusal(
+    event: Envelope, failure: Unroutable | BrokerUnavailable, settings: GatewaySettings
+) -> HTTPException:
+    """The answer for an event the broker did not take, logged with the event's ids."""
+    with event_context(event.id, event.correlation()):
+        if isinstance(failure, Unroutable):
+            log.error(
+                "no queue bound for an accepted event type",
+                extra={"type": event.type},
+                exc_info=failure,
+            )
+            return HTTPException(
                 status.HTTP_500_INTERNAL_SERVER_ERROR,
                 f"no queue is bound for event type {event.type!r}; the topology is incomplete",
-            ) from exc
-        except BrokerUnavailable as exc:
-            log.warning("broker did not take the event", extra={"error": str(exc)})
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"the broker did not take the event: {exc}",
-                headers={"Retry-After": str(settings.retry_after_seconds)},
-            ) from exc
+            )
+        log.warning("broker did not take the event", extra={"error": str(failure)})
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the broker did not take the event: {failure}",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
 
 
 class FastJSONResponse(JSONResponse):
@@ -282,36 +294,32 @@ async def submit_batch(request: Request) -> JSONResponse:
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         await _note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
-        outcomes = await asyncio.gather(
-            *(publish_confirmed(broker, settings, event) for event in events),
-            return_exceptions=True,
+        outcomes = await broker.publisher.publish_events(
+            events, exchange=events_exchange(settings.namespace)
         )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            return _partial_failure(events, outcomes, failures)
+        if any(outcome is not None for outcome in outcomes):
+            refusals = [
+                None if outcome is None else _refusal(event, outcome, settings)
+                for event, outcome in zip(events, outcomes, strict=True)
+            ]
+            return _partial_failure(events, refusals)
         return FastJSONResponse({"events": _accepted(events, tracking, at)}, status_code=202)
 
     return await _idempotent(request, body, list(events), settings, publish)
 
 
 def _partial_failure(
-    events: Sequence[IngestEvent],
-    outcomes: Sequence[BaseException | None],
-    failures: Sequence[BaseException],
+    events: Sequence[IngestEvent], refusals: Sequence[HTTPException | None]
 ) -> JSONResponse:
     """Some events were confirmed, some not: say exactly which, so a retry can resend the rest."""
-    for failure in failures:
-        if not isinstance(failure, HTTPException):
-            raise failure
-    http_failures = [f for f in failures if isinstance(f, HTTPException)]
-    worst = max(http_failures, key=lambda f: f.status_code)
+    worst = max((r for r in refusals if r is not None), key=lambda r: r.status_code)
     return JSONResponse(
         status_code=worst.status_code,
         headers=worst.headers,
         content={
             "detail": worst.detail,
-            "published": [e.id for e, o in zip(events, outcomes, strict=True) if o is None],
-            "failed": [e.id for e, o in zip(events, outcomes, strict=True) if o is not None],
+            "published": [e.id for e, r in zip(events, refusals, strict=True) if r is None],
+            "failed": [e.id for e, r in zip(events, refusals, strict=True) if r is not None],
         },
     )
 

@@ -137,7 +137,7 @@ class Tracking:
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._on_final = on_final
-        self._accepted: list[tuple[Envelope, datetime]] = []
+        self._accepted: list[Accepted] = []
         self._with_callback: set[str] = set()  # written accepted events to look at once
         self._checks: set[asyncio.Task[None]] = set()
         self._flushed = asyncio.Event()
@@ -197,7 +197,11 @@ class Tracking:
 
         `at` is when the gateway started publishing it: a consumer may report work on the event
         before the confirm reaches the gateway, so the accept time must not be taken after it."""
-        self._accepted.append((event, at or datetime.now(UTC)))
+        # Only the record, not the event: under load thousands wait for the writer, and every
+        # model kept alive would be walked by each garbage collection until then.
+        self._accepted.append(
+            Accepted(event.id, event.type, at or datetime.now(UTC), callback_url_of(event))
+        )
 
     async def _write_accepted(self) -> None:
         while True:
@@ -227,16 +231,13 @@ class Tracking:
 
     async def _flush_accepted(self) -> None:
         async with self._flush_lock:
-            batch, self._accepted = self._accepted, []
-            if not batch:
+            accepted, self._accepted = self._accepted, []
+            if not accepted:
                 return
-            accepted = [
-                Accepted(event.id, event.type, at, callback_url_of(event)) for event, at in batch
-            ]
             try:
                 await self._runner.run(lambda conn: _write_accepted(conn, accepted))
             except BaseException:
-                self._accepted[:0] = batch  # keep them for the next round
+                self._accepted[:0] = accepted  # keep them for the next round
                 raise
             self._with_callback.update(a.event_id for a in accepted if a.callback_url)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -195,6 +196,35 @@ async def test_an_unroutable_event_is_a_500_naming_its_type(
     response = await client.post("/v1/events", json=DATASET)
     assert response.status_code == 500
     assert "dataset.submitted" in response.json()["detail"]
+
+
+async def test_a_batch_with_an_unroutable_event_says_which_events_were_published(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        await queue.unbind(f"{namespace.name}.events", "dataset.submitted")
+    batch = [{**NOTIFICATION, "id": "n-1"}, {**DATASET, "id": "d-1"}, {**NOTIFICATION, "id": "n-2"}]
+    response = await client.post("/v1/events/batch", json=batch)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["published"] == ["n-1", "n-2"] and body["failed"] == ["d-1"]
+    assert "dataset.submitted" in body["detail"]
+    notified = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2, timeout=2)
+    assert [m.message_id for m in notified] == ["n-1", "n-2"]
+
+
+async def test_a_running_gateway_keeps_its_start_up_heap_out_of_the_collectors_way(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    async for client in gateway_client(gateway_settings(namespace, tmp_path)):
+        assert (await client.get("/readyz")).status_code == 200
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0  # handed back to the collector at shutdown
 
 
 async def test_openapi_shows_every_event_schema(client: httpx.AsyncClient) -> None:

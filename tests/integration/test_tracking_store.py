@@ -39,7 +39,7 @@ from contracts.tracking import (
     Transition,
 )
 from services.gateway.tracking import Tracking, states_of
-from services.messaging.store import open_store, store_url
+from services.messaging.store import ROWS_PER_STATEMENT, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
 from tests.support.polling import eventually
@@ -117,6 +117,16 @@ async def test_an_accepted_event_is_pending_for_every_service_that_consumes_it(
     assert status["cancel_requested_at"] is None
     assert states_of(status) == {"notifier": "pending"}
     assert states_of(await status_of(tracking, data.id)) == {"processor": "pending"}
+
+
+async def test_accepts_of_more_rows_than_one_statement_takes_are_all_written(
+    tracking: Tracking,
+) -> None:
+    events = [notification() for _ in range(ROWS_PER_STATEMENT * 2 + 1)]
+    for event in events:
+        tracking.accepted(event)
+    for event in (events[0], events[ROWS_PER_STATEMENT], events[-1]):
+        assert states_of(await status_of(tracking, event.id)) == {"notifier": "pending"}
 
 
 async def test_transitions_move_forward_with_a_timestamped_history(tracking: Tracking) -> None:

@@ -14,6 +14,7 @@ from contracts.events import (
     DatasetSubmitted,
     NotificationRequested,
 )
+from services.messaging.publisher import event_body
 
 
 def notification(**data: object) -> dict[str, object]:
@@ -99,6 +100,18 @@ def test_dataset_size_is_bounded() -> None:
 def test_events_round_trip_through_json() -> None:
     event = INGEST_ADAPTER.validate_python(notification(body="hello"))
     assert EVENT_ADAPTER.validate_json(EVENT_ADAPTER.dump_json(event)) == event
+
+
+@pytest.mark.parametrize("callback", [None, "https://example.org/cb"])
+@pytest.mark.parametrize(
+    "payload",
+    [notification(body="hello"), {"type": "dataset.submitted", "data": {"records": [{"a": 1}]}}],
+)
+def test_a_published_body_is_the_events_cloudevent_json(
+    payload: dict[str, object], callback: str | None
+) -> None:
+    event = INGEST_ADAPTER.validate_python({**payload, "callbackurl": callback})
+    assert event_body(event) == EVENT_ADAPTER.dump_json(event)
 
 
 def test_derived_ids_are_stable_and_distinct_per_type() -> None:
