@@ -94,6 +94,8 @@ class Publisher:
         self._channels: list[AbstractRobustChannel] = []
         self._next = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
+        # Publishes waiting for the end of this turn of the loop, by exchange (see `_send`).
+        self._coalesced: dict[str, list[tuple[Outgoing, asyncio.Future[Outcome]]]] = {}
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
@@ -184,7 +186,7 @@ class Publisher:
         try:
             slot, channel = self._pick()
         except BrokerUnavailable as exc:
-            return [exc] * len(messages)
+            return [BrokerUnavailable(str(exc)) for _ in messages]  # one each: each is raised
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._confirm_timeout
         try:
@@ -193,9 +195,9 @@ class Publisher:
                 underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
                 confirmations = await _write_pipelined(underlay, exchange, messages)
         except TimeoutError:
-            return [self._timed_out()] * len(messages)
+            return [self._timed_out() for _ in messages]
         except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-            return [_connection_failed(exc)] * len(messages)
+            return [_connection_failed(exc) for _ in messages]
         await asyncio.wait(confirmations, timeout=max(deadline - loop.time(), 0))
         outcomes = [
             self._outcome(confirmation, exchange, message.routing_key)
@@ -235,6 +237,49 @@ class Publisher:
         return BrokerUnavailable(f"no confirm within {self._confirm_timeout}s")
 
     async def _send(
+        self, body: bytes, properties: spec.Basic.Properties, exchange: str, routing_key: str
+    ) -> None:
+        """Publish one message, written with the others sent in the same turn of the event loop
+        (`publish_many`: one lock, one frame buffer, one socket write and one deadline for all
+        of them, where each on its own cost a lock round, a timeout, a drain and a write)."""
+        if properties.message_id is None:  # returns are matched by id: publish it on its own
+            await self._send_one(body, properties, exchange, routing_key)
+            return
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Outcome] = loop.create_future()
+        if not self._coalesced:
+            loop.call_soon(self._publish_coalesced)
+        self._coalesced.setdefault(exchange, []).append(
+            (Outgoing(body, properties, routing_key), outcome)
+        )
+        failure = await outcome
+        if failure is not None:
+            raise failure
+
+    def _publish_coalesced(self) -> None:
+        coalesced, self._coalesced = self._coalesced, {}
+        for exchange, waiting in coalesced.items():
+            task = asyncio.get_running_loop().create_task(self._publish_waiting(exchange, waiting))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _publish_waiting(
+        self, exchange: str, waiting: list[tuple[Outgoing, asyncio.Future[Outcome]]]
+    ) -> None:
+        try:
+            outcomes = await self.publish_many(
+                [message for message, _ in waiting], exchange=exchange
+            )
+        except BaseException as exc:  # a bug, or shutting down: every waiting publisher sees it
+            for _, outcome in waiting:
+                if not outcome.done():
+                    outcome.set_exception(exc)
+            raise
+        for (_, outcome), result in zip(waiting, outcomes, strict=True):
+            if not outcome.done():  # its publisher may have been cancelled meanwhile
+                outcome.set_result(result)
+
+    async def _send_one(
         self, body: bytes, properties: spec.Basic.Properties, exchange: str, routing_key: str
     ) -> None:
         slot, channel = self._pick()

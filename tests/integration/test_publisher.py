@@ -1,7 +1,10 @@
-"""`Publisher.publish_many` against a real broker: each message's own outcome, in order."""
+"""The publisher against a real broker: `publish_many` gives each message its own outcome, in
+order; single publishes sent in the same turn of the loop go out together, each confirmed or
+refused on its own."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -145,3 +148,59 @@ async def test_a_message_without_an_id_is_refused_before_anything_is_sent(
     ) == [None]
     [landed] = await take(namespace.amqp_url, queues[BOUND], 1)
     assert landed.message_id == "b"
+
+
+# --- single publishes sent together -------------------------------------------------------------
+
+
+async def publish_one(publisher: Publisher, namespace: Namespace, outgoing: Outgoing) -> None:
+    await publisher.publish_raw(
+        outgoing.body,
+        outgoing.properties,
+        exchange=events_exchange(namespace.name),
+        routing_key=outgoing.routing_key,
+    )
+
+
+async def test_concurrent_publishes_are_each_confirmed(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    ids = [f"c{i}" for i in range(40)]
+    await asyncio.gather(*(publish_one(publisher, namespace, message(i)) for i in ids))
+    landed = await take(namespace.amqp_url, queues[BOUND], 40)
+    assert sorted(m.message_id or "" for m in landed) == sorted(ids)
+
+
+async def test_an_unroutable_publish_among_concurrent_ones_fails_alone(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    sent = [message("a"), message("lost", routing_key="nobody"), message("b")]
+    outcomes = await asyncio.gather(
+        *(publish_one(publisher, namespace, m) for m in sent), return_exceptions=True
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], Unroutable)
+    landed = await take(namespace.amqp_url, queues[BOUND], 2)
+    assert sorted(m.message_id or "" for m in landed) == ["a", "b"]
+
+
+async def test_a_publish_without_an_id_is_sent_on_its_own(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    anonymous = Outgoing(b"x", spec.Basic.Properties(delivery_mode=PERSISTENT), BOUND)
+    await asyncio.gather(
+        publish_one(publisher, namespace, anonymous),
+        publish_one(publisher, namespace, message("n")),
+    )
+    landed = await take(namespace.amqp_url, queues[BOUND], 2)
+    assert sorted(m.body for m in landed) == [b"n", b"x"]
+
+
+async def test_concurrent_publishes_without_a_connection_each_raise(namespace: Namespace) -> None:
+    publisher = Publisher(namespace.amqp_url)  # never connected
+    outcomes = await asyncio.gather(
+        *(publish_one(publisher, namespace, message(f"d{i}")) for i in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, BrokerUnavailable) for o in outcomes)
+    assert len({id(o) for o in outcomes}) == 3  # each its own exception, raised once
