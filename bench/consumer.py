@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aio_pika
@@ -27,6 +28,7 @@ from bench.report import Result, print_table, save
 from contracts.events import EVENT_ADAPTER, NotificationRequested, NotificationRequestedData
 from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology
+from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
@@ -116,9 +118,11 @@ async def courier(url: str, namespace: str, total: int, prefetch: int, store: Pa
         reporter=reporter,
     )
     try:
-        await consumer.start(connection)
-        elapsed = await _until(done, lambda: seen, total)
-        await consumer.stop(10)  # the last acks
+        async with AsyncExitStack() as heap:
+            await consumer.start(connection)
+            freeze_start_up_heap(heap)  # as services.messaging.runtime does once consuming
+            elapsed = await _until(done, lambda: seen, total)
+            await consumer.stop(10)  # the last acks
         return elapsed
     finally:
         await reporter.close()

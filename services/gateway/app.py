@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
 from services.messaging.failure import REASON
+from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
@@ -122,15 +122,6 @@ def _projection_consumer(
     )
 
 
-def _freeze_start_up_heap(stack: AsyncExitStack) -> None:
-    """Keep what start-up built (FastAPI, pydantic's schemas, SQLAlchemy, aio-pika) out of the
-    cyclic garbage collector's way until shutdown. Every full collection walked all of it, and
-    the batch route allocates enough to set one off often: a fifth of its CPU under load."""
-    gc.collect()  # what is garbage already is not kept
-    gc.freeze()
-    stack.callback(gc.unfreeze)
-
-
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
@@ -200,7 +191,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 lambda: files.prune(app.state.blobs, file_retention),
             )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
-            _freeze_start_up_heap(stack)
+            freeze_start_up_heap(stack)
             yield
 
     app = Gateway(

@@ -35,6 +35,7 @@ from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.health import serve_health
+from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.logs import configure_logging, get_logger
 from services.messaging.periodic import run_every
@@ -221,6 +222,7 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
             )
             stack.callback(server.close)
 
+        freeze_start_up_heap(stack)
         code = await _watch(consuming, stop, settings.unready_exit_after)
         log.info(
             "stopping: draining in-flight handlers",
