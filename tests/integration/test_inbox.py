@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -59,6 +60,18 @@ async def test_a_recorded_event_is_found_with_its_follow_ups(inbox: Inbox) -> No
     handled = await inbox.lookup(event.id)
     assert isinstance(handled, Handled)
     assert handled.follow_ups == (follow_up,)
+
+
+async def test_look_ups_made_together_each_get_their_own_answer(inbox: Inbox) -> None:
+    handled, cancelled, unknown = an_event(), an_event(), an_event()
+    async with inbox.transaction() as conn:
+        await inbox.record(conn, handled, [])
+        await inbox.cancel(conn, cancelled.id)
+    found = await asyncio.gather(
+        *(inbox.lookup(e.id) for e in (handled, cancelled, unknown, handled))
+    )
+    assert [type(f) for f in found] == [Handled, Cancelled, type(None), Handled]
+    assert found[0] is not None and found[0].event_id == handled.id
 
 
 async def test_recording_twice_is_refused_and_rolls_back_only_the_duplicate(
