@@ -110,7 +110,7 @@ def _projection_consumer(
     policy = RetryPolicy(delays=settings.retry_delays)
     routes = {
         "status.reported": Route(tracking.apply_reported, policy),
-        "dataset.processed": Route(tracking.record_result, policy, stateful=True),
+        "dataset.processed": Route(tracking.record_result, policy),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }
     return Consumer(

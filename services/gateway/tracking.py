@@ -44,6 +44,7 @@ from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
+from services.messaging.batching import Batcher
 from services.messaging.logs import get_logger
 from services.messaging.store import (
     BatchRunner,
@@ -136,6 +137,7 @@ class Tracking:
     def __init__(self, engine: AsyncEngine, on_final: OnFinal | None = None) -> None:
         self._engine = engine
         self._runner = BatchRunner(engine)
+        self._results: Batcher[dict[str, Any], None] = Batcher(self._write_results)
         self._on_final = on_final
         self._accepted: list[Accepted] = []
         self._with_callback: set[str] = set()  # written accepted events to look at once
@@ -261,21 +263,22 @@ class Tracking:
 
     # --- results and cancellation ---------------------------------------------------------------
 
-    async def record_result(self, event: DatasetProcessed, conn: AsyncConnection) -> None:
-        """Handler of `dataset.processed` (stateful)."""
-        summary = event.data.model_dump(mode="json")
-        exists = await conn.scalar(
-            select(results.c.dataset_id).where(results.c.dataset_id == event.data.dataset_id)
+    async def record_result(self, event: DatasetProcessed) -> None:
+        """Handler of `dataset.processed`: a dataset's first result is kept, a repeat
+        (redelivery, replay) changes nothing, so it needs no transaction with the inbox.
+        Group-committed with the results that arrive meanwhile."""
+        await self._results.submit(
+            {
+                "dataset_id": event.data.dataset_id,
+                "event_id": event.id,
+                "processed_at": event.time,
+                "summary": event.data.model_dump(mode="json"),
+            }
         )
-        if exists is None:
-            await conn.execute(
-                results.insert().values(
-                    dataset_id=event.data.dataset_id,
-                    event_id=event.id,
-                    processed_at=event.time,
-                    summary=summary,
-                )
-            )
+
+    async def _write_results(self, rows: list[dict[str, Any]]) -> list[None]:
+        await self._runner.run(lambda conn: _insert_results(conn, rows))
+        return [None] * len(rows)
 
     async def result(self, dataset_id: str) -> dict[str, Any] | None:
         async with self._engine.connect() as conn:
@@ -403,6 +406,13 @@ def _add_callback_columns_sync(sync: Connection) -> None:
             sync.execute(text(f"ALTER TABLE {events.name} ADD COLUMN {name} {kind}"))
     for index in events.indexes:
         index.create(sync, checkfirst=True)
+
+
+def _insert_results(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    statement = insert_for(conn.dialect.name)(results).on_conflict_do_nothing(
+        index_elements=["dataset_id"]
+    )
+    conn.execute(statement, rows)
 
 
 def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:

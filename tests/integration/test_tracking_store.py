@@ -354,8 +354,7 @@ async def test_a_result_older_than_the_retention_is_forgotten(
             dataset_id=submitted.id, name="prices", record_count=0, fields={}
         ),
     )
-    async with engine.begin() as conn:
-        await tracking.record_result(processed, conn)
+    await tracking.record_result(processed)
     assert await tracking.result(submitted.id) is not None
     await tracking.prune(RETENTION)
     assert await tracking.result(submitted.id) is None
@@ -379,14 +378,33 @@ async def test_results_are_recorded_once_and_served(
         ),
     )
     for _ in range(2):  # a redelivered result changes nothing
-        async with engine.begin() as conn:
-            await tracking.record_result(processed, conn)
+        await tracking.record_result(processed)
     result = await tracking.result(submitted.id)
     assert result is not None
     assert result["dataset_id"] == submitted.id and result["event_id"] == processed.id
     assert result["record_count"] == 1 and result["name"] == "prices"
     assert result["fields"]["price"]["mean"] == 10
     assert result["processed_at"] == processed.time
+
+
+async def test_results_arriving_together_are_each_recorded_and_the_first_one_wins(
+    tracking: Tracking,
+) -> None:
+    submitted = [dataset() for _ in range(5)]
+
+    def processed(of: DatasetSubmitted, name: str) -> DatasetProcessed:
+        return DatasetProcessed(
+            id=derived_event_id(of.id, "dataset.processed"),
+            data=DatasetProcessedData(dataset_id=of.id, name=name, record_count=0, fields={}),
+        )
+
+    await asyncio.gather(
+        *(tracking.record_result(processed(s, "first")) for s in submitted),
+        tracking.record_result(processed(submitted[0], "second")),
+    )
+    for each in submitted:
+        result = await tracking.result(each.id)
+        assert result is not None and result["name"] == "first"
 
 
 async def test_a_cancel_request_is_noted_once(tracking: Tracking) -> None:
