@@ -38,7 +38,7 @@ from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, take, unbind_everyone
 
 pytestmark = pytest.mark.broker
 
@@ -240,17 +240,6 @@ async def test_follow_up_events_are_published_before_the_ack(namespace: Namespac
     await assert_empty(namespace.amqp_url, [topo.queue])
 
 
-async def unbind_everyone(namespace: Namespace, event_type: str) -> None:
-    """Leave no queue bound for `event_type`: a publish of it is returned as unroutable."""
-    connection = await aio_pika.connect(namespace.amqp_url)
-    async with connection, connection.channel() as channel:
-        for topology in namespace.settings().all_topologies():
-            for binding in topology.bindings():
-                if binding.routing_key == event_type:
-                    queue = await channel.get_queue(binding.queue)
-                    await queue.unbind(binding.exchange, binding.routing_key)
-
-
 async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second_effect(
     namespace: Namespace,
 ) -> None:
@@ -266,7 +255,7 @@ async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second
         topo,
         _,
     ):
-        await unbind_everyone(namespace, "dataset.processed")
+        await unbind_everyone(namespace.amqp_url, namespace.settings(), "dataset.processed")
         await publish(pub, topo, submitted)
         # Not the handler's failure: no retry tier; the input goes back to the queue (the
         # inbox recognises it: no second effect) until the broker's delivery limit

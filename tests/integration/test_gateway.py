@@ -16,7 +16,7 @@ from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, take, unbind_everyone
 
 pytestmark = pytest.mark.broker
 
@@ -186,13 +186,7 @@ async def test_broker_unreachable_is_503_with_retry_after(
 async def test_an_unroutable_event_is_a_500_naming_its_type(
     client: httpx.AsyncClient, namespace: Namespace
 ) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(namespace.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
-        await queue.unbind(f"{namespace.name}.events", "dataset.submitted")
+    await unbind_everyone(namespace.amqp_url, namespace.settings(), "dataset.submitted")
     response = await client.post("/v1/events", json=DATASET)
     assert response.status_code == 500
     assert "dataset.submitted" in response.json()["detail"]
@@ -201,13 +195,7 @@ async def test_an_unroutable_event_is_a_500_naming_its_type(
 async def test_a_batch_with_an_unroutable_event_says_which_events_were_published(
     client: httpx.AsyncClient, namespace: Namespace
 ) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(namespace.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
-        await queue.unbind(f"{namespace.name}.events", "dataset.submitted")
+    await unbind_everyone(namespace.amqp_url, namespace.settings(), "dataset.submitted")
     batch = [{**NOTIFICATION, "id": "n-1"}, {**DATASET, "id": "d-1"}, {**NOTIFICATION, "id": "n-2"}]
     response = await client.post("/v1/events/batch", json=batch)
     assert response.status_code == 500

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from services.messaging.settings import CourierSettings
+
 
 async def take(
     url: str, queue: str, count: int, timeout: float = 10.0
@@ -48,3 +50,15 @@ async def assert_empty(url: str, queues: Sequence[str]) -> None:
             q = await channel.get_queue(name, ensure=True)
             message = await q.get(fail=False, timeout=5)
             assert message is None, f"{name} holds {message.body!r}"
+
+
+async def unbind_everyone(url: str, settings: CourierSettings, event_type: str) -> None:
+    """Leave no queue of `settings`' services bound for `event_type`: a publish of it is
+    returned as unroutable."""
+    connection = await aio_pika.connect(url)
+    async with connection, connection.channel() as channel:
+        for topology in settings.all_topologies():
+            for binding in topology.bindings():
+                if binding.routing_key == event_type:
+                    queue = await channel.get_queue(binding.queue)
+                    await queue.unbind(binding.exchange, binding.routing_key)
