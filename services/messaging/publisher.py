@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
@@ -242,9 +243,9 @@ class Publisher:
         """Publish one message, written with the others sent in the same turn of the event loop
         (`publish_many`: one lock, one frame buffer, one socket write and one deadline for all
         of them, where each on its own cost a lock round, a timeout, a drain and a write)."""
-        if properties.message_id is None:  # returns are matched by id: publish it on its own
-            await self._send_one(body, properties, exchange, routing_key)
-            return
+        if not properties.message_id:
+            # Returns are matched by message id: give one, as aiormq's `basic_publish` does.
+            properties.message_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Outcome] = loop.create_future()
         if not self._coalesced:
@@ -278,32 +279,6 @@ class Publisher:
         for (_, outcome), result in zip(waiting, outcomes, strict=True):
             if not outcome.done():  # its publisher may have been cancelled meanwhile
                 outcome.set_result(result)
-
-    async def _send_one(
-        self, body: bytes, properties: spec.Basic.Properties, exchange: str, routing_key: str
-    ) -> None:
-        slot, channel = self._pick()
-        try:
-            async with asyncio.timeout(self._confirm_timeout):
-                # Straight to the channel's aiormq layer: aio-pika's Exchange and Message
-                # objects would only be rebuilt into these same frames.
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                )
-        except PublishError as exc:  # returned: the channel has on_return_raises
-            raise Unroutable(exchange, routing_key) from exc
-        except DeliveryError as exc:
-            self._replace_channel(slot, channel)
-            raise BrokerUnavailable("the broker refused the message (nack)") from exc
-        except TimeoutError as exc:
-            raise BrokerUnavailable(f"no confirm within {self._confirm_timeout}s") from exc
-        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-            raise BrokerUnavailable(f"connection to the broker failed: {exc!r}") from exc
 
     def _replace_channel(self, slot: int, channel: AbstractRobustChannel) -> None:
         async def replace() -> None:

@@ -71,18 +71,6 @@ async def running(
     routes: Mapping[str, Route],
     delays: tuple[int, ...] = (1,),
     inbox: Inbox | None = None,
-) -> AsyncIterator[tuple[Publisher, ServiceTopology]]:
-    async with running_consumer(namespace, service, routes, delays, inbox) as (pub, topo, _):
-        yield pub, topo
-
-
-@asynccontextmanager
-async def running_consumer(
-    namespace: Namespace,
-    service: str,
-    routes: Mapping[str, Route],
-    delays: tuple[int, ...] = (1,),
-    inbox: Inbox | None = None,
     delivery_limit: int | None = None,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
     limit = {} if delivery_limit is None else {"delivery_limit": delivery_limit}
@@ -113,6 +101,16 @@ async def running_consumer(
         store.cleanup()
 
 
+def dataset_and_its_result() -> tuple[DatasetSubmitted, DatasetProcessed]:
+    """A submitted dataset and the follow-up its handler returns (its id derived)."""
+    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
+    )
+    return submitted, processed
+
+
 def route(handler: Handler, delays: tuple[int, ...] = (1,), immediate: int = 0) -> Route:
     return Route(handler, RetryPolicy(delays=delays, immediate=immediate))
 
@@ -127,6 +125,7 @@ async def test_a_handled_message_is_acked_once(namespace: Namespace) -> None:
     async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
         pub,
         topo,
+        _,
     ):
         await publish(pub, topo, event)
 
@@ -144,7 +143,7 @@ async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: 
     event = notification()
     async with running(
         namespace, "notifier", {"notification.requested": route(handler, immediate=3)}
-    ) as (pub, topo):
+    ) as (pub, topo, _):
         await publish(pub, topo, event)
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
     assert handler.calls == [event.id]
@@ -167,6 +166,7 @@ async def test_a_transient_failure_is_retried_later_through_the_broker(
     async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
         pub,
         topo,
+        _,
     ):
         await publish(pub, topo, event)
 
@@ -183,7 +183,7 @@ async def test_retries_exhausted_end_in_the_dead_letter_queue(namespace: Namespa
     handler = Recorder(failures=[TimeoutError("down")] * 100)
     event = notification()
     routes = {"notification.requested": route(handler, delays=(1, 2), immediate=1)}
-    async with running(namespace, "notifier", routes, delays=(1, 2)) as (pub, topo):
+    async with running(namespace, "notifier", routes, delays=(1, 2)) as (pub, topo, _):
         await publish(pub, topo, event)
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=15)
     headers: dict[str, Any] = dict(dead.headers)
@@ -201,6 +201,7 @@ async def test_a_body_that_is_not_an_event_is_dead_lettered_as_invalid(
     async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
         pub,
         topo,
+        _,
     ):
         garbage = aio_pika.Message(
             b'{"type": "notification.requested", "data": {}}', message_id="junk-1"
@@ -214,7 +215,7 @@ async def test_a_body_that_is_not_an_event_is_dead_lettered_as_invalid(
 
 
 async def test_a_type_without_a_handler_is_dead_lettered_as_invalid(namespace: Namespace) -> None:
-    async with running(namespace, "notifier", {}) as (pub, topo):
+    async with running(namespace, "notifier", {}) as (pub, topo, _):
         await publish(pub, topo, notification())
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
     assert dead.headers[f.REASON] == "invalid"
@@ -222,15 +223,12 @@ async def test_a_type_without_a_handler_is_dead_lettered_as_invalid(namespace: N
 
 
 async def test_follow_up_events_are_published_before_the_ack(namespace: Namespace) -> None:
-    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
-    processed = DatasetProcessed(
-        id=derived_event_id(submitted.id, "dataset.processed"),
-        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
-    )
+    submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
     async with running(namespace, "processor", {"dataset.submitted": route(handler)}) as (
         pub,
         topo,
+        _,
     ):
         await publish(pub, topo, submitted)
         [follow_up] = await take(namespace.amqp_url, f"{namespace.name}.notifier", 1)
@@ -243,14 +241,10 @@ async def test_follow_up_events_are_published_before_the_ack(namespace: Namespac
 async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second_effect(
     namespace: Namespace,
 ) -> None:
-    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
-    processed = DatasetProcessed(
-        id=derived_event_id(submitted.id, "dataset.processed"),
-        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
-    )
+    submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
     routes = {"dataset.submitted": route(handler)}
-    async with running_consumer(namespace, "processor", routes, delivery_limit=2) as (
+    async with running(namespace, "processor", routes, delivery_limit=2) as (
         pub,
         topo,
         _,
@@ -283,6 +277,7 @@ async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace
     async with running(namespace, "notifier", {"notification.requested": route(slow)}) as (
         pub,
         topo,
+        _,
     ):
         await asyncio.gather(*(publish(pub, topo, notification(str(i))) for i in range(4)))
         await asyncio.wait_for(started.wait(), 5)
@@ -293,7 +288,7 @@ async def test_a_redelivered_event_has_no_second_effect(namespace: Namespace) ->
     handler = Recorder()
     event = notification()
     routes = {"notification.requested": route(handler)}
-    async with running(namespace, "notifier", routes) as (pub, topo):
+    async with running(namespace, "notifier", routes) as (pub, topo, _):
         await publish(pub, topo, event)
         await publish(pub, topo, event)  # the same event id again, e.g. a redelivery
 
@@ -306,14 +301,10 @@ async def test_a_redelivered_event_has_no_second_effect(namespace: Namespace) ->
 
 
 async def test_a_duplicate_republishes_the_recorded_follow_ups(namespace: Namespace) -> None:
-    submitted = DatasetSubmitted(data=DatasetSubmittedData(records=[{"a": 1}]))
-    processed = DatasetProcessed(
-        id=derived_event_id(submitted.id, "dataset.processed"),
-        data=DatasetProcessedData(dataset_id=submitted.id, name="d", record_count=1, fields={}),
-    )
+    submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
     routes = {"dataset.submitted": route(handler)}
-    async with running(namespace, "processor", routes) as (pub, topo):
+    async with running(namespace, "processor", routes) as (pub, topo, _):
         await publish(pub, topo, submitted)
         await publish(pub, topo, submitted)
         follow_ups = await take(namespace.amqp_url, f"{namespace.name}.notifier", 2)
@@ -336,7 +327,7 @@ async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
 
     routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
     event = notification()
-    async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo):
+    async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
         await publish(pub, topo, event)
         await publish(pub, topo, event)
 
@@ -357,7 +348,7 @@ async def test_a_consumer_whose_queue_was_deleted_declares_it_and_consumes_again
 ) -> None:
     handler = Recorder()
     routes = {"notification.requested": route(handler)}
-    async with running_consumer(namespace, "notifier", routes) as (pub, topo, consumer):
+    async with running(namespace, "notifier", routes) as (pub, topo, consumer):
         connection = await aio_pika.connect(namespace.amqp_url)
         async with connection, connection.channel() as channel:
             await channel.queue_delete(topo.queue)  # the broker cancels the consumer

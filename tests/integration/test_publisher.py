@@ -184,7 +184,7 @@ async def test_an_unroutable_publish_among_concurrent_ones_fails_alone(
     assert sorted(m.message_id or "" for m in landed) == ["a", "b"]
 
 
-async def test_a_publish_without_an_id_is_sent_on_its_own(
+async def test_a_publish_without_an_id_is_published_too(
     publisher: Publisher, queues: dict[str, str], namespace: Namespace
 ) -> None:
     anonymous = Outgoing(b"x", spec.Basic.Properties(delivery_mode=PERSISTENT), BOUND)

@@ -34,7 +34,7 @@ async def test_the_retry_goes_to_the_first_tier_at_least_min_delay_long(
 ) -> None:
     handler = AsksToWait(times=1, min_delay=1.5)
     routes = {"notification.requested": route(handler, delays=(1, 2, 4), immediate=3)}
-    async with running(namespace, "notifier", routes, delays=(1, 2, 4)) as (pub, topo):
+    async with running(namespace, "notifier", routes, delays=(1, 2, 4)) as (pub, topo, _):
         await publish(pub, topo, notification())
 
         async def retried() -> None:
@@ -51,7 +51,7 @@ async def test_the_retry_goes_to_the_first_tier_at_least_min_delay_long(
 async def test_asking_to_wait_still_uses_up_attempts(namespace: Namespace) -> None:
     handler = AsksToWait(times=100, min_delay=1)
     routes = {"notification.requested": route(handler, delays=(1,), immediate=3)}
-    async with running(namespace, "notifier", routes, delays=(1,)) as (pub, topo):
+    async with running(namespace, "notifier", routes, delays=(1,)) as (pub, topo, _):
         await publish(pub, topo, notification())
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=15)
     assert dead.headers[f.REASON] == "retries_exhausted"
