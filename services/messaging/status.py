@@ -73,12 +73,20 @@ class StatusReporter:
             except Exception:  # never let status reporting die quietly
                 log.exception("status report failed; trying again")
 
+    @property
+    def pending(self) -> int:
+        """Transitions noted and not yet published."""
+        return len(self._pending)
+
     async def flush(self) -> None:
-        """Publish what is pending, in batches; keep what the broker did not take."""
-        while self._pending:
-            batch = [
-                self._pending.popleft() for _ in range(min(len(self._pending), MAX_TRANSITIONS))
-            ]
+        """Publish what was pending when the flush began, in batches; keep what the broker did
+        not take. What is noted meanwhile waits for the next round: draining until empty would,
+        under steady traffic, publish a tiny report per confirmation round trip."""
+        due = len(self._pending)
+        while due > 0 and self._pending:
+            size = min(due, len(self._pending), MAX_TRANSITIONS)
+            due -= size
+            batch = [self._pending.popleft() for _ in range(size)]
             # The envelope gives the message its id and properties; the body, serialised
             # straight from the records, carries the batch.
             event = StatusReported.model_construct(
