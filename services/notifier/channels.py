@@ -121,10 +121,18 @@ class Channels:
                 log.exception("could not record a failed delivery")
             raise
         # Delivered: record it even through a store blip, or a retry would send it again.
+        try:
+            await self._deliveries.delivered(notification.event_id)
+        except Exception:  # retried below, within the budget
+            log.warning("could not record a delivery; retrying", exc_info=True)
+            await self._record_patiently(notification.event_id)
+
+    async def _record_patiently(self, event_id: str) -> None:
+        # Built only after a failure: tenacity's machinery costs more than the record itself.
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(RECORD_BUDGET_SECONDS),
             wait=wait_exponential(multiplier=0.05, max=1),
             reraise=True,
         ):
             with attempt:
-                await self._deliveries.delivered(notification.event_id)
+                await self._deliveries.delivered(event_id)

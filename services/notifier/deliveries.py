@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import (
     Column,
@@ -25,7 +25,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
     delete,
     select,
     update,
@@ -33,7 +32,14 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.messaging.batching import Batcher
-from services.messaging.store import BatchRunner, insert_for, migrate
+from services.messaging.store import (
+    BatchRunner,
+    insert_for,
+    insert_rows,
+    migrate,
+    raw_sqlite,
+    sqlite_time,
+)
 from services.notifier.channels import Notification
 
 Outcome = Literal["sending", "delivered", "failed", "rejected"]
@@ -100,13 +106,7 @@ class Deliveries:
 
     async def _delivered_many(self, event_ids: list[str]) -> list[None]:
         now = datetime.now(UTC)
-        statement = (
-            update(TABLE)
-            .where(TABLE.c.event_id == bindparam("eid"))
-            .values(outcome="delivered", delivered_at=bindparam("at"))
-        )
-        rows = [{"eid": event_id, "at": now} for event_id in event_ids]
-        await self._runner.run(lambda conn: conn.execute(statement, rows))
+        await self._runner.run(lambda conn: _mark_delivered(conn, list(set(event_ids)), now))
         return [None] * len(event_ids)
 
     async def failed(self, event_id: str, error: str, *, permanent: bool) -> None:
@@ -131,43 +131,92 @@ class Deliveries:
         return int(result.rowcount or 0)
 
 
+# --- the hot path's statements ----------------------------------------------------------------
+# Two per notification. On SQLite they are raw statements: building and compiling the Core
+# constructs cost several times the statements themselves.
+
+_ATTEMPT_COLUMNS = (
+    "event_id",
+    "channel",
+    "target",
+    "outcome",
+    "attempts",
+    "first_attempt_at",
+    "last_attempt_at",
+)
+_COUNT_AGAIN = (
+    "ON CONFLICT (event_id) DO UPDATE SET outcome = 'sending', attempts = attempts + 1, "
+    "last_attempt_at = excluded.last_attempt_at WHERE outcome != 'delivered'"
+)
+
+
 def _record_attempts(
     conn: Connection, notifications: list[Notification], now: datetime
 ) -> list[bool]:
     """One batch of attempts: False for those delivered already; the others are counted
-    (a first attempt inserts the row, a later one bumps it)."""
+    (a first attempt inserts the row, a later one bumps it; `delivered` meanwhile elsewhere is
+    left alone)."""
     ids = list({n.event_id for n in notifications})
-    delivered = set(
-        conn.execute(
-            select(TABLE.c.event_id).where(
-                TABLE.c.event_id.in_(ids), TABLE.c.outcome == "delivered"
+    raw = raw_sqlite(conn)
+    if raw is None:
+        delivered = _delivered_core(conn, ids)
+    else:
+        marks = ",".join("?" * len(ids))
+        delivered = {
+            event_id
+            for (event_id,) in raw.execute(
+                f'SELECT event_id FROM "{TABLE.name}" '  # noqa: S608  # names from code, values bound
+                f"WHERE outcome = 'delivered' AND event_id IN ({marks})",
+                ids,
             )
-        ).scalars()
-    )
+        }
     sending = {n.event_id: n for n in notifications if n.event_id not in delivered}
     if sending:
-        upsert = insert_for(conn.dialect.name)(TABLE)
-        conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["event_id"],
-                set_={
-                    "outcome": "sending",
-                    "attempts": TABLE.c.attempts + 1,
-                    "last_attempt_at": upsert.excluded.last_attempt_at,
-                },
-                where=TABLE.c.outcome != "delivered",  # delivered meanwhile elsewhere
-            ),
-            [
-                {
-                    "event_id": n.event_id,
-                    "channel": n.channel,
-                    "target": n.recipient,
-                    "outcome": "sending",
-                    "attempts": 1,
-                    "first_attempt_at": now,
-                    "last_attempt_at": now,
-                }
-                for n in sending.values()
-            ],
-        )
+        at: datetime | str = now if raw is None else sqlite_time(now)
+        rows: list[tuple[Any, ...]] = [
+            (n.event_id, n.channel, n.recipient, "sending", 1, at, at) for n in sending.values()
+        ]
+        if raw is None:
+            _count_attempts_core(conn, rows)
+        else:
+            insert_rows(raw, TABLE.name, _ATTEMPT_COLUMNS, rows, _COUNT_AGAIN)
     return [n.event_id not in delivered for n in notifications]
+
+
+def _mark_delivered(conn: Connection, event_ids: list[str], now: datetime) -> None:
+    raw = raw_sqlite(conn)
+    if raw is None:
+        conn.execute(
+            update(TABLE)
+            .where(TABLE.c.event_id.in_(event_ids))
+            .values(outcome="delivered", delivered_at=now)
+        )
+        return
+    raw.execute(
+        f"UPDATE \"{TABLE.name}\" SET outcome = 'delivered', delivered_at = ? "  # noqa: S608
+        f"WHERE event_id IN ({','.join('?' * len(event_ids))})",
+        [sqlite_time(now), *event_ids],
+    )
+
+
+def _delivered_core(conn: Connection, ids: list[str]) -> set[str]:
+    query = select(TABLE.c.event_id).where(
+        TABLE.c.event_id.in_(ids), TABLE.c.outcome == "delivered"
+    )
+    return set(conn.execute(query).scalars())
+
+
+def _count_attempts_core(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    upsert = insert_for(conn.dialect.name)(TABLE)
+    conn.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["event_id"],
+            set_={
+                "outcome": "sending",
+                "attempts": TABLE.c.attempts + 1,
+                "last_attempt_at": upsert.excluded.last_attempt_at,
+            },
+            where=TABLE.c.outcome != "delivered",
+        ),
+        [dict(zip(_ATTEMPT_COLUMNS, row, strict=True)) for row in rows],
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from contracts.events import NotificationRequested, NotificationRequestedData
-from services.messaging.store import open_store
+from services.messaging.store import open_store, store_url
 from services.notifier.channels import Channels, LogChannel, Notification, Unconfigured
 from services.notifier.deliveries import Deliveries
 from services.notifier.targets import TargetPolicy
@@ -39,9 +39,10 @@ def notification(url: str) -> Notification:
     )
 
 
-@pytest.fixture
-async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
-    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/notifier.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def deliveries(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Deliveries]:
+    database = None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
+    engine = open_store(store_url(database, tmp_path, "notifier"))
     record = Deliveries(engine)
     await record.start()
     await record.start()  # idempotent
@@ -108,3 +109,25 @@ async def test_a_delivered_notification_is_not_sent_again(
         assert len(receiver.received) == 1
     record = await deliveries.get(n.event_id)
     assert record is not None and (record.outcome, record.attempts) == ("delivered", 1)
+
+
+async def test_a_store_blip_after_sending_does_not_lose_the_delivered_mark(
+    channels: Channels, deliveries: Deliveries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = deliveries.delivered
+    calls = 0
+
+    async def blip_once(event_id: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("the store went away for a moment")
+        await record(event_id)
+
+    monkeypatch.setattr(deliveries, "delivered", blip_once)
+    with WebhookReceiver().running() as receiver:
+        n = notification(receiver.url())
+        await channels.deliver(n)
+    stored = await deliveries.get(n.event_id)
+    assert calls == 2
+    assert stored is not None and stored.outcome == "delivered"
