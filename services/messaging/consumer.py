@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -141,9 +140,7 @@ class Consumer:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._infrastructure_failures = 0
-        self._event_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._one_at_a_time = _OneAtATime()
         self._idle = asyncio.Event()
         self._idle.set()
         self._backlog = 0
@@ -343,9 +340,11 @@ class Consumer:
                 return
             # One delivery of an event id at a time in this process: a duplicate waits, then
             # finds the inbox record instead of running the handler beside the original.
-            lock = self._event_locks.setdefault(event.id, asyncio.Lock())
-            async with lock:
+            await self._one_at_a_time.acquire(event.id)
+            try:
                 await self._handle(message, event, route, attempt)
+            finally:
+                self._one_at_a_time.release(event.id)
 
     async def _handle(
         self, message: DeliveredMessage, event: Envelope, route: Route, attempt: int
@@ -559,3 +558,23 @@ async def _requeue(message: DeliveredMessage) -> None:
     # If the channel is gone, the broker returns the message by itself.
     with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
         await message.channel.basic_nack(_tag(message), requeue=True)
+
+
+class _OneAtATime:
+    """Exclusive holds on keys: a lock per key that costs a dict entry, not a lock object, when
+    nobody waits (almost always: a duplicate delivery in flight is rare)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def acquire(self, key: str) -> None:
+        while (waiting := self._held.get(key)) is not None:
+            wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append(wake)
+            await wake  # then check again: another waiter may have taken it first
+        self._held[key] = []
+
+    def release(self, key: str) -> None:
+        for wake in self._held.pop(key):
+            if not wake.done():  # its waiter was cancelled
+                wake.set_result(None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -26,7 +25,7 @@ from tests.conftest import Namespace
 from tests.faults.conftest import Effects, EffectServiceFactory, send
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, ready_messages, take
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -79,16 +78,6 @@ async def send_around_poison(publisher: Publisher, namespace: Namespace) -> tupl
     [poison] = await send(publisher, namespace, "crash")
     after = await send(publisher, namespace, *(f"after-{i}" for i in range(NORMAL - NORMAL // 2)))
     return poison, [*before, *after]
-
-
-async def ready_messages(url: str, queue: str) -> int:
-    """Messages ready in `queue`, read without consuming any (a `get` would count a delivery)."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        count = declared.declaration_result.message_count
-        return int(count or 0)
 
 
 def assert_dead_lettered_by_the_broker(

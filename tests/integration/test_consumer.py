@@ -38,7 +38,7 @@ from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
-from tests.support.queues import assert_empty, take, unbind_everyone
+from tests.support.queues import assert_empty, ready_messages, take, unbind_everyone
 
 pytestmark = pytest.mark.broker
 
@@ -297,6 +297,41 @@ async def test_a_redelivered_event_has_no_second_effect(namespace: Namespace) ->
 
         await eventually(both_settled)
     assert handler.calls == [event.id]
+    await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
+
+
+async def test_a_duplicate_in_flight_waits_for_the_original_instead_of_running_beside_it(
+    namespace: Namespace,
+) -> None:
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def slow(event: Envelope) -> None:
+        calls.append(event.id)
+        await asyncio.wait_for(release.wait(), 10)
+
+    event = notification()
+    async with running(namespace, "notifier", {"notification.requested": route(slow)}) as (
+        pub,
+        topo,
+        _,
+    ):
+        await publish(pub, topo, event)
+        await publish(pub, topo, event)  # delivered while the first is still in its handler
+
+        async def both_delivered() -> None:
+            assert await ready_messages(namespace.amqp_url, topo.queue) == 0
+
+        await eventually(both_delivered)  # both unacked, held by the consumer (prefetch 8)
+        await asyncio.sleep(0.2)
+        assert calls == [event.id]
+        release.set()
+
+        async def both_settled() -> None:
+            await assert_empty(namespace.amqp_url, [topo.queue])
+
+        await eventually(both_settled)
+    assert calls == [event.id]
     await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
 
 

@@ -45,7 +45,7 @@ from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settin
 from tests.integration.test_failure_store import letter
 from tests.support.polling import eventually
 from tests.support.processes import REPO
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, ready_messages, take
 
 AUTH = {"Authorization": f"Bearer {OPS_TOKEN}"}
 WRONG_TOKEN = "wrong-but-plausible-ops-token-9876543210"
@@ -526,14 +526,6 @@ async def test_a_malformed_cursor_is_a_client_error(namespace: Namespace, tmp_pa
                 "/v1/ops/dead-letters", params={"cursor": cursor}, headers=AUTH
             )
             assert response.status_code in (400, 422), response.text
-
-
-async def ready_messages(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
 
 
 @pytest.mark.broker

@@ -52,6 +52,16 @@ async def assert_empty(url: str, queues: Sequence[str]) -> None:
             assert message is None, f"{name} holds {message.body!r}"
 
 
+async def ready_messages(url: str, queue: str) -> int:
+    """Messages ready in `queue` (delivered, unacked ones excluded), read without consuming any:
+    a `get` would count as a delivery."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
 async def unbind_everyone(url: str, settings: CourierSettings, event_type: str) -> None:
     """Leave no queue of `settings`' services bound for `event_type`: a publish of it is
     returned as unroutable."""
