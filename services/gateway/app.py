@@ -109,8 +109,8 @@ def _projection_consumer(
     topology = settings.topology(SERVICE)
     policy = RetryPolicy(delays=settings.retry_delays)
     routes = {
-        "status.reported": Route(tracking.apply_reported, policy),
-        "dataset.processed": Route(tracking.record_result, policy),
+        "status.reported": Route(tracking.apply_reported, policy, idempotent=True),
+        "dataset.processed": Route(tracking.record_result, policy, idempotent=True),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }
     return Consumer(

@@ -82,6 +82,15 @@ class Route:
     stateful: bool = False
     """The handler takes `(event, conn)` and writes its state through `conn`, in the same
     transaction that records the event in the inbox."""
+    idempotent: bool = False
+    """Handling the event again changes nothing (an upsert with a natural key, a state that only
+    moves forward), so the inbox is skipped: no look-up before the handler, no record after it.
+    A redelivery runs the handler again, and publishes its follow-ups again (ids derived from
+    the input, so downstream inboxes drop them). Cancellations, kept in the inbox, do not apply."""
+
+    def __post_init__(self) -> None:
+        if self.stateful and self.idempotent:
+            raise ValueError("a stateful route records its state with the inbox: not idempotent")
 
 
 class _NotSettled(Exception):
@@ -349,7 +358,7 @@ class Consumer:
     async def _handle(
         self, message: DeliveredMessage, event: Envelope, route: Route, attempt: int
     ) -> None:
-        known = await self._inbox.lookup(event.id)
+        known = None if route.idempotent else await self._inbox.lookup(event.id)
         if isinstance(known, Cancelled):
             self._ack(message)
             self._report(event, "cancelled")
@@ -405,7 +414,13 @@ class Consumer:
             return
         produced = await route.retry.call(lambda: route.handler(event))
         follow_ups = [with_cause(e, event) for e in produced or ()]
-        await self._record_and_publish(event, follow_ups)
+        if not route.idempotent:
+            await self._record_and_publish(event, follow_ups)
+            return
+        try:
+            await self._publish_follow_ups(follow_ups)
+        except Exception as exc:
+            raise _NotSettled(f"publishing the follow-ups failed: {exc!r}") from exc
 
     async def _record_and_publish(self, event: Envelope, follow_ups: Sequence[Envelope]) -> None:
         """Record a handled event and publish its follow-ups, overlapping: one disk sync fewer

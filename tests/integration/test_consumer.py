@@ -335,6 +335,37 @@ async def test_a_duplicate_in_flight_waits_for_the_original_instead_of_running_b
     await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
 
 
+async def test_an_idempotent_route_skips_the_inbox_and_handles_a_repeat_again(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder()
+    event = notification()
+    idempotent = Route(handler, RetryPolicy(delays=(1,), immediate=0), idempotent=True)
+    async with running(namespace, "notifier", {"notification.requested": idempotent}) as (
+        pub,
+        topo,
+        _,
+    ):
+        await publish(pub, topo, event)
+
+        async def handled() -> None:
+            assert handler.calls == [event.id]
+
+        await eventually(handled)
+        await publish(pub, topo, event)  # a redelivery, a replay: its effect is idempotent
+
+        async def handled_again() -> None:
+            assert handler.calls == [event.id, event.id]
+
+        await eventually(handled_again)
+    await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
+
+
+def test_a_route_cannot_be_both_stateful_and_idempotent() -> None:
+    with pytest.raises(ValueError, match="stateful"):
+        Route(Recorder(), RetryPolicy(delays=(1,)), stateful=True, idempotent=True)
+
+
 async def test_a_duplicate_republishes_the_recorded_follow_ups(namespace: Namespace) -> None:
     submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
