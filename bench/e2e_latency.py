@@ -13,8 +13,12 @@ channel appends one JSON line per notification with `delivered_at`.
 * HTTP latency: the `202` answer (the broker confirmed) minus the scheduled send time;
 * stages (a sample of events, from the gateway's status projection): where the time goes.
 
-A warm-up precedes the measured rounds; the pipeline drains between rounds. There is no
-baseline process: the figures are compared with the targets (p50 ≤ 5 ms, p99 ≤ 25 ms).
+The same-run baseline is the same pipeline as careful hand-written aio-pika
+(`bench.bare_pipeline`: the same hops through quorum queues, the same summary, a confirmed
+publish and an fsync'd line, and nothing else). Its rounds alternate with Courier's; both
+systems run side by side throughout, the idle one waiting. A warm-up precedes the measured
+rounds; a pipeline drains before the next round starts. The figures are compared with the
+targets (p50 ≤ 5 ms, p99 ≤ 25 ms) and with the baseline.
 
     python -m bench.e2e_latency [--rate 500] [--seconds 20] [--rounds 3] [--warmup 5] [--records 3]
 """
@@ -41,10 +45,12 @@ import uvloop
 
 from bench.report import Result, print_table, save
 from bench.system import (
+    AMQP_URL,
     cleanup,
     courier_env,
     free_port,
     new_namespace,
+    start,
     start_gateway,
     start_module,
     stop,
@@ -244,9 +250,17 @@ async def stages(
     return spans
 
 
-def start_system(
-    namespace: str, data: Path
-) -> tuple[str, list[tuple[str, subprocess.Popen[bytes]]]]:
+@dataclass
+class System:
+    """A running pipeline: where to send events, where its notifications land."""
+
+    name: str
+    base: str
+    notify_log: Path
+    processes: list[tuple[str, subprocess.Popen[bytes]]]
+
+
+def start_courier(namespace: str, data: Path) -> System:
     env = courier_env(
         namespace,
         data,
@@ -257,7 +271,7 @@ def start_system(
     health = {"processor": free_port(), "notifier": free_port()}
     processes = [
         (
-            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{port}/readyz",
             start_gateway(
                 {**env, "COURIER_DATA_DIR": str(data / "gateway")}, port, data / "gateway.log"
             ),
@@ -271,51 +285,102 @@ def start_system(
         }
         processes.append(
             (
-                f"http://127.0.0.1:{health_port}",
+                f"http://127.0.0.1:{health_port}/readyz",
                 start_module(f"services.{service}", service_env, data / f"{service}.log"),
             )
         )
-    return f"http://127.0.0.1:{port}", processes
+    return System("courier", f"http://127.0.0.1:{port}", data / "notifications.jsonl", processes)
+
+
+def bare_queues(namespace: str) -> tuple[str, str]:
+    return f"{namespace}.bare.processor", f"{namespace}.bare.notifier"
+
+
+def start_bare(namespace: str, data: Path) -> System:
+    """The baseline pipeline (`bench.bare_pipeline`), on queues of its own in `namespace`."""
+    to_processor, to_notifier = bare_queues(namespace)
+    notify_log = data / "bare-notifications.jsonl"
+    port = free_port()
+    gateway = start(
+        "bench.baselines:bare",
+        {"AMQP_URL": AMQP_URL, "BENCH_QUEUE": to_processor},
+        port,
+        log=data / "bare-gateway.log",
+    )
+    roles = {
+        "processor": {"BARE_INBOUND": to_processor, "BARE_OUTBOUND": to_notifier},
+        "notifier": {"BARE_INBOUND": to_notifier, "BARE_NOTIFY_LOG": str(notify_log)},
+    }
+    processes = [(f"http://127.0.0.1:{port}/", gateway)]
+    for role, env in roles.items():
+        log = data / f"bare-{role}.log"
+        env = {"AMQP_URL": AMQP_URL, "BARE_ROLE": role, **env}
+        processes.append((f"log:{log}", start_module("bench.bare_pipeline", env, log)))
+    return System("bare aio-pika", f"http://127.0.0.1:{port}", notify_log, processes)
+
+
+def wait_started(system: System) -> None:
+    """Every process answers its readiness URL, or (`log:<path>`) has logged `consuming`."""
+    for probe, process in system.processes:
+        if not probe.startswith("log:"):
+            wait_ready(probe, process=process)
+            continue
+        log = Path(probe.removeprefix("log:"))
+        deadline = time.monotonic() + 30
+        while not (log.exists() and b"consuming" in log.read_bytes()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{log.name}: the process did not start consuming")
+            time.sleep(0.2)
+
+
+async def one_round(
+    system: System, http: Http, ids: Sequence[str], args: argparse.Namespace
+) -> list[Sent]:
+    """Send `ids` at the rate and wait until their notifications are in the system's log."""
+    sent = await send_at_rate(http, ids, args.rate, args.records)
+    accepted = {derived_event_id(s.event_id, "dataset.processed") for s in sent if s.status == 202}
+    await drain(system.notify_log, accepted, DRAIN_SECONDS)
+    return sent
 
 
 async def run(
-    namespace: str, base: str, notify_log: Path, args: argparse.Namespace
-) -> tuple[list[list[Sent]], dict[str, float], dict[str, list[float]]]:
-    port = int(base.rsplit(":", 1)[1])
-    http = Http("127.0.0.1", port)
-    rounds: list[list[Sent]] = []
-    notified: dict[str, float] = {}
+    namespace: str, systems: Sequence[System], args: argparse.Namespace
+) -> tuple[dict[str, list[list[Sent]]], dict[str, dict[str, float]], dict[str, list[float]]]:
+    """Warm both up, then alternate measured rounds; stages are read for Courier's events.
+    Per system: the rounds sent, and the notifications delivered (id → `delivered_at`)."""
+    clients = {s.name: Http("127.0.0.1", int(s.base.rsplit(":", 1)[1])) for s in systems}
+    rounds: dict[str, list[list[Sent]]] = {s.name: [] for s in systems}
     try:
         count = int(args.rate * args.warmup)
-        if count:
+        for system in systems if count else ():
             warm = [f"{namespace}-warm-{k}" for k in range(count)]
-            sent = await send_at_rate(http, warm, args.rate, args.records)
-            expected = {derived_event_id(s.event_id, "dataset.processed") for s in sent}
-            await drain(notify_log, expected, DRAIN_SECONDS)
-            print(f"warm-up: {count} events in {args.warmup}s")
+            await one_round(system, clients[system.name], warm, args)
+            print(f"warm-up ({system.name}): {count} events in {args.warmup}s")
         for round_ in range(args.rounds):
-            ids = [f"{namespace}-{round_}-{k}" for k in range(int(args.rate * args.seconds))]
-            sent = await send_at_rate(http, ids, args.rate, args.records)
-            accepted = [s for s in sent if s.status == 202]
-            expected = {derived_event_id(s.event_id, "dataset.processed") for s in accepted}
-            notified = await drain(notify_log, expected, DRAIN_SECONDS)
-            rounds.append(sent)
-            latencies = _latencies(sent, notified)
-            figures = (
-                ", ".join(f"p{p} {percentile(latencies, p):.1f} ms" for p in (50, 90, 99))
-                if latencies
-                else "nothing delivered"
-            )
-            print(
-                f"round {round_ + 1}: {len(sent)} sent, {len(accepted)} accepted, "
-                f"{len(latencies)} delivered; end to end {figures}"
-            )
-        measured = [s for sent in rounds for s in sent if s.status == 202]
+            for system in systems:
+                ids = [f"{namespace}-{round_}-{k}" for k in range(int(args.rate * args.seconds))]
+                sent = await one_round(system, clients[system.name], ids, args)
+                rounds[system.name].append(sent)
+                latencies = _latencies(sent, delivered(system.notify_log))
+                figures = (
+                    ", ".join(f"p{p} {percentile(latencies, p):.1f} ms" for p in (50, 90, 99))
+                    if latencies
+                    else "nothing delivered"
+                )
+                accepted = sum(1 for s in sent if s.status == 202)
+                print(
+                    f"round {round_ + 1} ({system.name}): {len(sent)} sent, {accepted} accepted, "
+                    f"{len(latencies)} delivered; end to end {figures}"
+                )
+        courier = systems[0]
+        measured = [s for sent in rounds[courier.name] for s in sent if s.status == 202]
         step = max(1, len(measured) // STAGE_SAMPLE)
-        spans = await stages(base, measured[::step][:STAGE_SAMPLE], notified)
+        sample = measured[::step][:STAGE_SAMPLE]
+        notified = {system.name: delivered(system.notify_log) for system in systems}
+        spans = await stages(courier.base, sample, notified[courier.name])
     finally:
-        await http.close()
-    print(f"client connections opened: {http.opened}")
+        for http in clients.values():
+            await http.close()
     return rounds, notified, spans
 
 
@@ -327,69 +392,97 @@ def _latencies(sent: Sequence[Sent], notified: dict[str, float]) -> list[float]:
 def main(args: argparse.Namespace) -> None:
     namespace = new_namespace()
     data = Path(tempfile.mkdtemp())
-    notify_log = data / "notifications.jsonl"
-    base, processes = start_system(namespace, data)
+    systems = [start_courier(namespace, data), start_bare(namespace, data)]
     try:
-        for url, process in processes:
-            wait_ready(f"{url}/readyz", process=process)
-        rounds, notified, spans = uvloop.run(run(namespace, base, notify_log, args))
+        for system in systems:
+            wait_started(system)
+        rounds, notified, spans = uvloop.run(run(namespace, systems, args))
     except BaseException:
         for log in sorted(data.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         raise
     finally:
-        for _, process in processes:
-            stop(process)
-        uvloop.run(cleanup(namespace))
+        for system in systems:
+            for _, process in system.processes:
+                stop(process)
+        uvloop.run(cleanup(namespace, *bare_queues(namespace)))
         shutil.rmtree(data, ignore_errors=True)
+    report(args, systems, rounds, notified, spans)
 
-    per_round = [_latencies(sent, notified) for sent in rounds]
-    http_round = [[s.answered * 1000 for s in sent if s.status == 202] for sent in rounds]
+
+def _figures(sent_rounds: list[list[Sent]], notified: dict[str, float]) -> dict[str, Any]:
+    per_round = [_latencies(sent, notified) for sent in sent_rounds]
+    http_round = [[s.answered * 1000 for s in sent if s.status == 202] for sent in sent_rounds]
     if not all(per_round) or not all(http_round):
         raise SystemExit("a round delivered nothing: see the figures above")
-    results = []
-    for label, values in (("end to end", per_round), ("HTTP 202", http_round)):
-        for p in (50, 90, 99, 100):
-            if label == "HTTP 202" and p in (90, 100):
-                continue
-            samples = [percentile(v, p) for v in values]
-            name = f"{label} {'max' if p == 100 else f'p{p}'}"
-            results.append(Result(name, "ms", statistics.median(samples), samples))
     pooled = [x for v in per_round for x in v]
     pooled_http = [x for v in http_round for x in v]
-    sent_total = sum(len(sent) for sent in rounds)
-    refused = sum(1 for sent in rounds for s in sent if s.status != 202)
-    missing = sum(1 for sent in rounds for s in sent if s.status == 202) - len(pooled)
-    lag = max(s.lag for sent in rounds for s in sent) * 1000
-    print_table(
-        f"End to end at {args.rate:g}/s, {args.records} records/event, "
-        f"{args.seconds}s x {args.rounds} (per-round percentiles, median over rounds)",
-        results,
-    )
-    summary = {
+    return {
+        "per_round": per_round,
+        "http_round": http_round,
         "p50": percentile(pooled, 50),
         "p90": percentile(pooled, 90),
         "p99": percentile(pooled, 99),
         "max": max(pooled),
         "http_p50": percentile(pooled_http, 50),
         "http_p99": percentile(pooled_http, 99),
+        "count": len(pooled),
+        "sent": sum(len(sent) for sent in sent_rounds),
+        "non_202": sum(1 for sent in sent_rounds for s in sent if s.status != 202),
+        "missing": sum(1 for sent in sent_rounds for s in sent if s.status == 202) - len(pooled),
+        "max_send_lag_ms": max(s.lag for sent in sent_rounds for s in sent) * 1000,
     }
-    print(
-        f"all rounds: end to end p50 {summary['p50']:.1f} ms, p90 {summary['p90']:.1f}, "
-        f"p99 {summary['p99']:.1f}, max {summary['max']:.1f} (count {len(pooled)}); "
-        f"HTTP 202 p50 {summary['http_p50']:.1f} ms, p99 {summary['http_p99']:.1f}"
+
+
+def report(
+    args: argparse.Namespace,
+    systems: Sequence[System],
+    rounds: dict[str, list[list[Sent]]],
+    notified: dict[str, dict[str, float]],
+    spans: dict[str, list[float]],
+) -> None:
+    results = []
+    figures = {}
+    for system in systems:
+        f = figures[system.name] = _figures(rounds[system.name], notified[system.name])
+        for label, values in (("end to end", f["per_round"]), ("HTTP 202", f["http_round"])):
+            for p in (50, 90, 99, 100):
+                if label == "HTTP 202" and p in (90, 100):
+                    continue
+                samples = [percentile(v, p) for v in values]
+                name = f"{system.name}: {label} {'max' if p == 100 else f'p{p}'}"
+                results.append(Result(name, "ms", statistics.median(samples), samples))
+    print_table(
+        f"End to end at {args.rate:g}/s, {args.records} records/event, "
+        f"{args.seconds}s x {args.rounds} (per-round percentiles, median over rounds)",
+        results,
     )
-    print(f"targets: p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms")
-    print(f"sent {sent_total}, non-202 {refused}, not delivered within the drain {missing}")
-    print(f"largest send lag behind the schedule: {lag:.1f} ms")
+    for name, f in figures.items():
+        print(
+            f"{name}, all rounds: end to end p50 {f['p50']:.1f} ms, p90 {f['p90']:.1f}, "
+            f"p99 {f['p99']:.1f}, max {f['max']:.1f} (count {f['count']}); HTTP 202 p50 "
+            f"{f['http_p50']:.1f} ms, p99 {f['http_p99']:.1f}; sent {f['sent']}, non-202 "
+            f"{f['non_202']}, not delivered {f['missing']}, largest send lag "
+            f"{f['max_send_lag_ms']:.1f} ms"
+        )
+    courier, bare = (figures[s.name] for s in systems)
+    ratios = {p: courier[p] / bare[p] for p in ("p50", "p99")}
+    print(
+        f"targets: p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms; "
+        f"courier / bare aio-pika: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x"
+    )
     stage_figures = {
         name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
         for name, v in spans.items()
         if v
     }
-    print("\nStages (sampled events, status projection; p50 / p99 ms):")
-    for name, figures in stage_figures.items():
-        print(f"  {name:<42} {figures['p50']:>8.1f} {figures['p99']:>8.1f}  n={figures['n']}")
+    print("\nStages of Courier's events (sampled, status projection; p50 / p99 ms):")
+    for name, stage in stage_figures.items():
+        print(f"  {name:<42} {stage['p50']:>8.1f} {stage['p99']:>8.1f}  n={stage['n']}")
+    pooled = {
+        name: {k: v for k, v in f.items() if k not in ("per_round", "http_round")}
+        for name, f in figures.items()
+    }
     save(
         "e2e_latency",
         results,
@@ -399,11 +492,8 @@ def main(args: argparse.Namespace) -> None:
             "rounds": args.rounds,
             "records": args.records,
             "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS},
-            "pooled": summary | {"count": len(pooled)},
-            "sent": sent_total,
-            "non_202": refused,
-            "missing": missing,
-            "max_send_lag_ms": lag,
+            "pooled": pooled,
+            "ratio_to_bare": ratios,
             "stages_ms": stage_figures,
         },
     )
