@@ -46,6 +46,7 @@ from services.messaging.store import (
     from_sqlite_time,
     insert_for,
     insert_rows,
+    loop_reader,
     migrate,
     raw_sqlite,
     sqlite_time,
@@ -106,8 +107,9 @@ class Inbox:
         await migrate(
             self._engine, self._component, [creating(self._table), creating(self._cancellations)]
         )
-        if self._engine.dialect.name == "sqlite":
-            self._reader = _SqliteReads.open(self._engine, self._table, self._cancellations)
+        raw = loop_reader(self._engine)
+        if raw is not None:
+            self._reader = _SqliteReads(raw, self._table, self._cancellations)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -308,13 +310,6 @@ class _SqliteReads:
         self.raw = raw
         self._inbox = inbox.name
         self._cancellations = cancellations.name
-
-    @classmethod
-    def open(cls, engine: AsyncEngine, inbox: Table, cancellations: Table) -> _SqliteReads:
-        """A read-only connection for the event loop's thread; it never waits for a lock."""
-        raw = sqlite3.connect(str(engine.url.database), isolation_level=None, timeout=0)
-        raw.execute("PRAGMA query_only=1")
-        return cls(raw, inbox, cancellations)
 
     def find(self, wanted: list[str]) -> list[FoundRow]:
         marks = ",".join("?" * len(wanted))

@@ -114,6 +114,19 @@ def raw_sqlite(conn: Connection) -> sqlite3.Connection | None:
     return raw
 
 
+def loop_reader(engine: AsyncEngine) -> sqlite3.Connection | None:
+    """A read-only connection to a SQLite store for the event loop's own thread (None on another
+    database). A point read of cached pages costs ~0.05 ms there, where a hop to the store's
+    thread costs two thread wake-ups and a wait for the GIL the busy loop holds. It never waits
+    for a lock: a read that finds the file locked for a moment raises
+    `sqlite3.OperationalError`, and the caller asks the store's thread instead."""
+    if engine.dialect.name != "sqlite":
+        return None
+    raw = sqlite3.connect(str(engine.url.database), isolation_level=None, timeout=0)
+    raw.execute("PRAGMA query_only=1")
+    return raw
+
+
 def insert_rows(
     raw: sqlite3.Connection,
     table: str,

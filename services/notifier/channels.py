@@ -104,7 +104,7 @@ class Channels:
         self._deliveries = deliveries
 
     async def deliver(self, notification: Notification) -> None:
-        if not await self._deliveries.begin(notification):
+        if await self._deliveries.delivered_already(notification.event_id):
             # An earlier attempt delivered, then died before the inbox recorded the event.
             log.info(
                 "already delivered; not sending again", extra={"channel": notification.channel}
@@ -116,18 +116,18 @@ class Channels:
             summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
             permanent = isinstance(exc, PermanentError)
             try:
-                await self._deliveries.failed(notification.event_id, summary, permanent=permanent)
+                await self._deliveries.failed(notification, summary, permanent=permanent)
             except Exception:  # the delivery's own failure is what counts; keep it
                 log.exception("could not record a failed delivery")
             raise
         # Delivered: record it even through a store blip, or a retry would send it again.
         try:
-            await self._deliveries.delivered(notification.event_id)
+            await self._deliveries.delivered(notification)
         except Exception:  # retried below, within the budget
             log.warning("could not record a delivery; retrying", exc_info=True)
-            await self._record_patiently(notification.event_id)
+            await self._record_patiently(notification)
 
-    async def _record_patiently(self, event_id: str) -> None:
+    async def _record_patiently(self, notification: Notification) -> None:
         # Built only after a failure: tenacity's machinery costs more than the record itself.
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(RECORD_BUDGET_SECONDS),
@@ -135,4 +135,4 @@ class Channels:
             reraise=True,
         ):
             with attempt:
-                await self._deliveries.delivered(event_id)
+                await self._deliveries.delivered(notification)

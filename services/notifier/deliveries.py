@@ -1,8 +1,10 @@
 """The notifier's record of deliveries: one row per notification (event id), in its own store.
 
-Each attempt is counted and its outcome kept (`sending`, `delivered`, `failed` = transient and
+Each finished attempt is counted and its outcome kept (`delivered`, `failed` = transient and
 retried, `rejected` = permanent), with the last error and timestamps, so an operator can see
-what happened to a notification without reading logs.
+what happened to a notification without reading logs. (Rows of earlier versions may also say
+`sending`: an attempt was recorded before it was made, which cost a commit on the way to every
+notification's effect.)
 
 It also closes the gap the inbox leaves for effects outside the store: the inbox records an
 event only after the handler returned, so a crash between a webhook's 2xx (or an accepted
@@ -12,6 +14,7 @@ as `delivered` right after the target accepted it, and checked before sending.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -26,8 +29,8 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     select,
-    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -36,13 +39,14 @@ from services.messaging.store import (
     BatchRunner,
     insert_for,
     insert_rows,
+    loop_reader,
     migrate,
     raw_sqlite,
     sqlite_time,
 )
 from services.notifier.channels import Notification
 
-Outcome = Literal["sending", "delivered", "failed", "rejected"]
+Outcome = Literal["delivered", "failed", "rejected", "sending"]
 MAX_ERROR_CHARS = 2000
 
 TABLE = Table(
@@ -78,45 +82,45 @@ async def _create(conn: AsyncConnection) -> None:
 
 
 class Deliveries:
-    """Attempts and successes are group-committed: notifications sent at the same time share
-    one transaction (and one fsync) instead of queueing for the store one by one."""
+    """Outcomes are group-committed: notifications that finish at the same time share one
+    transaction (and one fsync) instead of queueing for the store one by one."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._runner = BatchRunner(engine)
-        self._attempts: Batcher[Notification, bool] = Batcher(self._begin_many)
-        self._successes: Batcher[str, None] = Batcher(self._delivered_many)
+        self._outcomes: Batcher[_Outcome, None] = Batcher(self._record_many)
+        self._reader: sqlite3.Connection | None = None
 
     async def start(self) -> None:
         await migrate(self._engine, "notifier.deliveries", [_create])
+        self._reader = loop_reader(self._engine)
 
     def close(self) -> None:
         self._runner.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
-    async def begin(self, notification: Notification) -> bool:
-        """Record an attempt; False (and nothing recorded) if the notification was delivered."""
-        return await self._attempts.submit(notification)
+    async def delivered_already(self, event_id: str) -> bool:
+        """Whether a send of this notification succeeded before (and must not be repeated)."""
+        if self._reader is not None:
+            try:
+                return _is_delivered(self._reader, event_id)
+            except sqlite3.OperationalError:  # the file is locked for a moment
+                pass
+        return await self._runner.run(lambda conn: _is_delivered_in(conn, event_id))
 
-    async def _begin_many(self, notifications: list[Notification]) -> list[bool]:
+    async def delivered(self, notification: Notification) -> None:
+        await self._outcomes.submit(_Outcome(notification, "delivered", None))
+
+    async def failed(self, notification: Notification, error: str, *, permanent: bool) -> None:
+        outcome: Outcome = "rejected" if permanent else "failed"
+        await self._outcomes.submit(_Outcome(notification, outcome, error[:MAX_ERROR_CHARS]))
+
+    async def _record_many(self, outcomes: list[_Outcome]) -> list[None]:
         now = datetime.now(UTC)
-        return await self._runner.run(lambda conn: _record_attempts(conn, notifications, now))
-
-    async def delivered(self, event_id: str) -> None:
-        await self._successes.submit(event_id)
-
-    async def _delivered_many(self, event_ids: list[str]) -> list[None]:
-        now = datetime.now(UTC)
-        await self._runner.run(lambda conn: _mark_delivered(conn, list(set(event_ids)), now))
-        return [None] * len(event_ids)
-
-    async def failed(self, event_id: str, error: str, *, permanent: bool) -> None:
-        outcome = "rejected" if permanent else "failed"
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(TABLE)
-                .where(TABLE.c.event_id == event_id)
-                .values(outcome=outcome, last_error=error[:MAX_ERROR_CHARS])
-            )
+        await self._runner.run(lambda conn: _record_outcomes(conn, outcomes, now))
+        return [None] * len(outcomes)
 
     async def get(self, event_id: str) -> Delivery | None:
         async with self._engine.connect() as conn:
@@ -131,92 +135,89 @@ class Deliveries:
         return int(result.rowcount or 0)
 
 
-# --- the hot path's statements ----------------------------------------------------------------
-# Two per notification. On SQLite they are raw statements: building and compiling the Core
-# constructs cost several times the statements themselves.
+@dataclass(frozen=True)
+class _Outcome:
+    notification: Notification
+    outcome: Outcome
+    error: str | None
 
-_ATTEMPT_COLUMNS = (
+
+# --- the hot path's statements ----------------------------------------------------------------
+# A read before each send and a write after it. On SQLite they are raw statements: building and
+# compiling the Core constructs cost several times the statements themselves.
+
+_COLUMNS = (
     "event_id",
     "channel",
     "target",
     "outcome",
     "attempts",
+    "last_error",
     "first_attempt_at",
     "last_attempt_at",
+    "delivered_at",
 )
+# A later attempt counts one more and keeps the last error seen; `delivered` (meanwhile
+# elsewhere) is final.
 _COUNT_AGAIN = (
-    "ON CONFLICT (event_id) DO UPDATE SET outcome = 'sending', attempts = attempts + 1, "
-    "last_attempt_at = excluded.last_attempt_at WHERE outcome != 'delivered'"
+    "ON CONFLICT (event_id) DO UPDATE SET outcome = excluded.outcome, "
+    "attempts = attempts + 1, last_error = coalesce(excluded.last_error, last_error), "
+    "last_attempt_at = excluded.last_attempt_at, delivered_at = excluded.delivered_at "
+    "WHERE outcome != 'delivered'"
 )
 
 
-def _record_attempts(
-    conn: Connection, notifications: list[Notification], now: datetime
-) -> list[bool]:
-    """One batch of attempts: False for those delivered already; the others are counted
-    (a first attempt inserts the row, a later one bumps it; `delivered` meanwhile elsewhere is
-    left alone)."""
-    ids = list({n.event_id for n in notifications})
-    raw = raw_sqlite(conn)
-    if raw is None:
-        delivered = _delivered_core(conn, ids)
-    else:
-        marks = ",".join("?" * len(ids))
-        delivered = {
-            event_id
-            for (event_id,) in raw.execute(
-                f'SELECT event_id FROM "{TABLE.name}" '  # noqa: S608  # names from code, values bound
-                f"WHERE outcome = 'delivered' AND event_id IN ({marks})",
-                ids,
-            )
-        }
-    sending = {n.event_id: n for n in notifications if n.event_id not in delivered}
-    if sending:
-        at: datetime | str = now if raw is None else sqlite_time(now)
-        rows: list[tuple[Any, ...]] = [
-            (n.event_id, n.channel, n.recipient, "sending", 1, at, at) for n in sending.values()
-        ]
-        if raw is None:
-            _count_attempts_core(conn, rows)
-        else:
-            insert_rows(raw, TABLE.name, _ATTEMPT_COLUMNS, rows, _COUNT_AGAIN)
-    return [n.event_id not in delivered for n in notifications]
-
-
-def _mark_delivered(conn: Connection, event_ids: list[str], now: datetime) -> None:
-    raw = raw_sqlite(conn)
-    if raw is None:
-        conn.execute(
-            update(TABLE)
-            .where(TABLE.c.event_id.in_(event_ids))
-            .values(outcome="delivered", delivered_at=now)
-        )
-        return
-    raw.execute(
-        f"UPDATE \"{TABLE.name}\" SET outcome = 'delivered', delivered_at = ? "  # noqa: S608
-        f"WHERE event_id IN ({','.join('?' * len(event_ids))})",
-        [sqlite_time(now), *event_ids],
+def _is_delivered(raw: sqlite3.Connection, event_id: str) -> bool:
+    found = raw.execute(
+        f"SELECT 1 FROM \"{TABLE.name}\" WHERE event_id = ? AND outcome = 'delivered'",  # noqa: S608
+        (event_id,),
     )
+    return found.fetchone() is not None
 
 
-def _delivered_core(conn: Connection, ids: list[str]) -> set[str]:
+def _is_delivered_in(conn: Connection, event_id: str) -> bool:
+    raw = raw_sqlite(conn)
+    if raw is not None:
+        return _is_delivered(raw, event_id)
     query = select(TABLE.c.event_id).where(
-        TABLE.c.event_id.in_(ids), TABLE.c.outcome == "delivered"
+        TABLE.c.event_id == event_id, TABLE.c.outcome == "delivered"
     )
-    return set(conn.execute(query).scalars())
+    return conn.execute(query).first() is not None
 
 
-def _count_attempts_core(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+def _record_outcomes(conn: Connection, outcomes: list[_Outcome], now: datetime) -> None:
+    """One batch of finished attempts: a first attempt inserts its row, a later one counts."""
+    raw = raw_sqlite(conn)
+    at: datetime | str = now if raw is None else sqlite_time(now)
+    rows: list[tuple[Any, ...]] = [
+        (
+            o.notification.event_id,
+            o.notification.channel,
+            o.notification.recipient,
+            o.outcome,
+            1,
+            o.error,
+            at,
+            at,
+            at if o.outcome == "delivered" else None,
+        )
+        for o in outcomes
+    ]
+    if raw is not None:
+        insert_rows(raw, TABLE.name, _COLUMNS, rows, _COUNT_AGAIN)
+        return
     upsert = insert_for(conn.dialect.name)(TABLE)
     conn.execute(
         upsert.on_conflict_do_update(
             index_elements=["event_id"],
             set_={
-                "outcome": "sending",
+                "outcome": upsert.excluded.outcome,
                 "attempts": TABLE.c.attempts + 1,
+                "last_error": func.coalesce(upsert.excluded.last_error, TABLE.c.last_error),
                 "last_attempt_at": upsert.excluded.last_attempt_at,
+                "delivered_at": upsert.excluded.delivered_at,
             },
             where=TABLE.c.outcome != "delivered",
         ),
-        [dict(zip(_ATTEMPT_COLUMNS, row, strict=True)) for row in rows],
+        [dict(zip(_COLUMNS, row, strict=True)) for row in rows],
     )

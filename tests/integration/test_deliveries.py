@@ -97,6 +97,7 @@ async def test_attempts_and_outcomes_are_recorded(
     third = await deliveries.get(n.event_id)
     assert third is not None and (third.outcome, third.attempts) == ("delivered", 3)
     assert third.delivered_at is not None and third.first_attempt_at <= third.last_attempt_at
+    assert third.last_error == second.last_error  # the last error seen stays for the record
 
 
 async def test_a_delivered_notification_is_not_sent_again(
@@ -117,12 +118,12 @@ async def test_a_store_blip_after_sending_does_not_lose_the_delivered_mark(
     record = deliveries.delivered
     calls = 0
 
-    async def blip_once(event_id: str) -> None:
+    async def blip_once(notification: Notification) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("the store went away for a moment")
-        await record(event_id)
+        await record(notification)
 
     monkeypatch.setattr(deliveries, "delivered", blip_once)
     with WebhookReceiver().running() as receiver:
@@ -131,3 +132,15 @@ async def test_a_store_blip_after_sending_does_not_lose_the_delivered_mark(
     stored = await deliveries.get(n.event_id)
     assert calls == 2
     assert stored is not None and stored.outcome == "delivered"
+
+
+async def test_an_outcome_recorded_after_the_delivery_changes_nothing(
+    deliveries: Deliveries,
+) -> None:
+    n = notification("http://127.0.0.1:9/hook")
+    await deliveries.delivered(n)
+    await deliveries.failed(n, "a late failure of another attempt", permanent=False)
+    record = await deliveries.get(n.event_id)
+    assert record is not None and (record.outcome, record.attempts) == ("delivered", 1)
+    assert record.last_error is None
+    assert await deliveries.delivered_already(n.event_id)
