@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     JSON,
     Column,
@@ -137,7 +138,7 @@ class Tracking:
     def __init__(self, engine: AsyncEngine, on_final: OnFinal | None = None) -> None:
         self._engine = engine
         self._runner = BatchRunner(engine)
-        self._results: Batcher[dict[str, Any], None] = Batcher(self._write_results)
+        self._results: Batcher[_Result, None] = Batcher(self._write_results)
         self._on_final = on_final
         self._accepted: list[Accepted] = []
         self._with_callback: set[str] = set()  # written accepted events to look at once
@@ -268,15 +269,10 @@ class Tracking:
         (redelivery, replay) changes nothing, so it needs no transaction with the inbox.
         Group-committed with the results that arrive meanwhile."""
         await self._results.submit(
-            {
-                "dataset_id": event.data.dataset_id,
-                "event_id": event.id,
-                "processed_at": event.time,
-                "summary": event.data.model_dump(mode="json"),
-            }
+            _Result(event.data.dataset_id, event.id, event.time, event.data.model_dump_json())
         )
 
-    async def _write_results(self, rows: list[dict[str, Any]]) -> list[None]:
+    async def _write_results(self, rows: list[_Result]) -> list[None]:
         await self._runner.run(lambda conn: _insert_results(conn, rows))
         return [None] * len(rows)
 
@@ -408,11 +404,30 @@ def _add_callback_columns_sync(sync: Connection) -> None:
         index.create(sync, checkfirst=True)
 
 
-def _insert_results(conn: Connection, rows: list[dict[str, Any]]) -> None:
+class _Result(NamedTuple):
+    dataset_id: str
+    event_id: str
+    processed_at: datetime
+    summary: str  # JSON
+
+
+def _insert_results(conn: Connection, rows: list[_Result]) -> None:
+    """First result wins. On SQLite one multi-row statement with the summary's JSON as it came
+    (SQLAlchemy would decode and encode it again, a row at a time)."""
+    raw = raw_sqlite(conn)
+    if raw is not None:
+        insert_rows(
+            raw,
+            results.name,
+            _Result._fields,
+            [(r.dataset_id, r.event_id, sqlite_time(r.processed_at), r.summary) for r in rows],
+            "ON CONFLICT (dataset_id) DO NOTHING",
+        )
+        return
     statement = insert_for(conn.dialect.name)(results).on_conflict_do_nothing(
         index_elements=["dataset_id"]
     )
-    conn.execute(statement, rows)
+    conn.execute(statement, [r._asdict() | {"summary": orjson.loads(r.summary)} for r in rows])
 
 
 def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
