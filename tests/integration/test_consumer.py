@@ -63,6 +63,14 @@ class Recorder:
             raise self.failures.pop(0)
         return self.returns
 
+    async def called(self, *event_ids: str, timeout: float = 10.0) -> None:
+        """Wait until the calls so far are exactly `event_ids`."""
+
+        async def seen() -> None:
+            assert self.calls == list(event_ids)
+
+        await eventually(seen, timeout=timeout)
+
 
 @asynccontextmanager
 async def running(
@@ -129,10 +137,7 @@ async def test_a_handled_message_is_acked_once(namespace: Namespace) -> None:
     ):
         await publish(pub, topo, event)
 
-        async def handled() -> None:
-            assert handler.calls == [event.id]
-
-        await eventually(handled)
+        await handler.called(event.id)
     # The consumer is gone: an unacked message would be back in the queue now.
     await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
     assert handler.calls == [event.id]
@@ -170,10 +175,7 @@ async def test_a_transient_failure_is_retried_later_through_the_broker(
     ):
         await publish(pub, topo, event)
 
-        async def retried() -> None:
-            assert handler.calls == [event.id, event.id]
-
-        await eventually(retried, timeout=10)
+        await handler.called(event.id, event.id)
     await assert_empty(
         namespace.amqp_url, [topo.queue, topo.dead_letter_queue, topo.retry_queue(1)]
     )
@@ -348,16 +350,10 @@ async def test_an_idempotent_route_skips_the_inbox_and_handles_a_repeat_again(
     ):
         await publish(pub, topo, event)
 
-        async def handled() -> None:
-            assert handler.calls == [event.id]
-
-        await eventually(handled)
+        await handler.called(event.id)
         await publish(pub, topo, event)  # a redelivery, a replay: its effect is idempotent
 
-        async def handled_again() -> None:
-            assert handler.calls == [event.id, event.id]
-
-        await eventually(handled_again)
+        await handler.called(event.id, event.id)
     await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
 
 
@@ -429,7 +425,4 @@ async def test_a_consumer_whose_queue_was_deleted_declares_it_and_consumes_again
 
         await eventually(consuming_and_bound)
 
-        async def handled() -> None:
-            assert handler.calls == [event.id]
-
-        await eventually(handled)
+        await handler.called(event.id)
