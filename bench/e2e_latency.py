@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from bench.system import (
     AMQP_URL,
     cleanup,
     courier_env,
+    cpu_seconds,
     free_port,
     new_namespace,
     start,
@@ -257,7 +258,15 @@ class System:
     name: str
     base: str
     notify_log: Path
-    processes: list[tuple[str, subprocess.Popen[bytes]]]
+    processes: dict[str, tuple[str, subprocess.Popen[bytes]]]
+    """Role → (readiness probe, process)."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """Role → CPU seconds used during the measured rounds."""
+    events: int = 0
+    """Events sent in the measured rounds."""
+
+    def cpu_now(self) -> dict[str, float | None]:
+        return {role: cpu_seconds(p.pid) for role, (_, p) in self.processes.items()}
 
 
 def start_courier(namespace: str, data: Path) -> System:
@@ -269,25 +278,23 @@ def start_courier(namespace: str, data: Path) -> System:
     )
     port = free_port()
     health = {"processor": free_port(), "notifier": free_port()}
-    processes = [
-        (
+    processes = {
+        "gateway": (
             f"http://127.0.0.1:{port}/readyz",
             start_gateway(
                 {**env, "COURIER_DATA_DIR": str(data / "gateway")}, port, data / "gateway.log"
             ),
         )
-    ]
+    }
     for service, health_port in health.items():
         service_env = {
             **env,
             "COURIER_DATA_DIR": str(data / service),
             "COURIER_HEALTH_PORT": str(health_port),
         }
-        processes.append(
-            (
-                f"http://127.0.0.1:{health_port}/readyz",
-                start_module(f"services.{service}", service_env, data / f"{service}.log"),
-            )
+        processes[service] = (
+            f"http://127.0.0.1:{health_port}/readyz",
+            start_module(f"services.{service}", service_env, data / f"{service}.log"),
         )
     return System("courier", f"http://127.0.0.1:{port}", data / "notifications.jsonl", processes)
 
@@ -311,17 +318,17 @@ def start_bare(namespace: str, data: Path) -> System:
         "processor": {"BARE_INBOUND": to_processor, "BARE_OUTBOUND": to_notifier},
         "notifier": {"BARE_INBOUND": to_notifier, "BARE_NOTIFY_LOG": str(notify_log)},
     }
-    processes = [(f"http://127.0.0.1:{port}/", gateway)]
+    processes = {"gateway": (f"http://127.0.0.1:{port}/", gateway)}
     for role, env in roles.items():
         log = data / f"bare-{role}.log"
         env = {"AMQP_URL": AMQP_URL, "BARE_ROLE": role, **env}
-        processes.append((f"log:{log}", start_module("bench.bare_pipeline", env, log)))
+        processes[role] = (f"log:{log}", start_module("bench.bare_pipeline", env, log))
     return System("bare aio-pika", f"http://127.0.0.1:{port}", notify_log, processes)
 
 
 def wait_started(system: System) -> None:
     """Every process answers its readiness URL, or (`log:<path>`) has logged `consuming`."""
-    for probe, process in system.processes:
+    for probe, process in system.processes.values():
         if not probe.startswith("log:"):
             wait_ready(probe, process=process)
             continue
@@ -359,7 +366,13 @@ async def run(
         for round_ in range(args.rounds):
             for system in systems:
                 ids = [f"{namespace}-{round_}-{k}" for k in range(int(args.rate * args.seconds))]
+                before = system.cpu_now()
                 sent = await one_round(system, clients[system.name], ids, args)
+                for role, used in system.cpu_now().items():
+                    start_ = before[role]
+                    if used is not None and start_ is not None:
+                        system.cpu[role] = system.cpu.get(role, 0.0) + used - start_
+                system.events += len(sent)
                 rounds[system.name].append(sent)
                 latencies = _latencies(sent, delivered(system.notify_log))
                 figures = (
@@ -403,7 +416,7 @@ def main(args: argparse.Namespace) -> None:
         raise
     finally:
         for system in systems:
-            for _, process in system.processes:
+            for _, process in system.processes.values():
                 stop(process)
         uvloop.run(cleanup(namespace, *bare_queues(namespace)))
         shutil.rmtree(data, ignore_errors=True)
@@ -471,6 +484,16 @@ def report(
         f"targets: p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms; "
         f"courier / bare aio-pika: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x"
     )
+    cpu = {
+        s.name: {role: used * 1000 / s.events for role, used in s.cpu.items()}
+        for s in systems
+        if s.events and s.cpu
+    }
+    if cpu:
+        print("\nCPU per event in the measured rounds (ms; the broker and the client not counted):")
+        for name, per_role in cpu.items():
+            roles = ", ".join(f"{role} {ms:.2f}" for role, ms in per_role.items())
+            print(f"  {name:<14} {roles}; total {sum(per_role.values()):.2f}")
     stage_figures = {
         name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
         for name, v in spans.items()
@@ -494,6 +517,7 @@ def report(
             "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS},
             "pooled": pooled,
             "ratio_to_bare": ratios,
+            "cpu_ms_per_event": cpu,
             "stages_ms": stage_figures,
         },
     )

@@ -96,6 +96,15 @@ def _popen(command: list[str], env: Mapping[str, str], log: Path | None) -> subp
         )
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc; None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_ready(
     url: str, timeout: float = 30, process: subprocess.Popen[bytes] | None = None
 ) -> None:
