@@ -120,6 +120,9 @@ results = Table(
 )
 
 ACCEPT_BATCH_SECONDS = 0.05
+RESULTS_LINGER_SECONDS = 0.02
+"""Results wait this long for others to share their commit: a result is served a few ms later,
+and at a steady rate the store's thread wakes once per interval instead of once per result."""
 PRUNE_BATCH = 5_000
 _ACCEPTED_INDEX = next(i for i in events.indexes if i.name == "ix_tracking_events_accepted")
 
@@ -138,7 +141,9 @@ class Tracking:
     def __init__(self, engine: AsyncEngine, on_final: OnFinal | None = None) -> None:
         self._engine = engine
         self._runner = BatchRunner(engine)
-        self._results: Batcher[_Result, None] = Batcher(self._write_results)
+        self._results: Batcher[_Result, None] = Batcher(
+            self._write_results, linger=RESULTS_LINGER_SECONDS
+        )
         self._on_final = on_final
         self._accepted: list[Accepted] = []
         self._with_callback: set[str] = set()  # written accepted events to look at once

@@ -3,6 +3,11 @@
 The first call runs at once; calls that arrive while a batch is running wait for it and then go
 together as the next batch. Under load, N concurrent handlers cost one round trip to the store
 instead of N, and a quiet service pays nothing extra.
+
+Work that nobody waits for in a hurry can `linger`: the first call of a batch then waits that
+long for others to join it (PostgreSQL's `commit_delay`, Kafka's `linger.ms`). At a steady
+rate, where calls arrive one at a time, that turns a store round trip per call into one per
+interval.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ Out = TypeVar("Out")
 
 class Batcher(Generic[In, Out]):
     def __init__(
-        self, run: Callable[[list[In]], Awaitable[Sequence[Out]]], max_size: int = 500
+        self,
+        run: Callable[[list[In]], Awaitable[Sequence[Out]]],
+        max_size: int = 500,
+        linger: float = 0.0,
     ) -> None:
         self._run = run
         self._max_size = max_size
+        self._linger = linger
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -32,6 +41,8 @@ class Batcher(Generic[In, Out]):
         return await future
 
     async def _drain(self) -> None:
+        if self._linger:
+            await asyncio.sleep(self._linger)
         while self._pending:
             batch = self._pending[: self._max_size]
             del self._pending[: self._max_size]

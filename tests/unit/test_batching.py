@@ -1,0 +1,69 @@
+"""Group commit: concurrent calls share batches, a quiet call does not wait, failures reach
+every caller of their batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.messaging.batching import Batcher
+
+
+class Store:
+    """Records each batch it is given; optionally slow, optionally failing once."""
+
+    def __init__(self, seconds: float = 0.0, fail_first: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.seconds = seconds
+        self.fail_first = fail_first
+
+    async def write(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await asyncio.sleep(self.seconds)
+        if self.fail_first and len(self.batches) == 1:
+            raise OSError("the disk is away")
+        return [item * 10 for item in items]
+
+
+async def test_calls_that_arrive_during_a_batch_go_together_as_the_next_one() -> None:
+    store = Store(seconds=0.05)
+    batcher = Batcher(store.write)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.01)  # the first batch is running
+    results = await asyncio.gather(first, *(batcher.submit(n) for n in (2, 3, 4)))
+    assert results == [10, 20, 30, 40]
+    assert store.batches == [[1], [2, 3, 4]]
+
+
+async def test_a_quiet_call_runs_at_once() -> None:
+    store = Store()
+    batcher = Batcher(store.write)
+    started = time.monotonic()
+    assert await batcher.submit(7) == 70
+    assert time.monotonic() - started < 0.05
+    assert store.batches == [[7]]
+
+
+async def test_with_a_linger_calls_arriving_within_it_share_one_batch() -> None:
+    store = Store()
+    batcher = Batcher(store.write, linger=0.1)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.03)  # one at a time, as at a steady rate
+    second = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.03)
+    assert list(await asyncio.gather(first, second, batcher.submit(3))) == [10, 20, 30]
+    assert store.batches == [[1, 2, 3]]
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_runs() -> None:
+    store = Store(seconds=0.05, fail_first=True)
+    batcher = Batcher(store.write)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    later = asyncio.ensure_future(batcher.submit(2))
+    with pytest.raises(OSError, match="the disk is away"):
+        await first
+    assert await later == 20
+    assert store.batches == [[1], [2]]
