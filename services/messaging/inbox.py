@@ -71,13 +71,19 @@ class Cancelled:
 
 
 class Inbox:
-    def __init__(self, engine: AsyncEngine, service: str) -> None:
+    def __init__(self, engine: AsyncEngine, service: str, commit_delay: float = 0.0) -> None:
+        """`commit_delay`: seconds a record waits for others to share its commit. Nothing waits
+        for the record but the delivery's ack (a handler's follow-ups are published meanwhile),
+        and at a steady rate it turns a commit per event into one per interval; the price is
+        that a crash within the interval redelivers those events, whose handlers run again."""
         self._engine = engine
         self._runner = BatchRunner(engine)
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(self._lookup_many)
-        self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(self._record_many)
+        self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(
+            self._record_many, linger=commit_delay
+        )
         self._component = f"{service}.inbox"
         self._reader: _SqliteReads | None = None
         self._wanted: list[tuple[str, asyncio.Future[Handled | Cancelled | _Busy | None]]] = []

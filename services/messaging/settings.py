@@ -133,6 +133,12 @@ class ConsumerSettings(CourierSettings):
     inbox_retention_hours: float = Field(
         default=168.0, gt=0, description="How long handled event ids are remembered."
     )
+    inbox_commit_delay_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="How long a handled event's inbox record waits for others to share its commit.",
+    )
     permanent_errors: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="Exception types (dotted names, comma-separated) never retried.",
