@@ -39,6 +39,7 @@ from contracts.envelope import Envelope
 from contracts.events import Event
 from services.messaging.batching import Batcher
 from services.messaging.logs import get_logger
+from services.messaging.publisher import event_body
 from services.messaging.store import (
     BatchRunner,
     Migration,
@@ -55,6 +56,12 @@ from services.messaging.store import (
 log = get_logger("inbox")
 
 _FOLLOW_UPS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+
+def _as_json(follow_ups: Sequence[Envelope]) -> bytes:
+    """The follow-ups as a JSON array, each by its own model's serializer (what `_FOLLOW_UPS`
+    writes, at half the cost of the union's dispatch)."""
+    return b"[" + b",".join([event_body(event) for event in follow_ups]) + b"]"
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class Inbox:
 
     async def remember(self, event: Envelope, follow_ups: Sequence[Envelope]) -> bool:
         """Record `event` as handled (group-committed with others); False if it already was."""
-        payload = _FOLLOW_UPS.dump_json(list(follow_ups)) if follow_ups else None  # type: ignore[arg-type]
+        payload = _as_json(follow_ups) if follow_ups else None
         return await self._records.submit((event, payload))
 
     async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:
@@ -226,7 +233,7 @@ class Inbox:
         self, conn: AsyncConnection, event: Envelope, follow_ups: Sequence[Envelope]
     ) -> bool:
         """Record `event` as handled inside `conn`'s transaction; False if it already was."""
-        payload = _FOLLOW_UPS.dump_json(list(follow_ups))  # type: ignore[arg-type]
+        payload = _as_json(follow_ups)
         try:
             async with conn.begin_nested():
                 await conn.execute(
