@@ -268,6 +268,14 @@ class System:
     def cpu_now(self) -> dict[str, float | None]:
         return {role: cpu_seconds(p.pid) for role, (_, p) in self.processes.items()}
 
+    def charge(self, before: dict[str, float | None], events: int) -> None:
+        """Add the CPU used since `before` (a `cpu_now`) by a measured round of `events`."""
+        for role, used in self.cpu_now().items():
+            start_ = before[role]
+            if used is not None and start_ is not None:
+                self.cpu[role] = self.cpu.get(role, 0.0) + used - start_
+        self.events += events
+
 
 def start_courier(namespace: str, data: Path) -> System:
     env = courier_env(
@@ -342,12 +350,12 @@ def wait_started(system: System) -> None:
 
 async def one_round(
     system: System, http: Http, ids: Sequence[str], args: argparse.Namespace
-) -> list[Sent]:
-    """Send `ids` at the rate and wait until their notifications are in the system's log."""
+) -> tuple[list[Sent], dict[str, float]]:
+    """Send `ids` at the rate and wait until their notifications are in the system's log; what
+    was sent, and the log's notifications (id → `delivered_at`)."""
     sent = await send_at_rate(http, ids, args.rate, args.records)
     accepted = {derived_event_id(s.event_id, "dataset.processed") for s in sent if s.status == 202}
-    await drain(system.notify_log, accepted, DRAIN_SECONDS)
-    return sent
+    return sent, await drain(system.notify_log, accepted, DRAIN_SECONDS)
 
 
 async def run(
@@ -367,14 +375,10 @@ async def run(
             for system in systems:
                 ids = [f"{namespace}-{round_}-{k}" for k in range(int(args.rate * args.seconds))]
                 before = system.cpu_now()
-                sent = await one_round(system, clients[system.name], ids, args)
-                for role, used in system.cpu_now().items():
-                    start_ = before[role]
-                    if used is not None and start_ is not None:
-                        system.cpu[role] = system.cpu.get(role, 0.0) + used - start_
-                system.events += len(sent)
+                sent, notified_now = await one_round(system, clients[system.name], ids, args)
+                system.charge(before, len(sent))
                 rounds[system.name].append(sent)
-                latencies = _latencies(sent, delivered(system.notify_log))
+                latencies = _latencies(sent, notified_now)
                 figures = (
                     ", ".join(f"p{p} {percentile(latencies, p):.1f} ms" for p in (50, 90, 99))
                     if latencies

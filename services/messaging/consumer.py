@@ -406,17 +406,18 @@ class Consumer:
                         raise _AlreadyHandled
                 return follow_ups
 
-            follow_ups = await route.retry.call(stateful)
-            try:
-                await self._publish_follow_ups(follow_ups)
-            except Exception as exc:
-                raise _NotSettled(f"publishing the follow-ups failed: {exc!r}") from exc
+            await self._publish_handled(await route.retry.call(stateful))
             return
         produced = await route.retry.call(lambda: route.handler(event))
         follow_ups = [with_cause(e, event) for e in produced or ()]
-        if not route.idempotent:
+        if route.idempotent:
+            await self._publish_handled(follow_ups)
+        else:
             await self._record_and_publish(event, follow_ups)
-            return
+
+    async def _publish_handled(self, follow_ups: Sequence[Envelope]) -> None:
+        """Publish the follow-ups of a handled event: a failure now is the infrastructure's,
+        not the handler's, which must not run again (`_NotSettled`)."""
         try:
             await self._publish_follow_ups(follow_ups)
         except Exception as exc:
