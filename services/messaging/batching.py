@@ -7,12 +7,14 @@ instead of N, and a quiet service pays nothing extra.
 Work that nobody waits for in a hurry can `linger`: the first call of a batch then waits that
 long for others to join it (PostgreSQL's `commit_delay`, Kafka's `linger.ms`). At a steady
 rate, where calls arrive one at a time, that turns a store round trip per call into one per
-interval.
+interval. A caller that knows nobody else can join (a consumer whose whole prefetch window
+waits for its records) ends the linger early with `run_now`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -32,6 +34,7 @@ class Batcher(Generic[In, Out]):
         self._linger = linger
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
 
     async def submit(self, item: In) -> Out:
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
@@ -40,10 +43,17 @@ class Batcher(Generic[In, Out]):
             self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
+    def run_now(self) -> None:
+        """End the linger: what is pending goes as the next batch as soon as it can."""
+        self._hurry.set()
+
     async def _drain(self) -> None:
-        if self._linger:
-            await asyncio.sleep(self._linger)
         while self._pending:
+            if self._linger and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        await self._hurry.wait()
+            self._hurry.clear()
             batch = self._pending[: self._max_size]
             del self._pending[: self._max_size]
             try:

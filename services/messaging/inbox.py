@@ -200,34 +200,41 @@ class Inbox:
         payload = _as_json(follow_ups) if follow_ups else None
         return await self._records.submit((event, payload))
 
+    def commit_now(self) -> None:
+        """Commit the pending records without waiting out the commit delay: the caller knows
+        that no other record can join them (its deliveries all wait for theirs)."""
+        self._records.run_now()
+
     async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:
         now = datetime.now(UTC)
-        rows = [
-            {"event_id": e.id, "event_type": e.type, "handled_at": now, "follow_ups": payload}
-            for e, payload in items
-        ]
-        inserted = await self._runner.run(lambda conn: self._insert_new(conn, rows, now))
+        if self._runner.sqlite:
+            at = sqlite_time(now)
+            values = [(e.id, e.type, at, payload) for e, payload in items]
+            inserted = await self._runner.run_autocommit(lambda raw: self._insert_new(raw, values))
+        else:
+            rows = [
+                {"event_id": e.id, "event_type": e.type, "handled_at": now, "follow_ups": payload}
+                for e, payload in items
+            ]
+            inserted = await self._runner.run(lambda conn: _insert_core(conn, self._table, rows))
         # Within one batch an id appears once: the consumer serialises deliveries of an id.
         return [e.id in inserted for e, _ in items]
 
-    def _insert_new(self, conn: Connection, rows: list[dict[str, Any]], now: datetime) -> set[str]:
-        """Insert the rows whose event id is new; the ids inserted."""
-        table = self._table
-        raw = raw_sqlite(conn)
-        if raw is None:
-            return _insert_core(conn, table, rows)
-        ids = {row["event_id"] for row in rows}
-        values = [
-            (r["event_id"], r["event_type"], sqlite_time(r["handled_at"]), r["follow_ups"])
-            for r in rows
-        ]
-        columns = ("event_id", "event_type", "handled_at", "follow_ups")
-        if insert_rows(raw, table.name, columns, values, _NEW_ONLY) == len(rows):
-            return ids
+    def _insert_new(self, raw: sqlite3.Connection, values: list[tuple[Any, ...]]) -> set[str]:
+        """Insert the rows whose event id is new, in one autocommit statement; the ids
+        inserted."""
+        table = self._table.name
+        if insert_rows(raw, table, _COLUMNS, values, _NEW_ONLY) == len(values):
+            return {row[0] for row in values}
         # Some id existed already (a duplicate handled meanwhile by another process): the rows
         # this batch inserted are the ones with its timestamp.
-        ours = select(table.c.event_id).where(table.c.event_id.in_(ids), table.c.handled_at == now)
-        return set(conn.execute(ours).scalars())
+        ids = [row[0] for row in values]
+        marks = ",".join("?" * len(ids))
+        ours = raw.execute(
+            f'SELECT event_id FROM "{table}" WHERE handled_at = ? AND event_id IN ({marks})',  # noqa: S608  # names from code, values bound
+            [values[0][2], *ids],
+        )
+        return {event_id for (event_id,) in ours}
 
     async def record(
         self, conn: AsyncConnection, event: Envelope, follow_ups: Sequence[Envelope]
@@ -287,6 +294,7 @@ class Inbox:
 # each hand-back can wait out a switch interval.
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
+_COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups")
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 

@@ -58,7 +58,9 @@ def store_url(database_url: str | None, data_dir: Path, service: str) -> str:
     return database_url
 
 
-def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+def _sqlite_pragmas(
+    dbapi_connection: DBAPIConnection | sqlite3.Connection, _: ConnectionPoolEntry | None
+) -> None:
     # WAL lets readers run beside the writer. FULL syncs every commit: a store may hold the only
     # copy of something the broker no longer has (a drained dead letter, a claimed idempotency
     # key), so a commit must survive a power loss, not only a process crash. Group commits keep
@@ -166,11 +168,16 @@ class BatchRunner:
         self._engine = engine
         self._sync: Engine | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._autocommit: sqlite3.Connection | None = None
         if engine.dialect.name == "sqlite":
             url = engine.url.set(drivername="sqlite")
             self._sync = create_engine(url, poolclass=SingletonThreadPool)
             event.listen(self._sync, "connect", _sqlite_pragmas)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="courier-sqlite")
+
+    @property
+    def sqlite(self) -> bool:
+        return self._sync is not None
 
     async def run(self, work: Callable[[Connection], T]) -> T:
         if self._sync is None:
@@ -182,15 +189,39 @@ class BatchRunner:
             with sync.begin() as conn:
                 return work(conn)
 
+        return await self._in_thread(in_transaction)
+
+    async def run_autocommit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in the store's thread on a plain sqlite3 connection in autocommit mode
+        (SQLite only): each statement is its own transaction, committed and synced before
+        `execute` returns. For a batch that is one statement, that is one hand-back of the GIL
+        to the busy event loop, where a SQLAlchemy transaction around the same statement costs
+        several (check-out, BEGIN, COMMIT, reset), each able to wait out a switch interval."""
+        assert self._sync is not None, "run_autocommit is for SQLite stores"
+        database = str(self._sync.url.database)
+
+        def autocommit() -> T:
+            if self._autocommit is None:
+                raw = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+                _sqlite_pragmas(raw, None)
+                self._autocommit = raw
+            return work(self._autocommit)
+
+        return await self._in_thread(autocommit)
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
         if self._thread is None:
             raise RuntimeError("the store was closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, in_transaction)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
 
     def close(self) -> None:
         thread, sync = self._thread, self._sync
         self._thread = None
         if thread is not None and sync is not None:
             thread.submit(sync.dispose).result()
+            if self._autocommit is not None:
+                thread.submit(self._autocommit.close).result()
+                self._autocommit = None
             thread.shutdown(wait=True)
 
 

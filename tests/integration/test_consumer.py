@@ -32,7 +32,7 @@ from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, Unroutable
-from services.messaging.inbox import Inbox
+from services.messaging.inbox import Handled, Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
@@ -335,6 +335,31 @@ async def test_a_duplicate_in_flight_waits_for_the_original_instead_of_running_b
         await eventually(both_settled)
     assert calls == [event.id]
     await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
+
+
+async def test_half_a_prefetch_window_of_records_is_committed_without_the_commit_delay(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder()
+    events = [notification(str(i)) for i in range(4)]  # half of the prefetch of 8
+    store = tempfile.TemporaryDirectory()
+    engine = open_store(f"sqlite+aiosqlite:///{store.name}/inbox.sqlite3")
+    inbox = Inbox(engine, "notifier", commit_delay=60)  # a delay no test outlives
+    await inbox.start()
+    try:
+        routes = {"notification.requested": route(handler)}
+        async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
+            await asyncio.gather(*(publish(pub, topo, event) for event in events))
+
+            async def all_recorded_and_acked() -> None:
+                for event in events:
+                    assert isinstance(await inbox.lookup(event.id), Handled)
+                await assert_empty(namespace.amqp_url, [topo.queue])
+
+            await eventually(all_recorded_and_acked, timeout=10)
+    finally:
+        await engine.dispose()
+        store.cleanup()
 
 
 async def test_an_idempotent_route_skips_the_inbox_and_handles_a_repeat_again(

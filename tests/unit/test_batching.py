@@ -57,6 +57,28 @@ async def test_with_a_linger_calls_arriving_within_it_share_one_batch() -> None:
     assert store.batches == [[1, 2, 3]]
 
 
+async def test_every_batch_lingers_not_only_the_first() -> None:
+    store = Store(seconds=0.05)
+    batcher = Batcher(store.write, linger=0.1)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.12)  # the first batch is being written
+    second = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.06)  # written; the next one lingers for company
+    third = asyncio.ensure_future(batcher.submit(3))
+    assert list(await asyncio.gather(first, second, third)) == [10, 20, 30]
+    assert store.batches == [[1], [2, 3]]
+
+
+async def test_run_now_ends_the_linger() -> None:
+    store = Store()
+    batcher = Batcher(store.write, linger=10.0)
+    pending = asyncio.ensure_future(asyncio.gather(batcher.submit(1), batcher.submit(2)))
+    await asyncio.sleep(0.01)
+    batcher.run_now()
+    assert list(await asyncio.wait_for(pending, 1.0)) == [10, 20]
+    assert store.batches == [[1, 2]]
+
+
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_runs() -> None:
     store = Store(seconds=0.05, fail_first=True)
     batcher = Batcher(store.write)
