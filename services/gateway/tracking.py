@@ -15,6 +15,7 @@ before the gateway wrote down that it accepted it).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -278,7 +279,10 @@ class Tracking:
         )
 
     async def _write_results(self, rows: list[_Result]) -> list[None]:
-        await self._runner.run(lambda conn: _insert_results(conn, rows))
+        if self._runner.sqlite:  # one autocommit statement: see BatchRunner.run_autocommit
+            await self._runner.run_autocommit(lambda raw: _insert_results_sqlite(raw, rows))
+        else:
+            await self._runner.run(lambda conn: _insert_results(conn, rows))
         return [None] * len(rows)
 
     async def result(self, dataset_id: str) -> dict[str, Any] | None:
@@ -416,19 +420,20 @@ class _Result(NamedTuple):
     summary: str  # JSON
 
 
-def _insert_results(conn: Connection, rows: list[_Result]) -> None:
-    """First result wins. On SQLite one multi-row statement with the summary's JSON as it came
+def _insert_results_sqlite(raw: sqlite3.Connection, rows: list[_Result]) -> None:
+    """First result wins: one multi-row statement with the summary's JSON as it came
     (SQLAlchemy would decode and encode it again, a row at a time)."""
-    raw = raw_sqlite(conn)
-    if raw is not None:
-        insert_rows(
-            raw,
-            results.name,
-            _Result._fields,
-            [(r.dataset_id, r.event_id, sqlite_time(r.processed_at), r.summary) for r in rows],
-            "ON CONFLICT (dataset_id) DO NOTHING",
-        )
-        return
+    insert_rows(
+        raw,
+        results.name,
+        _Result._fields,
+        [(r.dataset_id, r.event_id, sqlite_time(r.processed_at), r.summary) for r in rows],
+        "ON CONFLICT (dataset_id) DO NOTHING",
+    )
+
+
+def _insert_results(conn: Connection, rows: list[_Result]) -> None:
+    """First result wins (SQLite: `_insert_results_sqlite`)."""
     statement = insert_for(conn.dialect.name)(results).on_conflict_do_nothing(
         index_elements=["dataset_id"]
     )

@@ -119,7 +119,13 @@ class Deliveries:
 
     async def _record_many(self, outcomes: list[_Outcome]) -> list[None]:
         now = datetime.now(UTC)
-        await self._runner.run(lambda conn: _record_outcomes(conn, outcomes, now))
+        if self._runner.sqlite:  # one autocommit statement: see BatchRunner.run_autocommit
+            rows = _rows(outcomes, sqlite_time(now))
+            await self._runner.run_autocommit(
+                lambda raw: insert_rows(raw, TABLE.name, _COLUMNS, rows, _COUNT_AGAIN)
+            )
+        else:
+            await self._runner.run(lambda conn: _upsert_outcomes(conn, _rows(outcomes, now)))
         return [None] * len(outcomes)
 
     async def get(self, event_id: str) -> Delivery | None:
@@ -185,11 +191,10 @@ def _is_delivered_in(conn: Connection, event_id: str) -> bool:
     return conn.execute(query).first() is not None
 
 
-def _record_outcomes(conn: Connection, outcomes: list[_Outcome], now: datetime) -> None:
-    """One batch of finished attempts: a first attempt inserts its row, a later one counts."""
-    raw = raw_sqlite(conn)
-    at: datetime | str = now if raw is None else sqlite_time(now)
-    rows: list[tuple[Any, ...]] = [
+def _rows(outcomes: list[_Outcome], at: datetime | str) -> list[tuple[Any, ...]]:
+    """One batch of finished attempts as rows: a first attempt inserts its row, a later one
+    counts (`_COUNT_AGAIN`)."""
+    return [
         (
             o.notification.event_id,
             o.notification.channel,
@@ -203,9 +208,9 @@ def _record_outcomes(conn: Connection, outcomes: list[_Outcome], now: datetime) 
         )
         for o in outcomes
     ]
-    if raw is not None:
-        insert_rows(raw, TABLE.name, _COLUMNS, rows, _COUNT_AGAIN)
-        return
+
+
+def _upsert_outcomes(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     upsert = insert_for(conn.dialect.name)(TABLE)
     conn.execute(
         upsert.on_conflict_do_update(

@@ -74,6 +74,34 @@ async def test_look_ups_made_together_each_get_their_own_answer(inbox: Inbox) ->
     assert found[0] is not None and found[0].event_id == handled.id
 
 
+async def test_events_remembered_together_are_committed_with_their_follow_ups(
+    inbox: Inbox,
+) -> None:
+    events = [an_event() for _ in range(5)]
+    follow_up = DatasetProcessed(
+        id=derived_event_id(events[0].id, "dataset.processed"),
+        data=DatasetProcessedData(dataset_id=events[0].id, name="n", record_count=0, fields={}),
+    )
+    remembered = await asyncio.gather(
+        *(inbox.remember(e, [follow_up] if e is events[0] else []) for e in events)
+    )
+    assert remembered == [True] * 5
+    found = [await inbox.lookup(e.id) for e in events]
+    assert all(isinstance(f, Handled) for f in found)
+    assert [f.follow_ups for f in found if isinstance(f, Handled)][:2] == [(follow_up,), ()]
+
+
+async def test_remembering_an_event_handled_meanwhile_elsewhere_refuses_only_that_one(
+    inbox: Inbox,
+) -> None:
+    elsewhere, ours = an_event(), an_event()
+    async with inbox.transaction() as conn:  # another process recorded it in the meantime
+        assert await inbox.record(conn, elsewhere, [])
+    remembered = await asyncio.gather(inbox.remember(elsewhere, []), inbox.remember(ours, []))
+    assert list(remembered) == [False, True]
+    assert isinstance(await inbox.lookup(ours.id), Handled)
+
+
 async def test_recording_twice_is_refused_and_rolls_back_only_the_duplicate(
     inbox: Inbox, engine: AsyncEngine
 ) -> None:
