@@ -5,7 +5,7 @@ prefetch, interleaved over several rounds in one run (the machine is shared and 
 the ratio of the medians means something). Courier runs its real path: validation, the inbox
 (SQLite file), status reporting, ack after success, with a no-op handler.
 
-    python -m bench.consumer [--events 20000] [--prefetch 100] [--rounds 3]
+    python -m bench.consumer [--events 20000] [--prefetch 100] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--prefetch", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     # The loop the services run on (services.messaging.runtime); the bare loop shares it.
     uvloop.run(main(args.events, args.prefetch, args.rounds))
