@@ -134,7 +134,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             broker = BrokerLink(settings)  # connects only once started, below
             callbacks = Callbacks(engine, broker.publisher, events_exchange(settings.namespace))
             stack.callback(callbacks.close)
-            tracking = Tracking(engine, on_final=callbacks.publish_settled)
+            tracking = Tracking(
+                engine,
+                on_final=callbacks.publish_settled,
+                results_batch=PROJECTION_PREFETCH // 2,
+            )
             keys = IdempotencyKeys(
                 engine,
                 ttl=timedelta(hours=settings.idempotency_ttl_hours),

@@ -139,11 +139,16 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 class Tracking:
-    def __init__(self, engine: AsyncEngine, on_final: OnFinal | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, on_final: OnFinal | None = None, results_batch: int = 32
+    ) -> None:
+        """`results_batch`: results per commit, at most; a full batch does not linger. Half
+        the prefetch of the consumer that delivers them, so that under load half its window
+        commits while the other half arrives, and the linger never caps the rate."""
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._results: Batcher[_Result, None] = Batcher(
-            self._write_results, linger=RESULTS_LINGER_SECONDS
+            self._write_results, max_size=results_batch, linger=RESULTS_LINGER_SECONDS
         )
         self._on_final = on_final
         self._accepted: list[Accepted] = []

@@ -79,6 +79,14 @@ async def test_run_now_ends_the_linger() -> None:
     assert store.batches == [[1, 2]]
 
 
+async def test_a_full_batch_does_not_wait_out_the_linger() -> None:
+    store = Store()
+    batcher = Batcher(store.write, max_size=2, linger=10.0)
+    full = asyncio.gather(batcher.submit(1), batcher.submit(2))
+    assert list(await asyncio.wait_for(full, 1.0)) == [10, 20]
+    assert store.batches == [[1, 2]]
+
+
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_runs() -> None:
     store = Store(seconds=0.05, fail_first=True)
     batcher = Batcher(store.write)
