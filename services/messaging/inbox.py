@@ -202,7 +202,7 @@ class Inbox:
 
     def commit_now(self) -> None:
         """Commit the pending records without waiting out the commit delay: the caller knows
-        that no other record can join them (its deliveries all wait for theirs)."""
+        that waiting for company would only idle (half its prefetch window waits for them)."""
         self._records.run_now()
 
     async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:

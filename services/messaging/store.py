@@ -202,7 +202,7 @@ class BatchRunner:
 
         def autocommit() -> T:
             if self._autocommit is None:
-                raw = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+                raw = sqlite3.connect(database, isolation_level=None)  # this thread's own
                 _sqlite_pragmas(raw, None)
                 self._autocommit = raw
             return work(self._autocommit)
