@@ -30,7 +30,12 @@ async def open_deliveries(stack: AsyncExitStack, settings: NotifierSettings) -> 
     """The deliveries record in the service's own store, pruned hourly."""
     engine = open_store(store_url(settings.database_url, settings.data_dir, SERVICE))
     stack.push_async_callback(engine.dispose)
-    deliveries = Deliveries(engine)
+    deliveries = Deliveries(
+        engine,
+        commit_delay=settings.deliveries_commit_delay_ms / 1000,
+        # A full batch goes at once: half the work queue's prefetch window (as the inbox).
+        batch=max(1, settings.prefetch // 2),
+    )
     stack.callback(deliveries.close)
     await deliveries.start()
     retention = timedelta(days=settings.delivery_retention_days)

@@ -85,10 +85,15 @@ class Deliveries:
     """Outcomes are group-committed: notifications that finish at the same time share one
     transaction (and one fsync) instead of queueing for the store one by one."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, commit_delay: float = 0.0, batch: int = 500) -> None:
+        """`commit_delay`: seconds an outcome waits for others to share its commit (only the
+        delivery's ack waits for it); a crash within it can send that notification again.
+        `batch`: outcomes per commit, at most; a full batch does not wait."""
         self._engine = engine
         self._runner = BatchRunner(engine)
-        self._outcomes: Batcher[_Outcome, None] = Batcher(self._record_many)
+        self._outcomes: Batcher[_Outcome, None] = Batcher(
+            self._record_many, max_size=batch, linger=commit_delay
+        )
         self._reader: sqlite3.Connection | None = None
 
     async def start(self) -> None:

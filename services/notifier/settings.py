@@ -38,6 +38,13 @@ class NotifierSettings(ConsumerSettings):
     delivery_retention_days: float = Field(
         default=30.0, gt=0, description="How long the deliveries record keeps a notification."
     )
+    deliveries_commit_delay_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="How long a finished notification's outcome waits for others to share its "
+        "commit.",
+    )
 
     # --- webhook ---------------------------------------------------------------------------
     webhook_secret: SecretStr | None = Field(

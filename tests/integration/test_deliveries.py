@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -144,3 +145,20 @@ async def test_an_outcome_recorded_after_the_delivery_changes_nothing(
     assert record is not None and (record.outcome, record.attempts) == ("delivered", 1)
     assert record.last_error is None
     assert await deliveries.delivered_already(n.event_id)
+
+
+async def test_a_full_batch_of_outcomes_is_committed_without_the_commit_delay(
+    tmp_path: Path,
+) -> None:
+    engine = open_store(store_url(None, tmp_path, "lingering"))
+    record = Deliveries(engine, commit_delay=60, batch=2)  # a delay no test outlives
+    await record.start()
+    try:
+        first, second = notification("http://a.test/"), notification("http://b.test/")
+        async with asyncio.timeout(10):
+            await asyncio.gather(record.delivered(first), record.delivered(second))
+        assert await record.delivered_already(first.event_id)
+        assert await record.delivered_already(second.event_id)
+    finally:
+        record.close()
+        await engine.dispose()
