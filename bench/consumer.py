@@ -96,7 +96,12 @@ async def courier(url: str, namespace: str, total: int, prefetch: int, store: Pa
     await publisher.connect()
     connection = await aio_pika.connect_robust(url)
     engine = open_store(f"sqlite+aiosqlite:///{store}/{uuid.uuid4().hex}.sqlite3")
-    inbox = Inbox(engine, "notifier", commit_delay=settings.inbox_commit_delay_ms / 1000)
+    inbox = Inbox(  # as services.messaging.runtime opens it
+        engine,
+        "notifier",
+        commit_delay=settings.inbox_commit_delay_ms / 1000,
+        batch=max(1, prefetch // 2),
+    )
     await inbox.start()
     reporter = StatusReporter("notifier", publisher, topology.events_exchange)
     reporter.start()

@@ -7,9 +7,8 @@ instead of N, and a quiet service pays nothing extra.
 Work that nobody waits for in a hurry can `linger`: the first call of a batch then waits that
 long for others to join it (PostgreSQL's `commit_delay`, Kafka's `linger.ms`). At a steady
 rate, where calls arrive one at a time, that turns a store round trip per call into one per
-interval. A full batch (`max_size`) goes at once, and a caller that knows no more calls are
-coming soon (a consumer with half its prefetch window waiting for its records) ends the linger
-early with `run_now`.
+interval. A full batch (`max_size`) goes at once: sized to half a consumer's prefetch window,
+the linger then never holds back a loaded consumer.
 """
 
 from __future__ import annotations
@@ -35,28 +34,24 @@ class Batcher(Generic[In, Out]):
         self._linger = linger
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._task: asyncio.Task[None] | None = None
-        self._hurry = asyncio.Event()
+        self._full = asyncio.Event()  # ends a linger
 
     async def submit(self, item: In) -> Out:
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if len(self._pending) == self._max_size:
-            self._hurry.set()  # a full batch waits for nobody
+            self._full.set()  # a full batch waits for nobody
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
-    def run_now(self) -> None:
-        """End the linger: what is pending goes as the next batch as soon as it can."""
-        self._hurry.set()
-
     async def _drain(self) -> None:
         while self._pending:
-            if self._linger and len(self._pending) < self._max_size and not self._hurry.is_set():
+            if self._linger and len(self._pending) < self._max_size:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._linger):
-                        await self._hurry.wait()
-            self._hurry.clear()
+                        await self._full.wait()
+            self._full.clear()
             batch = self._pending[: self._max_size]
             del self._pending[: self._max_size]
             try:

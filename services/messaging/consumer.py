@@ -147,8 +147,6 @@ class Consumer:
         self._resubscribing: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._in_flight = 0
-        # Records since the consumer last told the inbox to commit without its delay.
-        self._unhurried = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._infrastructure_failures = 0
         self._one_at_a_time = _OneAtATime()
@@ -433,13 +431,6 @@ class Consumer:
         remember = self._inbox.remember(event, follow_ups)
         recorded: bool | BaseException
         published: BaseException | None = None
-        self._unhurried += 1
-        if self._unhurried * 2 >= self._prefetch:
-            # Half the prefetch window waits for its records: commit them without the delay,
-            # while the other half is delivered and handled (the window keeps moving, as with
-            # double buffering); waiting for company would only idle.
-            self._unhurried = 0
-            self._inbox.commit_now()
         if follow_ups:
             recorded, published = await asyncio.gather(
                 remember, self._publish_follow_ups(follow_ups), return_exceptions=True

@@ -78,18 +78,24 @@ class Cancelled:
 
 
 class Inbox:
-    def __init__(self, engine: AsyncEngine, service: str, commit_delay: float = 0.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, service: str, commit_delay: float = 0.0, batch: int = 500
+    ) -> None:
         """`commit_delay`: seconds a record waits for others to share its commit. Nothing waits
         for the record but the delivery's ack (a handler's follow-ups are published meanwhile),
         and at a steady rate it turns a commit per event into one per interval; the price is
-        that a crash within the interval redelivers those events, whose handlers run again."""
+        that a crash within the interval redelivers those events, whose handlers run again.
+        `batch`: records per commit, at most; a full batch does not wait. Half the consumer's
+        prefetch window: under load one half commits while the other half is delivered and
+        handled, where waiting out the delay would idle the whole window (the broker sends
+        nothing more until acks go out)."""
         self._engine = engine
         self._runner = BatchRunner(engine)
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(self._lookup_many)
         self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(
-            self._record_many, linger=commit_delay
+            self._record_many, max_size=batch, linger=commit_delay
         )
         self._component = f"{service}.inbox"
         self._reader: _SqliteReads | None = None
@@ -199,11 +205,6 @@ class Inbox:
         """Record `event` as handled (group-committed with others); False if it already was."""
         payload = _as_json(follow_ups) if follow_ups else None
         return await self._records.submit((event, payload))
-
-    def commit_now(self) -> None:
-        """Commit the pending records without waiting out the commit delay: the caller knows
-        that waiting for company would only idle (half its prefetch window waits for them)."""
-        self._records.run_now()
 
     async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:
         now = datetime.now(UTC)

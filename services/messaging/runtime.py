@@ -117,7 +117,12 @@ async def _watch(
 async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
-    inbox = Inbox(engine, service, commit_delay=settings.inbox_commit_delay_ms / 1000)
+    inbox = Inbox(
+        engine,
+        service,
+        commit_delay=settings.inbox_commit_delay_ms / 1000,
+        batch=max(1, settings.prefetch // 2),
+    )
     stack.callback(inbox.close)
     await inbox.start()
     retention = timedelta(hours=settings.inbox_retention_hours)

@@ -344,7 +344,8 @@ async def test_half_a_prefetch_window_of_records_is_committed_without_the_commit
     events = [notification(str(i)) for i in range(4)]  # half of the prefetch of 8
     store = tempfile.TemporaryDirectory()
     engine = open_store(f"sqlite+aiosqlite:///{store.name}/inbox.sqlite3")
-    inbox = Inbox(engine, "notifier", commit_delay=60)  # a delay no test outlives
+    # A delay no test outlives; batches of half the prefetch of 8, as the runtime sizes them.
+    inbox = Inbox(engine, "notifier", commit_delay=60, batch=4)
     await inbox.start()
     try:
         routes = {"notification.requested": route(handler)}

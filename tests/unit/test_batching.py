@@ -69,16 +69,6 @@ async def test_every_batch_lingers_not_only_the_first() -> None:
     assert store.batches == [[1], [2, 3]]
 
 
-async def test_run_now_ends_the_linger() -> None:
-    store = Store()
-    batcher = Batcher(store.write, linger=10.0)
-    pending = asyncio.ensure_future(asyncio.gather(batcher.submit(1), batcher.submit(2)))
-    await asyncio.sleep(0.01)
-    batcher.run_now()
-    assert list(await asyncio.wait_for(pending, 1.0)) == [10, 20]
-    assert store.batches == [[1, 2]]
-
-
 async def test_a_full_batch_does_not_wait_out_the_linger() -> None:
     store = Store()
     batcher = Batcher(store.write, max_size=2, linger=10.0)
