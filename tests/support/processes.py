@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -48,9 +49,29 @@ class ServiceProcess:
 
     def ready(self) -> bool:
         try:
-            return httpx.get(self.health_url, timeout=1).status_code == 200
+            answered = httpx.get(self.health_url, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
+        # Ports come from `free_port`, free a moment before the service binds: under parallel
+        # tests another service can take one first and answer in its place.
+        return answered and self._listens()
+
+    def _listens(self) -> bool:
+        """Whether this process holds the listening socket of its health URL (Linux /proc)."""
+        assert self.process is not None
+        port = urlsplit(self.health_url).port
+        listening = {
+            fields[9]
+            for fields in (
+                line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            )
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
+        }
+        fds = Path(f"/proc/{self.process.pid}/fd")
+        try:
+            return any(fd.readlink().name.strip("socket:[]") in listening for fd in fds.iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            return False  # exited meanwhile
 
     def wait_ready(self, timeout: float = 30) -> ServiceProcess:
         def check() -> None:
