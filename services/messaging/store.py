@@ -90,8 +90,11 @@ def as_utc(value: datetime) -> datetime:
 
 def sqlite_time(value: datetime) -> str:
     """A UTC time as SQLAlchemy's SQLite DateTime stores it: for raw statements on hot paths,
-    whose rows Core reads back like its own."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    whose rows Core reads back like its own. (`isoformat` costs half of `strftime`, which
+    the status projection called four times per event.)"""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 def from_sqlite_time(value: str) -> datetime:

@@ -17,6 +17,7 @@ from typing import Any, cast
 import aio_pika
 import httpx
 import pytest
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import derived_event_id
@@ -38,7 +39,7 @@ from contracts.tracking import (
     StatusReportedData,
     Transition,
 )
-from services.gateway.tracking import Tracking, states_of
+from services.gateway.tracking import REDUNDANT_HISTORY_INDEX, Tracking, states_of
 from services.messaging.store import ROWS_PER_STATEMENT, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -174,6 +175,41 @@ async def test_transitions_move_forward_with_a_timestamped_history(tracking: Tra
     ]
     times = [h["at"] for h in notifier["history"]]
     assert times == sorted(times) and times[0] == accepted
+
+
+async def test_a_store_of_an_earlier_version_drops_the_redundant_history_index(
+    engine: AsyncEngine,
+) -> None:
+    """Earlier versions also indexed history by (event_id, at), which every history row paid
+    for; start-up drops it, and an event's history reads the same through the natural key."""
+    first = Tracking(engine)
+    await first.start()
+    event = notification()
+    first.accepted(event)
+    t = (await status_of(first, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await first.apply([step(event.id, "notifier", "processing", t, attempt=1)])
+    await first.close()
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(f"CREATE INDEX {REDUNDANT_HISTORY_INDEX} ON tracking_history (event_id, at)")
+        )
+        await conn.execute(
+            text("UPDATE courier_migrations SET version = 4 WHERE component = 'gateway.tracking'")
+        )
+
+    upgraded = Tracking(engine)
+    await upgraded.start()
+    try:
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(
+                lambda sync: {i["name"] for i in inspect(sync).get_indexes("tracking_history")}
+            )
+        assert REDUNDANT_HISTORY_INDEX not in indexes
+        assert "ux_tracking_history" in indexes
+        status = await status_of(upgraded, event.id)
+        assert history_states(status, "notifier") == ["pending", "processing"]
+    finally:
+        await upgraded.close()
 
 
 async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking) -> None:
