@@ -537,11 +537,14 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
     pending = [row for row in rows if row[2] == "pending"]
     insert_rows(raw, states.name, columns, pending, _STATE_KEPT)
     moved = ", ".join(f"{c} = excluded.{c}" for c in STATE_FIELDS)
+    # Only the newest report per event and service can be the state this batch leaves (a
+    # report usually holds both `processing` and `succeeded`): half the state writes.
+    newest = {(row[0], row[1]): row for row in rows if row[2] != "pending"}
     insert_rows(
         raw,
         states.name,
         columns,
-        [row for row in rows if row[2] != "pending"],
+        list(newest.values()),
         f"ON CONFLICT (event_id, service) DO UPDATE SET {moved} "
         f"WHERE {states.name}.updated_at <= excluded.updated_at "
         f"OR {states.name}.state = 'pending'",
@@ -650,7 +653,12 @@ def _write(
     weakest = [row for row in rows if row["state"] == "pending"]
     if weakest:
         conn.execute(insert(states).on_conflict_do_nothing(index_elements=keys), weakest)
-    reports = [row for row in rows if row["state"] != "pending"]
+    # Only the newest report per event and service can be the state this batch leaves.
+    reports = list(
+        {
+            (row["event_id"], row["service"]): row for row in rows if row["state"] != "pending"
+        }.values()
+    )
     if reports:
         upsert = insert(states)
         moved = {column: upsert.excluded[column] for column in rows[0] if column not in keys}

@@ -212,6 +212,33 @@ async def test_a_store_of_an_earlier_version_drops_the_redundant_history_index(
         await upgraded.close()
 
 
+async def test_one_report_of_several_transitions_leaves_the_newest_with_all_in_history(
+    tracking: Tracking,
+) -> None:
+    event = dataset()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply(
+        [
+            step(event.id, "processor", "succeeded", t + timedelta(milliseconds=3), attempt=2),
+            step(event.id, "processor", "processing", t, attempt=1),
+            step(event.id, "processor", "retrying", t + timedelta(milliseconds=1), attempt=1),
+            step(event.id, "processor", "processing", t + timedelta(milliseconds=2), attempt=2),
+        ]
+    )
+    status = await status_of(tracking, event.id)
+    processor = status["services"]["processor"]
+    assert (processor["state"], processor["attempt"]) == ("succeeded", 2)
+    assert processor["updated_at"] == t + timedelta(milliseconds=3)
+    assert history_states(status, "processor") == [
+        "pending",
+        "processing",
+        "retrying",
+        "processing",
+        "succeeded",
+    ]
+
+
 async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking) -> None:
     event = notification()
     tracking.accepted(event)
