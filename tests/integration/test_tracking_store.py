@@ -120,6 +120,40 @@ async def test_an_accepted_event_is_pending_for_every_service_that_consumes_it(
     assert states_of(await status_of(tracking, data.id)) == {"processor": "pending"}
 
 
+async def test_an_accept_stores_no_pending_rows_yet_a_reporting_service_shows_pending_first(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    event = dataset()
+    tracking.accepted(event)
+    accepted = (await status_of(tracking, event.id))["accepted_at"]
+    async with engine.connect() as conn:
+        for table in ("tracking_states", "tracking_history"):
+            rows = await conn.scalar(text(f"SELECT count(*) FROM {table}"))  # noqa: S608
+            assert rows == 0, table
+    t = accepted + timedelta(milliseconds=5)
+    await tracking.apply([step(event.id, "processor", "processing", t, attempt=1)])
+    history = (await status_of(tracking, event.id))["services"]["processor"]["history"]
+    assert [(h["state"], h["at"]) for h in history] == [("pending", accepted), ("processing", t)]
+
+
+async def test_pending_rows_stored_by_an_earlier_version_are_shown_once(
+    tracking: Tracking,
+) -> None:
+    event = notification()
+    tracking.accepted(event)
+    accepted = (await status_of(tracking, event.id))["accepted_at"]
+    # What earlier versions wrote with every accept.
+    await tracking.apply([step(event.id, "notifier", "pending", accepted)])
+    status = await status_of(tracking, event.id)
+    assert states_of(status) == {"notifier": "pending"}
+    assert history_states(status, "notifier") == ["pending"]
+    t = accepted + timedelta(milliseconds=5)
+    await tracking.apply([step(event.id, "notifier", "processing", t, attempt=1)])
+    status = await status_of(tracking, event.id)
+    assert states_of(status) == {"notifier": "processing"}
+    assert history_states(status, "notifier") == ["pending", "processing"]
+
+
 async def test_accepts_of_more_rows_than_one_statement_takes_are_all_written(
     tracking: Tracking,
 ) -> None:
