@@ -123,6 +123,12 @@ results = Table(
 )
 
 ACCEPT_BATCH_SECONDS = 0.05
+ACCEPT_RETRY_LONGEST = 5.0
+"""The longest wait between tries to write accept records while the store fails."""
+MAX_ACCEPT_BACKLOG = 100_000
+"""Accept records kept in memory while the store cannot take them (~15 MB); beyond, the oldest
+are dropped with a warning. The events are in the broker: only their accept time is lost (their
+status appears with the first report)."""
 RESULTS_LINGER_SECONDS = 0.02
 """Results wait this long for others to share their commit: a result is served a few ms later,
 and at a steady rate the store's thread wakes once per interval instead of once per result."""
@@ -142,11 +148,16 @@ def _utc(value: datetime | None) -> datetime | None:
 
 class Tracking:
     def __init__(
-        self, engine: AsyncEngine, on_final: OnFinal | None = None, results_batch: int = 32
+        self,
+        engine: AsyncEngine,
+        on_final: OnFinal | None = None,
+        results_batch: int = 32,
+        accept_backlog: int = MAX_ACCEPT_BACKLOG,
     ) -> None:
         """`results_batch`: results per commit, at most; a full batch does not linger. Half
         the prefetch of the consumer that delivers them, so that under load half its window
-        commits while the other half arrives, and the linger never caps the rate."""
+        commits while the other half arrives, and the linger never caps the rate.
+        `accept_backlog`: accept records kept while the store fails (`MAX_ACCEPT_BACKLOG`)."""
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._results: Batcher[_Result, None] = Batcher(
@@ -154,6 +165,7 @@ class Tracking:
         )
         self._on_final = on_final
         self._accepted: list[Accepted] = []
+        self._accept_backlog = accept_backlog
         self._with_callback: set[str] = set()  # written accepted events to look at once
         self._checks: set[asyncio.Task[None]] = set()
         self._flushed = asyncio.Event()
@@ -228,15 +240,38 @@ class Tracking:
         self._accepted.append(
             Accepted(event.id, event.type, at or datetime.now(UTC), callback_url_of(event))
         )
+        self._bound_backlog()
+
+    @property
+    def accept_backlog(self) -> int:
+        """Accept records not written yet."""
+        return len(self._accepted)
+
+    def _bound_backlog(self) -> None:
+        # Trimmed a tenth at a time: one warning and one list move per many accepts.
+        excess = len(self._accepted) - self._accept_backlog
+        if excess <= self._accept_backlog // 10:
+            return
+        del self._accepted[:excess]
+        log.warning(
+            "the store takes no accept records; dropped the oldest",
+            extra={"dropped": excess, "kept": len(self._accepted)},
+        )
 
     async def _write_accepted(self) -> None:
+        pause = ACCEPT_BATCH_SECONDS
         while True:
-            await asyncio.sleep(ACCEPT_BATCH_SECONDS)
+            await asyncio.sleep(pause)
             try:
                 await self._flush_accepted()
             except Exception:
-                log.exception("could not record accepted events; retrying")
+                pause = min(pause * 2, ACCEPT_RETRY_LONGEST)  # a failing store is not hammered
+                log.exception(
+                    "could not record accepted events; retrying",
+                    extra={"backlog": len(self._accepted), "retry_in_seconds": pause},
+                )
                 continue
+            pause = ACCEPT_BATCH_SECONDS
             if self._with_callback and self._on_final is not None:
                 # Apart from the writer: publishing may wait for a confirm, accepts must not.
                 check = asyncio.get_running_loop().create_task(self._check_accepted_callbacks())
@@ -264,6 +299,7 @@ class Tracking:
                 await self._runner.run(lambda conn: _write_accepted(conn, accepted))
             except BaseException:
                 self._accepted[:0] = accepted  # keep them for the next round
+                self._bound_backlog()
                 raise
             self._with_callback.update(a.event_id for a in accepted if a.callback_url)
 

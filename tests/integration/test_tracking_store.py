@@ -164,6 +164,62 @@ async def test_accepts_of_more_rows_than_one_statement_takes_are_all_written(
         assert states_of(await status_of(tracking, event.id)) == {"notifier": "pending"}
 
 
+@asynccontextmanager
+async def accept_records_refused(engine: AsyncEngine) -> AsyncGenerator[None, None]:
+    """The store refuses accept records (their table is gone) until the block ends."""
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE tracking_events RENAME TO tracking_events_away"))
+    try:
+        yield
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE tracking_events_away RENAME TO tracking_events"))
+
+
+async def test_accepts_the_store_refuses_are_kept_and_written_once_it_takes_them(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    events = [notification() for _ in range(5)]
+    async with accept_records_refused(engine):
+        for event in events:
+            tracking.accepted(event)
+        await asyncio.sleep(0.3)  # the writer tried, and failed, several times
+        assert tracking.accept_backlog == len(events)
+    for event in events:
+        assert states_of(await status_of(tracking, event.id)) == {"notifier": "pending"}
+    assert tracking.accept_backlog == 0
+
+
+async def test_accepts_kept_for_a_refusing_store_are_bounded_dropping_the_oldest(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracking = Tracking(engine, accept_backlog=100)
+    await tracking.start()
+    try:
+        events = [notification() for _ in range(250)]
+        async with accept_records_refused(engine):
+            for event in events:
+                tracking.accepted(event)
+                assert tracking.accept_backlog <= 110
+        assert any("dropped the oldest" in r.message for r in caplog.records)
+        assert await tracking.status(events[0].id) is None
+        kept = await status_of(tracking, events[-1].id)
+        assert kept["accepted_at"] is not None
+    finally:
+        await tracking.close()
+
+
+async def test_a_refusing_store_is_tried_less_and_less_often(
+    tracking: Tracking, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with accept_records_refused(engine):
+        tracking.accepted(notification())
+        await asyncio.sleep(1.6)
+    failures = [r for r in caplog.records if "could not record accepted" in r.message]
+    # Every 50 ms that would be 32 tries; backing off from 100 ms doubling, at most 5.
+    assert 1 <= len(failures) <= 5
+
+
 async def test_transitions_move_forward_with_a_timestamped_history(tracking: Tracking) -> None:
     event = notification()
     tracking.accepted(event)
