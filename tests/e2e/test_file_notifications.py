@@ -104,7 +104,9 @@ def test_a_processed_upload_is_announced_by_webhook_and_email(
 
     # The notifier's own status of the derived event reaches the gateway's tracking too.
     def notified() -> None:
-        status = httpx.get(f"{gateway}/v1/events/{event['id']}", timeout=5).json()
+        response = httpx.get(f"{gateway}/v1/events/{event['id']}", timeout=5)
+        assert response.status_code == 200, response.text  # 404 until the first report
+        status = response.json()
         assert status["services"]["notifier"]["state"] == "succeeded", status
 
     eventually_sync(notified, timeout=20)
