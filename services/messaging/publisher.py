@@ -12,12 +12,14 @@ outcome (None once confirmed, else the error a single publish would have raised)
 can say exactly which messages the broker took.
 
 A nacked channel is replaced: on RabbitMQ 3.10 a channel that saw a quorum leader die can keep
-nacking every publish, while a fresh channel is confirmed at once.
+nacking every publish, while a fresh channel is confirmed at once. The old channel is closed
+once the publishes in flight on it are confirmed or refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from collections.abc import Mapping, Sequence
@@ -290,11 +292,24 @@ class Publisher:
                 log.warning("could not replace a nacked channel", exc_info=True)
                 return
             self._channels[slot] = fresh
-            await channel.close()
+            # New publishes take the fresh channel; those written on the old one keep their
+            # confirms (closing now would fail messages the broker may well have taken).
+            await self._settled(channel)
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
+                await channel.close()
 
         task = asyncio.get_running_loop().create_task(replace())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _settled(self, channel: AbstractRobustChannel) -> None:
+        """Wait until every publish on `channel` is confirmed or refused, at most the confirm
+        timeout (each publisher gives up on its own by then)."""
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            waiting = [c for c in underlay.confirmations.values() if not c.done()]
+            if waiting:
+                await asyncio.wait(waiting, timeout=self._confirm_timeout)
 
     async def close(self) -> None:
         if self._connection is not None:

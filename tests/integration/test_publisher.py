@@ -15,7 +15,6 @@ from contracts.topology import events_exchange
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.publisher import PERSISTENT, Outgoing, Publisher
 from tests.conftest import Namespace
-from tests.support.polling import eventually
 from tests.support.queues import take
 
 pytestmark = pytest.mark.broker
@@ -106,11 +105,23 @@ async def test_the_publisher_still_publishes_after_a_nack(
     overflow = [message(f"f{i}", FULL) for i in range(3)]
     assert isinstance((await publisher.publish_many(overflow, exchange=exchange))[-1], Exception)
 
-    async def confirmed() -> None:
-        # A publish racing the nacked channel's replacement may fail; then they succeed.
-        assert await publisher.publish_many([message("after")], exchange=exchange) == [None]
+    # On the nacked channel while its replacement opens, or on the fresh one: confirmed.
+    for later in ("after", "later", "last"):
+        assert await publisher.publish_many([message(later)], exchange=exchange) == [None]
 
-    await eventually(confirmed)
+
+async def test_publishes_in_flight_on_a_nacked_channel_are_not_failed_by_its_replacement(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    exchange = events_exchange(namespace.name)
+    overflow = [message(f"f{i}", FULL) for i in range(3)]
+    assert isinstance((await publisher.publish_many(overflow, exchange=exchange))[-1], Exception)
+    # Written at once, on the nacked channel: its replacement is still being opened.
+    ids = [f"b{i}" for i in range(50)]
+    outcomes = await publisher.publish_many([message(i) for i in ids], exchange=exchange)
+    assert outcomes == [None] * len(ids)
+    landed = await take(namespace.amqp_url, queues[BOUND], len(ids))
+    assert [m.message_id for m in landed] == ids
 
 
 async def test_without_a_confirm_in_time_every_message_fails(
