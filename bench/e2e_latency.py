@@ -51,6 +51,7 @@ from bench.system import (
     courier_env,
     cpu_seconds,
     free_port,
+    local_broker_pid,
     new_namespace,
     start,
     start_gateway,
@@ -267,12 +268,18 @@ class System:
     """Events sent in the measured rounds."""
 
     def cpu_now(self) -> dict[str, float | None]:
-        return {role: cpu_seconds(p.pid) for role, (_, p) in self.processes.items()}
+        used = {role: cpu_seconds(p.pid) for role, (_, p) in self.processes.items()}
+        # Rounds alternate and the idle system sends nothing: the broker's CPU during a
+        # round is this system's.
+        broker = local_broker_pid()
+        if broker is not None:
+            used["broker"] = cpu_seconds(broker)
+        return used
 
     def charge(self, before: dict[str, float | None], events: int) -> None:
         """Add the CPU used since `before` (a `cpu_now`) by a measured round of `events`."""
         for role, used in self.cpu_now().items():
-            start_ = before[role]
+            start_ = before.get(role)
             if used is not None and start_ is not None:
                 self.cpu[role] = self.cpu.get(role, 0.0) + used - start_
         self.events += events
@@ -501,10 +508,17 @@ def report(
         if s.events and s.cpu
     }
     if cpu:
-        print("\nCPU per event in the measured rounds (ms; the broker and the client not counted):")
+        print(
+            "\nCPU per event in the measured rounds (ms; the broker: the local RabbitMQ node "
+            "during the system's rounds; the load generator not counted):"
+        )
         for name, per_role in cpu.items():
             roles = ", ".join(f"{role} {ms:.2f}" for role, ms in per_role.items())
-            print(f"  {name:<14} {roles}; total {sum(per_role.values()):.2f}")
+            own = sum(ms for role, ms in per_role.items() if role != "broker")
+            with_broker = (
+                f", {sum(per_role.values()):.2f} with the broker" if "broker" in per_role else ""
+            )
+            print(f"  {name:<14} {roles}; processes {own:.2f}{with_broker}")
     stage_figures = {
         name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
         for name, v in spans.items()

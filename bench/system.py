@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
@@ -103,6 +104,24 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def local_broker_pid() -> int | None:
+    """The RabbitMQ node on this machine (its Erlang VM), when `AMQP_URL` points here and exactly
+    one node runs: its CPU is part of what a pipeline costs. None otherwise."""
+    if urlsplit(AMQP_URL).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command and command[0].endswith(b"beam.smp") and b"rabbit" in command:
+            found.append(int(entry.name))
+    return found[0] if len(found) == 1 else None
 
 
 def wait_ready(
