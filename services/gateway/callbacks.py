@@ -125,7 +125,7 @@ def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
             states.c.detail,
             states.c.updated_at,
         )
-        .join(states, states.c.event_id == events.c.event_id)
+        .join(states, states.c.event_seq == events.c.seq)
         .where(events.c.event_id.in_(sorted(event_ids)), events.c.callback_url.is_not(None))
     ).all()
     by_event: dict[str, list[Row[*tuple[Any, ...]]]] = {}

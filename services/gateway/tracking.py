@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import orjson
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Connection,
     DateTime,
@@ -34,18 +35,18 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
-    inspect,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed
 from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
+from services.gateway.tracking_migrations import steps as migration_steps
 from services.messaging.batching import Batcher
 from services.messaging.logs import get_logger
 from services.messaging.store import (
@@ -61,10 +62,15 @@ from services.messaging.store import (
 log = get_logger("gateway.tracking")
 
 metadata = MetaData()
+Seq = BigInteger().with_variant(Integer, "sqlite")  # on SQLite an alias of the rowid
 events = Table(
-    "tracking_events",
+    "status_events",
     metadata,
-    Column("event_id", String(128), primary_key=True),
+    # Events numbered as they arrive: history and states are keyed by the number, so the
+    # rows of each status report land together at the end of their B-trees (event ids are
+    # random: keyed by them, every event dirtied pages of its own).
+    Column("seq", Seq, primary_key=True, autoincrement=True),
+    Column("event_id", String(128), nullable=False),
     Column("event_type", String(128), nullable=True),
     Column("accepted_at", DateTime(timezone=True), nullable=True),
     Column("cancel_requested_at", DateTime(timezone=True), nullable=True),
@@ -73,20 +79,21 @@ events = Table(
     Column("callback_url", String(2048), nullable=True),
     Column("callback_outcome", String(16), nullable=True),
     Column("callback_settled_at", DateTime(timezone=True), nullable=True),
+    Index("ux_status_events_id", "event_id", unique=True),
     # The few events still waiting for their first callback, for the periodic sweep.
     Index(
-        "ix_tracking_callbacks_open",
+        "ix_status_callbacks_open",
         "event_id",
         sqlite_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
         postgresql_where=text("callback_url IS NOT NULL AND callback_outcome IS NULL"),
     ),
-    Index("ix_tracking_events_accepted", "accepted_at"),  # what retention looks at first
+    Index("ix_status_events_accepted", "accepted_at"),  # what retention looks at first
 )
 CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled_at")
 states = Table(
-    "tracking_states",
+    "status_states",
     metadata,
-    Column("event_id", String(128), primary_key=True),
+    Column("event_seq", Seq, primary_key=True, autoincrement=False),
     Column("service", String(64), primary_key=True),
     Column("state", String(32), nullable=False),
     Column("attempt", Integer, nullable=True),
@@ -97,10 +104,10 @@ states = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 history = Table(
-    "tracking_history",
+    "status_history",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("event_id", String(128), nullable=False),
+    Column("id", Seq, primary_key=True, autoincrement=True),
+    Column("event_seq", Seq, nullable=False),
     Column("service", String(64), nullable=False),
     Column("state", String(32), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
@@ -108,11 +115,9 @@ history = Table(
     Column("reason", String(64), nullable=True),
     Column("detail", Text, nullable=True),
     # A natural key: a status report applied twice (a redelivery) adds no second row. It also
-    # finds an event's history (its first column), so no other index is kept up to date.
-    Index("ux_tracking_history", "event_id", "service", "state", "at", unique=True),
+    # finds an event's history (its first column).
+    Index("ux_status_history", "event_seq", "service", "state", "at", unique=True),
 )
-REDUNDANT_HISTORY_INDEX = "ix_tracking_history_event"
-"""(event_id, at): what earlier versions also kept; dropped by a migration step."""
 results = Table(
     "dataset_results",
     metadata,
@@ -133,7 +138,6 @@ RESULTS_LINGER_SECONDS = 0.02
 """Results wait this long for others to share their commit: a result is served a few ms later,
 and at a steady rate the store's thread wakes once per interval instead of once per result."""
 PRUNE_BATCH = 5_000
-_ACCEPTED_INDEX = next(i for i in events.indexes if i.name == "ix_tracking_events_accepted")
 
 ENDING_STATES: frozenset[str] = FINAL_STATES | {"skipped_duplicate"}
 """States that may settle an event (a skipped duplicate was handled before: it succeeded)."""
@@ -174,34 +178,7 @@ class Tracking:
         self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        async def create(conn: AsyncConnection) -> None:
-            await conn.run_sync(metadata.create_all)
-
-        def create_history_indexes(sync: Connection) -> None:
-            for index in history.indexes:
-                index.create(sync, checkfirst=True)
-
-        async def unique_history(conn: AsyncConnection) -> None:
-            await conn.run_sync(create_history_indexes)
-
-        async def accepted_index(conn: AsyncConnection) -> None:
-            await conn.run_sync(_ACCEPTED_INDEX.create, checkfirst=True)
-
-        async def drop_redundant_history_index(conn: AsyncConnection) -> None:
-            # Every history row paid for it: ~15 % of the projection's write cost.
-            await conn.execute(text(f"DROP INDEX IF EXISTS {REDUNDANT_HISTORY_INDEX}"))
-
-        await migrate(
-            self._engine,
-            "gateway.tracking",
-            [
-                create,
-                unique_history,
-                _add_callback_columns,
-                accepted_index,
-                drop_redundant_history_index,
-            ],
-        )
+        await migrate(self._engine, "gateway.tracking", migration_steps(metadata))
         self._writer = asyncio.get_running_loop().create_task(self._write_accepted())
 
     async def close(self) -> None:
@@ -359,19 +336,19 @@ class Tracking:
         so the projection is never locked for long. The number of events forgotten."""
         cutoff = datetime.now(UTC) - older_than
         recent = (
-            select(states.c.event_id)
-            .where(states.c.event_id == events.c.event_id, states.c.updated_at >= cutoff)
+            select(states.c.event_seq)
+            .where(states.c.event_seq == events.c.seq, states.c.updated_at >= cutoff)
             .exists()
         )
-        stale = select(events.c.event_id).where(
+        stale = select(events.c.seq).where(
             or_(events.c.accepted_at.is_(None), events.c.accepted_at < cutoff), ~recent
         )
         removed = 0
         while True:
             async with self._engine.begin() as conn:
                 ids = list((await conn.execute(stale.limit(batch))).scalars())
-                for table in (history, states, events):
-                    await conn.execute(delete(table).where(table.c.event_id.in_(ids)))
+                for column in (history.c.event_seq, states.c.event_seq, events.c.seq):
+                    await conn.execute(delete(column.table).where(column.in_(ids)))
                 if len(ids) < batch:
                     await conn.execute(delete(results).where(results.c.processed_at < cutoff))
             removed += len(ids)
@@ -399,13 +376,13 @@ class Tracking:
                 return None
             rows = (
                 await conn.execute(
-                    select(states).where(states.c.event_id == event_id).order_by(states.c.service)
+                    select(states).where(states.c.event_seq == event.seq).order_by(states.c.service)
                 )
             ).all()
             steps = (
                 await conn.execute(
                     select(history)
-                    .where(history.c.event_id == event_id)
+                    .where(history.c.event_seq == event.seq)
                     .order_by(history.c.at, history.c.id)
                 )
             ).all()
@@ -471,23 +448,6 @@ class Accepted(NamedTuple):
     event_type: str
     at: datetime
     callback_url: str | None
-
-
-async def _add_callback_columns(conn: AsyncConnection) -> None:
-    await conn.run_sync(_add_callback_columns_sync)
-
-
-def _add_callback_columns_sync(sync: Connection) -> None:
-    """Version 3: callback columns. A store created by this version has them already (step 1
-    creates the current tables); an older one gets them through ALTER TABLE, on SQLite and
-    PostgreSQL alike (nullable columns without a default: no table rewrite)."""
-    present = {column["name"] for column in inspect(sync).get_columns(events.name)}
-    for name in CALLBACK_COLUMNS:
-        if name not in present:
-            kind = events.c[name].type.compile(dialect=sync.dialect)
-            sync.execute(text(f"ALTER TABLE {events.name} ADD COLUMN {name} {kind}"))
-    for index in events.indexes:
-        index.create(sync, checkfirst=True)
 
 
 class _Result(NamedTuple):
@@ -557,26 +517,27 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         list(first_seen.values()),
         "ON CONFLICT (event_id) DO NOTHING",
     )
+    seqs = _seqs_sqlite(raw, list(first_seen))
     at = [sqlite_time(t.at) for t in ordered]  # once each: history and state share it
     insert_rows(
         raw,
         history.name,
-        ("event_id", "service", "state", "at", "attempt", "reason", "detail"),
+        ("event_seq", "service", "state", "at", "attempt", "reason", "detail"),
         [
-            (t.event_id, t.service, t.state, t_at, t.attempt, t.reason, t.detail)
+            (seqs[t.event_id], t.service, t.state, t_at, t.attempt, t.reason, t.detail)
             for t, t_at in zip(ordered, at, strict=True)
         ],
         _HISTORY_KEPT,
     )
     rows = [
         (
-            t.event_id, t.service, t.state, t.attempt,
+            seqs[t.event_id], t.service, t.state, t.attempt,
             None if t.next_attempt_at is None else sqlite_time(t.next_attempt_at),
             t.reason, t.group, t.detail, t_at,
         )
         for t, t_at in zip(ordered, at, strict=True)
     ]  # fmt: skip
-    columns = ("event_id", "service", *STATE_FIELDS)
+    columns = ("event_seq", "service", *STATE_FIELDS)
     pending = [row for row in rows if row[2] == "pending"]
     insert_rows(raw, states.name, columns, pending, _STATE_KEPT)
     moved = ", ".join(f"{c} = excluded.{c}" for c in STATE_FIELDS)
@@ -588,10 +549,38 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         states.name,
         columns,
         list(newest.values()),
-        f"ON CONFLICT (event_id, service) DO UPDATE SET {moved} "
+        f"ON CONFLICT (event_seq, service) DO UPDATE SET {moved} "
         f"WHERE {states.name}.updated_at <= excluded.updated_at "
         f"OR {states.name}.state = 'pending'",
     )
+
+
+SEQ_LOOKUP_CHUNK = 500
+
+
+def _seqs_sqlite(raw: sqlite3.Connection, event_ids: list[str]) -> dict[str, int]:
+    """The numbers of events that exist (one statement per chunk of ids)."""
+    found: dict[str, int] = {}
+    for at in range(0, len(event_ids), SEQ_LOOKUP_CHUNK):
+        chunk = event_ids[at : at + SEQ_LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            raw.execute(
+                f'SELECT event_id, seq FROM "{events.name}" WHERE event_id IN ({marks})',  # noqa: S608  # names from code, values bound
+                chunk,
+            )
+        )
+    return found
+
+
+def _seqs(conn: Connection, event_ids: Collection[str]) -> dict[str, int]:
+    wanted = sorted(event_ids)
+    found: dict[str, int] = {}
+    for at in range(0, len(wanted), SEQ_LOOKUP_CHUNK):
+        chunk = wanted[at : at + SEQ_LOOKUP_CHUNK]
+        query = select(events.c.event_id, events.c.seq).where(events.c.event_id.in_(chunk))
+        found.update((event_id, seq) for event_id, seq in conn.execute(query))
+    return found
 
 
 STATE_FIELDS = (
@@ -603,8 +592,8 @@ STATE_FIELDS = (
     "detail",
     "updated_at",
 )
-_HISTORY_KEPT = "ON CONFLICT (event_id, service, state, at) DO NOTHING"  # its natural key
-_STATE_KEPT = "ON CONFLICT (event_id, service) DO NOTHING"  # pending never replaces a state
+_HISTORY_KEPT = "ON CONFLICT (event_seq, service, state, at) DO NOTHING"  # its natural key
+_STATE_KEPT = "ON CONFLICT (event_seq, service) DO NOTHING"  # pending never replaces a state
 
 
 def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:
@@ -661,13 +650,14 @@ def _write(
     if not transitions:
         return
     ordered = sorted(transitions, key=lambda t: t.at)
+    seqs = _seqs(conn, {t.event_id for t in ordered})
     conn.execute(
         insert(history).on_conflict_do_nothing(
-            index_elements=["event_id", "service", "state", "at"]
+            index_elements=["event_seq", "service", "state", "at"]
         ),
         [
             {
-                "event_id": t.event_id,
+                "event_seq": seqs[t.event_id],
                 "service": t.service,
                 "state": t.state,
                 "at": t.at,
@@ -680,7 +670,7 @@ def _write(
     )
     rows = [
         {
-            "event_id": t.event_id,
+            "event_seq": seqs[t.event_id],
             "service": t.service,
             "state": t.state,
             "attempt": t.attempt,
@@ -692,14 +682,14 @@ def _write(
         }
         for t in ordered
     ]
-    keys = ["event_id", "service"]
+    keys = ["event_seq", "service"]
     weakest = [row for row in rows if row["state"] == "pending"]
     if weakest:
         conn.execute(insert(states).on_conflict_do_nothing(index_elements=keys), weakest)
     # Only the newest report per event and service can be the state this batch leaves.
     reports = list(
         {
-            (row["event_id"], row["service"]): row for row in rows if row["state"] != "pending"
+            (row["event_seq"], row["service"]): row for row in rows if row["state"] != "pending"
         }.values()
     )
     if reports:

@@ -7,9 +7,11 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from services.messaging.store import open_store, store_url
 from tests.conftest import Namespace
 from tests.support.polling import eventually
 
@@ -52,3 +54,17 @@ async def client(namespace: Namespace, tmp_path: Path) -> AsyncIterator[httpx.As
     settings = gateway_settings(namespace, tmp_path, max_body_bytes=4096, max_batch_events=5)
     async for c in gateway_client(settings):
         yield c
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def fresh_engine(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """A gateway store nothing has touched, for migration tests (on PostgreSQL a database of
+    its own: a module's shared one holds the current schema already)."""
+    database_url = (
+        None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
+    )
+    store = open_store(store_url(database_url, tmp_path, "gateway"))
+    yield store
+    await store.dispose()

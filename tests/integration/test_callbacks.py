@@ -32,9 +32,10 @@ from contracts.events import (
 from contracts.topology import work_queue
 from contracts.tracking import CallbackRequested, State, Transition
 from services.gateway.callbacks import Callbacks, callback_id
-from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events
+from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events, metadata
+from services.gateway.tracking_migrations import LEGACY_CALLBACK_COLUMNS, steps
 from services.messaging.errors import BrokerUnavailable
-from services.messaging.store import open_store, store_url
+from services.messaging.store import migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.test_tracking_store import running_gateway
 from tests.support.polling import eventually
@@ -330,7 +331,7 @@ async def test_the_sweep_publishes_what_no_trigger_brings_back(
         rows = (
             await conn.execute(
                 text(
-                    "SELECT event_id, callback_outcome FROM tracking_events "
+                    "SELECT event_id, callback_outcome FROM status_events "
                     "WHERE event_id IN (:a, :b, :c)"
                 ),
                 {"a": settled.id, "b": cancelled.id, "c": running.id},
@@ -339,25 +340,20 @@ async def test_the_sweep_publishes_what_no_trigger_brings_back(
     assert dict(rows) == {settled.id: "succeeded", cancelled.id: "cancelled", running.id: None}
 
 
-async def test_an_older_store_gets_the_callback_columns(engine: AsyncEngine) -> None:
-    """A store migrated by the previous version (two steps, no callback columns) is upgraded by
+async def test_an_older_store_gets_the_callback_columns(fresh_engine: AsyncEngine) -> None:
+    """A store migrated by an older version (two steps, no callback columns) is upgraded by
     ALTER TABLE at start-up, keeping its rows."""
-    first = Tracking(engine)
-    await first.start()
-    await first.close()
-    async with engine.begin() as conn:
+    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:2])
+    async with fresh_engine.begin() as conn:
         await conn.execute(text("DROP INDEX ix_tracking_callbacks_open"))
-        for column in CALLBACK_COLUMNS:
+        for column in LEGACY_CALLBACK_COLUMNS:
             await conn.execute(text(f"ALTER TABLE tracking_events DROP COLUMN {column}"))
-        await conn.execute(
-            text("UPDATE courier_migrations SET version = 2 WHERE component = 'gateway.tracking'")
-        )
         await conn.execute(text("INSERT INTO tracking_events (event_id) VALUES ('old-event')"))
 
-    upgraded = Tracking(engine)
+    upgraded = Tracking(fresh_engine)
     await upgraded.start()
     try:
-        async with engine.connect() as conn:
+        async with fresh_engine.connect() as conn:
             columns = await conn.run_sync(
                 lambda sync: {c["name"] for c in inspect(sync).get_columns(events.name)}
             )
@@ -365,13 +361,13 @@ async def test_an_older_store_gets_the_callback_columns(engine: AsyncEngine) -> 
                 lambda sync: {i["name"] for i in inspect(sync).get_indexes(events.name)}
             )
         assert set(CALLBACK_COLUMNS) <= columns
-        assert "ix_tracking_callbacks_open" in indexes
+        assert "ix_status_callbacks_open" in indexes
         assert await upgraded.status("old-event") is not None
         event = dataset()
         await accept(upgraded, event)
-        async with engine.connect() as conn:
+        async with fresh_engine.connect() as conn:
             url = await conn.scalar(
-                text("SELECT callback_url FROM tracking_events WHERE event_id = :id"),
+                text("SELECT callback_url FROM status_events WHERE event_id = :id"),
                 {"id": event.id},
             )
         assert url == HOOK

@@ -39,8 +39,14 @@ from contracts.tracking import (
     StatusReportedData,
     Transition,
 )
-from services.gateway.tracking import REDUNDANT_HISTORY_INDEX, Tracking, states_of
-from services.messaging.store import ROWS_PER_STATEMENT, open_store, store_url
+from services.gateway.tracking import Tracking, metadata, states_of
+from services.gateway.tracking_migrations import (
+    legacy_events,
+    legacy_history,
+    legacy_states,
+    steps,
+)
+from services.messaging.store import ROWS_PER_STATEMENT, migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
 from tests.support.polling import eventually
@@ -127,7 +133,7 @@ async def test_an_accept_stores_no_pending_rows_yet_a_reporting_service_shows_pe
     tracking.accepted(event)
     accepted = (await status_of(tracking, event.id))["accepted_at"]
     async with engine.connect() as conn:
-        for table in ("tracking_states", "tracking_history"):
+        for table in ("status_states", "status_history"):
             rows = await conn.scalar(text(f"SELECT count(*) FROM {table}"))  # noqa: S608
             assert rows == 0, table
     t = accepted + timedelta(milliseconds=5)
@@ -168,12 +174,12 @@ async def test_accepts_of_more_rows_than_one_statement_takes_are_all_written(
 async def accept_records_refused(engine: AsyncEngine) -> AsyncGenerator[None, None]:
     """The store refuses accept records (their table is gone) until the block ends."""
     async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE tracking_events RENAME TO tracking_events_away"))
+        await conn.execute(text("ALTER TABLE status_events RENAME TO status_events_away"))
     try:
         yield
     finally:
         async with engine.begin() as conn:
-            await conn.execute(text("ALTER TABLE tracking_events_away RENAME TO tracking_events"))
+            await conn.execute(text("ALTER TABLE status_events_away RENAME TO status_events"))
 
 
 async def test_accepts_the_store_refuses_are_kept_and_written_once_it_takes_them(
@@ -267,39 +273,83 @@ async def test_transitions_move_forward_with_a_timestamped_history(tracking: Tra
     assert times == sorted(times) and times[0] == accepted
 
 
-async def test_a_store_of_an_earlier_version_drops_the_redundant_history_index(
-    engine: AsyncEngine,
+async def test_a_store_keyed_by_event_id_moves_to_numbered_events_keeping_every_status(
+    fresh_engine: AsyncEngine,
 ) -> None:
-    """Earlier versions also indexed history by (event_id, at), which every history row paid
-    for; start-up drops it, and an event's history reads the same through the natural key."""
-    first = Tracking(engine)
-    await first.start()
-    event = notification()
-    first.accepted(event)
-    t = (await status_of(first, event.id))["accepted_at"] + timedelta(milliseconds=10)
-    await first.apply([step(event.id, "notifier", "processing", t, attempt=1)])
-    await first.close()
-    async with engine.begin() as conn:
+    """Stores of earlier versions keyed history and states by event id; start-up moves them to
+    the tables keyed by the event's number, every status as it was, and drops the old ones."""
+    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:5])  # a store of version 5
+    waiting, done = notification().id, dataset().id
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    ms = timedelta(milliseconds=1)
+    async with fresh_engine.begin() as conn:
         await conn.execute(
-            text(f"CREATE INDEX {REDUNDANT_HISTORY_INDEX} ON tracking_history (event_id, at)")
+            legacy_events.insert(),
+            [
+                {"event_id": waiting, "event_type": "notification.requested", "accepted_at": t0},
+                {"event_id": done, "event_type": "dataset.submitted", "accepted_at": t0 + ms},
+            ],
         )
         await conn.execute(
-            text("UPDATE courier_migrations SET version = 4 WHERE component = 'gateway.tracking'")
-        )
+            legacy_states.insert(),
+            [
+                {
+                    "event_id": waiting, "service": "notifier", "state": "pending",
+                    "attempt": None, "updated_at": t0,
+                },
+                {
+                    "event_id": done, "service": "processor", "state": "succeeded",
+                    "attempt": 1, "updated_at": t0 + 3 * ms,
+                },
+            ],
+        )  # fmt: skip
+        await conn.execute(
+            legacy_history.insert(),
+            [
+                {
+                    "event_id": waiting, "service": "notifier", "state": "pending",
+                    "at": t0, "attempt": None,
+                },
+                {
+                    "event_id": done, "service": "processor", "state": "pending",
+                    "at": t0 + ms, "attempt": None,
+                },
+                {
+                    "event_id": done, "service": "processor", "state": "processing",
+                    "at": t0 + 2 * ms, "attempt": 1,
+                },
+                {
+                    "event_id": done, "service": "processor", "state": "succeeded",
+                    "at": t0 + 3 * ms, "attempt": 1,
+                },
+            ],
+        )  # fmt: skip
 
-    upgraded = Tracking(engine)
-    await upgraded.start()
+    tracking = Tracking(fresh_engine)
+    await tracking.start()
     try:
-        async with engine.connect() as conn:
-            indexes = await conn.run_sync(
-                lambda sync: {i["name"] for i in inspect(sync).get_indexes("tracking_history")}
-            )
-        assert REDUNDANT_HISTORY_INDEX not in indexes
-        assert "ux_tracking_history" in indexes
-        status = await status_of(upgraded, event.id)
+        status = await status_of(tracking, waiting)
+        assert status["accepted_at"] == t0
+        assert states_of(status) == {"notifier": "pending"}
+        assert history_states(status, "notifier") == ["pending"]
+        status = await status_of(tracking, done)
+        processor = status["services"]["processor"]
+        assert (processor["state"], processor["attempt"]) == ("succeeded", 1)
+        assert processor["updated_at"] == t0 + 3 * ms
+        assert [(h["state"], h["at"]) for h in processor["history"]] == [
+            ("pending", t0 + ms),
+            ("processing", t0 + 2 * ms),
+            ("succeeded", t0 + 3 * ms),
+        ]
+        async with fresh_engine.connect() as conn:
+            tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        assert not tables & {"tracking_events", "tracking_states", "tracking_history"}
+        await tracking.apply([step(waiting, "notifier", "processing", t0 + 10 * ms, attempt=1)])
+        status = await status_of(tracking, waiting)
+        assert states_of(status) == {"notifier": "processing"}
         assert history_states(status, "notifier") == ["pending", "processing"]
     finally:
-        await upgraded.close()
+        await tracking.close()
 
 
 async def test_one_report_of_several_transitions_leaves_the_newest_with_all_in_history(
