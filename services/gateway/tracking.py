@@ -1,7 +1,9 @@
 """The status projection: what happened to each event, per consuming service, with history.
 
-The gateway records what it accepted (`pending` for every service that will work on it); the
-services report their transitions as `status.reported` events, which the gateway applies here.
+The gateway records what it accepted (every service that will work on it shows `pending` until
+it reports; derived, not stored); the services report their transitions as `status.reported`
+events, which the gateway applies here. Events are numbered as they arrive, and history and
+states are keyed by that number (`tracking_migrations` has why and how older stores move).
 Each service keeps owning its data: the projection is built from the events, never by reading
 another service's tables. A transition only moves a service's state if it is at least as new as
 the one shown, so late or repeated reports do not move a state backwards.
