@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
@@ -192,20 +193,28 @@ class Publisher:
             return [BrokerUnavailable(str(exc)) for _ in messages]  # one each: each is raised
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._confirm_timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                # aio-pika's underlay of a channel is always aiormq's Channel.
-                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-                confirmations = await _write_pipelined(underlay, exchange, messages)
-        except TimeoutError:
-            return [self._timed_out() for _ in messages]
-        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-            return [_connection_failed(exc) for _ in messages]
-        await asyncio.wait(confirmations, timeout=max(deadline - loop.time(), 0))
-        outcomes = [
-            self._outcome(confirmation, exchange, message.routing_key)
-            for confirmation, message in zip(confirmations, messages, strict=True)
-        ]
+        outcomes: list[Outcome] = [None] * len(messages)
+        waiting = list(range(len(messages)))
+        while waiting:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    # aio-pika's underlay of a channel is always aiormq's Channel.
+                    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+                    now, waiting = await _one_per_message_id(underlay, messages, waiting)
+                    confirmations = await _write_pipelined(
+                        underlay, exchange, [messages[i] for i in now]
+                    )
+            except TimeoutError:
+                for i in waiting:
+                    outcomes[i] = self._timed_out()
+                break
+            except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+                for i in waiting:
+                    outcomes[i] = _connection_failed(exc)
+                break
+            await asyncio.wait(confirmations, timeout=max(deadline - loop.time(), 0))
+            for i, confirmation in zip(now, confirmations, strict=True):
+                outcomes[i] = self._outcome(confirmation, exchange, messages[i].routing_key)
         if any(
             isinstance(o, BrokerUnavailable) and isinstance(o.__cause__, DeliveryError)
             for o in outcomes
@@ -367,6 +376,43 @@ def _frames(
         frames.append(ContentHeader(properties=message.properties, body_size=len(message.body)))
         frames.extend(channel._split_body(message.body))
     return frames
+
+
+async def _one_per_message_id(
+    channel: aiormq.Channel, messages: Sequence[Outgoing], waiting: list[int]
+) -> tuple[list[int], list[int]]:
+    """Of the `waiting` messages (indexes), those to write now, and those to write after them.
+
+    aiormq matches a returned message to its publish by message id: two in flight on a channel
+    with one id would get each other's outcome (the returned one confirmed, silently). So a
+    message whose id is in flight already (earlier in the batch, or another caller's) waits
+    for that one to settle; ids are nearly always unique, so nearly always all go at once.
+    Checked and then registered by `_write_pipelined` without a suspension in between: the
+    channel's lock is only ever held across a suspension by RPCs, which a publisher's channels
+    make only while opening."""
+
+    def pending(message_id: str) -> asyncio.Future[Any] | None:
+        confirmation = channel.confirmations.get(channel.message_id_delivery_tag.get(message_id, 0))
+        if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+            return confirmation
+        return None
+
+    while True:
+        now: list[int] = []
+        later: list[int] = []
+        taken: set[str] = set()
+        for i in waiting:
+            message_id = messages[i].properties.message_id or ""
+            if message_id in taken or pending(message_id) is not None:
+                later.append(i)
+            else:
+                taken.add(message_id)
+                now.append(i)
+        if now:
+            return now, later
+        # Every one is in flight elsewhere: wait for one of those to settle.
+        elsewhere = {pending(messages[i].properties.message_id or "") for i in later}
+        await asyncio.wait([c for c in elsewhere if c is not None], return_when=FIRST_COMPLETED)
 
 
 def _expect_confirm(channel: aiormq.Channel, tag: int, message_id: str) -> asyncio.Future[Any]:

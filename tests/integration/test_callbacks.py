@@ -237,7 +237,8 @@ async def test_a_failed_publish_leaves_the_callback_due_and_the_redelivery_publi
     publisher.down = True
     with pytest.raises(BrokerUnavailable):
         await tracking.apply(report)
-    assert publisher.published == [] and len(publisher.refused) == 1
+    # (The accept writer's own look at settled callbacks may have tried too, and failed.)
+    assert publisher.published == [] and publisher.refused
 
     publisher.down = False
     await tracking.apply(report)  # the redelivered report

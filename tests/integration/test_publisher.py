@@ -86,6 +86,37 @@ async def test_an_unroutable_message_fails_alone(
     assert [m.message_id for m in landed] == ["a", "b"]
 
 
+async def test_messages_sharing_an_id_each_get_their_own_outcome(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    """A returned message is matched to its publish by message id: two in flight with one id
+    (a client sending an event twice at once) must not get each other's outcome."""
+    exchange = events_exchange(namespace.name)
+    lost, kept = await publisher.publish_many(
+        [message("same", "nowhere"), message("same")], exchange=exchange
+    )
+    assert isinstance(lost, Unroutable) and kept is None
+    kept, lost = await publisher.publish_many(
+        [message("again"), message("again", "nowhere")], exchange=exchange
+    )
+    assert kept is None and isinstance(lost, Unroutable)
+    landed = await take(namespace.amqp_url, queues[BOUND], 2)
+    assert [m.message_id for m in landed] == ["same", "again"]
+
+
+async def test_concurrent_publishes_sharing_an_id_each_get_their_own_outcome(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    exchange = events_exchange(namespace.name)
+    lost, kept = await asyncio.gather(
+        publisher.publish_many([message("twice", "nowhere")], exchange=exchange),
+        publisher.publish_many([message("twice")], exchange=exchange),
+    )
+    assert isinstance(lost[0], Unroutable) and kept == [None]
+    landed = await take(namespace.amqp_url, queues[BOUND], 1)
+    assert [m.message_id for m in landed] == ["twice"]
+
+
 async def test_messages_the_broker_nacks_fail_and_the_others_are_confirmed(
     publisher: Publisher, queues: dict[str, str], namespace: Namespace
 ) -> None:
