@@ -196,6 +196,7 @@ class Publisher:
         outcomes: list[Outcome] = [None] * len(messages)
         waiting = list(range(len(messages)))
         while waiting:
+            now: list[int] = []
             try:
                 async with asyncio.timeout_at(deadline):
                     # aio-pika's underlay of a channel is always aiormq's Channel.
@@ -205,11 +206,11 @@ class Publisher:
                         underlay, exchange, [messages[i] for i in now]
                     )
             except TimeoutError:
-                for i in waiting:
+                for i in (*now, *waiting):
                     outcomes[i] = self._timed_out()
                 break
             except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-                for i in waiting:
+                for i in (*now, *waiting):
                     outcomes[i] = _connection_failed(exc)
                 break
             await asyncio.wait(confirmations, timeout=max(deadline - loop.time(), 0))
