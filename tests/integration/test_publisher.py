@@ -12,6 +12,7 @@ import pytest
 from aiormq import spec
 
 from contracts.topology import events_exchange
+from services.messaging import publisher as publisher_module
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.publisher import PERSISTENT, Outgoing, Publisher
 from tests.conftest import Namespace
@@ -153,6 +154,25 @@ async def test_publishes_in_flight_on_a_nacked_channel_are_not_failed_by_its_rep
     assert outcomes == [None] * len(ids)
     landed = await take(namespace.amqp_url, queues[BOUND], len(ids))
     assert [m.message_id for m in landed] == ids
+
+
+async def test_a_write_that_fails_fails_every_message_never_confirms_one(
+    publisher: Publisher,
+    queues: dict[str, str],
+    namespace: Namespace,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection breaks while a batch is written (injected at the write): no message of
+    it, nor one waiting behind a duplicate id, may read as confirmed."""
+
+    async def broken(*_: object) -> list[asyncio.Future[object]]:
+        raise ConnectionResetError("the connection broke mid-write")
+
+    monkeypatch.setattr(publisher_module, "_write_pipelined", broken)
+    outcomes = await publisher.publish_many(
+        [message("a"), message("b"), message("a")], exchange=events_exchange(namespace.name)
+    )
+    assert all(isinstance(o, BrokerUnavailable) for o in outcomes), outcomes
 
 
 async def test_without_a_confirm_in_time_every_message_fails(
