@@ -519,7 +519,7 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         list(first_seen.values()),
         "ON CONFLICT (event_id) DO NOTHING",
     )
-    seqs = _seqs_sqlite(raw, list(first_seen))
+    seqs = _seqs(conn, first_seen)
     at = [sqlite_time(t.at) for t in ordered]  # once each: history and state share it
     insert_rows(
         raw,
@@ -560,22 +560,9 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
 SEQ_LOOKUP_CHUNK = 500
 
 
-def _seqs_sqlite(raw: sqlite3.Connection, event_ids: list[str]) -> dict[str, int]:
-    """The numbers of events that exist (one statement per chunk of ids)."""
-    found: dict[str, int] = {}
-    for at in range(0, len(event_ids), SEQ_LOOKUP_CHUNK):
-        chunk = event_ids[at : at + SEQ_LOOKUP_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        found.update(
-            raw.execute(
-                f'SELECT event_id, seq FROM "{events.name}" WHERE event_id IN ({marks})',  # noqa: S608  # names from code, values bound
-                chunk,
-            )
-        )
-    return found
-
-
 def _seqs(conn: Connection, event_ids: Collection[str]) -> dict[str, int]:
+    """The numbers of events that exist (one statement per chunk of ids; a report's ids fit
+    in one)."""
     wanted = sorted(event_ids)
     found: dict[str, int] = {}
     for at in range(0, len(wanted), SEQ_LOOKUP_CHUNK):
