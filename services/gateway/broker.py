@@ -21,10 +21,15 @@ from services.messaging.settings import CourierSettings
 log = get_logger("gateway.broker")
 
 RELINK_SECONDS = 5.0
+# What the gateway's consumers hold at shutdown is store work (a status report, a dead letter):
+# short, and redelivered if cut off, so the wait is bounded well below an orchestrator's kill.
+DRAIN_SECONDS = 10.0
 
 
 class Startable(Protocol):
     async def start(self, connection: AbstractRobustConnection) -> None: ...
+
+    async def stop(self, drain_seconds: float) -> bool: ...
 
 
 class BrokerLink:
@@ -92,7 +97,10 @@ class BrokerLink:
         log.info("connected to the broker; topology declared")
 
     async def close(self) -> None:
+        """Stop linking, let the consumers finish (and ack) what they hold, then disconnect."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        started = [c for c in self._consumers if id(c) in self._started]
+        await asyncio.gather(*(c.stop(DRAIN_SECONDS) for c in started))
         await self.publisher.close()

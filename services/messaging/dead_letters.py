@@ -23,7 +23,8 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from contracts.topology import service_of_queue, work_queue
 from services.messaging import failure as f
@@ -199,6 +200,8 @@ def _int(value: Any) -> int:
 
 Sink = Callable[[DeadLetter], Awaitable[None]]
 
+CANCEL_TIMEOUT = 5.0
+
 
 class DeadLetterDrain:
     """Consumes dead-letter queues into a sink; acks only after the sink returned."""
@@ -210,15 +213,52 @@ class DeadLetterDrain:
         self._queues = queues
         self._sink = sink
         self._prefetch = prefetch
+        self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         for name in self._queues:
             queue = await channel.get_queue(name, ensure=True)
-            await queue.consume(self._on_message)
+            self._consuming.append((queue, await queue.consume(self._on_message)))
+
+    async def stop(self, drain_seconds: float) -> bool:
+        """Stop taking dead letters and wait up to `drain_seconds` for those being stored to be
+        acked, so a letter the store has is not left in its queue (and redelivered on the next
+        start). True if drained."""
+        consuming, self._consuming = self._consuming, []
+        for queue, tag in consuming:
+            try:
+                async with asyncio.timeout(CANCEL_TIMEOUT):
+                    await queue.cancel(tag)
+            except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
+                log.warning("could not cancel the dead-letter consumer; the channel is gone")
+                break
+        try:
+            async with asyncio.timeout(drain_seconds):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "dead letters still being stored at shutdown return to their queue",
+                extra={"in_flight": self._in_flight, "drain_seconds": drain_seconds},
+            )
+            return False
+        return True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._keep(message)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _keep(self, message: AbstractIncomingMessage) -> None:
         letter = read_dead_letter(
             self._namespace,
             body=message.body,

@@ -33,6 +33,8 @@ from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Route
+from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
+from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError
 from services.messaging.inbox import Inbox
 from services.messaging.publisher import Publisher
@@ -397,6 +399,80 @@ async def test_a_dead_letter_stays_in_its_queue_until_the_store_has_it(
     finally:
         await engine.dispose()
     await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
+
+
+@asynccontextmanager
+async def draining(
+    namespace: Namespace, sink: Sink
+) -> AsyncIterator[tuple[DeadLetterDrain, aio_pika.abc.AbstractRobustConnection]]:
+    """A drain of the notifier's dead-letter queue into `sink`, on its own connection."""
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    try:
+        await declare_topology(connection, namespace.settings().all_topologies())
+        drain = DeadLetterDrain(
+            namespace.name, [dead_letter_queue(namespace.name, "notifier")], sink
+        )
+        await drain.start(connection)
+        yield drain, connection
+    finally:
+        await connection.close()
+
+
+async def dead_letter_arrives(namespace: Namespace, message_id: str) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection, connection.channel() as channel:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"not json", message_id=message_id),
+            routing_key=dead_letter_queue(namespace.name, "notifier"),
+        )
+
+
+async def test_stopping_the_drain_waits_until_the_letter_being_stored_is_acked(
+    namespace: Namespace,
+) -> None:
+    storing, stored = asyncio.Event(), asyncio.Event()
+    kept: list[str | None] = []
+
+    async def slow_store(letter: DeadLetter) -> None:
+        storing.set()
+        await stored.wait()
+        kept.append(letter.event_id)
+
+    async with draining(namespace, slow_store) as (drain, _):
+        await dead_letter_arrives(namespace, "m-1")
+        await asyncio.wait_for(storing.wait(), timeout=10)
+        stopping = asyncio.create_task(drain.stop(drain_seconds=10))
+        await asyncio.sleep(0.3)
+        assert not stopping.done()
+        stored.set()
+        assert await stopping
+    assert kept == ["m-1"]
+    await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
+
+
+async def test_a_letter_still_being_stored_when_the_drain_gives_up_returns_to_its_queue(
+    namespace: Namespace,
+) -> None:
+    storing, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck_store(letter: DeadLetter) -> None:
+        storing.set()
+        await never.wait()
+
+    async with draining(namespace, stuck_store) as (drain, connection):
+        await dead_letter_arrives(namespace, "m-1")
+        await asyncio.wait_for(storing.wait(), timeout=10)
+        assert not await drain.stop(drain_seconds=0.2)
+        await connection.close()  # the shutdown goes on; unacked, the letter is the broker's again
+
+    async def back() -> None:
+        assert (
+            await ready_messages(namespace.amqp_url, dead_letter_queue(namespace.name, "notifier"))
+            == 1
+        )
+
+    await eventually(back, timeout=10)
+    never.set()
 
 
 # --- reading, replaying and discarding through the API ------------------------------------------
