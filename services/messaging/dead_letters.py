@@ -213,12 +213,14 @@ class DeadLetterDrain:
         self._queues = queues
         self._sink = sink
         self._prefetch = prefetch
+        self._connection: AbstractRobustConnection | None = None
         self._consuming: list[tuple[AbstractQueue, str]] = []
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         for name in self._queues:
@@ -230,6 +232,8 @@ class DeadLetterDrain:
         acked, so a letter the store has is not left in its queue (and redelivered on the next
         start). True if drained."""
         consuming, self._consuming = self._consuming, []
+        if self._connection is None or not self._connection.connected.is_set():
+            consuming = []  # the broker is away: nothing is delivered, and a cancel would wait
         for queue, tag in consuming:
             try:
                 async with asyncio.timeout(CANCEL_TIMEOUT):
