@@ -215,9 +215,8 @@ class DeadLetterDrain:
         self._prefetch = prefetch
         self._connection: AbstractRobustConnection | None = None
         self._consuming: list[tuple[AbstractQueue, str]] = []
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._storing: set[asyncio.Task[Any]] = set()
+        """The deliveries' tasks (aio-pika runs each in its own) still storing their letter."""
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
@@ -241,26 +240,30 @@ class DeadLetterDrain:
             except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
                 log.warning("could not cancel the dead-letter consumer; the channel is gone")
                 break
-        try:
-            async with asyncio.timeout(drain_seconds):
-                await self._idle.wait()
-        except TimeoutError:
-            log.warning(
-                "dead letters still being stored at shutdown return to their queue",
-                extra={"in_flight": self._in_flight, "drain_seconds": drain_seconds},
-            )
-            return False
-        return True
+        if not self._storing:
+            return True
+        _, late = await asyncio.wait(set(self._storing), timeout=drain_seconds)
+        if not late:
+            return True
+        log.warning(
+            "dead letters still being stored at shutdown return to their queue",
+            extra={"in_flight": len(late), "drain_seconds": drain_seconds},
+        )
+        # Stop them, as Consumer.stop does: nothing they do may outlive the store's shutdown;
+        # unacked, their letters return to the queue when the channel closes.
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        return False
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._in_flight += 1
-        self._idle.clear()
+        task = asyncio.current_task()
+        assert task is not None  # aio-pika runs each delivery's callback in a task
+        self._storing.add(task)
         try:
             await self._keep(message)
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._storing.discard(task)
 
     async def _keep(self, message: AbstractIncomingMessage) -> None:
         letter = read_dead_letter(
