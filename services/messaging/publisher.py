@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
@@ -32,6 +32,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 from aiormq.abc import ChannelFrame, FrameType
+from aiormq.channel import Returning
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pamqp.header import ContentHeader
 
@@ -44,6 +45,9 @@ log = get_logger("publisher")
 CONTENT_TYPE = "application/cloudevents+json"
 HeaderValue = str | int | float | bool | datetime | None
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+
+CLOSE_TIMEOUT = 1.0
+"""How long `close` lets its background work end after the connection closed."""
 
 Outcome = Unroutable | BrokerUnavailable | None
 """A message's fate in `publish_many`: None once confirmed, else why the broker did not take it."""
@@ -98,6 +102,7 @@ class Publisher:
         self._channels: list[AbstractRobustChannel] = []
         self._next = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
+        self._replacing: set[int] = set()  # channel slots whose replacement is opening
         # Publishes waiting for the end of this turn of the loop, by exchange (see `_send`).
         self._coalesced: dict[str, list[tuple[Outgoing, asyncio.Future[Outcome]]]] = {}
 
@@ -196,14 +201,19 @@ class Publisher:
         outcomes: list[Outcome] = [None] * len(messages)
         waiting = list(range(len(messages)))
         while waiting:
+            if loop.time() >= deadline:
+                # Written now, they could only be reported timed out: a caller's retry would
+                # then publish them twice. Not written, the report is exact.
+                for i in waiting:
+                    outcomes[i] = self._timed_out()
+                break
             now: list[int] = []
             try:
                 async with asyncio.timeout_at(deadline):
                     # aio-pika's underlay of a channel is always aiormq's Channel.
                     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-                    now, waiting = await _one_per_message_id(underlay, messages, waiting)
-                    confirmations = await _write_pipelined(
-                        underlay, exchange, [messages[i] for i in now]
+                    now, waiting, confirmations = await _write_pipelined(
+                        underlay, exchange, messages, waiting
                     )
             except TimeoutError:
                 for i in (*now, *waiting):
@@ -272,9 +282,7 @@ class Publisher:
     def _publish_coalesced(self) -> None:
         coalesced, self._coalesced = self._coalesced, {}
         for exchange, waiting in coalesced.items():
-            task = asyncio.get_running_loop().create_task(self._publish_waiting(exchange, waiting))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._publish_waiting(exchange, waiting))
 
     async def _publish_waiting(
         self, exchange: str, waiting: list[tuple[Outgoing, asyncio.Future[Outcome]]]
@@ -283,7 +291,12 @@ class Publisher:
             outcomes = await self.publish_many(
                 [message for message, _ in waiting], exchange=exchange
             )
-        except BaseException as exc:  # a bug, or shutting down: every waiting publisher sees it
+        except asyncio.CancelledError:  # the publisher closed
+            for _, outcome in waiting:
+                if not outcome.done():
+                    outcome.set_result(BrokerUnavailable("the publisher closed before a confirm"))
+            raise
+        except BaseException as exc:  # a bug: every waiting publisher sees it
             for _, outcome in waiting:
                 if not outcome.done():
                     outcome.set_exception(exc)
@@ -293,39 +306,61 @@ class Publisher:
                 outcome.set_result(result)
 
     def _replace_channel(self, slot: int, channel: AbstractRobustChannel) -> None:
+        if slot in self._replacing:
+            return  # one replacement per slot at a time, or the spare fresh channel would leak
+        self._replacing.add(slot)
+
         async def replace() -> None:
-            if self._connection is None or self._channels[slot] is not channel:
-                return  # someone else replaced it already
             try:
-                fresh = await self._open_channel(self._connection)
-            except (AMQPError, ChannelInvalidStateError, ConnectionError):
-                log.warning("could not replace a nacked channel", exc_info=True)
-                return
-            self._channels[slot] = fresh
+                if self._connection is None or self._channels[slot] is not channel:
+                    return  # replaced already
+                try:
+                    fresh = await self._open_channel(self._connection)
+                except (AMQPError, ChannelInvalidStateError, ConnectionError):
+                    log.warning("could not replace a nacked channel", exc_info=True)
+                    return
+                self._channels[slot] = fresh
+            finally:
+                self._replacing.discard(slot)
             # New publishes take the fresh channel; those written on the old one keep their
             # confirms (closing now would fail messages the broker may well have taken).
             await self._settled(channel)
             with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
                 await channel.close()
 
-        task = asyncio.get_running_loop().create_task(replace())
+        self._in_background(replace())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _settled(self, channel: AbstractRobustChannel) -> None:
-        """Wait until every publish on `channel` is confirmed or refused, at most the confirm
-        timeout (each publisher gives up on its own by then)."""
-        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            waiting = [c for c in underlay.confirmations.values() if not c.done()]
-            if waiting:
-                await asyncio.wait(waiting, timeout=self._confirm_timeout)
+        """Wait until every publish on `channel` is confirmed or refused (those that picked it
+        before its replacement may still be writing), at most the confirm timeout: each
+        publisher gives up on its own by then."""
+        with contextlib.suppress(
+            TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError
+        ):
+            async with asyncio.timeout(self._confirm_timeout):
+                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+                while waiting := [c for c in underlay.confirmations.values() if not c.done()]:
+                    await asyncio.wait(waiting)
 
     async def close(self) -> None:
+        """Close the connection: publishes still waiting for a confirm fail, and the publisher's
+        own background work (coalesced publishes, channel replacements) ends with it."""
         if self._connection is not None:
             await self._connection.close()
         self._connection = None
         self._channels = []
+        # Closing failed what was waiting for a confirm, so this work ends at once; cancelled
+        # only if it does not (its waiting publishers then fail, never hang).
+        if background := set(self._background):
+            _, late = await asyncio.wait(background, timeout=CLOSE_TIMEOUT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
 
 def _connection_failed(exc: BaseException) -> BrokerUnavailable:
@@ -333,36 +368,50 @@ def _connection_failed(exc: BaseException) -> BrokerUnavailable:
 
 
 async def _write_pipelined(
-    channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing]
-) -> list[asyncio.Future[Any]]:
-    """Write every message's frames at once and register a confirmation for each; the futures.
+    channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing], waiting: list[int]
+) -> tuple[list[int], list[int], list[asyncio.Future[Any]]]:
+    """Write the `waiting` messages (indexes) that can go now, each registered for its confirm;
+    those written, those left for a later round (see `_one_per_message_id`), and the
+    written ones' confirmation futures.
 
     What aiormq's `basic_publish` does for one message (a delivery tag, a confirmation future
     rejected if the channel closes, the message id a return is matched by, all under the
     channel's lock), done for the batch with one lock, one frame buffer and one socket write:
-    per message, `basic_publish` costs a lock round, a timeout, a drain wait and a write."""
-    message_ids = [message.properties.message_id or "" for message in messages]
-    if not all(message_ids):
+    per message, `basic_publish` costs a lock round, a timeout, a drain wait and a write.
+    Which ids are free is decided under the lock, with no suspension before they are
+    registered: a writer held up by backpressure cannot let a second message with one of its
+    ids through meanwhile."""
+    if not all(messages[i].properties.message_id for i in waiting):
         raise ValueError("a pipelined message needs a message_id: returns are matched by it")
-    # The frames do not carry the delivery tags (the broker counts them), so they are
-    # marshalled before taking the lock.
-    payload = ChannelFrame.marshall(channel.number, _frames(channel, exchange, messages))
-    async with channel.lock:
-        first = channel.delivery_tag + 1
-        confirmations = [
-            _expect_confirm(channel, tag, message_id)
-            for tag, message_id in enumerate(message_ids, first)
-        ]
-        channel.delivery_tag += len(messages)
-        try:
-            await channel.write_queue.put(payload)
-        except BaseException:
-            # Not written, so the broker never saw these tags: give them back.
-            channel.delivery_tag = first - 1
-            for tag, confirmation in enumerate(confirmations, first):
-                channel.confirmations.pop(tag, None)
-                confirmation.cancel()
-            raise
+    while True:
+        async with channel.lock:
+            now, later, busy = _one_per_message_id(channel, messages, waiting)
+            if now:
+                return now, later, await _write_locked(channel, exchange, messages, now)
+        # Every one is in flight elsewhere: wait for one of those to settle.
+        await asyncio.wait(busy, return_when=FIRST_COMPLETED)
+
+
+async def _write_locked(
+    channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing], now: list[int]
+) -> list[asyncio.Future[Any]]:
+    batch = [messages[i] for i in now]
+    payload = ChannelFrame.marshall(channel.number, _frames(channel, exchange, batch))
+    first = channel.delivery_tag + 1
+    confirmations = [
+        _expect_confirm(channel, tag, message.properties.message_id or "")
+        for tag, message in enumerate(batch, first)
+    ]
+    channel.delivery_tag += len(batch)
+    try:
+        await channel.write_queue.put(payload)
+    except BaseException:
+        # Not written, so the broker never saw these tags: give them back.
+        channel.delivery_tag = first - 1
+        for tag, confirmation in enumerate(confirmations, first):
+            channel.confirmations.pop(tag, None)
+            confirmation.cancel()
+        raise
     return confirmations
 
 
@@ -379,41 +428,42 @@ def _frames(
     return frames
 
 
-async def _one_per_message_id(
+def _one_per_message_id(
     channel: aiormq.Channel, messages: Sequence[Outgoing], waiting: list[int]
-) -> tuple[list[int], list[int]]:
-    """Of the `waiting` messages (indexes), those to write now, and those to write after them.
+) -> tuple[list[int], list[int], set[asyncio.Future[Any]]]:
+    """Of the `waiting` messages (indexes), those to write now, those to write after them, and
+    the publishes in flight the latter wait for.
 
     aiormq matches a returned message to its publish by message id: two in flight on a channel
     with one id would get each other's outcome (the returned one confirmed, silently). So a
     message whose id is in flight already (earlier in the batch, or another caller's) waits
-    for that one to settle; ids are nearly always unique, so nearly always all go at once.
-    Checked and then registered by `_write_pipelined` without a suspension in between: the
-    channel's lock is only ever held across a suspension by RPCs, which a publisher's channels
-    make only while opening."""
+    for that one to settle; ids are nearly always unique, so nearly always all go at once."""
+    now: list[int] = []
+    later: list[int] = []
+    busy: set[asyncio.Future[Any]] = set()
+    taken: set[str] = set()
+    for i in waiting:
+        message_id = messages[i].properties.message_id or ""
+        in_flight = _in_flight(channel, message_id)
+        if in_flight is not None:
+            busy.add(in_flight)
+            later.append(i)
+        elif message_id in taken:
+            later.append(i)
+        else:
+            taken.add(message_id)
+            now.append(i)
+    return now, later, busy
 
-    def pending(message_id: str) -> asyncio.Future[Any] | None:
-        confirmation = channel.confirmations.get(channel.message_id_delivery_tag.get(message_id, 0))
-        if isinstance(confirmation, asyncio.Future) and not confirmation.done():
-            return confirmation
+
+def _in_flight(channel: aiormq.Channel, message_id: str) -> asyncio.Future[Any] | None:
+    """The confirmation of the publish with this id still in flight on the channel, if any.
+    A `Returning` placeholder is not one: aiormq leaves it for a returned message's
+    confirm, its publish has failed already, and nothing ever completes it."""
+    confirmation = channel.confirmations.get(channel.message_id_delivery_tag.get(message_id, 0))
+    if confirmation is None or isinstance(confirmation, Returning) or confirmation.done():
         return None
-
-    while True:
-        now: list[int] = []
-        later: list[int] = []
-        taken: set[str] = set()
-        for i in waiting:
-            message_id = messages[i].properties.message_id or ""
-            if message_id in taken or pending(message_id) is not None:
-                later.append(i)
-            else:
-                taken.add(message_id)
-                now.append(i)
-        if now:
-            return now, later
-        # Every one is in flight elsewhere: wait for one of those to settle.
-        elsewhere = {pending(messages[i].properties.message_id or "") for i in later}
-        await asyncio.wait([c for c in elsewhere if c is not None], return_when=FIRST_COMPLETED)
+    return confirmation
 
 
 def _expect_confirm(channel: aiormq.Channel, tag: int, message_id: str) -> asyncio.Future[Any]:

@@ -189,6 +189,30 @@ async def test_without_a_confirm_in_time_every_message_fails(
     assert all(isinstance(o, BrokerUnavailable) and "no confirm" in str(o) for o in outcomes)
 
 
+async def test_a_message_not_written_before_the_deadline_is_not_written_after_it(
+    namespace: Namespace, queues: dict[str, str]
+) -> None:
+    """Reported timed out, a message must not be in the queue: the caller's retry would
+    publish it twice."""
+    late = Publisher(namespace.amqp_url, channels=1, confirm_timeout=0)
+    await late.connect()
+    try:
+        outcomes = await late.publish_many(
+            [message("late"), message("late")], exchange=events_exchange(namespace.name)
+        )
+    finally:
+        await late.close()
+    assert all(isinstance(o, BrokerUnavailable) and "no confirm" in str(o) for o in outcomes)
+    marker = Publisher(namespace.amqp_url, channels=1)
+    await marker.connect()
+    try:
+        await publish_one(marker, namespace, message("marker"))
+    finally:
+        await marker.close()
+    [first] = await take(namespace.amqp_url, queues[BOUND], 1)
+    assert first.message_id == "marker"
+
+
 async def test_without_a_connection_every_message_fails(namespace: Namespace) -> None:
     outcomes = await Publisher(namespace.amqp_url).publish_many(
         [message("a"), message("b")], exchange=events_exchange(namespace.name)
@@ -266,3 +290,23 @@ async def test_concurrent_publishes_without_a_connection_each_raise(namespace: N
     )
     assert all(isinstance(o, BrokerUnavailable) for o in outcomes)
     assert len({id(o) for o in outcomes}) == 3  # each its own exception, raised once
+
+
+async def test_closing_ends_every_waiting_publish_and_leaves_no_work_behind(
+    namespace: Namespace, queues: dict[str, str]
+) -> None:
+    publisher = Publisher(namespace.amqp_url, channels=2)
+    await publisher.connect()
+    sending = [
+        asyncio.create_task(publish_one(publisher, namespace, message(f"z{i}"))) for i in range(300)
+    ]
+    await asyncio.sleep(0)  # they are coalesced and on their way
+    await publisher.close()
+    outcomes = await asyncio.gather(*sending, return_exceptions=True)
+    assert all(o is None or isinstance(o, BrokerUnavailable) for o in outcomes), outcomes
+    left = [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "").startswith("Publisher.")
+    ]
+    assert left == []
