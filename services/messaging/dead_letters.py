@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,8 +145,9 @@ def _broker_dead_letter(
     now: datetime,
 ) -> DeadLetter:
     """A message the broker dead-lettered itself (after `x-delivery-limit` redeliveries)."""
-    deaths = headers.get("x-death") or [{}]
+    deaths = headers.get("x-death")
     death = deaths[0] if isinstance(deaths, list) and deaths else {}
+    death = death if isinstance(death, Mapping) else {}  # anyone may publish to a DLQ
     # x-death[0] is the newest death: a message may have expired out of a delay tier before
     # the delivery limit dead-lettered it from its work queue (x-first-death-* names the tier).
     queue = str(death.get("queue") or headers.get("x-last-death-queue") or "unknown")
@@ -196,11 +197,58 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
 
+MAX_COUNT = 2**31 - 1
+
+
+def plain(letter: DeadLetter) -> DeadLetter:
+    """The letter with nothing a store could refuse: control characters (NUL among them) and
+    unpaired surrogates in its strings escaped, its counts within 32 bits. An ordinary letter
+    is unchanged; the body is never touched, so a replay publishes what failed."""
+    return replace(
+        letter,
+        service=_printable(letter.service),
+        queue=_printable(letter.queue),
+        event_id=_printable_or_none(letter.event_id),
+        event_type=_printable_or_none(letter.event_type),
+        reason=_printable(letter.reason),
+        attempts=min(max(letter.attempts, 0), MAX_COUNT),
+        replays=min(max(letter.replays, 0), MAX_COUNT),
+        exception_type=_printable_or_none(letter.exception_type),
+        exception_message=_printable_or_none(letter.exception_message),
+        traceback=_printable_or_none(letter.traceback),
+        headers=_printable_values(letter.headers),
+        correlation_id=_printable_or_none(letter.correlation_id),
+    )
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def _printable_or_none(text: str | None) -> str | None:
+    return None if text is None else _printable(text)
+
+
+def _printable_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -MAX_COUNT <= value <= MAX_COUNT else str(value)
+    if isinstance(value, dict):
+        return {_printable(str(k)): _printable_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_values(v) for v in value]
+    return value
+
+
 # --- draining -------------------------------------------------------------------------------
 
 Sink = Callable[[DeadLetter], Awaitable[None]]
 
 CANCEL_TIMEOUT = 5.0
+DELIVERY_HOPS = 2
 
 
 class DeadLetterDrain:
@@ -240,6 +288,10 @@ class DeadLetterDrain:
             except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
                 log.warning("could not cancel the dead-letter consumer; the channel is gone")
                 break
+        # A letter delivered just before the cancel's answer reaches `_on_message` two task
+        # hops later (aiormq's, then aio-pika's): let those run, so the wait below sees it.
+        for _ in range(DELIVERY_HOPS):
+            await asyncio.sleep(0)
         if not self._storing:
             return True
         _, late = await asyncio.wait(set(self._storing), timeout=drain_seconds)
@@ -275,14 +327,34 @@ class DeadLetterDrain:
             correlation_id=message.correlation_id,
         )
         try:
-            await self._sink(letter)
+            await self._store(letter)
         except Exception:
             # The store is unavailable: keep the dead letter in its queue and slow down.
-            log.exception("could not store a dead letter; it stays in its queue")
+            log.exception(
+                "could not store a dead letter; it stays in its queue",
+                extra={"event_id": letter.event_id, "correlation_id": letter.correlation_id},
+            )
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
             return
         await message.ack()
+
+    async def _store(self, letter: DeadLetter) -> None:
+        """Into the sink as it is or else in plain form: a letter whose strings or counts the
+        store cannot hold (a NUL in a message id, a 40-bit attempt header: anyone may publish
+        to a work queue) would otherwise go back to its queue for ever, never seen."""
+        try:
+            await self._sink(letter)
+        except Exception:
+            fallback = plain(letter)
+            if fallback == letter:
+                raise  # nothing in it to refuse: the store is unavailable
+            log.warning(
+                "the store refused a dead letter as it was; storing it in plain form",
+                exc_info=True,
+                extra={"event_id": letter.event_id, "correlation_id": letter.correlation_id},
+            )
+            await self._sink(fallback)
 
 
 # --- replaying ------------------------------------------------------------------------------

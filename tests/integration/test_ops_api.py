@@ -475,6 +475,35 @@ async def test_a_letter_still_being_stored_when_the_drain_gives_up_returns_to_it
     never.set()
 
 
+async def test_a_dead_letter_the_store_refuses_as_it_is_is_stored_in_plain_form(
+    namespace: Namespace, postgres_database: str
+) -> None:
+    """PostgreSQL holds no NUL in text and no 40-bit integer: such a letter, stored as it is,
+    would go back to its queue for ever, never reaching the operators."""
+    engine = open_store(store_url(postgres_database, Path(), "gateway"))
+    store = FailureStore(engine)
+    await store.start()
+    try:
+        async with draining(namespace, store.add_letter):
+            connection = await aio_pika.connect(namespace.amqp_url)
+            async with connection, connection.channel() as channel:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(b"\x00body", message_id="m\x00-1", headers={f.REPLAYS: 2**40}),
+                    routing_key=dead_letter_queue(namespace.name, "notifier"),
+                )
+
+            async def stored() -> None:
+                page = await store.page(Filter())
+                assert [item["event_id"] for item in page.items] == ["m\\x00-1"]
+
+            await eventually(stored, timeout=10)
+        [kept] = (await store.page(Filter())).items
+        assert (await store.get(kept["id"]) or {})["body"] == b"\x00body"
+    finally:
+        await engine.dispose()
+    await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
+
+
 # --- reading, replaying and discarding through the API ------------------------------------------
 
 
