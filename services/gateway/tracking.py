@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -342,8 +342,11 @@ class Tracking:
             .where(states.c.event_seq == events.c.seq, states.c.updated_at >= cutoff)
             .exists()
         )
-        stale = select(events.c.seq).where(
-            or_(events.c.accepted_at.is_(None), events.c.accepted_at < cutoff), ~recent
+        # Events a status write holds (`_held_seqs`) are skipped: their activity is new.
+        stale = (
+            select(events.c.seq)
+            .where(or_(events.c.accepted_at.is_(None), events.c.accepted_at < cutoff), ~recent)
+            .with_for_update(of=events, skip_locked=True)
         )
         removed = 0
         while True:
@@ -560,16 +563,40 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
 SEQ_LOOKUP_CHUNK = 500
 
 
-def _seqs(conn: Connection, event_ids: Collection[str]) -> dict[str, int]:
+def _seqs(conn: Connection, event_ids: Collection[str], *, lock: bool = False) -> dict[str, int]:
     """The numbers of events that exist (one statement per chunk of ids; a report's ids fit
-    in one)."""
+    in one), with `lock` held from a concurrent delete until the transaction ends."""
     wanted = sorted(event_ids)
     found: dict[str, int] = {}
     for at in range(0, len(wanted), SEQ_LOOKUP_CHUNK):
         chunk = wanted[at : at + SEQ_LOOKUP_CHUNK]
         query = select(events.c.event_id, events.c.seq).where(events.c.event_id.in_(chunk))
+        if lock:
+            query = query.with_for_update(key_share=True)
         found.update((event_id, seq) for event_id, seq in conn.execute(query))
     return found
+
+
+def _held_seqs(conn: Connection, first_seen: Mapping[str, str | None]) -> dict[str, int]:
+    """The numbers of these events (created already), held until the transaction ends.
+
+    On PostgreSQL a prune may run beside this transaction: the rows are locked (key share),
+    which a prune skips, and one it took between our insert and this look-up is created
+    again. Otherwise a status written for an event a prune was removing would stay behind
+    without its event, never shown (SQLite runs one write transaction at a time)."""
+    lock = conn.dialect.name == "postgresql"
+    seqs = _seqs(conn, first_seen, lock=lock)
+    for _ in range(3):
+        missing = first_seen.keys() - seqs.keys()
+        if not missing:
+            return seqs
+        insert = insert_for(conn.dialect.name)(events)
+        conn.execute(
+            insert.on_conflict_do_nothing(index_elements=["event_id"]),
+            [{"event_id": e, "event_type": first_seen[e], "accepted_at": None} for e in missing],
+        )
+        seqs.update(_seqs(conn, missing, lock=lock))
+    raise RuntimeError("events kept vanishing while their status was written")
 
 
 STATE_FIELDS = (
@@ -639,7 +666,7 @@ def _write(
     if not transitions:
         return
     ordered = sorted(transitions, key=lambda t: t.at)
-    seqs = _seqs(conn, {t.event_id for t in ordered})
+    seqs = _held_seqs(conn, {t.event_id: t.event_type for t in ordered})
     conn.execute(
         insert(history).on_conflict_do_nothing(
             index_elements=["event_seq", "service", "state", "at"]

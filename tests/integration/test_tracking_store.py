@@ -40,6 +40,7 @@ from contracts.tracking import (
     Transition,
 )
 from services.gateway.tracking import Tracking, metadata, states_of
+from services.gateway.tracking import _write as write_status
 from services.gateway.tracking_migrations import (
     legacy_events,
     legacy_history,
@@ -544,6 +545,31 @@ async def test_pruning_goes_in_batches_until_nothing_is_left(tracking: Tracking)
     await status_of(tracking, events[0].id)  # written
     assert await tracking.prune(RETENTION, batch=2) >= 5
     assert [await tracking.status(e.id) for e in events] == [None] * 5
+
+
+async def test_a_prune_beside_a_status_write_leaves_that_event_and_its_new_state(
+    module_database: str, tmp_path: Path
+) -> None:
+    """PostgreSQL runs them side by side (SQLite one write at a time): the event quiet for the
+    retention moves while the prune runs, and must not be removed from under its new state."""
+    engine = open_store(store_url(module_database, tmp_path, "gateway"))
+    tracking = Tracking(engine)
+    await tracking.start()
+    try:
+        old = datetime.now(UTC) - RETENTION - timedelta(days=1)
+        event = notification()
+        tracking.accepted(event, old)
+        await tracking.apply([step(event.id, "notifier", "processing", old)])
+        async with engine.begin() as conn:  # a status report being written
+            moved = [step(event.id, "notifier", "succeeded", datetime.now(UTC))]
+            await conn.run_sync(write_status, moved, ())
+            pruning = asyncio.create_task(tracking.prune(RETENTION))
+            await asyncio.wait({pruning}, timeout=3)
+        await pruning
+        assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+    finally:
+        await tracking.close()
+        await engine.dispose()
 
 
 async def test_a_result_older_than_the_retention_is_forgotten(
