@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, Tracking
 from services.gateway.ingest import IngestError
 from services.gateway.routes import Problem, publish_confirmed, status_url
 from services.gateway.uploads import FRAMING_ALLOWANCE, receive_upload
+from services.messaging.errors import BrokerUnavailable
 from services.messaging.logs import event_context, get_logger
 
 log = get_logger("gateway.files")
@@ -127,10 +129,12 @@ async def upload_file(
         try:
             await files.add(event.data, accepted_at)
             await publish_confirmed(broker, settings, event)
-        except BaseException:
-            # Not announced, so never processed: leave nothing behind.
-            await blobs.delete(received.key)
-            await files.remove(file_id)
+        except BaseException as exc:
+            if not _maybe_published(exc):
+                # Not announced, so never processed: leave nothing behind.
+                await blobs.delete(received.key)
+                await files.remove(file_id)
+            # Else the processor may be about to read the file: it stays (retention ends it).
             raise
         tracking.accepted(event, accepted_at)
         log.info(
@@ -142,6 +146,15 @@ async def upload_file(
     return JSONResponse(
         accepted.model_dump(), status_code=202, headers={"Location": accepted.file_url}
     )
+
+
+def _maybe_published(exc: BaseException) -> bool:
+    """Whether the broker may have the event all the same (written, never confirmed), or
+    the request was cancelled while publishing (shutting down), where no one can tell."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, BrokerUnavailable) and cause.maybe_published
 
 
 def _processing(found: dict[str, Any] | None, analysed: bool) -> dict[str, Any]:

@@ -100,9 +100,11 @@ class IdempotencyKeys:
                 pass
             row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
             if as_utc(row.created_at) < now - self._ttl:  # expired: the key is free again
-                await conn.execute(
+                # Taken only if no one renewed it since this read: two requests reusing an
+                # expired key at once must not both publish.
+                taken = await conn.execute(
                     update(keys)
-                    .where(keys.c.key == key)
+                    .where(keys.c.key == key, keys.c.created_at == row.created_at)
                     .values(
                         fingerprint=request,
                         event_ids=event_ids,
@@ -113,7 +115,10 @@ class IdempotencyKeys:
                         updated_at=now,
                     )
                 )
-                return Claim("publish", event_ids)
+                if taken.rowcount == 1:
+                    return Claim("publish", event_ids)
+                # Another request took it first: answer as if it had been there all along.
+                row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
             if row.fingerprint != request:
                 return Claim("conflict", row.event_ids)
             if row.state == "done":

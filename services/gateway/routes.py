@@ -121,11 +121,22 @@ def _refusal(
                 status.HTTP_500_INTERNAL_SERVER_ERROR,
                 f"no queue is bound for event type {event.type!r}; the topology is incomplete",
             )
+        retry = {"Retry-After": str(settings.retry_after_seconds)}
+        if isinstance(failure, BrokerUnavailable) and failure.maybe_published:
+            # At least once: the broker may have it. Retried under the same id (or the same
+            # Idempotency-Key, which keeps the ids), the consumers drop the second copy.
+            log.warning("broker did not confirm the event", extra={"error": str(failure)})
+            return HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"the broker did not confirm event {event.id!r} ({failure}): it may have "
+                "been accepted; retry with the same event id or Idempotency-Key",
+                headers=retry,
+            )
         log.warning("broker did not take the event", extra={"error": str(failure)})
         return HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             f"the broker did not take the event: {failure}",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
+            headers=retry,
         )
 
 
@@ -195,14 +206,22 @@ async def _idempotent(
         *attributes,
         body,
     )
-    claim = await keys.claim(key, request_id, [event.id for event in events])
-    if claim.kind == "busy":
-        try:
-            async with asyncio.timeout(settings.publish_timeout * 2):
-                waited = await keys.wait(key)
-        except TimeoutError:
-            waited = None
-        claim = waited or await keys.claim(key, request_id, [event.id for event in events])
+    try:
+        claim = await keys.claim(key, request_id, [event.id for event in events])
+        if claim.kind == "busy":
+            try:
+                async with asyncio.timeout(settings.publish_timeout * 2):
+                    waited = await keys.wait(key)
+            except TimeoutError:
+                waited = None
+            claim = waited or await keys.claim(key, request_id, [event.id for event in events])
+    except SQLAlchemyError as exc:  # nothing was published: the client may simply retry
+        log.exception("could not claim an Idempotency-Key")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the gateway could not check the Idempotency-Key; retry later",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        ) from exc
     if claim.kind == "busy":
         raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
     if claim.kind == "conflict":
@@ -227,7 +246,12 @@ async def _idempotent(
         await keys.release(key)
         return response
     stored = {"body": orjson.loads(response.body), "location": response.headers.get("location")}
-    await keys.complete(key, response.status_code, stored)
+    try:
+        await keys.complete(key, response.status_code, stored)
+    except SQLAlchemyError:
+        # The events are the broker's: say so. Unrecorded, the key frees itself when its
+        # lease ends, and a repeat publishes the same ids again (the consumers drop it).
+        log.exception("could not record the response for an Idempotency-Key")
     return response
 
 
@@ -302,14 +326,18 @@ async def submit_batch(request: Request) -> JSONResponse:
                 None if outcome is None else _refusal(event, outcome, settings)
                 for event, outcome in zip(events, outcomes, strict=True)
             ]
-            return _partial_failure(events, refusals)
+            _accepted([e for e, o in zip(events, outcomes, strict=True) if o is None], tracking, at)
+            unconfirmed = [isinstance(o, BrokerUnavailable) and o.maybe_published for o in outcomes]
+            return _partial_failure(events, refusals, unconfirmed)
         return FastJSONResponse({"events": _accepted(events, tracking, at)}, status_code=202)
 
     return await _idempotent(request, body, list(events), settings, publish)
 
 
 def _partial_failure(
-    events: Sequence[IngestEvent], refusals: Sequence[HTTPException | None]
+    events: Sequence[IngestEvent],
+    refusals: Sequence[HTTPException | None],
+    unconfirmed: Sequence[bool],
 ) -> JSONResponse:
     """Some events were confirmed, some not: say exactly which, so a retry can resend the rest."""
     worst = max((r for r in refusals if r is not None), key=lambda r: r.status_code)
@@ -320,6 +348,8 @@ def _partial_failure(
             "detail": worst.detail,
             "published": [e.id for e, r in zip(events, refusals, strict=True) if r is None],
             "failed": [e.id for e, r in zip(events, refusals, strict=True) if r is not None],
+            # Of the failed, those the broker may have all the same: resend them by id.
+            "unconfirmed": [e.id for e, u in zip(events, unconfirmed, strict=True) if u],
         },
     )
 

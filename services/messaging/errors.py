@@ -19,7 +19,16 @@ class CourierError(Exception):
 
 
 class BrokerUnavailable(CourierError):
-    """The broker did not confirm a publish; the message may be retried later."""
+    """The broker did not confirm a publish; the message may be retried later.
+
+    `maybe_published`: the message was written and then neither confirmed nor refused (no
+    confirm in time, the connection lost meanwhile), so the broker may have it. A retry must
+    reuse the message's id, which consumers deduplicate; a nack or no connection at all
+    leave it False: the broker does not have the message."""
+
+    def __init__(self, message: str, *, maybe_published: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_published = maybe_published
 
 
 class Unroutable(CourierError):

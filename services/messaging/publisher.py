@@ -205,7 +205,7 @@ class Publisher:
                 # Written now, they could only be reported timed out: a caller's retry would
                 # then publish them twice. Not written, the report is exact.
                 for i in waiting:
-                    outcomes[i] = self._timed_out()
+                    outcomes[i] = self._timed_out(written=False)
                 break
             now: list[int] = []
             try:
@@ -215,9 +215,9 @@ class Publisher:
                     now, waiting, confirmations = await _write_pipelined(
                         underlay, exchange, messages, waiting
                     )
-            except TimeoutError:
+            except TimeoutError:  # before or while writing: `_write_locked` took them back
                 for i in (*now, *waiting):
-                    outcomes[i] = self._timed_out()
+                    outcomes[i] = self._timed_out(written=False)
                 break
             except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
                 for i in (*now, *waiting):
@@ -238,9 +238,11 @@ class Publisher:
     ) -> Outcome:
         if not confirmation.done():
             confirmation.cancel()  # a late confirm is then ignored by aiormq
-            return self._timed_out()
+            return self._timed_out(written=True)
         if confirmation.cancelled():
-            return BrokerUnavailable("the publish was cancelled (the channel closed)")
+            return BrokerUnavailable(
+                "the channel closed before the broker confirmed", maybe_published=True
+            )
         exc = confirmation.exception()
         failure: Outcome
         if exc is None:
@@ -250,14 +252,16 @@ class Publisher:
         elif isinstance(exc, DeliveryError):
             failure = BrokerUnavailable("the broker refused the message (nack)")
         elif isinstance(exc, AMQPError | ChannelInvalidStateError | ConnectionError):
-            failure = _connection_failed(exc)
+            failure = _connection_failed(exc, written=True)
         else:
             raise exc
         failure.__cause__ = exc
         return failure
 
-    def _timed_out(self) -> BrokerUnavailable:
-        return BrokerUnavailable(f"no confirm within {self._confirm_timeout}s")
+    def _timed_out(self, *, written: bool) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no confirm within {self._confirm_timeout}s", maybe_published=written
+        )
 
     async def _send(
         self, body: bytes, properties: spec.Basic.Properties, exchange: str, routing_key: str
@@ -294,7 +298,11 @@ class Publisher:
         except asyncio.CancelledError:  # the publisher closed
             for _, outcome in waiting:
                 if not outcome.done():
-                    outcome.set_result(BrokerUnavailable("the publisher closed before a confirm"))
+                    outcome.set_result(
+                        BrokerUnavailable(
+                            "the publisher closed before a confirm", maybe_published=True
+                        )
+                    )
             raise
         except BaseException as exc:  # a bug: every waiting publisher sees it
             for _, outcome in waiting:
@@ -363,8 +371,8 @@ class Publisher:
             await asyncio.gather(*background, return_exceptions=True)
 
 
-def _connection_failed(exc: BaseException) -> BrokerUnavailable:
-    return BrokerUnavailable(f"connection to the broker failed: {exc!r}")
+def _connection_failed(exc: BaseException, *, written: bool = False) -> BrokerUnavailable:
+    return BrokerUnavailable(f"connection to the broker failed: {exc!r}", maybe_published=written)
 
 
 async def _write_pipelined(

@@ -18,6 +18,7 @@ from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
 from tests.support.queues import assert_empty, take
+from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -253,6 +254,30 @@ async def test_without_a_broker_an_upload_is_refused_before_it_is_read(
         assert response.status_code == 503
         assert response.headers["retry-after"] == str(settings.retry_after_seconds)
     assert stored_files(blob_dir) == []
+
+
+async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    """Written but never confirmed, the announcement may be in the processor's queue: the
+    file must still be there when the processor comes to read it."""
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        settings = gateway_settings(
+            namespace,
+            tmp_path,
+            blob_dir=blob_dir,
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            publish_timeout=0.5,
+        )
+        async for client in gateway_client(settings):
+            proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
+            response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+            assert response.status_code == 503, response.text
+            assert "may have been accepted" in response.json()["detail"]
+            [kept] = stored_files(blob_dir)
+            assert kept.read_bytes() == CSV
+            proxy.set_mode(ProxyMode.REFUSE)
+            proxy.reset_all()  # gone, not hanging: the gateway stops without waiting on it
 
 
 def form(*parts: tuple[str, str | tuple[str, bytes, str]]) -> bytes:

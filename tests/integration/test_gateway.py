@@ -16,6 +16,7 @@ from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
+from tests.support.polling import eventually
 from tests.support.queues import assert_empty, take, unbind_everyone
 
 pytestmark = pytest.mark.broker
@@ -201,9 +202,17 @@ async def test_a_batch_with_an_unroutable_event_says_which_events_were_published
     assert response.status_code == 500
     body = response.json()
     assert body["published"] == ["n-1", "n-2"] and body["failed"] == ["d-1"]
+    assert body["unconfirmed"] == []  # returned: the broker does not have it
     assert "dataset.submitted" in body["detail"]
     notified = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2, timeout=2)
     assert [m.message_id for m in notified] == ["n-1", "n-2"]
+
+    async def published_ones_accepted() -> None:
+        for event_id in ("n-1", "n-2"):
+            status = await client.get(f"/v1/events/{event_id}")
+            assert status.status_code == 200 and status.json()["accepted_at"], status.text
+
+    await eventually(published_ones_accepted, timeout=5)
 
 
 async def test_a_running_gateway_keeps_its_start_up_heap_out_of_the_collectors_way(

@@ -21,6 +21,7 @@ import orjson
 import pytest
 import pytest_asyncio
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import EVENT_ADAPTER
@@ -151,6 +152,20 @@ async def test_the_same_key_and_body_returns_the_first_response_and_publishes_no
         assert again.headers["idempotent-replayed"] == "true"
         assert again.headers["location"] == first.headers["location"] == f"/v1/events/{event_id}"
     assert await queued(shared_namespace) == [event_id]
+
+
+async def test_a_published_event_is_answered_202_when_its_key_cannot_be_recorded(
+    client: httpx.AsyncClient, shared_namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker has the event: a failing key store must not turn that into an error."""
+
+    async def store_fails(*_: object) -> None:
+        raise OperationalError("UPDATE idempotency_keys", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(IdempotencyKeys, "complete", store_fails)
+    answered = await post(client, NOTIFICATION, new_key())
+    assert answered.status_code == 202, answered.text
+    assert await queued(shared_namespace) == [answered.json()["id"]]
 
 
 @pytest.mark.broker
@@ -322,6 +337,35 @@ async def test_a_retry_after_a_503_publishes_under_the_same_event_ids(
             assert sorted(await queued(namespace)) == sorted([first_id, *batch_ids])
 
 
+async def test_an_event_written_but_never_confirmed_is_answered_as_possibly_accepted(
+    namespace: Namespace, tmp_path: Path, database_url: str | None
+) -> None:
+    """The broker may have an event whose confirm never came: the 503 says so and names the id
+    to retry with (a batch lists them as `unconfirmed`), and the key is free for that retry."""
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        key, batch_key = new_key(), new_key()
+        async with running_gateway(
+            namespace, tmp_path, database_url, amqp_url=url, publish_timeout=0.5
+        ) as gw:
+            proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
+            unconfirmed = await post(gw, NOTIFICATION, key)
+            assert unconfirmed.status_code == 503, unconfirmed.text
+            [event_id] = await stored_event_ids(tmp_path, database_url, key)
+            detail = unconfirmed.json()["detail"]
+            assert event_id in detail and "may have been accepted" in detail
+            assert unconfirmed.headers["retry-after"].isdigit()
+            batch = await post(
+                gw, [NOTIFICATION, OTHER_NOTIFICATION], batch_key, "/v1/events/batch"
+            )
+            assert batch.status_code == 503, batch.text
+            assert batch.json()["unconfirmed"] == batch.json()["failed"]
+            assert len(batch.json()["failed"]) == 2
+            assert (await post(gw, NOTIFICATION, key)).status_code == 503  # not busy: released
+            proxy.set_mode(ProxyMode.REFUSE)
+            proxy.reset_all()  # gone, not hanging: the gateway stops without waiting on it
+
+
 @pytest.mark.broker
 async def test_a_key_expires_after_its_ttl(
     namespace: Namespace, tmp_path: Path, database_url: str | None
@@ -473,6 +517,21 @@ async def test_concurrent_claims_of_one_key_publish_once(keys: IdempotencyKeys, 
     claims = await asyncio.gather(*(keys.claim(k, REQUEST, [f"e{i}"]) for i in range(20)))
     kinds = sorted(claim.kind for claim in claims)
     assert kinds == ["busy"] * 19 + ["publish"]
+    [winner] = [claim for claim in claims if claim.kind == "publish"]
+    assert all(claim.event_ids == winner.event_ids for claim in claims)
+
+
+async def test_concurrent_claims_of_an_expired_key_publish_once(
+    engine: AsyncEngine, k: str
+) -> None:
+    """Expired but not yet purged, the key is free again, for one of the requests reusing it."""
+    store = IdempotencyKeys(engine, ttl=timedelta(milliseconds=200), lease=LEASE)
+    await store.start()
+    await store.claim(k, REQUEST, ["first"])
+    await store.complete(k, 202, RESPONSE)
+    await asyncio.sleep(0.3)  # expired
+    claims = await asyncio.gather(*(store.claim(k, REQUEST, [f"e{i}"]) for i in range(10)))
+    assert sorted(claim.kind for claim in claims) == ["busy"] * 9 + ["publish"]
     [winner] = [claim for claim in claims if claim.kind == "publish"]
     assert all(claim.event_ids == winner.event_ids for claim in claims)
 
