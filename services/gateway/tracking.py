@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     bindparam,
     delete,
     or_,
@@ -81,6 +82,9 @@ events = Table(
     Column("callback_url", String(2048), nullable=True),
     Column("callback_outcome", String(16), nullable=True),
     Column("callback_settled_at", DateTime(timezone=True), nullable=True),
+    # When a callback URL was noted ahead of the publish: until the accept is written, that
+    # row's only age (retention must not take it at the next start-up).
+    Column("noted_at", DateTime(timezone=True), nullable=True),
     Index("ux_status_events_id", "event_id", unique=True),
     # The few events still waiting for their first callback, for the periodic sweep.
     Index(
@@ -201,8 +205,9 @@ class Tracking:
         """Store the callback URLs of events about to be published, before they are: the
         accept is written a moment after the `202`, and a gateway that died in between would
         otherwise lose the only copy of the URL while the event is processed."""
+        now = datetime.now(UTC)
         wanted = [
-            {"event_id": e.id, "event_type": e.type, "callback_url": url}
+            {"event_id": e.id, "event_type": e.type, "callback_url": url, "noted_at": now}
             for e in accepting
             if (url := callback_url_of(e)) is not None
         ]
@@ -345,7 +350,16 @@ class Tracking:
         # Events a status write holds (`_held_seqs`) are skipped: their activity is new.
         stale = (
             select(events.c.seq)
-            .where(or_(events.c.accepted_at.is_(None), events.c.accepted_at < cutoff), ~recent)
+            .where(
+                or_(
+                    events.c.accepted_at < cutoff,
+                    and_(
+                        events.c.accepted_at.is_(None),
+                        or_(events.c.noted_at.is_(None), events.c.noted_at < cutoff),
+                    ),
+                ),
+                ~recent,
+            )
             .with_for_update(of=events, skip_locked=True)
         )
         removed = 0
@@ -612,12 +626,15 @@ _HISTORY_KEPT = "ON CONFLICT (event_seq, service, state, at) DO NOTHING"  # its 
 _STATE_KEPT = "ON CONFLICT (event_seq, service) DO NOTHING"  # pending never replaces a state
 
 
-def _write_callback_urls(conn: Connection, rows: list[dict[str, str]]) -> None:
+def _write_callback_urls(conn: Connection, rows: list[dict[str, Any]]) -> None:
     insert = insert_for(conn.dialect.name)(events)
     conn.execute(
         insert.on_conflict_do_update(
             index_elements=["event_id"],
-            set_={"callback_url": insert.excluded.callback_url},
+            set_={
+                "callback_url": insert.excluded.callback_url,
+                "noted_at": insert.excluded.noted_at,
+            },
             where=events.c.callback_url.is_(None),  # the first accept's URL stays
         ),
         rows,

@@ -83,7 +83,7 @@ LEGACY_CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled
 
 
 def steps(current: MetaData) -> list[Migration]:
-    """Versions 1-6 of the `gateway.tracking` component; `current` holds today's tables."""
+    """Versions 1-7 of the `gateway.tracking` component; `current` holds today's tables."""
 
     async def create(conn: AsyncConnection) -> None:
         await conn.run_sync(legacy.create_all)
@@ -103,6 +103,9 @@ def steps(current: MetaData) -> list[Migration]:
     async def sequential_keys(conn: AsyncConnection) -> None:
         await conn.run_sync(_move_to_sequential_keys, current)
 
+    async def noted_column(conn: AsyncConnection) -> None:
+        await conn.run_sync(_add_noted_column, current)
+
     return [
         create,
         unique_history,
@@ -110,6 +113,7 @@ def steps(current: MetaData) -> list[Migration]:
         accepted_index,
         drop_redundant_history_index,
         sequential_keys,
+        noted_column,
     ]
 
 
@@ -126,6 +130,15 @@ def _add_callback_columns(sync: Connection) -> None:
             kind = legacy_events.c[name].type.compile(dialect=sync.dialect)
             sync.execute(text(f"ALTER TABLE {legacy_events.name} ADD COLUMN {name} {kind}"))
     _create_indexes(sync, legacy_events)
+
+
+def _add_noted_column(sync: Connection, current: MetaData) -> None:
+    """Version 7: when a callback URL was noted (a store created by version 6 of this code
+    has the column already: `create_all` made the tables as they are now)."""
+    table = current.tables["status_events"]
+    if "noted_at" not in {column["name"] for column in inspect(sync).get_columns(table.name)}:
+        kind = table.c.noted_at.type.compile(dialect=sync.dialect)
+        sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN noted_at {kind}"))
 
 
 def _move_to_sequential_keys(sync: Connection, current: MetaData) -> None:

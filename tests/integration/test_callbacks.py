@@ -18,7 +18,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import Envelope
@@ -284,6 +284,35 @@ async def test_a_url_noted_before_publishing_survives_a_gateway_that_died_before
     assert published_for(publisher, event) == [event.id]
 
 
+async def test_a_url_noted_before_publishing_outlives_the_retention_run_at_restart(
+    engine: AsyncEngine, tracking: Tracking
+) -> None:
+    """Retention runs at every start-up: a URL noted by a gateway that died before its accept
+    has no accept time and perhaps no status yet, and must not be taken for an old event."""
+    event = dataset()
+    await tracking.note_callbacks([event])  # then the process dies
+    await tracking.prune(timedelta(days=30))
+    async with engine.connect() as conn:
+        url = await conn.scalar(select(events.c.callback_url).where(events.c.event_id == event.id))
+    assert url == HOOK
+
+
+async def test_a_url_noted_for_an_event_never_accepted_goes_after_the_retention(
+    engine: AsyncEngine, tracking: Tracking
+) -> None:
+    event = dataset()  # noted, then the broker refused it and the client gave up
+    await tracking.note_callbacks([event])
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(events)
+            .where(events.c.event_id == event.id)
+            .values(noted_at=datetime.now(UTC) - timedelta(days=31))
+        )
+    assert await tracking.prune(timedelta(days=30)) >= 1
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(events.c.seq).where(events.c.event_id == event.id)) is None
+
+
 async def test_noting_urls_keeps_the_first_and_skips_events_without_one(
     engine: AsyncEngine, tracking: Tracking
 ) -> None:
@@ -372,6 +401,24 @@ async def test_an_older_store_gets_the_callback_columns(fresh_engine: AsyncEngin
                 {"id": event.id},
             )
         assert url == HOOK
+    finally:
+        await upgraded.close()
+
+
+async def test_a_store_of_version_6_gets_the_noted_at_column(fresh_engine: AsyncEngine) -> None:
+    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:6])
+    async with fresh_engine.begin() as conn:  # as version 6 made it, before the column
+        await conn.execute(text("ALTER TABLE status_events DROP COLUMN noted_at"))
+    upgraded = Tracking(fresh_engine)
+    await upgraded.start()
+    try:
+        event = dataset()
+        await upgraded.note_callbacks([event])
+        async with fresh_engine.connect() as conn:
+            noted = await conn.scalar(
+                select(events.c.noted_at).where(events.c.event_id == event.id)
+            )
+        assert noted is not None
     finally:
         await upgraded.close()
 
