@@ -794,6 +794,8 @@ class _Run:
     done: int = 0
     ids: list[str] = field(default_factory=list)
     action_ids: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Letters a replay left dead, and why (no queue takes them)."""
 
     def document(self) -> dict[str, Any]:
         return {
@@ -803,6 +805,7 @@ class _Run:
             "count": self.done,
             "ids": self.ids,
             "action_ids": self.action_ids,
+            "skipped": self.skipped,
         }
 
 
@@ -855,6 +858,7 @@ def _run_batches(
                 raise
             run.done += int(outcome["count"])
             run.ids.extend(outcome.get("ids", []))
+            run.skipped.update(outcome.get("skipped", {}))
             run.action_ids.append(str(outcome["action_id"]))
             progress.update(run.done)
             if outcome["count"] == 0:  # nothing left (others took or discarded the rest)
@@ -993,6 +997,8 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
     session.out.print(
         f"{verb} {run.done} of {run.total} dead letter(s){' ' + where if where else ''}{audit}."
     )
+    for letter_id, why in run.skipped.items():
+        session.out.print(f"  left dead: {letter_id}: {why} (discard it if it has no home)")
 
 
 @dlq.command("actions")

@@ -12,8 +12,10 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.tracking import Transition
 from services.messaging.dead_letters import DeadLetter, replay
@@ -33,6 +35,8 @@ class Outcome:
     ids: list[str]
     error: str | None = None
     """Why the operation stopped early (the broker went away); `count` says what was done."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Letters a replay left dead, and why (nothing bound for them: no service takes them)."""
 
 
 class Operations:
@@ -62,25 +66,37 @@ class Operations:
             return Outcome(action_id, True, len(ids), ids)
 
         action_id = uuid.uuid4().hex
-        token, letters = await self._store.claim(selection, limit=limit, lease=self._lease)
+        token, claimed = await self._store.claim(selection, limit=limit, lease=self._lease)
         moved: list[str] = []
+        skipped: dict[str, str] = {}
         error: str | None = None
         interval = 1.0 / rate
         next_at = time.monotonic()
         try:
-            for letter in letters:
+            for letter_id in claimed:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic() + interval
-                if not await self._store.renew(token, letter.id):
+                if not await self._store.renew(token, letter_id):
                     continue  # this replay outlived its lease; another one took the letter
+                letter = await self._store.letter(letter_id)
+                if letter is None:
+                    continue  # purged meanwhile
                 # Stamped before the publish: the service may report its new attempt before
                 # the letter is marked, and the status must keep them in that order.
                 replayed_at = datetime.now(UTC)
-                await replay(self._publisher, self._namespace, letter)
-                if await self._store.mark_replayed(letter.id, token, action_id, actor):
-                    moved.append(letter.id)
+                try:
+                    await replay(self._publisher, self._namespace, letter)
+                except Unroutable as exc:
+                    # No queue for it (a letter from a queue no service declares): it stays
+                    # dead, and the letters after it still go.
+                    skipped[letter_id] = str(exc)
+                    continue
+                if await self._store.mark_replayed(letter_id, token, action_id, actor):
+                    moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
-        except (BrokerUnavailable, Unroutable) as exc:
+        except (BrokerUnavailable, SQLAlchemyError) as exc:
+            # Said with what was done: letters published but not marked are dead again and a
+            # later replay sends them once more (the consumers' inboxes drop the repeat).
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
         finally:
@@ -93,8 +109,10 @@ class Operations:
                 count=len(moved),
                 action_id=action_id,
             )
+        if skipped:
+            log.warning("dead letters left dead: no queue takes them", extra={"ids": skipped})
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
-        return Outcome(action_id, False, len(moved), moved, error)
+        return Outcome(action_id, False, len(moved), moved, error, skipped)
 
     async def _report_replayed(self, letter: DeadLetter, at: datetime) -> None:
         if self._on_replayed is None or letter.event_id is None:

@@ -104,6 +104,8 @@ class OutcomeResponse(BaseModel):
     count: int
     ids: list[str]
     error: str | None = None
+    skipped: dict[str, str] = {}
+    """Letters a replay left dead, and why (no queue takes them)."""
 
 
 def _store(request: Request) -> FailureStore:

@@ -378,8 +378,10 @@ class FailureStore:
 
     async def claim(
         self, selection: Filter, *, limit: int, lease: timedelta
-    ) -> tuple[str, list[DeadLetter]]:
-        """Take up to `limit` matching letters for one replay; others cannot take them."""
+    ) -> tuple[str, list[str]]:
+        """Take up to `limit` matching letters for one replay; others cannot take them. Their
+        ids, oldest first: a replay reads each letter as it comes to it (`letter`), never
+        thousands of bodies at once."""
         token = uuid.uuid4().hex
         now = datetime.now(UTC)
         c = dead_letters.c
@@ -392,8 +394,16 @@ class FailureStore:
                     .where(c.id.in_(candidates), claimable)
                     .values(status="replaying", claim=token, claimed_at=now)
                 )
-            rows = (await conn.execute(select(dead_letters).where(c.claim == token))).all()
-        return token, [_letter(r) for r in rows]
+            claimed = _oldest_first(c.claim == token, limit)
+            ids = list((await conn.execute(claimed)).scalars().all())
+        return token, ids
+
+    async def letter(self, letter_id: str) -> DeadLetter | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(dead_letters).where(dead_letters.c.id == letter_id))
+            ).first()
+        return None if row is None else _letter(row)
 
     async def preview(self, selection: Filter, *, limit: int, lease: timedelta | None) -> list[str]:
         """The ids a replay (with `lease`) or a discard (without) would take now, in order:

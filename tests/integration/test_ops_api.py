@@ -623,6 +623,28 @@ async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
 
 
 @pytest.mark.broker
+async def test_a_letter_no_queue_takes_is_left_dead_and_the_replay_goes_on(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A letter the broker dead-lettered from a queue no service declares has no queue to go
+    back to; the letters after it must not be held up by it, replay after replay."""
+    settings = gateway_settings(namespace, tmp_path)
+    [stray] = await seed(tmp_path, namespace, 1, service="unknown")
+    [kept] = await seed(tmp_path, namespace, 1)
+    async with running_gateway(settings) as client:
+        response = await client.post(
+            "/v1/ops/replays", json={"ids": [stray, kept], "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        outcome = response.json()
+        assert (outcome["count"], outcome["ids"]) == (1, [kept])
+        assert list(outcome["skipped"]) == [stray]
+        shown = (await client.get(f"/v1/ops/dead-letters/{stray}", headers=AUTH)).json()
+        assert shown["status"] == "dead"
+    await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+
+
+@pytest.mark.broker
 async def test_a_malformed_cursor_is_a_client_error(namespace: Namespace, tmp_path: Path) -> None:
     settings = gateway_settings(namespace, tmp_path)
     async with running_gateway(settings) as client:
