@@ -31,6 +31,9 @@ class Startable(Protocol):
 
     async def stop(self, drain_seconds: float) -> bool: ...
 
+    @property
+    def consuming(self) -> bool: ...
+
 
 class BrokerLink:
     def __init__(self, settings: CourierSettings) -> None:
@@ -55,46 +58,59 @@ class BrokerLink:
 
     @property
     def ready(self) -> bool:
-        return self._declared and self.publisher.ready
+        """Connected, the topology declared, and every consumer consuming (a gateway that
+        publishes but no longer drains dead letters or status is not well)."""
+        return (
+            self._declared
+            and self.publisher.ready
+            and all(c.consuming for c in self._consumers if id(c) in self._started)
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._link())
 
     async def _link(self) -> None:
-        """Connect until it works; an unexpected failure is logged and retried, never left to
-        end the task quietly (the gateway would answer 503 for ever)."""
+        """Connect until it works; a topology mismatch (an operator has to fix the queue) or
+        an unexpected failure is logged and retried, never left to end the task quietly
+        (the gateway would answer 503 for ever)."""
         while True:
             try:
                 await self._connect()
                 return
+            except TopologyMismatch as exc:
+                if self.topology_error != str(exc):
+                    log.exception("topology mismatch; not ready until the queue is fixed")
+                self.topology_error = str(exc)
             except Exception:
                 log.exception("linking to the broker failed unexpectedly; retrying")
-                await asyncio.sleep(RELINK_SECONDS)
+            await asyncio.sleep(RELINK_SECONDS)
 
     async def _connect(self) -> None:
         topologies = self.settings.all_topologies()
-        try:
-            async for attempt in AsyncRetrying(
-                wait=wait_exponential(multiplier=0.2, max=5),
-                retry=retry_if_exception_type((AMQPError, ConnectionError, OSError)),
-                before_sleep=lambda state: log.warning(
-                    "broker not reachable; retrying", extra={"attempt": state.attempt_number}
-                ),
-            ):
-                with attempt:
-                    connection = self.publisher.connection or await self.publisher.connect()
-                    await declare_topology(connection, topologies)
-                    for consumer in self._consumers:
-                        if id(consumer) not in self._started:
-                            await consumer.start(connection)
-                            self._started.add(id(consumer))
-        except TopologyMismatch as exc:
-            self.topology_error = str(exc)
-            log.exception("topology mismatch; publishing may be refused")
-            return
-        self._redeclare = redeclare_on_reconnect(connection, topologies)  # held: weak callback
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type((AMQPError, ConnectionError, OSError)),
+            before_sleep=lambda state: log.warning(
+                "broker not reachable; retrying", extra={"attempt": state.attempt_number}
+            ),
+        ):
+            with attempt:
+                connection = self.publisher.connection or await self.publisher.connect()
+                await declare_topology(connection, topologies)
+                for consumer in self._consumers:
+                    if id(consumer) not in self._started:
+                        await consumer.start(connection)
+                        self._started.add(id(consumer))
+        self.topology_error = None
+        self._redeclare = redeclare_on_reconnect(  # held: aio-pika keeps it weakly
+            connection, topologies, self._declared_again
+        )
         self._declared = True
         log.info("connected to the broker; topology declared")
+
+    def _declared_again(self, declared: bool) -> None:
+        """After a reconnect: not ready while the topology could not be declared again."""
+        self._declared = declared
 
     async def close(self) -> None:
         """Stop linking, let the consumers finish (and ack) what they hold, then disconnect."""

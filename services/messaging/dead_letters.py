@@ -23,7 +23,12 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from contracts.topology import service_of_queue, work_queue
@@ -262,17 +267,31 @@ class DeadLetterDrain:
         self._sink = sink
         self._prefetch = prefetch
         self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._consuming: list[tuple[AbstractQueue, str]] = []
         self._storing: set[asyncio.Task[Any]] = set()
         """The deliveries' tasks (aio-pika runs each in its own) still storing their letter."""
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
-        channel = await connection.channel()
+        self._channel = channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         for name in self._queues:
             queue = await channel.get_queue(name, ensure=True)
             self._consuming.append((queue, await queue.consume(self._on_message)))
+
+    @property
+    def consuming(self) -> bool:
+        """Connected with the consumers on an open channel (the robust channel restores them
+        after a reconnect)."""
+        connection, channel = self._connection, self._channel
+        return (
+            connection is not None
+            and connection.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+            and len(self._consuming) == len(self._queues)
+        )
 
     async def stop(self, drain_seconds: float) -> bool:
         """Stop taking dead letters and wait up to `drain_seconds` for those being stored to be

@@ -7,6 +7,7 @@ with PRECONDITION_FAILED; that is turned into a `TopologyMismatch` that says wha
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
 import aio_pika
@@ -66,23 +67,52 @@ async def declare_topology(
 Redeclare = Callable[[AbstractRobustConnection | None], Awaitable[None]]
 
 
+REDECLARE_BACKOFF = (1.0, 30.0)
+"""First and longest pause between tries to declare again after a reconnect that failed to."""
+
+
 def redeclare_on_reconnect(
-    connection: AbstractRobustConnection, topologies: Iterable[ServiceTopology]
+    connection: AbstractRobustConnection,
+    topologies: Iterable[ServiceTopology],
+    on_result: Callable[[bool], None] = lambda declared: None,
 ) -> Redeclare:
     """Declare again after every reconnect: a broker that lost its definitions gets them back.
+    A declaration that fails (a queue redeclared with other arguments meanwhile, say) is
+    tried again with backoff until it works; `on_result` hears each outcome, so readiness
+    can say what is true.
 
     aio-pika holds reconnect callbacks weakly: keep the returned callback for as long as the
     connection lives.
     """
     wanted = tuple(topologies)
+    retrying: set[asyncio.Task[None]] = set()
+
+    async def attempt(conn: AbstractRobustConnection) -> bool:
+        try:
+            await declare_topology(conn, wanted)
+        except (TopologyMismatch, AMQPError, ConnectionError):
+            on_result(False)
+            log.exception("declaring the topology after a reconnect failed")
+            return False
+        on_result(True)
+        return True
+
+    async def until_declared(conn: AbstractRobustConnection) -> None:
+        pause, longest = REDECLARE_BACKOFF
+        while not conn.is_closed:
+            await asyncio.sleep(pause)
+            if await attempt(conn):
+                return
+            pause = min(pause * 2, longest)
 
     async def redeclare(conn: AbstractRobustConnection | None, /) -> None:
         if conn is None:
             return
-        try:
-            await declare_topology(conn, wanted)
-        except (TopologyMismatch, AMQPError, ConnectionError):
-            log.exception("declaring the topology after a reconnect failed")
+        # aio-pika awaits this callback in its reconnect: the retries go on beside it.
+        if not await attempt(conn) and not retrying:
+            task = asyncio.get_running_loop().create_task(until_declared(conn))
+            retrying.add(task)
+            task.add_done_callback(retrying.discard)
 
     connection.reconnect_callbacks.add(redeclare)
     return redeclare

@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 import orjson
 import pytest
 
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
+from services.gateway import broker as broker_module
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
 from tests.support.queues import assert_empty, take, unbind_everyone
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -231,3 +234,70 @@ async def test_openapi_shows_every_event_schema(client: httpx.AsyncClient) -> No
         assert model in components
     body = schema["paths"]["/v1/events"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "application/cloudevents+json"}
+
+
+# --- readiness says what is true ----------------------------------------------------------------
+
+
+async def replace_with_a_classic_queue(namespace: Namespace, name: str) -> None:
+    """The queue, declared anew with other arguments than Courier's (an operator's mistake)."""
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await channel.declare_queue(name, durable=True)
+
+
+async def delete_queue(namespace: Namespace, name: str) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(name)
+
+
+async def test_a_topology_mismatch_at_start_up_is_ready_once_the_queue_is_fixed(
+    namespace: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "RELINK_SECONDS", 0.2)
+    settings = gateway_settings(namespace, tmp_path)
+    notifier = work_queue(namespace.name, "notifier")
+    await replace_with_a_classic_queue(namespace, notifier)
+    async for client in gateway_client(settings, wait_ready=False):
+
+        async def mismatch_reported(client: httpx.AsyncClient = client) -> None:
+            answer = await client.get("/readyz")
+            assert answer.status_code == 503, answer.text
+            assert notifier in answer.json().get("topology_error", ""), answer.text
+
+        await eventually(mismatch_reported, timeout=10)
+        await delete_queue(namespace, notifier)  # the operator fixes it
+
+        async def ready(client: httpx.AsyncClient = client) -> None:
+            answer = await client.get("/readyz")
+            assert answer.status_code == 200 and "topology_error" not in answer.json()
+
+        await eventually(ready, timeout=10)
+
+
+async def test_after_a_reconnect_the_gateway_is_not_ready_until_its_topology_is_declared(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notifier = work_queue(namespace.name, "notifier")
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        settings = gateway_settings(
+            namespace, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        )
+        async for client in gateway_client(settings):
+            await replace_with_a_classic_queue(namespace, notifier)
+            proxy.reset_all()  # the gateway reconnects and declares again: a mismatch
+
+            async def redeclare_refused() -> None:
+                assert any("after a reconnect failed" in r.message for r in caplog.records)
+
+            await eventually(redeclare_refused, timeout=15)
+            assert (await client.get("/readyz")).status_code == 503  # connected, yet not ready
+            await delete_queue(namespace, notifier)  # fixed: the next try declares it
+
+            async def ready(client: httpx.AsyncClient = client) -> None:
+                assert (await client.get("/readyz")).status_code == 200
+
+            await eventually(ready, timeout=15)
