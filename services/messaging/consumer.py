@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
@@ -44,7 +46,11 @@ from contracts.tracking import State
 from services.messaging.acks import Acks
 from services.messaging.dead_letters import group_key
 from services.messaging.declare import declare_topology
-from services.messaging.errors import CourierError, PermanentError, TopologyMismatch
+from services.messaging.errors import (
+    BrokerUnavailable,
+    CourierError,
+    PermanentError,
+)
 from services.messaging.failure import (
     EXCEPTION_MESSAGE,
     FINGERPRINT,
@@ -61,6 +67,10 @@ from services.messaging.status import StatusReporter
 log = get_logger("consumer")
 
 MAX_REQUEUE_BACKOFF = 30.0
+FIRST_HOLD_PAUSE = 0.2
+MAX_HOLD_SECONDS = 600.0
+"""How long a delivery is held while a dependency is away (well under RabbitMQ's 30-minute
+`consumer_timeout`, which would close the channel over it)."""
 CANCEL_TIMEOUT = 5.0
 RESUBSCRIBE_BACKOFF = (0.5, 10.0)
 
@@ -91,6 +101,22 @@ class Route:
     def __post_init__(self) -> None:
         if self.stateful and self.idempotent:
             raise ValueError("a stateful route records its state with the inbox: not idempotent")
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says a dependency is away, not that the delivery or
+    the runtime is wrong: the broker did not take a publish, or the store could not be
+    reached or was busy."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(
+            seen, BrokerUnavailable | OperationalError | InterfaceError | sqlite3.OperationalError
+        ) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
+            return True
+        if isinstance(seen, OSError | TimeoutError):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class _NotSettled(Exception):
@@ -197,9 +223,17 @@ class Consumer:
 
     async def _on_reopened(self, channel: object) -> None:
         self._subscribed = False
-        if self._consumer_tag is not None:  # not stopped
+        if self._consumer_tag is None:  # stopped
+            return
+        try:
             await self._subscribe()
-            log.info("consuming again after a reconnect", extra={"queue": self._queue_spec.name})
+        except Exception:
+            # aio-pika gathers reopen callbacks and drops their errors: say it, and keep
+            # trying, or the service would sit connected and idle until its watchdog.
+            log.exception("could not consume again after a reconnect; retrying")
+            self._resubscribe_soon()
+            return
+        log.info("consuming again after a reconnect", extra={"queue": self._queue_spec.name})
 
     def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
         """The broker cancelled the consumer (its queue was deleted, or it moved): consume
@@ -208,6 +242,9 @@ class Consumer:
             return
         self._subscribed = False
         log.warning("the broker cancelled the consumer", extra={"queue": self._queue_spec.name})
+        self._resubscribe_soon()
+
+    def _resubscribe_soon(self) -> None:
         if self._resubscribing is None or self._resubscribing.done():
             self._resubscribing = asyncio.get_running_loop().create_task(self._resubscribe())
 
@@ -223,7 +260,7 @@ class Consumer:
                 await queue.declare()
                 await self._subscribe()
                 log.info("consuming again", extra={"queue": self._queue_spec.name})
-            except (TopologyMismatch, AMQPError, ChannelInvalidStateError, ConnectionError):
+            except Exception:  # whatever it is, said and tried again: never an idle consumer
                 log.warning("could not consume again; retrying", exc_info=True)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, longest)
@@ -299,14 +336,16 @@ class Consumer:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        settled = False  # acked, or due to be: what `caught_up` counts (not a requeue)
         try:
-            await self._process(message)
+            await self._process_held(message)
+            settled = True
             self._infrastructure_failures = 0
         except Exception:  # settled below: never left hanging, never dropped
-            # Could not ack, retry or dead-letter: the store or the broker is away, or a bug in
-            # this runtime. Back off (a store outage must not spin the backlog through the
-            # delivery limit in milliseconds), then return the message to the queue; the
-            # quorum queue's delivery limit bounds how often.
+            # Could not ack, retry or dead-letter, and not for want of a dependency (or not
+            # within the hold): a bug in this runtime, a topology without a route for a
+            # follow-up. Back off, then return the message to the queue; the quorum queue's
+            # delivery limit bounds how often.
             self._infrastructure_failures += 1
             pause = min(MAX_REQUEUE_BACKOFF, 0.1 * 2 ** min(self._infrastructure_failures, 10))
             properties = message.header.properties
@@ -319,6 +358,7 @@ class Consumer:
                 },
             )
             if self._acked(message):
+                settled = True
                 return  # settled before the failure: a nack now would close the channel
             await asyncio.sleep(pause)
             await _requeue(message)
@@ -326,12 +366,49 @@ class Consumer:
         finally:
             if task is not None:
                 self._tasks.discard(task)
-            self._settled += 1
-            if self._settled >= self._backlog:
-                self._caught_up.set()
+            if settled:
+                self._settled += 1
+                if self._settled >= self._backlog:
+                    self._caught_up.set()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _process_held(self, message: DeliveredMessage) -> None:
+        """`_process`, tried again while a dependency is away (the store, or the broker for
+        publishing): the delivery is fine, and each return to the queue would count against
+        its delivery limit, so a short outage would dead-letter healthy work. Held, with
+        back-off, for at most MAX_HOLD_SECONDS; a full prefetch window of held deliveries
+        also stops the broker sending more. Repeating is safe: the inbox and derived ids
+        make a second try what a redelivery would be."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + MAX_HOLD_SECONDS
+        pause = FIRST_HOLD_PAUSE
+        while True:
+            try:
+                await self._process(message)
+                return
+            except Exception as exc:
+                if (
+                    not _unavailable(exc)
+                    or self._acked(message)
+                    or message.channel.is_closed  # the broker has it back
+                    or self._consumer_tag is None  # stopping
+                    or loop.time() + pause > give_up_at
+                ):
+                    raise
+                properties = message.header.properties
+                log.warning(
+                    "a dependency is unavailable; holding the delivery and trying again",
+                    exc_info=True,
+                    extra={
+                        "event_id": properties.message_id,
+                        "correlation_id": properties.correlation_id,
+                        "backoff_seconds": pause,
+                    },
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_REQUEUE_BACKOFF)
 
     async def _process(self, message: DeliveredMessage) -> None:
         headers = message.header.properties.headers or {}

@@ -15,6 +15,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,6 +40,7 @@ from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
 from tests.support.queues import assert_empty, ready_messages, take, unbind_everyone
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -262,6 +264,41 @@ async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second
         await assert_empty(namespace.amqp_url, [topo.queue, topo.retry_queue(1)])
 
 
+async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delivery_limit(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each return to the queue counts against the delivery limit: a store away for a few
+    seconds would send healthy work to the dead-letter queue. The delivery waits instead."""
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    event = notification()
+    handler = Recorder()
+    routes = {"notification.requested": route(handler)}
+    try:
+        async with running(namespace, "notifier", routes, inbox=inbox, delivery_limit=1) as (
+            pub,
+            topo,
+            _,
+        ):
+            async with engine.begin() as conn:  # the store goes away
+                await conn.execute(text("ALTER TABLE notifier_inbox RENAME TO away"))
+            await publish(pub, topo, event)
+
+            async def held_a_while() -> None:
+                holding = [r for r in caplog.records if "holding the delivery" in r.message]
+                assert len(holding) >= 4  # held 1.4 s: two returns to the queue would be 0.6 s
+
+            await eventually(held_a_while, timeout=10)
+            async with engine.begin() as conn:  # and comes back
+                await conn.execute(text("ALTER TABLE away RENAME TO notifier_inbox"))
+            await handler.called(event.id)
+            await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+            await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
+    finally:
+        await engine.dispose()
+
+
 async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace) -> None:
     started = asyncio.Event()
     running_now = 0
@@ -452,3 +489,55 @@ async def test_a_consumer_whose_queue_was_deleted_declares_it_and_consumes_again
         await eventually(consuming_and_bound)
 
         await handler.called(event.id)
+
+
+async def test_a_subscribe_that_fails_after_a_reconnect_is_tried_again(
+    namespace: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aio-pika drops the errors of its reopen callbacks: a consumer that failed to subscribe
+    again would sit connected and idle. It says so and tries again."""
+    settings = namespace.settings(retry_delays=(1,))
+    topology = settings.topology("notifier")
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    handler = Recorder()
+    publisher = Publisher(namespace.amqp_url)
+    await publisher.connect()
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        connection = await aio_pika.connect_robust(url, reconnect_interval=0.2)
+        consumer = Consumer(
+            topology=topology,
+            routes={"notification.requested": route(handler)},
+            publisher=publisher,
+            inbox=inbox,
+            prefetch=8,
+        )
+        try:
+            await declare_topology(connection, settings.all_topologies())
+            await consumer.start(connection)
+            subscribe, failed = consumer._subscribe, list[bool]()
+
+            async def fails_once() -> None:
+                if not failed:
+                    failed.append(True)
+                    raise ChannelInvalidStateError("the channel closed while subscribing")
+                await subscribe()
+
+            monkeypatch.setattr(consumer, "_subscribe", fails_once)
+            proxy.reset_all()
+
+            async def consuming_again() -> None:
+                assert failed and consumer.consuming
+
+            await eventually(consuming_again, timeout=15)
+            event = notification()
+            await publish(publisher, topology, event)
+            await handler.called(event.id)
+            assert await consumer.stop(drain_seconds=5)
+        finally:
+            await connection.close()
+            await publisher.close()
+            inbox.close()
+            await engine.dispose()
