@@ -165,11 +165,17 @@ async def _note_callbacks(
         await tracking.note_callbacks(events)
     except SQLAlchemyError as exc:
         log.exception("could not store callback URLs; refusing the events")
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the gateway could not store the callback URL; retry later",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        ) from exc
+        raise _store_unavailable(settings, "store the callback URL") from exc
+
+
+def _store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
+    """The answer when the gateway's store failed before anything was published: the client
+    may simply retry."""
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"the gateway could not {what}; retry later",
+        headers={"Retry-After": str(settings.retry_after_seconds)},
+    )
 
 
 def _ingest_state(request: Request) -> tuple[BrokerLink, GatewaySettings, Tracking]:
@@ -215,13 +221,9 @@ async def _idempotent(
             except TimeoutError:
                 waited = None
             claim = waited or await keys.claim(key, request_id, [event.id for event in events])
-    except SQLAlchemyError as exc:  # nothing was published: the client may simply retry
+    except SQLAlchemyError as exc:
         log.exception("could not claim an Idempotency-Key")
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the gateway could not check the Idempotency-Key; retry later",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        ) from exc
+        raise _store_unavailable(settings, "check the Idempotency-Key") from exc
     if claim.kind == "busy":
         raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
     if claim.kind == "conflict":

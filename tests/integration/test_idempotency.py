@@ -168,6 +168,19 @@ async def test_a_published_event_is_answered_202_when_its_key_cannot_be_recorded
     assert await queued(shared_namespace) == [answered.json()["id"]]
 
 
+async def test_a_key_store_that_fails_before_the_publish_is_a_503_that_publishes_nothing(
+    client: httpx.AsyncClient, shared_namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def store_fails(*_: object) -> None:
+        raise OperationalError("INSERT INTO idempotency_keys", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(IdempotencyKeys, "claim", store_fails)
+    answered = await post(client, NOTIFICATION, new_key())
+    assert answered.status_code == 503, answered.text
+    assert answered.headers["retry-after"].isdigit()
+    assert await queued(shared_namespace) == []
+
+
 @pytest.mark.broker
 async def test_a_batch_with_the_same_key_and_body_is_published_once(
     client: httpx.AsyncClient, shared_namespace: Namespace
