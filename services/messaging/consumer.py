@@ -381,34 +381,45 @@ class Consumer:
         back-off, for at most MAX_HOLD_SECONDS; a full prefetch window of held deliveries
         also stops the broker sending more. Repeating is safe: the inbox and derived ids
         make a second try what a redelivery would be."""
+        try:
+            await self._process(message)
+            return
+        except Exception as exc:
+            if not self._may_hold(message, exc):
+                raise
+            failure = exc
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + MAX_HOLD_SECONDS
         pause = FIRST_HOLD_PAUSE
-        while True:
+        while loop.time() + pause <= give_up_at:
+            properties = message.header.properties
+            log.warning(
+                "a dependency is unavailable; holding the delivery and trying again",
+                exc_info=failure,
+                extra={
+                    "event_id": properties.message_id,
+                    "correlation_id": properties.correlation_id,
+                    "backoff_seconds": pause,
+                },
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_REQUEUE_BACKOFF)
             try:
                 await self._process(message)
                 return
             except Exception as exc:
-                if (
-                    not _unavailable(exc)
-                    or self._acked(message)
-                    or message.channel.is_closed  # the broker has it back
-                    or self._consumer_tag is None  # stopping
-                    or loop.time() + pause > give_up_at
-                ):
+                if not self._may_hold(message, exc):
                     raise
-                properties = message.header.properties
-                log.warning(
-                    "a dependency is unavailable; holding the delivery and trying again",
-                    exc_info=True,
-                    extra={
-                        "event_id": properties.message_id,
-                        "correlation_id": properties.correlation_id,
-                        "backoff_seconds": pause,
-                    },
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, MAX_REQUEUE_BACKOFF)
+                failure = exc
+        raise failure
+
+    def _may_hold(self, message: DeliveredMessage, exc: Exception) -> bool:
+        return (
+            _unavailable(exc)
+            and not self._acked(message)
+            and not message.channel.is_closed  # else the broker has it back
+            and self._consumer_tag is not None  # else stopping
+        )
 
     async def _process(self, message: DeliveredMessage) -> None:
         headers = message.header.properties.headers or {}
