@@ -27,6 +27,9 @@ from services.messaging.logs import get_logger
 
 log = get_logger("acks")
 
+RETRY_SECONDS = 1.0
+"""Pause before acks that could not be written are tried again."""
+
 
 @dataclass
 class _Pending:
@@ -53,8 +56,7 @@ class Acks:
         if pending is None:
             return  # its channel is gone: the broker redelivers the message anyway
         pending.settled.add(tag)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_due())
+        self._send_soon()
 
     def is_settled(self, channel: AbstractChannel, tag: int) -> bool:
         """Whether the delivery was settled (its ack sent or due)."""
@@ -74,7 +76,15 @@ class Acks:
         # Acks settled while a flush is being written go out with the next round.
         while any(pending.settled for pending in self._channels.values()):
             for channel, pending in list(self._channels.items()):
-                await self._flush_channel(channel, pending)
+                if not await self._flush_channel(channel, pending):
+                    # Put back: tried again shortly, not in a tight loop, and not left for
+                    # the broker's consumer timeout to redeliver.
+                    asyncio.get_running_loop().call_later(RETRY_SECONDS, self._send_soon)
+                    return
+
+    def _send_soon(self) -> None:
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_due())
 
     async def flush(self) -> None:
         """Send every ack that is due and wait until it is written (before closing)."""
@@ -82,26 +92,39 @@ class Acks:
             await asyncio.gather(self._sender, return_exceptions=True)
         await self._send_due()
 
-    async def _flush_channel(self, channel: AbstractChannel, pending: _Pending) -> None:
+    async def _flush_channel(self, channel: AbstractChannel, pending: _Pending) -> bool:
+        """Send the channel's due acks; False if some could not be written (put back)."""
         run = 0
         while run < len(pending.outstanding) and pending.outstanding[run] in pending.settled:
             run += 1
         acks = [(pending.outstanding[run - 1], True)] if run else []
         acks += [(tag, False) for tag in pending.outstanding[run:] if tag in pending.settled]
+        covered = pending.outstanding[:run]  # what the multiple ack settles
         pending.settled.clear()  # all in `acks` now (a tag that is not outstanding is moot)
         del pending.outstanding[:run]
         for tag, _ in acks[1 if run else 0 :]:
             pending.outstanding.remove(tag)
+        written = 0
         try:
             for tag, multiple in acks:
                 await channel.basic_ack(tag, multiple=multiple)
+                written += 1
         except (AMQPError, ChannelInvalidStateError, ConnectionError):
             # The channel closed under us: its unacked messages go back to the queue.
             log.info("channel closed before its acks were sent; the broker redelivers")
             with contextlib.suppress(KeyError):
                 del self._channels[channel]
         except Exception:  # e.g. aiormq failing its futures on close: keep the sender alive
-            log.exception("acks not written; a later multiple ack or a redelivery covers them")
+            log.exception("acks not written; trying again shortly")
+            # Only the unwritten ones: acking a tag twice would close the channel.
+            unwritten = [tag for tag, _ in acks[written:]]
+            if run and written == 0:
+                unwritten[:1] = covered
+            for tag in unwritten:
+                bisect.insort(pending.outstanding, tag)
+            pending.settled.update(unwritten)
+            return False
+        return True
 
 
 def _is_outstanding(outstanding: list[int], tag: int) -> bool:

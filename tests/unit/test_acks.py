@@ -8,7 +8,9 @@ import pytest
 from aiormq.abc import AbstractChannel
 from aiormq.exceptions import ChannelInvalidStateError
 
+from services.messaging import acks as acks_module
 from services.messaging.acks import Acks
+from tests.support.polling import eventually
 
 
 class RecordingChannel:
@@ -100,3 +102,35 @@ async def test_the_sender_survives_an_unexpected_error(caplog: pytest.LogCapture
     acks.settle(channel, 1)
     await acks.flush()
     assert "acks not written" in caplog.text
+
+
+class FlakyChannel(RecordingChannel):
+    """Fails the writes it is told to, with an error that is not the channel closing."""
+
+    def __init__(self, failing: int) -> None:
+        super().__init__()
+        self.failing = failing
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        if self.failing:
+            self.failing -= 1
+            raise RuntimeError("the write failed")
+        await super().basic_ack(tag, multiple, wait)
+
+
+async def test_acks_that_could_not_be_written_are_sent_again_each_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(acks_module, "RETRY_SECONDS", 0.01)
+    recording = FlakyChannel(failing=1)
+    channel, acks = channel_of(recording), Acks()
+    delivered(acks, channel, 1, 2, 3, 4)
+    for tag in (1, 2, 4):
+        acks.settle(channel, tag)
+    await acks.flush()  # the multiple ack of 1-2 fails: nothing goes, then all of it does
+
+    async def sent_again() -> None:
+        assert recording.sent == [(2, True), (4, False)]
+
+    await eventually(sent_again, timeout=2)
+    assert not acks.is_settled(channel, 3)
