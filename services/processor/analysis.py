@@ -1,7 +1,8 @@
 """Analysis of an uploaded file: pure CPU work on a stream, run in a worker process.
 
 Memory stays bounded whatever the file's size: the blob is read through a 1 MiB buffer, one
-line (at most `MAX_LINE_BYTES`) or one CSV record at a time; per column only counters and a
+line (at most `MAX_LINE_BYTES`) or one CSV record at a time, and records are handled in batches
+of at most `BATCH_ROWS` and about `BATCH_BYTES` of the file; per column only counters and a
 set of at most `DISTINCT_CAP` value hashes are kept, for at most `MAX_COLUMNS` columns.
 
 Every pass also hashes and counts the bytes it reads and compares them with the upload's
@@ -27,7 +28,7 @@ import math
 import re
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
 import orjson
 
@@ -42,6 +43,7 @@ from contracts.files import (
 from services.blobs import BlobNotFound, BlobStore, InvalidBlobKey
 from services.messaging.errors import PermanentError
 from services.processor.sniff import FORMAT_EXTENSIONS, FORMAT_TYPES, HEAD_SIZE, Sniffed, sniff
+from services.processor.summary import finite_mean
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -51,6 +53,10 @@ MAX_LINE_BYTES: Final = 1 << 20
 """A CSV record or JSON line longer than this is refused, so that one line bounds memory."""
 BATCH_ROWS: Final = 2048
 """Records handled together, column by column, so that builtins do the per-value work."""
+BATCH_BYTES: Final = 1 << 20
+"""A batch also ends once this much of the file went into it: parsed, a record can take many
+times its text (a line of a million commas is a million cells; nested JSON ~20 times its size),
+and 2048 such records of a megabyte each would take tens of GB."""
 DISTINCT_CAP: Final = 10_000
 """Distinct values tracked per column; past it, `distinct` is a lower bound."""
 JSON_PARSE_LIMIT: Final = 4 << 20
@@ -70,6 +76,8 @@ DECLARED_FORMATS: Final[dict[str, FileFormat]] = {
 }
 GENERIC_TYPES: Final = frozenset({"application/octet-stream", "binary/octet-stream"})
 
+
+R = TypeVar("R")
 
 _NUMBER = re.compile(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*")
 _NUMBER_START = frozenset("0123456789+-. \t")
@@ -155,6 +163,8 @@ class _Blocks:
     def __init__(self, raw: io.BufferedReader) -> None:
         self._raw = raw
         self.lines = 0
+        self.taken = 0
+        """Bytes of the blocks handed out so far."""
 
     def __iter__(self) -> Iterator[str]:
         carry = b""
@@ -169,10 +179,12 @@ class _Blocks:
                 carry = data
                 continue
             block, carry = data[:cut], data[cut:]
+            self.taken += cut
             yield self._decode(block, first)
             self.lines += block.count(b"\n")
             first = False
         if carry:
+            self.taken += len(carry)
             yield self._decode(carry, first)
             self.lines += 1  # a last line without a line end
 
@@ -199,19 +211,14 @@ def _not_utf8(exc: UnicodeDecodeError, where: str) -> NotThisFormat:
 # --- per-column statistics --------------------------------------------------------------------
 
 
-def _finite_total(numbers: list[float]) -> tuple[list[float], float]:
-    """The numbers without NaN and infinities, and their exact sum (inf if it overflows)."""
+def _finite(numbers: list[float]) -> list[float]:
+    """The numbers without NaN and infinities."""
     try:
-        total = math.fsum(numbers)
+        if math.isfinite(math.fsum(numbers)):
+            return numbers
     except (OverflowError, ValueError):
-        total = math.nan
-    if math.isfinite(total):
-        return numbers, total
-    numbers = [n for n in numbers if math.isfinite(n)]
-    try:
-        return numbers, math.fsum(numbers)
-    except OverflowError:
-        return numbers, math.inf
+        pass
+    return [n for n in numbers if math.isfinite(n)]
 
 
 class _Column:
@@ -220,17 +227,17 @@ class _Column:
     def __init__(self, name: str) -> None:
         self.name = name
         self.count = self.numbers = self.strings = self.booleans = self.nested = 0
-        self.total = 0.0
+        self.means: list[tuple[int, float]] = []  # per batch: how many numbers, their mean
         self.low = math.inf
         self.high = -math.inf
         self.hashes: set[int] = set()
         self.capped = False
 
     def _add_numbers(self, numbers: list[float]) -> int:
-        numbers, total = _finite_total(numbers)
+        numbers = _finite(numbers)
         if numbers:
             self.numbers += len(numbers)
-            self.total += total
+            self.means.append((len(numbers), finite_mean(numbers)))
             self.low = min(self.low, min(numbers))
             self.high = max(self.high, max(numbers))
         return len(numbers)
@@ -301,7 +308,8 @@ class _Column:
 
     def stats(self, records: int, name: str) -> ColumnStats:
         numbers = self.numbers > 0
-        mean = self.total / self.numbers if numbers else math.nan
+        # The batches' means weighted by their share: finite where a running sum would not be.
+        mean = math.fsum(m * (n / self.numbers) for n, m in self.means) if numbers else math.nan
         return ColumnStats(
             name=name,
             kind=self.kind(),
@@ -356,8 +364,22 @@ def _looks_like_header(row: list[str]) -> bool:
     return all(cells) and not any(_is_number(c) for c in cells) and len(set(cells)) == len(cells)
 
 
-def _batches(rows: Iterator[list[str]]) -> Iterator[list[list[str]]]:
-    while batch := list(itertools.islice(rows, BATCH_ROWS)):
+def _batches(rows: Iterator[R], source: _Blocks | None = None) -> Iterator[list[R]]:
+    """`rows` in batches of at most BATCH_ROWS, each ending as well once `source` handed out
+    BATCH_BYTES since it began (a batch then holds the records of at most about two blocks)."""
+    if source is None:
+        while batch := list(itertools.islice(rows, BATCH_ROWS)):
+            yield batch
+        return
+    batch = []
+    start = source.taken
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= BATCH_ROWS or source.taken - start >= BATCH_BYTES:
+            yield batch
+            batch = []
+            start = source.taken
+    if batch:
         yield batch
 
 
@@ -375,7 +397,7 @@ def analyse_csv(raw: io.BufferedReader, delimiter: str) -> _Result:
             columns = [_Column(name if header else "") for name in first[:MAX_COLUMNS]]
             if not header:
                 rows = itertools.chain([first], rows)
-        for batch in _batches(rows):
+        for batch in _batches(rows, blocks):
             records += len(batch)
             width = max(map(len, batch))
             if width != first_width or min(map(len, batch)) != first_width:
@@ -405,12 +427,12 @@ def analyse_csv(raw: io.BufferedReader, delimiter: str) -> _Result:
     )
 
 
-def _records(values: Iterator[object]) -> _Result:
+def _records(values: Iterator[object], source: _Blocks | None = None) -> _Result:
     """Columns of a stream of JSON values: each object's keys are its columns."""
     columns: dict[str, _Column] = {}
     records = others = 0
     truncated = False
-    while batch := list(itertools.islice(values, BATCH_ROWS)):
+    for batch in _batches(values, source):
         records += len(batch)
         by_key: dict[str, list[object]] = {}
         for value in batch:
@@ -454,7 +476,7 @@ def analyse_jsonl(raw: io.BufferedReader) -> _Result:
                         where = blocks.lines + offset + 1
                         raise NotThisFormat(f"line {where} is not valid JSON: {exc}") from exc
 
-    result = _records(values())
+    result = _records(values(), blocks)
     result.line_count = blocks.lines
     return result
 

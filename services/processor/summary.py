@@ -14,11 +14,20 @@ from dataclasses import dataclass, field
 from contracts.events import FieldKind, FieldSummary, Scalar
 
 
+def finite_mean(numbers: Sequence[float]) -> float:
+    """The mean of finite numbers (not empty), exactly rounded, finite even where their sum is
+    not (`[1e308, 1e308]`): the mean lies between the smallest and the largest."""
+    try:
+        return math.fsum(numbers) / len(numbers)
+    except OverflowError:  # the sum left the doubles' range: sum the shares instead
+        count = len(numbers)
+        return math.fsum(n / count for n in numbers)
+
+
 @dataclass
 class _Accumulator:
     count: int = 0
-    numbers: int = 0
-    total: float = 0.0
+    numbers: list[float] = field(default_factory=list)
     low: float = math.inf
     high: float = -math.inf
     strings: set[str] = field(default_factory=set)
@@ -32,8 +41,7 @@ class _Accumulator:
         if isinstance(value, bool):
             self.booleans += 1
         elif isinstance(value, int | float):
-            self.numbers += 1
-            self.total += value
+            self.numbers.append(value)
             self.low = min(self.low, value)
             self.high = max(self.high, value)
         else:
@@ -41,7 +49,7 @@ class _Accumulator:
             self.strings.add(value)
 
     def kind(self) -> FieldKind:
-        kinds = [n for n in (self.numbers, self.string_count, self.booleans) if n]
+        kinds = [n for n in (len(self.numbers), self.string_count, self.booleans) if n]
         if not kinds:
             return "null"
         if len(kinds) > 1:
@@ -51,14 +59,14 @@ class _Accumulator:
         return "string" if self.string_count else "boolean"
 
     def summary(self, records: int) -> FieldSummary:
-        has_numbers = self.numbers > 0
+        has_numbers = bool(self.numbers)
         return FieldSummary(
             kind=self.kind(),
             count=self.count,
             nulls=records - self.count,
             min=float(self.low) if has_numbers else None,
             max=float(self.high) if has_numbers else None,
-            mean=self.total / self.numbers if has_numbers else None,
+            mean=finite_mean(self.numbers) if has_numbers else None,
             distinct=len(self.strings) if self.string_count else None,
         )
 

@@ -253,3 +253,47 @@ async def test_the_analysis_runs_in_a_worker_process(stored: Stored) -> None:
             await pool.run(analyse_file, stored.store, "absent", "text/csv", size, sha256)
     finally:
         pool.close()
+
+
+def _peak_rss_growth_mib(kind: str, lines: int, root: str) -> float:
+    """In a fresh process: analyse `lines` maximal lines that parse to many times their size
+    (nested JSON, or a CSV record of empty cells); how much the peak RSS grew, in MiB."""
+    import resource
+
+    from services.processor.analysis import MAX_LINE_BYTES
+
+    room = MAX_LINE_BYTES - 64
+    if kind == "jsonl":
+        line, declared = (
+            b'{"a":[' + b",".join([b"[]"] * (room // 3)) + b"]}\n",
+            "application/x-ndjson",
+        )
+    else:
+        line, declared = b"," * room + b"\n", "text/csv"
+    stored = Stored(Path(root))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    analysis = stored.analyse(line * lines, declared)
+    assert analysis.record_count == lines
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_memory_does_not_grow_with_records_that_parse_large(kind: str, tmp_path: Path) -> None:
+    # Before batches were bounded by bytes, 2048 such records were held at once: a 32 MiB file
+    # of them took ~800 MiB, a 1 GiB upload ~23 GiB.
+    import concurrent.futures
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    growth = {}
+    for lines in (4, 24):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            root = tmp_path / str(lines)
+            growth[lines] = pool.submit(_peak_rss_growth_mib, kind, lines, str(root)).result()
+    assert growth[24] < growth[4] + 48, growth
+
+
+def test_a_column_mean_is_given_where_its_sum_overflows(stored: Stored) -> None:
+    rows = [{"big": 1e308}] * 3000  # more than a batch: the batches' sums overflow too
+    analysis = stored.analyse(b"\n".join(orjson.dumps(r) for r in rows), "application/x-ndjson")
+    assert column(analysis, "big").mean == pytest.approx(1e308)

@@ -36,3 +36,14 @@ def test_mixed_kinds_are_reported_as_mixed() -> None:
     fields = summarise([{"m": 1}, {"m": "one"}])
     assert fields["m"].kind == "mixed"
     assert fields["m"].min == 1.0 and fields["m"].distinct == 1
+
+
+def test_a_mean_is_given_where_the_sum_of_the_numbers_overflows() -> None:
+    fields = summarise([{"big": 1e308}, {"big": 1e308}, {"big": 7e307}])
+    assert fields["big"].mean == pytest.approx(9e307)
+
+
+def test_a_mean_is_exactly_rounded() -> None:
+    # A running sum gives 0.0 here: 1e16 + 1 is 1e16 in doubles.
+    fields = summarise([{"x": 1e16}, {"x": 1.0}, {"x": -1e16}, {"x": 1.0}])
+    assert fields["x"].mean == 0.5
