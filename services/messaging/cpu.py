@@ -1,6 +1,12 @@
 """A process pool for CPU-bound handler work, so the event loop keeps acking, heart-beating
 and answering health checks while a handler computes.
 
+A worker that dies (killed for memory, a crash in native code) breaks the whole pool: every job
+in it fails, the one that killed it and its neighbours alike. The pool is replaced, and each of
+those jobs runs again alone, in a process of its own: only the one that dies again is a
+`WorkerLost`. (Failing them all would charge each neighbour an attempt, and, retried together
+from the same delay tier, the culprit would take them down again until all were dead-lettered.)
+
 Closing the pool stops work still running in it: by then the service gave up on those handlers
 (the shutdown timeout passed) and their messages went back to the queue, so the work is redone
 elsewhere. Waiting for it instead would keep the process alive past its shutdown timeout.
@@ -21,20 +27,32 @@ T = TypeVar("T")
 
 
 class WorkerLost(Exception):
-    """A pool worker died (killed, out of memory) while computing: a transient failure; the
-    pool was rebuilt, so the retry runs on a fresh worker."""
+    """A pool worker died (killed, out of memory) while computing this job, and did so again
+    when the job ran alone: a transient failure; the retry runs on a fresh worker."""
+
+
+def _new_executor(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: forking a process that runs an event loop and sockets is unsafe.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _terminate(executor: ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor cannot stop a running task (`terminate_workers` is Python 3.14+):
+    # end the workers, or shutdown (and the interpreter's exit hook) waits for their tasks.
+    workers = list((executor._processes or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 class CpuPool:
     def __init__(self, workers: int = 0) -> None:
         self._workers = workers or os.cpu_count() or 1
-        self._executor = self._new_executor()
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # spawn, not fork: forking a process that runs an event loop and sockets is unsafe.
-        return ProcessPoolExecutor(
-            max_workers=self._workers, mp_context=multiprocessing.get_context("spawn")
-        )
+        self._executor = _new_executor(self._workers)
+        self._alone: set[ProcessPoolExecutor] = set()  # jobs running again on their own
+        self._isolation = asyncio.Semaphore(self._workers)  # as many at once as the pool runs
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if kwargs:
@@ -42,19 +60,29 @@ class CpuPool:
         executor = self._executor
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        except BrokenProcessPool as exc:
+        except BrokenProcessPool:
             # A broken pool refuses every later task: replace it (once, whoever sees it first).
             if self._executor is executor:
-                self._executor = self._new_executor()
+                self._executor = _new_executor(self._workers)
                 executor.shutdown(wait=False, cancel_futures=True)
-            raise WorkerLost(f"a CPU worker died while computing {fn.__name__}") from exc
+        return await self._run_alone(fn, *args)
+
+    async def _run_alone(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` in a process of its own: if that dies too, this job is the culprit."""
+        async with self._isolation:
+            executor = _new_executor(1)
+            self._alone.add(executor)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            except BrokenProcessPool as exc:
+                raise WorkerLost(
+                    f"a CPU worker died while computing {fn.__name__}, twice (once alone)"
+                ) from exc
+            finally:
+                self._alone.discard(executor)
+                _terminate(executor)  # idle once done; still computing if the caller gave up
 
     def close(self) -> None:
-        # ProcessPoolExecutor cannot stop a running task (`terminate_workers` is Python 3.14+):
-        # end the workers, or shutdown (and the interpreter's exit hook) waits for their tasks.
-        workers = list((self._executor._processes or {}).values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.join(timeout=5)
+        for executor in (self._executor, *self._alone):
+            _terminate(executor)
+        self._alone.clear()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,13 @@ def square(n: int) -> int:
 
 def die(code: int) -> int:
     os._exit(code)
+
+
+def once_released(gate: str, value: int) -> int:
+    """Work that is in flight until the test opens `gate` (a file)."""
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return value
 
 
 async def test_work_runs_in_a_worker_process() -> None:
@@ -31,5 +41,21 @@ async def test_a_worker_that_dies_is_a_transient_failure_and_the_pool_recovers()
         with pytest.raises(WorkerLost):
             await pool.run(die, 9)
         assert await pool.run(square, 3) == 9
+    finally:
+        pool.close()
+
+
+async def test_jobs_beside_a_dying_worker_run_again_and_only_its_own_job_fails(
+    tmp_path: Path,
+) -> None:
+    pool = CpuPool(4)
+    gate = tmp_path / "gate"
+    try:
+        neighbours = [asyncio.create_task(pool.run(once_released, str(gate), n)) for n in (1, 2, 3)]
+        with pytest.raises(WorkerLost):
+            await pool.run(die, 137)  # broke the pool under the neighbours, then died alone
+        gate.touch()
+        assert await asyncio.gather(*neighbours) == [1, 2, 3]
+        assert await pool.run(square, 4) == 16
     finally:
         pool.close()
