@@ -30,9 +30,12 @@ import httpcore
 import httpx
 
 from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.logs import get_logger
 from services.notifier.channels import Notification
 from services.notifier.signing import SIGNATURE_HEADER, sign
 from services.notifier.targets import Resolver, TargetPolicy, TargetRefused, check_url, resolve
+
+log = get_logger("notifier.webhook")
 
 USER_AGENT: Final = "Courier-Webhook/1"
 MAX_ERROR_BODY: Final = 512
@@ -234,15 +237,41 @@ class WebhookChannel:
             "Content-Type": "application/json",
             "Idempotency-Key": notification.event_id,
             SIGNATURE_HEADER: sign(secret, int(self._clock()), body),
+            # A compressed answer would be inflated whole before any cap applies (a small
+            # gzip bomb, hundreds of MB): ask for none, and read what comes as it is.
+            "Accept-Encoding": "identity",
         }
-        # httpx's timeouts bound each phase; this bounds the whole exchange (a slow drip).
-        async with (
-            asyncio.timeout(self._timeout),
-            self._client.stream("POST", url, content=body, headers=headers) as response,
-        ):
-            start = bytearray()
-            async for chunk in response.aiter_bytes():
-                start += chunk
-                if len(start) > MAX_ERROR_BODY:
-                    break
-        check_response(response.status_code, response.headers, bytes(start), datetime.now(UTC))
+        accepted = False
+        try:
+            # httpx's timeouts bound each phase; this bounds the whole exchange (a slow drip).
+            async with (
+                asyncio.timeout(self._timeout),
+                self._client.stream("POST", url, content=body, headers=headers) as response,
+            ):
+                # The status line decides. A short body is still read, so that the
+                # connection can serve the next webhook.
+                accepted = 200 <= response.status_code < 300
+                start = await _start_of(response)
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            if not accepted:
+                raise
+            # The receiver took the notification; reading its answer failed after that (a
+            # body that stalls or a reset). Not a failure: a retry would send it twice.
+            log.info(
+                "webhook accepted; reading the rest of its answer failed",
+                extra={"status": response.status_code, "error": repr(exc)},
+            )
+            return
+        if accepted:
+            return
+        check_response(response.status_code, response.headers, start, datetime.now(UTC))
+
+
+async def _start_of(response: httpx.Response) -> bytes:
+    """The first MAX_ERROR_BODY bytes of an answer's body, as sent (not decoded: bounded)."""
+    start = bytearray()
+    async for chunk in response.aiter_raw():
+        start += chunk
+        if len(start) > MAX_ERROR_BODY:
+            break
+    return bytes(start[: MAX_ERROR_BODY + 1])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import httpx
 import orjson
@@ -183,3 +186,49 @@ async def test_answers_are_classified(
     if reply.status == 503:
         assert isinstance(caught.value, WebhookUnavailable) and caught.value.min_delay == 3
         assert "maintenance" in str(caught.value)
+
+
+@asynccontextmanager
+async def raw_receiver(answer: bytes, then: str) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A receiver that reads a request, writes `answer` as it is, then stalls or resets."""
+    requests: list[bytes] = []
+    release = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(65536))
+        writer.write(answer)
+        await writer.drain()
+        if then == "reset":
+            writer.transport.abort()
+            return
+        await release.wait()  # the rest of the body never comes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook", requests
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("then", ["stall", "reset"])
+async def test_a_2xx_whose_body_then_stalls_or_breaks_is_delivered(then: str) -> None:
+    # Counted as a failure, it was retried: the receiver, which had accepted it, got it twice.
+    head = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"ok":'
+    async with raw_receiver(head, then) as (url, requests):
+        async for channel in channel_with(timeout=1.0):
+            await channel.deliver(notification(url))
+    assert len(requests) == 1
+
+
+async def test_a_refusal_is_not_decompressed_and_asks_for_no_compression() -> None:
+    bomb = gzip.compress(b"A" * (64 << 20))  # 64 MiB inflated; ~64 KiB sent
+    head = b"HTTP/1.1 500 Oops\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+    async with raw_receiver(head + bomb, "stall") as (url, requests):
+        async for channel in channel_with(timeout=2.0):
+            with pytest.raises(WebhookUnavailable) as caught:
+                await channel.deliver(notification(url))
+    assert b"accept-encoding: identity" in requests[0].lower()
+    assert "AAAA" not in str(caught.value)  # the body as sent, cut to MAX_ERROR_BODY
