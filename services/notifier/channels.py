@@ -94,6 +94,8 @@ class Unconfigured:
 
 
 RECORD_BUDGET_SECONDS = 5.0
+MAX_UNRECORDED = 10_000
+"""Notifications remembered as sent while the store would not take their record."""
 
 
 class Channels:
@@ -102,8 +104,15 @@ class Channels:
     def __init__(self, by_name: dict[Channel, DeliveryChannel], deliveries: Deliveries) -> None:
         self._by_name = by_name
         self._deliveries = deliveries
+        # Sent, but the store did not take the `delivered` record (an outage longer than the
+        # budget): the handler failed, and its retry must record, not send again.
+        self._unrecorded: dict[str, None] = {}  # oldest first
 
     async def deliver(self, notification: Notification) -> None:
+        if notification.event_id in self._unrecorded:
+            log.info("sent before the store went away; recording it, not sending again")
+            await self._record(notification)
+            return
         if await self._deliveries.delivered_already(notification.event_id):
             # An earlier attempt delivered, then died before the inbox recorded the event.
             log.info(
@@ -120,12 +129,23 @@ class Channels:
             except Exception:  # the delivery's own failure is what counts; keep it
                 log.exception("could not record a failed delivery")
             raise
-        # Delivered: record it even through a store blip, or a retry would send it again.
+        await self._record(notification)
+
+    async def _record(self, notification: Notification) -> None:
+        """Record a sent notification as delivered, through a store blip; through a longer
+        outage it stays remembered here (the failure is raised: the event is retried)."""
         try:
             await self._deliveries.delivered(notification)
         except Exception:  # retried below, within the budget
             log.warning("could not record a delivery; retrying", exc_info=True)
-            await self._record_patiently(notification)
+            try:
+                await self._record_patiently(notification)
+            except Exception:
+                self._unrecorded[notification.event_id] = None
+                if len(self._unrecorded) > MAX_UNRECORDED:
+                    del self._unrecorded[next(iter(self._unrecorded))]
+                raise
+        self._unrecorded.pop(notification.event_id, None)
 
     async def _record_patiently(self, notification: Notification) -> None:
         # Built only after a failure: tenacity's machinery costs more than the record itself.

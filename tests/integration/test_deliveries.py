@@ -162,3 +162,27 @@ async def test_a_full_batch_of_outcomes_is_committed_without_the_commit_delay(
     finally:
         record.close()
         await engine.dispose()
+
+
+async def test_a_store_outage_longer_than_the_budget_after_sending_does_not_send_again(
+    channels: Channels, deliveries: Deliveries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.notifier.channels.RECORD_BUDGET_SECONDS", 0.2)
+    record = deliveries.delivered
+    store_down = True
+
+    async def while_down(notification: Notification) -> None:
+        if store_down:
+            raise OSError("the store is away")
+        await record(notification)
+
+    monkeypatch.setattr(deliveries, "delivered", while_down)
+    with WebhookReceiver().running() as receiver:
+        n = notification(receiver.url())
+        with pytest.raises(OSError, match="the store is away"):
+            await channels.deliver(n)  # sent, not recorded: the handler fails, and is retried
+        store_down = False
+        await channels.deliver(n)  # the retry
+        assert len(receiver.received) == 1
+    stored = await deliveries.get(n.event_id)
+    assert stored is not None and stored.outcome == "delivered"
