@@ -54,6 +54,16 @@ def test_malformed_headers_do_not_verify(header: str) -> None:
     assert not verify(header, BODY, SECRET, now=T)
 
 
+HOSTILE = (f"t=\u00b2,v1={'0' * 64}", f"t={'9' * 400},v1={'0' * 64}", f"t={T},v1=\u00e9{'0' * 63}")
+
+
+@pytest.mark.parametrize(
+    "header", HOSTILE, ids=["superscript digit", "400-digit timestamp", "non-ASCII signature"]
+)
+def test_hostile_headers_do_not_verify_and_do_not_raise(header: str) -> None:
+    assert not verify(header, BODY, SECRET, now=T + 0.5)  # a float, as `time.time()` is
+
+
 def test_any_of_several_signatures_may_match_during_a_secret_rotation() -> None:
     old = signature(b"old-secret", T, BODY)
     header = f"t={T},v1={old},v1={signature(SECRET, T, BODY)}"
@@ -74,3 +84,5 @@ def test_the_readme_verification_snippet_verifies_what_the_notifier_signs() -> N
     assert not verify_courier_signature(header, BODY + b"x", SECRET)
     assert not verify_courier_signature(header, BODY, b"other-secret")
     assert not verify_courier_signature(sign(SECRET, now - 3600, BODY), BODY, SECRET)
+    for hostile in (*HOSTILE, f"t={now},v1=\u00e9{'0' * 63}"):
+        assert not verify_courier_signature(hostile, BODY, SECRET)
