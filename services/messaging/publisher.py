@@ -253,6 +253,12 @@ class Publisher:
             failure = BrokerUnavailable("the broker refused the message (nack)")
         elif isinstance(exc, AMQPError | ChannelInvalidStateError | ConnectionError):
             failure = _connection_failed(exc, written=True)
+        elif type(exc) is Exception:
+            # What aiormq fails its waiting futures with when a channel closes without a
+            # reason (this publisher's `close`, or aio-pika's during a reconnect).
+            failure = BrokerUnavailable(
+                "the channel closed before the broker confirmed", maybe_published=True
+            )
         else:
             raise exc
         failure.__cause__ = exc

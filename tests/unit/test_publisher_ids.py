@@ -8,10 +8,12 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import aiormq
+import aiormq.base
 from aiormq import spec
 from aiormq.channel import Returning
 
-from services.messaging.publisher import PERSISTENT, Outgoing, _one_per_message_id
+from services.messaging.errors import BrokerUnavailable
+from services.messaging.publisher import PERSISTENT, Outgoing, Publisher, _one_per_message_id
 
 
 def message(message_id: str) -> Outgoing:
@@ -49,3 +51,13 @@ async def test_a_returned_publish_awaiting_its_confirm_does_not_hold_its_id() ->
     confirm: waiting on it would hold the id until the deadline."""
     now, later, busy = _one_per_message_id(channel_with({"a": Returning()}), [message("a")], [0])
     assert (now, later, busy) == ([0], [], set())
+
+
+async def test_a_confirm_failed_by_a_channel_closing_without_reason_is_unavailable() -> None:
+    # aiormq fails the futures it still holds with a bare `Exception` when a channel closes
+    # without a reason (seen while the publisher closed under load): a 503, not a crash.
+    store = aiormq.base.FutureStore(asyncio.get_running_loop())
+    confirmation = store.create_future()
+    await store.reject_all(None)
+    outcome = Publisher("amqp://unused")._outcome(confirmation, "events", "k")
+    assert isinstance(outcome, BrokerUnavailable) and outcome.maybe_published
