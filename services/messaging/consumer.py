@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -97,6 +98,9 @@ class Route:
     moves forward), so the inbox is skipped: no look-up before the handler, no record after it.
     A redelivery runs the handler again, and publishes its follow-ups again (ids derived from
     the input, so downstream inboxes drop them). Cancellations, kept in the inbox, do not apply."""
+    takes_attempt: bool = False
+    """The handler also takes `attempt=`: 1 for a first delivery (a redelivery and a replay are
+    first deliveries too), more for a retry back from a delay tier."""
 
     def __post_init__(self) -> None:
         if self.stateful and self.idempotent:
@@ -457,7 +461,7 @@ class Consumer:
             return
         self._report(event, "processing", attempt=attempt)
         try:
-            await self._attempt(route, event)
+            await self._attempt(route, event, attempt)
         except _AlreadyHandled:
             known = await self._inbox.lookup(event.id)
             recorded = known.follow_ups if isinstance(known, Handled) else ()
@@ -476,7 +480,7 @@ class Consumer:
         if self._reporter is not None and event.type in self._reported_types:
             self._reporter.report(event.id, event.type, state, **detail)
 
-    async def _attempt(self, route: Route, event: Envelope) -> None:
+    async def _attempt(self, route: Route, event: Envelope, attempt: int) -> None:
         """Run the handler (retrying blips in process), record the event in the inbox and
         publish its follow-ups, confirmed.
 
@@ -484,11 +488,16 @@ class Consumer:
         transaction, and its follow-ups are published once that committed. Otherwise only the
         handler is retried: a store or broker error after it must not run the handler's effect
         again (`_NotSettled`: the delivery is returned to the queue after a back-off)."""
+        handler = (
+            functools.partial(route.handler, attempt=attempt)
+            if route.takes_attempt
+            else route.handler
+        )
         if route.stateful:
 
             async def stateful() -> list[Envelope]:
                 async with self._inbox.transaction() as conn:
-                    produced = await route.handler(event, conn) or ()
+                    produced = await handler(event, conn) or ()
                     follow_ups = [with_cause(e, event) for e in produced]
                     if not await self._inbox.record(conn, event, follow_ups):
                         raise _AlreadyHandled
@@ -496,7 +505,7 @@ class Consumer:
 
             await self._publish_handled(await route.retry.call(stateful))
             return
-        produced = await route.retry.call(lambda: route.handler(event))
+        produced = await route.retry.call(lambda: handler(event))
         follow_ups = [with_cause(e, event) for e in produced or ()]
         if route.idempotent:
             await self._publish_handled(follow_ups)

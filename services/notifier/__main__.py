@@ -102,7 +102,9 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
             functools.partial(handlers.dataset_processed, channels=channels), policy
         ),
         "file.processed": Route(
-            functools.partial(handlers.file_processed, channels=channels), policy
+            functools.partial(handlers.file_processed, channels=channels),
+            policy,
+            takes_attempt=True,  # a retry does not ask again a target that refused for good
         ),
     }
 

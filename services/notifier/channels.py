@@ -131,6 +131,13 @@ class Channels:
             raise
         await self._record(notification)
 
+    async def refused_before(self, notification: Notification) -> str | None:
+        """The error of a target's permanent refusal of this notification, if it refused."""
+        record = await self._deliveries.get(notification.event_id)
+        if record is None or record.outcome != "rejected":
+            return None
+        return record.last_error or "refused"
+
     async def _record(self, notification: Notification) -> None:
         """Record a sent notification as delivered, through a store blip; through a longer
         outage it stays remembered here (the failure is raised: the event is retried)."""

@@ -161,14 +161,24 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     return chosen
 
 
-async def file_processed(event: FileProcessed, *, channels: Channels) -> None:
+class RefusedEarlier(PermanentError):
+    """A target refused this notification for good on an earlier attempt of the event."""
+
+
+async def file_processed(event: FileProcessed, *, channels: Channels, attempt: int = 1) -> None:
     """Deliver the analysis to every target the upload named; no targets, nothing to do.
 
     Every target is tried even when an earlier one fails, so one broken receiver does not hold
-    the others back; the event fails afterwards if any target did.
+    the others back; the event fails afterwards if any target did. On a retry (`attempt` > 1) a
+    target that refused for good is not asked again, but still fails the event (a replay starts
+    again at attempt 1, and asks it again).
     """
     failures: list[Exception] = []
     for notification in file_notifications(event):
+        refusal = await channels.refused_before(notification) if attempt > 1 else None
+        if refusal is not None:
+            failures.append(RefusedEarlier(f"{notification.recipient}: {refusal}"))
+            continue
         try:
             await channels.deliver(notification)
         except Exception as exc:  # noqa: BLE001  # raised below, after the other targets

@@ -183,6 +183,30 @@ async def test_a_transient_failure_is_retried_later_through_the_broker(
     )
 
 
+async def test_a_handler_that_takes_the_attempt_is_told_which_one_it_is(
+    namespace: Namespace,
+) -> None:
+    attempts: list[int] = []
+
+    async def handler(event: Envelope, *, attempt: int) -> None:
+        attempts.append(attempt)
+        if attempt == 1:
+            raise ConnectionResetError("blip")
+
+    routes = {
+        "notification.requested": Route(
+            handler, RetryPolicy(delays=(1,), immediate=0), takes_attempt=True
+        )
+    }
+    async with running(namespace, "notifier", routes) as (pub, topo, _):
+        await publish(pub, topo, notification())
+
+        async def retried() -> None:
+            assert attempts == [1, 2]  # the first delivery, then back from the delay tier
+
+        await eventually(retried)
+
+
 async def test_retries_exhausted_end_in_the_dead_letter_queue(namespace: Namespace) -> None:
     handler = Recorder(failures=[TimeoutError("down")] * 100)
     event = notification()

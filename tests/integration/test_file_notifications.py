@@ -15,7 +15,7 @@ from contracts.notify import NotifyTarget
 from services.messaging.store import open_store
 from services.notifier.channels import Channels, LogChannel
 from services.notifier.deliveries import Deliveries, Delivery
-from services.notifier.handlers import file_processed, target_event_id
+from services.notifier.handlers import RefusedEarlier, file_processed, target_event_id
 from services.notifier.mail import EmailChannel, EmailDeferred, SmtpConfig
 from services.notifier.targets import TargetPolicy
 from services.notifier.webhook import (
@@ -181,3 +181,36 @@ async def test_a_transient_failure_decides_over_a_permanent_one(
         with pytest.raises(WebhookRejected) as permanent:
             await file_processed(event, channels=send)
         assert any("EmailRejected" in note for note in permanent.value.__notes__)
+
+
+async def test_a_retry_does_not_ask_again_a_target_that_refused_but_still_fails(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    with (
+        WebhookReceiver(default=Reply(400, body=b"unknown hook")).running() as receiver,
+        SmtpServer(rcpt_replies=[LATER]).running() as smtp,
+    ):
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        event = processed(hook(receiver), MAIL)
+        with pytest.raises(EmailDeferred):  # retried for the mail
+            await file_processed(event, channels=send)
+        with pytest.raises(RefusedEarlier, match="unknown hook"):  # dead-lettered, not acked
+            await file_processed(event, channels=send, attempt=2)
+        assert len(receiver.received) == 1  # asked once, not on the retry
+        assert len(smtp.messages) == 1
+
+
+async def test_a_replay_asks_a_target_that_refused_again(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    with (
+        WebhookReceiver([Reply(400, body=b"unknown hook")]).running() as receiver,
+        SmtpServer().running() as smtp,
+    ):
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        event = processed(hook(receiver))
+        with pytest.raises(WebhookRejected):  # dead-lettered
+            await file_processed(event, channels=send)
+        await file_processed(event, channels=send, attempt=1)  # replayed once the hook exists
+        assert len(receiver.received) == 2
+    assert (await record(deliveries, event, hook(receiver))).outcome == "delivered"
