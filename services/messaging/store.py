@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Column,
     Connection,
-    Engine,
     Integer,
     MetaData,
     String,
@@ -29,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -158,35 +158,63 @@ def insert_for(dialect: str) -> Callable[[Table], Any]:
     return postgresql_insert if dialect == "postgresql" else sqlite_insert
 
 
+class _SqliteWriter:
+    """The one thread (and its connections) that writes a SQLite file in this process. SQLite
+    takes one writer at a time: two threads writing the same file (the notifier's inbox and its
+    deliveries record) only queue in SQLite's busy handler, which sleeps 1 to 100 ms a try."""
+
+    def __init__(self, url: URL) -> None:
+        self.sync = create_engine(url, poolclass=SingletonThreadPool)
+        event.listen(self.sync, "connect", _sqlite_pragmas)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="courier-sqlite")
+        self.autocommit: sqlite3.Connection | None = None
+        self.users = 0
+
+    def close(self) -> None:
+        self.thread.submit(self.sync.dispose).result()
+        if self.autocommit is not None:
+            self.thread.submit(self.autocommit.close).result()
+            self.autocommit = None
+        self.thread.shutdown(wait=True)
+
+
+_WRITERS: dict[str, _SqliteWriter] = {}
+"""This process's writer of each SQLite file, by path; shared by the stores of the file."""
+
+
 class BatchRunner:
     """Runs a batch of synchronous SQLAlchemy work in one transaction, as cheaply as possible.
 
-    On PostgreSQL it runs on the async engine (asyncpg, no threads). On SQLite it runs in one
-    dedicated thread with a plain sqlite3 connection: a whole batch costs one thread hop, where
-    aiosqlite costs one per statement and fetch (each waiting for the GIL behind a busy event
-    loop). Used on the consumers' hot path (inbox look-ups and group commits).
+    On PostgreSQL it runs on the async engine (asyncpg, no threads). On SQLite it runs in the
+    file's writer thread (one per file and process, whatever the stores sharing it) with a plain
+    sqlite3 connection: a whole batch costs one thread hop, where aiosqlite costs one per
+    statement and fetch (each waiting for the GIL behind a busy event loop). Used on the
+    consumers' hot path (inbox look-ups and group commits).
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._sync: Engine | None = None
-        self._thread: ThreadPoolExecutor | None = None
-        self._autocommit: sqlite3.Connection | None = None
-        if engine.dialect.name == "sqlite":
+        self._writer: _SqliteWriter | None = None
+        self._sqlite = engine.dialect.name == "sqlite"
+        if self._sqlite:
             url = engine.url.set(drivername="sqlite")
-            self._sync = create_engine(url, poolclass=SingletonThreadPool)
-            event.listen(self._sync, "connect", _sqlite_pragmas)
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="courier-sqlite")
+            key = str(Path(str(url.database)).resolve())
+            writer = _WRITERS.get(key)
+            if writer is None:
+                writer = _WRITERS[key] = _SqliteWriter(url)
+            writer.users += 1
+            self._writer = writer
+            self._key = key
 
     @property
     def sqlite(self) -> bool:
-        return self._sync is not None
+        return self._sqlite
 
     async def run(self, work: Callable[[Connection], T]) -> T:
-        if self._sync is None:
+        if not self._sqlite:
             async with self._engine.begin() as conn:
                 return await conn.run_sync(work)
-        sync = self._sync
+        sync = self._open_writer().sync
 
         def in_transaction() -> T:
             with sync.begin() as conn:
@@ -200,32 +228,38 @@ class BatchRunner:
         `execute` returns. For a batch that is one statement, that is one hand-back of the GIL
         to the busy event loop, where a SQLAlchemy transaction around the same statement costs
         several (check-out, BEGIN, COMMIT, reset), each able to wait out a switch interval."""
-        assert self._sync is not None, "run_autocommit is for SQLite stores"
-        database = str(self._sync.url.database)
+        assert self._sqlite, "run_autocommit is for SQLite stores"
+        writer = self._open_writer()
+        database = str(writer.sync.url.database)
 
         def autocommit() -> T:
-            if self._autocommit is None:
-                raw = sqlite3.connect(database, isolation_level=None)  # this thread's own
+            if writer.autocommit is None:
+                raw = sqlite3.connect(database, isolation_level=None)  # the writer thread's own
                 _sqlite_pragmas(raw, None)
-                self._autocommit = raw
-            return work(self._autocommit)
+                writer.autocommit = raw
+            return work(writer.autocommit)
 
         return await self._in_thread(autocommit)
 
-    async def _in_thread(self, work: Callable[[], T]) -> T:
-        if self._thread is None:
+    def _open_writer(self) -> _SqliteWriter:
+        if self._writer is None:
             raise RuntimeError("the store was closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        return self._writer
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        thread = self._open_writer().thread
+        return await asyncio.get_running_loop().run_in_executor(thread, work)
 
     def close(self) -> None:
-        thread, sync = self._thread, self._sync
-        self._thread = None
-        if thread is not None and sync is not None:
-            thread.submit(sync.dispose).result()
-            if self._autocommit is not None:
-                thread.submit(self._autocommit.close).result()
-                self._autocommit = None
-            thread.shutdown(wait=True)
+        """Done with the store: the file's writer stops with its last user."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.users -= 1
+        if writer.users == 0:
+            if _WRITERS.get(self._key) is writer:
+                del _WRITERS[self._key]
+            writer.close()
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:

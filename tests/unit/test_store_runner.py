@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
+
+import pytest
 
 from services.messaging.store import BatchRunner, open_store, store_url
 
@@ -29,3 +33,26 @@ async def test_an_autocommit_statement_is_committed_and_synced_when_it_returns(
     finally:
         runner.close()
         await engine.dispose()
+
+
+async def test_the_stores_of_one_file_write_through_one_thread(tmp_path: Path) -> None:
+    # Two writer threads on one file (the notifier's inbox and deliveries record) only queued in
+    # SQLite's busy handler, which sleeps 1 to 100 ms a try.
+    engines = [open_store(store_url(None, tmp_path, name)) for name in ("svc", "svc", "other")]
+    first, second, other = (BatchRunner(engine) for engine in engines)
+    try:
+        threads = await asyncio.gather(
+            first.run(lambda _: threading.get_ident()),
+            second.run_autocommit(lambda _: threading.get_ident()),
+        )
+        assert threads[0] == threads[1]
+        assert await other.run(lambda _: threading.get_ident()) != threads[0]
+        first.close()
+        assert await second.run(lambda _: threading.get_ident()) == threads[0]  # still open
+    finally:
+        for runner in (first, second, other):
+            runner.close()
+        for engine in engines:
+            await engine.dispose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await second.run(lambda _: None)
