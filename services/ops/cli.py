@@ -225,6 +225,14 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
+def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # An empty filter narrows nothing: `--text "$PATTERN"` with PATTERN unset must not
+    # select every dead letter.
+    if value is not None and not value:
+        raise click.BadParameter("must not be empty")
+    return value
+
+
 def _when_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -281,13 +289,29 @@ class Selection:
 
 def _filter_options(f: F) -> F:
     options = [
-        click.option("--service", help="Only the service that failed it (processor, notifier)."),
-        click.option("--event-type", help="Only this event type, e.g. notification.requested."),
-        click.option("--group", help="Only this failure group (see `courier dlq groups`)."),
         click.option(
-            "--reason", help="Only this reason: invalid, permanent, retries_exhausted, ..."
+            "--service",
+            callback=_not_blank,
+            help="Only the service that failed it (processor, notifier).",
         ),
-        click.option("--exception-type", help="Only this exception type (dotted name)."),
+        click.option(
+            "--event-type",
+            callback=_not_blank,
+            help="Only this event type, e.g. notification.requested.",
+        ),
+        click.option(
+            "--group",
+            callback=_not_blank,
+            help="Only this failure group (see `courier dlq groups`).",
+        ),
+        click.option(
+            "--reason",
+            callback=_not_blank,
+            help="Only this reason: invalid, permanent, retries_exhausted, ...",
+        ),
+        click.option(
+            "--exception-type", callback=_not_blank, help="Only this exception type (dotted name)."
+        ),
         click.option(
             "--since",
             callback=_when_option,
@@ -300,7 +324,11 @@ def _filter_options(f: F) -> F:
             metavar="WHEN",
             help="Dead-lettered before: ISO 8601 or 2h, 7d.",
         ),
-        click.option("--text", help="Text in the exception type or message (case-insensitive)."),
+        click.option(
+            "--text",
+            callback=_not_blank,
+            help="Text in the exception type or message (case-insensitive).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)

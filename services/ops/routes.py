@@ -20,20 +20,27 @@ from services.ops.store import FailureStore, Filter, InvalidCursor, Status
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 
+Criterion = Annotated[str, Field(min_length=1, max_length=200)]
+"""A filter's value. Never empty: an empty text narrows nothing, so a selection by `text: ""`
+(a client's unset variable) took every dead letter past the "all" guard."""
+
+
 class Selection(BaseModel):
     """Which dead letters: explicit ids, or filters (all of them must match)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=10_000)
-    service: str | None = None
-    event_type: str | None = None
-    group: str | None = None
-    reason: str | None = None
-    exception_type: str | None = None
+    ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=10_000
+    )
+    service: Criterion | None = None
+    event_type: Criterion | None = None
+    group: Criterion | None = None
+    reason: Criterion | None = None
+    exception_type: Criterion | None = None
     since: datetime | None = None
     until: datetime | None = None
-    text: Annotated[str, Field(max_length=200)] | None = None
+    text: Criterion | None = None
     all: bool = Field(default=False, description="Required to select without any filter.")
 
     @model_validator(mode="after")

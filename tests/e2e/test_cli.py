@@ -388,3 +388,14 @@ def test_a_replay_while_the_broker_is_away_exits_5_and_loses_nothing(
             moved = ops.run("dlq", "replay", "--all", "--json")
             assert moved.returncode == 0, moved.stderr
             assert json.loads(moved.stdout)["count"] == 2
+
+
+@pytest.mark.parametrize("command", [["discard", "--why", "x"], ["replay"]])
+def test_an_empty_filter_is_a_usage_error_not_a_selection_of_everything(
+    command: list[str],
+) -> None:
+    # `--text "$PATTERN"` with PATTERN unset: an empty text narrows nothing.
+    env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}
+    result = CliRunner().invoke(cli, ["dlq", *command, "--text", ""], env=env)
+    assert result.exit_code == 2, result.output
+    assert "must not be empty" in result.stderr

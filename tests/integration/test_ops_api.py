@@ -581,6 +581,25 @@ async def test_a_replay_or_discard_without_a_selection_is_refused(
 
 
 @pytest.mark.broker
+async def test_a_selection_by_an_empty_filter_is_refused(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # An empty text narrows nothing: `{"text": ""}` (a client's unset variable) took every letter.
+    settings = gateway_settings(namespace, tmp_path)
+    await seed(tmp_path, namespace, 2)
+    async with running_gateway(settings) as client:
+        for path, body in (
+            ("/v1/ops/discards", {"text": "", "why": "x"}),
+            ("/v1/ops/replays", {"text": ""}),
+            ("/v1/ops/replays", {"service": ""}),
+            ("/v1/ops/replays", {"ids": [""]}),
+        ):
+            response = await client.post(path, json=body, headers=AUTH)
+            assert response.status_code == 422, (body, response.text)
+        assert len(await letters(client)) == 2
+
+
+@pytest.mark.broker
 async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
     namespace: Namespace, tmp_path: Path
 ) -> None:
