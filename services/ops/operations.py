@@ -100,6 +100,19 @@ class Operations:
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
         finally:
+            unrecorded = await self._close_replay(token, action_id, actor, selection, moved)
+        error = error or unrecorded
+        if skipped:
+            log.warning("dead letters left dead: no queue takes them", extra={"ids": skipped})
+        log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
+        return Outcome(action_id, False, len(moved), moved, error, skipped)
+
+    async def _close_replay(
+        self, token: str, action_id: str, actor: str, selection: Filter, moved: list[str]
+    ) -> str | None:
+        """Release what the replay did not move and record the action; what went wrong if the
+        store would not (then the claims fall back to dead when their lease runs out)."""
+        try:
             await self._store.release(token)  # what was not moved is dead again, at once
             await self._store.record_action(
                 action="replay",
@@ -109,10 +122,14 @@ class Operations:
                 count=len(moved),
                 action_id=action_id,
             )
-        if skipped:
-            log.warning("dead letters left dead: no queue takes them", extra={"ids": skipped})
-        log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
-        return Outcome(action_id, False, len(moved), moved, error, skipped)
+        except SQLAlchemyError as exc:
+            # Published and marked, but not audited: said here, with every id, and answered.
+            log.exception(
+                "replay not recorded: the store failed",
+                extra={"action_id": action_id, "actor": actor, "moved": moved},
+            )
+            return f"the replay could not be recorded: {exc}"
+        return None
 
     async def _report_replayed(self, letter: DeadLetter, at: datetime) -> None:
         if self._on_replayed is None or letter.event_id is None:

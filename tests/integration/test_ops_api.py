@@ -26,6 +26,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import text, update
+from sqlalchemy.exc import OperationalError
 
 from contracts.events import NotificationRequested, NotificationRequestedData
 from contracts.topology import dead_letter_queue, work_queue
@@ -41,6 +42,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.settings import CourierSettings
 from services.messaging.store import open_store, store_url
+from services.ops.operations import Operations
 from services.ops.store import FailureStore, Filter, dead_letters
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -661,6 +663,64 @@ async def test_a_letter_no_queue_takes_is_left_dead_and_the_replay_goes_on(
         shown = (await client.get(f"/v1/ops/dead-letters/{stray}", headers=AUTH)).json()
         assert shown["status"] == "dead"
     await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+
+
+class StoreGoneAfter(FailureStore):
+    """The real store, gone (every call fails) once `after` letters were marked replayed."""
+
+    def __init__(self, engine: Any, after: int) -> None:
+        super().__init__(engine)
+        self.after = after
+        self.marked = 0
+
+    def _gone(self) -> None:
+        if self.marked >= self.after:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the store went away"))
+
+    async def renew(self, token: str, letter_id: str) -> bool:
+        self._gone()
+        return await super().renew(token, letter_id)
+
+    async def mark_replayed(self, *args: Any, **kwargs: Any) -> bool:
+        marked = await super().mark_replayed(*args, **kwargs)
+        self.marked += 1
+        return marked
+
+    async def release(self, token: str) -> None:
+        self._gone()
+        await super().release(token)
+
+    async def record_action(self, **kwargs: Any) -> str:
+        self._gone()
+        return await super().record_action(**kwargs)
+
+
+@pytest.mark.broker
+async def test_a_replay_whose_store_goes_away_says_what_it_moved(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # The cleanup (release, audit row) failed against the same dead store, and its exception
+    # replaced the answer: a 500, the moved ids lost.
+    settings = gateway_settings(namespace, tmp_path)
+    await seed(tmp_path, namespace, 4)
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    publisher = Publisher(namespace.amqp_url)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        await declare_topology(connection, settings.all_topologies())
+        await publisher.connect()
+        store = StoreGoneAfter(engine, after=2)
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+        outcome = await operations.replay(
+            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
+        )
+        assert outcome.error is not None and "went away" in outcome.error
+        assert outcome.count == 2 and len(outcome.ids) == 2
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
+    finally:
+        await publisher.close()
+        await connection.close()
+        await engine.dispose()
 
 
 @pytest.mark.broker
