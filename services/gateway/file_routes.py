@@ -10,13 +10,15 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.envelope import new_event_id
 from contracts.files import FileUploaded, FileUploadedData
 from contracts.notify import MAX_NOTIFY_TARGETS
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
+from services.gateway.files import Files
 from services.gateway.ingest import IngestError
-from services.gateway.routes import Problem, publish_confirmed, status_url
+from services.gateway.routes import Problem, publish_confirmed, status_url, store_unavailable
 from services.gateway.uploads import FRAMING_ALLOWANCE, receive_upload
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.logs import event_context, get_logger
@@ -128,12 +130,17 @@ async def upload_file(
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
             await files.add(event.data, accepted_at)
+        except SQLAlchemyError as exc:
+            log.exception("could not record the file; refusing it")
+            await blobs.delete(received.key)
+            raise store_unavailable(settings, "record the file") from exc
+        try:
             await publish_confirmed(broker, settings, event)
         except BaseException as exc:
             if not _maybe_published(exc):
                 # Not announced, so never processed: leave nothing behind.
                 await blobs.delete(received.key)
-                await files.remove(file_id)
+                await _forget(files, file_id)
             # Else the processor may be about to read the file: it stays (retention ends it).
             raise
         tracking.accepted(event, accepted_at)
@@ -146,6 +153,15 @@ async def upload_file(
     return JSONResponse(
         accepted.model_dump(), status_code=202, headers={"Location": accepted.file_url}
     )
+
+
+async def _forget(files: Files, file_id: str) -> None:
+    """Remove the record of a file that was never announced; a store failing now is logged
+    (the answer is about the publish, which failed first)."""
+    try:
+        await files.remove(file_id)
+    except SQLAlchemyError:
+        log.exception("could not remove the record of a file never announced")
 
 
 def _maybe_published(exc: BaseException) -> bool:

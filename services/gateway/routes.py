@@ -165,10 +165,10 @@ async def _note_callbacks(
         await tracking.note_callbacks(events)
     except SQLAlchemyError as exc:
         log.exception("could not store callback URLs; refusing the events")
-        raise _store_unavailable(settings, "store the callback URL") from exc
+        raise store_unavailable(settings, "store the callback URL") from exc
 
 
-def _store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
+def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
     """The answer when the gateway's store failed before anything was published: the client
     may simply retry."""
     return HTTPException(
@@ -223,7 +223,7 @@ async def _idempotent(
             claim = waited or await keys.claim(key, request_id, [event.id for event in events])
     except SQLAlchemyError as exc:
         log.exception("could not claim an Idempotency-Key")
-        raise _store_unavailable(settings, "check the Idempotency-Key") from exc
+        raise store_unavailable(settings, "check the Idempotency-Key") from exc
     if claim.kind == "busy":
         raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
     if claim.kind == "conflict":

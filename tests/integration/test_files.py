@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -278,6 +279,19 @@ async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
             assert kept.read_bytes() == CSV
             proxy.set_mode(ProxyMode.REFUSE)
             proxy.reset_all()  # gone, not hanging: the gateway stops without waiting on it
+
+
+async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(
+    client: httpx.AsyncClient, tmp_path: Path, blob_dir: Path, namespace: Namespace
+) -> None:
+    # A client that retries on 503 gave up on the 500 this was (after sending up to 1 GiB).
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:  # the store fails
+        store.execute("ALTER TABLE files RENAME TO files_away")
+    response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
 
 
 def form(*parts: tuple[str, str | tuple[str, bytes, str]]) -> bytes:
