@@ -863,9 +863,13 @@ def _run_batches(
     body = {**selection.body(until), **extra}
     with _Progress(session, verb, total) as progress:
         for size in _batches(total, batch):
+            # Letters left dead stay the oldest match: without this every batch took them again.
+            if len(run.skipped) >= MAX_PER_REQUEST:
+                break  # so many without a home: reported; discard them, then replay again
+            left = {"exclude_ids": list(run.skipped)} if run.skipped else {}
             try:
                 outcome = session.client.post(
-                    path, {**body, "limit": size}, extra_seconds=paced(size)
+                    path, {**body, **left, "limit": size}, extra_seconds=paced(size)
                 )
             except KeyboardInterrupt:
                 error = OpsError(
@@ -889,8 +893,8 @@ def _run_batches(
             run.skipped.update(outcome.get("skipped", {}))
             run.action_ids.append(str(outcome["action_id"]))
             progress.update(run.done)
-            if outcome["count"] == 0:  # nothing left (others took or discarded the rest)
-                break
+            if outcome["count"] == 0 and not outcome.get("skipped"):
+                break  # nothing left (others took or discarded the rest)
     return run
 
 
@@ -975,6 +979,8 @@ def replay(
         paced=lambda size: size / rate,
     )
     _report(session, run, "Replayed", "back into their work queues")
+    if run.skipped:  # said above, letter by letter; a script must not take it for done
+        raise click.exceptions.Exit(ExitCode.FAILED)
 
 
 @dlq.command("discard")

@@ -41,11 +41,18 @@ class Selection(BaseModel):
     since: datetime | None = None
     until: datetime | None = None
     text: Criterion | None = None
+    exclude_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Letters not to take: a batched replay passes the ones it left dead.",
+    )
     all: bool = Field(default=False, description="Required to select without any filter.")
 
     @model_validator(mode="after")
     def _not_everything_by_accident(self) -> Selection:
-        criteria = self.model_dump(exclude={"all", "dry_run", "limit", "rate", "reason_text"})
+        criteria = self.model_dump(
+            exclude={"all", "dry_run", "limit", "rate", "reason_text", "exclude_ids"}
+        )
         if not self.all and not any(v not in (None, []) for v in criteria.values()):
             raise ValueError('select by ids or a filter, or say "all": true')
         return self
@@ -61,6 +68,7 @@ class Selection(BaseModel):
             since=self.since,
             until=self.until,
             text=self.text,
+            exclude_ids=tuple(self.exclude_ids),
         )
 
 

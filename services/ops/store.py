@@ -111,12 +111,16 @@ class Filter:
     until: datetime | None = None
     text: str | None = None
     status: Status | None = "dead"
+    exclude_ids: tuple[str, ...] = ()
+    """Letters not to take (a batched replay's letters that no queue takes, left dead)."""
 
     def where(self) -> ColumnElement[bool]:
         c = dead_letters.c
         clauses: list[ColumnElement[bool]] = []
         if self.ids:
             clauses.append(c.id.in_(self.ids))
+        if self.exclude_ids:
+            clauses.append(c.id.not_in(self.exclude_ids))
         for column, value in (
             (c.service, self.service),
             (c.event_type, self.event_type),

@@ -30,8 +30,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from contracts.topology import work_queue
+from services.messaging.store import open_store, store_url
 from services.ops.cli import cli
+from services.ops.store import FailureStore
 from tests.conftest import Namespace
+from tests.integration.test_failure_store import add_all, letter
 from tests.support.polling import eventually_sync
 from tests.support.processes import REPO, ServiceProcess, base_url, consumer, free_port, gateway
 from tests.support.tcp_proxy import ProxyMode, ThreadedTcpProxy
@@ -286,6 +289,30 @@ def test_replay_moves_dead_letters_back_to_their_work_queue(ops: Ops) -> None:
         (False, 1),
         (True, 3),
     ]
+
+
+def test_a_replay_takes_letters_without_a_home_once_and_exits_1(ops: Ops, tmp_path: Path) -> None:
+    # They stay dead and the oldest: every batch took them again, and a batch of them alone
+    # (nothing moved) ended the run early, leaving the replayable letters dead, with exit 0.
+    homeless = [letter(service="retired", queue=f"{ops.namespace.name}.retired") for _ in range(3)]
+
+    async def seed() -> None:
+        engine = open_store(store_url(None, tmp_path / "gateway-data", "gateway"))
+        try:
+            await add_all(FailureStore(engine), homeless)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    junk = ops.dead_letter_junk(3)
+    ops.wait_listed(6)
+    run = ops.run("dlq", "replay", "--all", "--batch", "2", "--rate", "1000", "--json")
+    assert run.returncode == 1, run.stderr
+    outcome = json.loads(run.stdout)
+    assert (outcome["total"], outcome["count"]) == (6, 3)
+    assert set(outcome["skipped"]) == {item.id for item in homeless}
+    again = ops.wait_listed(3, "--service", "notifier")  # the junk failed again, as replays
+    assert {item["event_id"] for item in again} == set(junk)
 
 
 def test_discard_needs_a_reason_and_is_audited(ops: Ops) -> None:
