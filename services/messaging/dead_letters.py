@@ -254,6 +254,11 @@ Sink = Callable[[DeadLetter], Awaitable[None]]
 
 CANCEL_TIMEOUT = 5.0
 DELIVERY_HOPS = 2
+FIRST_HOLD_PAUSE = 0.5
+LONGEST_HOLD_PAUSE = 30.0
+MAX_HOLD_SECONDS = 600.0
+"""How long a dead letter is held while the store is away before it goes back to its queue
+(well under RabbitMQ's 30-minute `consumer_timeout`)."""
 
 
 class DeadLetterDrain:
@@ -345,17 +350,35 @@ class DeadLetterDrain:
             message_type=message.type,
             correlation_id=message.correlation_id,
         )
-        try:
-            await self._store(letter)
-        except Exception:
-            # The store is unavailable: keep the dead letter in its queue and slow down.
-            log.exception(
-                "could not store a dead letter; it stays in its queue",
-                extra={"event_id": letter.event_id, "correlation_id": letter.correlation_id},
-            )
-            await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
-            return
+        # While the store is away the letter is held, unacked, and stored again after a pause:
+        # each return to its queue would count as a delivery, and a quorum queue with a
+        # delivery limit (RabbitMQ 4 gives every one a default of 20) drops a letter past it.
+        # A full prefetch window of held letters stops the broker sending more.
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + MAX_HOLD_SECONDS
+        pause = FIRST_HOLD_PAUSE
+        while True:
+            try:
+                await self._store(letter)
+                break
+            except Exception:
+                held = loop.time() + pause <= give_up_at and not message.channel.is_closed
+                log.exception(
+                    "could not store a dead letter; holding it and trying again"
+                    if held
+                    else "could not store a dead letter; it goes back to its queue",
+                    extra={
+                        "event_id": letter.event_id,
+                        "correlation_id": letter.correlation_id,
+                        "retry_in_seconds": pause,
+                    },
+                )
+                if not held:
+                    if not message.channel.is_closed:  # else the broker has it back already
+                        await message.nack(requeue=True)
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LONGEST_HOLD_PAUSE)
         await message.ack()
 
     async def _store(self, letter: DeadLetter) -> None:

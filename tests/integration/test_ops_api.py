@@ -429,6 +429,43 @@ async def dead_letter_arrives(namespace: Namespace, message_id: str) -> None:
         )
 
 
+async def test_a_dead_letter_is_held_while_the_store_is_away_not_returned_to_its_queue(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Returned to its queue every second, it spent a delivery each time: a quorum queue with a
+    # delivery limit (RabbitMQ 4 gives every one a default of 20; this one has 1) dropped it.
+    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
+    queue = f"{namespace.name}.limited-dlq"
+    tries: list[str] = []
+
+    async def store_away_for_three_tries(letter: DeadLetter) -> None:
+        tries.append(letter.event_id or "")
+        if len(tries) <= 3:
+            raise ConnectionRefusedError("the store is away")
+
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    try:
+        channel = await connection.channel()
+        limited = {"x-queue-type": "quorum", "x-delivery-limit": 1}
+        await channel.declare_queue(queue, durable=True, arguments=limited)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"not json", message_id="m-held"), routing_key=queue
+        )
+        drain = DeadLetterDrain(namespace.name, [queue], store_away_for_three_tries)
+        await drain.start(connection)
+
+        async def stored() -> None:
+            assert tries == ["m-held"] * 4
+
+        await eventually(stored, timeout=10)
+        assert await drain.stop(drain_seconds=5)
+        await assert_empty(namespace.amqp_url, [queue])
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await connection.close()
+
+
 async def test_stopping_the_drain_waits_until_the_letter_being_stored_is_acked(
     namespace: Namespace,
 ) -> None:
