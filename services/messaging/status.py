@@ -11,6 +11,8 @@ dropped first, with a warning, if the broker stays away for long).
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +27,9 @@ from services.messaging.publisher import Publisher
 log = get_logger("status")
 
 MAX_PENDING = 100_000
+DROP_WARNING_SECONDS = 10.0
+"""At most one warning this often while a full backlog drops transitions (one per drop
+buried the logs under thousands of lines a second)."""
 
 
 class StatusReporter:
@@ -38,10 +43,19 @@ class StatusReporter:
         self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._dropped = 0
+        self._warned_at = -math.inf
 
     def report(self, event_id: str, event_type: str | None, state: State, **detail: Any) -> None:
         if len(self._pending) == MAX_PENDING:
-            log.warning("status backlog full; dropping the oldest transition")
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._warned_at >= DROP_WARNING_SECONDS:
+                self._warned_at = now
+                log.warning(
+                    "status backlog full; dropping the oldest transitions",
+                    extra={"dropped": self._dropped},  # since the start
+                )
         # A plain record, serialised once per batch with orjson (two per handled event: the
         # hot path pays for no model). Its fields are `Transition`'s; the gateway validates.
         self._pending.append(
