@@ -141,7 +141,10 @@ async def upload_file(
                 # Not announced, so never processed: leave nothing behind.
                 await blobs.delete(received.key)
                 await _forget(files, file_id)
+                raise
             # Else the processor may be about to read the file: it stays (retention ends it).
+            if isinstance(exc, HTTPException):
+                raise _maybe_accepted(file_id, exc) from exc.__cause__
             raise
         tracking.accepted(event, accepted_at)
         log.info(
@@ -162,6 +165,17 @@ async def _forget(files: Files, file_id: str) -> None:
         await files.remove(file_id)
     except SQLAlchemyError:
         log.exception("could not remove the record of a file never announced")
+
+
+def _maybe_accepted(file_id: str, refusal: HTTPException) -> HTTPException:
+    """The 503 of an upload the broker may have announced. A retry would upload a second file
+    under a new id (analysed, and its targets told, twice): the client should look first."""
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"the broker did not confirm the upload of file {file_id!r}: it may have been accepted; "
+        f"see {file_url(file_id)} (and its status) before uploading it again",
+        headers={**(refusal.headers or {}), "Location": file_url(file_id)},
+    )
 
 
 def _maybe_published(exc: BaseException) -> bool:

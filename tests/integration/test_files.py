@@ -275,6 +275,11 @@ async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
             response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
             assert response.status_code == 503, response.text
             assert "may have been accepted" in response.json()["detail"]
+            # Not "retry with the same id": an upload has neither that nor an Idempotency-Key,
+            # and a second upload is a second file. Where to look instead:
+            location = response.headers["location"]
+            assert location.startswith("/v1/files/") and location in response.json()["detail"]
+            assert "Idempotency-Key" not in response.json()["detail"]
             [kept] = stored_files(blob_dir)
             assert kept.read_bytes() == CSV
             proxy.set_mode(ProxyMode.REFUSE)
