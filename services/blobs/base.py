@@ -7,6 +7,8 @@
                            (a store is picklable, so a process pool can be handed one)
     size(key)            → the stored size, or None if there is no such blob
     delete(key)          → remove the blob; deleting a missing blob is not an error
+    sweep(older_than)    → remove partial uploads nobody wrote to for that long (their writer
+                           died); the keys of blobs older than that
 
 A reader never sees a partial blob: a blob exists only once its upload committed.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import BinaryIO, Final, Protocol
 
 from contracts.files import BLOB_KEY_PATTERN
@@ -68,3 +71,7 @@ class BlobStore(Protocol):
     async def size(self, key: str) -> int | None: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def sweep(self, older_than: timedelta) -> tuple[int, list[str]]:
+        """Remove abandoned partial uploads: how many, and the keys of blobs that old."""
+        ...

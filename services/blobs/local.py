@@ -2,8 +2,9 @@
 
 A write goes to a temporary file in the blob's own directory (`.upload-*.tmp`, a name no key
 can have), is fsynced, then renamed over the key atomically, and the directory is fsynced: a
-crash leaves either the whole blob or none (and at worst a temporary file). Every blocking call
-runs in a worker thread, so the event loop never waits on the disk.
+crash leaves either the whole blob or none (and at worst a temporary file, which `sweep`
+removes once nobody wrote to it for long). Every blocking call runs in a worker thread, so the
+event loop never waits on the disk.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -121,3 +124,33 @@ class LocalBlobStore:
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._delete, key)
+
+    def _stale(self, older_than: timedelta) -> tuple[list[Path], list[str]]:
+        cutoff = time.time() - older_than.total_seconds()
+        partial: list[Path] = []
+        keys: list[str] = []
+        if not self.root.exists():
+            return partial, keys
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = Path(directory, name)
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    if path.stat().st_mtime >= cutoff:
+                        continue
+                    if name.startswith(TEMP_PREFIX):
+                        partial.append(path)
+                    else:
+                        keys.append(path.relative_to(self.root).as_posix())
+        return partial, keys
+
+    def _remove_partial(self, older_than: timedelta) -> tuple[int, list[str]]:
+        partial, keys = self._stale(older_than)
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial), keys
+
+    async def sweep(self, older_than: timedelta) -> tuple[int, list[str]]:
+        """Remove partial uploads untouched for `older_than` (their writer died: a live one
+        keeps writing); the number removed, and the keys of blobs older than that, for the
+        caller to check against its records."""
+        return await asyncio.to_thread(self._remove_partial, older_than)

@@ -38,6 +38,8 @@ from services.ops.store import FailureStore
 _REF = "#/components/schemas/{model}"
 PURGE_INTERVAL_SECONDS = 3600
 CALLBACK_SWEEP_SECONDS = 60
+ABANDONED_UPLOAD_AGE = timedelta(hours=1)
+"""A partial upload nobody wrote to, or a blob no record points to, this long: left by a crash."""
 PROJECTION_PREFETCH = 64
 SERVICE = "gateway"
 
@@ -193,6 +195,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 PURGE_INTERVAL_SECONDS,
                 "files-prune",
                 lambda: files.prune(app.state.blobs, file_retention),
+            )
+            run_every(
+                stack,
+                PURGE_INTERVAL_SECONDS,
+                "blobs-sweep",
+                lambda: files.sweep(app.state.blobs, ABANDONED_UPLOAD_AGE),
             )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             freeze_start_up_heap(stack)

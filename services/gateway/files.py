@@ -26,7 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.files import FileProcessed, FileUploadedData
 from services.blobs import BlobStore
+from services.messaging.logs import get_logger
 from services.messaging.store import as_utc, migrate
+
+log = get_logger("gateway.files")
 
 metadata = MetaData()
 files = Table(
@@ -123,6 +126,25 @@ class Files:
             removed += len(ids)
             if len(ids) < batch:
                 return removed
+
+    async def sweep(self, blobs: BlobStore, older_than: timedelta, *, batch: int = 500) -> int:
+        """Remove what a gateway that died mid-upload left: partial uploads, and blobs that no
+        record points to (committed, then the crash came before the record). Both only once
+        older than `older_than`, far beyond an upload's few milliseconds between its commit and
+        its record. The number of files removed."""
+        removed, keys = await blobs.sweep(older_than)
+        for at in range(0, len(keys), batch):
+            chunk = keys[at : at + batch]
+            async with self._engine.connect() as conn:
+                known = set(
+                    (await conn.scalars(select(files.c.blob).where(files.c.blob.in_(chunk)))).all()
+                )
+            for key in chunk:
+                if key not in known:
+                    log.warning("removing a blob no file record points to", extra={"blob": key})
+                    await blobs.delete(key)
+                    removed += 1
+        return removed
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
         """The file's record and, once analysed, its analysis; None if unknown."""

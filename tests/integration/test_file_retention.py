@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,3 +64,41 @@ async def test_a_blob_already_gone_does_not_stop_the_record_going(
     await blobs.delete("files/half")  # an earlier round died after deleting the bytes
     assert await records.prune(blobs, RETENTION, batch=1) == 1
     assert await records.get("half") is None
+
+
+def age(path: Path, by: timedelta) -> None:
+    """Make a file look untouched for `by` (its modification time moved back)."""
+    then = path.stat().st_mtime - by.total_seconds()
+    os.utime(path, (then, then))
+
+
+async def test_what_a_crash_mid_upload_left_is_swept_once_old(
+    records: Files, tmp_path: Path
+) -> None:
+    # A gateway killed mid-upload left a partial file of up to 1 GiB, or a committed blob
+    # whose record was never written; nothing removed either, and repeated crashes filled the
+    # volume.
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    await stored(blobs, records, "kept", datetime.now(UTC))
+    for key in ("files/orphan", "files/young"):
+        upload = await blobs.put_stream(key)
+        await upload.write(b"x")
+        await upload.commit()
+    abandoned = await blobs.put_stream("files/abandoned")
+    await abandoned.write(b"partial")
+    [abandoned_temp] = (tmp_path / "blobs" / "files").glob(".upload-*")
+    writing = await blobs.put_stream("files/writing")
+    try:
+        await writing.write(b"partial")
+        for path in (blobs.path("files/kept"), blobs.path("files/orphan"), abandoned_temp):
+            age(path, timedelta(hours=2))
+
+        assert await records.sweep(blobs, timedelta(hours=1)) == 2
+
+        assert await blobs.size("files/orphan") is None and not abandoned_temp.exists()
+        assert await blobs.size("files/kept") == 8  # a record points to it
+        assert await blobs.size("files/young") == 1  # too young to tell
+        assert len(list((tmp_path / "blobs" / "files").glob(".upload-*"))) == 1  # being written
+    finally:
+        await writing.abort()
+        await abandoned.abort()
