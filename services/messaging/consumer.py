@@ -59,6 +59,7 @@ from services.messaging.failure import (
     FailureReason,
     attempt_of,
 )
+from services.messaging.hold import hold_pauses
 from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.logs import event_context, get_logger
 from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher
@@ -69,9 +70,6 @@ log = get_logger("consumer")
 
 MAX_REQUEUE_BACKOFF = 30.0
 FIRST_HOLD_PAUSE = 0.2
-MAX_HOLD_SECONDS = 600.0
-"""How long a delivery is held while a dependency is away (well under RabbitMQ's 30-minute
-`consumer_timeout`, which would close the channel over it)."""
 CANCEL_TIMEOUT = 5.0
 RESUBSCRIBE_BACKOFF = (0.5, 10.0)
 
@@ -382,7 +380,7 @@ class Consumer:
         """`_process`, tried again while a dependency is away (the store, or the broker for
         publishing): the delivery is fine, and each return to the queue would count against
         its delivery limit, so a short outage would dead-letter healthy work. Held, with
-        back-off, for at most MAX_HOLD_SECONDS; a full prefetch window of held deliveries
+        back-off (`hold_pauses`), for at most ten minutes; a full prefetch window of held deliveries
         also stops the broker sending more. Repeating is safe: the inbox and derived ids
         make a second try what a redelivery would be."""
         try:
@@ -392,10 +390,7 @@ class Consumer:
             if not self._may_hold(message, exc):
                 raise
             failure = exc
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + MAX_HOLD_SECONDS
-        pause = FIRST_HOLD_PAUSE
-        while loop.time() + pause <= give_up_at:
+        for pause in hold_pauses(FIRST_HOLD_PAUSE):
             properties = message.header.properties
             log.warning(
                 "a dependency is unavailable; holding the delivery and trying again",
@@ -407,7 +402,6 @@ class Consumer:
                 },
             )
             await asyncio.sleep(pause)
-            pause = min(pause * 2, MAX_REQUEUE_BACKOFF)
             try:
                 await self._process(message)
                 return

@@ -33,6 +33,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from contracts.topology import service_of_queue, work_queue
 from services.messaging import failure as f
+from services.messaging.hold import hold_pauses
 from services.messaging.logs import get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
 
@@ -255,10 +256,6 @@ Sink = Callable[[DeadLetter], Awaitable[None]]
 CANCEL_TIMEOUT = 5.0
 DELIVERY_HOPS = 2
 FIRST_HOLD_PAUSE = 0.5
-LONGEST_HOLD_PAUSE = 30.0
-MAX_HOLD_SECONDS = 600.0
-"""How long a dead letter is held while the store is away before it goes back to its queue
-(well under RabbitMQ's 30-minute `consumer_timeout`)."""
 
 
 class DeadLetterDrain:
@@ -354,31 +351,26 @@ class DeadLetterDrain:
         # each return to its queue would count as a delivery, and a quorum queue with a
         # delivery limit (RabbitMQ 4 gives every one a default of 20) drops a letter past it.
         # A full prefetch window of held letters stops the broker sending more.
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + MAX_HOLD_SECONDS
-        pause = FIRST_HOLD_PAUSE
+        pauses = hold_pauses(FIRST_HOLD_PAUSE)
         while True:
             try:
                 await self._store(letter)
                 break
             except Exception:
-                held = loop.time() + pause <= give_up_at and not message.channel.is_closed
-                log.exception(
-                    "could not store a dead letter; holding it and trying again"
-                    if held
-                    else "could not store a dead letter; it goes back to its queue",
-                    extra={
-                        "event_id": letter.event_id,
-                        "correlation_id": letter.correlation_id,
-                        "retry_in_seconds": pause,
-                    },
-                )
-                if not held:
+                ids = {"event_id": letter.event_id, "correlation_id": letter.correlation_id}
+                pause = next(pauses, None)
+                if pause is None or message.channel.is_closed:
+                    log.exception(
+                        "could not store a dead letter; it goes back to its queue", extra=ids
+                    )
                     if not message.channel.is_closed:  # else the broker has it back already
                         await message.nack(requeue=True)
                     return
+                log.exception(
+                    "could not store a dead letter; holding it and trying again",
+                    extra={**ids, "retry_in_seconds": pause},
+                )
             await asyncio.sleep(pause)
-            pause = min(pause * 2, LONGEST_HOLD_PAUSE)
         await message.ack()
 
     async def _store(self, letter: DeadLetter) -> None:

@@ -211,14 +211,17 @@ def _not_utf8(exc: UnicodeDecodeError, where: str) -> NotThisFormat:
 # --- per-column statistics --------------------------------------------------------------------
 
 
-def _finite(numbers: list[float]) -> list[float]:
-    """The numbers without NaN and infinities."""
+def _finite_mean(numbers: list[float]) -> tuple[list[float], float]:
+    """The numbers without NaN and infinities, and their mean (nan if none is left). One exact
+    sum in the common case; `finite_mean` only where it overflowed or found a non-finite."""
     try:
-        if math.isfinite(math.fsum(numbers)):
-            return numbers
-    except (OverflowError, ValueError):
-        pass
-    return [n for n in numbers if math.isfinite(n)]
+        total = math.fsum(numbers)
+    except (OverflowError, ValueError):  # out of range, or inf - inf
+        total = math.nan
+    if math.isfinite(total):
+        return numbers, total / len(numbers) if numbers else math.nan
+    numbers = [n for n in numbers if math.isfinite(n)]
+    return numbers, finite_mean(numbers) if numbers else math.nan
 
 
 class _Column:
@@ -234,10 +237,10 @@ class _Column:
         self.capped = False
 
     def _add_numbers(self, numbers: list[float]) -> int:
-        numbers = _finite(numbers)
+        numbers, mean = _finite_mean(numbers)
         if numbers:
             self.numbers += len(numbers)
-            self.means.append((len(numbers), finite_mean(numbers)))
+            self.means.append((len(numbers), mean))
             self.low = min(self.low, min(numbers))
             self.high = max(self.high, max(numbers))
         return len(numbers)
@@ -365,20 +368,21 @@ def _looks_like_header(row: list[str]) -> bool:
 
 
 def _batches(rows: Iterator[R], source: _Blocks | None = None) -> Iterator[list[R]]:
-    """`rows` in batches of at most BATCH_ROWS, each ending as well once `source` handed out
-    BATCH_BYTES since it began (a batch then holds the records of at most about two blocks)."""
-    if source is None:
-        while batch := list(itertools.islice(rows, BATCH_ROWS)):
-            yield batch
-        return
-    batch = []
-    start = source.taken
+    """`rows` in batches of at most BATCH_ROWS, each ending as well once `source` (if the rows
+    are read from one) handed out BATCH_BYTES since it began (a batch then holds the records of
+    at most about two blocks)."""
+
+    def taken() -> int:
+        return 0 if source is None else source.taken
+
+    batch: list[R] = []
+    start = taken()
     for row in rows:
         batch.append(row)
-        if len(batch) >= BATCH_ROWS or source.taken - start >= BATCH_BYTES:
+        if len(batch) >= BATCH_ROWS or taken() - start >= BATCH_BYTES:
             yield batch
             batch = []
-            start = source.taken
+            start = taken()
     if batch:
         yield batch
 
