@@ -97,12 +97,34 @@ class DatasetProcessed(Envelope):
     data: DatasetProcessedData
 
 
+# --- results.reported ---------------------------------------------------------------------------
+
+MAX_RESULTS: Final = 1000
+
+
+class ResultsReportedData(Payload):
+    results: Annotated[list[DatasetProcessed], Field(min_length=1, max_length=MAX_RESULTS)]
+
+
+class ResultsReported(Envelope):
+    """A service hands the gateway a batch of the results it keeps (`RESULT_TYPES`).
+
+    Each result also travels as its own event to the services that subscribe to it; the gateway
+    takes them batched, confirmed before the inputs that produced them are acknowledged, so a
+    result is never lost and the gateway pays for one delivery a batch instead of one a result."""
+
+    type: Literal["results.reported"] = "results.reported"
+    dataschema: str | None = schema_urn("results.reported")
+    data: ResultsReportedData
+
+
 # --- unions -----------------------------------------------------------------------------------
 
 Event = Annotated[
     NotificationRequested
     | DatasetSubmitted
     | DatasetProcessed
+    | ResultsReported
     | StatusReported
     | CancellationRequested
     | FileUploaded
@@ -122,6 +144,7 @@ EVENT_MODELS: Final[dict[str, type[Envelope]]] = {
     "notification.requested": NotificationRequested,
     "dataset.submitted": DatasetSubmitted,
     "dataset.processed": DatasetProcessed,
+    "results.reported": ResultsReported,
     "status.reported": StatusReported,
     "cancellation.requested": CancellationRequested,
     "file.uploaded": FileUploaded,

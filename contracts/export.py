@@ -71,7 +71,7 @@ PUBLICATIONS: Final[dict[str, tuple[str, ...]]] = {
         "callback.requested",
     ),
     # ... handlers publish the follow-up events they return, and workers report status.
-    "processor": ("dataset.processed", "status.reported", "file.processed"),
+    "processor": ("dataset.processed", "results.reported", "status.reported", "file.processed"),
     "notifier": ("status.reported",),
 }
 """Which service publishes which event types (who consumes what is `SUBSCRIPTIONS`)."""

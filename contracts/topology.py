@@ -31,9 +31,22 @@ SUBSCRIPTIONS: Final[dict[str, tuple[str, ...]]] = {
         "file.processed",
         "callback.requested",
     ),
-    # The gateway keeps the status projection and the results it serves.
-    "gateway": ("status.reported", "dataset.processed", "file.processed"),
+    # The gateway keeps the status projection and the results it serves (`RESULT_TYPES`
+    # reach it batched in `results.reported`).
+    "gateway": ("status.reported", "results.reported", "file.processed"),
 }
+
+RESULT_TYPES: Final[frozenset[str]] = frozenset({"dataset.processed"})
+"""Follow-up events the gateway keeps as results. A consumer that publishes one also reports it
+in a `results.reported` batch, confirmed before it acknowledges the input: at a steady rate the
+gateway takes a delivery per batch, not per result (each cost it ~0.3 ms of CPU)."""
+
+RETIRED_BINDINGS: Final[dict[str, tuple[str, ...]]] = {
+    # Before results were reported in batches, the gateway subscribed to each result.
+    "gateway": ("dataset.processed",),
+}
+"""Event types a service subscribed to in an earlier version: unbound when its topology is
+declared, so an upgraded broker stops routing them there."""
 
 # Services that do the work and report status; each gets a control queue for cancellations.
 WORKERS: Final[frozenset[str]] = frozenset({"processor", "notifier"})
@@ -121,6 +134,8 @@ class ServiceTopology:
     service: str
     event_types: tuple[str, ...]
     control_event_types: tuple[str, ...] = ()
+    retired_event_types: tuple[str, ...] = ()
+    """Types the work queue was bound to by earlier versions (`RETIRED_BINDINGS`)."""
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     max_length: int | None = None
@@ -221,6 +236,11 @@ class ServiceTopology:
             BindingSpec(self.dead_letter_queue, dlx, self.dead_letter_queue),
         )
 
+    def retired_bindings(self) -> tuple[BindingSpec, ...]:
+        """Bindings earlier versions made that this one removes when it declares."""
+        events = events_exchange(self.namespace)
+        return tuple(BindingSpec(self.queue, events, t) for t in self.retired_event_types)
+
 
 def service_topology(
     namespace: str,
@@ -235,6 +255,7 @@ def service_topology(
         service=service,
         event_types=SUBSCRIPTIONS[service],
         control_event_types=CONTROL_EVENT_TYPES if service in WORKERS else (),
+        retired_event_types=RETIRED_BINDINGS.get(service, ()),
         retry_delays=retry_delays,
         delivery_limit=delivery_limit,
         max_length=max_length,

@@ -112,6 +112,8 @@ def _projection_consumer(
     policy = RetryPolicy(delays=settings.retry_delays)
     routes = {
         "status.reported": Route(tracking.apply_reported, policy, idempotent=True),
+        "results.reported": Route(tracking.record_results, policy, idempotent=True),
+        # What an earlier version's binding queued before the upgrade unbound it.
         "dataset.processed": Route(tracking.record_result, policy, idempotent=True),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }

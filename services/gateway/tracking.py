@@ -46,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import Envelope, callback_url_of
-from contracts.events import DatasetProcessed
+from contracts.events import DatasetProcessed, ResultsReported
 from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
 from services.gateway.tracking_migrations import steps as migration_steps
@@ -311,9 +311,11 @@ class Tracking:
         """Handler of `dataset.processed`: a dataset's first result is kept, a repeat
         (redelivery, replay) changes nothing, so it needs no transaction with the inbox.
         Group-committed with the results that arrive meanwhile."""
-        await self._results.submit(
-            _Result(event.data.dataset_id, event.id, event.time, event.data.model_dump_json())
-        )
+        await self._results.submit(_result_row(event))
+
+    async def record_results(self, event: ResultsReported) -> None:
+        """Handler of `results.reported`: each result as `record_result` keeps it."""
+        await asyncio.gather(*(self._results.enqueue(_result_row(r)) for r in event.data.results))
 
     async def _write_results(self, rows: list[_Result]) -> list[None]:
         if self._runner.sqlite:  # one autocommit statement: see BatchRunner.run_autocommit
@@ -474,6 +476,10 @@ class _Result(NamedTuple):
     event_id: str
     processed_at: datetime
     summary: str  # JSON
+
+
+def _result_row(event: DatasetProcessed) -> _Result:
+    return _Result(event.data.dataset_id, event.id, event.time, event.data.model_dump_json())
 
 
 def _insert_results_sqlite(raw: sqlite3.Connection, rows: list[_Result]) -> None:

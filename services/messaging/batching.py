@@ -37,13 +37,19 @@ class Batcher(Generic[In, Out]):
         self._full = asyncio.Event()  # ends a linger
 
     async def submit(self, item: In) -> Out:
-        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        return await self.enqueue(item)
+
+    def enqueue(self, item: In) -> asyncio.Future[Out]:
+        """`submit` without a coroutine: the future of the item's outcome (many items can be
+        awaited together with `asyncio.gather`, which then needs no task per item)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Out] = loop.create_future()
         self._pending.append((item, future))
         if len(self._pending) == self._max_size:
             self._full.set()  # a full batch waits for nobody
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            self._task = loop.create_task(self._drain())
+        return future
 
     async def _drain(self) -> None:
         while self._pending:

@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
-from contracts.topology import QueueSpec, ServiceTopology
+from contracts.topology import RESULT_TYPES, QueueSpec, ServiceTopology
 from contracts.tracking import State
 from services.messaging.acks import Acks
 from services.messaging.dead_letters import group_key
@@ -63,6 +63,7 @@ from services.messaging.hold import hold_pauses
 from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.logs import event_context, get_logger
 from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher
+from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import StatusReporter
 
@@ -150,6 +151,7 @@ class Consumer:
         inbox: Inbox,
         prefetch: int,
         reporter: StatusReporter | None = None,
+        results: ResultReporter | None = None,
         queue: QueueSpec | None = None,
     ) -> None:
         for event_type, route in routes.items():
@@ -165,6 +167,10 @@ class Consumer:
         self._inbox = inbox
         self._prefetch = prefetch
         self._reporter = reporter
+        # Without a lingering reporter (the runtime's), results go as soon as they come.
+        self._results = results or ResultReporter(
+            topology.service, publisher, topology.events_exchange, linger=0, batch=prefetch
+        )
         self._queue_spec = queue or topology.work_queue_spec()
         # Status is reported for the work this service exists for, not for control requests.
         self._reported_types = frozenset(topology.event_types)
@@ -547,10 +553,21 @@ class Consumer:
         log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
 
     async def _publish_follow_ups(self, follow_ups: Sequence[Envelope]) -> None:
+        """Publish each follow-up to its subscribers, and hand the gateway those it keeps as
+        results (`ResultReporter`); all confirmed before this returns."""
         exchange = self._topology.events_exchange
-        await asyncio.gather(
-            *(self._publisher.publish_event(event, exchange=exchange) for event in follow_ups)
-        )
+        results = [event for event in follow_ups if event.type in RESULT_TYPES]
+        reported = self._results.report(results) if results else None
+        try:
+            if len(follow_ups) == 1:  # the usual case: no task for a gather
+                await self._publisher.publish_event(follow_ups[0], exchange=exchange)
+            else:
+                await asyncio.gather(
+                    *(self._publisher.publish_event(e, exchange=exchange) for e in follow_ups)
+                )
+        finally:
+            if reported is not None:
+                await reported  # its outcome too, even after a failed publish
 
     async def _on_failure(
         self,

@@ -48,7 +48,8 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
 async def declare_topology(
     connection: AbstractConnection, topologies: Iterable[ServiceTopology]
 ) -> None:
-    """Declare exchanges, queues and bindings of the given services, on a throwaway channel.
+    """Declare exchanges, queues and bindings of the given services, on a throwaway channel,
+    and remove the bindings earlier versions made that these no longer want.
 
     A dedicated channel keeps a PRECONDITION_FAILED from closing a channel that is in use.
     """
@@ -62,6 +63,10 @@ async def declare_topology(
             queues = {spec.name: await declare_queue(channel, spec) for spec in topology.queues()}
             for binding in topology.bindings():
                 await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
+            for binding in topology.retired_bindings():  # unbinding what is not bound is a no-op
+                await queues[binding.queue].unbind(
+                    binding.exchange, routing_key=binding.routing_key
+                )
 
 
 Redeclare = Callable[[AbstractRobustConnection | None], Awaitable[None]]

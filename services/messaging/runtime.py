@@ -40,6 +40,7 @@ from services.messaging.inbox import Inbox
 from services.messaging.logs import configure_logging, get_logger
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
+from services.messaging.results import ResultReporter
 from services.messaging.settings import ConsumerSettings
 from services.messaging.status import StatusReporter
 from services.messaging.store import open_store, store_url
@@ -182,6 +183,13 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         reporter = StatusReporter(service, publisher, topology.events_exchange)
         reporter.start()
         stack.push_async_callback(reporter.close)  # after the drain: report what finished
+        results = ResultReporter(
+            service,
+            publisher,
+            topology.events_exchange,
+            linger=settings.result_report_delay_ms / 1000,
+            batch=max(1, settings.prefetch // 2),
+        )
         cancel = Route(
             functools.partial(_record_cancellation, inbox), settings.retry_policy(), stateful=True
         )
@@ -193,6 +201,7 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
                 inbox=inbox,
                 prefetch=settings.prefetch,
                 reporter=reporter,
+                results=results,
             )
         ]
         control = topology.control_queue_spec()

@@ -139,6 +139,12 @@ class ConsumerSettings(CourierSettings):
         le=1000,
         description="How long a handled event's inbox record waits for others to share its commit.",
     )
+    result_report_delay_ms: float = Field(
+        default=25.0,
+        ge=0,
+        le=1000,
+        description="How long a result waits for others to share its report to the gateway.",
+    )
     permanent_errors: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="Exception types (dotted names, comma-separated) never retried.",

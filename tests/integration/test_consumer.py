@@ -21,12 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import (
+    EVENT_ADAPTER,
     DatasetProcessed,
     DatasetProcessedData,
     DatasetSubmitted,
     DatasetSubmittedData,
     NotificationRequested,
     NotificationRequestedData,
+    ResultsReported,
 )
 from contracts.topology import ServiceTopology
 from services.messaging import failure as f
@@ -35,6 +37,7 @@ from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, Unroutable
 from services.messaging.inbox import Handled, Inbox
 from services.messaging.publisher import Publisher
+from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from tests.conftest import Namespace
@@ -82,6 +85,7 @@ async def running(
     delays: tuple[int, ...] = (1,),
     inbox: Inbox | None = None,
     delivery_limit: int | None = None,
+    results_linger: float = 0.0,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
     limit = {} if delivery_limit is None else {"delivery_limit": delivery_limit}
     settings = namespace.settings(retry_delays=delays, **limit)
@@ -96,8 +100,16 @@ async def running(
             await inbox.start()
         await publisher.connect()
         await declare_topology(connection, settings.all_topologies())
+        results = ResultReporter(
+            service, publisher, topology.events_exchange, linger=results_linger, batch=8
+        )
         consumer = Consumer(
-            topology=topology, routes=routes, publisher=publisher, inbox=inbox, prefetch=8
+            topology=topology,
+            routes=routes,
+            publisher=publisher,
+            inbox=inbox,
+            prefetch=8,
+            results=results,
         )
         await consumer.start(connection)
         yield publisher, topology, consumer
@@ -250,7 +262,9 @@ async def test_a_type_without_a_handler_is_dead_lettered_as_invalid(namespace: N
     assert "no handler" in str(dead.headers[f.EXCEPTION_MESSAGE])
 
 
-async def test_follow_up_events_are_published_before_the_ack(namespace: Namespace) -> None:
+async def test_follow_ups_are_published_and_results_reported_before_the_ack(
+    namespace: Namespace,
+) -> None:
     submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
     async with running(namespace, "processor", {"dataset.submitted": route(handler)}) as (
@@ -260,10 +274,54 @@ async def test_follow_up_events_are_published_before_the_ack(namespace: Namespac
     ):
         await publish(pub, topo, submitted)
         [follow_up] = await take(namespace.amqp_url, f"{namespace.name}.notifier", 1)
+        [message] = await take(namespace.amqp_url, f"{namespace.name}.gateway", 1)
     body = orjson.loads(follow_up.body)
     assert body["id"] == processed.id
     assert body["causationid"] == submitted.id and body["correlationid"] == submitted.id
+    # The gateway gets the result in a report, not as its own delivery.
+    report = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(report, ResultsReported)
+    assert message.message_id == report.id and message.type == "results.reported"
+    assert [r.model_dump(mode="json") for r in report.data.results] == [body]
     await assert_empty(namespace.amqp_url, [topo.queue])
+
+
+async def test_results_handled_together_reach_the_gateway_in_one_report(
+    namespace: Namespace,
+) -> None:
+    pairs = [dataset_and_its_result() for _ in range(5)]
+    results = {submitted.id: processed for submitted, processed in pairs}
+
+    async def handler(event: Envelope) -> Sequence[Envelope]:
+        return [results[event.id]]
+
+    routes = {"dataset.submitted": route(handler)}
+    async with running(namespace, "processor", routes, results_linger=0.5) as (pub, topo, _):
+        for submitted, _processed in pairs:
+            await publish(pub, topo, submitted)
+        [message] = await take(namespace.amqp_url, f"{namespace.name}.gateway", 1)
+        await assert_empty(namespace.amqp_url, [f"{namespace.name}.gateway", topo.queue])
+    report = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(report, ResultsReported)
+    assert sorted(r.id for r in report.data.results) == sorted(p.id for _, p in pairs)
+
+
+async def test_an_input_whose_result_the_broker_refuses_is_not_acked(
+    namespace: Namespace,
+) -> None:
+    submitted, processed = dataset_and_its_result()
+    handler = Recorder(returns=[processed])
+    routes = {"dataset.submitted": route(handler)}
+    async with running(namespace, "processor", routes, delivery_limit=2) as (pub, topo, _):
+        await unbind_everyone(namespace.amqp_url, namespace.settings(), "results.reported")
+        await publish(pub, topo, submitted)
+        # The result itself reached the notifier; its report did not reach the gateway: the
+        # input goes back to the queue (no second effect) until the delivery limit
+        # dead-letters it.
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=20)
+        assert dead.message_id == submitted.id
+        assert handler.calls == [submitted.id]
+        await assert_empty(namespace.amqp_url, [topo.queue, f"{namespace.name}.gateway"])
 
 
 async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second_effect(

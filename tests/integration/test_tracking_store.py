@@ -30,6 +30,8 @@ from contracts.events import (
     FieldSummary,
     NotificationRequested,
     NotificationRequestedData,
+    ResultsReported,
+    ResultsReportedData,
 )
 from contracts.topology import WORKERS, control_queue, work_queue
 from contracts.tracking import (
@@ -634,6 +636,28 @@ async def test_results_arriving_together_are_each_recorded_and_the_first_one_win
     for each in submitted:
         result = await tracking.result(each.id)
         assert result is not None and result["name"] == "first"
+
+
+async def test_each_result_of_a_report_is_recorded(tracking: Tracking) -> None:
+    submitted = [dataset() for _ in range(3)]
+    report = ResultsReported(
+        source="urn:courier:processor",
+        data=ResultsReportedData(
+            results=[
+                DatasetProcessed(
+                    id=derived_event_id(s.id, "dataset.processed"),
+                    data=DatasetProcessedData(
+                        dataset_id=s.id, name=f"set {i}", record_count=0, fields={}
+                    ),
+                )
+                for i, s in enumerate(submitted)
+            ]
+        ),
+    )
+    await tracking.record_results(report)
+    for i, each in enumerate(submitted):
+        result = await tracking.result(each.id)
+        assert result is not None and result["name"] == f"set {i}"
 
 
 async def test_a_cancel_request_is_noted_once(tracking: Tracking) -> None:

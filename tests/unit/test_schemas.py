@@ -107,6 +107,12 @@ VALID: dict[str, dict[str, Any]] = {
         },
     },
 }
+VALID["results.reported"] = {
+    "type": "results.reported",
+    "id": "r-1",
+    "source": "urn:courier:processor",
+    "data": {"results": [VALID["dataset.processed"]]},
+}
 VALID["callback.requested"] = {
     "type": "callback.requested",
     "id": "cb-1",
@@ -135,6 +141,7 @@ WRONG_TYPE: dict[str, tuple[tuple[str, ...], object]] = {
     "dataset.submitted": (("data", "records"), {"a": 1}),
     "dataset.processed": (("data", "record_count"), "1"),
     "status.reported": (("data", "transitions"), {"event_id": "d-1"}),
+    "results.reported": (("data", "results"), VALID["dataset.processed"]),
     "cancellation.requested": (("data", "event_id"), 7),
     "file.uploaded": (("data", "size"), "12"),
     "file.processed": (("data", "analysis", "record_count"), True),
