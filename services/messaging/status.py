@@ -48,14 +48,7 @@ class StatusReporter:
 
     def report(self, event_id: str, event_type: str | None, state: State, **detail: Any) -> None:
         if len(self._pending) == MAX_PENDING:
-            self._dropped += 1
-            now = time.monotonic()
-            if now - self._warned_at >= DROP_WARNING_SECONDS:
-                self._warned_at = now
-                log.warning(
-                    "status backlog full; dropping the oldest transitions",
-                    extra={"dropped": self._dropped},  # since the start
-                )
+            self._dropping(1)
         # A plain record, serialised once per batch with orjson (two per handled event: the
         # hot path pays for no model). Its fields are `Transition`'s; the gateway validates.
         self._pending.append(
@@ -70,6 +63,17 @@ class StatusReporter:
         )
         if len(self._pending) >= MAX_TRANSITIONS:
             self._wake.set()
+
+    def _dropping(self, count: int) -> None:
+        """Count transitions the full backlog drops (the oldest), and say so now and then."""
+        self._dropped += count
+        now = time.monotonic()
+        if now - self._warned_at >= DROP_WARNING_SECONDS:
+            self._warned_at = now
+            log.warning(
+                "status backlog full; dropping the oldest transitions",
+                extra={"dropped": self._dropped},  # since the start
+            )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -112,6 +116,12 @@ class StatusReporter:
                     event, exchange=self._exchange, body=_body(event, batch)
                 )
             except (BrokerUnavailable, Unroutable):
+                # Back in front: older than anything noted meanwhile. If that filled the
+                # backlog, the batch's oldest give way (extendleft would push out the newest).
+                excess = len(batch) - (MAX_PENDING - len(self._pending))
+                if excess > 0:
+                    self._dropping(excess)
+                    batch = batch[excess:]
                 self._pending.extendleft(reversed(batch))
                 log.warning(
                     "could not report status; will retry", extra={"pending": len(self._pending)}
