@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -15,11 +16,25 @@ from sqlalchemy.exc import SQLAlchemyError
 from contracts.envelope import new_event_id
 from contracts.files import FileUploaded, FileUploadedData
 from contracts.notify import MAX_NOTIFY_TARGETS
+from services.blobs import BlobStore
+from services.gateway.broker import BrokerLink
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
 from services.gateway.files import Files
+from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.gateway.ingest import IngestError
-from services.gateway.routes import Problem, publish_confirmed, status_url, store_unavailable
-from services.gateway.uploads import FRAMING_ALLOWANCE, receive_upload
+from services.gateway.routes import (
+    Problem,
+    claim_key,
+    idempotency_key,
+    publish_confirmed,
+    replayed,
+    settle_key,
+    status_url,
+    store_unavailable,
+)
+from services.gateway.settings import GatewaySettings
+from services.gateway.tracking import Tracking
+from services.gateway.uploads import FRAMING_ALLOWANCE, ReceivedFile, receive_upload
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.logs import event_context, get_logger
 
@@ -74,7 +89,15 @@ _UPLOAD_BODY: dict[str, Any] = {
     status_code=status.HTTP_202_ACCEPTED,
     response_model=FileAccepted,
     responses={
-        400: {"model": Problem, "description": "Malformed multipart body, or no 'file' part"},
+        400: {
+            "model": Problem,
+            "description": "Malformed multipart body, no 'file' part, or a bad Idempotency-Key",
+        },
+        409: {
+            "model": Problem,
+            "description": "The Idempotency-Key was used for another upload, or its upload is "
+            "still in progress",
+        },
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
         415: {"model": Problem, "description": "Not multipart, or a file type not accepted"},
         422: {"model": Problem, "description": "A 'notify' target that cannot be delivered to"},
@@ -94,6 +117,7 @@ async def upload_file(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_upload_bytes + FRAMING_ALLOWANCE:
         raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
+    key = idempotency_key(request)
     if not broker.ready:  # say so before taking a large body that could not be announced
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -112,41 +136,98 @@ async def upload_file(
         )
     except IngestError as exc:
         raise HTTPException(exc.status, exc.detail) from exc
-    correlation = request.headers.get("x-correlation-id")
-    event = FileUploaded(
-        id=file_id,
-        correlationid=correlation[:128] if correlation else None,
-        data=FileUploadedData(
-            file_id=file_id,
-            blob=received.key,
-            name=received.name,
-            content_type=received.content_type,
-            size=received.size,
-            sha256=received.sha256,
-            notify=list(received.notify),
-        ),
-    )
-    with event_context(event.id, event.correlation()):
+    upload = _Upload(received, request.headers.get("x-correlation-id"))
+    gateway = _Gateway(broker, settings, tracking, files, blobs)
+    if key is None:
+        return await _announce(upload, file_id, gateway)
+    return await _once_per_key(request, key, upload, gateway)
+
+
+@dataclass(frozen=True)
+class _Gateway:
+    """What recording and announcing an upload takes."""
+
+    broker: BrokerLink
+    settings: GatewaySettings
+    tracking: Tracking
+    files: Files
+    blobs: BlobStore
+
+
+@dataclass(frozen=True)
+class _Upload:
+    received: ReceivedFile
+    correlation: str | None
+
+    def fingerprint(self, path: str) -> str:
+        """What makes two uploads the same request: the file's content, name and type, its
+        notify targets and correlation id."""
+        r = self.received
+        targets = (f"{t.channel}:{t.recipient}" for t in r.notify)
+        return fingerprint(
+            "POST", path, r.sha256, r.name, r.content_type, *targets, self.correlation or ""
+        )
+
+
+async def _once_per_key(
+    request: Request, key: str, upload: _Upload, gateway: _Gateway
+) -> JSONResponse:
+    """The same `Idempotency-Key` and file: one file, announced once. A repeat gets the first
+    response; the copy it sent is not kept. After a `503` the repeat announces the file under
+    the first attempt's id, its stored copy if one was kept (the announcement may have landed:
+    the processor drops a second one)."""
+    keys: IdempotencyKeys = request.app.state.idempotency
+    stored = upload.received.key
+    request_id = upload.fingerprint(request.url.path)
+    try:
+        claim = await claim_key(keys, key, request_id, [stored], gateway.settings)
+    except BaseException:
+        await gateway.blobs.delete(stored)
+        raise
+    if claim.kind == "done":
+        await gateway.blobs.delete(stored)
+        return replayed(claim)
+    [file_id] = claim.event_ids
+    return await settle_key(keys, key, lambda: _announce(upload, file_id, gateway))
+
+
+async def _announce(upload: _Upload, file_id: str, gateway: _Gateway) -> JSONResponse:
+    """Record the stored file as `file_id` and announce it (`file.uploaded`), confirmed."""
+    files, blobs, settings = gateway.files, gateway.blobs, gateway.settings
+    received = upload.received
+    correlation = upload.correlation[:128] if upload.correlation else None
+    with event_context(file_id, correlation or file_id):
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
-            await files.add(event.data, accepted_at)
+            earlier = None if file_id == received.key else await files.get(file_id)
+            if earlier is None:
+                blob = received.key
+                await files.add(_uploaded(file_id, blob, received), accepted_at)
+            else:  # kept from an attempt that may have been announced: that copy is the file
+                blob = earlier["blob"]
+                await blobs.delete(received.key)
         except SQLAlchemyError as exc:
             log.exception("could not record the file; refusing it")
             await blobs.delete(received.key)
             raise store_unavailable(settings, "record the file") from exc
+        event = FileUploaded(
+            id=file_id,
+            correlationid=correlation,
+            data=_uploaded(file_id, blob, received),
+        )
         try:
-            await publish_confirmed(broker, settings, event)
+            await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
-            if not _maybe_published(exc):
+            if not _maybe_published(exc) and earlier is None:
                 # Not announced, so never processed: leave nothing behind.
                 await blobs.delete(received.key)
                 await _forget(files, file_id)
                 raise
             # Else the processor may be about to read the file: it stays (retention ends it).
-            if isinstance(exc, HTTPException):
+            if isinstance(exc, HTTPException) and _maybe_published(exc):
                 raise _maybe_accepted(file_id, exc) from exc.__cause__
             raise
-        tracking.accepted(event, accepted_at)
+        gateway.tracking.accepted(event, accepted_at)
         log.info(
             "file stored", extra={"size": received.size, "content_type": received.content_type}
         )
@@ -155,6 +236,18 @@ async def upload_file(
     )
     return JSONResponse(
         accepted.model_dump(), status_code=202, headers={"Location": accepted.file_url}
+    )
+
+
+def _uploaded(file_id: str, blob: str, received: ReceivedFile) -> FileUploadedData:
+    return FileUploadedData(
+        file_id=file_id,
+        blob=blob,
+        name=received.name,
+        content_type=received.content_type,
+        size=received.size,
+        sha256=received.sha256,
+        notify=list(received.notify),
     )
 
 
@@ -168,12 +261,14 @@ async def _forget(files: Files, file_id: str) -> None:
 
 
 def _maybe_accepted(file_id: str, refusal: HTTPException) -> HTTPException:
-    """The 503 of an upload the broker may have announced. A retry would upload a second file
-    under a new id (analysed, and its targets told, twice): the client should look first."""
+    """The 503 of an upload the broker may have announced. A retry without the request's
+    `Idempotency-Key` would upload a second file under a new id (analysed, and its targets
+    told, twice): the client should look first, or repeat with the key."""
     return HTTPException(
         status.HTTP_503_SERVICE_UNAVAILABLE,
         f"the broker did not confirm the upload of file {file_id!r}: it may have been accepted; "
-        f"see {file_url(file_id)} (and its status) before uploading it again",
+        f"see {file_url(file_id)} (and its status) before uploading it again, or upload it "
+        "again with the same Idempotency-Key",
         headers={**(refusal.headers or {}), "Location": file_url(file_id)},
     )
 

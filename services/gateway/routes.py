@@ -21,7 +21,7 @@ from contracts.topology import events_exchange
 from contracts.tracking import CancellationRequested, CancellationRequestedData
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import Broker, Settings, TrackingDep
-from services.gateway.idempotency import MAX_KEY_LENGTH, IdempotencyKeys, fingerprint
+from services.gateway.idempotency import MAX_KEY_LENGTH, Claim, IdempotencyKeys, fingerprint
 from services.gateway.ingest import (
     BATCH,
     JSON,
@@ -185,6 +185,72 @@ def _ingest_state(request: Request) -> tuple[BrokerLink, GatewaySettings, Tracki
     return state.broker, state.settings, state.tracking
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's `Idempotency-Key`, if it has one (400 if it is empty or too long)."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+    return key
+
+
+async def claim_key(
+    keys: IdempotencyKeys, key: str, request_id: str, ids: list[str], settings: GatewaySettings
+) -> Claim:
+    """Take `key` for this request (`publish`, under the ids the claim holds), or find the
+    response of an earlier one (`done`). A request with the key in progress elsewhere is
+    waited for; still busy, or the key taken by another request: 409."""
+    try:
+        claim = await keys.claim(key, request_id, ids)
+        if claim.kind == "busy":
+            try:
+                async with asyncio.timeout(settings.publish_timeout * 2):
+                    waited = await keys.wait(key)
+            except TimeoutError:
+                waited = None
+            claim = waited or await keys.claim(key, request_id, ids)
+    except SQLAlchemyError as exc:
+        log.exception("could not claim an Idempotency-Key")
+        raise store_unavailable(settings, "check the Idempotency-Key") from exc
+    if claim.kind == "busy":
+        raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
+    if claim.kind == "conflict":
+        raise HTTPException(409, "this Idempotency-Key was used with a different request")
+    return claim
+
+
+def replayed(claim: Claim) -> JSONResponse:
+    """The first response of a key's request, again."""
+    stored = claim.response
+    headers = {"Idempotent-Replayed": "true"}
+    if stored.get("location"):
+        headers["Location"] = stored["location"]
+    return JSONResponse(stored["body"], status_code=claim.status_code or 202, headers=headers)
+
+
+async def settle_key(
+    keys: IdempotencyKeys, key: str, response: Callable[[], Awaitable[JSONResponse]]
+) -> JSONResponse:
+    """Answer a claimed key's request with `response()`, and keep the answer for repeats.
+    Failing, or answered with an error, the key is released: a repeat publishes again, under
+    the same ids."""
+    try:
+        answer = await response()
+    except BaseException:
+        await keys.release(key)
+        raise
+    if answer.status_code >= 300:
+        await keys.release(key)
+        return answer
+    stored = {"body": orjson.loads(answer.body), "location": answer.headers.get("location")}
+    try:
+        await keys.complete(key, answer.status_code, stored)
+    except SQLAlchemyError:
+        # The events are the broker's: say so. Unrecorded, the key frees itself when its
+        # lease ends, and a repeat publishes the same ids again (the consumers drop it).
+        log.exception("could not record the response for an Idempotency-Key")
+    return answer
+
+
 async def _idempotent(
     request: Request,
     body: bytes,
@@ -193,11 +259,9 @@ async def _idempotent(
     publish: Callable[[list[IngestEvent]], Awaitable[JSONResponse]],
 ) -> JSONResponse:
     """Publish once per `Idempotency-Key`: a repeat gets the first response (see idempotency)."""
-    key = request.headers.get("idempotency-key")
+    key = idempotency_key(request)
     if key is None:
         return await publish(events)
-    if not 0 < len(key) <= MAX_KEY_LENGTH:
-        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
     keys: IdempotencyKeys = request.app.state.idempotency
     # In binary mode the event's attributes are headers: they are part of the request.
     attributes = sorted(
@@ -212,49 +276,15 @@ async def _idempotent(
         *attributes,
         body,
     )
-    try:
-        claim = await keys.claim(key, request_id, [event.id for event in events])
-        if claim.kind == "busy":
-            try:
-                async with asyncio.timeout(settings.publish_timeout * 2):
-                    waited = await keys.wait(key)
-            except TimeoutError:
-                waited = None
-            claim = waited or await keys.claim(key, request_id, [event.id for event in events])
-    except SQLAlchemyError as exc:
-        log.exception("could not claim an Idempotency-Key")
-        raise store_unavailable(settings, "check the Idempotency-Key") from exc
-    if claim.kind == "busy":
-        raise HTTPException(409, "a request with this Idempotency-Key is still in progress")
-    if claim.kind == "conflict":
-        raise HTTPException(409, "this Idempotency-Key was used with a different request")
+    claim = await claim_key(keys, key, request_id, [event.id for event in events], settings)
     if claim.kind == "done":
-        stored = claim.response
-        headers = {"Idempotent-Replayed": "true"}
-        if stored.get("location"):
-            headers["Location"] = stored["location"]
-        return JSONResponse(stored["body"], status_code=claim.status_code or 202, headers=headers)
+        return replayed(claim)
     # Publish under the ids this key holds, so a retry after a failure reuses them.
     events = [
         event if event.id == event_id else event.model_copy(update={"id": event_id})
         for event, event_id in zip(events, claim.event_ids, strict=True)
     ]
-    try:
-        response = await publish(events)
-    except BaseException:
-        await keys.release(key)
-        raise
-    if response.status_code >= 300:
-        await keys.release(key)
-        return response
-    stored = {"body": orjson.loads(response.body), "location": response.headers.get("location")}
-    try:
-        await keys.complete(key, response.status_code, stored)
-    except SQLAlchemyError:
-        # The events are the broker's: say so. Unrecorded, the key frees itself when its
-        # lease ends, and a repeat publishes the same ids again (the consumers drop it).
-        log.exception("could not record the response for an Idempotency-Key")
-    return response
+    return await settle_key(keys, key, lambda: publish(events))
 
 
 @router.post(

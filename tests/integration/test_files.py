@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,23 @@ async def client(
     )
     async for c in gateway_client(settings):
         yield c
+
+
+@asynccontextmanager
+async def behind_a_proxy(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> AsyncIterator[tuple[TcpProxy, httpx.AsyncClient]]:
+    """A gateway that reaches the broker through a proxy the test controls."""
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        settings = gateway_settings(
+            namespace,
+            tmp_path,
+            blob_dir=blob_dir,
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            publish_timeout=0.5,
+        )
+        async for client in gateway_client(settings):
+            yield proxy, client
 
 
 def stored_files(blob_dir: Path) -> list[Path]:
@@ -262,28 +280,118 @@ async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
 ) -> None:
     """Written but never confirmed, the announcement may be in the processor's queue: the
     file must still be there when the processor comes to read it."""
-    async with TcpProxy("127.0.0.1", 5672) as proxy:
-        settings = gateway_settings(
-            namespace,
-            tmp_path,
-            blob_dir=blob_dir,
-            amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
-            publish_timeout=0.5,
+    async with behind_a_proxy(namespace, tmp_path, blob_dir) as (proxy, client):
+        proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
+        response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+        assert response.status_code == 503, response.text
+        assert "may have been accepted" in response.json()["detail"]
+        # Not "retry with the same id": an upload cannot choose its id, and a second upload
+        # without the first one's Idempotency-Key is a second file. Where to look instead:
+        location = response.headers["location"]
+        assert location.startswith("/v1/files/") and location in response.json()["detail"]
+        assert "same Idempotency-Key" in response.json()["detail"]
+        [kept] = stored_files(blob_dir)
+        assert kept.read_bytes() == CSV
+        proxy.set_mode(ProxyMode.REFUSE)
+        proxy.reset_all()  # gone, not hanging: the gateway stops without waiting on it
+
+
+async def test_an_upload_repeated_with_its_idempotency_key_is_one_file_announced_once(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    def upload() -> Awaitable[httpx.Response]:
+        return client.post(
+            "/v1/files",
+            files={"file": ("p.csv", CSV, "text/csv")},
+            data={"notify": "log:ops"},
+            headers={"idempotency-key": "upload-7"},
         )
-        async for client in gateway_client(settings):
-            proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
-            response = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
-            assert response.status_code == 503, response.text
-            assert "may have been accepted" in response.json()["detail"]
-            # Not "retry with the same id": an upload has neither that nor an Idempotency-Key,
-            # and a second upload is a second file. Where to look instead:
-            location = response.headers["location"]
-            assert location.startswith("/v1/files/") and location in response.json()["detail"]
-            assert "Idempotency-Key" not in response.json()["detail"]
-            [kept] = stored_files(blob_dir)
-            assert kept.read_bytes() == CSV
-            proxy.set_mode(ProxyMode.REFUSE)
-            proxy.reset_all()  # gone, not hanging: the gateway stops without waiting on it
+
+    first = await upload()
+    again = await upload()
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json() == first.json() and again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true"
+    file_id = first.json()["id"]
+    assert stored_files(blob_dir) == [blob_dir / file_id]  # the repeat's copy is not kept
+    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    assert announced.message_id == file_id
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_an_idempotency_key_reused_for_another_file_is_a_conflict_that_keeps_nothing(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    key = {"idempotency-key": "upload-8"}
+    first = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert first.status_code == 202, first.text
+    other = await client.post(
+        "/v1/files", files={"file": ("p.csv", CSV + b"c,5\n", "text/csv")}, headers=key
+    )
+    assert other.status_code == 409, other.text
+    assert stored_files(blob_dir) == [blob_dir / first.json()["id"]]
+    await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_after_a_failed_upload_its_key_takes_the_repeat_and_replays_it_after(
+    client: httpx.AsyncClient, tmp_path: Path, blob_dir: Path, namespace: Namespace
+) -> None:
+    key = {"idempotency-key": "upload-9"}
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:  # the files' table fails
+        store.execute("ALTER TABLE files RENAME TO files_away")
+    failed = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert failed.status_code == 503, failed.text
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:
+        store.execute("ALTER TABLE files_away RENAME TO files")
+    again = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert again.status_code == 202, again.text
+    later = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert later.json() == again.json() and later.headers["idempotent-replayed"] == "true"
+    file_id = again.json()["id"]
+    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(announced.body)
+    assert isinstance(event, FileUploaded) and event.data.file_id == announced.message_id == file_id
+    [stored] = stored_files(blob_dir)
+    assert stored.name == event.data.blob and stored.read_bytes() == CSV
+    assert (await client.get(f"/v1/files/{file_id}/content")).content == CSV
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def upload_until_accepted(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> httpx.Response:
+    """As a client does: the same upload, with the same key, again while the answer is a 503."""
+    answers: list[httpx.Response] = []
+
+    async def upload() -> None:
+        files = {"file": ("p.csv", CSV, "text/csv")}
+        answers.append(await client.post("/v1/files", files=files, headers=headers))
+        assert answers[-1].status_code == 202, answers[-1].text
+
+    await eventually(upload, timeout=20)
+    return answers[-1]
+
+
+async def test_a_repeat_after_a_maybe_announced_upload_announces_the_kept_file_again(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    key = {"idempotency-key": "upload-10"}
+    async with behind_a_proxy(namespace, tmp_path, blob_dir) as (proxy, client):
+        proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
+        first = await client.post(
+            "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+        )
+        assert first.status_code == 503 and "may have been accepted" in first.text
+        file_id = first.headers["location"].removeprefix("/v1/files/")
+        proxy.set_mode(ProxyMode.PASS)
+        proxy.reset_all()  # the gateway connects again
+        again = await upload_until_accepted(client, key)
+        assert again.json()["id"] == file_id
+        # One file: the copy kept for the first announcement; the repeat's is not kept.
+        assert stored_files(blob_dir) == [blob_dir / file_id]
+        announced = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+        assert {m.message_id for m in announced} == {file_id}
 
 
 async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(
