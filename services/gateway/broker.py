@@ -12,11 +12,11 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from services.gateway.settings import GatewaySettings
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
-from services.messaging.settings import CourierSettings
 
 log = get_logger("gateway.broker")
 
@@ -36,7 +36,7 @@ class Startable(Protocol):
 
 
 class BrokerLink:
-    def __init__(self, settings: CourierSettings) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self._consumers: list[Startable] = []
         self._started: set[int] = set()
@@ -96,14 +96,19 @@ class BrokerLink:
         ):
             with attempt:
                 connection = self.publisher.connection or await self.publisher.connect()
-                await declare_topology(connection, topologies)
+                await declare_topology(
+                    connection, topologies, unbind_retired=self.settings.unbind_retired
+                )
                 for consumer in self._consumers:
                     if id(consumer) not in self._started:
                         await consumer.start(connection)
                         self._started.add(id(consumer))
         self.topology_error = None
         self._redeclare = redeclare_on_reconnect(  # held: aio-pika keeps it weakly
-            connection, topologies, self._declared_again
+            connection,
+            topologies,
+            self._declared_again,
+            unbind_retired=self.settings.unbind_retired,
         )
         self._declared = True
         log.info("connected to the broker; topology declared")

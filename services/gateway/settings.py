@@ -63,6 +63,10 @@ class GatewaySettings(CourierSettings):
     replay_lease_seconds: float = Field(
         default=300.0, gt=0, description="After this, a replay that died mid-way is taken over."
     )
+    unbind_retired: bool = Field(
+        default=False,
+        description="Remove bindings earlier versions made (once none of them runs).",
+    )
     max_upload_bytes: int = Field(
         default=1 << 30, ge=1, description="Largest file accepted by POST /v1/files (413 beyond)."
     )

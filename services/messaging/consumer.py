@@ -565,9 +565,12 @@ class Consumer:
                 await asyncio.gather(
                     *(self._publisher.publish_event(e, exchange=exchange) for e in follow_ups)
                 )
-        finally:
-            if reported is not None:
-                await reported  # its outcome too, even after a failed publish
+        except BaseException:
+            if reported is not None:  # settled, but the publish's failure is the one raised
+                await asyncio.gather(reported, return_exceptions=True)
+            raise
+        if reported is not None:
+            await reported
 
     async def _on_failure(
         self,

@@ -46,10 +46,14 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
 
 
 async def declare_topology(
-    connection: AbstractConnection, topologies: Iterable[ServiceTopology]
+    connection: AbstractConnection,
+    topologies: Iterable[ServiceTopology],
+    *,
+    unbind_retired: bool = False,
 ) -> None:
-    """Declare exchanges, queues and bindings of the given services, on a throwaway channel,
-    and remove the bindings earlier versions made that these no longer want.
+    """Declare exchanges, queues and bindings of the given services, on a throwaway channel;
+    with `unbind_retired`, also remove the bindings earlier versions made that these no longer
+    use (only once no service of such a version runs: it may still rely on them).
 
     A dedicated channel keeps a PRECONDITION_FAILED from closing a channel that is in use.
     """
@@ -63,7 +67,8 @@ async def declare_topology(
             queues = {spec.name: await declare_queue(channel, spec) for spec in topology.queues()}
             for binding in topology.bindings():
                 await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
-            for binding in topology.retired_bindings():  # unbinding what is not bound is a no-op
+            for binding in topology.retired_bindings() if unbind_retired else ():
+                # Unbinding what is not bound is a no-op.
                 await queues[binding.queue].unbind(
                     binding.exchange, routing_key=binding.routing_key
                 )
@@ -80,6 +85,8 @@ def redeclare_on_reconnect(
     connection: AbstractRobustConnection,
     topologies: Iterable[ServiceTopology],
     on_result: Callable[[bool], None] = lambda declared: None,
+    *,
+    unbind_retired: bool = False,
 ) -> Redeclare:
     """Declare again after every reconnect: a broker that lost its definitions gets them back.
     A declaration that fails (a queue redeclared with other arguments meanwhile, say) is
@@ -94,7 +101,7 @@ def redeclare_on_reconnect(
 
     async def attempt(conn: AbstractRobustConnection) -> bool:
         try:
-            await declare_topology(conn, wanted)
+            await declare_topology(conn, wanted, unbind_retired=unbind_retired)
         except (TopologyMismatch, AMQPError, ConnectionError):
             on_result(False)
             log.exception("declaring the topology after a reconnect failed")

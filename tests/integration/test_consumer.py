@@ -324,6 +324,33 @@ async def test_an_input_whose_result_the_broker_refuses_is_not_acked(
         await assert_empty(namespace.amqp_url, [topo.queue, f"{namespace.name}.gateway"])
 
 
+async def test_a_result_whose_report_was_refused_is_reported_when_the_input_returns(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    submitted, processed = dataset_and_its_result()
+    handler = Recorder(returns=[processed])
+    routes = {"dataset.submitted": route(handler)}
+    gateway = namespace.settings().topology("gateway")
+    async with running(namespace, "processor", routes) as (pub, topo, _):
+        await unbind_everyone(namespace.amqp_url, namespace.settings(), "results.reported")
+        await publish(pub, topo, submitted)
+
+        async def returned() -> None:
+            assert any("not settled" in r.message for r in caplog.records)
+
+        await eventually(returned)
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection, connection.channel() as channel:  # the route is back
+            queue = await channel.get_queue(gateway.queue)
+            await queue.bind(gateway.events_exchange, routing_key="results.reported")
+        [message] = await take(namespace.amqp_url, gateway.queue, 1, timeout=20)
+        report = EVENT_ADAPTER.validate_json(message.body)
+        assert isinstance(report, ResultsReported)
+        assert [r.id for r in report.data.results] == [processed.id]
+        assert handler.calls == [submitted.id]  # the inbox knew it: no second effect
+        await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
+
+
 async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second_effect(
     namespace: Namespace,
 ) -> None:

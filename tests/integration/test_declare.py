@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from services.messaging.declare import declare_topology
 from services.messaging.errors import TopologyMismatch
@@ -35,26 +36,47 @@ async def test_a_queue_declared_with_other_arguments_is_a_clear_mismatch(
         assert not connection.is_closed
 
 
-async def test_declaring_removes_a_binding_an_earlier_version_made(namespace: Namespace) -> None:
-    """Gateways before batched result reports bound their queue to `dataset.processed`; an
-    upgraded broker must stop routing each result there."""
-    settings = namespace.settings()
-    gateway = settings.topology("gateway")
+async def _declare(namespace: Namespace, connection: AbstractConnection, **kwargs: bool) -> None:
+    await declare_topology(connection, namespace.settings().all_topologies(), **kwargs)
+
+
+async def _bind_as_before(namespace: Namespace, channel: AbstractChannel) -> None:
+    """Bind the gateway's queue to `dataset.processed`, as gateways before result reports did."""
+    gateway = namespace.settings().topology("gateway")
+    queue = await channel.get_queue(gateway.queue)
+    await queue.bind(gateway.events_exchange, routing_key="dataset.processed")
+
+
+async def _routed_to_gateway(namespace: Namespace, channel: AbstractChannel, key: str) -> int:
+    """Publish one message with routing key `key`: how many reach the gateway's queue."""
+    gateway = namespace.settings().topology("gateway")
+    queue = await channel.get_queue(gateway.queue)
+    await queue.purge()
+    exchange = await channel.get_exchange(gateway.events_exchange)
+    await exchange.publish(aio_pika.Message(b"{}"), routing_key=key)
+    return await ready_messages(namespace.amqp_url, gateway.queue)
+
+
+async def test_declaring_keeps_a_binding_an_earlier_version_made(namespace: Namespace) -> None:
+    """A processor of the earlier version may still run: its results reach the gateway only
+    through that binding."""
     connection = await aio_pika.connect(namespace.amqp_url)
     async with connection, connection.channel() as channel:
-        await declare_topology(connection, settings.all_topologies())
-        queue = await channel.get_queue(gateway.queue)
-        await queue.bind(gateway.events_exchange, routing_key="dataset.processed")  # as before
-        exchange = await channel.get_exchange(gateway.events_exchange)
-        before = await exchange.publish(
-            aio_pika.Message(b"{}"), routing_key="dataset.processed", mandatory=True
-        )
-        assert before is not None and await ready_messages(namespace.amqp_url, queue.name) == 1
-        await queue.purge()
+        await _declare(namespace, connection)
+        await _bind_as_before(namespace, channel)
+        await _declare(namespace, connection)
+        assert await _routed_to_gateway(namespace, channel, "dataset.processed") == 1
 
-        await declare_topology(connection, settings.all_topologies())
 
-        await exchange.publish(aio_pika.Message(b"{}"), routing_key="dataset.processed")
-        assert await ready_messages(namespace.amqp_url, queue.name) == 0
-        # Declaring again (nothing left to unbind) is harmless.
-        await declare_topology(connection, settings.all_topologies())
+async def test_declaring_with_unbind_retired_removes_a_binding_an_earlier_version_made(
+    namespace: Namespace,
+) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection, connection.channel() as channel:
+        await _declare(namespace, connection)
+        await _bind_as_before(namespace, channel)
+        await _declare(namespace, connection, unbind_retired=True)
+        assert await _routed_to_gateway(namespace, channel, "dataset.processed") == 0
+        assert await _routed_to_gateway(namespace, channel, "results.reported") == 1
+        # Declaring again, with nothing left to unbind, is harmless.
+        await _declare(namespace, connection, unbind_retired=True)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from contracts.events import EVENT_MODELS, ResultsReportedData
 from contracts.topology import (
+    RESULT_TYPES,
+    RETIRED_BINDINGS,
     SUBSCRIPTIONS,
     WORKERS,
     ServiceTopology,
@@ -52,6 +55,17 @@ def test_work_queues_are_bound_to_their_subscriptions_only() -> None:
         bindings = service_topology("ns", service).bindings()
         bound = {b.routing_key for b in bindings if b.queue == f"ns.{service}"}
         assert bound == set(types)
+
+
+def test_no_retired_binding_is_a_subscription_again() -> None:
+    # Else declaring with unbind_retired would unbind what the service consumes.
+    for service, retired in RETIRED_BINDINGS.items():
+        assert not set(retired) & set(SUBSCRIPTIONS[service])
+
+
+def test_a_results_report_can_hold_every_result_type() -> None:
+    held = ResultsReportedData.model_fields["results"].annotation
+    assert {EVENT_MODELS[t] for t in RESULT_TYPES} == {held.__args__[0]}  # type: ignore[union-attr]
 
 
 def test_workers_get_cancellations_on_a_control_queue_ahead_of_their_backlog() -> None:
