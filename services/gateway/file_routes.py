@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -136,10 +137,11 @@ async def upload_file(
         )
     except IngestError as exc:
         raise HTTPException(exc.status, exc.detail) from exc
-    upload = _Upload(received, request.headers.get("x-correlation-id"))
+    correlation = request.headers.get("x-correlation-id")
+    upload = _Upload(received, correlation[:128] if correlation else None)
     gateway = _Gateway(broker, settings, tracking, files, blobs)
     if key is None:
-        return await _announce(upload, file_id, gateway)
+        return await _announce(upload, file_id, gateway, keyed=False)
     return await _once_per_key(request, key, upload, gateway)
 
 
@@ -163,7 +165,7 @@ class _Upload:
         """What makes two uploads the same request: the file's content, name and type, its
         notify targets and correlation id."""
         r = self.received
-        targets = (f"{t.channel}:{t.recipient}" for t in r.notify)
+        targets = sorted(f"{t.channel}:{t.recipient}" for t in r.notify)  # a set, in effect
         return fingerprint(
             "POST", path, r.sha256, r.name, r.content_type, *targets, self.correlation or ""
         )
@@ -188,44 +190,42 @@ async def _once_per_key(
         await gateway.blobs.delete(stored)
         return replayed(claim)
     [file_id] = claim.event_ids
-    return await settle_key(keys, key, lambda: _announce(upload, file_id, gateway))
+    announce = functools.partial(_announce, upload, file_id, gateway, keyed=True)
+    return await settle_key(keys, key, claim, announce)
 
 
-async def _announce(upload: _Upload, file_id: str, gateway: _Gateway) -> JSONResponse:
-    """Record the stored file as `file_id` and announce it (`file.uploaded`), confirmed."""
+async def _announce(
+    upload: _Upload, file_id: str, gateway: _Gateway, *, keyed: bool
+) -> JSONResponse:
+    """Record the stored file as `file_id` and announce it (`file.uploaded`), confirmed.
+
+    Under an `Idempotency-Key` (`keyed`) the id may be an earlier attempt's: its record and
+    copy are used if it kept them. A keyed attempt that fails keeps its record and copy too,
+    for the key's repeat (or another request that took the key over) to announce; retention
+    removes them if none comes."""
     files, blobs, settings = gateway.files, gateway.blobs, gateway.settings
-    received = upload.received
-    correlation = upload.correlation[:128] if upload.correlation else None
+    received, correlation = upload.received, upload.correlation
     with event_context(file_id, correlation or file_id):
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
-            earlier = None if file_id == received.key else await files.get(file_id)
-            if earlier is None:
-                blob = received.key
-                await files.add(_uploaded(file_id, blob, received), accepted_at)
-            else:  # kept from an attempt that may have been announced: that copy is the file
-                blob = earlier["blob"]
-                await blobs.delete(received.key)
+            blob = await _record(file_id, received, files, blobs, accepted_at)
         except SQLAlchemyError as exc:
             log.exception("could not record the file; refusing it")
             await blobs.delete(received.key)
             raise store_unavailable(settings, "record the file") from exc
         event = FileUploaded(
-            id=file_id,
-            correlationid=correlation,
-            data=_uploaded(file_id, blob, received),
+            id=file_id, correlationid=correlation, data=_uploaded(file_id, blob, received)
         )
         try:
             await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
-            if not _maybe_published(exc) and earlier is None:
+            maybe = _maybe_published(exc)
+            if not maybe and not keyed and await _forget(files, file_id):
                 # Not announced, so never processed: leave nothing behind.
                 await blobs.delete(received.key)
-                await _forget(files, file_id)
-                raise
-            # Else the processor may be about to read the file: it stays (retention ends it).
-            if isinstance(exc, HTTPException) and _maybe_published(exc):
-                raise _maybe_accepted(file_id, exc) from exc.__cause__
+            if maybe and isinstance(exc, HTTPException):
+                # The processor may be about to read the file: it stays (retention ends it).
+                raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
             raise
         gateway.tracking.accepted(event, accepted_at)
         log.info(
@@ -237,6 +237,23 @@ async def _announce(upload: _Upload, file_id: str, gateway: _Gateway) -> JSONRes
     return JSONResponse(
         accepted.model_dump(), status_code=202, headers={"Location": accepted.file_url}
     )
+
+
+async def _record(
+    file_id: str, received: ReceivedFile, files: Files, blobs: BlobStore, at: datetime
+) -> str:
+    """Record the received copy as `file_id`, or find the copy an earlier attempt under the
+    same key recorded (and drop this one); the blob to announce."""
+    earlier = None if file_id == received.key else await files.get(file_id)
+    if earlier is None:
+        await files.add(_uploaded(file_id, received.key, received), at)
+        return received.key
+    kept: str = earlier["blob"]
+    if await blobs.size(kept) is None:  # gone meanwhile (retention): this copy takes its place
+        await files.repoint(file_id, received.key)
+        return received.key
+    await blobs.delete(received.key)
+    return kept
 
 
 def _uploaded(file_id: str, blob: str, received: ReceivedFile) -> FileUploadedData:
@@ -251,24 +268,27 @@ def _uploaded(file_id: str, blob: str, received: ReceivedFile) -> FileUploadedDa
     )
 
 
-async def _forget(files: Files, file_id: str) -> None:
-    """Remove the record of a file that was never announced; a store failing now is logged
-    (the answer is about the publish, which failed first)."""
+async def _forget(files: Files, file_id: str) -> bool:
+    """Remove the record of a file that was never announced; whether that worked. A store
+    failing now is logged (the answer is about the publish, which failed first), and the
+    file's copy is then kept: a record never points at nothing."""
     try:
         await files.remove(file_id)
     except SQLAlchemyError:
         log.exception("could not remove the record of a file never announced")
+        return False
+    return True
 
 
-def _maybe_accepted(file_id: str, refusal: HTTPException) -> HTTPException:
+def _maybe_accepted(file_id: str, refusal: HTTPException, *, keyed: bool) -> HTTPException:
     """The 503 of an upload the broker may have announced. A retry without the request's
     `Idempotency-Key` would upload a second file under a new id (analysed, and its targets
-    told, twice): the client should look first, or repeat with the key."""
+    told, twice): the client should look first, or, if it sent a key, repeat with it."""
+    repeat = "; or upload it again with the same Idempotency-Key" if keyed else ""
     return HTTPException(
         status.HTTP_503_SERVICE_UNAVAILABLE,
         f"the broker did not confirm the upload of file {file_id!r}: it may have been accepted; "
-        f"see {file_url(file_id)} (and its status) before uploading it again, or upload it "
-        "again with the same Idempotency-Key",
+        f"see {file_url(file_id)} (and its status) before uploading it again{repeat}",
         headers={**(refusal.headers or {}), "Location": file_url(file_id)},
     )
 

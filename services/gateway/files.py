@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     delete,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -76,6 +77,11 @@ class Files:
                     uploaded_at=uploaded_at,
                 )
             )
+
+    async def repoint(self, file_id: str, blob: str) -> None:
+        """The file's bytes are now in `blob` (its earlier copy went missing)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(update(files).where(files.c.file_id == file_id).values(blob=blob))
 
     async def remove(self, file_id: str) -> None:
         async with self._engine.begin() as conn:

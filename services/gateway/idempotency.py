@@ -65,6 +65,10 @@ class Claim:
     event_ids: list[str]
     status_code: int | None = None
     response: Any = None
+    held_since: datetime | None = None
+    """For `publish`: when this request took the key. Completing or releasing it is
+    conditional on it: a request whose key was taken over after its lease (it looked dead)
+    must not undo what the new holder did."""
 
 
 class IdempotencyKeys:
@@ -95,7 +99,7 @@ class IdempotencyKeys:
                             updated_at=now,
                         )
                     )
-                return Claim("publish", event_ids)
+                return Claim("publish", event_ids, held_since=now)
             except IntegrityError:
                 pass
             row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
@@ -116,7 +120,7 @@ class IdempotencyKeys:
                     )
                 )
                 if taken.rowcount == 1:
-                    return Claim("publish", event_ids)
+                    return Claim("publish", event_ids, held_since=now)
                 # Another request took it first: answer as if it had been there all along.
                 row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
             if row.fingerprint != request:
@@ -131,7 +135,7 @@ class IdempotencyKeys:
                     .values(state="in_progress", updated_at=now)
                 )
                 if taken.rowcount == 1:
-                    return Claim("publish", row.event_ids)
+                    return Claim("publish", row.event_ids, held_since=now)
             return Claim("busy", row.event_ids)
 
     async def wait(self, key: str) -> Claim | None:
@@ -146,27 +150,27 @@ class IdempotencyKeys:
                 return Claim("done", row.event_ids, row.status_code, row.response)
             await asyncio.sleep(WAIT_POLL_SECONDS)
 
-    async def complete(self, key: str, status_code: int, response: Any) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(keys)
-                .where(keys.c.key == key)
-                .values(
-                    state="done",
-                    status_code=status_code,
-                    response=response,
-                    updated_at=datetime.now(UTC),
-                )
-            )
+    async def complete(self, key: str, claim: Claim, status_code: int, response: Any) -> bool:
+        """Keep the response for repeats; False if the key was taken over meanwhile."""
+        return await self._settle(
+            key, claim, state="done", status_code=status_code, response=response
+        )
 
-    async def release(self, key: str) -> None:
-        """The broker did not take the events: the next request publishes them again."""
+    async def release(self, key: str, claim: Claim) -> bool:
+        """The broker did not take the events: the next request publishes them again. False if
+        the key was taken over meanwhile (the new holder decides)."""
+        return await self._settle(key, claim, state="retryable")
+
+    async def _settle(self, key: str, claim: Claim, **values: Any) -> bool:
+        if claim.held_since is None:
+            raise ValueError("only a claim to publish is settled")
         async with self._engine.begin() as conn:
-            await conn.execute(
+            settled = await conn.execute(
                 update(keys)
-                .where(keys.c.key == key)
-                .values(state="retryable", updated_at=datetime.now(UTC))
+                .where(keys.c.key == key, keys.c.updated_at == claim.held_since)
+                .values(**values, updated_at=datetime.now(UTC))
             )
+        return settled.rowcount == 1
 
     async def purge(self) -> int:
         cutoff = datetime.now(UTC) - self._ttl

@@ -228,7 +228,10 @@ def replayed(claim: Claim) -> JSONResponse:
 
 
 async def settle_key(
-    keys: IdempotencyKeys, key: str, response: Callable[[], Awaitable[JSONResponse]]
+    keys: IdempotencyKeys,
+    key: str,
+    claim: Claim,
+    response: Callable[[], Awaitable[JSONResponse]],
 ) -> JSONResponse:
     """Answer a claimed key's request with `response()`, and keep the answer for repeats.
     Failing, or answered with an error, the key is released: a repeat publishes again, under
@@ -236,14 +239,14 @@ async def settle_key(
     try:
         answer = await response()
     except BaseException:
-        await keys.release(key)
+        await keys.release(key, claim)
         raise
     if answer.status_code >= 300:
-        await keys.release(key)
+        await keys.release(key, claim)
         return answer
     stored = {"body": orjson.loads(answer.body), "location": answer.headers.get("location")}
     try:
-        await keys.complete(key, answer.status_code, stored)
+        await keys.complete(key, claim, answer.status_code, stored)
     except SQLAlchemyError:
         # The events are the broker's: say so. Unrecorded, the key frees itself when its
         # lease ends, and a repeat publishes the same ids again (the consumers drop it).
@@ -284,7 +287,7 @@ async def _idempotent(
         event if event.id == event_id else event.model_copy(update={"id": event_id})
         for event, event_id in zip(events, claim.event_ids, strict=True)
     ]
-    return await settle_key(keys, key, lambda: publish(events))
+    return await settle_key(keys, key, claim, lambda: publish(events))
 
 
 @router.post(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 
@@ -15,11 +16,12 @@ from contracts.envelope import derived_event_id
 from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
 from contracts.topology import events_exchange, work_queue
+from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, take, unbind_everyone
 from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -64,6 +66,12 @@ async def behind_a_proxy(
         )
         async for client in gateway_client(settings):
             yield proxy, client
+
+
+async def declare_topology_of(namespace: Namespace) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        await declare_topology(connection, namespace.settings().all_topologies())
 
 
 def stored_files(blob_dir: Path) -> list[Path]:
@@ -289,7 +297,7 @@ async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
         # without the first one's Idempotency-Key is a second file. Where to look instead:
         location = response.headers["location"]
         assert location.startswith("/v1/files/") and location in response.json()["detail"]
-        assert "same Idempotency-Key" in response.json()["detail"]
+        assert "Idempotency-Key" not in response.json()["detail"]  # it sent none
         [kept] = stored_files(blob_dir)
         assert kept.read_bytes() == CSV
         proxy.set_mode(ProxyMode.REFUSE)
@@ -299,16 +307,16 @@ async def test_an_upload_the_broker_may_have_announced_keeps_its_file(
 async def test_an_upload_repeated_with_its_idempotency_key_is_one_file_announced_once(
     client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
 ) -> None:
-    def upload() -> Awaitable[httpx.Response]:
+    def upload(*targets: str) -> Awaitable[httpx.Response]:
         return client.post(
             "/v1/files",
             files={"file": ("p.csv", CSV, "text/csv")},
-            data={"notify": "log:ops"},
+            data={"notify": list(targets)},
             headers={"idempotency-key": "upload-7"},
         )
 
-    first = await upload()
-    again = await upload()
+    first = await upload("log:ops", "email:ops@example.org")
+    again = await upload("email:ops@example.org", "log:ops")  # the same targets
     assert first.status_code == again.status_code == 202, again.text
     assert again.json() == first.json() and again.headers["location"] == first.headers["location"]
     assert again.headers["idempotent-replayed"] == "true"
@@ -352,6 +360,8 @@ async def test_after_a_failed_upload_its_key_takes_the_repeat_and_replays_it_aft
     [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
     event = EVENT_ADAPTER.validate_json(announced.body)
     assert isinstance(event, FileUploaded) and event.data.file_id == announced.message_id == file_id
+    # The id is the first attempt's (the key held it); the bytes are the repeat's copy.
+    assert event.data.blob != file_id
     [stored] = stored_files(blob_dir)
     assert stored.name == event.data.blob and stored.read_bytes() == CSV
     assert (await client.get(f"/v1/files/{file_id}/content")).content == CSV
@@ -383,6 +393,7 @@ async def test_a_repeat_after_a_maybe_announced_upload_announces_the_kept_file_a
             "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
         )
         assert first.status_code == 503 and "may have been accepted" in first.text
+        assert "same Idempotency-Key" in first.text
         file_id = first.headers["location"].removeprefix("/v1/files/")
         proxy.set_mode(ProxyMode.PASS)
         proxy.reset_all()  # the gateway connects again
@@ -392,6 +403,54 @@ async def test_a_repeat_after_a_maybe_announced_upload_announces_the_kept_file_a
         assert stored_files(blob_dir) == [blob_dir / file_id]
         announced = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
         assert {m.message_id for m in announced} == {file_id}
+
+
+async def refused_once(
+    client: httpx.AsyncClient, namespace: Namespace, key: dict[str, str]
+) -> None:
+    """Upload with `key` while no queue takes `file.uploaded` (a routing fault: refused,
+    certainly not announced), then put the route back."""
+    settings = namespace.settings()
+    await unbind_everyone(namespace.amqp_url, settings, "file.uploaded")
+    refused = await client.post(
+        "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+    )
+    assert refused.status_code >= 500, refused.text
+    await declare_topology_of(namespace)
+
+
+async def test_a_keyed_upload_that_failed_keeps_its_copy_for_the_repeat(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    """Kept, not deleted: a request that took the key over (the failing one looked dead)
+    may be announcing it."""
+    key = {"idempotency-key": "upload-11"}
+    await refused_once(client, namespace, key)
+    [kept] = stored_files(blob_dir)
+    again = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == kept.name  # the first attempt's id and copy
+    assert stored_files(blob_dir) == [kept]  # the repeat's copy is not kept
+    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(announced.body)
+    assert isinstance(event, FileUploaded) and event.data.blob == kept.name
+
+
+async def test_a_repeat_whose_kept_copy_went_missing_brings_its_own(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    key = {"idempotency-key": "upload-12"}
+    await refused_once(client, namespace, key)
+    [kept] = stored_files(blob_dir)
+    kept.unlink()  # as retention would
+    again = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
+    assert again.status_code == 202, again.text
+    file_id = again.json()["id"]
+    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    event = EVENT_ADAPTER.validate_json(announced.body)
+    assert isinstance(event, FileUploaded) and event.data.file_id == file_id == kept.name
+    assert stored_files(blob_dir) == [blob_dir / event.data.blob]
+    assert (await client.get(f"/v1/files/{file_id}/content")).content == CSV
 
 
 async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(

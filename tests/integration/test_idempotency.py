@@ -445,8 +445,8 @@ async def test_a_new_key_is_claimed_for_publishing(keys: IdempotencyKeys, k: str
 
 
 async def test_a_repeat_gets_the_stored_response(keys: IdempotencyKeys, k: str) -> None:
-    await keys.claim(k, REQUEST, ["e1"])
-    await keys.complete(k, 202, RESPONSE)
+    claim = await keys.claim(k, REQUEST, ["e1"])
+    await keys.complete(k, claim, 202, RESPONSE)
     claim = await keys.claim(k, REQUEST, ["e2"])
     assert (claim.kind, claim.event_ids, claim.status_code, claim.response) == (
         "done",
@@ -459,19 +459,19 @@ async def test_a_repeat_gets_the_stored_response(keys: IdempotencyKeys, k: str) 
 async def test_the_same_key_with_another_request_is_a_conflict(
     keys: IdempotencyKeys, k: str
 ) -> None:
-    await keys.claim(k, REQUEST, ["e1"])
+    claim = await keys.claim(k, REQUEST, ["e1"])
     assert (await keys.claim(k, OTHER, ["e2"])).kind == "conflict"
-    await keys.complete(k, 202, RESPONSE)
+    await keys.complete(k, claim, 202, RESPONSE)
     assert (await keys.claim(k, OTHER, ["e2"])).kind == "conflict"
 
 
 async def test_a_key_in_progress_is_busy_and_waiters_get_its_response(
     keys: IdempotencyKeys, k: str
 ) -> None:
-    await keys.claim(k, REQUEST, ["e1"])
+    claim = await keys.claim(k, REQUEST, ["e1"])
     assert (await keys.claim(k, REQUEST, ["e2"])).kind == "busy"
     waiter = asyncio.ensure_future(keys.wait(k))
-    await keys.complete(k, 202, RESPONSE)
+    await keys.complete(k, claim, 202, RESPONSE)
     async with asyncio.timeout(5):
         waited = await waiter
     assert waited is not None
@@ -481,9 +481,9 @@ async def test_a_key_in_progress_is_busy_and_waiters_get_its_response(
 async def test_a_released_key_is_published_again_under_the_same_event_ids(
     keys: IdempotencyKeys, k: str
 ) -> None:
-    await keys.claim(k, REQUEST, ["e1", "e2"])
+    claim = await keys.claim(k, REQUEST, ["e1", "e2"])
     waiter = asyncio.ensure_future(keys.wait(k))
-    await keys.release(k)  # the broker did not take the events
+    await keys.release(k, claim)  # the broker did not take the events
     async with asyncio.timeout(5):
         assert await waiter is None  # the waiter tries for itself
     claim = await keys.claim(k, REQUEST, ["new-1", "new-2"])
@@ -504,11 +504,34 @@ async def test_a_stale_claim_is_taken_over_after_the_lease(engine: AsyncEngine, 
     await eventually(taken_over, timeout=5)
 
 
+async def test_a_request_whose_key_was_taken_over_cannot_settle_it(
+    engine: AsyncEngine, k: str
+) -> None:
+    """A slow request, not dead after all, finishes after another took its key over: its
+    release or response must not undo the new holder's."""
+    store = IdempotencyKeys(engine, ttl=timedelta(hours=1), lease=timedelta(milliseconds=100))
+    await store.start()
+    slow = await store.claim(k, REQUEST, ["e1"])
+    taken: list[idempotency.Claim] = []
+
+    async def taken_over() -> None:
+        taken.append(await store.claim(k, REQUEST, ["e2"]))
+        assert taken[-1].kind == "publish"
+
+    await eventually(taken_over, timeout=5)
+    assert not await store.release(k, slow)
+    assert (await store.claim(k, REQUEST, ["e3"])).kind == "busy"  # still the new holder's
+    assert await store.complete(k, taken[-1], 202, RESPONSE)
+    assert not await store.complete(k, slow, 500, {"body": {}, "location": None})
+    repeat = await store.claim(k, REQUEST, ["e4"])
+    assert (repeat.kind, repeat.status_code, repeat.response) == ("done", 202, RESPONSE)
+
+
 async def test_keys_expire_after_the_ttl_and_are_purged(engine: AsyncEngine, k: str) -> None:
     store = IdempotencyKeys(engine, ttl=timedelta(milliseconds=200), lease=LEASE)
     await store.start()
-    await store.claim(k, REQUEST, ["e1"])
-    await store.complete(k, 202, RESPONSE)
+    claim = await store.claim(k, REQUEST, ["e1"])
+    await store.complete(k, claim, 202, RESPONSE)
     assert (await store.claim(k, REQUEST, ["e2"])).kind == "done"
 
     async def expired() -> None:
@@ -540,8 +563,8 @@ async def test_concurrent_claims_of_an_expired_key_publish_once(
     """Expired but not yet purged, the key is free again, for one of the requests reusing it."""
     store = IdempotencyKeys(engine, ttl=timedelta(milliseconds=200), lease=LEASE)
     await store.start()
-    await store.claim(k, REQUEST, ["first"])
-    await store.complete(k, 202, RESPONSE)
+    first = await store.claim(k, REQUEST, ["first"])
+    await store.complete(k, first, 202, RESPONSE)
     await asyncio.sleep(0.3)  # expired
     claims = await asyncio.gather(*(store.claim(k, REQUEST, [f"e{i}"]) for i in range(10)))
     assert sorted(claim.kind for claim in claims) == ["busy"] * 9 + ["publish"]
