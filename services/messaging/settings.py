@@ -134,7 +134,7 @@ class ConsumerSettings(CourierSettings):
         default=168.0, gt=0, description="How long handled event ids are remembered."
     )
     inbox_commit_delay_ms: float = Field(
-        default=10.0,
+        default=25.0,
         ge=0,
         le=1000,
         description="How long a handled event's inbox record waits for others to share its commit.",

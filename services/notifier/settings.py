@@ -39,7 +39,7 @@ class NotifierSettings(ConsumerSettings):
         default=30.0, gt=0, description="How long the deliveries record keeps a notification."
     )
     deliveries_commit_delay_ms: float = Field(
-        default=10.0,
+        default=25.0,
         ge=0,
         le=1000,
         description="How long a finished notification's outcome waits for others to share its "
