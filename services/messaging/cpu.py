@@ -33,7 +33,16 @@ class WorkerLost(Exception):
 
 def _new_executor(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: forking a process that runs an event loop and sockets is unsafe.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+    )
+    # With spawn, CPython starts workers on demand, in `submit` *after* waking its manager
+    # thread: the manager may then never watch the new worker, and if that one dies, the pool
+    # is not marked broken and its jobs wait for ever (reproduced here: 6 runs in 18 under
+    # load). Launch every worker with the first job instead, before the manager thread starts,
+    # as CPython does for fork.
+    executor._safe_to_dynamically_spawn_children = False  # type: ignore[attr-defined]  # CPython private
+    return executor
 
 
 def _terminate(executor: ProcessPoolExecutor) -> None:

@@ -59,3 +59,16 @@ async def test_jobs_beside_a_dying_worker_run_again_and_only_its_own_job_fails(
         assert await pool.run(square, 4) == 16
     finally:
         pool.close()
+
+
+async def test_every_worker_starts_with_the_first_job() -> None:
+    """CPython starts spawn workers on demand after waking the thread that watches them, which
+    can then miss the death of the newest one: its jobs would wait for ever. All workers
+    start with the first job instead (this pins the CPython internals that relies on)."""
+    pool = CpuPool(3)
+    try:
+        assert await pool.run(square, 2) == 4
+        workers = pool._executor._processes or {}
+        assert len(workers) == 3 and all(p.is_alive() for p in workers.values())
+    finally:
+        pool.close()
