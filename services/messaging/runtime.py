@@ -180,7 +180,12 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
 
         inbox = await _open_inbox(stack, settings, service)
-        reporter = StatusReporter(service, publisher, topology.events_exchange)
+        reporter = StatusReporter(
+            service,
+            publisher,
+            topology.events_exchange,
+            interval=settings.status_report_interval_ms / 1000,
+        )
         reporter.start()
         stack.push_async_callback(reporter.close)  # after the drain: report what finished
         results = ResultReporter(

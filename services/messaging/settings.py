@@ -139,6 +139,12 @@ class ConsumerSettings(CourierSettings):
         le=1000,
         description="How long a handled event's inbox record waits for others to share its commit.",
     )
+    status_report_interval_ms: float = Field(
+        default=500.0,
+        gt=0,
+        le=60_000,
+        description="How often the status transitions noted meanwhile are reported.",
+    )
     result_report_delay_ms: float = Field(
         default=25.0,
         ge=0,

@@ -34,7 +34,7 @@ buried the logs under thousands of lines a second)."""
 
 class StatusReporter:
     def __init__(
-        self, service: str, publisher: Publisher, exchange: str, interval: float = 0.2
+        self, service: str, publisher: Publisher, exchange: str, interval: float = 0.5
     ) -> None:
         self._service = service
         self._publisher = publisher
