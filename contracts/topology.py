@@ -45,8 +45,9 @@ RETIRED_BINDINGS: Final[dict[str, tuple[str, ...]]] = {
     # Before results were reported in batches, the gateway subscribed to each result.
     "gateway": ("dataset.processed",),
 }
-"""Event types a service subscribed to in an earlier version: unbound when its topology is
-declared, so an upgraded broker stops routing them there."""
+"""Event types a service subscribed to in an earlier version. Declaring with `unbind_retired`
+(the gateway's `COURIER_UNBIND_RETIRED`, once no service of that version runs) removes them, so
+an upgraded broker stops routing them there."""
 
 # Services that do the work and report status; each gets a control queue for cancellations.
 WORKERS: Final[frozenset[str]] = frozenset({"processor", "notifier"})
@@ -237,7 +238,7 @@ class ServiceTopology:
         )
 
     def retired_bindings(self) -> tuple[BindingSpec, ...]:
-        """Bindings earlier versions made that this one removes when it declares."""
+        """Bindings earlier versions made that this one no longer uses."""
         events = events_exchange(self.namespace)
         return tuple(BindingSpec(self.queue, events, t) for t in self.retired_event_types)
 

@@ -113,7 +113,8 @@ def _projection_consumer(
     routes = {
         "status.reported": Route(tracking.apply_reported, policy, idempotent=True),
         "results.reported": Route(tracking.record_results, policy, idempotent=True),
-        # What an earlier version's binding queued before the upgrade unbound it.
+        # Results of processors of an earlier version, through the binding they rely on
+        # (kept until COURIER_UNBIND_RETIRED), and what it queued before.
         "dataset.processed": Route(tracking.record_result, policy, idempotent=True),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }

@@ -22,7 +22,7 @@ import orjson
 from contracts.envelope import Envelope, new_event_id, utcnow
 from contracts.events import MAX_RESULTS, ResultsReported, ResultsReportedData
 from services.messaging.batching import Batcher
-from services.messaging.publisher import Publisher, event_body
+from services.messaging.publisher import Publisher, envelope_body, event_body
 
 MAX_REPORT_BYTES: Final = 1 << 20
 """A report ends after about this many bytes of results (a larger result goes alone)."""
@@ -71,19 +71,7 @@ class ResultReporter:
             source=self._source,
             data=ResultsReportedData.model_construct(results=[]),
         )
-        body = orjson.dumps(
-            {
-                "type": report.type,
-                "specversion": report.specversion,
-                "id": report.id,
-                "source": report.source,
-                "time": report.time,
-                "datacontenttype": report.datacontenttype,
-                "dataschema": report.dataschema,
-                "data": {"results": [orjson.Fragment(b) for b in bodies]},
-            },
-            option=orjson.OPT_UTC_Z,
-        )
+        body = envelope_body(report, {"results": [orjson.Fragment(b) for b in bodies]})
         await self._publisher.publish_event(report, exchange=self._exchange, body=body)
 
 

@@ -17,12 +17,10 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from contracts.tracking import MAX_TRANSITIONS, State, StatusReported, StatusReportedData
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import get_logger
-from services.messaging.publisher import Publisher
+from services.messaging.publisher import Publisher, envelope_body
 
 log = get_logger("status")
 
@@ -113,7 +111,9 @@ class StatusReporter:
             )
             try:
                 await self._publisher.publish_event(
-                    event, exchange=self._exchange, body=_body(event, batch)
+                    event,
+                    exchange=self._exchange,
+                    body=envelope_body(event, {"transitions": batch}),
                 )
             except (BrokerUnavailable, Unroutable):
                 # Back in front: older than anything noted meanwhile. If that filled the
@@ -134,20 +134,3 @@ class StatusReporter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.flush()
-
-
-def _body(event: StatusReported, transitions: list[dict[str, Any]]) -> bytes:
-    """The structured-mode CloudEvent of a batch (what `EVENT_ADAPTER.dump_json` would give)."""
-    return orjson.dumps(
-        {
-            "type": event.type,
-            "specversion": event.specversion,
-            "id": event.id,
-            "source": event.source,
-            "time": event.time,
-            "datacontenttype": event.datacontenttype,
-            "dataschema": event.dataschema,
-            "data": {"transitions": transitions},
-        },
-        option=orjson.OPT_UTC_Z,
-    )

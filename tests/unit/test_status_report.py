@@ -7,7 +7,7 @@ from typing import Any
 
 from contracts.events import EVENT_ADAPTER
 from contracts.tracking import StatusReported, StatusReportedData
-from services.messaging.status import _body
+from services.messaging.publisher import envelope_body
 
 AT = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -26,7 +26,7 @@ def test_a_serialised_batch_validates_as_the_status_reported_event() -> None:
          "at": AT, "attempt": 3, "reason": "permanent", "group": "g" * 16},
     ]  # fmt: skip
 
-    event = EVENT_ADAPTER.validate_json(_body(envelope, records))
+    event = EVENT_ADAPTER.validate_json(envelope_body(envelope, {"transitions": records}))
 
     assert isinstance(event, StatusReported)
     assert (event.id, event.source) == (envelope.id, "urn:courier:processor")
