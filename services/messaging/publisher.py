@@ -1,8 +1,11 @@
 """Confirmed, persistent, mandatory publishing.
 
-One robust connection, a few confirming channels used round-robin (a channel carries many
-publishes in flight at once; several spread the framing work). `publish` returns only after
-the broker confirmed; otherwise it raises:
+One robust connection and its confirming channels, used round-robin: one by default, which
+carries many publishes in flight at once. More channels cost the broker more work per message
+(each channel is a process that confirms on its own: measured, 4 channels took ~0.03-0.05 ms
+more broker CPU per event end to end than 1) and bought no throughput here, even at 20,000
+events/s of batched ingest. `publish` returns only after the broker confirmed; otherwise it
+raises:
 
 * `Unroutable` when the broker returned the message (nothing bound for the routing key);
 * `BrokerUnavailable` when not connected, on a nack, or without a confirm in time.
@@ -108,7 +111,7 @@ class Publisher:
         self,
         url: str,
         *,
-        channels: int = 4,
+        channels: int = 1,
         confirm_timeout: float = 5.0,
         heartbeat: int = 30,
         name: str = "courier-publisher",

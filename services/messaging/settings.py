@@ -58,7 +58,7 @@ class CourierSettings(BaseSettings):
         default=5.0, gt=0, description="Seconds to wait for a publisher confirm."
     )
     publisher_channels: int = Field(
-        default=4, ge=1, le=64, description="Confirming channels the publisher spreads work over."
+        default=1, ge=1, le=64, description="Confirming channels the publisher spreads work over."
     )
     retry_delays: Annotated[tuple[int, ...], NoDecode] = Field(
         default=DEFAULT_RETRY_DELAYS, description="Delay tiers in seconds, e.g. `5,30,120,600`."
