@@ -181,6 +181,7 @@ class Consumer:
         self._resubscribing: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._in_flight = 0
+        self._holding = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._infrastructure_failures = 0
         self._one_at_a_time = _OneAtATime()
@@ -295,6 +296,12 @@ class Consumer:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def holding(self) -> int:
+        """Deliveries held because a dependency (the store, the broker for publishing) is
+        away: consuming, but making no progress with them."""
+        return self._holding
+
     async def stop(self, drain_seconds: float) -> bool:
         """Stop taking messages; wait up to `drain_seconds` for in-flight ones. True if drained."""
         if self._resubscribing is not None:
@@ -396,6 +403,15 @@ class Consumer:
             if not self._may_hold(message, exc):
                 raise
             failure = exc
+        self._holding += 1
+        try:
+            await self._hold(message, failure)
+        finally:
+            self._holding -= 1
+
+    async def _hold(self, message: DeliveredMessage, failure: Exception) -> None:
+        """Try `_process` again after each of `hold_pauses`; raise what failed last if the
+        dependency is not back in time, or the failure is no longer one to hold for."""
         for pause in hold_pauses(FIRST_HOLD_PAUSE):
             properties = message.header.properties
             log.warning(

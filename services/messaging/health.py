@@ -1,7 +1,8 @@
 """A tiny HTTP endpoint for a consumer's liveness and readiness probes.
 
 `GET /healthz` answers 200 while the process runs; `GET /readyz` answers 200 only while the
-service is consuming, else 503. Runs on the service's own event loop, so a blocked loop fails
+service is ready (for a consumer: consuming, and not holding deliveries for a dependency that
+is away), else 503. Runs on the service's own event loop, so a blocked loop fails
 the probe too — which is the point.
 """
 

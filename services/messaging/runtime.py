@@ -235,10 +235,14 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         def consuming() -> bool:
             return all(consumer.consuming for consumer in consumers)
 
+        def ready() -> bool:
+            # Not while deliveries wait for the store (or the broker) to come back: consuming,
+            # yet doing no work. Only readiness says so; the watchdog, which restarts a
+            # service that cannot consume, would not bring a store back.
+            return consuming() and not any(consumer.holding for consumer in consumers)
+
         if settings.health_port:
-            server = await serve_health(
-                settings.health_host, settings.health_port, consuming, service
-            )
+            server = await serve_health(settings.health_host, settings.health_port, ready, service)
             stack.callback(server.close)
 
         freeze_start_up_heap(stack)
