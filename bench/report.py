@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass
@@ -37,12 +38,18 @@ def print_table(title: str, results: list[Result]) -> None:
 
 
 def save(scenario: str, results: list[Result], extra: dict[str, Any]) -> Path:
+    """Write the scenario's record; a run on a broker of its own (`bench.private_broker`,
+    `BENCH_BROKER`) is saved beside the usual one, not over it."""
     RESULTS.mkdir(exist_ok=True)
+    broker = os.environ.get("BENCH_BROKER")
+    if broker:
+        scenario = f"{scenario}_{broker}"
     path = RESULTS / f"{scenario}.json"
     record = {
         "scenario": scenario,
         "at": datetime.now(UTC).isoformat(),
         "machine": {"python": platform.python_version(), "cpus": _cpus()},
+        "broker": broker or "the node at AMQP_URL",
         "results": [asdict(r) | {"spread": r.spread} for r in results],
         **extra,
     }
@@ -51,8 +58,6 @@ def save(scenario: str, results: list[Result], extra: dict[str, Any]) -> Path:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 

@@ -107,8 +107,11 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def local_broker_pid() -> int | None:
-    """The RabbitMQ node on this machine (its Erlang VM), when `AMQP_URL` points here and exactly
-    one node runs: its CPU is part of what a pipeline costs. None otherwise."""
+    """The RabbitMQ node on this machine (its Erlang VM): its CPU is part of what a pipeline
+    costs. `BENCH_BROKER_PID` when set (`bench.private_broker`), else the one node running here
+    when `AMQP_URL` points here; None otherwise."""
+    if given := os.environ.get("BENCH_BROKER_PID"):
+        return int(given)
     if urlsplit(AMQP_URL).hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
     found = []

@@ -64,3 +64,21 @@ def test_a_broken_file_is_named_not_fatal(tmp_path: Path) -> None:
     assert "## gateway\n\nCould not read its results (JSONDecodeError" in text
     assert "## odd\n\nCould not read its results (not a result record)" in text
     assert "on test machine" in text
+
+
+def test_a_run_on_a_private_broker_is_saved_beside_the_usual_one(
+    results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BENCH_BROKER", "private_unbound")
+    report.save("consumer", [Result("courier", "msgs/s", 5000.0, [5000.0])], {})
+
+    usual = json.loads((results / "consumer.json").read_text())
+    private = json.loads((results / "consumer_private_unbound.json").read_text())
+    assert [r["median"] for r in usual["results"]] == [5079.6, 4321.0]  # not overwritten
+    assert private["broker"] == "private_unbound"
+    text = table.render(table.load(results), datetime.now(UTC), "test machine")
+    assert (
+        text.index("## consumer\n")
+        < text.index("## consumer_private_unbound")
+        < text.index("## memory")
+    )
