@@ -145,12 +145,21 @@ def file_notifications(event: FileProcessed) -> list[Notification]:
     ]
 
 
+NOT_AT_ONCE = 1.0
+"""Seconds a retry waits at least when a target refused for good beside one that failed for now
+(the first delay tier that long, not the handler's immediate retries)."""
+
+
 def _to_raise(failures: Sequence[Exception]) -> Exception:
     """The failure that decides what happens to the event.
 
     A transient one wins, so the event is retried (its delivered targets are skipped then, by
     their deliveries record), with the longest wait any target asked for; only when every
     failure is permanent is the event dead-lettered. The other failures are attached as notes.
+
+    When a target also refused for good, the retry is a delayed one (`RetryLater`): an
+    immediate retry repeats the same attempt, which would ask the refusing target again (only
+    a later attempt looks its refusal up).
     """
     transient = [exc for exc in failures if not isinstance(exc, PermanentError)]
     candidates = transient or list(failures)
@@ -158,7 +167,16 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     for other in failures:
         if other is not chosen:
             chosen.add_note(f"another target failed too: {type(other).__name__}: {other}")
-    return chosen
+    if not transient or len(transient) == len(failures):
+        return chosen
+    if isinstance(chosen, RetryLater):
+        chosen.min_delay = max(chosen.min_delay, NOT_AT_ONCE)
+        return chosen
+    later = RetryLater(f"{type(chosen).__name__}: {chosen}", min_delay=NOT_AT_ONCE)
+    later.__cause__ = chosen
+    for note in getattr(chosen, "__notes__", ()):
+        later.add_note(note)
+    return later
 
 
 class RefusedEarlier(PermanentError):

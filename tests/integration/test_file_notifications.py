@@ -12,6 +12,8 @@ import pytest
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
+from services.messaging.errors import RetryLater
+from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from services.notifier.channels import Channels, LogChannel
 from services.notifier.deliveries import Deliveries, Delivery
@@ -173,8 +175,9 @@ async def test_a_transient_failure_decides_over_a_permanent_one(
     ):
         send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
         event = processed(hook(receiver), MAIL)
-        with pytest.raises(EmailDeferred) as caught:
+        with pytest.raises(RetryLater) as caught:  # retried later, for the mail
             await file_processed(event, channels=send)
+        assert isinstance(caught.value.__cause__, EmailDeferred)
         assert any("WebhookRejected" in note for note in caught.value.__notes__)
 
         smtp.rcpt_reply = "550 5.1.1 no such user"
@@ -192,12 +195,31 @@ async def test_a_retry_does_not_ask_again_a_target_that_refused_but_still_fails(
     ):
         send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
         event = processed(hook(receiver), MAIL)
-        with pytest.raises(EmailDeferred):  # retried for the mail
+        with pytest.raises(RetryLater):  # retried for the mail
             await file_processed(event, channels=send)
         with pytest.raises(RefusedEarlier, match="unknown hook"):  # dead-lettered, not acked
             await file_processed(event, channels=send, attempt=2)
         assert len(receiver.received) == 1  # asked once, not on the retry
         assert len(smtp.messages) == 1
+
+
+async def test_a_target_that_refused_is_not_asked_again_within_the_same_attempt(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    """The consumer retries a transient failure at once, as the same attempt, where a refusal
+    is not looked up: beside a refusal, the event waits for a delayed retry instead."""
+    with (
+        WebhookReceiver(default=Reply(400, body=b"unknown hook")).running() as receiver,
+        SmtpServer(rcpt_reply=LATER).running() as smtp,
+    ):
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        event = processed(hook(receiver), MAIL)
+        policy = RetryPolicy(delays=(5, 30), immediate=2)
+        with pytest.raises(RetryLater) as caught:
+            await policy.call(lambda: file_processed(event, channels=send))
+        assert len(receiver.received) == 1
+    assert not policy.is_permanent(caught.value)
+    assert policy.next_delay(1, caught.value) == 5
 
 
 async def test_a_replay_asks_a_target_that_refused_again(
