@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -65,10 +66,26 @@ class Batcher(Generic[In, Out]):
             except BaseException as exc:
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(_for_one_caller(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+def _for_one_caller(exc: BaseException) -> BaseException:
+    """The batch's failure as one caller raises it: a copy of its own, caused by the failure.
+
+    Raised in many tasks, one exception object would gather every task's frames into one
+    traceback, and each caller's log would show the others' too. An exception that cannot be
+    rebuilt from its arguments, and a cancellation, are passed on as they are."""
+    if isinstance(exc, asyncio.CancelledError):
+        return exc
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # noqa: BLE001  # an exception class that copy cannot rebuild
+        return exc
+    twin.__cause__ = exc
+    return twin

@@ -88,3 +88,15 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still
         await first
     assert await later == 20
     assert store.batches == [[1], [2]]
+
+
+async def test_the_callers_of_a_failed_batch_each_raise_an_exception_of_their_own() -> None:
+    """One object raised in many tasks would chain all their tracebacks into one."""
+    store = Store(seconds=0.05, fail_first=True)
+    batcher = Batcher(store.write, linger=0.01)
+    outcomes = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    first, second = outcomes
+    assert isinstance(first, OSError) and isinstance(second, OSError)
+    assert first is not second
+    assert first.__cause__ is second.__cause__  # the batch's failure, with its own traceback
+    assert str(first) == str(second) == "the disk is away"
