@@ -25,6 +25,7 @@ import uvloop
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.report import Result, print_table, save
+from bench.system import AMQP_URL
 from contracts.events import EVENT_ADAPTER, NotificationRequested, NotificationRequestedData
 from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology
@@ -35,8 +36,6 @@ from services.messaging.retry import RetryPolicy
 from services.messaging.settings import ConsumerSettings
 from services.messaging.status import StatusReporter
 from services.messaging.store import open_store
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 async def preload(url: str, queue: str, events: int) -> None:

@@ -2,7 +2,8 @@
 
 The benchmarks use the broker at `AMQP_URL`, shared with whatever else runs on the machine and
 configured by its owner. This starts a private, throwaway node (`tests.support.rabbit_node`:
-own port, data directory and cookie; the shared node is never touched), runs the command with
+own port, data directory and cookie, no plugins, where compose runs the management image; the
+shared node is never touched), runs the command with
 `AMQP_URL` pointing at it, `BENCH_BROKER_PID` naming its Erlang VM (whose CPU the benchmarks
 count as the broker's) and `BENCH_BROKER` naming the set-up (results are saved as
 `<scenario>_<BENCH_BROKER>.json`, beside those of the shared node), then removes the node.
