@@ -9,9 +9,27 @@
                                `min_delay` seconds (e.g. an HTTP `Retry-After`)
 
 Any other exception a handler raises is transient: retried, then dead-lettered when exhausted.
+A handler marks one with `no_immediate_retry` when retrying it at once would repeat what it must
+not: it then waits for a delay tier, its type and classification unchanged.
 """
 
 from __future__ import annotations
+
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+_NO_IMMEDIATE_RETRY = "courier_no_immediate_retry"
+
+
+def no_immediate_retry(exc: E) -> E:
+    """Mark `exc` to be retried on a delay tier only, not at once in process (`RetryPolicy`)."""
+    setattr(exc, _NO_IMMEDIATE_RETRY, True)
+    return exc
+
+
+def wants_no_immediate_retry(exc: BaseException) -> bool:
+    return bool(getattr(exc, _NO_IMMEDIATE_RETRY, False))
 
 
 class CourierError(Exception):

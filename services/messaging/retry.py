@@ -10,7 +10,8 @@ Two stages, as in Dramatiq and Celery but without holding messages in worker mem
 After the last tier the message is dead-lettered with reason `retries_exhausted`.
 
 A handler that knows how long to wait (an HTTP `Retry-After`) raises `RetryLater`: no immediate
-retry, and the delayed retry uses the first tier at least that long.
+retry, and the delayed retry uses the first tier at least that long. A failure marked with
+`no_immediate_retry` goes to the delay tiers at once too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.errors import PermanentError, RetryLater, wants_no_immediate_retry
 
 T = TypeVar("T")
 
@@ -96,7 +97,12 @@ class RetryPolicy:
     def _retry_at_once(self, exc: BaseException) -> bool:
         # Only failures of the handler: never a cancellation (a shutdown, a closed channel),
         # which must stop the handler rather than run it again.
-        return isinstance(exc, Exception) and not self.is_permanent(exc) and min_delay_of(exc) == 0
+        return (
+            isinstance(exc, Exception)
+            and not self.is_permanent(exc)
+            and min_delay_of(exc) == 0
+            and not wants_no_immediate_retry(exc)
+        )
 
 
 def min_delay_of(exc: BaseException | None) -> float:

@@ -9,7 +9,7 @@ from contracts.events import DatasetProcessed, NotificationRequested
 from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
 from contracts.tracking import CallbackRequested
-from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.errors import PermanentError, RetryLater, no_immediate_retry
 from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
 
@@ -145,11 +145,6 @@ def file_notifications(event: FileProcessed) -> list[Notification]:
     ]
 
 
-NOT_AT_ONCE = 1.0
-"""Seconds a retry waits at least when a target refused for good beside one that failed for now
-(the first delay tier that long, not the handler's immediate retries)."""
-
-
 def _to_raise(failures: Sequence[Exception]) -> Exception:
     """The failure that decides what happens to the event.
 
@@ -157,7 +152,7 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     their deliveries record), with the longest wait any target asked for; only when every
     failure is permanent is the event dead-lettered. The other failures are attached as notes.
 
-    When a target also refused for good, the retry is a delayed one (`RetryLater`): an
+    When a target also refused for good, the retry is a delayed one (`no_immediate_retry`): an
     immediate retry repeats the same attempt, which would ask the refusing target again (only
     a later attempt looks its refusal up).
     """
@@ -167,16 +162,9 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     for other in failures:
         if other is not chosen:
             chosen.add_note(f"another target failed too: {type(other).__name__}: {other}")
-    if not transient or len(transient) == len(failures):
-        return chosen
-    if isinstance(chosen, RetryLater):
-        chosen.min_delay = max(chosen.min_delay, NOT_AT_ONCE)
-        return chosen
-    later = RetryLater(f"{type(chosen).__name__}: {chosen}", min_delay=NOT_AT_ONCE)
-    later.__cause__ = chosen
-    for note in getattr(chosen, "__notes__", ()):
-        later.add_note(note)
-    return later
+    if transient and len(transient) < len(failures):
+        no_immediate_retry(chosen)
+    return chosen
 
 
 class RefusedEarlier(PermanentError):

@@ -12,7 +12,6 @@ import pytest
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
-from services.messaging.errors import RetryLater
 from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from services.notifier.channels import Channels, LogChannel
@@ -175,9 +174,8 @@ async def test_a_transient_failure_decides_over_a_permanent_one(
     ):
         send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
         event = processed(hook(receiver), MAIL)
-        with pytest.raises(RetryLater) as caught:  # retried later, for the mail
+        with pytest.raises(EmailDeferred) as caught:
             await file_processed(event, channels=send)
-        assert isinstance(caught.value.__cause__, EmailDeferred)
         assert any("WebhookRejected" in note for note in caught.value.__notes__)
 
         smtp.rcpt_reply = "550 5.1.1 no such user"
@@ -195,7 +193,7 @@ async def test_a_retry_does_not_ask_again_a_target_that_refused_but_still_fails(
     ):
         send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
         event = processed(hook(receiver), MAIL)
-        with pytest.raises(RetryLater):  # retried for the mail
+        with pytest.raises(EmailDeferred):  # retried for the mail
             await file_processed(event, channels=send)
         with pytest.raises(RefusedEarlier, match="unknown hook"):  # dead-lettered, not acked
             await file_processed(event, channels=send, attempt=2)
@@ -215,7 +213,7 @@ async def test_a_target_that_refused_is_not_asked_again_within_the_same_attempt(
         send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
         event = processed(hook(receiver), MAIL)
         policy = RetryPolicy(delays=(5, 30), immediate=2)
-        with pytest.raises(RetryLater) as caught:
+        with pytest.raises(EmailDeferred) as caught:
             await policy.call(lambda: file_processed(event, channels=send))
         assert len(receiver.received) == 1
     assert not policy.is_permanent(caught.value)

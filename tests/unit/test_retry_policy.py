@@ -8,7 +8,7 @@ import time
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from services.messaging.errors import PermanentError, RetryLater
+from services.messaging.errors import PermanentError, RetryLater, no_immediate_retry
 from services.messaging.retry import IMMEDIATE_BUDGET_SECONDS, RetryPolicy, min_delay_of
 
 
@@ -144,6 +144,16 @@ async def test_retry_later_without_a_delay_is_retried_in_process() -> None:
     flaky = Flaky(failures=1, exc=RetryLater("busy", min_delay=0))
     assert await RetryPolicy(delays=(1,), immediate=2).call(flaky) == "done"
     assert flaky.calls == 2
+
+
+async def test_a_failure_marked_no_immediate_retry_waits_for_its_tier() -> None:
+    policy = RetryPolicy(delays=(5, 30), immediate=5)
+    flaky = Flaky(failures=1, exc=no_immediate_retry(ConnectionError("mail server busy")))
+    with pytest.raises(ConnectionError) as caught:
+        await policy.call(flaky)
+    assert flaky.calls == 1
+    assert not policy.is_permanent(caught.value)
+    assert policy.next_delay(1, caught.value) == 5
 
 
 async def test_a_cancellation_is_never_retried_in_process() -> None:
