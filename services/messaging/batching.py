@@ -66,7 +66,7 @@ class Batcher(Generic[In, Out]):
             except BaseException as exc:
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(_for_one_caller(exc))
+                        future.set_exception(for_one_caller(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
@@ -75,17 +75,25 @@ class Batcher(Generic[In, Out]):
                     future.set_result(result)
 
 
-def _for_one_caller(exc: BaseException) -> BaseException:
-    """The batch's failure as one caller raises it: a copy of its own, caused by the failure.
+def for_one_caller(exc: BaseException) -> BaseException:
+    """A failure shared by many waiters, as one of them raises it: a copy of its own.
 
-    Raised in many tasks, one exception object would gather every task's frames into one
-    traceback, and each caller's log would show the others' too. An exception that cannot be
-    rebuilt from its arguments, and a cancellation, are passed on as they are."""
+    Raised in many tasks, one exception object gathers every task's frames into one traceback,
+    so each caller's log would show the others' too. The copy keeps the original's traceback
+    (each caller's frames go in front of it: the raise site stays the innermost frame, which
+    failure fingerprints name), its cause and context, and a list of notes of its own. An
+    exception that cannot be rebuilt from its arguments, and a cancellation, are passed on as
+    they are."""
     if isinstance(exc, asyncio.CancelledError):
         return exc
     try:
         twin = copy.copy(exc)
     except Exception:  # noqa: BLE001  # an exception class that copy cannot rebuild
         return exc
-    twin.__cause__ = exc
+    twin.__traceback__ = exc.__traceback__
+    twin.__cause__ = exc.__cause__
+    twin.__context__ = exc.__context__
+    twin.__suppress_context__ = exc.__suppress_context__
+    if hasattr(exc, "__notes__"):
+        twin.__notes__ = list(exc.__notes__)
     return twin

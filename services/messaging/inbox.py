@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.envelope import Envelope
 from contracts.events import Event
-from services.messaging.batching import Batcher
+from services.messaging.batching import Batcher, for_one_caller
 from services.messaging.logs import get_logger
 from services.messaging.publisher import event_body
 from services.messaging.store import (
@@ -175,7 +175,7 @@ class Inbox:
             if found.done():  # its caller was cancelled
                 continue
             if isinstance(result, Exception):
-                found.set_exception(result)
+                found.set_exception(for_one_caller(result))
             else:
                 found.set_result(result)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 
 import pytest
 
-from services.messaging.batching import Batcher
+from services.messaging.batching import Batcher, for_one_caller
 
 
 class Store:
@@ -98,5 +99,18 @@ async def test_the_callers_of_a_failed_batch_each_raise_an_exception_of_their_ow
     first, second = outcomes
     assert isinstance(first, OSError) and isinstance(second, OSError)
     assert first is not second
-    assert first.__cause__ is second.__cause__  # the batch's failure, with its own traceback
     assert str(first) == str(second) == "the disk is away"
+    for each in (first, second):  # the raise site stays the innermost frame
+        assert traceback.extract_tb(each.__traceback__)[-1].name == "write"
+
+
+def test_a_callers_copy_keeps_the_failures_chain_and_notes_of_its_own() -> None:
+    shared = OSError("the disk is away")
+    shared.__cause__ = ConnectionError("reset")
+    shared.add_note("batch of 3")
+    copy = for_one_caller(shared)
+    copy.add_note("this caller's")
+
+    assert isinstance(copy.__cause__, ConnectionError)
+    assert shared.__notes__ == ["batch of 3"]
+    assert copy.__notes__ == ["batch of 3", "this caller's"]
