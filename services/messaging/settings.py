@@ -22,6 +22,7 @@ from contracts.topology import (
     service_topology,
 )
 from services.messaging.retry import RetryPolicy
+from services.messaging.status import DEFAULT_INTERVAL as DEFAULT_STATUS_INTERVAL
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -140,7 +141,7 @@ class ConsumerSettings(CourierSettings):
         description="How long a handled event's inbox record waits for others to share its commit.",
     )
     status_report_interval_ms: float = Field(
-        default=500.0,
+        default=DEFAULT_STATUS_INTERVAL * 1000,
         gt=0,
         le=60_000,
         description="How often the status transitions noted meanwhile are reported.",

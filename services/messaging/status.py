@@ -24,6 +24,8 @@ from services.messaging.publisher import Publisher, envelope_body
 
 log = get_logger("status")
 
+DEFAULT_INTERVAL = 0.5
+"""Seconds between reports (`COURIER_STATUS_REPORT_INTERVAL_MS`'s default)."""
 MAX_PENDING = 100_000
 DROP_WARNING_SECONDS = 10.0
 """At most one warning this often while a full backlog drops transitions (one per drop
@@ -32,7 +34,11 @@ buried the logs under thousands of lines a second)."""
 
 class StatusReporter:
     def __init__(
-        self, service: str, publisher: Publisher, exchange: str, interval: float = 0.5
+        self,
+        service: str,
+        publisher: Publisher,
+        exchange: str,
+        interval: float = DEFAULT_INTERVAL,
     ) -> None:
         self._service = service
         self._publisher = publisher
