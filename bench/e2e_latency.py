@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import shutil
 import statistics
@@ -213,17 +214,24 @@ def _step_time(status: dict[str, Any], service: str, state: str) -> float | None
 async def stages(
     base: str, sample: Sequence[Sent], notified: dict[str, float]
 ) -> dict[str, list[float]]:
-    """Per stage, the ms each sampled event spent there, from the gateway's status projection."""
-    names = (
+    """Per stage, the ms each sampled event spent there, from the gateway's status projection.
+
+    The path runs request → accepted → processor started → notifier started → delivered_at: a
+    consumer publishes its follow-ups before it acknowledges. Its `succeeded` comes with the
+    acknowledgement, after the inbox's group commit (`COURIER_INBOX_COMMIT_DELAY_MS`), so it
+    is shown beside the path, from the step it follows."""
+    path = (
         "request → gateway accepted",
         "gateway accepted → processor started",
-        "processor started → succeeded",
-        "processor succeeded → notifier started",
+        "processor started → notifier started",
         "notifier started → delivered_at",
+    )
+    beside = (
+        "processor started → processor succeeded",
         "delivered_at → notifier succeeded",
         "gateway accepted → HTTP 202 seen",
     )
-    spans: dict[str, list[float]] = {name: [] for name in names}
+    spans: dict[str, list[float]] = {name: [] for name in (*path, *beside)}
     deadline = time.monotonic() + STAGE_PATIENCE
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         for sent in sample:
@@ -235,21 +243,26 @@ async def stages(
                 if done or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.25)
-            accepted = dataset.get("accepted_at")
+            accepted_at = dataset.get("accepted_at")
+            accepted = datetime.fromisoformat(accepted_at).timestamp() if accepted_at else None
+            started = _step_time(dataset, "processor", "processing")
+            delivered = notified.get(derived)
             times = [
                 sent.scheduled,
-                datetime.fromisoformat(accepted).timestamp() if accepted else None,
-                _step_time(dataset, "processor", "processing"),
-                _step_time(dataset, "processor", "succeeded"),
+                accepted,
+                started,
                 _step_time(processed, "notifier", "processing"),
-                notified.get(derived),
-                _step_time(processed, "notifier", "succeeded"),
+                delivered,
             ]
-            for name, begin, end in zip(names, times, times[1:], strict=False):
+            pairs = [
+                *itertools.pairwise(times),
+                (started, _step_time(dataset, "processor", "succeeded")),
+                (delivered, _step_time(processed, "notifier", "succeeded")),
+                (accepted, None if accepted is None else sent.scheduled + sent.answered),
+            ]
+            for name, (begin, end) in zip(spans, pairs, strict=True):
                 if begin is not None and end is not None:
                     spans[name].append((end - begin) * 1000)
-            if times[1] is not None:
-                spans[names[-1]].append((sent.scheduled + sent.answered - times[1]) * 1000)
     return spans
 
 
