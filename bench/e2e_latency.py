@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +402,7 @@ async def run(
                 latencies = _latencies(sent, notified_now)
                 figures = (
                     ", ".join(f"p{p} {percentile(latencies, p):.1f} ms" for p in (50, 90, 99))
+                    + _slowest(sent, notified_now)
                     if latencies
                     else "nothing delivered"
                 )
@@ -426,6 +427,18 @@ def event_ids(count: int) -> list[str]:
     """Random UUIDs, like the ids clients send or the gateway assigns: ids that sort in sending
     order would let every store's B-trees append, ~4x cheaper than real traffic."""
     return [str(uuid.uuid4()) for _ in range(count)]
+
+
+def _slowest(sent: Sequence[Sent], notified: dict[str, float]) -> str:
+    """When the round's slowest event was sent (UTC), to match a stall against the broker's log
+    (a quorum queue WAL roll-over on a shared node stalls every queue for a moment)."""
+    found = [
+        (at - s.scheduled, s.scheduled)
+        for s in sent
+        if (at := notified.get(derived_event_id(s.event_id, "dataset.processed"))) is not None
+    ]
+    worst, at = max(found)
+    return f", max {worst * 1000:.1f} ms at {datetime.fromtimestamp(at, UTC):%H:%M:%S}"
 
 
 def _latencies(sent: Sequence[Sent], notified: dict[str, float]) -> list[float]:
