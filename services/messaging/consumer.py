@@ -110,13 +110,22 @@ def _unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says a dependency is away, not that the delivery or
     the runtime is wrong: the broker did not take a publish, or the store could not be
     reached or was busy."""
+    return _caused_by(exc, _store_away) or _caused_by(
+        exc, lambda seen: isinstance(seen, BrokerUnavailable | OSError | TimeoutError)
+    )
+
+
+def _store_away(exc: BaseException) -> bool:
+    """The service's store could not be reached, was busy, or refused a write."""
+    return isinstance(exc, OperationalError | InterfaceError | sqlite3.OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def _caused_by(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(
-            seen, BrokerUnavailable | OperationalError | InterfaceError | sqlite3.OperationalError
-        ) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
-            return True
-        if isinstance(seen, OSError | TimeoutError):
+        if test(seen):
             return True
         seen = seen.__cause__
     return False
@@ -501,9 +510,11 @@ class Consumer:
         publish its follow-ups, confirmed.
 
         A stateful handler writes its state in the inbox transaction, so each try is one
-        transaction, and its follow-ups are published once that committed. Otherwise only the
-        handler is retried: a store or broker error after it must not run the handler's effect
-        again (`_NotSettled`: the delivery is returned to the queue after a back-off)."""
+        transaction, and its follow-ups are published once that committed; a store that
+        refuses the transaction holds the delivery (`_NotSettled`) and spends no attempt.
+        Otherwise only the handler is retried: a store or broker error after it must not run
+        the handler's effect again (`_NotSettled`: the delivery is held while the dependency
+        is away, else returned to the queue after a back-off)."""
         handler = (
             functools.partial(route.handler, attempt=attempt)
             if route.takes_attempt
@@ -519,7 +530,19 @@ class Consumer:
                         raise _AlreadyHandled
                 return follow_ups
 
-            await self._publish_handled(await route.retry.call(stateful))
+            try:
+                follow_ups = await route.retry.call(stateful)
+            except Exception as exc:
+                if _caused_by(exc, _store_away):
+                    # The transaction is the runtime's, not the handler's: a store that
+                    # refuses it (locked, full, away) holds the delivery, as the inbox
+                    # record of a plain route does, and spends none of its attempts. The
+                    # transaction rolled back, so the next try is a first one.
+                    raise _NotSettled(
+                        f"the store did not take the handler's state: {exc!r}"
+                    ) from exc
+                raise
+            await self._publish_handled(follow_ups)
             return
         produced = await route.retry.call(lambda: handler(event))
         follow_ups = [with_cause(e, event) for e in produced or ()]

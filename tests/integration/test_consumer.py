@@ -6,6 +6,7 @@ Each test runs the real `Consumer` on a private namespace with a handler written
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ import aio_pika
 import orjson
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -405,6 +407,60 @@ async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delive
             await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
             await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
     finally:
+        await engine.dispose()
+
+
+async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_retried(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stateful handler's transaction is the runtime's: a store that refuses it (here
+    another writer holds SQLite's lock; a full disk looks the same) is an outage, not the
+    handler failing. The delivery waits for the store, spending no retry attempt."""
+    path = tmp_path / "state.sqlite3"
+    engine = open_store(f"sqlite+aiosqlite:///{path}")
+
+    def fail_writes_fast(dbapi_connection: Any, _: Any) -> None:  # after the store's pragmas
+        dbapi_connection.cursor().execute("PRAGMA busy_timeout=100")
+
+    sqlalchemy_event.listen(engine.sync_engine, "connect", fail_writes_fast)
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+    calls: list[str] = []
+
+    async def stateful(event: Envelope, conn: AsyncConnection) -> None:
+        calls.append(event.id)
+        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+
+    routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
+    event = notification()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
+            writer.execute("BEGIN IMMEDIATE")  # the store refuses writes
+            await publish(pub, topo, event)
+
+            async def held() -> None:
+                holding = [r for r in caplog.records if "holding the delivery" in r.message]
+                assert len(holding) >= 3  # through 1.4 s: past the 1 s retry tier
+
+            await eventually(held, timeout=10)
+            writer.execute("ROLLBACK")  # and takes them again
+
+            async def settled() -> None:
+                await assert_empty(namespace.amqp_url, [topo.queue])
+                assert await inbox.lookup(event.id) is not None
+
+            await eventually(settled, timeout=10)
+            await assert_empty(namespace.amqp_url, [topo.retry_queue(1), topo.dead_letter_queue])
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+        assert [r.event_id for r in rows] == [event.id]  # the refused tries rolled back
+        assert not any("retrying later" in r.message for r in caplog.records)
+    finally:
+        writer.close()
+        inbox.close()
         await engine.dispose()
 
 
