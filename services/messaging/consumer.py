@@ -85,6 +85,25 @@ class UnhandledEventType(CourierError):
     """A message reached a queue whose service has no handler for its type (a routing bug)."""
 
 
+class HandlerCancelled(CourierError):
+    """Something the handler awaited was cancelled (a future it shared, an executor shut down
+    with its queued work), though its delivery was not: a transient failure of the handler."""
+
+
+async def _cancelled_as_failure(work: Awaitable[T]) -> T:
+    """Await a handler's work; a cancellation that is not this delivery's own (stopping, a
+    closed channel) becomes `HandlerCancelled`. Left a cancellation, it would end the
+    delivery's task unsettled and unlogged until the broker's consumer timeout closed the
+    channel, returning every other delivery on it."""
+    try:
+        return await work
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise HandlerCancelled("the handler's work was cancelled; its delivery was not") from exc
+
+
 @dataclass(frozen=True)
 class Route:
     handler: Handler
@@ -524,7 +543,7 @@ class Consumer:
 
             async def stateful() -> list[Envelope]:
                 async with self._inbox.transaction() as conn:
-                    produced = await handler(event, conn) or ()
+                    produced = await _cancelled_as_failure(handler(event, conn)) or ()
                     follow_ups = [with_cause(e, event) for e in produced]
                     if not await self._inbox.record(conn, event, follow_ups):
                         raise _AlreadyHandled
@@ -544,7 +563,7 @@ class Consumer:
                 raise
             await self._publish_handled(follow_ups)
             return
-        produced = await route.retry.call(lambda: handler(event))
+        produced = await route.retry.call(lambda: _cancelled_as_failure(handler(event)))
         follow_ups = [with_cause(e, event) for e in produced or ()]
         if route.idempotent:
             await self._publish_handled(follow_ups)

@@ -464,6 +464,39 @@ async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_re
         await engine.dispose()
 
 
+async def test_a_handler_whose_await_was_cancelled_elsewhere_is_retried_not_left_unsettled(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancellation that is not the delivery's own (the handler awaited a future another
+    task gave up on) is the handler failing: retried, and said. It used to end the delivery's
+    task with the message unacked and nothing logged, until the broker's consumer timeout."""
+    calls: list[str] = []
+
+    async def handler(event: Envelope) -> None:
+        calls.append(event.id)
+        if len(calls) == 1:
+            shared: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            shared.cancel()
+            await shared
+
+    event = notification()
+    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
+        pub,
+        topo,
+        _,
+    ):
+        await publish(pub, topo, event)
+
+        async def handled_on_the_retry() -> None:
+            assert calls == [event.id, event.id]
+            await assert_empty(namespace.amqp_url, [topo.queue, topo.retry_queue(1)])
+
+        await eventually(handled_on_the_retry, timeout=10)
+        await assert_empty(namespace.amqp_url, [topo.dead_letter_queue])
+    [retrying] = [r for r in caplog.records if "retrying later" in r.message]
+    assert "HandlerCancelled" in retrying.__dict__["error"]
+
+
 async def test_handlers_run_concurrently_up_to_the_prefetch(namespace: Namespace) -> None:
     started = asyncio.Event()
     running_now = 0
