@@ -23,7 +23,12 @@ from pydantic import (
 )
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
-EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, strict=True)]
+ID_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
+"""No control characters in an id: ids key every store, and PostgreSQL refuses a NUL in text
+(one such id in a batched statement would fail the whole batch)."""
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN)
+]
 Source = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 Subject = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 

@@ -15,7 +15,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictInt, StringConstraints
 
-from contracts.envelope import CallbackUrl, Envelope, Payload
+from contracts.envelope import ID_PATTERN, CallbackUrl, Envelope, Payload
 
 State = Literal[
     "pending",
@@ -31,7 +31,7 @@ FINAL_STATES: Final[frozenset[str]] = frozenset({"succeeded", "dead_lettered", "
 
 # Timestamps accept ISO strings even in strict payloads (JSON has no datetime type).
 Timestamp = Annotated[datetime, Field(strict=False)]
-EventIdField = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+EventIdField = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 ServiceName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
