@@ -59,6 +59,7 @@ from services.messaging.store import (
     insert_rows,
     migrate,
     raw_sqlite,
+    row_may_be_at_fault,
     sqlite_time,
 )
 
@@ -171,7 +172,10 @@ class Tracking:
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._results: Batcher[_Result, None] = Batcher(
-            self._write_results, max_size=results_batch, linger=RESULTS_LINGER_SECONDS
+            self._write_results,
+            max_size=results_batch,
+            linger=RESULTS_LINGER_SECONDS,
+            isolate=row_may_be_at_fault,
         )
         self._on_final = on_final
         self._accepted: list[Accepted] = []

@@ -9,6 +9,10 @@ long for others to join it (PostgreSQL's `commit_delay`, Kafka's `linger.ms`). A
 rate, where calls arrive one at a time, that turns a store round trip per call into one per
 interval. A full batch (`max_size`) goes at once: sized to half a consumer's prefetch window,
 the linger then never holds back a loaded consumer.
+
+A batch that fails fails every caller in it. Where one item can be the cause (a row the store
+refuses), `isolate` says which failures to retry item by item: only the caller whose item
+fails alone then sees a failure, the others their results.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ class Batcher(Generic[In, Out]):
         run: Callable[[list[In]], Awaitable[Sequence[Out]]],
         max_size: int = 500,
         linger: float = 0.0,
+        isolate: Callable[[BaseException], bool] | None = None,
     ) -> None:
         self._run = run
         self._max_size = max_size
         self._linger = linger
+        self._isolate = isolate
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()  # ends a linger
@@ -64,15 +70,48 @@ class Batcher(Generic[In, Out]):
             try:
                 results = await self._run([item for item, _ in batch])
             except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(for_one_caller(exc))
+                if self._worth_isolating(batch, exc):
+                    await self._one_by_one(batch)
+                    continue
+                _fail(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            _settle(batch, results)
+
+    def _worth_isolating(
+        self, batch: list[tuple[In, asyncio.Future[Out]]], exc: BaseException
+    ) -> bool:
+        return (
+            len(batch) > 1
+            and self._isolate is not None
+            and isinstance(exc, Exception)
+            and self._isolate(exc)
+        )
+
+    async def _one_by_one(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        for at, (item, future) in enumerate(batch):
+            try:
+                results = await self._run([item])
+            except asyncio.CancelledError as exc:
+                _fail(batch[at:], exc)
+                raise
+            except Exception as exc:  # noqa: BLE001  # this item's caller raises it
+                _fail([(item, future)], exc)
+                continue
+            _settle([(item, future)], results)
+
+
+def _settle(batch: Sequence[tuple[In, asyncio.Future[Out]]], results: Sequence[Out]) -> None:
+    for (_, future), result in zip(batch, results, strict=True):
+        if not future.done():  # its caller was cancelled
+            future.set_result(result)
+
+
+def _fail(batch: Sequence[tuple[In, asyncio.Future[Out]]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(for_one_caller(exc))
 
 
 def for_one_caller(exc: BaseException) -> BaseException:

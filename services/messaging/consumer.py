@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
@@ -66,6 +64,7 @@ from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import StatusReporter
+from services.messaging.store import store_unavailable
 
 log = get_logger("consumer")
 
@@ -129,22 +128,11 @@ def _unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says a dependency is away, not that the delivery or
     the runtime is wrong: the broker did not take a publish, or the store could not be
     reached or was busy."""
-    return _caused_by(exc, _store_away) or _caused_by(
-        exc, lambda seen: isinstance(seen, BrokerUnavailable | OSError | TimeoutError)
-    )
-
-
-def _store_away(exc: BaseException) -> bool:
-    """The service's store could not be reached, was busy, or refused a write."""
-    return isinstance(exc, OperationalError | InterfaceError | sqlite3.OperationalError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    )
-
-
-def _caused_by(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    if store_unavailable(exc):
+        return True
     seen: BaseException | None = exc
     while seen is not None:
-        if test(seen):
+        if isinstance(seen, BrokerUnavailable | OSError | TimeoutError):
             return True
         seen = seen.__cause__
     return False
@@ -552,7 +540,7 @@ class Consumer:
             try:
                 follow_ups = await route.retry.call(stateful)
             except Exception as exc:
-                if _caused_by(exc, _store_away):
+                if store_unavailable(exc):
                     # The transaction is the runtime's, not the handler's: a store that
                     # refuses it (locked, full, away) holds the delivery, as the inbox
                     # record of a plain route does, and spends none of its attempts. The

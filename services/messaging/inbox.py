@@ -50,6 +50,7 @@ from services.messaging.store import (
     loop_reader,
     migrate,
     raw_sqlite,
+    row_may_be_at_fault,
     sqlite_time,
 )
 
@@ -93,9 +94,11 @@ class Inbox:
         self._runner = BatchRunner(engine)
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
-        self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(self._lookup_many)
+        self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(
+            self._lookup_many, isolate=row_may_be_at_fault
+        )
         self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(
-            self._record_many, max_size=batch, linger=commit_delay
+            self._record_many, max_size=batch, linger=commit_delay, isolate=row_may_be_at_fault
         )
         self._component = f"{service}.inbox"
         self._reader: _SqliteReads | None = None

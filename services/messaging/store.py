@@ -30,7 +30,13 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
@@ -70,6 +76,26 @@ def _sqlite_pragmas(
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the store could not be reached, was busy, or
+    refused a write for a while (locked, full): an outage, not a fault of the statement."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OperationalError | InterfaceError | sqlite3.OperationalError) or (
+            isinstance(seen, DBAPIError) and seen.connection_invalidated
+        ):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def row_may_be_at_fault(exc: BaseException) -> bool:
+    """A batched statement failed with the store up: one row's value may be what the store
+    refused (a NUL in text on PostgreSQL, a constraint), so the rows are worth trying one at
+    a time (`Batcher(isolate=...)`), where one caller's bad row then fails only that caller."""
+    return not store_unavailable(exc)
 
 
 def open_store(url: str) -> AsyncEngine:

@@ -42,6 +42,7 @@ from services.messaging.store import (
     loop_reader,
     migrate,
     raw_sqlite,
+    row_may_be_at_fault,
     sqlite_time,
 )
 from services.notifier.channels import Notification
@@ -92,7 +93,7 @@ class Deliveries:
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._outcomes: Batcher[_Outcome, None] = Batcher(
-            self._record_many, max_size=batch, linger=commit_delay
+            self._record_many, max_size=batch, linger=commit_delay, isolate=row_may_be_at_fault
         )
         self._reader: sqlite3.Connection | None = None
 

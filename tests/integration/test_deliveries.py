@@ -147,6 +147,25 @@ async def test_an_outcome_recorded_after_the_delivery_changes_nothing(
     assert await deliveries.delivered_already(n.event_id)
 
 
+async def test_an_outcome_the_store_refuses_fails_only_its_own_notification(
+    deliveries: Deliveries,
+) -> None:
+    """PostgreSQL refuses a NUL in text: recorded in one statement with others, such an
+    outcome failed them all, and each innocent handler's retry would send its notification
+    again. Its batch is now tried row by row (SQLite takes the NUL: all are recorded)."""
+    innocent, refused, other = (
+        notification("http://a.test/"),
+        notification("http://b.test/\u0000"),
+        notification("http://c.test/"),
+    )
+    outcomes = await asyncio.gather(
+        *(deliveries.delivered(n) for n in (innocent, refused, other)), return_exceptions=True
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert await deliveries.delivered_already(innocent.event_id)
+    assert await deliveries.delivered_already(other.event_id)
+
+
 async def test_a_full_batch_of_outcomes_is_committed_without_the_commit_delay(
     tmp_path: Path,
 ) -> None:

@@ -1,5 +1,5 @@
 """Group commit: concurrent calls share batches, a quiet call does not wait, failures reach
-every caller of their batch."""
+every caller of their batch, unless isolated: then only the caller whose item fails alone."""
 
 from __future__ import annotations
 
@@ -114,3 +114,55 @@ def test_a_callers_copy_keeps_the_failures_chain_and_notes_of_its_own() -> None:
     assert isinstance(copy.__cause__, ConnectionError)
     assert shared.__notes__ == ["batch of 3"]
     assert copy.__notes__ == ["batch of 3", "this caller's"]
+
+
+class Refusing:
+    """A store that refuses any batch holding a negative item (a row it cannot take), or,
+    when `away`, every batch."""
+
+    def __init__(self, away: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.away = away
+
+    async def write(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await asyncio.sleep(0)
+        if self.away:
+            raise ConnectionError("the store is away")
+        if any(item < 0 for item in items):
+            raise ValueError("a row the store refuses")
+        return [item * 10 for item in items]
+
+
+def _is_a_refused_row(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError)
+
+
+async def _three_at_once(batcher: Batcher[int, int]) -> list[int | BaseException]:
+    futures = [batcher.enqueue(item) for item in (1, -2, 3)]
+    return await asyncio.gather(*futures, return_exceptions=True)
+
+
+async def test_with_isolation_one_bad_item_fails_only_its_own_caller() -> None:
+    store = Refusing()
+    batcher = Batcher(store.write, isolate=_is_a_refused_row)
+    first, second, third = await _three_at_once(batcher)
+    assert (first, third) == (10, 30)
+    assert isinstance(second, ValueError)
+    assert store.batches == [[1, -2, 3], [1], [-2], [3]]
+
+
+async def test_isolation_is_not_tried_for_a_failure_of_the_whole_store() -> None:
+    store = Refusing(away=True)
+    batcher = Batcher(store.write, isolate=_is_a_refused_row)
+    outcomes = await _three_at_once(batcher)
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+    assert store.batches == [[1, -2, 3]]  # not hammered item by item
+
+
+async def test_without_isolation_a_bad_item_fails_its_whole_batch() -> None:
+    store = Refusing()
+    batcher = Batcher(store.write)
+    outcomes = await _three_at_once(batcher)
+    assert all(isinstance(outcome, ValueError) for outcome in outcomes)
+    assert store.batches == [[1, -2, 3]]
