@@ -24,8 +24,8 @@ from pydantic import (
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
 ID_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
-"""No control characters in an id: ids key every store, and PostgreSQL refuses a NUL in text
-(one such id in a batched statement would fail the whole batch)."""
+"""No ASCII control characters (U+0000 to U+001F, U+007F) in an id: ids key every store, and
+PostgreSQL refuses a NUL in text."""
 EventId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN)
 ]

@@ -10,7 +10,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, TypeAdapter
 
-from contracts.envelope import Envelope, IngestEnvelope, Payload
+from contracts.envelope import ID_PATTERN, Envelope, IngestEnvelope, Payload
 from contracts.files import FileProcessed, FileUploaded
 from contracts.notify import Channel as Channel  # re-exported: it was defined here first
 from contracts.tracking import CallbackRequested, CancellationRequested, StatusReported
@@ -82,7 +82,7 @@ class FieldSummary(Payload):
 
 
 class DatasetProcessedData(Payload):
-    dataset_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    dataset_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     record_count: StrictInt = Field(ge=0)
     fields: Annotated[dict[FieldName, FieldSummary], Field(max_length=MAX_RECORDS * MAX_FIELDS)]

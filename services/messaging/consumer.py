@@ -540,10 +540,11 @@ class Consumer:
             try:
                 follow_ups = await route.retry.call(stateful)
             except Exception as exc:
-                if store_unavailable(exc):
+                if store_unavailable(exc) and not route.retry.is_permanent(exc):
                     # The transaction is the runtime's, not the handler's: a store that
-                    # refuses it (locked, full, away) holds the delivery, as the inbox
-                    # record of a plain route does, and spends none of its attempts. The
+                    # refuses it (locked, full, away, failing over) holds the delivery, as
+                    # the inbox record of a plain route does, and spends none of its
+                    # attempts; unless the handler gave up itself (a permanent error). The
                     # transaction rolled back, so the next try is a first one.
                     raise _NotSettled(
                         f"the store did not take the handler's state: {exc!r}"

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -31,6 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import (
+    DataError,
     DBAPIError,
     IntegrityError,
     InterfaceError,
@@ -78,24 +79,62 @@ def _sqlite_pragmas(
     cursor.close()
 
 
+# PostgreSQL error codes (SQLSTATE) of a store that is away or refusing work for a while:
+# classes 08 connection, 53 insufficient resources (disk full, too many connections), 57
+# operator intervention (shutting down, starting up, statement timeout), 58 system (I/O); and
+# serialization failures, deadlocks, lock timeouts and a read-only standby after a failover.
+_AWAY_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
+_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006"})
+# Classes 22 (data exception, e.g. a NUL in text) and 23 (integrity constraint violation).
+_ROW_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
+
+
 def store_unavailable(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the store could not be reached, was busy, or
-    refused a write for a while (locked, full): an outage, not a fault of the statement."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OperationalError | InterfaceError | sqlite3.OperationalError) or (
-            isinstance(seen, DBAPIError) and seen.connection_invalidated
-        ):
+    """Whether `exc` (or what caused it) says the store is away or refusing work for a while
+    (unreachable, locked, busy, full, failing over): an outage, not a fault of the statement.
+    On SQLite every `OperationalError` counts, a missing table too (a store being replaced)."""
+    for seen in _causes(exc):
+        if isinstance(
+            seen, OperationalError | InterfaceError | sqlite3.OperationalError | ConnectionError
+        ) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
             return True
-        seen = seen.__cause__
+        state = _sqlstate(seen)
+        if state is not None and (state[:2] in _AWAY_SQLSTATE_CLASSES or state in _AWAY_SQLSTATES):
+            return True
     return False
 
 
 def row_may_be_at_fault(exc: BaseException) -> bool:
-    """A batched statement failed with the store up: one row's value may be what the store
-    refused (a NUL in text on PostgreSQL, a constraint), so the rows are worth trying one at
-    a time (`Batcher(isolate=...)`), where one caller's bad row then fails only that caller."""
-    return not store_unavailable(exc)
+    """Whether a batched statement failed for what one row may hold: a value the database
+    refuses (a NUL in text on PostgreSQL) or a constraint it breaks. Only then are the rows
+    worth trying one at a time (`Batcher(isolate=...)`): any other failure, an outage above
+    all, would only be repeated once per row."""
+    for seen in _causes(exc):
+        if isinstance(
+            seen, IntegrityError | DataError | sqlite3.IntegrityError | sqlite3.DataError
+        ):
+            return True
+        state = _sqlstate(seen)
+        if state is not None and state[:2] in _ROW_SQLSTATE_CLASSES:
+            return True
+    return False
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, what caused it, and the driver's error SQLAlchemy wrapped at each step."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        orig = getattr(seen, "orig", None)
+        if isinstance(orig, BaseException) and orig is not seen.__cause__:
+            yield orig
+        seen = seen.__cause__
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error (asyncpg's `sqlstate`, SQLAlchemy's `pgcode`)."""
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return state if isinstance(state, str) and len(state) == 5 else None
 
 
 def open_store(url: str) -> AsyncEngine:

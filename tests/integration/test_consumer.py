@@ -457,9 +457,38 @@ async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_re
         async with engine.connect() as conn:
             rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
         assert [r.event_id for r in rows] == [event.id]  # the refused tries rolled back
+        assert len(calls) >= 2 and set(calls) == {event.id}  # tried again while held
         assert not any("retrying later" in r.message for r in caplog.records)
     finally:
         writer.close()
+        inbox.close()
+        await engine.dispose()
+
+
+async def test_a_stateful_handler_that_gives_up_on_a_store_error_is_dead_lettered_not_held(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A handler that raises PermanentError (here from a store error it judged hopeless)
+    means it: dead-lettered at once, not held as an outage."""
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/state.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+
+    async def stateful(event: Envelope, conn: AsyncConnection) -> None:
+        try:
+            await conn.execute(text("INSERT INTO no_such_table VALUES (1)"))
+        except Exception as exc:
+            raise PermanentError("this store will never have that table") from exc
+
+    routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
+    event = notification()
+    try:
+        async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
+            await publish(pub, topo, event)
+            [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=5)
+            assert dead.message_id == event.id
+            assert dead.headers[f.REASON] == "permanent"
+    finally:
         inbox.close()
         await engine.dispose()
 

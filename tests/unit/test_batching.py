@@ -4,12 +4,14 @@ every caller of their batch, unless isolated: then only the caller whose item fa
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import traceback
 
 import pytest
 
 from services.messaging.batching import Batcher, for_one_caller
+from services.messaging.store import row_may_be_at_fault
 
 
 class Store:
@@ -117,8 +119,8 @@ def test_a_callers_copy_keeps_the_failures_chain_and_notes_of_its_own() -> None:
 
 
 class Refusing:
-    """A store that refuses any batch holding a negative item (a row it cannot take), or,
-    when `away`, every batch."""
+    """A store that refuses any batch holding a negative item (a row breaking a constraint),
+    or, when `away`, every batch."""
 
     def __init__(self, away: bool = False) -> None:
         self.batches: list[list[int]] = []
@@ -128,14 +130,10 @@ class Refusing:
         self.batches.append(items)
         await asyncio.sleep(0)
         if self.away:
-            raise ConnectionError("the store is away")
+            raise ConnectionRefusedError("the store is away")
         if any(item < 0 for item in items):
-            raise ValueError("a row the store refuses")
+            raise sqlite3.IntegrityError("CHECK constraint failed: item >= 0")
         return [item * 10 for item in items]
-
-
-def _is_a_refused_row(exc: BaseException) -> bool:
-    return isinstance(exc, ValueError)
 
 
 async def _three_at_once(batcher: Batcher[int, int]) -> list[int | BaseException]:
@@ -143,26 +141,26 @@ async def _three_at_once(batcher: Batcher[int, int]) -> list[int | BaseException
     return await asyncio.gather(*futures, return_exceptions=True)
 
 
-async def test_with_isolation_one_bad_item_fails_only_its_own_caller() -> None:
+async def test_with_isolation_one_bad_row_fails_only_its_own_caller() -> None:
     store = Refusing()
-    batcher = Batcher(store.write, isolate=_is_a_refused_row)
+    batcher = Batcher(store.write, isolate=row_may_be_at_fault)
     first, second, third = await _three_at_once(batcher)
     assert (first, third) == (10, 30)
-    assert isinstance(second, ValueError)
+    assert isinstance(second, sqlite3.IntegrityError)
     assert store.batches == [[1, -2, 3], [1], [-2], [3]]
 
 
-async def test_isolation_is_not_tried_for_a_failure_of_the_whole_store() -> None:
+async def test_an_outage_is_not_tried_row_by_row() -> None:
     store = Refusing(away=True)
-    batcher = Batcher(store.write, isolate=_is_a_refused_row)
+    batcher = Batcher(store.write, isolate=row_may_be_at_fault)
     outcomes = await _three_at_once(batcher)
-    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
-    assert store.batches == [[1, -2, 3]]  # not hammered item by item
+    assert all(isinstance(outcome, ConnectionRefusedError) for outcome in outcomes)
+    assert store.batches == [[1, -2, 3]]  # not hammered once per row
 
 
-async def test_without_isolation_a_bad_item_fails_its_whole_batch() -> None:
+async def test_without_isolation_a_bad_row_fails_its_whole_batch() -> None:
     store = Refusing()
     batcher = Batcher(store.write)
     outcomes = await _three_at_once(batcher)
-    assert all(isinstance(outcome, ValueError) for outcome in outcomes)
+    assert all(isinstance(outcome, sqlite3.IntegrityError) for outcome in outcomes)
     assert store.batches == [[1, -2, 3]]
