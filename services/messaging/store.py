@@ -92,11 +92,12 @@ _ROW_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 def store_unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the store is away or refusing work for a while
     (unreachable, locked, busy, full, failing over): an outage, not a fault of the statement.
-    On SQLite every `OperationalError` counts, a missing table too (a store being replaced)."""
+    On SQLite every `OperationalError` counts, a missing table too (a store being replaced).
+    A bare `OSError` does not: a stateful handler's own call raises the same."""
     for seen in _causes(exc):
-        if isinstance(
-            seen, OperationalError | InterfaceError | sqlite3.OperationalError | ConnectionError
-        ) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
+        if isinstance(seen, OperationalError | InterfaceError | sqlite3.OperationalError) or (
+            isinstance(seen, DBAPIError) and seen.connection_invalidated
+        ):
             return True
         state = _sqlstate(seen)
         if state is not None and (state[:2] in _AWAY_SQLSTATE_CLASSES or state in _AWAY_SQLSTATES):

@@ -33,7 +33,6 @@ AWAY = {
         "INSERT ...", {}, sqlite3.OperationalError("database is locked")
     ),
     "sqlite full": sqlite3.OperationalError("database or disk is full"),
-    "connection refused": ConnectionRefusedError(111, "Connection refused"),
     "postgres disk full": through_sqlalchemy(PostgresError("53100")),
     "postgres too many connections": through_sqlalchemy(PostgresError("53300")),
     "postgres starting up": through_sqlalchemy(PostgresError("57P03")),
@@ -49,6 +48,8 @@ ROW = {
 }
 NEITHER = {
     "postgres syntax error": through_sqlalchemy(PostgresError("42601")),
+    # Also what a stateful handler's own call raises: its failure, retried through the tiers.
+    "a bare refused connection": ConnectionRefusedError(111, "Connection refused"),
     "a bug": ValueError("not the store's"),
 }
 
