@@ -49,6 +49,7 @@ from services.messaging.errors import (
     BrokerUnavailable,
     CourierError,
     PermanentError,
+    causes,
 )
 from services.messaging.failure import (
     EXCEPTION_MESSAGE,
@@ -128,14 +129,9 @@ def _unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says a dependency is away, not that the delivery or
     the runtime is wrong: the broker did not take a publish, or the store could not be
     reached or was busy."""
-    if store_unavailable(exc):
-        return True
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, BrokerUnavailable | OSError | TimeoutError):
-            return True
-        seen = seen.__cause__
-    return False
+    return store_unavailable(exc) or any(
+        isinstance(seen, BrokerUnavailable | OSError | TimeoutError) for seen in causes(exc)
+    )
 
 
 class _NotSettled(Exception):

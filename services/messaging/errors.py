@@ -15,6 +15,7 @@ not: it then waits for a delay tier, its type and classification unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -30,6 +31,18 @@ def no_immediate_retry(exc: E) -> E:
 
 def wants_no_immediate_retry(exc: BaseException) -> bool:
     return bool(getattr(exc, _NO_IMMEDIATE_RETRY, False))
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what caused it, outermost first; where a database layer wrapped a driver's
+    error (SQLAlchemy's `orig`) that is not the cause already, the driver's error too."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        orig = getattr(seen, "orig", None)
+        if isinstance(orig, BaseException) and orig is not seen.__cause__:
+            yield orig
+        seen = seen.__cause__
 
 
 class CourierError(Exception):

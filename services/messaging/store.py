@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
+
+from services.messaging.errors import causes
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 T = TypeVar("T")
@@ -94,15 +96,12 @@ def store_unavailable(exc: BaseException) -> bool:
     (unreachable, locked, busy, full, failing over): an outage, not a fault of the statement.
     On SQLite every `OperationalError` counts, a missing table too (a store being replaced).
     A bare `OSError` does not: a stateful handler's own call raises the same."""
-    for seen in _causes(exc):
-        if isinstance(seen, OperationalError | InterfaceError | sqlite3.OperationalError) or (
-            isinstance(seen, DBAPIError) and seen.connection_invalidated
-        ):
-            return True
-        state = _sqlstate(seen)
-        if state is not None and (state[:2] in _AWAY_SQLSTATE_CLASSES or state in _AWAY_SQLSTATES):
-            return True
-    return False
+    return _any_cause(
+        exc,
+        (OperationalError, InterfaceError, sqlite3.OperationalError),
+        _AWAY_SQLSTATE_CLASSES,
+        _AWAY_SQLSTATES,
+    ) or any(isinstance(seen, DBAPIError) and seen.connection_invalidated for seen in causes(exc))
 
 
 def row_may_be_at_fault(exc: BaseException) -> bool:
@@ -110,32 +109,28 @@ def row_may_be_at_fault(exc: BaseException) -> bool:
     refuses (a NUL in text on PostgreSQL) or a constraint it breaks. Only then are the rows
     worth trying one at a time (`Batcher(isolate=...)`): any other failure, an outage above
     all, would only be repeated once per row."""
-    for seen in _causes(exc):
-        if isinstance(
-            seen, IntegrityError | DataError | sqlite3.IntegrityError | sqlite3.DataError
-        ):
+    return _any_cause(
+        exc,
+        (IntegrityError, DataError, sqlite3.IntegrityError, sqlite3.DataError),
+        _ROW_SQLSTATE_CLASSES,
+    )
+
+
+def _any_cause(
+    exc: BaseException,
+    types: tuple[type[BaseException], ...],
+    sqlstate_classes: frozenset[str],
+    sqlstates: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether `exc` or a cause of it is one of `types`, or a PostgreSQL error whose SQLSTATE
+    (asyncpg's `sqlstate`, SQLAlchemy's `pgcode`) is in one of the classes or listed."""
+    for seen in causes(exc):
+        if isinstance(seen, types):
             return True
-        state = _sqlstate(seen)
-        if state is not None and state[:2] in _ROW_SQLSTATE_CLASSES:
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str) and (state[:2] in sqlstate_classes or state in sqlstates):
             return True
     return False
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, what caused it, and the driver's error SQLAlchemy wrapped at each step."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        orig = getattr(seen, "orig", None)
-        if isinstance(orig, BaseException) and orig is not seen.__cause__:
-            yield orig
-        seen = seen.__cause__
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a PostgreSQL error (asyncpg's `sqlstate`, SQLAlchemy's `pgcode`)."""
-    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
-    return state if isinstance(state, str) and len(state) == 5 else None
 
 
 def open_store(url: str) -> AsyncEngine:
