@@ -399,16 +399,20 @@ class Tracking:
             ).first()
             if event is None:
                 return None
-            rows = (
-                await conn.execute(
-                    select(states).where(states.c.event_seq == event.seq).order_by(states.c.service)
-                )
-            ).all()
+            # History first: each read sees what was committed when it ran, and a report commits
+            # its history and states together, so a state read after the history has a row for
+            # every service the history names (read the other way round, a report committed in
+            # between showed a service by its history alone, without its state's fields).
             steps = (
                 await conn.execute(
                     select(history)
                     .where(history.c.event_seq == event.seq)
                     .order_by(history.c.at, history.c.id)
+                )
+            ).all()
+            rows = (
+                await conn.execute(
+                    select(states).where(states.c.event_seq == event.seq).order_by(states.c.service)
                 )
             ).all()
         services: dict[str, dict[str, Any]] = {}
