@@ -24,7 +24,7 @@ from services.gateway.short_path import Gateway
 from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
-from services.messaging.failure import REASON
+from services.messaging.failure import FAILED_AT, REASON
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.periodic import run_every
@@ -74,13 +74,25 @@ def _housekeeping(
 
 
 def _keep_letter(failures: FailureStore, tracking: Tracking) -> Sink:
-    """Store a dead letter; if the broker dead-lettered it (no consumer could report it, e.g. a
-    delivery that kept crashing its consumer), show it in the event's status too."""
+    """Store a dead letter, and show it in its event's status.
+
+    The letter is the one durable account of the failure (the consumer that made it acked its
+    delivery on the broker's confirm): a status report sent after it could die with its
+    process, and a letter the broker made (a delivery that kept crashing its consumer) has
+    no consumer to report it at all."""
 
     async def keep(letter: DeadLetter) -> None:
         await failures.add_letter(letter)
-        if letter.event_id is None or REASON in letter.headers:
-            return  # the consumer reported `dead_lettered` itself
+        if letter.event_id is None:
+            return
+        # A consumer's letter says when it failed, to the microsecond; the broker's `x-death`
+        # has whole seconds, which could order it before the attempt's `processing`.
+        at = letter.last_failure if FAILED_AT in letter.headers else datetime.now(UTC)
+        detail = (
+            f"{letter.exception_type}: {letter.exception_message}"
+            if letter.exception_type
+            else letter.exception_message or ""
+        )
         await tracking.apply(
             [
                 Transition.model_construct(
@@ -88,11 +100,12 @@ def _keep_letter(failures: FailureStore, tracking: Tracking) -> Sink:
                     event_type=letter.event_type,
                     service=letter.service,
                     state="dead_lettered",
-                    at=datetime.now(UTC),  # x-death's time has whole seconds only
-                    attempt=None,
+                    at=at,
+                    # The broker counts deliveries, not attempts: a letter of its own has none.
+                    attempt=letter.attempts if REASON in letter.headers else None,
                     reason=letter.reason[:64],
                     group=letter.group,
-                    detail=(letter.exception_message or "")[:1000] or None,
+                    detail=detail[:1000] or None,
                 )
             ]
         )

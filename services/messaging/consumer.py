@@ -29,7 +29,7 @@ import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
@@ -43,7 +43,6 @@ from contracts.events import EVENT_ADAPTER
 from contracts.topology import RESULT_TYPES, QueueSpec, ServiceTopology
 from contracts.tracking import State
 from services.messaging.acks import Acks
-from services.messaging.dead_letters import group_key
 from services.messaging.declare import declare_topology
 from services.messaging.errors import (
     BrokerUnavailable,
@@ -52,8 +51,6 @@ from services.messaging.errors import (
     causes,
 )
 from services.messaging.failure import (
-    EXCEPTION_MESSAGE,
-    FINGERPRINT,
     Failure,
     FailureReason,
     attempt_of,
@@ -489,7 +486,7 @@ class Consumer:
             return
         self._report(event, "processing", attempt=attempt)
         try:
-            await self._attempt(route, event, attempt)
+            handled_at = await self._attempt(route, event, attempt)
         except _AlreadyHandled:
             known = await self._inbox.lookup(event.id)
             recorded = known.follow_ups if isinstance(known, Handled) else ()
@@ -501,16 +498,21 @@ class Consumer:
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return
         self._ack(message)
-        self._report(event, "succeeded", attempt=attempt)
+        # Stamped with the inbox record's time: the record can tell this report again after a
+        # crash took it (`Inbox.recent`), and the gateway sees the same report twice.
+        self._report(event, "succeeded", at=handled_at, attempt=attempt)
         log.debug("handled", extra={"event_type": event.type, "attempt": attempt})
 
-    def _report(self, event: Envelope, state: State, **detail: Any) -> None:
+    def _report(
+        self, event: Envelope, state: State, at: datetime | None = None, **detail: Any
+    ) -> None:
         if self._reporter is not None and event.type in self._reported_types:
-            self._reporter.report(event.id, event.type, state, **detail)
+            self._reporter.report(event.id, event.type, state, at=at, **detail)
 
-    async def _attempt(self, route: Route, event: Envelope, attempt: int) -> None:
+    async def _attempt(self, route: Route, event: Envelope, attempt: int) -> datetime | None:
         """Run the handler (retrying blips in process), record the event in the inbox and
-        publish its follow-ups, confirmed.
+        publish its follow-ups, confirmed; when the inbox recorded it (None for a route
+        without a record).
 
         A stateful handler writes its state in the inbox transaction, so each try is one
         transaction, and its follow-ups are published once that committed; a store that
@@ -525,16 +527,17 @@ class Consumer:
         )
         if route.stateful:
 
-            async def stateful() -> list[Envelope]:
+            async def stateful() -> tuple[list[Envelope], datetime]:
                 async with self._inbox.transaction() as conn:
                     produced = await _cancelled_as_failure(handler(event, conn)) or ()
                     follow_ups = [with_cause(e, event) for e in produced]
-                    if not await self._inbox.record(conn, event, follow_ups):
+                    handled_at = await self._inbox.record(conn, event, follow_ups, attempt)
+                    if handled_at is None:
                         raise _AlreadyHandled
-                return follow_ups
+                return follow_ups, handled_at
 
             try:
-                follow_ups = await route.retry.call(stateful)
+                follow_ups, handled_at = await route.retry.call(stateful)
             except Exception as exc:
                 if store_unavailable(exc) and not route.retry.is_permanent(exc):
                     # The transaction is the runtime's, not the handler's: a store that
@@ -547,13 +550,13 @@ class Consumer:
                     ) from exc
                 raise
             await self._publish_handled(follow_ups)
-            return
+            return handled_at
         produced = await route.retry.call(lambda: _cancelled_as_failure(handler(event)))
         follow_ups = [with_cause(e, event) for e in produced or ()]
         if route.idempotent:
             await self._publish_handled(follow_ups)
-        else:
-            await self._record_and_publish(event, follow_ups)
+            return None
+        return await self._record_and_publish(event, follow_ups, attempt)
 
     async def _publish_handled(self, follow_ups: Sequence[Envelope]) -> None:
         """Publish the follow-ups of a handled event: a failure now is the infrastructure's,
@@ -563,13 +566,15 @@ class Consumer:
         except Exception as exc:
             raise _NotSettled(f"publishing the follow-ups failed: {exc!r}") from exc
 
-    async def _record_and_publish(self, event: Envelope, follow_ups: Sequence[Envelope]) -> None:
+    async def _record_and_publish(
+        self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int
+    ) -> datetime:
         """Record a handled event and publish its follow-ups, overlapping: one disk sync fewer
         on the way. Both finish before anything is settled (a returned delivery finds the
         record); a crash between them is a crash before the ack, which the inbox and the
-        follow-ups' derived ids cover."""
-        remember = self._inbox.remember(event, follow_ups)
-        recorded: bool | BaseException
+        follow-ups' derived ids cover. When the record was made."""
+        remember = self._inbox.remember(event, follow_ups, attempt)
+        recorded: datetime | BaseException | None
         published: BaseException | None = None
         if follow_ups:
             recorded, published = await asyncio.gather(
@@ -582,8 +587,10 @@ class Consumer:
                 raise _NotSettled(f"the handler succeeded but: {outcome!r}") from outcome
             if isinstance(outcome, BaseException):
                 raise outcome  # cancelled: the delivery returns with the channel
-        if not recorded:
+        if recorded is None:
             raise _AlreadyHandled
+        assert not isinstance(recorded, BaseException)  # raised above
+        return recorded
 
     async def _skip_duplicate(
         self, message: DeliveredMessage, event: Envelope, follow_ups: Sequence[Envelope]
@@ -676,16 +683,9 @@ class Consumer:
             exchange="",
             routing_key=self._topology.dead_letter_queue,
         )
+        # Acked once the letter is confirmed; the gateway shows `dead_lettered` from the letter
+        # itself, which no crash of this process can take.
         self._ack(message)
-        if event is not None:
-            self._report(
-                event,
-                "dead_lettered",
-                attempt=failure.attempt,
-                reason=reason,
-                group=group_key(dead_headers[FINGERPRINT], dead_headers[EXCEPTION_MESSAGE]),
-                detail=failure.summary(),
-            )
         log.error(
             "dead-lettered",
             extra={

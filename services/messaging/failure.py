@@ -21,6 +21,9 @@ FailureReason = Literal["permanent", "retries_exhausted", "delivery_limit", "inv
 ATTEMPT: Final = "courier-attempt"
 FIRST_FAILURE: Final = "courier-first-failure"
 LAST_FAILURE: Final = "courier-last-failure"
+FAILED_AT: Final = "courier-failed-at"
+"""A dead letter's failure time to the microsecond (ISO 8601): AMQP timestamps, as in
+`LAST_FAILURE`, keep whole seconds, too coarse to order it after the attempt's `processing`."""
 LAST_ERROR: Final = "courier-last-error"
 REASON: Final = "courier-reason"
 SERVICE: Final = "courier-service"
@@ -37,8 +40,9 @@ REPLAYS: Final = "courier-replays"
 # Headers that describe one failure; a replayed message starts without them.
 FAILURE_HEADERS: Final = frozenset(
     {
-        ATTEMPT, FIRST_FAILURE, LAST_FAILURE, LAST_ERROR, REASON, SERVICE, QUEUE, EVENT_ID,
-        EVENT_TYPE, EXCEPTION_TYPE, EXCEPTION_MESSAGE, TRACEBACK, FINGERPRINT, DEAD_LETTER_ID,
+        ATTEMPT, FIRST_FAILURE, LAST_FAILURE, FAILED_AT, LAST_ERROR, REASON, SERVICE, QUEUE,
+        EVENT_ID, EVENT_TYPE, EXCEPTION_TYPE, EXCEPTION_MESSAGE, TRACEBACK, FINGERPRINT,
+        DEAD_LETTER_ID,
     }
 )  # fmt: skip
 
@@ -144,6 +148,7 @@ class Failure:
             ATTEMPT: self.attempt,
             FIRST_FAILURE: headers.get(FIRST_FAILURE, self.at),
             LAST_FAILURE: self.at,
+            FAILED_AT: self.at.isoformat(),
             EXCEPTION_TYPE: _exception_name(self.exc),
             EXCEPTION_MESSAGE: str(self.exc)[:MAX_MESSAGE_CHARS],
             TRACEBACK: _trimmed_traceback(self.exc),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,14 +22,18 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
     delete,
+    func,
+    inspect,
     literal,
     null,
     select,
+    text,
     union_all,
 )
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +77,16 @@ class Handled:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """An inbox record as the status report of its outcome (`succeeded`) tells it."""
+
+    event_id: str
+    event_type: str
+    handled_at: datetime
+    attempt: int | None
+
+
+@dataclass(frozen=True)
 class Cancelled:
     event_id: str
     cancelled_at: datetime
@@ -97,7 +111,7 @@ class Inbox:
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(
             self._lookup_many, isolate=row_may_be_at_fault
         )
-        self._records: Batcher[tuple[Envelope, bytes | None], bool] = Batcher(
+        self._records: Batcher[tuple[Envelope, bytes | None, int], datetime | None] = Batcher(
             self._record_many, max_size=batch, linger=commit_delay, isolate=row_may_be_at_fault
         )
         self._component = f"{service}.inbox"
@@ -110,6 +124,8 @@ class Inbox:
             Column("event_type", String(128), nullable=False),
             Column("handled_at", DateTime(timezone=True), nullable=False, index=True),
             Column("follow_ups", LargeBinary, nullable=True),
+            # The attempt that succeeded: with `handled_at`, the record is its status report.
+            Column("attempt", Integer, nullable=True),
         )
         # Cancellations are durable: they survive restarts, unlike an in-memory revoke list.
         self._cancellations = Table(
@@ -126,8 +142,19 @@ class Inbox:
 
             return create
 
+        async def add_attempt(conn: AsyncConnection) -> None:
+            def add(sync: Connection) -> None:
+                name = self._table.name
+                columns = {c["name"] for c in inspect(sync).get_columns(name)}
+                if "attempt" not in columns:  # a store created before it (new ones have it)
+                    sync.execute(text(f'ALTER TABLE "{name}" ADD COLUMN attempt INTEGER'))
+
+            await conn.run_sync(add)
+
         await migrate(
-            self._engine, self._component, [creating(self._table), creating(self._cancellations)]
+            self._engine,
+            self._component,
+            [creating(self._table), creating(self._cancellations), add_attempt],
         )
         raw = loop_reader(self._engine)
         if raw is not None:
@@ -204,25 +231,37 @@ class Inbox:
                 found.setdefault(event_id, Cancelled(event_id, at))
         return [found.get(event_id) for event_id in event_ids]
 
-    async def remember(self, event: Envelope, follow_ups: Sequence[Envelope]) -> bool:
-        """Record `event` as handled (group-committed with others); False if it already was."""
+    async def remember(
+        self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int = 1
+    ) -> datetime | None:
+        """Record `event` as handled (group-committed with others): when, or None if it already
+        was. The time is the record's own, so a status report stamped with it can be told again
+        from the record, as the same report (`recent`)."""
         payload = _as_json(follow_ups) if follow_ups else None
-        return await self._records.submit((event, payload))
+        return await self._records.submit((event, payload, attempt))
 
-    async def _record_many(self, items: list[tuple[Envelope, bytes | None]]) -> list[bool]:
+    async def _record_many(
+        self, items: list[tuple[Envelope, bytes | None, int]]
+    ) -> list[datetime | None]:
         now = datetime.now(UTC)
         if self._runner.sqlite:
             at = sqlite_time(now)
-            values = [(e.id, e.type, at, payload) for e, payload in items]
+            values = [(e.id, e.type, at, payload, attempt) for e, payload, attempt in items]
             inserted = await self._runner.run_autocommit(lambda raw: self._insert_new(raw, values))
         else:
             rows = [
-                {"event_id": e.id, "event_type": e.type, "handled_at": now, "follow_ups": payload}
-                for e, payload in items
+                {
+                    "event_id": e.id,
+                    "event_type": e.type,
+                    "handled_at": now,
+                    "follow_ups": payload,
+                    "attempt": attempt,
+                }
+                for e, payload, attempt in items
             ]
             inserted = await self._runner.run(lambda conn: _insert_core(conn, self._table, rows))
         # Within one batch an id appears once: the consumer serialises deliveries of an id.
-        return [e.id in inserted for e, _ in items]
+        return [now if e.id in inserted else None for e, _, _ in items]
 
     def _insert_new(self, raw: sqlite3.Connection, values: list[tuple[Any, ...]]) -> set[str]:
         """Insert the rows whose event id is new, in one autocommit statement; the ids
@@ -241,23 +280,52 @@ class Inbox:
         return {event_id for (event_id,) in ours}
 
     async def record(
-        self, conn: AsyncConnection, event: Envelope, follow_ups: Sequence[Envelope]
-    ) -> bool:
-        """Record `event` as handled inside `conn`'s transaction; False if it already was."""
+        self,
+        conn: AsyncConnection,
+        event: Envelope,
+        follow_ups: Sequence[Envelope],
+        attempt: int = 1,
+    ) -> datetime | None:
+        """Record `event` as handled inside `conn`'s transaction: when, or None if it already
+        was (see `remember`)."""
         payload = _as_json(follow_ups)
+        now = datetime.now(UTC)
         try:
             async with conn.begin_nested():
                 await conn.execute(
                     self._table.insert().values(
                         event_id=event.id,
                         event_type=event.type,
-                        handled_at=datetime.now(UTC),
+                        handled_at=now,
                         follow_ups=payload if follow_ups else None,
+                        attempt=attempt,
                     )
                 )
         except IntegrityError:
-            return False
-        return True
+            return None
+        return now
+
+    async def recent(self, window: timedelta, event_types: Collection[str]) -> list[Recorded]:
+        """The records of `event_types` handled within `window` before the newest record, oldest
+        first: what a process that stopped abruptly may have handled and acknowledged without
+        reporting it yet (status reports are sent every interval, after the ack)."""
+        table = self._table
+        async with self._engine.connect() as conn:
+            newest = await conn.scalar(select(func.max(table.c.handled_at)))
+            if newest is None:
+                return []
+            rows = await conn.execute(
+                select(table.c.event_id, table.c.event_type, table.c.handled_at, table.c.attempt)
+                .where(
+                    table.c.handled_at >= as_utc(newest) - window,
+                    table.c.event_type.in_(sorted(event_types)),
+                    # Recorded before records had an attempt, their reports were not stamped
+                    # with the record's time: told again, they would be new history entries.
+                    table.c.attempt.is_not(None),
+                )
+                .order_by(table.c.handled_at)
+            )
+            return [Recorded(e, t, as_utc(at), attempt) for e, t, at, attempt in rows]
 
     async def cancel(self, conn: AsyncConnection, event_id: str) -> bool:
         """Record a cancellation; False if the event was cancelled already."""
@@ -298,7 +366,7 @@ class Inbox:
 # each hand-back can wait out a switch interval.
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
-_COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups")
+_COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 

@@ -12,7 +12,7 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import NoReturn, TypeVar
@@ -135,6 +135,30 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
     return inbox
 
 
+async def _report_recent(
+    inbox: Inbox, reporter: StatusReporter, event_types: Collection[str], window: timedelta
+) -> None:
+    """Report again the outcomes the inbox recorded shortly before its newest record.
+
+    A service reports `succeeded` after the ack, once per interval: a process killed in
+    between took those reports with it, and the events would show `processing` for ever (no
+    callback either). Each record tells its report again exactly (same time, same attempt), so
+    the gateway, which keeps a report once, changes nothing for those that did arrive."""
+    if window <= timedelta(0):
+        return
+    recorded = await inbox.recent(window, event_types)
+    for record in recorded:
+        reporter.report(
+            record.event_id,
+            record.event_type,
+            "succeeded",
+            at=record.handled_at,
+            attempt=record.attempt,
+        )
+    if recorded:
+        log.info("reporting recent outcomes again", extra={"events": len(recorded)})
+
+
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
     """Close something that may wait for an absent broker: never hang a shutdown on it."""
     try:
@@ -188,6 +212,8 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         )
         reporter.start()
         stack.push_async_callback(reporter.close)  # after the drain: report what finished
+        recovery = timedelta(seconds=settings.status_recovery_seconds)
+        await _report_recent(inbox, reporter, topology.event_types, recovery)
         results = ResultReporter(
             service,
             publisher,

@@ -146,6 +146,12 @@ class ConsumerSettings(CourierSettings):
         le=60_000,
         description="How often the status transitions noted meanwhile are reported.",
     )
+    status_recovery_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="How far back from its newest inbox record a starting service reports the "
+        "outcomes again, in case a crash took their reports.",
+    )
     result_report_delay_ms: float = Field(
         default=25.0,
         ge=0,

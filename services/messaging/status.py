@@ -1,11 +1,12 @@
 """Status reporting: what happens to each event, told to the gateway as batched events.
 
-A consumer notes each transition (`processing`, `succeeded`, `retrying`, `dead_lettered`,
-`skipped_duplicate`, `cancelled`) here; a background task publishes them as one
-`status.reported` event every `interval` (or sooner when the batch is full). Reporting is off
-the acknowledgement path — a slow or absent broker delays status, never work — and a batch that
-could not be published is kept and sent with the next one (bounded; the oldest transitions are
-dropped first, with a warning, if the broker stays away for long).
+A consumer notes each transition (`processing`, `succeeded`, `retrying`, `skipped_duplicate`,
+`cancelled`; the gateway takes `dead_lettered` from the dead letter) here; a background task
+publishes them as one `status.reported` event every `interval` (or sooner when the batch is
+full). Reporting is off the acknowledgement path — a slow or absent broker delays status, never
+work — and a batch that could not be published is kept and sent with the next one (bounded;
+the oldest transitions are dropped first, with a warning, if the broker stays away for long).
+A crash loses what was noted and not sent; the inbox tells `succeeded` again at the next start.
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ class StatusReporter:
         self._dropped = 0
         self._warned_at = -math.inf
 
-    def report(self, event_id: str, event_type: str | None, state: State, **detail: Any) -> None:
+    def report(
+        self,
+        event_id: str,
+        event_type: str | None,
+        state: State,
+        at: datetime | None = None,
+        **detail: Any,
+    ) -> None:
+        """Note a transition, made now unless `at` says when."""
         if len(self._pending) == MAX_PENDING:
             self._dropping(1)
         # A plain record, serialised once per batch with orjson (two per handled event: the
@@ -61,7 +70,7 @@ class StatusReporter:
                 "event_type": event_type,
                 "service": self._service,
                 "state": state,
-                "at": datetime.now(UTC),
+                "at": at or datetime.now(UTC),
                 **detail,
             }
         )

@@ -10,6 +10,7 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,11 @@ from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, Unroutable
-from services.messaging.inbox import Handled, Inbox
+from services.messaging.inbox import Handled, Inbox, Recorded
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
+from services.messaging.status import StatusReporter
 from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
@@ -88,6 +90,7 @@ async def running(
     inbox: Inbox | None = None,
     delivery_limit: int | None = None,
     results_linger: float = 0.0,
+    reporter: StatusReporter | None = None,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
     limit = {} if delivery_limit is None else {"delivery_limit": delivery_limit}
     settings = namespace.settings(retry_delays=delays, **limit)
@@ -112,6 +115,7 @@ async def running(
             inbox=inbox,
             prefetch=8,
             results=results,
+            reporter=reporter,
         )
         await consumer.start(connection)
         yield publisher, topology, consumer
@@ -768,3 +772,60 @@ async def test_a_subscribe_that_fails_after_a_reconnect_is_tried_again(
             await publisher.close()
             inbox.close()
             await engine.dispose()
+
+
+@pytest.mark.parametrize("stateful", [False, True], ids=["plain", "stateful"])
+async def test_a_succeeded_report_is_stamped_as_its_inbox_record_tells_it_again(
+    namespace: Namespace, tmp_path: Path, stateful: bool
+) -> None:
+    """`succeeded` is reported after the ack, and a crash in between takes the report: the
+    record tells it again at the next start (`Inbox.recent`). The two must be one report to
+    the gateway, which keeps a report once: same time, same attempt."""
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    event = notification()
+    handler = Recorder(failures=[ConnectionError("blip")])  # succeeds on the second attempt
+
+    async def with_state(event: Envelope, conn: AsyncConnection) -> Sequence[Envelope]:
+        return await handler(event)
+
+    policy = RetryPolicy(delays=(1,), immediate=0)
+    routes = {
+        "notification.requested": Route(with_state, policy, stateful=True)
+        if stateful
+        else Route(handler, policy)
+    }
+    status_publisher = Publisher(namespace.amqp_url)
+    await status_publisher.connect()
+    exchange = namespace.settings().topology("notifier").events_exchange
+    reporter = StatusReporter("notifier", status_publisher, exchange, interval=60)
+    reports = f"{namespace.name}.reports"
+    connection = await aio_pika.connect(namespace.amqp_url)
+    try:
+        channel = await connection.channel()
+        async with running(namespace, "notifier", routes, inbox=inbox, reporter=reporter) as (
+            pub,
+            topo,
+            _,
+        ):
+            queue = await channel.declare_queue(reports, durable=True)
+            await queue.bind(exchange, "status.reported")
+            await publish(pub, topo, event)
+            await handler.called(event.id, event.id)
+            await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+        await reporter.flush()
+        [message] = await take(namespace.amqp_url, reports, 1)
+        transitions = orjson.loads(message.body)["data"]["transitions"]
+        [succeeded] = [t for t in transitions if t["state"] == "succeeded"]
+        [recorded] = await inbox.recent(timedelta(minutes=1), {event.type})
+        assert recorded == Recorded(event.id, event.type, recorded.handled_at, 2)
+        assert (datetime.fromisoformat(succeeded["at"]), succeeded["attempt"]) == (
+            recorded.handled_at,
+            2,
+        )
+    finally:
+        await channel.queue_delete(reports)
+        await connection.close()
+        await status_publisher.close()
+        await engine.dispose()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, DateTime, MetaData, String, Table, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import derived_event_id
@@ -18,7 +18,7 @@ from contracts.events import (
     NotificationRequested,
     NotificationRequestedData,
 )
-from services.messaging.inbox import Cancelled, Handled, Inbox
+from services.messaging.inbox import Cancelled, Handled, Inbox, Recorded
 from services.messaging.store import open_store, store_url
 
 
@@ -85,7 +85,7 @@ async def test_events_remembered_together_are_committed_with_their_follow_ups(
     remembered = await asyncio.gather(
         *(inbox.remember(e, [follow_up] if e is events[0] else []) for e in events)
     )
-    assert remembered == [True] * 5
+    assert remembered[0] is not None and remembered == [remembered[0]] * 5  # one commit
     found = [await inbox.lookup(e.id) for e in events]
     assert all(isinstance(f, Handled) for f in found)
     assert [f.follow_ups for f in found if isinstance(f, Handled)][:2] == [(follow_up,), ()]
@@ -98,7 +98,7 @@ async def test_remembering_an_event_handled_meanwhile_elsewhere_refuses_only_tha
     async with inbox.transaction() as conn:  # another process recorded it in the meantime
         assert await inbox.record(conn, elsewhere, [])
     remembered = await asyncio.gather(inbox.remember(elsewhere, []), inbox.remember(ours, []))
-    assert list(remembered) == [False, True]
+    assert (remembered[0], type(remembered[1])) == (None, datetime)
     assert isinstance(await inbox.lookup(ours.id), Handled)
 
 
@@ -146,3 +146,91 @@ async def test_a_cancellation_is_durable_and_recorded_once(
     again = Inbox(engine, "svc")
     await again.start()
     assert isinstance(await again.lookup(event.id), Cancelled)
+
+
+# --- records as status reports ------------------------------------------------------------------
+
+_records = Table(
+    "svc_inbox",
+    MetaData(),
+    Column("event_id", String(128), primary_key=True),
+    Column("handled_at", DateTime(timezone=True)),
+)
+
+
+async def handled_at(engine: AsyncEngine, times: dict[str, datetime]) -> None:
+    """Set when records were made (times the test controls)."""
+    async with engine.begin() as conn:
+        for event_id, at in times.items():
+            await conn.execute(
+                update(_records).where(_records.c.event_id == event_id).values(handled_at=at)
+            )
+
+
+async def test_a_record_tells_when_it_was_made_and_which_attempt_succeeded(inbox: Inbox) -> None:
+    remembered, in_transaction = an_event(), an_event()
+    at = await inbox.remember(remembered, [], attempt=3)
+    async with inbox.transaction() as conn:
+        at_too = await inbox.record(conn, in_transaction, [], attempt=2)
+    assert at is not None and at_too is not None
+    assert await inbox.recent(timedelta(minutes=1), {remembered.type}) == sorted(
+        [
+            Recorded(remembered.id, remembered.type, at, 3),
+            Recorded(in_transaction.id, in_transaction.type, at_too, 2),
+        ],
+        key=lambda r: r.handled_at,
+    )
+
+
+async def test_recent_records_are_those_within_the_window_before_the_newest(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    old, edge, newest = an_event(), an_event(), an_event()
+    for event in (old, edge, newest):
+        await inbox.remember(event, [])
+    t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)  # long ago: the newest decides
+    await handled_at(
+        engine,
+        {old.id: t, edge.id: t + timedelta(seconds=50), newest.id: t + timedelta(seconds=110)},
+    )
+    recent = await inbox.recent(timedelta(seconds=60), {newest.type})
+    assert [(r.event_id, r.handled_at) for r in recent] == [
+        (edge.id, t + timedelta(seconds=50)),
+        (newest.id, t + timedelta(seconds=110)),
+    ]
+
+
+async def test_recent_records_are_only_those_of_the_types_asked_for(inbox: Inbox) -> None:
+    event = an_event()
+    await inbox.remember(event, [])
+    assert await inbox.recent(timedelta(minutes=1), {"cancellation.requested"}) == []
+
+
+async def test_an_empty_inbox_has_no_recent_records(inbox: Inbox) -> None:
+    assert await inbox.recent(timedelta(minutes=1), {"notification.requested"}) == []
+
+
+async def test_a_store_from_before_attempts_gains_the_column_and_its_records_are_not_told_again(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    before = an_event()
+    async with engine.begin() as conn:  # the store as the previous version left it
+        await conn.execute(text("ALTER TABLE svc_inbox DROP COLUMN attempt"))
+        await conn.execute(
+            text("UPDATE courier_migrations SET version = 2 WHERE component = 'svc.inbox'")
+        )
+    async with inbox.transaction() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO svc_inbox (event_id, event_type, handled_at) VALUES (:id, :type, :at)"
+            ),
+            {"id": before.id, "type": before.type, "at": datetime.now(UTC)},
+        )
+    upgraded = Inbox(engine, "svc")
+    await upgraded.start()
+    after = an_event()
+    await upgraded.remember(after, [], attempt=1)
+    recent = await upgraded.recent(timedelta(minutes=1), {after.type})
+    assert [r.event_id for r in recent] == [after.id]  # the old record's report was not stamped
+    assert isinstance(await upgraded.lookup(before.id), Handled)
+    upgraded.close()

@@ -33,7 +33,7 @@ from contracts.events import (
     ResultsReported,
     ResultsReportedData,
 )
-from contracts.topology import WORKERS, control_queue, work_queue
+from contracts.topology import WORKERS, control_queue, dead_letter_queue, work_queue
 from contracts.tracking import (
     CancellationRequested,
     State,
@@ -49,6 +49,8 @@ from services.gateway.tracking_migrations import (
     legacy_states,
     steps,
 )
+from services.messaging.dead_letters import group_key
+from services.messaging.failure import EXCEPTION_MESSAGE, FINGERPRINT, Failure
 from services.messaging.store import ROWS_PER_STATEMENT, migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -830,3 +832,48 @@ async def test_a_message_the_broker_dead_letters_shows_as_dead_lettered(
             assert (notifier["state"], notifier["reason"]) == ("dead_lettered", "delivery_limit")
 
         await eventually(dead_lettered, timeout=3)
+
+
+@pytest.mark.broker
+async def test_a_letter_a_consumer_made_shows_as_dead_lettered_from_the_letter_alone(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """The consumer acks once its letter is confirmed; it reports nothing more that a crash
+    could take. The gateway shows the failure from the letter, as the consumer saw it: its
+    attempt, reason, group, detail and time to the microsecond."""
+    async with running_gateway(namespace, tmp_path, None) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        failure = _failure(ValueError("the recipient 'r@example.org' bounced"), attempt=3)
+        headers = failure.dead_letter_headers(
+            {},
+            reason="retries_exhausted",
+            service="notifier",
+            queue=work_queue(namespace.name, "notifier"),
+            event_id=event_id,
+            event_type="notification.requested",
+        )
+        connection = await aio_pika.connect(namespace.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}", headers=headers, message_id=event_id),
+                routing_key=dead_letter_queue(namespace.name, "notifier"),
+            )
+
+        async def dead_lettered() -> None:
+            shown = (await client.get(f"/v1/events/{event_id}")).json()
+            notifier = shown["services"]["notifier"]
+            assert notifier["state"] == "dead_lettered"
+            assert (notifier["attempt"], notifier["reason"]) == (3, "retries_exhausted")
+            assert notifier["group"] == group_key(headers[FINGERPRINT], headers[EXCEPTION_MESSAGE])
+            assert notifier["detail"] == failure.summary()
+            assert datetime.fromisoformat(notifier["updated_at"]) == failure.at
+
+        await eventually(dead_lettered, timeout=5)
+
+
+def _failure(exc: Exception, attempt: int) -> Failure:
+    try:
+        raise exc
+    except ValueError as raised:
+        return Failure.of(raised, attempt)

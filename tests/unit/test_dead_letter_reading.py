@@ -1,13 +1,28 @@
-"""Reading dead letters the broker made itself (no Courier headers, only x-death)."""
+"""Reading dead letters: those the broker made itself (no Courier headers, only x-death), and
+the times a consumer's letter carries."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from services.messaging.dead_letters import plain, read_dead_letter
+from services.messaging import failure as f
+from services.messaging.dead_letters import DeadLetter, plain, read_dead_letter
+from services.messaging.failure import Failure
 from tests.integration.test_failure_store import letter
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def read(headers: dict[str, object], message_type: str = "notification.requested") -> DeadLetter:
+    return read_dead_letter(
+        "ns",
+        body=b"{}",
+        headers=headers,
+        message_id="e-1",
+        message_type=message_type,
+        correlation_id=None,
+        now=NOW,
+    )
 
 
 def test_a_crash_looping_message_that_was_retried_before_names_its_work_queue() -> None:
@@ -22,15 +37,7 @@ def test_a_crash_looping_message_that_was_retried_before_names_its_work_queue() 
         "x-first-death-reason": "expired",
         "courier-attempt": 2,
     }
-    letter = read_dead_letter(
-        "ns",
-        body=b"{}",
-        headers=headers,
-        message_id="e-1",
-        message_type="dataset.submitted",
-        correlation_id=None,
-        now=NOW,
-    )
+    letter = read(headers, "dataset.submitted")
     assert (letter.service, letter.queue, letter.reason) == (
         "processor",
         "ns.processor",
@@ -77,3 +84,33 @@ def test_a_dead_letter_with_an_unreadable_death_record_is_still_read() -> None:
         correlation_id=None,
     )
     assert (read.event_id, read.reason, read.queue) == ("m-1", "unknown", "unknown")
+
+
+# --- a consumer's letter ----------------------------------------------------------------------
+
+
+def consumers_letter(**extra: object) -> dict[str, object]:
+    failure = Failure(ValueError("boom"), 2, datetime(2030, 1, 1, 0, 0, 7, 123456, tzinfo=UTC))
+    headers = failure.dead_letter_headers(
+        {},
+        reason="permanent",
+        service="notifier",
+        queue="ns.notifier",
+        event_id="e-1",
+        event_type="notification.requested",
+    )
+    return {**headers, **extra}
+
+
+def test_a_consumers_letter_keeps_its_failure_time_to_the_microsecond() -> None:
+    # The AMQP timestamp of `courier-last-failure` would keep whole seconds only.
+    assert read(consumers_letter()).last_failure == datetime(
+        2030, 1, 1, 0, 0, 7, 123456, tzinfo=UTC
+    )
+
+
+def test_a_letter_without_a_readable_precise_time_falls_back_to_the_last_failure() -> None:
+    seconds = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
+    for odd in (None, "yesterday", 17, b"\xff"):
+        headers = consumers_letter(**{f.LAST_FAILURE: seconds, f.FAILED_AT: odd})
+        assert read(headers).last_failure == seconds
