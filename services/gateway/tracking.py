@@ -37,13 +37,18 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    cast,
     delete,
+    literal,
+    null,
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.selectable import CompoundSelect
 
 from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed, ResultsReported
@@ -399,46 +404,33 @@ class Tracking:
             ).first()
             if event is None:
                 return None
-            # History first: each read sees what was committed when it ran, and a report commits
-            # its history and states together, so a state read after the history has a row for
-            # every service the history names (read the other way round, a report committed in
-            # between showed a service by its history alone, without its state's fields).
-            steps = (
-                await conn.execute(
-                    select(history)
-                    .where(history.c.event_seq == event.seq)
-                    .order_by(history.c.at, history.c.id)
-                )
-            ).all()
-            rows = (
-                await conn.execute(
-                    select(states).where(states.c.event_seq == event.seq).order_by(states.c.service)
-                )
-            ).all()
+            rows = (await conn.execute(_fate(event.seq))).all()
         services: dict[str, dict[str, Any]] = {}
         for row in rows:
-            services[row.service] = {
-                "state": row.state,
-                "attempt": row.attempt,
-                "next_attempt_at": _utc(row.next_attempt_at),
-                "reason": row.reason,
-                "group": row.group_key,
-                "detail": row.detail,
-                "updated_at": _utc(row.updated_at),
-                "history": [],
-            }
-        for step in steps:
-            services.setdefault(step.service, {"state": step.state, "history": []})[
-                "history"
-            ].append(
-                {
-                    "state": step.state,
-                    "at": _utc(step.at),
-                    "attempt": step.attempt,
-                    "reason": step.reason,
-                    "detail": step.detail,
+            if row.kind == "state":
+                services[row.service] = {
+                    "state": row.state,
+                    "attempt": row.attempt,
+                    "next_attempt_at": _utc(row.next_attempt_at),
+                    "reason": row.reason,
+                    "group": row.group_key,
+                    "detail": row.detail,
+                    "updated_at": _utc(row.at),
+                    "history": [],
                 }
-            )
+        for step in rows:
+            if step.kind == "history":
+                services.setdefault(step.service, {"state": step.state, "history": []})[
+                    "history"
+                ].append(
+                    {
+                        "state": step.state,
+                        "at": _utc(step.at),
+                        "attempt": step.attempt,
+                        "reason": step.reason,
+                        "detail": step.detail,
+                    }
+                )
         accepted_at = _utc(event.accepted_at)
         if accepted_at is not None and event.event_type is not None:
             for worker in workers_of(event.event_type):
@@ -450,6 +442,38 @@ class Tracking:
             "cancel_requested_at": _utc(event.cancel_requested_at),
             "services": dict(sorted(services.items())),
         }
+
+
+def _fate(seq: int) -> CompoundSelect[Any]:
+    """An event's states and history (oldest first) as one statement: each statement reads one
+    snapshot, and a report commits both together. Read one after the other, a report committed
+    in between showed a state its history lacked, or a service by its history alone."""
+    time = DateTime(timezone=True)
+    current = select(
+        literal("state").label("kind"),
+        states.c.service,
+        states.c.state,
+        states.c.attempt,
+        states.c.next_attempt_at,
+        states.c.reason,
+        states.c.group_key,
+        states.c.detail,
+        states.c.updated_at.label("at"),
+        cast(null(), Integer).label("id"),
+    ).where(states.c.event_seq == seq)
+    past = select(
+        literal("history"),
+        history.c.service,
+        history.c.state,
+        history.c.attempt,
+        cast(null(), time),
+        history.c.reason,
+        cast(null(), states.c.group_key.type),
+        history.c.detail,
+        history.c.at,
+        history.c.id,
+    ).where(history.c.event_seq == seq)
+    return union_all(current, past).order_by("at", "id")
 
 
 def _show_pending(services: dict[str, dict[str, Any]], worker: str, accepted_at: datetime) -> None:
