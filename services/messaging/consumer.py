@@ -477,8 +477,11 @@ class Consumer:
     ) -> None:
         known = None if route.idempotent else await self._inbox.lookup(event.id)
         if isinstance(known, Cancelled):
+            # Noted before the ack, to stamp the report with: a crash after the ack would
+            # take the report, which the next start tells again from the note (`Inbox.recent`).
+            skipped_at = await self._inbox.skipped(event.id)
             self._ack(message)
-            self._report(event, "cancelled")
+            self._report(event, "cancelled", at=skipped_at)
             log.info("skipped: cancelled")
             return
         if known is not None:

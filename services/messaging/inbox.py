@@ -5,6 +5,9 @@ ack). The consumer records the event id in the service's store once the handler 
 in the same transaction as the handler's own state when the handler has state. A redelivered
 event is then recognised, its recorded follow-up events are published again (their ids are
 derived from the input, so downstream dedups them too) and it is acked without a second effect.
+
+The records also outlive the status reports sent after the ack: a starting service tells the
+gateway again how the events it settled last ended (`recent`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 from sqlalchemy import (
@@ -35,6 +38,7 @@ from sqlalchemy import (
     select,
     text,
     union_all,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -77,12 +81,14 @@ class Handled:
 
 
 @dataclass(frozen=True)
-class Recorded:
-    """An inbox record as the status report of its outcome (`succeeded`) tells it."""
+class Outcome:
+    """How an event ended here, as its status report told it: `succeeded` from its inbox
+    record, `cancelled` from its cancellation once a delivery of it was skipped."""
 
     event_id: str
-    event_type: str
-    handled_at: datetime
+    event_type: str | None
+    state: Literal["succeeded", "cancelled"]
+    at: datetime
     attempt: int | None
 
 
@@ -133,6 +139,8 @@ class Inbox:
             self._table.metadata,
             Column("event_id", String(128), primary_key=True),
             Column("cancelled_at", DateTime(timezone=True), nullable=False, index=True),
+            # When a delivery of the event was skipped: its `cancelled` report, told again.
+            Column("skipped_at", DateTime(timezone=True), nullable=True),
         )
 
     async def start(self) -> None:
@@ -142,19 +150,28 @@ class Inbox:
 
             return create
 
-        async def add_attempt(conn: AsyncConnection) -> None:
-            def add(sync: Connection) -> None:
-                name = self._table.name
-                columns = {c["name"] for c in inspect(sync).get_columns(name)}
-                if "attempt" not in columns:  # a store created before it (new ones have it)
-                    sync.execute(text(f'ALTER TABLE "{name}" ADD COLUMN attempt INTEGER'))
+        def adding(table: Table, column: str, sql_type: str) -> Migration:
+            async def add(conn: AsyncConnection) -> None:
+                def add_missing(sync: Connection) -> None:
+                    columns = {c["name"] for c in inspect(sync).get_columns(table.name)}
+                    if column not in columns:  # a store created before it (new ones have it)
+                        sync.execute(
+                            text(f'ALTER TABLE "{table.name}" ADD COLUMN {column} {sql_type}')
+                        )
 
-            await conn.run_sync(add)
+                await conn.run_sync(add_missing)
+
+            return add
 
         await migrate(
             self._engine,
             self._component,
-            [creating(self._table), creating(self._cancellations), add_attempt],
+            [
+                creating(self._table),
+                creating(self._cancellations),
+                adding(self._table, "attempt", "INTEGER"),
+                adding(self._cancellations, "skipped_at", _TIME_TYPE[self._engine.dialect.name]),
+            ],
         )
         raw = loop_reader(self._engine)
         if raw is not None:
@@ -305,27 +322,60 @@ class Inbox:
             return None
         return now
 
-    async def recent(self, window: timedelta, event_types: Collection[str]) -> list[Recorded]:
-        """The records of `event_types` handled within `window` before the newest record, oldest
-        first: what a process that stopped abruptly may have handled and acknowledged without
-        reporting it yet (status reports are sent every interval, after the ack)."""
-        table = self._table
+    async def skipped(self, event_id: str) -> datetime:
+        """Note that a delivery of the cancelled event `event_id` was skipped: when (the first
+        time, if a redelivery was skipped too), to stamp its `cancelled` report with."""
+        cancellations = self._cancellations
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(cancellations)
+                .where(cancellations.c.event_id == event_id, cancellations.c.skipped_at.is_(None))
+                .values(skipped_at=now)
+            )
+            at = await conn.scalar(
+                select(cancellations.c.skipped_at).where(cancellations.c.event_id == event_id)
+            )
+        return now if at is None else as_utc(at)
+
+    async def recent(self, window: timedelta, event_types: Collection[str]) -> list[Outcome]:
+        """The outcomes of `event_types` settled here within `window` before the newest one,
+        oldest first: what a process that stopped abruptly may have settled and acknowledged
+        without reporting it yet (status reports are sent every interval, after the ack)."""
+        inbox, cancellations = self._table, self._cancellations
         async with self._engine.connect() as conn:
-            newest = await conn.scalar(select(func.max(table.c.handled_at)))
-            if newest is None:
+            newest = [
+                as_utc(at)
+                for at in (
+                    await conn.scalar(select(func.max(inbox.c.handled_at))),
+                    await conn.scalar(select(func.max(cancellations.c.skipped_at))),
+                )
+                if at is not None
+            ]
+            if not newest:
                 return []
-            rows = await conn.execute(
-                select(table.c.event_id, table.c.event_type, table.c.handled_at, table.c.attempt)
-                .where(
-                    table.c.handled_at >= as_utc(newest) - window,
-                    table.c.event_type.in_(sorted(event_types)),
+            since = max(newest) - window
+            handled = await conn.execute(
+                select(
+                    inbox.c.event_id, inbox.c.event_type, inbox.c.handled_at, inbox.c.attempt
+                ).where(
+                    inbox.c.handled_at >= since,
+                    inbox.c.event_type.in_(sorted(event_types)),
                     # Recorded before records had an attempt, their reports were not stamped
                     # with the record's time: told again, they would be new history entries.
-                    table.c.attempt.is_not(None),
+                    inbox.c.attempt.is_not(None),
                 )
-                .order_by(table.c.handled_at)
             )
-            return [Recorded(e, t, as_utc(at), attempt) for e, t, at, attempt in rows]
+            skipped = await conn.execute(
+                select(cancellations.c.event_id, cancellations.c.skipped_at).where(
+                    cancellations.c.skipped_at >= since
+                )
+            )
+            outcomes = [
+                Outcome(e, t, "succeeded", as_utc(at), attempt) for e, t, at, attempt in handled
+            ]
+            outcomes += [Outcome(e, None, "cancelled", as_utc(at), None) for e, at in skipped]
+        return sorted(outcomes, key=lambda outcome: outcome.at)
 
     async def cancel(self, conn: AsyncConnection, event_id: str) -> bool:
         """Record a cancellation; False if the event was cancelled already."""
@@ -367,6 +417,8 @@ class Inbox:
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
 _COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
+_TIME_TYPE = {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}
+"""A time column added by a migration, as each dialect names `DateTime(timezone=True)`."""
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 

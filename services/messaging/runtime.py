@@ -138,25 +138,23 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
 async def _report_recent(
     inbox: Inbox, reporter: StatusReporter, event_types: Collection[str], window: timedelta
 ) -> None:
-    """Report again the outcomes the inbox recorded shortly before its newest record.
+    """Report again the outcomes the inbox noted shortly before its newest one.
 
-    A service reports `succeeded` after the ack, once per interval: a process killed in
-    between took those reports with it, and the events would show `processing` for ever (no
-    callback either). Each record tells its report again exactly (same time, same attempt), so
-    the gateway, which keeps a report once, changes nothing for those that did arrive."""
+    A service reports `succeeded` and `cancelled` after the ack, once per interval: a process
+    killed in between took those reports with it, and the events would show `processing` or
+    `pending` for ever (no callback either). The inbox tells each report again exactly (same
+    time, same attempt), so the gateway, which keeps a report once, changes nothing for those
+    that did arrive."""
     if window <= timedelta(0):
         return
-    recorded = await inbox.recent(window, event_types)
-    for record in recorded:
+    outcomes = await inbox.recent(window, event_types)
+    for outcome in outcomes:
+        detail = {} if outcome.attempt is None else {"attempt": outcome.attempt}
         reporter.report(
-            record.event_id,
-            record.event_type,
-            "succeeded",
-            at=record.handled_at,
-            attempt=record.attempt,
+            outcome.event_id, outcome.event_type, outcome.state, at=outcome.at, **detail
         )
-    if recorded:
-        log.info("reporting recent outcomes again", extra={"events": len(recorded)})
+    if outcomes:
+        log.info("reporting recent outcomes again", extra={"events": len(outcomes)})
 
 
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:

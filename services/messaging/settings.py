@@ -149,8 +149,8 @@ class ConsumerSettings(CourierSettings):
     status_recovery_seconds: float = Field(
         default=60.0,
         ge=0,
-        description="How far back from its newest inbox record a starting service reports the "
-        "outcomes again, in case a crash took their reports.",
+        description="How far back from its newest outcome a starting service reports the "
+        "outcomes its inbox noted again, in case a crash took their reports.",
     )
     result_report_delay_ms: float = Field(
         default=25.0,

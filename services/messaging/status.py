@@ -6,7 +6,8 @@ publishes them as one `status.reported` event every `interval` (or sooner when t
 full). Reporting is off the acknowledgement path — a slow or absent broker delays status, never
 work — and a batch that could not be published is kept and sent with the next one (bounded;
 the oldest transitions are dropped first, with a warning, if the broker stays away for long).
-A crash loses what was noted and not sent; the inbox tells `succeeded` again at the next start.
+A crash loses what was noted and not sent; the inbox tells `succeeded` and `cancelled` again at
+the next start.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, Unroutable
-from services.messaging.inbox import Handled, Inbox, Recorded
+from services.messaging.inbox import Handled, Inbox, Outcome
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
@@ -774,16 +775,56 @@ async def test_a_subscribe_that_fails_after_a_reconnect_is_tried_again(
             await engine.dispose()
 
 
+@dataclass
+class Reporting:
+    """A status reporter that only sends when told (`sent`), and a queue its reports reach."""
+
+    reporter: StatusReporter
+    queue: str
+    url: str
+
+    async def sent(self) -> list[dict[str, Any]]:
+        await self.reporter.flush()
+        [message] = await take(self.url, self.queue, 1)
+        transitions: list[dict[str, Any]] = orjson.loads(message.body)["data"]["transitions"]
+        return transitions
+
+
+@pytest.fixture
+async def reporting(namespace: Namespace) -> AsyncIterator[Reporting]:
+    publisher = Publisher(namespace.amqp_url)
+    await publisher.connect()
+    settings = namespace.settings(retry_delays=(1,))
+    exchange = settings.topology("notifier").events_exchange
+    queue = f"{namespace.name}.reports"
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await declare_topology(connection, settings.all_topologies())
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind(exchange, "status.reported")
+        reporter = StatusReporter("notifier", publisher, exchange, interval=60)
+        yield Reporting(reporter, queue, namespace.amqp_url)
+        await channel.queue_delete(queue)
+    await publisher.close()
+
+
+@pytest.fixture
+async def inbox_on_disk(tmp_path: Path) -> AsyncIterator[Inbox]:
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    yield inbox
+    await engine.dispose()
+
+
 @pytest.mark.parametrize("stateful", [False, True], ids=["plain", "stateful"])
 async def test_a_succeeded_report_is_stamped_as_its_inbox_record_tells_it_again(
-    namespace: Namespace, tmp_path: Path, stateful: bool
+    namespace: Namespace, inbox_on_disk: Inbox, reporting: Reporting, stateful: bool
 ) -> None:
     """`succeeded` is reported after the ack, and a crash in between takes the report: the
     record tells it again at the next start (`Inbox.recent`). The two must be one report to
     the gateway, which keeps a report once: same time, same attempt."""
-    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
-    inbox = Inbox(engine, "notifier")
-    await inbox.start()
     event = notification()
     handler = Recorder(failures=[ConnectionError("blip")])  # succeeds on the second attempt
 
@@ -796,36 +837,33 @@ async def test_a_succeeded_report_is_stamped_as_its_inbox_record_tells_it_again(
         if stateful
         else Route(handler, policy)
     }
-    status_publisher = Publisher(namespace.amqp_url)
-    await status_publisher.connect()
-    exchange = namespace.settings().topology("notifier").events_exchange
-    reporter = StatusReporter("notifier", status_publisher, exchange, interval=60)
-    reports = f"{namespace.name}.reports"
-    connection = await aio_pika.connect(namespace.amqp_url)
-    try:
-        channel = await connection.channel()
-        async with running(namespace, "notifier", routes, inbox=inbox, reporter=reporter) as (
-            pub,
-            topo,
-            _,
-        ):
-            queue = await channel.declare_queue(reports, durable=True)
-            await queue.bind(exchange, "status.reported")
-            await publish(pub, topo, event)
-            await handler.called(event.id, event.id)
-            await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
-        await reporter.flush()
-        [message] = await take(namespace.amqp_url, reports, 1)
-        transitions = orjson.loads(message.body)["data"]["transitions"]
-        [succeeded] = [t for t in transitions if t["state"] == "succeeded"]
-        [recorded] = await inbox.recent(timedelta(minutes=1), {event.type})
-        assert recorded == Recorded(event.id, event.type, recorded.handled_at, 2)
-        assert (datetime.fromisoformat(succeeded["at"]), succeeded["attempt"]) == (
-            recorded.handled_at,
-            2,
-        )
-    finally:
-        await channel.queue_delete(reports)
-        await connection.close()
-        await status_publisher.close()
-        await engine.dispose()
+    async with running(
+        namespace, "notifier", routes, inbox=inbox_on_disk, reporter=reporting.reporter
+    ) as (pub, topo, _):
+        await publish(pub, topo, event)
+        await handler.called(event.id, event.id)
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+    [succeeded] = [t for t in await reporting.sent() if t["state"] == "succeeded"]
+    [recorded] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
+    assert recorded == Outcome(event.id, event.type, "succeeded", recorded.at, 2)
+    assert (datetime.fromisoformat(succeeded["at"]), succeeded["attempt"]) == (recorded.at, 2)
+
+
+async def test_a_cancelled_report_is_stamped_as_its_cancellation_tells_it_again(
+    namespace: Namespace, inbox_on_disk: Inbox, reporting: Reporting
+) -> None:
+    event = notification()
+    async with inbox_on_disk.transaction() as conn:
+        await inbox_on_disk.cancel(conn, event.id)
+    handler = Recorder()
+    routes = {"notification.requested": route(handler)}
+    async with running(
+        namespace, "notifier", routes, inbox=inbox_on_disk, reporter=reporting.reporter
+    ) as (pub, topo, _):
+        await publish(pub, topo, event)
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+    assert handler.calls == []
+    [cancelled] = await reporting.sent()
+    [noted] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
+    assert noted == Outcome(event.id, None, "cancelled", noted.at, None)
+    assert (cancelled["state"], datetime.fromisoformat(cancelled["at"])) == ("cancelled", noted.at)

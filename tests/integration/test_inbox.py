@@ -18,7 +18,7 @@ from contracts.events import (
     NotificationRequested,
     NotificationRequestedData,
 )
-from services.messaging.inbox import Cancelled, Handled, Inbox, Recorded
+from services.messaging.inbox import Cancelled, Handled, Inbox, Outcome
 from services.messaging.store import open_store, store_url
 
 
@@ -175,10 +175,10 @@ async def test_a_record_tells_when_it_was_made_and_which_attempt_succeeded(inbox
     assert at is not None and at_too is not None
     assert await inbox.recent(timedelta(minutes=1), {remembered.type}) == sorted(
         [
-            Recorded(remembered.id, remembered.type, at, 3),
-            Recorded(in_transaction.id, in_transaction.type, at_too, 2),
+            Outcome(remembered.id, remembered.type, "succeeded", at, 3),
+            Outcome(in_transaction.id, in_transaction.type, "succeeded", at_too, 2),
         ],
-        key=lambda r: r.handled_at,
+        key=lambda outcome: outcome.at,
     )
 
 
@@ -194,7 +194,7 @@ async def test_recent_records_are_those_within_the_window_before_the_newest(
         {old.id: t, edge.id: t + timedelta(seconds=50), newest.id: t + timedelta(seconds=110)},
     )
     recent = await inbox.recent(timedelta(seconds=60), {newest.type})
-    assert [(r.event_id, r.handled_at) for r in recent] == [
+    assert [(r.event_id, r.at) for r in recent] == [
         (edge.id, t + timedelta(seconds=50)),
         (newest.id, t + timedelta(seconds=110)),
     ]
@@ -234,3 +234,28 @@ async def test_a_store_from_before_attempts_gains_the_column_and_its_records_are
     assert [r.event_id for r in recent] == [after.id]  # the old record's report was not stamped
     assert isinstance(await upgraded.lookup(before.id), Handled)
     upgraded.close()
+
+
+async def test_a_skipped_cancellation_is_an_outcome_stamped_once(inbox: Inbox) -> None:
+    cancelled, never_delivered = an_event(), an_event()
+    async with inbox.transaction() as conn:
+        await inbox.cancel(conn, cancelled.id)
+        await inbox.cancel(conn, never_delivered.id)
+    at = await inbox.skipped(cancelled.id)
+    assert await inbox.skipped(cancelled.id) == at  # a redelivery skipped again: same report
+    assert await inbox.recent(timedelta(minutes=1), {cancelled.type}) == [
+        Outcome(cancelled.id, None, "cancelled", at, None)
+    ]
+
+
+async def test_the_window_reaches_back_from_the_newest_outcome_of_either_kind(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    handled, cancelled = an_event(), an_event()
+    await inbox.remember(handled, [])
+    await handled_at(engine, {handled.id: datetime(2026, 1, 2, tzinfo=UTC)})  # long before
+    async with inbox.transaction() as conn:
+        await inbox.cancel(conn, cancelled.id)
+    await inbox.skipped(cancelled.id)
+    recent = await inbox.recent(timedelta(seconds=60), {handled.type})
+    assert [(r.event_id, r.state) for r in recent] == [(cancelled.id, "cancelled")]
