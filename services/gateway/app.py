@@ -4,27 +4,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
 
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
 from contracts.topology import events_exchange
-from contracts.tracking import Transition
 from services.blobs import LocalBlobStore
 from services.gateway.broker import BrokerLink
 from services.gateway.callbacks import Callbacks
 from services.gateway.file_routes import router as files_router
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
+from services.gateway.letters import keep_letters
 from services.gateway.routes import router, submit_batch, submit_event
 from services.gateway.settings import GatewaySettings
 from services.gateway.short_path import Gateway
 from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
-from services.messaging.dead_letters import DeadLetter, DeadLetterDrain, Sink
-from services.messaging.failure import FAILED_AT, REASON
+from services.messaging.dead_letters import DeadLetterDrain
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.periodic import run_every
@@ -71,46 +70,6 @@ def _housekeeping(
     )
     run_every(stack, PURGE_INTERVAL_SECONDS, "idempotency-purge", keys.purge)
     run_every(stack, PURGE_INTERVAL_SECONDS, "inbox-prune", lambda: inbox.prune(retention))
-
-
-def _keep_letter(failures: FailureStore, tracking: Tracking) -> Sink:
-    """Store a dead letter, and show it in its event's status.
-
-    The letter is the one durable account of the failure (the consumer that made it acked its
-    delivery on the broker's confirm): a status report sent after it could die with its
-    process, and a letter the broker made (a delivery that kept crashing its consumer) has
-    no consumer to report it at all."""
-
-    async def keep(letter: DeadLetter) -> None:
-        await failures.add_letter(letter)
-        if letter.event_id is None:
-            return
-        # A consumer's letter says when it failed, to the microsecond; the broker's `x-death`
-        # has whole seconds, which could order it before the attempt's `processing`.
-        at = letter.last_failure if FAILED_AT in letter.headers else datetime.now(UTC)
-        detail = (
-            f"{letter.exception_type}: {letter.exception_message}"
-            if letter.exception_type
-            else letter.exception_message or ""
-        )
-        await tracking.apply(
-            [
-                Transition.model_construct(
-                    event_id=letter.event_id,
-                    event_type=letter.event_type,
-                    service=letter.service,
-                    state="dead_lettered",
-                    at=at,
-                    # The broker counts deliveries, not attempts: a letter of its own has none.
-                    attempt=letter.attempts if REASON in letter.headers else None,
-                    reason=letter.reason[:64],
-                    group=letter.group,
-                    detail=detail[:1000] or None,
-                )
-            ]
-        )
-
-    return keep
 
 
 def _projection_consumer(
@@ -176,7 +135,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 DeadLetterDrain(
                     settings.namespace,
                     [topology.dead_letter_queue for topology in settings.all_topologies()],
-                    _keep_letter(failures, tracking),
+                    keep_letters(failures, tracking),
                 )
             )
             broker.consume_with(

@@ -43,6 +43,7 @@ from contracts.events import EVENT_ADAPTER
 from contracts.topology import RESULT_TYPES, QueueSpec, ServiceTopology
 from contracts.tracking import State
 from services.messaging.acks import Acks
+from services.messaging.dead_letters import group_key
 from services.messaging.declare import declare_topology
 from services.messaging.errors import (
     BrokerUnavailable,
@@ -51,6 +52,8 @@ from services.messaging.errors import (
     causes,
 )
 from services.messaging.failure import (
+    EXCEPTION_MESSAGE,
+    FINGERPRINT,
     Failure,
     FailureReason,
     attempt_of,
@@ -479,7 +482,7 @@ class Consumer:
         if isinstance(known, Cancelled):
             # Noted before the ack, to stamp the report with: a crash after the ack would
             # take the report, which the next start tells again from the note (`Inbox.recent`).
-            skipped_at = await self._inbox.skipped(event.id)
+            skipped_at = await self._inbox.skipped(event)
             self._ack(message)
             self._report(event, "cancelled", at=skipped_at)
             log.info("skipped: cancelled")
@@ -686,9 +689,21 @@ class Consumer:
             exchange="",
             routing_key=self._topology.dead_letter_queue,
         )
-        # Acked once the letter is confirmed; the gateway shows `dead_lettered` from the letter
-        # itself, which no crash of this process can take.
         self._ack(message)
+        if event is not None:
+            # The gateway shows `dead_lettered` from the letter itself, which no crash of this
+            # process can take. This report is the same transition (the failure's time, to the
+            # microsecond, as `courier-failed-at` carries it), for a gateway that does not
+            # project consumers' letters (an earlier version): either way, one history entry.
+            self._report(
+                event,
+                "dead_lettered",
+                at=failure.at,
+                attempt=failure.attempt,
+                reason=reason,
+                group=group_key(dead_headers[FINGERPRINT], dead_headers[EXCEPTION_MESSAGE]),
+                detail=failure.summary(),
+            )
         log.error(
             "dead-lettered",
             extra={

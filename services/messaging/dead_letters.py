@@ -102,7 +102,7 @@ def _as_datetime(value: Any, default: datetime) -> datetime:
     return default
 
 
-def _precise_time(value: Any) -> datetime | None:
+def precise_time(value: Any) -> datetime | None:
     """An ISO 8601 time header (`FAILED_AT`) as an aware datetime; None if absent or not one
     (anyone may publish to a work queue)."""
     if not isinstance(value, str | bytes):
@@ -138,7 +138,7 @@ def read_dead_letter(
             attempts=f.attempt_of(headers),
             replays=_int(headers.get(f.REPLAYS)),
             first_failure=_as_datetime(headers.get(f.FIRST_FAILURE), now),
-            last_failure=_precise_time(headers.get(f.FAILED_AT))
+            last_failure=precise_time(headers.get(f.FAILED_AT))
             or _as_datetime(headers.get(f.LAST_FAILURE), now),
             exception_type=_str_or_none(headers.get(f.EXCEPTION_TYPE)),
             exception_message=message,

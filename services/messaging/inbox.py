@@ -30,6 +30,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     delete,
     func,
     inspect,
@@ -120,6 +121,9 @@ class Inbox:
         self._records: Batcher[tuple[Envelope, bytes | None, int], datetime | None] = Batcher(
             self._record_many, max_size=batch, linger=commit_delay, isolate=row_may_be_at_fault
         )
+        self._skips: Batcher[tuple[str, str], datetime] = Batcher(
+            self._skip_many, max_size=batch, linger=commit_delay, isolate=row_may_be_at_fault
+        )
         self._component = f"{service}.inbox"
         self._reader: _SqliteReads | None = None
         self._wanted: list[tuple[str, asyncio.Future[Handled | Cancelled | _Busy | None]]] = []
@@ -139,8 +143,9 @@ class Inbox:
             self._table.metadata,
             Column("event_id", String(128), primary_key=True),
             Column("cancelled_at", DateTime(timezone=True), nullable=False, index=True),
-            # When a delivery of the event was skipped: its `cancelled` report, told again.
+            # When a delivery of the event was skipped, and its type: its `cancelled` report.
             Column("skipped_at", DateTime(timezone=True), nullable=True),
+            Column("event_type", String(128), nullable=True),
         )
 
     async def start(self) -> None:
@@ -171,6 +176,7 @@ class Inbox:
                 creating(self._cancellations),
                 adding(self._table, "attempt", "INTEGER"),
                 adding(self._cancellations, "skipped_at", _TIME_TYPE[self._engine.dialect.name]),
+                adding(self._cancellations, "event_type", "VARCHAR(128)"),
             ],
         )
         raw = loop_reader(self._engine)
@@ -322,21 +328,17 @@ class Inbox:
             return None
         return now
 
-    async def skipped(self, event_id: str) -> datetime:
-        """Note that a delivery of the cancelled event `event_id` was skipped: when (the first
-        time, if a redelivery was skipped too), to stamp its `cancelled` report with."""
-        cancellations = self._cancellations
+    async def skipped(self, event: Envelope) -> datetime:
+        """Note that a delivery of the cancelled `event` was skipped (group-committed with
+        others): when, the first time if a redelivery was skipped too, to stamp its
+        `cancelled` report with."""
+        return await self._skips.submit((event.id, event.type))
+
+    async def _skip_many(self, items: list[tuple[str, str]]) -> list[datetime]:
         now = datetime.now(UTC)
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(cancellations)
-                .where(cancellations.c.event_id == event_id, cancellations.c.skipped_at.is_(None))
-                .values(skipped_at=now)
-            )
-            at = await conn.scalar(
-                select(cancellations.c.skipped_at).where(cancellations.c.event_id == event_id)
-            )
-        return now if at is None else as_utc(at)
+        return await self._runner.run(
+            lambda conn: _note_skips(conn, self._cancellations, items, now)
+        )
 
     async def recent(self, window: timedelta, event_types: Collection[str]) -> list[Outcome]:
         """The outcomes of `event_types` settled here within `window` before the newest one,
@@ -367,14 +369,16 @@ class Inbox:
                 )
             )
             skipped = await conn.execute(
-                select(cancellations.c.event_id, cancellations.c.skipped_at).where(
-                    cancellations.c.skipped_at >= since
-                )
+                select(
+                    cancellations.c.event_id,
+                    cancellations.c.event_type,
+                    cancellations.c.skipped_at,
+                ).where(cancellations.c.skipped_at >= since)
             )
             outcomes = [
                 Outcome(e, t, "succeeded", as_utc(at), attempt) for e, t, at, attempt in handled
             ]
-            outcomes += [Outcome(e, None, "cancelled", as_utc(at), None) for e, at in skipped]
+            outcomes += [Outcome(e, t, "cancelled", as_utc(at), None) for e, t, at in skipped]
         return sorted(outcomes, key=lambda outcome: outcome.at)
 
     async def cancel(self, conn: AsyncConnection, event_id: str) -> bool:
@@ -420,6 +424,25 @@ _COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
 _TIME_TYPE = {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}
 """A time column added by a migration, as each dialect names `DateTime(timezone=True)`."""
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
+
+
+def _note_skips(
+    conn: Connection, cancellations: Table, items: list[tuple[str, str]], now: datetime
+) -> list[datetime]:
+    """Stamp the cancellations of skipped deliveries that were not skipped before; when each
+    was first skipped."""
+    conn.execute(
+        update(cancellations)
+        .where(cancellations.c.event_id == bindparam("id_"), cancellations.c.skipped_at.is_(None))
+        .values(skipped_at=now, event_type=bindparam("type_")),
+        [{"id_": event_id, "type_": event_type} for event_id, event_type in items],
+    )
+    ids = [event_id for event_id, _ in items]
+    first = select(cancellations.c.event_id, cancellations.c.skipped_at).where(
+        cancellations.c.event_id.in_(ids)
+    )
+    found = {event_id: at for event_id, at in conn.execute(first)}
+    return [now if found.get(event_id) is None else as_utc(found[event_id]) for event_id in ids]
 
 
 def _find_core(

@@ -147,7 +147,7 @@ class ConsumerSettings(CourierSettings):
         description="How often the status transitions noted meanwhile are reported.",
     )
     status_recovery_seconds: float = Field(
-        default=60.0,
+        default=10.0,
         ge=0,
         description="How far back from its newest outcome a starting service reports the "
         "outcomes its inbox noted again, in case a crash took their reports.",

@@ -1,13 +1,13 @@
 """Status reporting: what happens to each event, told to the gateway as batched events.
 
-A consumer notes each transition (`processing`, `succeeded`, `retrying`, `skipped_duplicate`,
-`cancelled`; the gateway takes `dead_lettered` from the dead letter) here; a background task
-publishes them as one `status.reported` event every `interval` (or sooner when the batch is
-full). Reporting is off the acknowledgement path — a slow or absent broker delays status, never
-work — and a batch that could not be published is kept and sent with the next one (bounded;
-the oldest transitions are dropped first, with a warning, if the broker stays away for long).
-A crash loses what was noted and not sent; the inbox tells `succeeded` and `cancelled` again at
-the next start.
+A consumer notes each transition (`processing`, `succeeded`, `retrying`, `dead_lettered`,
+`skipped_duplicate`, `cancelled`; the gateway also takes `dead_lettered` from the letter) here;
+a background task publishes them as one `status.reported` event every `interval` (or sooner
+when the batch is full). Reporting is off the acknowledgement path — a slow or absent broker
+delays status, never work — and a batch that could not be published is kept and sent with the
+next one (bounded; the oldest transitions are dropped first, with a warning, if the broker
+stays away for long). A crash loses what was noted and not sent; the inbox tells `succeeded`
+and `cancelled` again at the next start.
 """
 
 from __future__ import annotations

@@ -32,14 +32,18 @@ from contracts.events import (
 from contracts.topology import work_queue
 from contracts.tracking import CallbackRequested, State, Transition
 from services.gateway.callbacks import Callbacks, callback_id
+from services.gateway.letters import dead_lettered
 from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events, metadata
 from services.gateway.tracking_migrations import LEGACY_CALLBACK_COLUMNS, steps
+from services.messaging.dead_letters import group_key, read_dead_letter
 from services.messaging.errors import BrokerUnavailable
+from services.messaging.failure import EXCEPTION_MESSAGE, FINGERPRINT
 from services.messaging.store import migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.test_tracking_store import running_gateway
 from tests.support.polling import eventually
 from tests.support.queues import take
+from tests.unit.test_letters_in_status import a_failure
 
 HOOK = "https://shop.example/hooks/courier"
 
@@ -460,3 +464,70 @@ async def test_a_delivery_the_broker_dead_letters_gets_its_callback(
         assert callback.data.callback_url == HOOK
         notifier = callback.data.services["notifier"]
         assert (notifier.state, notifier.reason) == ("dead_lettered", "delivery_limit")
+
+
+# --- outcomes told twice (after a crash, or by the letter and the consumer) ---------------------
+
+
+def hooked_notification() -> NotificationRequested:
+    return NotificationRequested(
+        callbackurl=HOOK, data=NotificationRequestedData(recipient="a@example.org", subject="s")
+    )
+
+
+async def test_a_report_told_again_from_the_inbox_changes_nothing_and_posts_nothing(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    event = hooked_notification()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    succeeded = step(event, "succeeded", t + timedelta(milliseconds=3), attempt=2)
+    await tracking.apply([step(event, "processing", t, attempt=2), succeeded])
+    told = await tracking.status(event.id)
+
+    await tracking.apply([succeeded])  # a restarted service's `Inbox.recent`
+
+    assert await tracking.status(event.id) == told
+    assert [c.data.outcome for c in publisher.published] == ["succeeded"]
+
+
+async def test_a_letter_and_its_consumers_report_are_one_dead_lettered(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    """Whichever comes first, the other adds nothing: one history entry, one callback."""
+    event = hooked_notification()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    failure = a_failure()
+    headers = failure.dead_letter_headers(
+        {},
+        reason="permanent",
+        service="notifier",
+        queue="ns.notifier",
+        event_id=event.id,
+        event_type=event.type,
+    )
+    reported = step(
+        event,
+        "dead_lettered",
+        failure.at,
+        attempt=failure.attempt,
+        reason="permanent",
+        group=group_key(headers[FINGERPRINT], headers[EXCEPTION_MESSAGE]),
+        detail=failure.summary(),
+    )  # what Consumer._dead_letter reports
+    letter = read_dead_letter(
+        "ns",
+        body=event.model_dump_json().encode(),
+        headers=headers,
+        message_id=event.id,
+        message_type=event.type,
+        correlation_id=None,
+    )
+    from_letter = dead_lettered(letter)
+    assert from_letter is not None
+    await tracking.apply([step(event, "processing", t, attempt=1), reported])
+    told = await tracking.status(event.id)
+
+    await tracking.apply([from_letter])
+
+    assert await tracking.status(event.id) == told
+    assert [c.data.outcome for c in publisher.published] == ["dead_lettered"]

@@ -865,5 +865,5 @@ async def test_a_cancelled_report_is_stamped_as_its_cancellation_tells_it_again(
     assert handler.calls == []
     [cancelled] = await reporting.sent()
     [noted] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
-    assert noted == Outcome(event.id, None, "cancelled", noted.at, None)
+    assert noted == Outcome(event.id, event.type, "cancelled", noted.at, None)
     assert (cancelled["state"], datetime.fromisoformat(cancelled["at"])) == ("cancelled", noted.at)

@@ -210,12 +210,14 @@ async def test_an_empty_inbox_has_no_recent_records(inbox: Inbox) -> None:
     assert await inbox.recent(timedelta(minutes=1), {"notification.requested"}) == []
 
 
-async def test_a_store_from_before_attempts_gains_the_column_and_its_records_are_not_told_again(
+async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_are_not_told(
     inbox: Inbox, engine: AsyncEngine
 ) -> None:
-    before = an_event()
+    before, cancelled_before = an_event(), an_event()
     async with engine.begin() as conn:  # the store as the previous version left it
         await conn.execute(text("ALTER TABLE svc_inbox DROP COLUMN attempt"))
+        await conn.execute(text("ALTER TABLE svc_cancellations DROP COLUMN skipped_at"))
+        await conn.execute(text("ALTER TABLE svc_cancellations DROP COLUMN event_type"))
         await conn.execute(
             text("UPDATE courier_migrations SET version = 2 WHERE component = 'svc.inbox'")
         )
@@ -226,12 +228,18 @@ async def test_a_store_from_before_attempts_gains_the_column_and_its_records_are
             ),
             {"id": before.id, "type": before.type, "at": datetime.now(UTC)},
         )
+        await inbox.cancel(conn, cancelled_before.id)
     upgraded = Inbox(engine, "svc")
     await upgraded.start()
     after = an_event()
     await upgraded.remember(after, [], attempt=1)
+    await upgraded.skipped(cancelled_before)  # after the record: last
     recent = await upgraded.recent(timedelta(minutes=1), {after.type})
-    assert [r.event_id for r in recent] == [after.id]  # the old record's report was not stamped
+    # The old record's report was not stamped: not told again.
+    assert [(r.event_id, r.state) for r in recent] == [
+        (after.id, "succeeded"),
+        (cancelled_before.id, "cancelled"),
+    ]
     assert isinstance(await upgraded.lookup(before.id), Handled)
     upgraded.close()
 
@@ -241,11 +249,22 @@ async def test_a_skipped_cancellation_is_an_outcome_stamped_once(inbox: Inbox) -
     async with inbox.transaction() as conn:
         await inbox.cancel(conn, cancelled.id)
         await inbox.cancel(conn, never_delivered.id)
-    at = await inbox.skipped(cancelled.id)
-    assert await inbox.skipped(cancelled.id) == at  # a redelivery skipped again: same report
+    at = await inbox.skipped(cancelled)
+    assert await inbox.skipped(cancelled) == at  # a redelivery skipped again: same report
     assert await inbox.recent(timedelta(minutes=1), {cancelled.type}) == [
-        Outcome(cancelled.id, None, "cancelled", at, None)
+        Outcome(cancelled.id, cancelled.type, "cancelled", at, None)
     ]
+
+
+async def test_skips_noted_together_each_get_their_own_time(inbox: Inbox) -> None:
+    events = [an_event() for _ in range(3)]
+    async with inbox.transaction() as conn:
+        for event in events:
+            await inbox.cancel(conn, event.id)
+    earlier = await inbox.skipped(events[0])
+    times = await asyncio.gather(*(inbox.skipped(event) for event in events))
+    assert times[0] == earlier
+    assert times[1] == times[2] > earlier  # one commit for the two new ones
 
 
 async def test_the_window_reaches_back_from_the_newest_outcome_of_either_kind(
@@ -256,6 +275,6 @@ async def test_the_window_reaches_back_from_the_newest_outcome_of_either_kind(
     await handled_at(engine, {handled.id: datetime(2026, 1, 2, tzinfo=UTC)})  # long before
     async with inbox.transaction() as conn:
         await inbox.cancel(conn, cancelled.id)
-    await inbox.skipped(cancelled.id)
+    await inbox.skipped(cancelled)
     recent = await inbox.recent(timedelta(seconds=60), {handled.type})
     assert [(r.event_id, r.state) for r in recent] == [(cancelled.id, "cancelled")]

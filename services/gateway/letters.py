@@ -1,0 +1,84 @@
+"""Dead letters as the gateway keeps them: stored for operators, and shown in their event's status.
+
+The letter is the durable account of a failure. A consumer acks its delivery once the letter is
+confirmed, and a status report sent after that could die with the process. A letter the broker
+made (a delivery that kept crashing its consumer) has no consumer to report it at all. So every
+letter of a tracked event becomes a `dead_lettered` transition. A consumer also reports the same
+transition (an earlier gateway needed it): same time, attempt, reason, group and detail, so
+the projection keeps it once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import TypeAdapter, ValidationError
+
+from contracts.topology import workers_of
+from contracts.tracking import EventIdField, Transition
+from services.gateway.tracking import Tracking
+from services.messaging.batching import Batcher
+from services.messaging.dead_letters import DeadLetter, Sink, precise_time
+from services.messaging.failure import FAILED_AT, REASON
+from services.messaging.store import row_may_be_at_fault
+from services.ops.store import FailureStore
+
+PROJECTION_LINGER = 0.02
+"""Seconds a letter's transition waits for others to share its write: a burst of letters (a
+bad deploy dead-letters everything) costs a transaction per batch, not per letter."""
+
+_EVENT_ID: TypeAdapter[str] = TypeAdapter(EventIdField)
+
+
+def keep_letters(failures: FailureStore, tracking: Tracking) -> Sink:
+    """The dead-letter drain's sink: store the letter, then show it in its event's status."""
+
+    async def apply(transitions: list[Transition]) -> list[None]:
+        await tracking.apply(transitions)
+        return [None] * len(transitions)
+
+    projections: Batcher[Transition, None] = Batcher(
+        apply, linger=PROJECTION_LINGER, isolate=row_may_be_at_fault
+    )
+
+    async def keep(letter: DeadLetter) -> None:
+        await failures.add_letter(letter)
+        transition = dead_lettered(letter)
+        if transition is not None:
+            await projections.submit(transition)
+
+    return keep
+
+
+def dead_lettered(letter: DeadLetter) -> Transition | None:
+    """The letter's transition in its event's status; None unless the letter is of an event
+    the status tracks at that service (anyone may publish to a work queue: an id or a type
+    the gateway never accepted must not make status rows)."""
+    event_id, event_type = letter.event_id, letter.event_type
+    if event_id is None or event_type is None or letter.service not in workers_of(event_type):
+        return None
+    try:
+        _EVENT_ID.validate_python(event_id)
+    except ValidationError:
+        return None
+    by_consumer = REASON in letter.headers
+    detail = (
+        f"{letter.exception_type}: {letter.exception_message}"
+        if letter.exception_type
+        else letter.exception_message or ""
+    )
+    return Transition.model_construct(
+        event_id=event_id,
+        event_type=event_type,
+        service=letter.service,
+        state="dead_lettered",
+        # A consumer's failure time, to the microsecond (what its own report carries). The
+        # broker's `x-death` has whole seconds, which could order the letter before the
+        # attempt's `processing`: the letter's arrival stands in for it.
+        at=precise_time(letter.headers.get(FAILED_AT)) or datetime.now(UTC),
+        # The broker counts deliveries, not attempts: a letter of its own has none.
+        attempt=letter.attempts if by_consumer else None,
+        reason=letter.reason[:64],
+        group=letter.group,
+        detail=detail[:1000] or None,
+    )
