@@ -10,7 +10,7 @@ the projection keeps it once.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -42,18 +42,19 @@ def keep_letters(failures: FailureStore, tracking: Tracking) -> Sink:
     )
 
     async def keep(letter: DeadLetter) -> None:
-        await failures.add_letter(letter)
-        transition = dead_lettered(letter)
+        stored_at = await failures.store(letter)
+        transition = dead_lettered(letter, stored_at)
         if transition is not None:
             await projections.submit(transition)
 
     return keep
 
 
-def dead_lettered(letter: DeadLetter) -> Transition | None:
+def dead_lettered(letter: DeadLetter, stored_at: datetime) -> Transition | None:
     """The letter's transition in its event's status; None unless the letter is of an event
     the status tracks at that service (anyone may publish to a work queue: an id or a type
-    the gateway never accepted must not make status rows)."""
+    the gateway never accepted must not make status rows). `stored_at`: when the failure
+    store first took it."""
     event_id, event_type = letter.event_id, letter.event_type
     if event_id is None or event_type is None or letter.service not in workers_of(event_type):
         return None
@@ -74,8 +75,9 @@ def dead_lettered(letter: DeadLetter) -> Transition | None:
         state="dead_lettered",
         # A consumer's failure time, to the microsecond (what its own report carries). The
         # broker's `x-death` has whole seconds, which could order the letter before the
-        # attempt's `processing`: the letter's arrival stands in for it.
-        at=precise_time(letter.headers.get(FAILED_AT)) or datetime.now(UTC),
+        # attempt's `processing`: the letter's first arrival stands in for it, the same each
+        # time the letter comes back (a redelivery, a retry after a store failure).
+        at=precise_time(letter.headers.get(FAILED_AT)) or stored_at,
         # The broker counts deliveries, not attempts: a letter of its own has none.
         attempt=letter.attempts if by_consumer else None,
         reason=letter.reason[:64],

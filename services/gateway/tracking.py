@@ -56,6 +56,7 @@ from contracts.topology import workers_of
 from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
 from services.gateway.tracking_migrations import steps as migration_steps
 from services.messaging.batching import Batcher
+from services.messaging.dead_letters import printable
 from services.messaging.logs import get_logger
 from services.messaging.store import (
     BatchRunner,
@@ -309,6 +310,7 @@ class Tracking:
 
         Raises if a due callback could not be published, so the caller does not acknowledge
         what triggered it (a status report, a dead letter) and it comes back."""
+        transitions = [_storable(t) for t in transitions]
         await self._runner.run(lambda conn: _write_transitions(conn, transitions))
         ending = {t.event_id for t in transitions if t.state in ENDING_STATES}
         if ending and self._on_final is not None:
@@ -442,6 +444,15 @@ class Tracking:
             "cancel_requested_at": _utc(event.cancel_requested_at),
             "services": dict(sorted(services.items())),
         }
+
+
+def _storable(transition: Transition) -> Transition:
+    """The transition with a detail any store takes: an exception's message may hold a NUL,
+    which PostgreSQL refuses, failing the whole report it came in. Escaped as a dead letter's
+    plain form escapes it, so the letter's transition and its consumer's report stay one."""
+    detail = transition.detail
+    escaped = None if detail is None else printable(detail)
+    return transition if escaped == detail else transition.model_copy(update={"detail": escaped})
 
 
 def _fate(seq: int) -> CompoundSelect[Any]:

@@ -225,11 +225,11 @@ def plain(letter: DeadLetter) -> DeadLetter:
     is unchanged; the body is never touched, so a replay publishes what failed."""
     return replace(
         letter,
-        service=_printable(letter.service),
-        queue=_printable(letter.queue),
+        service=printable(letter.service),
+        queue=printable(letter.queue),
         event_id=_printable_or_none(letter.event_id),
         event_type=_printable_or_none(letter.event_type),
-        reason=_printable(letter.reason),
+        reason=printable(letter.reason),
         attempts=min(max(letter.attempts, 0), MAX_COUNT),
         replays=min(max(letter.replays, 0), MAX_COUNT),
         exception_type=_printable_or_none(letter.exception_type),
@@ -240,23 +240,24 @@ def plain(letter: DeadLetter) -> DeadLetter:
     )
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """`text` with control characters (but newlines and tabs) and unpaired surrogates escaped."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _printable_or_none(text: str | None) -> str | None:
-    return None if text is None else _printable(text)
+    return None if text is None else printable(text)
 
 
 def _printable_values(value: Any) -> Any:
     if isinstance(value, str):
-        return _printable(value)
+        return printable(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value if -MAX_COUNT <= value <= MAX_COUNT else str(value)
     if isinstance(value, dict):
-        return {_printable(str(k)): _printable_values(v) for k, v in value.items()}
+        return {printable(str(k)): _printable_values(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_printable_values(v) for v in value]
     return value

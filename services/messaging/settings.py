@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.topology import (
@@ -172,6 +172,18 @@ class ConsumerSettings(CourierSettings):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    @model_validator(mode="after")
+    def _recovery_covers_the_interval(self) -> Self:
+        # Reports wait up to an interval after their ack: a shorter window would not reach
+        # back to what a crash took.
+        interval = self.status_report_interval_ms / 1000
+        if 0 < self.status_recovery_seconds < 2 * interval:
+            raise ValueError(
+                f"COURIER_STATUS_RECOVERY_SECONDS ({self.status_recovery_seconds:g}) must be 0 "
+                f"or at least twice COURIER_STATUS_REPORT_INTERVAL_MS ({interval:g} s)"
+            )
+        return self
 
     def retry_policy(self) -> RetryPolicy:
         """The service-wide retry policy; a route may use its own."""

@@ -238,9 +238,21 @@ class FailureStore:
         """The drain's sink."""
         await self.add(letter)
 
-    async def add(self, letter: DeadLetter) -> bool:
-        """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
+    async def store(self, letter: DeadLetter) -> datetime:
+        """Store a dead letter; when it was stored (the first time, for a letter stored
+        already: the same letter redelivered to the drain, or stored before a failure after)."""
         now = datetime.now(UTC)
+        if await self.add(letter, now):
+            return now
+        async with self.engine.connect() as conn:
+            stored = await conn.scalar(
+                select(dead_letters.c.dead_lettered_at).where(dead_letters.c.id == letter.id)
+            )
+        return now if stored is None else as_utc(stored)  # None: purged meanwhile
+
+    async def add(self, letter: DeadLetter, now: datetime | None = None) -> bool:
+        """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
+        now = now or datetime.now(UTC)
         values = dict(
             id=letter.id,
             service=letter.service,

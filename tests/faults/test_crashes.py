@@ -111,7 +111,11 @@ async def test_a_kill_after_the_ack_before_the_status_report_loses_no_outcome(
 ) -> None:
     """`succeeded` is reported after the ack, once per interval: a process killed in between
     takes the reports with it. The next process reports them again from the inbox."""
-    first = effect_service(COURIER_PREFETCH="1", COURIER_STATUS_REPORT_INTERVAL_MS="60000")
+    first = effect_service(
+        COURIER_PREFETCH="1",
+        COURIER_STATUS_REPORT_INTERVAL_MS="60000",  # nothing reported before the kill
+        COURIER_STATUS_RECOVERY_SECONDS="120",  # (must cover two intervals)
+    )
     first.wait_ready()
     handled = await send(publisher, namespace, "a", "b", "c")
     [slow] = await send(publisher, namespace, "slow:5")

@@ -522,7 +522,7 @@ async def test_a_letter_and_its_consumers_report_are_one_dead_lettered(
         message_type=event.type,
         correlation_id=None,
     )
-    from_letter = dead_lettered(letter)
+    from_letter = dead_lettered(letter, stored_at=datetime.now(UTC))
     assert from_letter is not None
     await tracking.apply([step(event, "processing", t, attempt=1), reported])
     told = await tracking.status(event.id)

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,11 @@ from contracts.events import (
     ResultsReported,
 )
 from contracts.topology import ServiceTopology
+from contracts.tracking import Transition
+from services.gateway.letters import dead_lettered
 from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
+from services.messaging.dead_letters import read_dead_letter
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, Unroutable
 from services.messaging.inbox import Handled, Inbox, Outcome
@@ -867,3 +870,30 @@ async def test_a_cancelled_report_is_stamped_as_its_cancellation_tells_it_again(
     [noted] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
     assert noted == Outcome(event.id, event.type, "cancelled", noted.at, None)
     assert (cancelled["state"], datetime.fromisoformat(cancelled["at"])) == ("cancelled", noted.at)
+
+
+async def test_a_dead_letter_and_its_report_are_one_transition(
+    namespace: Namespace, inbox_on_disk: Inbox, reporting: Reporting
+) -> None:
+    """The gateway shows `dead_lettered` from the letter and from the consumer's report,
+    whichever comes first: they must be the same transition, or the history shows it twice."""
+    event = notification()
+    handler = Recorder(failures=[PermanentError("the recipient 'r' is unknown")])
+    routes = {"notification.requested": route(handler)}
+    async with running(
+        namespace, "notifier", routes, inbox=inbox_on_disk, reporter=reporting.reporter
+    ) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    letter = read_dead_letter(
+        namespace.name,
+        body=dead.body,
+        headers=dead.headers or {},
+        message_id=dead.message_id,
+        message_type=dead.type,
+        correlation_id=dead.correlation_id,
+    )
+    from_letter = dead_lettered(letter, stored_at=datetime.now(UTC))
+    assert from_letter is not None
+    [reported] = [t for t in await reporting.sent() if t["state"] == "dead_lettered"]
+    assert Transition.model_validate(reported) == from_letter

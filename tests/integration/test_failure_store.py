@@ -608,3 +608,11 @@ async def test_broker_dead_letters_of_one_event_from_different_replays_are_kept_
     assert [item.replays for item in letters] == [1, 2]
     assert [await store.add(item) for item in letters] == [True, True]
     assert await store.count(Filter(service="processor")) == 2
+
+
+async def test_a_letter_stored_again_tells_when_it_was_first_stored(store: FailureStore) -> None:
+    """The drain stores a letter again when it comes back (a redelivery, a retry after a
+    failure past the store): its status shows it dead-lettered once, at the first time."""
+    same = letter()
+    first = await store.store(same)
+    assert await store.store(same) == first

@@ -395,6 +395,24 @@ async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking)
     assert history_states(status, "notifier") == ["pending", "processing", "succeeded"]
 
 
+async def test_a_detail_no_store_takes_is_escaped_not_the_report_refused(
+    tracking: Tracking,
+) -> None:
+    """An exception message may hold a NUL, which PostgreSQL refuses: the whole report (up to
+    1,000 transitions of other events) would fail with it."""
+    event, other = notification(), notification()
+    t = datetime.now(UTC)
+    await tracking.apply(
+        [
+            step(other.id, "notifier", "succeeded", t, attempt=1),
+            step(event.id, "notifier", "retrying", t, attempt=1, detail="ValueError: a\x00b\n"),
+        ]
+    )
+    assert states_of(await status_of(tracking, other.id)) == {"notifier": "succeeded"}
+    retrying = (await status_of(tracking, event.id))["services"]["notifier"]
+    assert retrying["detail"] == "ValueError: a\\x00b\n"
+
+
 async def test_dead_lettered_keeps_reason_and_group(tracking: Tracking) -> None:
     event = notification()
     tracking.accepted(event)

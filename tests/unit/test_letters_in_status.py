@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,6 +12,7 @@ from services.messaging.dead_letters import DeadLetter, read_dead_letter
 from services.messaging.failure import Failure
 
 FAILED = datetime(2030, 1, 1, 0, 0, 7, 123456, tzinfo=UTC)
+STORED = datetime(2030, 1, 1, 0, 0, 9, 4321, tzinfo=UTC)
 
 
 def bounce() -> None:
@@ -53,7 +54,7 @@ def consumers_letter(
 
 def test_a_consumers_letter_is_the_transition_its_consumer_reports() -> None:
     failure = a_failure()
-    transition = dead_lettered(consumers_letter())
+    transition = dead_lettered(consumers_letter(), STORED)
     assert transition is not None
     assert (transition.event_id, transition.service, transition.state) == (
         "e-1",
@@ -68,8 +69,7 @@ def test_a_consumers_letter_is_the_transition_its_consumer_reports() -> None:
     assert transition.detail == failure.summary()
 
 
-def test_a_letter_the_broker_made_has_no_attempt_and_its_arrival_time() -> None:
-    before = datetime.now(UTC)
+def test_a_letter_the_broker_made_has_no_attempt_and_the_time_it_was_first_stored() -> None:
     letter = read_dead_letter(
         "ns",
         body=b"{}",
@@ -78,17 +78,19 @@ def test_a_letter_the_broker_made_has_no_attempt_and_its_arrival_time() -> None:
         message_type="notification.requested",
         correlation_id=None,
     )
-    transition = dead_lettered(letter)
+    transition = dead_lettered(letter, STORED)
     assert transition is not None
-    assert (transition.reason, transition.attempt) == ("delivery_limit", None)
-    assert before <= transition.at <= datetime.now(UTC)
+    assert (transition.reason, transition.attempt, transition.at) == (
+        "delivery_limit",
+        None,
+        STORED,
+    )
 
 
-def test_an_unreadable_failure_time_gives_the_arrival_time_not_whole_seconds() -> None:
-    before = datetime.now(UTC)
-    transition = dead_lettered(consumers_letter(**{f.FAILED_AT: "yesterday"}))
+def test_an_unreadable_failure_time_gives_the_time_stored_not_whole_seconds() -> None:
+    transition = dead_lettered(consumers_letter(**{f.FAILED_AT: "yesterday"}), STORED)
     assert transition is not None
-    assert before <= transition.at <= datetime.now(UTC) + timedelta(seconds=1)
+    assert transition.at == STORED
 
 
 @pytest.mark.parametrize(
@@ -102,9 +104,10 @@ def test_an_unreadable_failure_time_gives_the_arrival_time_not_whole_seconds() -
 def test_a_letter_of_an_untracked_type_or_service_shows_nowhere(
     event_type: str, service: str
 ) -> None:
-    assert dead_lettered(consumers_letter(event_type=event_type, service=service)) is None
+    letter = consumers_letter(event_type=event_type, service=service)
+    assert dead_lettered(letter, STORED) is None
 
 
 @pytest.mark.parametrize("event_id", ["x" * 129, "tab\tin-it", ""])
 def test_a_letter_whose_id_no_event_could_have_shows_nowhere(event_id: str) -> None:
-    assert dead_lettered(consumers_letter(event_id=event_id)) is None
+    assert dead_lettered(consumers_letter(event_id=event_id), STORED) is None

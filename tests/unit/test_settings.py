@@ -75,3 +75,10 @@ def test_ops_tokens_never_show_in_a_settings_repr() -> None:
     settings = GatewaySettings(environment="production", ops_tokens=f"alice:{token}")
     assert token not in repr(settings)
     assert settings.ops_tokens["alice"].get_secret_value() == token
+
+
+def test_a_status_recovery_window_shorter_than_two_report_intervals_is_refused() -> None:
+    with pytest.raises(ValueError, match="COURIER_STATUS_RECOVERY_SECONDS"):
+        ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=10)
+    assert ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=20)
+    assert ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=0)
