@@ -26,19 +26,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 
 class CancelSystem(System):
-    def __init__(self, namespace: Namespace, workdir: Path) -> None:
+    def __init__(self, namespace: Namespace, workdir: Path, **service_env: str) -> None:
         super().__init__(namespace, workdir)
         self.data_dir = workdir / "effect-data"
         self.data_dir.mkdir()
         self.effects = Effects(self.data_dir)
         self.env = namespace.env(COURIER_LOG_LEVEL="INFO", COURIER_CPU_WORKERS="1")
         self.gateway = self.launch(gateway(self.env, workdir))
-        self.service: ServiceProcess = self.start_service()
+        # `service_env`: the first effect-service process's own settings.
+        self.service: ServiceProcess = self.start_service(**service_env)
         self.processor: ServiceProcess | None = None
 
-    def start_service(self) -> ServiceProcess:
+    def start_service(self, **overrides: str) -> ServiceProcess:
         """A new effect-service process (the same store, so the same inbox)."""
-        env = {**self.env, "COURIER_DATA_DIR": str(self.data_dir), "COURIER_PREFETCH": "1"}
+        env = {
+            **self.env,
+            "COURIER_DATA_DIR": str(self.data_dir),
+            "COURIER_PREFETCH": "1",
+            **overrides,
+        }
         process = consumer("notifier", env, self.workdir, module="tests.support.effect_service")
         self.service = self.launch(process)
         return self.service

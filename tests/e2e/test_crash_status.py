@@ -1,0 +1,69 @@
+"""A killed consumer does not take its events' final status with it (real processes).
+
+A service reports `succeeded` and `cancelled` after the ack, once per interval. Here the effect
+service (`tests.support.effect_service`, the real consumer runtime as the `notifier`) reports
+only once a minute and is killed after its acks, before any report: the status shows nothing of
+its work. The next process of the service tells those outcomes again from its inbox, and
+`GET /v1/events/{id}` shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Namespace
+from tests.e2e.test_cancel import CancelSystem
+from tests.e2e.test_tracking import run_async, states
+from tests.support.polling import eventually_sync
+
+pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+
+SILENT = {
+    "COURIER_STATUS_REPORT_INTERVAL_MS": "60000",  # nothing reported before the kill
+    "COURIER_STATUS_RECOVERY_SECONDS": "120",  # (must cover two intervals)
+}
+
+
+@pytest.fixture
+def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CancelSystem]:
+    namespace = Namespace(amqp_url)
+    running = CancelSystem(namespace, tmp_path_factory.mktemp("crash-status"), **SILENT)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+        run_async(namespace.cleanup)
+
+
+def test_succeeded_and_cancelled_outcomes_survive_a_kill_after_their_acks(
+    system: CancelSystem,
+) -> None:
+    blocker = system.notify("slow:3")
+    cancelled = system.notify("cancel-me")
+    eventually_sync(lambda: system.started(blocker), timeout=15)  # the rest waits behind it
+    system.wait_known(cancelled)
+    assert system.cancel(cancelled).status_code == 202
+    handled = [system.notify("a"), system.notify("b")]
+    last = system.notify("slow:5")
+
+    def acked_before_last() -> None:  # prefetch 1: the next delivery comes after the last ack
+        system.started(last)
+
+    eventually_sync(acked_before_last, timeout=30)
+    system.service.kill()
+    for event_id in (blocker, cancelled, *handled):
+        assert system.service_status(event_id, "notifier")["state"] == "pending"
+
+    system.start_service().wait_ready(60)  # reports every 0.5 s, tells the last 10 s again
+
+    for event_id in (blocker, *handled):
+        notifier = system.wait_state(event_id, "notifier", "succeeded", timeout=20)
+        assert (states(notifier), notifier["attempt"]) == (["pending", "succeeded"], 1)
+    notifier = system.wait_state(cancelled, "notifier", "cancelled", timeout=20)
+    assert states(notifier) == ["pending", "cancelled"]
+    system.wait_state(last, "notifier", "succeeded", timeout=30)  # redelivered, done again
+    counts = system.effects.counts()
+    assert [counts[e] for e in (blocker, *handled, cancelled)] == [1, 1, 1, 0]
