@@ -27,6 +27,8 @@ State = Literal[
     "cancelled",
     "skipped_duplicate",
 ]
+MAX_DETAIL: Final = 1000
+"""Characters of a transition's detail (an error summary) kept."""
 FINAL_STATES: Final[frozenset[str]] = frozenset({"succeeded", "dead_lettered", "cancelled"})
 
 # Timestamps accept ISO strings even in strict payloads (JSON has no datetime type).
@@ -45,7 +47,7 @@ class Transition(Payload):
     next_attempt_at: Timestamp | None = None
     reason: Annotated[str, StringConstraints(max_length=64)] | None = None
     group: Annotated[str, StringConstraints(max_length=64)] | None = None
-    detail: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL)] | None = None
 
 
 MAX_TRANSITIONS: Final = 1000
@@ -91,7 +93,7 @@ class ServiceOutcome(Payload):
     attempt: StrictInt | None = Field(default=None, ge=1)
     reason: Annotated[str, StringConstraints(max_length=64)] | None = None
     group: Annotated[str, StringConstraints(max_length=64)] | None = None
-    detail: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL)] | None = None
     updated_at: Timestamp
 
 

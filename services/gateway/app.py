@@ -126,9 +126,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             files = Files(engine)
             for store in (failures, tracking, keys, inbox, files):
                 await store.start()
-            # Letters a replay of a previous run left claimed are dead again once its lease ran
-            # out (the lease counts from the last renewal, so no live replay loses them).
-            await failures.release_expired(timedelta(seconds=settings.replay_lease_seconds))
+            # Letters a replay left claimed (it died, here or in a previous run) are dead again
+            # once its lease ran out: at start-up and then every half lease (the lease counts
+            # from the last renewal, so no live replay loses them).
+            lease = timedelta(seconds=settings.replay_lease_seconds)
+            run_every(
+                stack,
+                settings.replay_lease_seconds / 2,
+                "replay-leases",
+                lambda: failures.release_expired(lease),
+            )
             stack.push_async_callback(tracking.close)
 
             broker.consume_with(

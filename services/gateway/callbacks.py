@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, Row, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -133,28 +134,41 @@ def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
         by_event.setdefault(row.event_id, []).append(row)
     due: list[Settlement] = []
     for event_id, event_rows in by_event.items():
-        first = event_rows[0]
-        services = {row.service: _service_outcome(row) for row in event_rows}
-        settled = settle(first.event_type, services)
-        if settled is None or settled[0] == first.callback_outcome:
+        try:
+            settlement = _settlement(event_id, event_rows)
+        except ValidationError:
+            # Rows no callback can carry: said, and skipped, so that one event does not hold
+            # back the callbacks of every other (the sweep would fail on its page for ever).
+            log.exception("cannot build this event's callback", extra={"event_id": event_id})
             continue
-        outcome, at = settled
-        request = None
-        if outcome != "cancelled":
-            request = CallbackRequested(
-                id=callback_id(event_id, outcome),
-                subject=event_id,
-                data=CallbackRequestedData(
-                    event_id=event_id,
-                    event_type=first.event_type,
-                    outcome=outcome,
-                    settled_at=at,
-                    callback_url=first.callback_url,
-                    services={w: services[w] for w in workers_of(first.event_type)},
-                ),
-            )
-        due.append(Settlement(event_id, outcome, at, request))
+        if settlement is not None:
+            due.append(settlement)
     return due
+
+
+def _settlement(event_id: str, event_rows: list[Row[*tuple[Any, ...]]]) -> Settlement | None:
+    """The event's settlement, if it is settled with an outcome not called back yet."""
+    first = event_rows[0]
+    services = {row.service: _service_outcome(row) for row in event_rows}
+    settled = settle(first.event_type, services)
+    if settled is None or settled[0] == first.callback_outcome:
+        return None
+    outcome, at = settled
+    request = None
+    if outcome != "cancelled":
+        request = CallbackRequested(
+            id=callback_id(event_id, outcome),
+            subject=event_id,
+            data=CallbackRequestedData(
+                event_id=event_id,
+                event_type=first.event_type,
+                outcome=outcome,
+                settled_at=at,
+                callback_url=first.callback_url,
+                services={w: services[w] for w in workers_of(first.event_type)},
+            ),
+        )
+    return Settlement(event_id, outcome, at, request)
 
 
 def _mark(conn: Connection, done: Sequence[Settlement]) -> None:

@@ -53,7 +53,7 @@ from sqlalchemy.sql.selectable import CompoundSelect
 from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed, ResultsReported
 from contracts.topology import workers_of
-from contracts.tracking import FINAL_STATES, State, StatusReported, Transition
+from contracts.tracking import FINAL_STATES, MAX_DETAIL, State, StatusReported, Transition
 from services.gateway.tracking_migrations import steps as migration_steps
 from services.messaging.batching import Batcher
 from services.messaging.dead_letters import printable
@@ -449,9 +449,10 @@ class Tracking:
 def _storable(transition: Transition) -> Transition:
     """The transition with a detail any store takes: an exception's message may hold a NUL,
     which PostgreSQL refuses, failing the whole report it came in. Escaped as a dead letter's
-    plain form escapes it, so the letter's transition and its consumer's report stay one."""
+    plain form escapes it, so the letter's transition and its consumer's report stay one, and
+    cut again to `MAX_DETAIL` (escaping lengthens it), which a callback's copy must fit."""
     detail = transition.detail
-    escaped = None if detail is None else printable(detail)
+    escaped = None if detail is None else printable(detail)[:MAX_DETAIL]
     return transition if escaped == detail else transition.model_copy(update={"detail": escaped})
 
 

@@ -129,7 +129,7 @@ def read_dead_letter(
         fingerprint = str(headers.get(f.FINGERPRINT, "unknown"))
         message = str(headers.get(f.EXCEPTION_MESSAGE, ""))
         return DeadLetter(
-            id=str(headers.get(f.DEAD_LETTER_ID) or _stable_id(message_id, headers)),
+            id=str(headers.get(f.DEAD_LETTER_ID) or _stable_id(message_id, headers, body)),
             service=str(headers.get(f.SERVICE)),
             queue=str(headers.get(f.QUEUE)),
             event_id=_str_or_none(headers.get(f.EVENT_ID)) or message_id,
@@ -175,7 +175,7 @@ def _broker_dead_letter(
     fingerprint = hashlib.sha256(f"{reason}|{service}|{message_type}".encode()).hexdigest()[:16]
     died = _as_datetime(death.get("time"), now)
     return DeadLetter(
-        id=_stable_id(message_id, headers),
+        id=_stable_id(message_id, headers, body),
         service=service,
         queue=queue,
         event_id=message_id,
@@ -196,13 +196,20 @@ def _broker_dead_letter(
     )
 
 
-def _stable_id(message_id: str | None, headers: Mapping[str, Any]) -> str:
-    # Same message redelivered to the drain → same id, so the store does not hold it twice.
-    # The replay count tells apart deaths of one event after successive replays, whose
-    # `x-death` (time in whole seconds) can be identical.
+def _stable_id(message_id: str | None, headers: Mapping[str, Any], body: bytes) -> str:
+    """The same message redelivered to the drain gets the same id, so the store does not hold it
+    twice. The replay count tells apart deaths of one event after successive replays, whose
+    `x-death` (time in whole seconds) can be identical; the body tells apart different messages
+    that died in the same second without a message id (or with a reused one), which would
+    otherwise be taken for one, the second acked as stored already and lost."""
     key = orjson.dumps(
         json_safe(
-            {"id": message_id, "replays": headers.get(f.REPLAYS), "death": headers.get("x-death")}
+            {
+                "id": message_id,
+                "replays": headers.get(f.REPLAYS),
+                "death": headers.get("x-death"),
+                "body": hashlib.sha256(body).hexdigest(),
+            }
         )
     )
     return hashlib.sha256(key).hexdigest()[:32]

@@ -531,3 +531,24 @@ async def test_a_letter_and_its_consumers_report_are_one_dead_lettered(
 
     assert await tracking.status(event.id) == told
     assert [c.data.outcome for c in publisher.published] == ["dead_lettered"]
+
+
+async def test_a_detail_that_escaping_lengthens_still_fits_its_callback(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    """Control characters are escaped for the store (four characters each): cut again, or the
+    callback could not carry it and no callback of that report would go out."""
+    event, other = hooked_notification(), hooked_notification()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    await accept(tracking, other)
+    detail = ("ValueError: " + "\r" * 1000)[:1000]
+    await tracking.apply(
+        [
+            step(event, "dead_lettered", t, attempt=1, reason="permanent", detail=detail),
+            step(other, "succeeded", t, attempt=1),
+        ]
+    )
+    assert sorted(c.data.outcome for c in publisher.published) == ["dead_lettered", "succeeded"]
+    dead = next(c for c in publisher.published if c.data.outcome == "dead_lettered")
+    shown = dead.data.services["notifier"].detail
+    assert shown is not None and len(shown) == 1000 and shown.startswith("ValueError: \\r")

@@ -823,3 +823,28 @@ async def test_letters_a_dead_replay_left_claimed_count_as_dead_again(
     assert dry.json()["count"] == 3
     assert listed == set(ids)
     assert [g["count"] for g in groups] == [3]
+
+
+@pytest.mark.broker
+async def test_letters_whose_claim_runs_out_while_the_gateway_runs_count_as_dead_again(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A replay that died in another process (or whose client went away) leaves its claims;
+    the gateway releases them once the lease runs out, not only at its next start."""
+    settings = gateway_settings(namespace, tmp_path, replay_lease_seconds=1)
+    ids = await seed(tmp_path, namespace, 3)
+    async with running_gateway(settings) as client:
+        engine = open_store(store_url(None, tmp_path, "gateway"))
+        try:  # claimed by a replay elsewhere, which then died
+            _, claimed = await FailureStore(engine).claim(
+                Filter(), limit=10, lease=timedelta(seconds=1)
+            )
+        finally:
+            await engine.dispose()
+        assert len(claimed) == 3
+        assert await letters(client) == []  # claimed: not dead
+
+        async def dead_again() -> None:
+            assert {item["id"] for item in await letters(client)} == set(ids)
+
+        await eventually(dead_again, timeout=5)

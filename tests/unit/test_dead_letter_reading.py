@@ -114,3 +114,18 @@ def test_a_letter_without_a_readable_precise_time_falls_back_to_the_last_failure
     for odd in (None, "yesterday", 17, b"\xff"):
         headers = consumers_letter(**{f.LAST_FAILURE: seconds, f.FAILED_AT: odd})
         assert read(headers).last_failure == seconds
+
+
+def test_different_messages_the_broker_killed_in_one_second_without_ids_are_two_letters() -> None:
+    # x-death keeps whole seconds: only the bodies tell them apart (else the drain would ack
+    # the second as stored already, and it would be lost).
+    death = {"x-death": [{"queue": "ns.processor", "reason": "delivery_limit", "time": NOW}]}
+    first, second, again = (
+        read_dead_letter(
+            "ns", body=body, headers=death, message_id=None, message_type=None,
+            correlation_id=None, now=NOW,
+        )
+        for body in (b'{"a": 1}', b'{"a": 2}', b'{"a": 1}')
+    )  # fmt: skip
+    assert first.id != second.id
+    assert again.id == first.id  # a redelivery of the same message is the same letter
