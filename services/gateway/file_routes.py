@@ -12,7 +12,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.envelope import new_event_id
 from contracts.files import FileUploaded, FileUploadedData
@@ -24,6 +23,7 @@ from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.gateway.ingest import IngestError
 from services.gateway.routes import (
+    STORE_ERRORS,
     Problem,
     claim_key,
     idempotency_key,
@@ -209,7 +209,7 @@ async def _announce(
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
             blob = await _record(file_id, received, files, blobs, accepted_at)
-        except SQLAlchemyError as exc:
+        except STORE_ERRORS as exc:
             log.exception("could not record the file; refusing it")
             await blobs.delete(received.key)
             raise store_unavailable(settings, "record the file") from exc
@@ -274,7 +274,7 @@ async def _forget(files: Files, file_id: str) -> bool:
     file's copy is then kept: a record never points at nothing."""
     try:
         await files.remove(file_id)
-    except SQLAlchemyError:
+    except STORE_ERRORS:
         log.exception("could not remove the record of a file never announced")
         return False
     return True

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import TypeAdapter, ValidationError
-
-from contracts.topology import workers_of
-from contracts.tracking import EventIdField, Transition
+from contracts.tracking import Transition
 from services.gateway.tracking import Tracking
 from services.messaging.batching import Batcher
-from services.messaging.dead_letters import DeadLetter, Sink, precise_time
+from services.messaging.dead_letters import DeadLetter, Sink, in_status, precise_time
 from services.messaging.failure import FAILED_AT, REASON
 from services.messaging.store import row_may_be_at_fault
 from services.ops.store import FailureStore
@@ -26,8 +23,6 @@ from services.ops.store import FailureStore
 PROJECTION_LINGER = 0.02
 """Seconds a letter's transition waits for others to share its write: a burst of letters (a
 bad deploy dead-letters everything) costs a transaction per batch, not per letter."""
-
-_EVENT_ID: TypeAdapter[str] = TypeAdapter(EventIdField)
 
 
 def keep_letters(failures: FailureStore, tracking: Tracking) -> Sink:
@@ -52,16 +47,12 @@ def keep_letters(failures: FailureStore, tracking: Tracking) -> Sink:
 
 def dead_lettered(letter: DeadLetter, stored_at: datetime) -> Transition | None:
     """The letter's transition in its event's status; None unless the letter is of an event
-    the status tracks at that service (anyone may publish to a work queue: an id or a type
-    the gateway never accepted must not make status rows). `stored_at`: when the failure
-    store first took it."""
-    event_id, event_type = letter.event_id, letter.event_type
-    if event_id is None or event_type is None or letter.service not in workers_of(event_type):
+    the status tracks at that service (`in_status`). `stored_at`: when the failure store first
+    took it."""
+    if not in_status(letter):
         return None
-    try:
-        _EVENT_ID.validate_python(event_id)
-    except ValidationError:
-        return None
+    assert letter.event_id is not None  # `in_status`
+    assert letter.event_type is not None
     by_consumer = REASON in letter.headers
     detail = (
         f"{letter.exception_type}: {letter.exception_message}"
@@ -69,8 +60,8 @@ def dead_lettered(letter: DeadLetter, stored_at: datetime) -> Transition | None:
         else letter.exception_message or ""
     )
     return Transition.model_construct(
-        event_id=event_id,
-        event_type=event_type,
+        event_id=letter.event_id,
+        event_type=letter.event_type,
         service=letter.service,
         state="dead_lettered",
         # A consumer's failure time, to the microsecond (what its own report carries). The

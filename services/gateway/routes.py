@@ -163,9 +163,14 @@ async def _note_callbacks(
     (nothing was published: the client may simply retry)."""
     try:
         await tracking.note_callbacks(events)
-    except SQLAlchemyError as exc:
+    except STORE_ERRORS as exc:
         log.exception("could not store callback URLs; refusing the events")
         raise store_unavailable(settings, "store the callback URL") from exc
+
+
+STORE_ERRORS = (SQLAlchemyError, OSError)
+"""What the gateway's store raises when it fails: SQLAlchemy's errors, and the raw connection
+errors (refused, reset) that asyncpg raises and SQLAlchemy passes through unwrapped."""
 
 
 def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
@@ -208,7 +213,7 @@ async def claim_key(
             except TimeoutError:
                 waited = None
             claim = waited or await keys.claim(key, request_id, ids)
-    except SQLAlchemyError as exc:
+    except STORE_ERRORS as exc:
         log.exception("could not claim an Idempotency-Key")
         raise store_unavailable(settings, "check the Idempotency-Key") from exc
     if claim.kind == "busy":
@@ -239,19 +244,29 @@ async def settle_key(
     try:
         answer = await response()
     except BaseException:
-        await keys.release(key, claim)
+        await _release(keys, key, claim)
         raise
     if answer.status_code >= 300:
-        await keys.release(key, claim)
+        await _release(keys, key, claim)
         return answer
     stored = {"body": orjson.loads(answer.body), "location": answer.headers.get("location")}
     try:
         await keys.complete(key, claim, answer.status_code, stored)
-    except SQLAlchemyError:
+    except STORE_ERRORS:
         # The events are the broker's: say so. Unrecorded, the key frees itself when its
         # lease ends, and a repeat publishes the same ids again (the consumers drop it).
         log.exception("could not record the response for an Idempotency-Key")
     return answer
+
+
+async def _release(keys: IdempotencyKeys, key: str, claim: Claim) -> None:
+    """Free the key for a repeat. If the store will not, the key's lease frees it (a repeat
+    meanwhile gets 409): the answer being given (a partial failure that lists what was
+    published, a "may have been accepted") must still reach the client."""
+    try:
+        await keys.release(key, claim)
+    except STORE_ERRORS:
+        log.exception("could not release an Idempotency-Key; its lease will")
 
 
 async def _idempotent(

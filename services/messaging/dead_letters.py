@@ -30,14 +30,18 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from pydantic import TypeAdapter, ValidationError
 
-from contracts.topology import service_of_queue, work_queue
+from contracts.topology import service_of_queue, work_queue, workers_of
+from contracts.tracking import EventIdField
 from services.messaging import failure as f
 from services.messaging.hold import hold_pauses
 from services.messaging.logs import get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
 
 log = get_logger("dead_letters")
+
+_EVENT_ID: TypeAdapter[str] = TypeAdapter(EventIdField)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,20 @@ def precise_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def in_status(letter: DeadLetter) -> bool:
+    """Whether the letter is of an event the gateway's status tracks at the letter's service:
+    a type that service works on, and an id an event could have. Anyone may publish to a work
+    queue: an id or a type the gateway never accepted must not make status rows."""
+    event_id, event_type = letter.event_id, letter.event_type
+    if event_id is None or event_type is None or letter.service not in workers_of(event_type):
+        return False
+    try:
+        _EVENT_ID.validate_python(event_id)
+    except ValidationError:
+        return False
+    return True
 
 
 def read_dead_letter(

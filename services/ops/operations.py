@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.tracking import Transition
-from services.messaging.dead_letters import DeadLetter, replay
+from services.messaging.dead_letters import DeadLetter, in_status, replay
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
@@ -132,8 +132,9 @@ class Operations:
         return None
 
     async def _report_replayed(self, letter: DeadLetter, at: datetime) -> None:
-        if self._on_replayed is None or letter.event_id is None:
+        if self._on_replayed is None or not in_status(letter):
             return
+        assert letter.event_id is not None  # `in_status`
         await self._on_replayed(
             [
                 Transition.model_construct(

@@ -154,13 +154,27 @@ async def test_the_same_key_and_body_returns_the_first_response_and_publishes_no
     assert await queued(shared_namespace) == [event_id]
 
 
+STORE_FAILURES = [
+    pytest.param(
+        OperationalError("idempotency_keys", {}, Exception("disk I/O error")), id="sqlalchemy"
+    ),
+    # asyncpg's own, which SQLAlchemy passes through unwrapped (PostgreSQL refused, reset)
+    pytest.param(ConnectionResetError(104, "Connection reset by peer"), id="reset"),
+    pytest.param(ConnectionRefusedError(111, "Connect call failed"), id="refused"),
+]
+
+
+@pytest.mark.parametrize("failure", STORE_FAILURES)
 async def test_a_published_event_is_answered_202_when_its_key_cannot_be_recorded(
-    client: httpx.AsyncClient, shared_namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient,
+    shared_namespace: Namespace,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
 ) -> None:
     """The broker has the event: a failing key store must not turn that into an error."""
 
     async def store_fails(*_: object) -> None:
-        raise OperationalError("UPDATE idempotency_keys", {}, Exception("disk I/O error"))
+        raise failure
 
     monkeypatch.setattr(IdempotencyKeys, "complete", store_fails)
     answered = await post(client, NOTIFICATION, new_key())
@@ -168,11 +182,15 @@ async def test_a_published_event_is_answered_202_when_its_key_cannot_be_recorded
     assert await queued(shared_namespace) == [answered.json()["id"]]
 
 
+@pytest.mark.parametrize("failure", STORE_FAILURES)
 async def test_a_key_store_that_fails_before_the_publish_is_a_503_that_publishes_nothing(
-    client: httpx.AsyncClient, shared_namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient,
+    shared_namespace: Namespace,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
 ) -> None:
     async def store_fails(*_: object) -> None:
-        raise OperationalError("INSERT INTO idempotency_keys", {}, Exception("disk I/O error"))
+        raise failure
 
     monkeypatch.setattr(IdempotencyKeys, "claim", store_fails)
     answered = await post(client, NOTIFICATION, new_key())
@@ -302,6 +320,33 @@ async def stored_event_ids(data_dir: Path, database_url: str | None, key: str) -
         await engine.dispose()
     assert isinstance(ids, list), ids
     return [str(i) for i in ids]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("failure", STORE_FAILURES)
+async def test_a_partial_failure_reaches_the_client_when_its_key_cannot_be_released(
+    namespace: Namespace,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
+) -> None:
+    """The broker refuses the batch: 503 listing what failed. Freeing the key failing too must
+    not turn that answer into a bare 500 (the key's lease frees it)."""
+
+    async def store_fails(*_: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(IdempotencyKeys, "release", store_fails)
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        proxy.set_mode(ProxyMode.REFUSE)
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        async with running_gateway(namespace, tmp_path, None, wait_ready=False, amqp_url=url) as gw:
+            refused = await post(
+                gw, [NOTIFICATION, OTHER_NOTIFICATION], new_key(), "/v1/events/batch"
+            )
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"].isdigit()
+    assert len(refused.json()["failed"]) == 2
 
 
 @pytest.mark.broker
