@@ -26,8 +26,21 @@ from pydantic import (
 ID_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
 """No ASCII control characters (U+0000 to U+001F, U+007F) in an id: ids key every store, and
 PostgreSQL refuses a NUL in text."""
+MAX_ID_BYTES: Final = 255
+"""An id travels as an AMQP message or correlation id, a short string of at most 255 bytes:
+128 characters can be 512 in UTF-8."""
+
+
+def _fits_amqp(value: str) -> str:
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"at most {MAX_ID_BYTES} bytes in UTF-8")
+    return value
+
+
 EventId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN)
+    str,
+    StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN),
+    AfterValidator(_fits_amqp),
 ]
 Source = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 Subject = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
+from contracts.envelope import EventId
 from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent
 
 STRUCTURED: Final = "application/cloudevents+json"
@@ -72,9 +73,16 @@ def _binary_body(headers: Mapping[str, str], body: bytes) -> bytes:
     return orjson.dumps({**attributes, "data": data})
 
 
+_CORRELATION_ID: TypeAdapter[str] = TypeAdapter(EventId)
+
+
 def _with_correlation(event: IngestEvent, correlation_id: str | None) -> IngestEvent:
     if correlation_id and event.correlationid is None:
-        return event.model_copy(update={"correlationid": correlation_id[:128]})
+        try:  # checked as the body's would be: it becomes the message's correlation id
+            valid = _CORRELATION_ID.validate_python(correlation_id[:128])
+        except ValidationError as exc:
+            raise IngestError(422, f"X-Correlation-ID is not a valid id: {exc}") from exc
+        return event.model_copy(update={"correlationid": valid})
     return event
 
 

@@ -106,6 +106,27 @@ def test_an_event_with_a_control_character_in_its_id_is_invalid_for_consumers_to
         EVENT_ADAPTER.validate_json(body)
 
 
+@pytest.mark.parametrize("field", ["id", "correlationid", "causationid"])
+def test_an_id_longer_than_an_amqp_short_string_is_refused_with_422(field: str) -> None:
+    """128 characters, 256 bytes: an AMQP message or correlation id holds 255. Accepted, it
+    failed the publish of every event framed with it."""
+    body = orjson.dumps(
+        {
+            field: "é" * 128,
+            "type": "notification.requested",
+            "data": {"recipient": "r", "subject": "s"},
+        }
+    )
+    assert error_of(lambda: parse_event("application/json", {}, body)).status == 422
+    assert parse_event("application/json", {}, body.replace("é".encode(), b"e")).type
+
+
+@pytest.mark.parametrize("header", ["é" * 128, "a\u0000b"])
+def test_a_correlation_header_that_is_no_valid_id_is_refused_with_422(header: str) -> None:
+    error = error_of(lambda: parse_event("application/json", {"x-correlation-id": header}, PLAIN))
+    assert (error.status, "X-Correlation-ID" in error.detail) == (422, True)
+
+
 def test_an_unknown_type_names_the_known_ones() -> None:
     error = error_of(lambda: parse_event("application/json", {}, b'{"type": "x", "data": {}}'))
     assert "notification.requested" in str(error.detail)
