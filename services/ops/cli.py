@@ -824,6 +824,9 @@ class _Run:
     action_ids: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     """Letters a replay left dead, and why (no queue takes them)."""
+    not_taken: list[str] = field(default_factory=list)
+    """Of the ids asked for by --id, those no request took: unknown, or not dead (replayed,
+    discarded, or claimed by another replay)."""
 
     def document(self) -> dict[str, Any]:
         return {
@@ -834,7 +837,13 @@ class _Run:
             "ids": self.ids,
             "action_ids": self.action_ids,
             "skipped": self.skipped,
+            "not_taken": self.not_taken,
         }
+
+    @property
+    def complete(self) -> bool:
+        """Every letter asked for was moved: none left dead, none not taken."""
+        return not self.skipped and not self.not_taken
 
 
 def _run_batches(
@@ -895,6 +904,9 @@ def _run_batches(
             progress.update(run.done)
             if outcome["count"] == 0 and not outcome.get("skipped"):
                 break  # nothing left (others took or discarded the rest)
+    if selection.ids and total == len(selection.ids):
+        handled = {*run.ids, *run.skipped}
+        run.not_taken = [i for i in dict.fromkeys(selection.ids) if i not in handled]
     return run
 
 
@@ -979,7 +991,7 @@ def replay(
         paced=lambda size: size / rate,
     )
     _report(session, run, "Replayed", "back into their work queues")
-    if run.skipped:  # said above, letter by letter; a script must not take it for done
+    if not run.complete:  # said above, letter by letter; a script must not take it for done
         raise click.exceptions.Exit(ExitCode.FAILED)
 
 
@@ -1015,6 +1027,8 @@ def discard(session: Session, why: str, dry_run: bool, limit: int | None, **opti
         paced=lambda size: 0.0,
     )
     _report(session, run, "Discarded", "")
+    if not run.complete:  # an id asked for and not discarded: said above
+        raise click.exceptions.Exit(ExitCode.FAILED)
 
 
 def _report(session: Session, run: _Run, verb: str, where: str) -> None:
@@ -1033,6 +1047,8 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
     )
     for letter_id, why in run.skipped.items():
         session.out.print(f"  left dead: {letter_id}: {why} (discard it if it has no home)")
+    for letter_id in run.not_taken:
+        session.out.print(Text(f"  not taken: {letter_id}: unknown, or not dead"))
 
 
 @dlq.command("actions")

@@ -353,6 +353,23 @@ def test_discard_needs_a_reason_and_is_audited(ops: Ops) -> None:
     assert "nothing to do" in nothing.stdout
 
 
+def test_an_id_that_was_not_taken_exits_1_and_is_named(ops: Ops) -> None:
+    """A script asking for ids must not take "0 of 1" for done: the id is unknown, or no
+    longer dead (discarded here first)."""
+    ops.dead_letter_junk(1)
+    [letter] = ops.wait_listed(1)
+    kept = ops.run("dlq", "discard", "--id", letter["id"], "--why", "first")
+    assert kept.returncode == 0, kept.stderr
+    for command in (("replay",), ("discard", "--why", "again")):
+        again = ops.run("dlq", *command, "--id", letter["id"], "--id", "no-such-letter")
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert f"not taken: {letter['id']}" in again.stdout
+        assert "not taken: no-such-letter" in again.stdout
+    document = ops.run("dlq", "replay", "--id", "no-such-letter", "--json")
+    assert document.returncode == 1
+    assert json.loads(document.stdout)["not_taken"] == ["no-such-letter"]
+
+
 def test_failures_exit_non_zero_with_a_clear_message(ops: Ops) -> None:
     wrong = ops.run("dlq", "list", COURIER_OPS_TOKEN="not-the-token")
     assert wrong.returncode == 3
