@@ -79,6 +79,13 @@ def _sqlite_pragmas(
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+    # SQLite's own lower() changes ASCII letters only: a search lowered in Python ("échec")
+    # would never find "Échec". PostgreSQL's lowers every letter, as Python's does.
+    dbapi_connection.create_function("lower", 1, _lower, deterministic=True)
+
+
+def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float | None:
+    return value.lower() if isinstance(value, str) else value
 
 
 # PostgreSQL error codes (SQLSTATE) of a store that is away or refusing work for a while:

@@ -616,3 +616,13 @@ async def test_a_letter_stored_again_tells_when_it_was_first_stored(store: Failu
     same = letter()
     first = await store.store(same)
     assert await store.store(same) == first
+
+
+@pytest.mark.parametrize("needle", ["échec", "ÉCHEC", "Échec"])
+async def test_the_text_search_ignores_the_case_of_every_letter_not_only_ascii(
+    store: FailureStore, needle: str
+) -> None:
+    failed = letter(exception_message="Échec de livraison: boîte pleine")
+    await store.add(failed)
+    found = await store.page(Filter(text=needle), limit=10)
+    assert [item["id"] for item in found.items] == [failed.id]
