@@ -444,6 +444,16 @@ class FailureStore:
             )
         return mine is not None
 
+    async def holds(self, token: str, letter_id: str) -> bool:
+        """Whether the replay with `token` still holds `letter_id` (one point read: between
+        renewals, which cost a write per letter it holds)."""
+        c = dead_letters.c
+        async with self.engine.connect() as conn:
+            mine = await conn.scalar(
+                select(c.id).where(c.id == letter_id, c.claim == token, c.status == "replaying")
+            )
+        return mine is not None
+
     async def release_expired(self, lease: timedelta) -> int:
         """Letters claimed by a replay that died (its lease ran out) are dead again."""
         c = dead_letters.c

@@ -708,6 +708,10 @@ class StoreGoneAfter(FailureStore):
         self._gone()
         return await super().renew(token, letter_id)
 
+    async def holds(self, token: str, letter_id: str) -> bool:
+        self._gone()
+        return await super().holds(token, letter_id)
+
     async def mark_replayed(self, *args: Any, **kwargs: Any) -> bool:
         marked = await super().mark_replayed(*args, **kwargs)
         self.marked += 1
@@ -720,6 +724,42 @@ class StoreGoneAfter(FailureStore):
     async def record_action(self, **kwargs: Any) -> str:
         self._gone()
         return await super().record_action(**kwargs)
+
+
+class CountingRenewals(FailureStore):
+    renewals = 0
+
+    async def renew(self, token: str, letter_id: str) -> bool:
+        self.renewals += 1
+        return await super().renew(token, letter_id)
+
+
+@pytest.mark.broker
+async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A renewal writes every letter the replay holds: per letter, a replay of n letters
+    cost n² row writes (minutes on PostgreSQL for a few thousand)."""
+    settings = gateway_settings(namespace, tmp_path)
+    await seed(tmp_path, namespace, 20)
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    publisher = Publisher(namespace.amqp_url)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        await declare_topology(connection, settings.all_topologies())
+        await publisher.connect()
+        store = CountingRenewals(engine)
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(seconds=0.4))
+        outcome = await operations.replay(
+            Filter(), actor="tester", limit=20, rate=50, dry_run=False
+        )
+        assert outcome.count == 20 and outcome.error is None
+        assert 1 <= store.renewals < 10  # 0.4 s at 50/s: two half leases; per letter, 20
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 20)
+    finally:
+        await publisher.close()
+        await connection.close()
+        await engine.dispose()
 
 
 @pytest.mark.broker
