@@ -132,7 +132,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             lease = timedelta(seconds=settings.replay_lease_seconds)
             run_every(
                 stack,
-                settings.replay_lease_seconds / 2,
+                max(1.0, settings.replay_lease_seconds / 2),
                 "replay-leases",
                 lambda: failures.release_expired(lease),
             )

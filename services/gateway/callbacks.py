@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts.envelope import Envelope, derived_event_id
 from contracts.topology import workers_of
 from contracts.tracking import (
+    MAX_DETAIL,
     CallbackOutcome,
     CallbackRequested,
     CallbackRequestedData,
@@ -98,14 +99,20 @@ def callback_id(event_id: str, outcome: str) -> str:
 
 
 def _service_outcome(row: Row[*tuple[Any, ...]]) -> ServiceOutcome:
+    # Cut to the callback's limits: rows written before the projection cut escaped details
+    # (or by hand) may be longer, and an unbuildable callback is never sent.
     return ServiceOutcome(
         state=row.state,
         attempt=row.attempt,
-        reason=row.reason,
-        group=row.group_key,
-        detail=row.detail,
+        reason=_cut(row.reason, 64),
+        group=_cut(row.group_key, 64),
+        detail=_cut(row.detail, MAX_DETAIL),
         updated_at=as_utc(row.updated_at),
     )
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    return None if text is None else text[:limit]
 
 
 def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:

@@ -21,7 +21,7 @@ from services.gateway.broker import BrokerLink
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys, fingerprint
-from services.gateway.ingest import IngestError
+from services.gateway.ingest import IngestError, correlation_header
 from services.gateway.routes import (
     STORE_ERRORS,
     Problem,
@@ -119,6 +119,10 @@ async def upload_file(
     if declared.isdigit() and int(declared) > settings.max_upload_bytes + FRAMING_ALLOWANCE:
         raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
     key = idempotency_key(request)
+    try:
+        correlation = correlation_header(request.headers.get("x-correlation-id"))
+    except IngestError as exc:  # refused before a byte of the file is taken
+        raise HTTPException(exc.status, exc.detail) from exc
     if not broker.ready:  # say so before taking a large body that could not be announced
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -137,8 +141,7 @@ async def upload_file(
         )
     except IngestError as exc:
         raise HTTPException(exc.status, exc.detail) from exc
-    correlation = request.headers.get("x-correlation-id")
-    upload = _Upload(received, correlation[:128] if correlation else None)
+    upload = _Upload(received, correlation)
     gateway = _Gateway(broker, settings, tracking, files, blobs)
     if key is None:
         return await _announce(upload, file_id, gateway, keyed=False)

@@ -76,13 +76,21 @@ def _binary_body(headers: Mapping[str, str], body: bytes) -> bytes:
 _CORRELATION_ID: TypeAdapter[str] = TypeAdapter(EventId)
 
 
+def correlation_header(value: str | None) -> str | None:
+    """The `X-Correlation-ID` header as an event's correlation id (cut to 128 characters),
+    checked as the body's would be: it becomes the message's correlation id. 422 if it is
+    not a valid id."""
+    if not value:
+        return None
+    try:
+        return _CORRELATION_ID.validate_python(value[:128])
+    except ValidationError as exc:
+        raise IngestError(422, f"X-Correlation-ID is not a valid id: {exc}") from exc
+
+
 def _with_correlation(event: IngestEvent, correlation_id: str | None) -> IngestEvent:
     if correlation_id and event.correlationid is None:
-        try:  # checked as the body's would be: it becomes the message's correlation id
-            valid = _CORRELATION_ID.validate_python(correlation_id[:128])
-        except ValidationError as exc:
-            raise IngestError(422, f"X-Correlation-ID is not a valid id: {exc}") from exc
-        return event.model_copy(update={"correlationid": valid})
+        return event.model_copy(update={"correlationid": correlation_header(correlation_id)})
     return event
 
 

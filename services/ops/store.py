@@ -428,25 +428,19 @@ class FailureStore:
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars().all())
 
-    async def renew(self, token: str, letter_id: str) -> bool:
-        """Extend a replay's claim on all its letters; False if `letter_id` is no longer its own
-        (the lease ran out and another replay took it over)."""
-        now = datetime.now(UTC)
+    async def renew(self, token: str) -> None:
+        """Extend a replay's claim on all the letters it still holds (a write for each)."""
         c = dead_letters.c
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(dead_letters)
                 .where(c.claim == token, c.status == "replaying")
-                .values(claimed_at=now)
+                .values(claimed_at=datetime.now(UTC))
             )
-            mine = await conn.scalar(
-                select(c.id).where(c.id == letter_id, c.claim == token, c.status == "replaying")
-            )
-        return mine is not None
 
     async def holds(self, token: str, letter_id: str) -> bool:
-        """Whether the replay with `token` still holds `letter_id` (one point read: between
-        renewals, which cost a write per letter it holds)."""
+        """Whether the replay with `token` still holds `letter_id`: False if its lease ran out
+        and the letter was released (or taken over by another replay)."""
         c = dead_letters.c
         async with self.engine.connect() as conn:
             mine = await conn.scalar(

@@ -552,3 +552,22 @@ async def test_a_detail_that_escaping_lengthens_still_fits_its_callback(
     dead = next(c for c in publisher.published if c.data.outcome == "dead_lettered")
     shown = dead.data.services["notifier"].detail
     assert shown is not None and len(shown) == 1000 and shown.startswith("ValueError: \\r")
+
+
+async def test_a_stored_detail_longer_than_a_callback_holds_is_cut_not_left_uncalled(
+    tracking: Tracking, publisher: FakePublisher, callbacks: Callbacks, engine: AsyncEngine
+) -> None:
+    """Rows written before details were cut after escaping (or by hand) may be longer: the
+    sweep must still build and send the callback."""
+    event = hooked_notification()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    publisher.down = True  # the callback stays due
+    with pytest.raises(BrokerUnavailable):
+        await tracking.apply([step(event, "dead_lettered", t, attempt=1, reason="permanent")])
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE status_states SET detail = :d"), {"d": "\\r" * 700})
+    publisher.down = False
+    await callbacks.sweep()
+    [dead] = publisher.published
+    detail = dead.data.services["notifier"].detail
+    assert detail is not None and len(detail) == 1000

@@ -561,3 +561,19 @@ async def test_more_than_ten_notify_targets_are_refused(
     assert "at most 10 notify targets" in response.json()["detail"]
     assert stored_files(blob_dir) == []
     await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_an_upload_with_a_correlation_header_that_is_no_id_is_refused_and_leaves_nothing(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    """It becomes the announcement's correlation id: unchecked, the announcement failed to
+    build after the file was stored (a 500, and a record and a copy left behind)."""
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("prices.csv", CSV, "text/csv")},
+        headers={"x-correlation-id": "tab\tin-it"},
+    )
+    assert response.status_code == 422, response.text
+    assert "X-Correlation-ID" in response.text
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])

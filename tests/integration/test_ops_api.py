@@ -704,9 +704,9 @@ class StoreGoneAfter(FailureStore):
         if self.marked >= self.after:
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the store went away"))
 
-    async def renew(self, token: str, letter_id: str) -> bool:
+    async def renew(self, token: str) -> None:
         self._gone()
-        return await super().renew(token, letter_id)
+        await super().renew(token)
 
     async def holds(self, token: str, letter_id: str) -> bool:
         self._gone()
@@ -729,9 +729,26 @@ class StoreGoneAfter(FailureStore):
 class CountingRenewals(FailureStore):
     renewals = 0
 
-    async def renew(self, token: str, letter_id: str) -> bool:
+    async def renew(self, token: str) -> None:
         self.renewals += 1
-        return await super().renew(token, letter_id)
+        await super().renew(token)
+
+
+@asynccontextmanager
+async def releasing(store: FailureStore, lease: timedelta) -> AsyncIterator[None]:
+    """What the gateway does meanwhile: release the claims whose lease ran out."""
+
+    async def release() -> None:
+        while True:
+            await store.release_expired(lease)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(release())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.mark.broker
@@ -749,13 +766,44 @@ async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
         await declare_topology(connection, settings.all_topologies())
         await publisher.connect()
         store = CountingRenewals(engine)
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(seconds=0.4))
-        outcome = await operations.replay(
-            Filter(), actor="tester", limit=20, rate=50, dry_run=False
-        )
+        lease = timedelta(seconds=0.4)
+        operations = Operations(store, publisher, namespace.name, lease=lease)
+        async with releasing(store, lease):
+            outcome = await operations.replay(
+                Filter(), actor="tester", limit=20, rate=50, dry_run=False
+            )
         assert outcome.count == 20 and outcome.error is None
-        assert 1 <= store.renewals < 10  # 0.4 s at 50/s: two half leases; per letter, 20
+        assert 1 <= store.renewals < 10  # 0.4 s at 50/s: three a lease; per letter, 20
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 20)
+    finally:
+        await publisher.close()
+        await connection.close()
+        await engine.dispose()
+
+
+@pytest.mark.broker
+async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pauses(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """At 0.8 letters a second each pause outlasts a 1 s lease: renewed only when it reached
+    the next letter, the replay found it released by then and moved one letter of three."""
+    settings = gateway_settings(namespace, tmp_path)
+    await seed(tmp_path, namespace, 3)
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    publisher = Publisher(namespace.amqp_url)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        await declare_topology(connection, settings.all_topologies())
+        await publisher.connect()
+        store = FailureStore(engine)
+        lease = timedelta(seconds=1)
+        operations = Operations(store, publisher, namespace.name, lease=lease)
+        async with releasing(store, lease):
+            outcome = await operations.replay(
+                Filter(), actor="tester", limit=3, rate=0.8, dry_run=False
+            )
+        assert (outcome.count, outcome.error) == (3, None)
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 3)
     finally:
         await publisher.close()
         await connection.close()
