@@ -8,13 +8,14 @@ them into its failure store, acknowledging each only once the store committed it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import NotificationRequested, NotificationRequestedData
 from contracts.topology import dead_letter_queue, work_queue
@@ -751,21 +753,33 @@ async def releasing(store: FailureStore, lease: timedelta) -> AsyncIterator[None
         await asyncio.gather(task, return_exceptions=True)
 
 
-@pytest.mark.broker
-async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
-    namespace: Namespace, tmp_path: Path
-) -> None:
-    """A renewal writes every letter the replay holds: per letter, a replay of n letters
-    cost n² row writes (minutes on PostgreSQL for a few thousand)."""
+@asynccontextmanager
+async def replaying(
+    namespace: Namespace, tmp_path: Path, store_type: Callable[[AsyncEngine], FailureStore]
+) -> AsyncIterator[tuple[FailureStore, Publisher]]:
+    """The gateway's store (a `store_type` on it) and a publisher, the topology declared."""
     settings = gateway_settings(namespace, tmp_path)
-    await seed(tmp_path, namespace, 20)
     connection = await aio_pika.connect_robust(namespace.amqp_url)
     publisher = Publisher(namespace.amqp_url)
     engine = open_store(store_url(None, tmp_path, "gateway"))
     try:
         await declare_topology(connection, settings.all_topologies())
         await publisher.connect()
-        store = CountingRenewals(engine)
+        yield store_type(engine), publisher
+    finally:
+        await publisher.close()
+        await connection.close()
+        await engine.dispose()
+
+
+@pytest.mark.broker
+async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A renewal writes every letter the replay holds: per letter, a replay of n letters
+    cost n² row writes (minutes on PostgreSQL for a few thousand)."""
+    await seed(tmp_path, namespace, 20)
+    async with replaying(namespace, tmp_path, CountingRenewals) as (store, publisher):
         lease = timedelta(seconds=0.4)
         operations = Operations(store, publisher, namespace.name, lease=lease)
         async with releasing(store, lease):
@@ -773,12 +787,9 @@ async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
                 Filter(), actor="tester", limit=20, rate=50, dry_run=False
             )
         assert outcome.count == 20 and outcome.error is None
+        assert isinstance(store, CountingRenewals)
         assert 1 <= store.renewals < 10  # 0.4 s at 50/s: three a lease; per letter, 20
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 20)
-    finally:
-        await publisher.close()
-        await connection.close()
-        await engine.dispose()
 
 
 @pytest.mark.broker
@@ -787,15 +798,8 @@ async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pause
 ) -> None:
     """At 0.8 letters a second each pause outlasts a 1 s lease: renewed only when it reached
     the next letter, the replay found it released by then and moved one letter of three."""
-    settings = gateway_settings(namespace, tmp_path)
     await seed(tmp_path, namespace, 3)
-    connection = await aio_pika.connect_robust(namespace.amqp_url)
-    publisher = Publisher(namespace.amqp_url)
-    engine = open_store(store_url(None, tmp_path, "gateway"))
-    try:
-        await declare_topology(connection, settings.all_topologies())
-        await publisher.connect()
-        store = FailureStore(engine)
+    async with replaying(namespace, tmp_path, FailureStore) as (store, publisher):
         lease = timedelta(seconds=1)
         operations = Operations(store, publisher, namespace.name, lease=lease)
         async with releasing(store, lease):
@@ -804,10 +808,6 @@ async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pause
             )
         assert (outcome.count, outcome.error) == (3, None)
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 3)
-    finally:
-        await publisher.close()
-        await connection.close()
-        await engine.dispose()
 
 
 @pytest.mark.broker
@@ -816,15 +816,9 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
 ) -> None:
     # The cleanup (release, audit row) failed against the same dead store, and its exception
     # replaced the answer: a 500, the moved ids lost.
-    settings = gateway_settings(namespace, tmp_path)
     await seed(tmp_path, namespace, 4)
-    connection = await aio_pika.connect_robust(namespace.amqp_url)
-    publisher = Publisher(namespace.amqp_url)
-    engine = open_store(store_url(None, tmp_path, "gateway"))
-    try:
-        await declare_topology(connection, settings.all_topologies())
-        await publisher.connect()
-        store = StoreGoneAfter(engine, after=2)
+    gone_after_two = functools.partial(StoreGoneAfter, after=2)
+    async with replaying(namespace, tmp_path, gone_after_two) as (store, publisher):
         operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
         outcome = await operations.replay(
             Filter(), actor="tester", limit=10, rate=1000, dry_run=False
@@ -832,10 +826,6 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
         assert outcome.error is not None and "went away" in outcome.error
         assert outcome.count == 2 and len(outcome.ids) == 2
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
-    finally:
-        await publisher.close()
-        await connection.close()
-        await engine.dispose()
 
 
 @pytest.mark.broker
