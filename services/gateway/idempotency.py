@@ -24,7 +24,9 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    and_,
     delete,
+    not_,
     select,
     update,
 )
@@ -104,11 +106,20 @@ class IdempotencyKeys:
                 pass
             row = (await conn.execute(select(keys).where(keys.c.key == key))).one()
             if as_utc(row.created_at) < now - self._ttl:  # expired: the key is free again
-                # Taken only if no one renewed it since this read: two requests reusing an
+                if self._held(row, now):
+                    # Unless a request holds it right now (it took the key back for a retry
+                    # just before the key expired): taken over, its events would go out twice,
+                    # under two sets of ids.
+                    return Claim("busy", row.event_ids)
+                # Taken only if no one took it since this read: two requests reusing an
                 # expired key at once must not both publish.
                 taken = await conn.execute(
                     update(keys)
-                    .where(keys.c.key == key, keys.c.created_at == row.created_at)
+                    .where(
+                        keys.c.key == key,
+                        keys.c.created_at == row.created_at,
+                        keys.c.updated_at == row.updated_at,
+                    )
                     .values(
                         fingerprint=request,
                         event_ids=event_ids,
@@ -172,8 +183,16 @@ class IdempotencyKeys:
             )
         return settled.rowcount == 1
 
+    def _held(self, row: Any, now: datetime) -> bool:
+        """Whether a request holds the key: in progress, and its lease not run out."""
+        return bool(row.state == "in_progress" and as_utc(row.updated_at) >= now - self._lease)
+
     async def purge(self) -> int:
-        cutoff = datetime.now(UTC) - self._ttl
+        """Forget the keys older than the TTL, but not one a request holds right now."""
+        now = datetime.now(UTC)
+        held = and_(keys.c.state == "in_progress", keys.c.updated_at >= now - self._lease)
         async with self._engine.begin() as conn:
-            result = await conn.execute(delete(keys).where(keys.c.created_at < cutoff))
+            result = await conn.execute(
+                delete(keys).where(keys.c.created_at < now - self._ttl, not_(held))
+            )
         return int(result.rowcount or 0)
