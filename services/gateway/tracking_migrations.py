@@ -24,13 +24,12 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.messaging.store import Migration
+from services.messaging.store import Migration, add_missing_columns
 
 # --- the tables of versions 1-5, as they were ---------------------------------------------------
 
@@ -124,21 +123,14 @@ def _create_indexes(sync: Connection, table: Table) -> None:
 
 def _add_callback_columns(sync: Connection) -> None:
     """Version 3: nullable columns without a default, on SQLite and PostgreSQL alike."""
-    present = {column["name"] for column in inspect(sync).get_columns(legacy_events.name)}
-    for name in LEGACY_CALLBACK_COLUMNS:
-        if name not in present:
-            kind = legacy_events.c[name].type.compile(dialect=sync.dialect)
-            sync.execute(text(f"ALTER TABLE {legacy_events.name} ADD COLUMN {name} {kind}"))
+    add_missing_columns(sync, legacy_events, LEGACY_CALLBACK_COLUMNS)
     _create_indexes(sync, legacy_events)
 
 
 def _add_noted_column(sync: Connection, current: MetaData) -> None:
     """Version 7: when a callback URL was noted (a store created by version 6 of this code
     has the column already: `create_all` made the tables as they are now)."""
-    table = current.tables["status_events"]
-    if "noted_at" not in {column["name"] for column in inspect(sync).get_columns(table.name)}:
-        kind = table.c.noted_at.type.compile(dialect=sync.dialect)
-        sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN noted_at {kind}"))
+    add_missing_columns(sync, current.tables["status_events"], ["noted_at"])
 
 
 def _move_to_sequential_keys(sync: Connection, current: MetaData) -> None:

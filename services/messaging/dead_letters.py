@@ -172,6 +172,18 @@ def read_dead_letter(
     )
 
 
+def read_delivered(namespace: str, message: AbstractIncomingMessage) -> DeadLetter:
+    """`read_dead_letter` of a message consumed from a dead-letter queue."""
+    return read_dead_letter(
+        namespace,
+        body=message.body,
+        headers=message.headers or {},
+        message_id=message.message_id,
+        message_type=message.type,
+        correlation_id=message.correlation_id,
+    )
+
+
 def _broker_dead_letter(
     namespace: str,
     body: bytes,
@@ -378,14 +390,7 @@ class DeadLetterDrain:
             self._storing.discard(task)
 
     async def _keep(self, message: AbstractIncomingMessage) -> None:
-        letter = read_dead_letter(
-            self._namespace,
-            body=message.body,
-            headers=message.headers or {},
-            message_id=message.message_id,
-            message_type=message.type,
-            correlation_id=message.correlation_id,
-        )
+        letter = read_delivered(self._namespace, message)
         # While the store is away the letter is held, unacked, and stored again after a pause:
         # each return to its queue would count as a delivery, and a quorum queue with a
         # delivery limit (RabbitMQ 4 gives every one a default of 20) drops a letter past it.

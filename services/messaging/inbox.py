@@ -33,11 +33,9 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    inspect,
     literal,
     null,
     select,
-    text,
     union_all,
     update,
 )
@@ -52,6 +50,7 @@ from services.messaging.publisher import event_body
 from services.messaging.store import (
     BatchRunner,
     Migration,
+    add_missing_columns,
     as_utc,
     from_sqlite_time,
     insert_for,
@@ -155,16 +154,9 @@ class Inbox:
 
             return create
 
-        def adding(table: Table, column: str, sql_type: str) -> Migration:
+        def adding(table: Table, column: str) -> Migration:
             async def add(conn: AsyncConnection) -> None:
-                def add_missing(sync: Connection) -> None:
-                    columns = {c["name"] for c in inspect(sync).get_columns(table.name)}
-                    if column not in columns:  # a store created before it (new ones have it)
-                        sync.execute(
-                            text(f'ALTER TABLE "{table.name}" ADD COLUMN {column} {sql_type}')
-                        )
-
-                await conn.run_sync(add_missing)
+                await conn.run_sync(lambda sync: add_missing_columns(sync, table, [column]))
 
             return add
 
@@ -174,9 +166,9 @@ class Inbox:
             [
                 creating(self._table),
                 creating(self._cancellations),
-                adding(self._table, "attempt", "INTEGER"),
-                adding(self._cancellations, "skipped_at", _TIME_TYPE[self._engine.dialect.name]),
-                adding(self._cancellations, "event_type", "VARCHAR(128)"),
+                adding(self._table, "attempt"),
+                adding(self._cancellations, "skipped_at"),
+                adding(self._cancellations, "event_type"),
             ],
         )
         raw = loop_reader(self._engine)
@@ -421,8 +413,6 @@ class Inbox:
 
 FoundRow = tuple[str, datetime, bytes | None, bool]
 _COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
-_TIME_TYPE = {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}
-"""A time column added by a migration, as each dialect names `DateTime(timezone=True)`."""
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 

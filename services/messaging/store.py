@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -328,6 +329,17 @@ class BatchRunner:
             if _WRITERS.get(self._key) is writer:
                 del _WRITERS[self._key]
             writer.close()
+
+
+def add_missing_columns(sync: Connection, table: Table, names: Sequence[str]) -> None:
+    """Add `table`'s columns `names` where the store lacks them, typed as the table declares
+    them (nullable, no default: on SQLite and PostgreSQL alike). A store created after them has
+    them already: the table was created as it is now."""
+    present = {column["name"] for column in inspect(sync).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=sync.dialect)
+            sync.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{name}" {kind}'))
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:

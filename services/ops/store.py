@@ -234,10 +234,6 @@ class FailureStore:
 
     # --- ingest -------------------------------------------------------------------------------
 
-    async def add_letter(self, letter: DeadLetter) -> None:
-        """The drain's sink."""
-        await self.add(letter)
-
     async def store(self, letter: DeadLetter) -> datetime:
         """Store a dead letter; when it was stored (the first time, for a letter stored
         already: the same letter redelivered to the drain, or stored before a failure after)."""

@@ -68,16 +68,21 @@ class CancelSystem(System):
         assert self.effects.starts(event_id), f"{event_id} not started yet"
 
 
-@pytest.fixture(scope="module")
-def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CancelSystem]:
+def cancel_system(amqp_url: str, workdir: Path, **service_env: str) -> Iterator[CancelSystem]:
+    """A running `CancelSystem` in a namespace of its own, stopped and cleaned up after."""
     namespace = Namespace(amqp_url)
-    running = CancelSystem(namespace, tmp_path_factory.mktemp("cancel"))
+    running = CancelSystem(namespace, workdir, **service_env)
     try:
         running.wait_ready()
         yield running
     finally:
         running.stop()
         run_async(namespace.cleanup)
+
+
+@pytest.fixture(scope="module")
+def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CancelSystem]:
+    yield from cancel_system(amqp_url, tmp_path_factory.mktemp("cancel"))
 
 
 def test_an_event_cancelled_before_it_ran_is_skipped_without_effect(system: CancelSystem) -> None:

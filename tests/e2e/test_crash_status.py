@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Namespace
-from tests.e2e.test_cancel import CancelSystem
-from tests.e2e.test_tracking import run_async, states
+from tests.e2e.test_cancel import CancelSystem, cancel_system
+from tests.e2e.test_tracking import states
 from tests.support.polling import eventually_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
@@ -28,14 +27,7 @@ SILENT = {
 
 @pytest.fixture
 def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CancelSystem]:
-    namespace = Namespace(amqp_url)
-    running = CancelSystem(namespace, tmp_path_factory.mktemp("crash-status"), **SILENT)
-    try:
-        running.wait_ready()
-        yield running
-    finally:
-        running.stop()
-        run_async(namespace.cleanup)
+    yield from cancel_system(amqp_url, tmp_path_factory.mktemp("crash-status"), **SILENT)
 
 
 def test_succeeded_and_cancelled_outcomes_survive_a_kill_after_their_acks(

@@ -44,7 +44,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.settings import CourierSettings
 from services.messaging.store import open_store, store_url
-from services.ops.operations import Operations
+from services.ops.operations import Operations, Outcome
 from services.ops.store import FailureStore, Filter, dead_letters
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -524,8 +524,12 @@ async def test_a_dead_letter_the_store_refuses_as_it_is_is_stored_in_plain_form(
     engine = open_store(store_url(postgres_database, Path(), "gateway"))
     store = FailureStore(engine)
     await store.start()
+
+    async def keep(letter: DeadLetter) -> None:
+        await store.store(letter)
+
     try:
-        async with draining(namespace, store.add_letter):
+        async with draining(namespace, keep):
             connection = await aio_pika.connect(namespace.amqp_url)
             async with connection, connection.channel() as channel:
                 await channel.default_exchange.publish(
@@ -772,24 +776,40 @@ async def replaying(
         await engine.dispose()
 
 
+async def replay_beside_a_releaser(
+    namespace: Namespace,
+    tmp_path: Path,
+    store_type: Callable[[AsyncEngine], FailureStore],
+    *,
+    letters: int,
+    rate: float,
+    lease: timedelta,
+) -> tuple[FailureStore, Outcome]:
+    """Replay `letters` seeded letters at `rate` while claims past `lease` are released, as
+    the gateway does; the store and the outcome, the letters taken from the work queue."""
+    await seed(tmp_path, namespace, letters)
+    async with replaying(namespace, tmp_path, store_type) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=lease)
+        async with releasing(store, lease):
+            outcome = await operations.replay(
+                Filter(), actor="tester", limit=letters, rate=rate, dry_run=False
+            )
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), outcome.count)
+    return store, outcome
+
+
 @pytest.mark.broker
 async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     """A renewal writes every letter the replay holds: per letter, a replay of n letters
     cost n² row writes (minutes on PostgreSQL for a few thousand)."""
-    await seed(tmp_path, namespace, 20)
-    async with replaying(namespace, tmp_path, CountingRenewals) as (store, publisher):
-        lease = timedelta(seconds=0.4)
-        operations = Operations(store, publisher, namespace.name, lease=lease)
-        async with releasing(store, lease):
-            outcome = await operations.replay(
-                Filter(), actor="tester", limit=20, rate=50, dry_run=False
-            )
-        assert outcome.count == 20 and outcome.error is None
-        assert isinstance(store, CountingRenewals)
-        assert 1 <= store.renewals < 10  # 0.4 s at 50/s: three a lease; per letter, 20
-        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 20)
+    store, outcome = await replay_beside_a_releaser(
+        namespace, tmp_path, CountingRenewals, letters=20, rate=50, lease=timedelta(seconds=0.4)
+    )
+    assert outcome.count == 20 and outcome.error is None
+    assert isinstance(store, CountingRenewals)
+    assert 1 <= store.renewals < 10  # 0.4 s at 50/s: three a lease; per letter, 20
 
 
 @pytest.mark.broker
@@ -798,16 +818,10 @@ async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pause
 ) -> None:
     """At 0.8 letters a second each pause outlasts a 1 s lease: renewed only when it reached
     the next letter, the replay found it released by then and moved one letter of three."""
-    await seed(tmp_path, namespace, 3)
-    async with replaying(namespace, tmp_path, FailureStore) as (store, publisher):
-        lease = timedelta(seconds=1)
-        operations = Operations(store, publisher, namespace.name, lease=lease)
-        async with releasing(store, lease):
-            outcome = await operations.replay(
-                Filter(), actor="tester", limit=3, rate=0.8, dry_run=False
-            )
-        assert (outcome.count, outcome.error) == (3, None)
-        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 3)
+    _, outcome = await replay_beside_a_releaser(
+        namespace, tmp_path, FailureStore, letters=3, rate=0.8, lease=timedelta(seconds=1)
+    )
+    assert (outcome.count, outcome.error) == (3, None)
 
 
 @pytest.mark.broker
