@@ -187,10 +187,10 @@ async def _once_per_key(
     try:
         claim = await claim_key(keys, key, request_id, [stored], gateway.settings)
     except BaseException:
-        await gateway.blobs.delete(stored)
+        await _discard(gateway.blobs, stored)
         raise
     if claim.kind == "done":
-        await gateway.blobs.delete(stored)
+        await _discard(gateway.blobs, stored)
         return replayed(claim)
     [file_id] = claim.event_ids
     announce = functools.partial(_announce, upload, file_id, gateway, keyed=True)
@@ -214,7 +214,7 @@ async def _announce(
             blob = await _record(file_id, received, files, blobs, accepted_at)
         except STORE_ERRORS as exc:
             log.exception("could not record the file; refusing it")
-            await blobs.delete(received.key)
+            await _discard(blobs, received.key)
             raise store_unavailable(settings, "record the file") from exc
         event = FileUploaded(
             id=file_id, correlationid=correlation, data=_uploaded(file_id, blob, received)
@@ -225,7 +225,7 @@ async def _announce(
             maybe = _maybe_published(exc)
             if not maybe and not keyed and await _forget(files, file_id):
                 # Not announced, so never processed: leave nothing behind.
-                await blobs.delete(received.key)
+                await _discard(blobs, received.key)
             if maybe and isinstance(exc, HTTPException):
                 # The processor may be about to read the file: it stays (retention ends it).
                 raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
@@ -255,8 +255,18 @@ async def _record(
     if await blobs.size(kept) is None:  # gone meanwhile (retention): this copy takes its place
         await files.repoint(file_id, received.key)
         return received.key
-    await blobs.delete(received.key)
+    await _discard(blobs, received.key)
     return kept
+
+
+async def _discard(blobs: BlobStore, key: str) -> None:
+    """Delete the copy of an upload that no file record points to. A failure to delete is
+    logged, not raised: the answer is about the upload (a failure before it, or a repeat's
+    replay), and the retention sweep removes copies no record points to."""
+    try:
+        await blobs.delete(key)
+    except OSError:
+        log.exception("could not delete an unused copy; the retention sweep removes it")
 
 
 def _uploaded(file_id: str, blob: str, received: ReceivedFile) -> FileUploadedData:

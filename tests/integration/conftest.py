@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.gateway.app import create_app
@@ -17,10 +18,16 @@ from tests.support.polling import eventually
 
 
 async def gateway_client(
-    settings: GatewaySettings, *, wait_ready: bool = True
+    settings: GatewaySettings,
+    *,
+    wait_ready: bool = True,
+    started: Callable[[FastAPI], None] | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway app; `started` sees the app once its lifespan has set it up."""
     app = create_app(settings)
     async with LifespanManager(app) as manager:
+        if started is not None:
+            started(app)
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             if wait_ready:

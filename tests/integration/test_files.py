@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -11,11 +13,13 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from contracts.envelope import derived_event_id
 from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
 from contracts.topology import events_exchange, work_queue
+from services.blobs import LocalBlobStore
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
 from tests.conftest import Namespace
@@ -66,6 +70,27 @@ async def behind_a_proxy(
         )
         async for client in gateway_client(settings):
             yield proxy, client
+
+
+class UndeletableBlobs(LocalBlobStore):
+    """Blob storage that stores and reads, but whose deletes fail (a disk gone read-only)."""
+
+    def _delete(self, key: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", key)
+
+
+@pytest.fixture
+async def undeletable(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway whose blob storage cannot delete."""
+
+    def undeletable_blobs(app: FastAPI) -> None:
+        app.state.blobs = UndeletableBlobs(blob_dir)
+
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir)
+    async for c in gateway_client(settings, started=undeletable_blobs):
+        yield c
 
 
 async def declare_topology_of(namespace: Namespace) -> None:
@@ -463,6 +488,46 @@ async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"]
     assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_a_store_failure_is_a_503_even_when_the_copy_cannot_be_deleted_either(
+    undeletable: httpx.AsyncClient,
+    tmp_path: Path,
+    blob_dir: Path,
+    namespace: Namespace,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The failed delete was a 500 without Retry-After, hiding the 503 the client retries on.
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:
+        store.execute("ALTER TABLE files RENAME TO files_away")
+    with caplog.at_level(logging.ERROR, logger="courier"):
+        response = await undeletable.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    [left] = stored_files(blob_dir)  # for the retention sweep: no record points to it
+    assert any(
+        "could not delete an unused copy" in r.getMessage() and left.name in (r.exc_text or "")
+        for r in caplog.records
+    )
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+
+
+async def test_a_repeat_gets_the_first_answer_even_when_its_copy_cannot_be_deleted(
+    undeletable: httpx.AsyncClient, namespace: Namespace, blob_dir: Path
+) -> None:
+    key = {"idempotency-key": "upload-13"}
+    first = await undeletable.post(
+        "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+    )
+    again = await undeletable.post(
+        "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+    )
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    assert len(stored_files(blob_dir)) == 2  # the repeat's copy, left for the sweep
+    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    assert announced.message_id == first.json()["id"]
     await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
 
 
