@@ -227,7 +227,7 @@ async def test_a_refusing_store_is_tried_less_and_less_often(
         tracking.accepted(notification())
         await asyncio.sleep(1.6)
     failures = [r for r in caplog.records if "could not record accepted" in r.message]
-    # Every 50 ms that would be 32 tries; backing off from 100 ms doubling, at most 5.
+    # Every 200 ms that would be 8 tries; backing off from 400 ms doubling, at most 5.
     assert 1 <= len(failures) <= 5
 
 
