@@ -59,10 +59,17 @@ class LogChannel:
     def _append(self, lines: list[bytes]) -> None:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            end = os.fstat(fd).st_size
             data = memoryview(b"".join(lines))
-            while data:  # a write may take part of the buffer (a full disk raises next time)
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
+            try:
+                while data:  # a write may take part of the buffer (a full disk raises next time)
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            except OSError:
+                # The batch fails and is retried: leave no part of it, or the retry's first
+                # line would be glued to a fragment and its other lines be there twice.
+                os.ftruncate(fd, end)
+                raise
         finally:
             os.close(fd)
 

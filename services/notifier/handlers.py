@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from contracts.envelope import derived_event_id
 from contracts.events import DatasetProcessed, NotificationRequested
@@ -167,6 +168,14 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     return chosen
 
 
+def target_name(notification: Notification) -> str:
+    """A target as failures name it (in logs, dead letters and status details): a webhook by
+    its host alone, since its URL's path or query often holds a secret token."""
+    if notification.channel == "webhook":
+        return f"webhook to {urlsplit(notification.recipient).hostname or '?'}"
+    return f"{notification.channel}:{notification.recipient}"
+
+
 class RefusedEarlier(PermanentError):
     """A target refused this notification for good on an earlier attempt of the event."""
 
@@ -183,7 +192,7 @@ async def file_processed(event: FileProcessed, *, channels: Channels, attempt: i
     for notification in file_notifications(event):
         refusal = await channels.refused_before(notification) if attempt > 1 else None
         if refusal is not None:
-            failures.append(RefusedEarlier(f"{notification.recipient}: {refusal}"))
+            failures.append(RefusedEarlier(f"{target_name(notification)}: {refusal}"))
             continue
         try:
             await channels.deliver(notification)

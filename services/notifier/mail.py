@@ -19,6 +19,7 @@ import html
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -65,7 +66,10 @@ def parse_address(value: str, what: str, *, display_name: bool = False) -> Addre
     plain = addr == value.strip()
     if not (local and at and domain) or not (plain or (display_name and name)):
         raise EmailRejected(f"{value!r} is not a valid {what} address")
-    return Address(display_name=name if display_name else "", addr_spec=addr)
+    try:
+        return Address(display_name=name if display_name else "", addr_spec=addr)
+    except (ValueError, MessageError) as exc:  # "a b@x", ".a@x", "é@x", "a@x..y": never valid
+        raise EmailRejected(f"{value!r} is not a valid {what} address: {exc}") from exc
 
 
 def message_id(event_id: str, domain: str) -> str:

@@ -63,7 +63,7 @@ def is_public(address: IPAddress) -> bool:
     """True for a globally routable unicast address; False for private, loopback, link-local,
     shared (CGNAT), multicast, reserved, unspecified and documentation ranges."""
     if isinstance(address, ipaddress.IPv6Address):
-        if address.scope_id:
+        if address.scope_id or address.is_site_local:  # fec0::/10: deprecated, never public
             return False
         if not all(is_public(embedded) for embedded in _embedded_ipv4(address)):
             return False

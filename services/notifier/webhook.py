@@ -2,7 +2,8 @@
 
 The request body is the CloudEvents envelope of the event that asked for the notification
 (structured mode, `application/json`). Headers: `Courier-Signature` (see `signing`),
-`Idempotency-Key` = the event id (the same on every retry, so a receiver can dedup), and
+`Idempotency-Key` = the event id (the same on every retry, so a receiver can dedup; an id a
+header cannot carry as it is, such as one with non-ASCII characters, as its SHA-256 in hex), and
 `User-Agent`. Redirects are not followed.
 
 How the answer is classified:
@@ -13,6 +14,8 @@ How the answer is classified:
 * anything else (3xx, other 4xx)          → permanent (`WebhookRejected`, with the status and
                                             the start of the body): dead-lettered at once.
 
+The status line decides: a body that stalls or breaks after it changes nothing.
+
 Targets are guarded (`targets`): the connection is opened by a network backend that resolves the
 host itself and refuses non-public addresses unless allow-listed.
 """
@@ -20,6 +23,8 @@ host itself and refuses non-public addresses unless allow-listed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -69,7 +74,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which `isdigit` takes too
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -235,13 +240,14 @@ class WebhookChannel:
         body = notification.event.model_dump_json().encode()
         headers = {
             "Content-Type": "application/json",
-            "Idempotency-Key": notification.event_id,
+            "Idempotency-Key": idempotency_key(notification.event_id),
             SIGNATURE_HEADER: sign(secret, int(self._clock()), body),
             # A compressed answer would be inflated whole before any cap applies (a small
             # gzip bomb, hundreds of MB): ask for none, and read what comes as it is.
             "Accept-Encoding": "identity",
         }
-        accepted = False
+        answered = False
+        start = bytearray()
         try:
             # httpx's timeouts bound each phase; this bounds the whole exchange (a slow drip).
             async with (
@@ -250,28 +256,38 @@ class WebhookChannel:
             ):
                 # The status line decides. A short body is still read, so that the
                 # connection can serve the next webhook.
-                accepted = 200 <= response.status_code < 300
-                start = await _start_of(response)
+                answered = True
+                await _read_start(response, start)
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
-            if not accepted:
+            if not answered:
                 raise
-            # The receiver took the notification; reading its answer failed after that (a
-            # body that stalls or a reset). Not a failure: a retry would send it twice.
+            # Reading the answer failed after its status line (a body that stalls, or a reset).
+            # The status still decides: an accepted notification retried would be sent twice,
+            # and a refusal stays a refusal.
             log.info(
-                "webhook accepted; reading the rest of its answer failed",
+                "reading the rest of a webhook's answer failed",
                 extra={"status": response.status_code, "error": repr(exc)},
             )
-            return
-        if accepted:
-            return
-        check_response(response.status_code, response.headers, start, datetime.now(UTC))
+        check_response(response.status_code, response.headers, bytes(start), datetime.now(UTC))
 
 
-async def _start_of(response: httpx.Response) -> bytes:
-    """The first MAX_ERROR_BODY bytes of an answer's body, as sent (not decoded: bounded)."""
-    start = bytearray()
+async def _read_start(response: httpx.Response, start: bytearray) -> None:
+    """Read the first MAX_ERROR_BODY bytes of an answer's body into `start`, as sent (not
+    decoded: bounded); what arrived stays there if reading fails."""
     async for chunk in response.aiter_raw():
-        start += chunk
+        start += chunk[: MAX_ERROR_BODY + 1 - len(start)]
         if len(start) > MAX_ERROR_BODY:
             break
-    return bytes(start[: MAX_ERROR_BODY + 1])
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+"""Visible ASCII: what a header value carries as it is everywhere (no spaces to trim)."""
+
+
+def idempotency_key(event_id: str) -> str:
+    """The `Idempotency-Key` of a notification: its id, or the id's SHA-256 in hex where a
+    header cannot carry the id as it is (HTTP clients refuse non-ASCII values). The same on
+    every attempt either way."""
+    if _HEADER_SAFE.fullmatch(event_id):
+        return event_id
+    return hashlib.sha256(event_id.encode()).hexdigest()

@@ -201,6 +201,25 @@ async def test_a_retry_does_not_ask_again_a_target_that_refused_but_still_fails(
         assert len(smtp.messages) == 1
 
 
+async def test_a_refusal_names_a_webhook_by_its_host_never_its_secret_url(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    # The URL went into the exception: logs, the dead letter's headers, the status detail.
+    with (
+        WebhookReceiver(default=Reply(400, body=b"unknown hook")).running() as receiver,
+        SmtpServer().running() as smtp,
+    ):
+        send = channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+        secret = NotifyTarget(channel="webhook", recipient=receiver.url("/h/tok-s3cr3t"))
+        event = processed(secret)
+        with pytest.raises(WebhookRejected):
+            await file_processed(event, channels=send)
+        with pytest.raises(RefusedEarlier) as refused:
+            await file_processed(event, channels=send, attempt=2)
+    assert str(refused.value).startswith("webhook to 127.0.0.1: ")
+    assert "tok-s3cr3t" not in str(refused.value) and "unknown hook" in str(refused.value)
+
+
 async def test_a_target_that_refused_is_not_asked_again_within_the_same_attempt(
     client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,10 +32,12 @@ SECRET = b"integration-webhook-secret-0123456789"
 LOCAL = TargetPolicy.from_entries(["127.0.0.1"])
 
 
-def notification(url: str, subject: str = "Deployed") -> Notification:
+def notification(url: str, subject: str = "Deployed", event_id: str | None = None) -> Notification:
     event = NotificationRequested(
         data=NotificationRequestedData(channel="webhook", recipient=url, subject=subject, body="v2")
     )
+    if event_id is not None:
+        event = event.model_copy(update={"id": event_id})
     return Notification(
         event_id=event.id,
         correlation_id=event.correlation(),
@@ -87,6 +90,17 @@ async def test_the_event_is_posted_as_signed_json_with_the_event_id_as_idempoten
         "subject": "Deployed",
         "body": "v2",
     }
+
+
+async def test_an_id_a_header_cannot_carry_is_sent_as_its_hash(
+    channel: WebhookChannel, receiver: WebhookReceiver
+) -> None:
+    # httpx refuses non-ASCII header values: such an id was never sent, and retried as transient.
+    n = notification(receiver.url(), event_id="commande-été-42")
+    await channel.deliver(n)
+    await channel.deliver(n)  # a retry carries the same key
+    keys = [request.headers["idempotency-key"] for request in receiver.received]
+    assert keys == [hashlib.sha256("commande-été-42".encode()).hexdigest()] * 2
 
 
 async def test_connections_are_pooled(channel: WebhookChannel, receiver: WebhookReceiver) -> None:
@@ -220,6 +234,18 @@ async def test_a_2xx_whose_body_then_stalls_or_breaks_is_delivered(then: str) ->
     async with raw_receiver(head, then) as (url, requests):
         async for channel in channel_with(timeout=1.0):
             await channel.deliver(notification(url))
+    assert len(requests) == 1
+
+
+@pytest.mark.parametrize("then", ["stall", "reset"])
+async def test_a_refusal_whose_body_then_stalls_or_breaks_is_still_a_refusal(then: str) -> None:
+    # It was retried through every delay tier as transient, for a 400 that cannot change.
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\nunknown ho"
+    async with raw_receiver(head, then) as (url, requests):
+        async for channel in channel_with(timeout=1.0):
+            with pytest.raises(WebhookRejected) as caught:
+                await channel.deliver(notification(url))
+    assert caught.value.status == 400 and "unknown ho" in str(caught.value)
     assert len(requests) == 1
 
 

@@ -52,6 +52,8 @@ def test_a_target_is_a_channel_and_a_recipient(raw: str, channel: str, recipient
         ("email:not an address", "is not a valid recipient address"),
         ("email:Ops <ops@example.com>", "is not a valid recipient address"),
         ("email:ops@example.com\r\nBcc: x@example.com", "line break"),
+        ("email:a b@example.com", "is not a valid recipient address"),  # was a 500
+        ("email:é@example.com", "is not a valid recipient address"),
         ("log:", "1 to 2048 characters"),
         ("log:" + "x" * 2049, "1 to 2048 characters"),
     ],

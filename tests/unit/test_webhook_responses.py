@@ -76,6 +76,7 @@ def test_retry_after_on_a_503_counts_too() -> None:
         ("-5", None),
         ("soon", None),
         ("1.5", None),
+        ("²", None),  # a digit to `str.isdigit`, not to `float`
         ("", None),
     ],
 )

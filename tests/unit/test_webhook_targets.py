@@ -41,6 +41,7 @@ NOT_PUBLIC = [
     "2002:7f00:1::1",  # 6to4 wrapping 127.0.0.1
     "2002:a00:1::1",  # 6to4 wrapping 10.0.0.1
     "2001:db8::1",  # documentation
+    "fec0::1",  # site-local (deprecated, reserved)
 ]
 PUBLIC = ["93.184.215.14", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001::1"]
 
