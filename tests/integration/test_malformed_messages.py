@@ -1,0 +1,140 @@
+"""Messages whose AMQP properties the client's codec used to refuse, against a real broker.
+
+RabbitMQ passes any property value through: a timestamp sent in microseconds, a header whose
+key or value is not UTF-8. The codec refusing one closed the consumer's whole connection, so
+every delivery in flight came back and ran again, and the message did it again on its next
+delivery. Here each is one message among others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from datetime import UTC, datetime
+
+import aio_pika
+import aiormq
+import pytest
+from aiormq.abc import ChannelFrame, FrameType
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from contracts.topology import dead_letter_queue
+from services.messaging import failure as f
+from services.messaging.dead_letters import DeadLetter
+from services.messaging.errors import PermanentError
+from services.messaging.publisher import event_body
+from tests.conftest import Namespace
+from tests.integration.test_consumer import Recorder, notification, route, running
+from tests.integration.test_ops_api import draining
+from tests.support.polling import eventually
+from tests.support.queues import assert_empty, take
+
+pytestmark = pytest.mark.broker
+
+SENT_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+SECONDS = struct.pack(">Q", int(SENT_AT.timestamp()))
+MICROSECONDS = struct.pack(">Q", int(SENT_AT.timestamp()) * 1_000_000)  # a producer's unit bug
+KEY = b"\x04note"  # the header key "note", as encoded
+VALUE = b"S\x00\x00\x00\x02ok"  # a long string "ok"
+NOT_UTF8 = b"\xff\xfe"
+
+
+class Malformed(ContentHeader):
+    """A content header whose timestamp is in microseconds and whose "note" header has a key
+    and a value that are not UTF-8."""
+
+    def marshal(self) -> bytes:
+        raw = super().marshal()
+        assert raw.count(SECONDS) == raw.count(KEY + VALUE) == 1
+        return raw.replace(SECONDS, MICROSECONDS).replace(
+            KEY + VALUE, b"\x04n" + NOT_UTF8 + b"eS\x00\x00\x00\x02" + NOT_UTF8
+        )
+
+
+async def publish_malformed(url: str, queue: str, body: bytes, message_id: str) -> None:
+    """Publish with confirm, through the raw channel: the codec would not write these bytes."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        properties = spec.Basic.Properties(
+            content_type="application/cloudevents+json",
+            delivery_mode=2,
+            message_id=message_id,
+            timestamp=SENT_AT,
+            headers={"note": "ok"},
+        )
+        frames: list[FrameType] = [
+            spec.Basic.Publish(exchange="", routing_key=queue),
+            Malformed(properties=properties, body_size=len(body)),
+            *underlay._split_body(body),
+        ]
+        confirmed = underlay.confirmations.setdefault(
+            underlay.delivery_tag + 1, asyncio.get_running_loop().create_future()
+        )
+        underlay.delivery_tag += 1
+        await underlay.write_queue.put(ChannelFrame.marshall(underlay.number, frames))
+        await asyncio.wait_for(confirmed, 10)
+
+
+async def test_a_message_with_unreadable_properties_is_handled_once_beside_the_others(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder()
+    before, odd, after = notification("before"), notification("odd"), notification("after")
+    async with running(
+        namespace, "notifier", {"notification.requested": route(handler)}, delivery_limit=5
+    ) as (pub, topo, consumer):
+        await pub.publish_event(before, exchange=topo.events_exchange)
+        await publish_malformed(namespace.amqp_url, topo.queue, event_body(odd), odd.id)
+        await pub.publish_event(after, exchange=topo.events_exchange)
+        await handler.called(before.id, odd.id, after.id)
+        await asyncio.sleep(1)  # a connection closed by the codec would bring them back by now
+        assert consumer.consuming
+    assert handler.calls == [before.id, odd.id, after.id]
+    await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
+
+
+async def test_a_message_with_unreadable_properties_is_dead_lettered_with_its_reason(
+    namespace: Namespace,
+) -> None:
+    # Its dead letter could not be encoded either: requeued until the delivery limit took it,
+    # without Courier's reason or traceback.
+    handler = Recorder(failures=[PermanentError("recipient refused")])
+    odd = notification("odd")
+    async with running(
+        namespace, "notifier", {"notification.requested": route(handler)}, delivery_limit=5
+    ) as (_, topo, _consumer):
+        await publish_malformed(namespace.amqp_url, topo.queue, event_body(odd), odd.id)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert handler.calls == [odd.id]
+    assert dead.headers[f.REASON] == "permanent" and dead.message_id == odd.id
+    assert dead.headers["n\ufffd\ufffde"] == bytearray(NOT_UTF8)  # the value kept as sent
+
+
+async def test_a_dead_letter_with_unreadable_properties_is_drained_like_any_other(
+    namespace: Namespace,
+) -> None:
+    # It closed the drain's connection on every delivery, for ever (a dead-letter queue has no
+    # delivery limit); in the gateway that connection is the publisher's, so ingest stopped.
+    kept: list[DeadLetter] = []
+
+    async def keep(letter: DeadLetter) -> None:
+        kept.append(letter)
+
+    odd, after = notification("odd"), notification("after")
+    queue = dead_letter_queue(namespace.name, "notifier")
+    async with draining(namespace, keep) as (_, connection):
+        await publish_malformed(namespace.amqp_url, queue, event_body(odd), odd.id)
+        channel = await connection.channel()  # the drain's connection still works
+        await channel.default_exchange.publish(
+            aio_pika.Message(event_body(after), message_id=after.id), routing_key=queue
+        )
+
+        async def both_kept() -> None:
+            assert [letter.event_id for letter in kept] == [odd.id, after.id]
+
+        await eventually(both_kept, timeout=10)
+    await assert_empty(namespace.amqp_url, [queue])
