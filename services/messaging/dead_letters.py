@@ -250,7 +250,7 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
+    return value if type(value) is int else 0  # a bool is no count
 
 
 MAX_COUNT = 2**31 - 1

@@ -86,6 +86,18 @@ def test_a_dead_letter_with_an_unreadable_death_record_is_still_read() -> None:
     assert (read.event_id, read.reason, read.queue) == ("m-1", "unknown", "unknown")
 
 
+def test_a_boolean_replay_count_is_no_count() -> None:
+    read = read_dead_letter(
+        "ns",
+        body=b"{}",
+        headers={f.REPLAYS: True},
+        message_id="m-1",
+        message_type=None,
+        correlation_id=None,
+    )
+    assert read.replays == 0
+
+
 # --- a consumer's letter ----------------------------------------------------------------------
 
 

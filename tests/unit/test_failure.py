@@ -28,6 +28,13 @@ def test_a_first_delivery_is_attempt_one() -> None:
     assert f.attempt_of({f.ATTEMPT: "junk"}) == 1
 
 
+def test_a_boolean_attempt_header_is_no_attempt() -> None:
+    # `True` is an int to Python: reported as `"attempt": true`, it failed the gateway's
+    # validation of the whole status report, with every other event's transitions in it.
+    attempt = f.attempt_of({f.ATTEMPT: True})
+    assert type(attempt) is int and attempt == 1  # `True == 1` too: the type tells them apart
+
+
 def test_retry_headers_count_up_and_keep_the_first_failure_time() -> None:
     first = f.Failure.of(caught(raise_at_a, ValueError("x")), attempt=1)
     headers = first.retry_headers({"x-death": [], "x-delivery-count": 2, "custom": "kept"})
