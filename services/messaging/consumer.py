@@ -137,7 +137,16 @@ def _unavailable(exc: BaseException) -> bool:
 class _NotSettled(Exception):
     """The handler succeeded, but recording the event in the inbox or publishing its follow-ups
     failed: settle nothing, return the delivery later (an infrastructure failure, not the
-    handler's), rather than retry or dead-letter it."""
+    handler's), rather than retry or dead-letter it.
+
+    `retry` does again what failed after the handler, and `settle` that and what follows (the
+    ack, the report): what a held delivery tries next, so the handler's effect is not repeated.
+    Neither is set where the handler must run again (its transaction rolled back)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.retry: Callable[[], Awaitable[datetime | None]] | None = None
+        self.settle: Callable[[], Awaitable[None]] | None = None
 
 
 class _AlreadyHandled(PermanentError):
@@ -437,7 +446,8 @@ class Consumer:
             )
             await asyncio.sleep(pause)
             try:
-                await self._process(message)
+                settle = failure.settle if isinstance(failure, _NotSettled) else None
+                await (settle() if settle is not None else self._process(message))
                 return
             except Exception as exc:
                 if not self._may_hold(message, exc):
@@ -494,20 +504,55 @@ class Consumer:
         try:
             handled_at = await self._attempt(route, event, attempt)
         except _AlreadyHandled:
-            known = await self._inbox.lookup(event.id)
-            recorded = known.follow_ups if isinstance(known, Handled) else ()
-            await self._skip_duplicate(message, event, recorded)
+            await self._skip_recorded(message, event)
             return
-        except _NotSettled:
+        except _NotSettled as exc:
+            if exc.retry is not None:  # held, it tries that again, never the handler
+                exc.settle = functools.partial(
+                    self._settle_again, message, event, attempt, exc.retry
+                )
             raise
         except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return
+        self._succeeded(message, event, handled_at, attempt)
+
+    def _succeeded(
+        self, message: DeliveredMessage, event: Envelope, handled_at: datetime | None, attempt: int
+    ) -> None:
         self._ack(message)
         # Stamped with the inbox record's time: the record can tell this report again after a
         # crash took it (`Inbox.recent`), and the gateway sees the same report twice.
         self._report(event, "succeeded", at=handled_at, attempt=attempt)
         log.debug("handled", extra={"event_type": event.type, "attempt": attempt})
+
+    async def _skip_recorded(self, message: DeliveredMessage, event: Envelope) -> None:
+        known = await self._inbox.lookup(event.id)
+        recorded = known.follow_ups if isinstance(known, Handled) else ()
+        await self._skip_duplicate(message, event, recorded)
+
+    async def _settle_again(
+        self,
+        message: DeliveredMessage,
+        event: Envelope,
+        attempt: int,
+        retry: Callable[[], Awaitable[datetime | None]],
+    ) -> None:
+        """Settle a held delivery whose handler succeeded: `retry` what failed after it (the
+        inbox record, the follow-ups' publish), then ack and report as `_handle` does."""
+        with event_context(event.id, event.correlation()):
+            await self._one_at_a_time.acquire(event.id)
+            try:
+                handled_at = await retry()
+            except _AlreadyHandled:  # a duplicate recorded it meanwhile
+                await self._skip_recorded(message, event)
+                return
+            except _NotSettled as exc:
+                exc.settle = functools.partial(self._settle_again, message, event, attempt, retry)
+                raise
+            finally:
+                self._one_at_a_time.release(event.id)
+            self._succeeded(message, event, handled_at, attempt)
 
     def _report(
         self, event: Envelope, state: State, at: datetime | None = None, **detail: Any
@@ -555,22 +600,32 @@ class Consumer:
                         f"the store did not take the handler's state: {exc!r}"
                     ) from exc
                 raise
-            await self._publish_handled(follow_ups)
+            await self._publish_handled(follow_ups, handled_at)
             return handled_at
         produced = await route.retry.call(lambda: _cancelled_as_failure(handler(event)))
         follow_ups = [with_cause(e, event) for e in produced or ()]
         if route.idempotent:
-            await self._publish_handled(follow_ups)
+            await self._publish_handled(follow_ups, None)
             return None
-        return await self._record_and_publish(event, follow_ups, attempt)
+        try:
+            return await self._record_and_publish(event, follow_ups, attempt)
+        except _NotSettled as exc:
+            exc.retry = functools.partial(self._record_and_publish, event, follow_ups, attempt)
+            raise
 
-    async def _publish_handled(self, follow_ups: Sequence[Envelope]) -> None:
-        """Publish the follow-ups of a handled event: a failure now is the infrastructure's,
-        not the handler's, which must not run again (`_NotSettled`)."""
+    async def _publish_handled(
+        self, follow_ups: Sequence[Envelope], handled_at: datetime | None
+    ) -> datetime | None:
+        """Publish the follow-ups of a handled event (recorded at `handled_at`, if it was); a
+        failure now is the infrastructure's, not the handler's, which must not run again
+        (`_NotSettled`, whose retry is this publish)."""
         try:
             await self._publish_follow_ups(follow_ups)
         except Exception as exc:
-            raise _NotSettled(f"publishing the follow-ups failed: {exc!r}") from exc
+            not_settled = _NotSettled(f"publishing the follow-ups failed: {exc!r}")
+            not_settled.retry = functools.partial(self._publish_handled, follow_ups, handled_at)
+            raise not_settled from exc
+        return handled_at
 
     async def _record_and_publish(
         self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int

@@ -418,6 +418,46 @@ async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delive
         await engine.dispose()
 
 
+class InboxLockedOnce(Inbox):
+    """An inbox whose first record fails as a store locked by another writer does."""
+
+    failed = False
+
+    async def remember(
+        self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int = 1
+    ) -> datetime | None:
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database is locked")
+        return await super().remember(event, follow_ups, attempt)
+
+
+async def test_a_held_delivery_whose_handler_succeeded_never_runs_it_again(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # Held after its record failed, the delivery was processed again from the start: the
+    # handler (an email, a webhook) ran a second time, with no crash and no redelivery.
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = InboxLockedOnce(engine, "processor")
+    await inbox.start()
+    submitted, processed = dataset_and_its_result()
+    handler = Recorder(returns=[processed])
+    try:
+        async with running(
+            namespace, "processor", {"dataset.submitted": route(handler)}, inbox=inbox
+        ) as (pub, topo, _):
+            await publish(pub, topo, submitted)
+
+            async def recorded() -> None:
+                assert isinstance(await inbox.lookup(submitted.id), Handled)
+
+            await eventually(recorded, timeout=10)
+            await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+        assert inbox.failed and handler.calls == [submitted.id]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_retried(
     namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
