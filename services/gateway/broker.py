@@ -1,7 +1,12 @@
 """The gateway's link to the broker: connects in the background, so the gateway starts (and
 answers 503) while the broker is away, then declares every service's topology so events are
 kept even before their consumers first start, and drains the dead-letter queues into the
-operators' failure store and consuming what the gateway keeps (status, results)."""
+operators' failure store and consuming what the gateway keeps (status, results).
+
+The consumers have a connection of their own, as every consumer service does: what they take
+in (a status report of a thousand transitions is a few hundred kB) does not queue the
+publisher's confirms behind it, and a delivery that fails its connection cannot take ingest
+down with it."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from aiormq.exceptions import AMQPError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from services.gateway.settings import GatewaySettings
+from services.messaging.connection import open_connection
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.logs import get_logger
@@ -51,9 +57,10 @@ class BrokerLink:
         self._declared = False
         self._task: asyncio.Task[None] | None = None
         self._redeclare: Redeclare | None = None
+        self._consuming: AbstractRobustConnection | None = None
 
     def consume_with(self, consumer: Startable) -> None:
-        """Start `consumer` on the link's connection once the topology is declared."""
+        """Start `consumer` on the consumers' connection once the topology is declared."""
         self._consumers.append(consumer)
 
     @property
@@ -101,7 +108,7 @@ class BrokerLink:
                 )
                 for consumer in self._consumers:
                     if id(consumer) not in self._started:
-                        await consumer.start(connection)
+                        await consumer.start(await self._consumers_connection())
                         self._started.add(id(consumer))
         self.topology_error = None
         self._redeclare = redeclare_on_reconnect(  # held: aio-pika keeps it weakly
@@ -112,6 +119,13 @@ class BrokerLink:
         )
         self._declared = True
         log.info("connected to the broker; topology declared")
+
+    async def _consumers_connection(self) -> AbstractRobustConnection:
+        if self._consuming is None:
+            self._consuming = await open_connection(
+                self.settings.amqp_url, heartbeat=self.settings.heartbeat, name="gateway-consumers"
+            )
+        return self._consuming
 
     def _declared_again(self, declared: bool) -> None:
         """After a reconnect: not ready while the topology could not be declared again."""
@@ -124,4 +138,7 @@ class BrokerLink:
             await asyncio.gather(self._task, return_exceptions=True)
         started = [c for c in self._consumers if id(c) in self._started]
         await asyncio.gather(*(c.stop(DRAIN_SECONDS) for c in started))
+        if self._consuming is not None:
+            await self._consuming.close()
+            self._consuming = None
         await self.publisher.close()

@@ -41,6 +41,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
 from pamqp.header import ContentHeader
 
 from contracts.envelope import Envelope
+from services.messaging.connection import open_connection
 from services.messaging.errors import BrokerUnavailable, Unroutable
 from services.messaging.logs import get_logger
 
@@ -135,11 +136,7 @@ class Publisher:
 
     async def connect(self) -> AbstractRobustConnection:
         """Open the connection and channels; raises if the broker does not answer."""
-        connection = await aio_pika.connect_robust(
-            self._url,
-            heartbeat=self._heartbeat,
-            client_properties={"connection_name": self._name},
-        )
+        connection = await open_connection(self._url, heartbeat=self._heartbeat, name=self._name)
         try:
             self._channels = [
                 await self._open_channel(connection) for _ in range(self._channel_count)

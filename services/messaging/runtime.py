@@ -17,7 +17,6 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import NoReturn, TypeVar
 
-import aio_pika
 import uvloop
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
@@ -31,6 +30,7 @@ from tenacity import (
 
 from contracts.topology import ServiceTopology
 from contracts.tracking import CancellationRequested
+from services.messaging.connection import open_connection
 from services.messaging.consumer import Consumer, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
@@ -80,10 +80,8 @@ async def _connect(
         ),
     ):
         with attempt:
-            connection = await aio_pika.connect_robust(
-                settings.amqp_url,
-                heartbeat=settings.heartbeat,
-                client_properties={"connection_name": f"{service}-consumer"},
+            connection = await open_connection(
+                settings.amqp_url, heartbeat=settings.heartbeat, name=f"{service}-consumer"
             )
             try:
                 await publisher.connect()
