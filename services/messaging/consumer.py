@@ -49,6 +49,7 @@ from services.messaging.errors import (
     BrokerUnavailable,
     CourierError,
     PermanentError,
+    StoreUnavailable,
     causes,
 )
 from services.messaging.failure import (
@@ -130,7 +131,8 @@ def _unavailable(exc: BaseException) -> bool:
     the runtime is wrong: the broker did not take a publish, or the store could not be
     reached or was busy."""
     return store_unavailable(exc) or any(
-        isinstance(seen, BrokerUnavailable | OSError | TimeoutError) for seen in causes(exc)
+        isinstance(seen, BrokerUnavailable | StoreUnavailable | OSError | TimeoutError)
+        for seen in causes(exc)
     )
 
 
@@ -512,6 +514,9 @@ class Consumer:
                     self._settle_again, message, event, attempt, exc.retry
                 )
             raise
+        except StoreUnavailable as exc:
+            # An outage, not the handler's failure: held, then handled again (no attempt spent).
+            raise _NotSettled(f"the handler's store is unavailable: {exc}") from exc
         except Exception as exc:  # noqa: BLE001  # classified and settled below, never dropped
             await self._on_failure(message, event, route.retry, Failure.of(exc, attempt))
             return

@@ -5,8 +5,10 @@
     ├── Unroutable             the broker returned a mandatory publish: no queue bound (a bug)
     ├── TopologyMismatch       an existing queue was declared with other arguments
     ├── PermanentError         raised by a handler: retrying cannot help; dead-letter at once
-    └── RetryLater             raised by a handler: transient, and not worth retrying before
-                               `min_delay` seconds (e.g. an HTTP `Retry-After`)
+    ├── RetryLater             raised by a handler: transient, and not worth retrying before
+    │                          `min_delay` seconds (e.g. an HTTP `Retry-After`)
+    └── StoreUnavailable       raised by a handler: the service's own store is away; the delivery
+                               is held until it is back, spending no attempt
 
 Any other exception a handler raises is transient: retried, then dead-lettered when exhausted.
 A handler marks one with `no_immediate_retry` when retrying it at once would repeat what it must
@@ -77,6 +79,15 @@ class TopologyMismatch(CourierError):
 
 class PermanentError(CourierError):
     """Raised by a handler when the input can never succeed (bad data, refused by a target)."""
+
+
+class StoreUnavailable(CourierError):
+    """Raised by a handler when the service's own store refuses its work for a while (away,
+    locked, full, failing over), raised from the store's error. The delivery is then held and
+    handled again with back-off, as when the inbox record fails, instead of being retried
+    through the delay tiers: each of those spends an attempt, and a long outage would
+    dead-letter work that only waited. The handler runs again, so it must know what it did
+    already (the notifier remembers a notification it sent but could not record)."""
 
 
 class RetryLater(CourierError):

@@ -19,8 +19,9 @@ from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 from contracts.envelope import Envelope
 from contracts.notify import Channel
 from services.messaging.batching import Batcher
-from services.messaging.errors import PermanentError
+from services.messaging.errors import PermanentError, StoreUnavailable
 from services.messaging.logs import get_logger
+from services.messaging.store import store_unavailable
 
 if TYPE_CHECKING:
     from services.notifier.deliveries import Deliveries
@@ -154,10 +155,12 @@ class Channels:
             log.warning("could not record a delivery; retrying", exc_info=True)
             try:
                 await self._record_patiently(notification)
-            except Exception:
+            except Exception as exc:
                 self._unrecorded[notification.event_id] = None
                 if len(self._unrecorded) > MAX_UNRECORDED:
                     del self._unrecorded[next(iter(self._unrecorded))]
+                if store_unavailable(exc):  # held until the store is back: no attempt spent
+                    raise StoreUnavailable("could not record a sent notification") from exc
                 raise
         self._unrecorded.pop(notification.event_id, None)
 

@@ -41,7 +41,7 @@ from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.dead_letters import read_delivered
 from services.messaging.declare import declare_topology
-from services.messaging.errors import PermanentError, Unroutable
+from services.messaging.errors import PermanentError, StoreUnavailable, Unroutable
 from services.messaging.inbox import Handled, Inbox, Outcome
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
@@ -456,6 +456,27 @@ async def test_a_held_delivery_whose_handler_succeeded_never_runs_it_again(
         assert inbox.failed and handler.calls == [submitted.id]
     finally:
         await engine.dispose()
+
+
+async def test_a_handler_whose_store_is_unavailable_is_held_not_retried_through_a_tier(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A retry through a delay tier spends an attempt: a long outage dead-lettered the event.
+    locked = StoreUnavailable("could not record")
+    locked.__cause__ = sqlite3.OperationalError("database is locked")
+    handler = Recorder(failures=[locked])
+    event = notification()
+    async with running(
+        namespace,
+        "notifier",
+        {"notification.requested": route(handler, delays=(60,))},
+        delays=(60,),
+    ) as (pub, topo, _):
+        await publish(pub, topo, event)
+        await handler.called(event.id, event.id)  # again in process, not after 60 s
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+    assert any("holding the delivery" in r.message for r in caplog.records)
+    await assert_empty(namespace.amqp_url, [topo.retry_queue(60), topo.dead_letter_queue])
 
 
 async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_retried(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from contracts.events import NotificationRequested, NotificationRequestedData
+from services.messaging.errors import StoreUnavailable
 from services.messaging.store import open_store, store_url
 from services.notifier.channels import Channels, LogChannel, Notification, Unconfigured
 from services.notifier.deliveries import Deliveries
@@ -205,3 +207,23 @@ async def test_a_store_outage_longer_than_the_budget_after_sending_does_not_send
         assert len(receiver.received) == 1
     stored = await deliveries.get(n.event_id)
     assert stored is not None and stored.outcome == "delivered"
+
+
+async def test_a_sent_notification_the_store_cannot_record_holds_its_delivery(
+    channels: Channels, deliveries: Deliveries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It failed as an ordinary error: retried through the delay tiers, each spending an
+    # attempt, so a long write outage dead-lettered a notification that had been delivered.
+    monkeypatch.setattr("services.notifier.channels.RECORD_BUDGET_SECONDS", 0.2)
+
+    async def locked(notification: Notification) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(deliveries, "delivered", locked)
+    with (
+        WebhookReceiver().running() as receiver,
+        pytest.raises(StoreUnavailable) as held,  # the consumer holds the delivery
+    ):
+        await channels.deliver(notification(receiver.url()))
+    assert isinstance(held.value.__cause__, sqlite3.OperationalError)
+    assert len(receiver.received) == 1
