@@ -26,7 +26,7 @@ import io
 import itertools
 import math
 import re
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
@@ -224,13 +224,19 @@ def _finite_mean(numbers: list[float]) -> tuple[list[float], float]:
     return numbers, finite_mean(numbers) if numbers else math.nan
 
 
+def _digest(value: Hashable) -> int:
+    """What stands for a distinct JSON scalar: a string's hash; another's hash of its type and
+    text (`hash(1) == hash(1.0) == hash(True)`, and -1 hashes as -2: one value to `hash`)."""
+    return hash(value) if type(value) is str else hash((type(value).__name__, repr(value)))
+
+
 class _Column:
     """Statistics of one column, fed a batch of values at a time (builtins do most work)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.count = self.numbers = self.strings = self.booleans = self.nested = 0
-        self.means: list[tuple[int, float]] = []  # per batch: how many numbers, their mean
+        self.mean = math.nan  # of the numbers so far, merged batch by batch
         self.low = math.inf
         self.high = -math.inf
         self.hashes: set[int] = set()
@@ -240,16 +246,20 @@ class _Column:
         numbers, mean = _finite_mean(numbers)
         if numbers:
             self.numbers += len(numbers)
-            self.means.append((len(numbers), mean))
+            # A running mean, each batch's weighted by its share: finite where a running sum
+            # would not be, and constant memory (a list of the batches' means grew ~30 MB per
+            # GB of numbers).
+            share = len(numbers) / self.numbers
+            self.mean = mean if share == 1 else self.mean + (mean - self.mean) * share
             self.low = min(self.low, min(numbers))
             self.high = max(self.high, max(numbers))
         return len(numbers)
 
-    def _add_distinct(self, values: Iterable[Hashable]) -> None:
+    def _add_distinct(self, digests: list[int]) -> None:
+        """Count distinct values by their hashes, not the values: memory per column is bounded
+        by the cap, whatever the values' size."""
         if self.capped:
             return
-        # Hashes, not values: memory per column is bounded by the cap, whatever the values' size.
-        digests = list(map(hash, values))
         hashes = self.hashes
         if len(hashes) + len(digests) <= DISTINCT_CAP:
             hashes.update(digests)
@@ -274,7 +284,7 @@ class _Column:
             except ValueError:
                 numbers = [float(value) for value in candidates if _NUMBER.fullmatch(value)]
         self.strings += len(present) - self._add_numbers(numbers)  # "nan", "inf": strings
-        self._add_distinct(present)
+        self._add_distinct(list(map(hash, present)))
 
     def add_json(self, values: Sequence[object]) -> None:
         """JSON values: null is null; bool, number, string; objects and arrays are nested."""
@@ -295,7 +305,7 @@ class _Column:
                 continue  # objects and arrays are not counted as distinct values
             scalars.append(value)
         self._add_numbers(numbers)
-        self._add_distinct(scalars)
+        self._add_distinct(list(map(_digest, scalars)))
 
     def kind(self) -> ColumnKind:
         counted: tuple[tuple[ColumnKind, int], ...] = (
@@ -311,8 +321,7 @@ class _Column:
 
     def stats(self, records: int, name: str) -> ColumnStats:
         numbers = self.numbers > 0
-        # The batches' means weighted by their share: finite where a running sum would not be.
-        mean = math.fsum(m * (n / self.numbers) for n, m in self.means) if numbers else math.nan
+        mean = self.mean if numbers else math.nan
         return ColumnStats(
             name=name,
             kind=self.kind(),
@@ -387,10 +396,34 @@ def _batches(rows: Iterator[R], source: _Blocks | None = None) -> Iterator[list[
         yield batch
 
 
+class _RecordLines:
+    """Lines for the csv reader, refusing a record longer than MAX_LINE_BYTES characters: a
+    quoted field may hold line ends, so one record can run over any number of lines, each
+    short enough for `_Blocks`, and the reader keeps all of its fields until it ends (a 64 MiB
+    file of one record took ~1 GiB)."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._pending = 0  # characters read since the last record ended
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self._lines:
+            self._pending += len(line)
+            if self._pending > MAX_LINE_BYTES:
+                raise NotThisFormat(f"a record is longer than {MAX_LINE_BYTES} characters")
+            yield line
+
+    def records(self, reader: Iterator[list[str]]) -> Iterator[list[str]]:
+        for row in reader:
+            self._pending = 0
+            yield row
+
+
 def analyse_csv(raw: io.BufferedReader, delimiter: str) -> _Result:
     blocks = _Blocks(raw)
-    reader = csv.reader(blocks.lines_of(), delimiter=delimiter, strict=True)
-    rows: Iterator[list[str]] = filter(None, reader)  # blank lines are no records
+    lines = _RecordLines(blocks.lines_of())
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    rows: Iterator[list[str]] = filter(None, lines.records(reader))  # blank lines: no records
     columns: list[_Column] = []
     first_width = widest = records = ragged = 0
     try:
