@@ -88,10 +88,14 @@ class Files:
             await conn.execute(delete(files).where(files.c.file_id == file_id))
 
     async def record_result(self, event: FileProcessed, conn: AsyncConnection) -> None:
-        """Handler of `file.processed` (stateful: same transaction as the gateway's inbox)."""
-        exists = await conn.scalar(
-            select(results.c.file_id).where(results.c.file_id == event.data.file_id)
-        )
+        """Handler of `file.processed` (stateful: same transaction as the gateway's inbox).
+        The analysis of a file retention forgot meanwhile is dropped: nothing would ever
+        show or prune it."""
+        file_id = event.data.file_id
+        if await conn.scalar(select(files.c.file_id).where(files.c.file_id == file_id)) is None:
+            log.info("the analysed file is forgotten already; its analysis is dropped")
+            return
+        exists = await conn.scalar(select(results.c.file_id).where(results.c.file_id == file_id))
         if exists is not None:
             return
         try:

@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
-from contracts.files import FileUploadedData
+from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploadedData
 from services.blobs import LocalBlobStore
-from services.gateway.files import Files
+from services.gateway.files import Files, results
 from services.messaging.store import open_store, store_url
 
 RETENTION = timedelta(days=30)
@@ -64,6 +65,24 @@ async def test_a_blob_already_gone_does_not_stop_the_record_going(
     await blobs.delete("files/half")  # an earlier round died after deleting the bytes
     assert await records.prune(blobs, RETENTION, batch=1) == 1
     assert await records.get("half") is None
+
+
+async def test_an_analysis_that_arrives_after_its_file_was_forgotten_leaves_nothing(
+    records: Files, tmp_path: Path
+) -> None:
+    # It was inserted without its file: never shown, never pruned, kept for ever.
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    await stored(blobs, records, "late", datetime.now(UTC) - RETENTION - timedelta(days=1))
+    assert await records.prune(blobs, RETENTION) == 1
+    processed = FileProcessed(
+        data=FileProcessedData(
+            file_id="late", name="x.csv", declared_type="text/csv", size=8, sha256="0" * 64,
+            analysis=FileAnalysis(detected_type="text/csv", format="csv"),
+        )
+    )  # fmt: skip
+    async with records._engine.begin() as conn:
+        await records.record_result(processed, conn)
+        assert await conn.scalar(select(func.count()).select_from(results)) == 0
 
 
 def age(path: Path, by: timedelta) -> None:
