@@ -68,11 +68,14 @@ def decode_head(head: bytes, whole: bool) -> str | None:
 
 
 def sample_lines(text: str, whole: bool) -> list[str]:
-    """Complete, non-blank lines of the head (the last one only if the head is the file)."""
-    lines = text.splitlines()
-    if not whole and lines and not text.endswith(("\n", "\r")):
-        lines.pop()
-    return [line for line in lines if line.strip()][:SAMPLE_LINES]
+    """Complete, non-blank lines of the head (the last one only if the head is the file).
+
+    Only `\n` ends a line, as in the analysis (`str.splitlines` also splits at U+2028, NEL,
+    form feeds and more, which JSON strings and CSV fields may hold)."""
+    lines = text.split("\n")
+    if not whole:
+        lines.pop()  # after the last line end: cut off, or nothing
+    return [line.removesuffix("\r") for line in lines if line.strip()][:SAMPLE_LINES]
 
 
 def _is_json_lines(lines: list[str]) -> bool:
@@ -90,13 +93,19 @@ def csv_delimiter(lines: list[str]) -> str | None:
     if len(lines) < 2:  # a header and a record at least
         return None
     best: tuple[int, str] | None = None
+    # With their line ends, so that a quoted field may hold one: the records, not the lines,
+    # must agree.
+    text = [line + "\n" for line in lines]
     for delimiter in DELIMITERS:
         try:
-            widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter))
+            widths = Counter(len(row) for row in csv.reader(text, delimiter=delimiter) if row)
         except csv.Error:
             continue
+        if not widths:
+            continue
         width, rows = widths.most_common(1)[0]
-        consistent = width >= 2 and rows >= CONSISTENT_SHARE * len(lines)
+        records = widths.total()
+        consistent = width >= 2 and records >= 2 and rows >= CONSISTENT_SHARE * records
         if consistent and (best is None or width > best[0]):
             best = (width, delimiter)
     return best[1] if best else None

@@ -76,6 +76,13 @@ def column(analysis: FileAnalysis, name: str) -> ColumnStats:
         (b'{"a": 1}\n', "application/json", "json"),
         (b"Dear reader\nthis is prose\n", "text/plain", "text"),
         ("caf\u00e9 cr\u00e8me\n".encode(), "text/plain", "text"),
+        # Characters `str.splitlines` splits at inside a JSON string or a CSV field, and a
+        # quoted field over two lines: all were taken for plain text.
+        ('{"a": "x\u2028y"}\n{"a": 2}\n'.encode(), "application/x-ndjson", "jsonl"),
+        ('{"a": "x\u0085y"}\n{"a": 2}\n'.encode(), "application/x-ndjson", "jsonl"),
+        (b'a,b\n"x\x0cy",1\nz,2\n', "text/csv", "csv"),
+        (b'a,b\n"x\ny",1\n"z",2\n', "text/csv", "csv"),
+        (b"a,b\r\n1,2\r\n3,4\r\n", "text/csv", "csv"),
     ],
 )
 def test_the_type_is_sniffed_from_the_content(content: bytes, media_type: str, fmt: str) -> None:
