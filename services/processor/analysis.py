@@ -539,8 +539,13 @@ def analyse_text(raw: io.BufferedReader) -> _Result:
     return _Result(line_count=lines + (last != b"\n"))
 
 
-def analyse_json(raw: io.BufferedReader, size: int) -> _Result:
+def analyse_json(raw: io.BufferedReader, size: int, *, declared: bool = True) -> _Result:
+    """A JSON document, parsed whole up to JSON_PARSE_LIMIT; a larger one declared as JSON is
+    read as text, and one only sniffed as JSON is not taken for it (it may be JSON lines whose
+    first lines outgrew the sniffed head)."""
     if size > JSON_PARSE_LIMIT:
+        if not declared:
+            raise NotThisFormat(f"larger than {JSON_PARSE_LIMIT} bytes: not parsed as one document")
         result = analyse_text(raw)
         result.notes.append(
             f"larger than {JSON_PARSE_LIMIT} bytes: read as text, the structure not validated"
@@ -579,10 +584,14 @@ def plan(declared: str, sniffed: Sniffed) -> list[_Attempt]:
         return [_Attempt("csv", True, delimiter or ",")]
     if fmt is not None:
         return [_Attempt(fmt, True)]
+    shapes = [_Attempt(sniffed.format, False, sniffed.delimiter)]
+    if sniffed.format == "json":
+        # Or the head held less than two whole lines: JSON lines with long lines look the same.
+        shapes.append(_Attempt("jsonl", False))
     if declared.startswith("text/"):
-        shaped = [] if sniffed.format in ("text", "binary") else [_Attempt(sniffed.format, False)]
-        return [*(a for a in shaped), _Attempt("text", True)]
-    attempts = [_Attempt(sniffed.format, False, sniffed.delimiter)]
+        shaped = [] if sniffed.format in ("text", "binary") else shapes
+        return [*shaped, _Attempt("text", True)]
+    attempts = shapes
     if sniffed.format in ("csv", "jsonl", "json"):
         attempts.append(_Attempt("text", False))
     if sniffed.format != "binary":
@@ -594,7 +603,7 @@ def _run(attempt: _Attempt, raw: io.BufferedReader, size: int) -> _Result:
     readers: dict[FileFormat, Callable[[], _Result]] = {
         "csv": lambda: analyse_csv(raw, attempt.delimiter or ","),
         "jsonl": lambda: analyse_jsonl(raw),
-        "json": lambda: analyse_json(raw, size),
+        "json": lambda: analyse_json(raw, size, declared=attempt.strict),
         "text": lambda: analyse_text(raw),
         "binary": lambda: analyse_binary(raw),
     }

@@ -209,6 +209,17 @@ def test_a_declared_type_that_differs_from_the_content_is_noted(stored: Stored) 
     assert "declared image/jpeg; the content looks like image/png" in analysis.notes
 
 
+@pytest.mark.parametrize("lines", [50, 200])  # under and over the 4 MiB a document is parsed
+def test_json_lines_too_long_for_the_sniffed_head_are_still_json_lines(
+    stored: Stored, lines: int
+) -> None:
+    # Two whole lines did not fit in the 64 KiB head: taken for one JSON document, then read
+    # as text (or, over 4 MiB, reported as JSON without a check), with no records.
+    rows = [orjson.dumps({"n": i, "pad": "x" * 40_000}) for i in range(lines)]
+    analysis = stored.analyse(b"\n".join(rows) + b"\n", "application/octet-stream")
+    assert (analysis.format, analysis.record_count) == ("jsonl", lines)
+
+
 def test_content_that_only_looked_like_csv_falls_back_to_binary(stored: Stored) -> None:
     content = b"a,b\n" + b"1,2\n" * 20_000 + b"\xff\xfe\x00binary tail"
     analysis = stored.analyse(content, "application/octet-stream")
