@@ -230,6 +230,21 @@ def _digest(value: Hashable) -> int:
     return hash(value) if type(value) is str else hash((type(value).__name__, repr(value)))
 
 
+def _numbers_in(cells: list[str]) -> list[float]:
+    """The cells that are decimal numbers, as numbers (`float` alone where it reads them all,
+    the common case; it also reads "1_000", which the decimal pattern does not)."""
+    if "_" not in "".join(cells):
+        try:
+            return list(map(float, cells))
+        except ValueError:  # some are not numbers: only a decimal-looking value may be one
+            candidates = [cell for cell in cells if cell[0] in _NUMBER_START]
+            try:
+                return list(map(float, candidates))
+            except ValueError:
+                pass
+    return [float(cell) for cell in cells if cell[0] in _NUMBER_START and _NUMBER.fullmatch(cell)]
+
+
 class _Column:
     """Statistics of one column, fed a batch of values at a time (builtins do most work)."""
 
@@ -275,14 +290,7 @@ class _Column:
         """CSV cells: empty (or blank) is null; a finite number is a number; else a string."""
         present = list(filter(str.strip, values))
         self.count += len(present)
-        try:
-            numbers = list(map(float, present))
-        except ValueError:  # some are not numbers: only a decimal-looking value may be one
-            candidates = [value for value in present if value[0] in _NUMBER_START]
-            try:
-                numbers = list(map(float, candidates))
-            except ValueError:
-                numbers = [float(value) for value in candidates if _NUMBER.fullmatch(value)]
+        numbers = _numbers_in(present)
         self.strings += len(present) - self._add_numbers(numbers)  # "nan", "inf": strings
         self._add_distinct(list(map(hash, present)))
 

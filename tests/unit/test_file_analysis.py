@@ -142,6 +142,12 @@ def test_distinct_values_are_bounded(stored: Stored) -> None:
     assert (bucket.distinct, bucket.distinct_capped) == (3, False)
 
 
+def test_a_csv_value_is_a_number_or_a_string_whatever_its_neighbours(stored: Stored) -> None:
+    # "1_000" was a number in a column of numbers and a string beside one that was not.
+    analysis = stored.analyse(b"a,b\n1_000,1_000\n2,+x\n", "text/csv")
+    assert (column(analysis, "a").kind, column(analysis, "b").kind) == ("mixed", "string")
+
+
 def test_json_values_that_hash_alike_are_still_distinct(stored: Stored) -> None:
     # Counted by `hash`: -1 and -2 hash alike, and so do 1, 1.0 and true.
     rows = [{"n": -1}, {"n": -2}, {"n": -1}, {"m": 1}, {"m": 1.0}, {"m": True}]
