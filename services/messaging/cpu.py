@@ -61,35 +61,39 @@ class CpuPool:
         self._workers = workers or os.cpu_count() or 1
         self._executor = _new_executor(self._workers)
         self._alone: set[ProcessPoolExecutor] = set()  # jobs running again on their own
-        self._isolation = asyncio.Semaphore(self._workers)  # as many at once as the pool runs
+        # Jobs at once, in the pool or running again alone: while the jobs of a broken pool run
+        # again, the replacement pool takes no more beside them (twice the work at once, just
+        # after a worker was killed for memory, would put the innocent ones at risk too).
+        self._slots = asyncio.Semaphore(self._workers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if kwargs:
             raise TypeError("pass positional arguments; they are pickled to the worker")
-        executor = self._executor
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        except BrokenProcessPool:
-            # A broken pool refuses every later task: replace it (once, whoever sees it first).
-            if self._executor is executor:
-                self._executor = _new_executor(self._workers)
-                executor.shutdown(wait=False, cancel_futures=True)
-        return await self._run_alone(fn, *args)
+        async with self._slots:
+            executor = self._executor
+            try:
+                return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            except BrokenProcessPool:
+                # A broken pool refuses every later task: replace it (once, whoever sees it
+                # first).
+                if self._executor is executor:
+                    self._executor = _new_executor(self._workers)
+                    executor.shutdown(wait=False, cancel_futures=True)
+            return await self._run_alone(fn, *args)
 
     async def _run_alone(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` in a process of its own: if that dies too, this job is the culprit."""
-        async with self._isolation:
-            executor = _new_executor(1)
-            self._alone.add(executor)
-            try:
-                return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-            except BrokenProcessPool as exc:
-                raise WorkerLost(
-                    f"a CPU worker died while computing {fn.__name__}, twice (once alone)"
-                ) from exc
-            finally:
-                self._alone.discard(executor)
-                _terminate(executor)  # idle once done; still computing if the caller gave up
+        executor = _new_executor(1)
+        self._alone.add(executor)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except BrokenProcessPool as exc:
+            raise WorkerLost(
+                f"a CPU worker died while computing {fn.__name__}, twice (once alone)"
+            ) from exc
+        finally:
+            self._alone.discard(executor)
+            _terminate(executor)  # idle once done; still computing if the caller gave up
 
     def close(self) -> None:
         for executor in (self._executor, *self._alone):

@@ -61,6 +61,37 @@ async def test_jobs_beside_a_dying_worker_run_again_and_only_its_own_job_fails(
         pool.close()
 
 
+def timed(folder: str, name: str) -> str:
+    """Work of 1 s that leaves when it ran in `folder`/`name` (start and end, monotonic)."""
+    start = time.monotonic()
+    time.sleep(1.0)
+    Path(folder, name).write_text(f"{start} {time.monotonic()}")
+    return name
+
+
+def ran(folder: Path) -> list[tuple[float, ...]]:
+    """When each `timed` job in `folder` ran."""
+    return [tuple(map(float, p.read_text().split())) for p in folder.iterdir()]
+
+
+async def test_jobs_running_again_alone_take_the_pools_room_not_more(tmp_path: Path) -> None:
+    # While the jobs of the broken pool ran again, each in a process of its own, the new
+    # pool took as many more: twice the work at once, right after a worker was killed.
+    pool = CpuPool(2)
+    try:
+        dying = asyncio.create_task(pool.run(die, 137))
+        jobs = [asyncio.create_task(pool.run(timed, str(tmp_path), f"j{n}")) for n in range(2)]
+        with pytest.raises(WorkerLost):
+            await dying  # the others run again alone meanwhile
+        jobs += [asyncio.create_task(pool.run(timed, str(tmp_path), f"j{n}")) for n in (2, 3)]
+        assert sorted(await asyncio.gather(*jobs)) == [f"j{n}" for n in range(4)]
+    finally:
+        pool.close()
+    spans = ran(tmp_path)
+    running_at = [sum(1 for s, e in spans if s <= start < e) for start, _ in spans]
+    assert max(running_at) <= 2, spans
+
+
 async def test_every_worker_starts_with_the_first_job() -> None:
     """CPython starts spawn workers on demand after waking the thread that watches them, which
     can then miss the death of the newest one: its jobs would wait for ever. All workers
