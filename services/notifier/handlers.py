@@ -10,7 +10,12 @@ from contracts.events import DatasetProcessed, NotificationRequested
 from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
 from contracts.tracking import CallbackRequested
-from services.messaging.errors import PermanentError, RetryLater, no_immediate_retry
+from services.messaging.errors import (
+    PermanentError,
+    RetryLater,
+    StoreUnavailable,
+    no_immediate_retry,
+)
 from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
 
@@ -158,7 +163,9 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     a later attempt looks its refusal up).
     """
     transient = [exc for exc in failures if not isinstance(exc, PermanentError)]
-    candidates = transient or list(failures)
+    # The store being away holds the event (`StoreUnavailable`): no target's wait beats that.
+    away = [exc for exc in failures if isinstance(exc, StoreUnavailable)]
+    candidates = away or transient or list(failures)
     chosen = max(candidates, key=lambda exc: exc.min_delay if isinstance(exc, RetryLater) else 0.0)
     for other in failures:
         if other is not chosen:

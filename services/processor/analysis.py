@@ -25,6 +25,7 @@ import hashlib
 import io
 import itertools
 import math
+import operator
 import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ R = TypeVar("R")
 
 _NUMBER = re.compile(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*")
 _NUMBER_START = frozenset("0123456789+-. \t")
+_first = operator.itemgetter(0)
 
 
 class NotThisFormat(Exception):
@@ -225,23 +227,27 @@ def _finite_mean(numbers: list[float]) -> tuple[list[float], float]:
 
 
 def _digest(value: Hashable) -> int:
-    """What stands for a distinct JSON scalar: a string's hash; another's hash of its type and
-    text (`hash(1) == hash(1.0) == hash(True)`, and -1 hashes as -2: one value to `hash`)."""
-    return hash(value) if type(value) is str else hash((type(value).__name__, repr(value)))
+    """What stands for a distinct JSON scalar: its hash, with its type for a number or a bool
+    (`hash(1) == hash(1.0) == hash(True)`), and -1 told from -2 (`hash` gives -2 for both)."""
+    if type(value) is str:
+        return hash(value)
+    return hash((type(value), value if value != -1 else "-1"))
 
 
 def _numbers_in(cells: list[str]) -> list[float]:
-    """The cells that are decimal numbers, as numbers (`float` alone where it reads them all,
-    the common case; it also reads "1_000", which the decimal pattern does not)."""
+    """The cells that are decimal numbers, as numbers: starting as one (`_NUMBER_START`) and read
+    by `float`, or, where it reads more than the decimal pattern ("1_000"), matching that. The
+    same cell is a number or not whatever its neighbours."""
     if "_" not in "".join(cells):
+        candidates = (
+            cells
+            if all(map(_NUMBER_START.__contains__, map(_first, cells)))  # the common case
+            else [cell for cell in cells if cell[0] in _NUMBER_START]
+        )
         try:
-            return list(map(float, cells))
-        except ValueError:  # some are not numbers: only a decimal-looking value may be one
-            candidates = [cell for cell in cells if cell[0] in _NUMBER_START]
-            try:
-                return list(map(float, candidates))
-            except ValueError:
-                pass
+            return list(map(float, candidates))
+        except ValueError:  # some are not numbers
+            pass
     return [float(cell) for cell in cells if cell[0] in _NUMBER_START and _NUMBER.fullmatch(cell)]
 
 
@@ -265,7 +271,7 @@ class _Column:
             # would not be, and constant memory (a list of the batches' means grew ~30 MB per
             # GB of numbers).
             share = len(numbers) / self.numbers
-            self.mean = mean if share == 1 else self.mean + (mean - self.mean) * share
+            self.mean = mean if share == 1 else self.mean * (1 - share) + mean * share
             self.low = min(self.low, min(numbers))
             self.high = max(self.high, max(numbers))
         return len(numbers)
@@ -417,7 +423,7 @@ class _RecordLines:
     def __iter__(self) -> Iterator[str]:
         for line in self._lines:
             self._pending += len(line)
-            if self._pending > MAX_LINE_BYTES:
+            if self._pending > MAX_LINE_BYTES + 1:  # the last line end not counted, as by _Blocks
                 raise NotThisFormat(f"a record is longer than {MAX_LINE_BYTES} characters")
             yield line
 

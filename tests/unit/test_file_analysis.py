@@ -148,6 +148,18 @@ def test_a_csv_value_is_a_number_or_a_string_whatever_its_neighbours(stored: Sto
     assert (column(analysis, "a").kind, column(analysis, "b").kind) == ("mixed", "string")
 
 
+def test_a_cell_in_other_digits_is_a_string_beside_numbers_or_text(stored: Stored) -> None:
+    analysis = stored.analyse("a,b\n\u0661\u0662,\u0661\u0662\n3,x\n".encode(), "text/csv")
+    assert (column(analysis, "a").kind, column(analysis, "b").kind) == ("mixed", "string")
+
+
+def test_a_csv_line_of_exactly_the_limit_is_read(stored: Stored) -> None:
+    from services.processor.analysis import MAX_LINE_BYTES
+
+    line = b"a" * (MAX_LINE_BYTES - 2) + b",b"
+    assert stored.analyse(b"h1,h2\n" + line + b"\n", "text/csv").record_count == 1
+
+
 def test_json_values_that_hash_alike_are_still_distinct(stored: Stored) -> None:
     # Counted by `hash`: -1 and -2 hash alike, and so do 1, 1.0 and true.
     rows = [{"n": -1}, {"n": -2}, {"n": -1}, {"m": 1}, {"m": 1.0}, {"m": True}]
@@ -342,3 +354,9 @@ def test_a_column_mean_over_many_batches_of_different_sizes_is_exact_enough(stor
     analysis = stored.analyse(b"\n".join(orjson.dumps(r) for r in rows), "application/x-ndjson")
     expected = math.fsum(r["n"] for r in rows) / len(rows)
     assert column(analysis, "n").mean == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_column_mean_of_batches_at_opposite_ends_of_the_range_is_finite(stored: Stored) -> None:
+    rows = [{"n": -1.5e308}] * 3000 + [{"n": 1.5e308}] * 3000  # batches of one sign each
+    analysis = stored.analyse(b"\n".join(orjson.dumps(r) for r in rows), "application/x-ndjson")
+    assert column(analysis, "n").mean == pytest.approx(0.0, abs=1e295)

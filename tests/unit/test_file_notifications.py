@@ -5,7 +5,8 @@ from __future__ import annotations
 from contracts.envelope import derived_event_id
 from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
-from services.notifier.handlers import file_body, file_notifications, target_event_id
+from services.messaging.errors import PermanentError, RetryLater, StoreUnavailable
+from services.notifier.handlers import _to_raise, file_body, file_notifications, target_event_id
 
 WEBHOOK = NotifyTarget(channel="webhook", recipient="https://example.com/hook")
 EMAIL = NotifyTarget(channel="email", recipient="ops@example.com")
@@ -105,3 +106,11 @@ def test_a_binary_file_has_no_counts_to_report() -> None:
         update={"analysis": FileAnalysis(detected_type="application/pdf", format="binary")}
     )
     assert file_body(binary).splitlines()[1] == "format binary (application/pdf)"
+
+
+def test_a_store_away_for_one_target_holds_the_event_whatever_the_others_ask() -> None:
+    # A target's longer Retry-After won, and the event went through the delay tiers, spending
+    # an attempt, while the store it could not record in was only away.
+    away = StoreUnavailable("could not record a sent notification")
+    later = RetryLater("webhook answered 503", min_delay=300)
+    assert _to_raise([later, away, PermanentError("refused")]) is away
