@@ -29,6 +29,8 @@ State = Literal[
 ]
 MAX_DETAIL: Final = 1000
 """Characters of a transition's detail (an error summary) kept."""
+MAX_LABEL: Final = 64
+"""Characters of a transition's reason and group (short labels ops filter by)."""
 FINAL_STATES: Final[frozenset[str]] = frozenset({"succeeded", "dead_lettered", "cancelled"})
 
 # Timestamps accept ISO strings even in strict payloads (JSON has no datetime type).
@@ -45,8 +47,8 @@ class Transition(Payload):
     at: Timestamp
     attempt: StrictInt | None = Field(default=None, ge=1)
     next_attempt_at: Timestamp | None = None
-    reason: Annotated[str, StringConstraints(max_length=64)] | None = None
-    group: Annotated[str, StringConstraints(max_length=64)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=MAX_LABEL)] | None = None
+    group: Annotated[str, StringConstraints(max_length=MAX_LABEL)] | None = None
     detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL)] | None = None
 
 
@@ -91,8 +93,8 @@ class ServiceOutcome(Payload):
 
     state: State
     attempt: StrictInt | None = Field(default=None, ge=1)
-    reason: Annotated[str, StringConstraints(max_length=64)] | None = None
-    group: Annotated[str, StringConstraints(max_length=64)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=MAX_LABEL)] | None = None
+    group: Annotated[str, StringConstraints(max_length=MAX_LABEL)] | None = None
     detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL)] | None = None
     updated_at: Timestamp
 

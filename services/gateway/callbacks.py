@@ -37,6 +37,7 @@ from contracts.envelope import Envelope, derived_event_id
 from contracts.topology import workers_of
 from contracts.tracking import (
     MAX_DETAIL,
+    MAX_LABEL,
     CallbackOutcome,
     CallbackRequested,
     CallbackRequestedData,
@@ -104,8 +105,8 @@ def _service_outcome(row: Row[*tuple[Any, ...]]) -> ServiceOutcome:
     return ServiceOutcome(
         state=row.state,
         attempt=row.attempt,
-        reason=_cut(row.reason, 64),
-        group=_cut(row.group_key, 64),
+        reason=_cut(row.reason, MAX_LABEL),
+        group=_cut(row.group_key, MAX_LABEL),
         detail=_cut(row.detail, MAX_DETAIL),
         updated_at=as_utc(row.updated_at),
     )

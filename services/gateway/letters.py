@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from contracts.tracking import Transition
+from contracts.tracking import MAX_DETAIL, MAX_LABEL, Transition
 from services.gateway.tracking import Tracking
 from services.messaging.batching import Batcher
 from services.messaging.dead_letters import DeadLetter, Sink, in_status, precise_time
@@ -71,7 +71,7 @@ def dead_lettered(letter: DeadLetter, stored_at: datetime) -> Transition | None:
         at=precise_time(letter.headers.get(FAILED_AT)) or stored_at,
         # The broker counts deliveries, not attempts: a letter of its own has none.
         attempt=letter.attempts if by_consumer else None,
-        reason=letter.reason[:64],
+        reason=letter.reason[:MAX_LABEL],
         group=letter.group,
-        detail=detail[:1000] or None,
+        detail=detail[:MAX_DETAIL] or None,
     )

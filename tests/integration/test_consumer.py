@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import orjson
@@ -418,6 +418,21 @@ async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delive
         await engine.dispose()
 
 
+InboxT = TypeVar("InboxT", bound=Inbox)
+
+
+@asynccontextmanager
+async def on_disk(tmp_path: Path, service: str, kind: type[InboxT]) -> AsyncIterator[InboxT]:
+    """An inbox of `kind`, started on a SQLite file of its own; its engine disposed after."""
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
+    inbox = kind(engine, service)
+    await inbox.start()
+    try:
+        yield inbox
+    finally:
+        await engine.dispose()
+
+
 class InboxLockedOnce(Inbox):
     """An inbox whose first record fails as a store locked by another writer does."""
 
@@ -437,25 +452,24 @@ async def test_a_held_delivery_whose_handler_succeeded_never_runs_it_again(
 ) -> None:
     # Held after its record failed, the delivery was processed again from the start: the
     # handler (an email, a webhook) ran a second time, with no crash and no redelivery.
-    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
-    inbox = InboxLockedOnce(engine, "processor")
-    await inbox.start()
     submitted, processed = dataset_and_its_result()
     handler = Recorder(returns=[processed])
-    try:
-        async with running(
-            namespace, "processor", {"dataset.submitted": route(handler)}, inbox=inbox
-        ) as (pub, topo, _):
-            await publish(pub, topo, submitted)
+    async with (
+        on_disk(tmp_path, "processor", InboxLockedOnce) as inbox,
+        running(namespace, "processor", {"dataset.submitted": route(handler)}, inbox=inbox) as (
+            pub,
+            topo,
+            _,
+        ),
+    ):
+        await publish(pub, topo, submitted)
 
-            async def recorded() -> None:
-                assert isinstance(await inbox.lookup(submitted.id), Handled)
+        async def recorded() -> None:
+            assert isinstance(await inbox.lookup(submitted.id), Handled)
 
-            await eventually(recorded, timeout=10)
-            await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
-        assert inbox.failed and handler.calls == [submitted.id]
-    finally:
-        await engine.dispose()
+        await eventually(recorded, timeout=10)
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+    assert inbox.failed and handler.calls == [submitted.id]
 
 
 async def test_a_handler_whose_store_is_unavailable_is_held_not_retried_through_a_tier(
@@ -875,11 +889,8 @@ async def reporting(namespace: Namespace) -> AsyncIterator[Reporting]:
 
 @pytest.fixture
 async def inbox_on_disk(tmp_path: Path) -> AsyncIterator[Inbox]:
-    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
-    inbox = Inbox(engine, "notifier")
-    await inbox.start()
-    yield inbox
-    await engine.dispose()
+    async with on_disk(tmp_path, "notifier", Inbox) as inbox:
+        yield inbox
 
 
 @pytest.mark.parametrize("stateful", [False, True], ids=["plain", "stateful"])
