@@ -33,7 +33,7 @@ from services.gateway.ingest import (
 )
 from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
-from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import event_context, get_logger
 
 log = get_logger("gateway")
@@ -102,15 +102,22 @@ async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope)
             await broker.publisher.publish_event(
                 event, exchange=events_exchange(settings.namespace)
             )
-        except (Unroutable, BrokerUnavailable) as exc:
+        except (Unroutable, BrokerUnavailable, Unpublishable) as exc:
             raise _refusal(event, exc, settings) from exc
 
 
 def _refusal(
-    event: Envelope, failure: Unroutable | BrokerUnavailable, settings: GatewaySettings
+    event: Envelope,
+    failure: Unroutable | BrokerUnavailable | Unpublishable,
+    settings: GatewaySettings,
 ) -> HTTPException:
     """The answer for an event the broker did not take, logged with the event's ids."""
     with event_context(event.id, event.correlation()):
+        if isinstance(failure, Unpublishable):  # the contract admits what AMQP cannot carry
+            log.error("an accepted event cannot be published", exc_info=failure)
+            return HTTPException(
+                status.HTTP_500_INTERNAL_SERVER_ERROR, f"event {event.id!r} cannot be published"
+            )
         if isinstance(failure, Unroutable):
             log.error(
                 "no queue bound for an accepted event type",

@@ -37,13 +37,23 @@ def timestamp(value: bytes) -> tuple[int, datetime.datetime | None]:
         return 8, None
 
 
+SHORT_STR_MAX = 255  # bytes of UTF-8
+
+
 def short_str(value: bytes) -> tuple[int, str]:
-    """A short string; bytes that are not UTF-8 become U+FFFD."""
+    """A short string; bytes that are not UTF-8 become U+FFFD, cut to what a short string
+    holds: each replacement takes three bytes where the byte it replaced took one, and a
+    property that no longer fits could not be written again (a retry, a dead letter)."""
     try:
         length: int = common.Struct.byte.unpack(value[0:1])[0]
     except (struct.error, TypeError) as err:
         raise ValueError("Could not unpack short string value") from err
-    return length + 1, value[1 : length + 1].decode("utf-8", "replace")
+    raw = value[1 : length + 1]
+    try:
+        return length + 1, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        read = raw.decode("utf-8", "replace")
+        return length + 1, read.encode()[:SHORT_STR_MAX].decode("utf-8", "ignore")
 
 
 def long_str(value: bytes) -> tuple[int, str | bytearray]:

@@ -3,6 +3,8 @@
     CourierError
     ├── BrokerUnavailable      the broker did not take a publish: down, nack, or no confirm in time
     ├── Unroutable             the broker returned a mandatory publish: no queue bound (a bug)
+    ├── Unpublishable          a message AMQP cannot carry (a property too long, of a type it
+    │                          has no encoding for): a bug; sending it again cannot help
     ├── TopologyMismatch       an existing queue was declared with other arguments
     ├── PermanentError         raised by a handler: retrying cannot help; dead-letter at once
     ├── RetryLater             raised by a handler: transient, and not worth retrying before
@@ -71,6 +73,12 @@ class Unroutable(CourierError):
         super().__init__(f"no queue bound on {exchange!r} for routing key {routing_key!r}")
         self.exchange = exchange
         self.routing_key = routing_key
+
+
+class Unpublishable(CourierError):
+    """A message could not be framed for AMQP: one of its properties or headers is too long, or
+    of a type the protocol has no encoding for (its cause says which). A bug, never the
+    broker's doing: publishing it again cannot help."""
 
 
 class TopologyMismatch(CourierError):

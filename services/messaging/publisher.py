@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import struct
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine, Mapping, Sequence
@@ -42,7 +43,7 @@ from pamqp.header import ContentHeader
 
 from contracts.envelope import Envelope
 from services.messaging.connection import open_connection
-from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import get_logger
 
 log = get_logger("publisher")
@@ -54,7 +55,7 @@ PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 CLOSE_TIMEOUT = 1.0
 """How long `close` lets its background work end after the connection closed."""
 
-Outcome = Unroutable | BrokerUnavailable | None
+Outcome = Unroutable | BrokerUnavailable | Unpublishable | None
 """A message's fate in `publish_many`: None once confirmed, else why the broker did not take it."""
 
 
@@ -239,6 +240,13 @@ class Publisher:
                 for i in (*now, *waiting):
                     outcomes[i] = self._timed_out(written=False)
                 break
+            except _Unframable as exc:  # nothing written: the others go in the next round
+                for i, failure in exc.failures.items():
+                    unpublishable = Unpublishable(f"the message cannot be framed: {failure}")
+                    unpublishable.__cause__ = failure
+                    outcomes[i] = unpublishable
+                waiting = [i for i in waiting if i not in exc.failures]
+                continue
             except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
                 for i in (*now, *waiting):
                     outcomes[i] = _connection_failed(exc)
@@ -430,7 +438,11 @@ async def _write_locked(
     channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing], now: list[int]
 ) -> list[asyncio.Future[Any]]:
     batch = [messages[i] for i in now]
-    payload = ChannelFrame.marshall(channel.number, _frames(channel, exchange, batch))
+    try:
+        payload = ChannelFrame.marshall(channel.number, _frames(channel, exchange, batch))
+    except _FRAMING_ERRORS:
+        # One message's fault must not fail the others framed with it: find which.
+        raise _Unframable(_unframable(channel, exchange, messages, now)) from None
     first = channel.delivery_tag + 1
     confirmations = [
         _expect_confirm(channel, tag, message.properties.message_id or "")
@@ -447,6 +459,33 @@ async def _write_locked(
             confirmation.cancel()
         raise
     return confirmations
+
+
+_FRAMING_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+"""What pamqp raises for a value it cannot encode."""
+
+
+class _Unframable(Exception):
+    """Messages of a batch that cannot be framed (index → what pamqp raised); nothing was
+    written."""
+
+    def __init__(self, failures: dict[int, Exception]) -> None:
+        super().__init__(f"{len(failures)} message(s) cannot be framed")
+        self.failures = failures
+
+
+def _unframable(
+    channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing], now: list[int]
+) -> dict[int, Exception]:
+    failures: dict[int, Exception] = {}
+    for i in now:
+        try:
+            ChannelFrame.marshall(channel.number, _frames(channel, exchange, [messages[i]]))
+        except _FRAMING_ERRORS as exc:
+            failures[i] = exc
+    if not failures:
+        raise RuntimeError("a batch failed to frame, but each of its messages frames alone")
+    return failures
 
 
 def _frames(

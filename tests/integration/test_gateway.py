@@ -13,9 +13,11 @@ import httpx
 import orjson
 import pytest
 
+from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
 from services.gateway import broker as broker_module
+from services.messaging import publisher as publisher_module
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
@@ -194,6 +196,29 @@ async def test_an_unroutable_event_is_a_500_naming_its_type(
     response = await client.post("/v1/events", json=DATASET)
     assert response.status_code == 500
     assert "dataset.submitted" in response.json()["detail"]
+
+
+async def test_a_batch_with_an_event_amqp_cannot_carry_is_a_500_publishing_the_others(
+    client: httpx.AsyncClient, namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The contract is meant to admit only what AMQP carries; where it would not (a bug),
+    # that event fails alone and the gateway says which.
+    def properties(event: Envelope, headers: Any = None) -> Any:
+        built = event_properties(event, headers)
+        if event.id == "d-1":
+            built.correlation_id = "c" * 256  # over a short string's 255 bytes
+        return built
+
+    event_properties = publisher_module.event_properties
+    monkeypatch.setattr(publisher_module, "event_properties", properties)
+    batch = [{**NOTIFICATION, "id": "n-1"}, {**DATASET, "id": "d-1"}, {**NOTIFICATION, "id": "n-2"}]
+    response = await client.post("/v1/events/batch", json=batch)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["published"] == ["n-1", "n-2"] and body["failed"] == ["d-1"]
+    assert body["unconfirmed"] == [] and "d-1" in body["detail"]
+    notified = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2, timeout=2)
+    assert [m.message_id for m in notified] == ["n-1", "n-2"]
 
 
 async def test_a_batch_with_an_unroutable_event_says_which_events_were_published(

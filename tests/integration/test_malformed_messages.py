@@ -17,6 +17,7 @@ import aiormq
 import pytest
 from aiormq.abc import ChannelFrame, FrameType
 from pamqp import commands as spec
+from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
 from contracts.topology import dead_letter_queue
@@ -52,7 +53,30 @@ class Malformed(ContentHeader):
         )
 
 
-async def publish_malformed(url: str, queue: str, body: bytes, message_id: str) -> None:
+CORRELATION_ID = "c" * 200  # a short string: 200 bytes, where 255 is the most
+LONG_KEY = "k" * 100  # a header key, as long
+
+
+class Expanding(ContentHeader):
+    """A content header whose correlation id and a header key (`LONG_KEY`) are bytes that are not
+    UTF-8, each longer once read with U+FFFD for every byte than a short string can be."""
+
+    def marshal(self) -> bytes:
+        raw = super().marshal()
+        assert raw.count(CORRELATION_ID.encode()) == raw.count(LONG_KEY.encode()) == 1
+        return raw.replace(CORRELATION_ID.encode(), b"\xfe" * len(CORRELATION_ID)).replace(
+            LONG_KEY.encode(), b"\xff" * len(LONG_KEY)
+        )
+
+
+async def publish_malformed(
+    url: str,
+    queue: str,
+    body: bytes,
+    message_id: str,
+    header: type[ContentHeader] = Malformed,
+    headers: FieldTable | None = None,
+) -> None:
     """Publish with confirm, through the raw channel: the codec would not write these bytes."""
     connection = await aio_pika.connect(url)
     async with connection:
@@ -64,11 +88,12 @@ async def publish_malformed(url: str, queue: str, body: bytes, message_id: str) 
             delivery_mode=2,
             message_id=message_id,
             timestamp=SENT_AT,
-            headers={"note": "ok"},
+            correlation_id=CORRELATION_ID,
+            headers=headers or {"note": "ok"},
         )
         frames: list[FrameType] = [
             spec.Basic.Publish(exchange="", routing_key=queue),
-            Malformed(properties=properties, body_size=len(body)),
+            header(properties=properties, body_size=len(body)),
             *underlay._split_body(body),
         ]
         confirmed = underlay.confirmations.setdefault(
@@ -112,6 +137,37 @@ async def test_a_message_with_unreadable_properties_is_dead_lettered_with_its_re
     assert handler.calls == [odd.id]
     assert dead.headers[f.REASON] == "permanent" and dead.message_id == odd.id
     assert dead.headers["n\ufffd\ufffde"] == bytearray(NOT_UTF8)  # the value kept as sent
+
+
+async def test_a_message_whose_properties_grow_past_their_limit_when_read_is_dead_lettered(
+    namespace: Namespace,
+) -> None:
+    # Read with U+FFFD for each byte, its correlation id no longer fit a short string: its
+    # dead letter could not be written, and the broker's delivery limit took it without
+    # Courier's reason. (pamqp cuts a header key over 128 bytes itself.)
+    handler = Recorder(failures=[PermanentError("recipient refused")])
+    odd, after = notification("odd"), notification("after")
+    async with running(
+        namespace, "notifier", {"notification.requested": route(handler)}, delivery_limit=5
+    ) as (pub, topo, _consumer):
+        await publish_malformed(
+            namespace.amqp_url,
+            topo.queue,
+            event_body(odd),
+            odd.id,
+            header=Expanding,
+            headers={LONG_KEY: "ok"},
+        )
+        await pub.publish_event(after, exchange=topo.events_exchange)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+        await handler.called(odd.id, after.id)
+    assert handler.calls == [odd.id, after.id]
+    assert dead.headers[f.REASON] == "permanent" and dead.message_id == odd.id
+    assert dead.correlation_id is not None and set(dead.correlation_id) == {"\ufffd"}
+    assert len(dead.correlation_id.encode()) <= 255
+    [key] = [k for k in dead.headers if set(k) == {"\ufffd"}]
+    assert len(key.encode()) <= 255 and dead.headers[key] == "ok"
+    await assert_empty(namespace.amqp_url, [topo.queue])
 
 
 async def test_a_dead_letter_with_unreadable_properties_is_drained_like_any_other(

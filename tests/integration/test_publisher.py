@@ -13,7 +13,7 @@ from aiormq import spec
 
 from contracts.topology import events_exchange
 from services.messaging import publisher as publisher_module
-from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.publisher import PERSISTENT, Outgoing, Publisher
 from tests.conftest import Namespace
 from tests.support.queues import take
@@ -83,6 +83,26 @@ async def test_an_unroutable_message_fails_alone(
     first, lost, last = outcomes
     assert first is None and last is None
     assert isinstance(lost, Unroutable) and lost.routing_key == "nowhere"
+    landed = await take(namespace.amqp_url, queues[BOUND], 2)
+    assert [m.message_id for m in landed] == ["a", "b"]
+
+
+def unframable(message_id: str) -> Outgoing:
+    """A message pamqp cannot frame: a short-string property over 255 bytes."""
+    sent = message(message_id)
+    sent.properties.correlation_id = "c" * 256
+    return sent
+
+
+async def test_a_message_that_cannot_be_framed_fails_alone(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    outcomes = await publisher.publish_many(
+        [message("a"), unframable("odd"), message("b")], exchange=events_exchange(namespace.name)
+    )
+    first, odd, last = outcomes
+    assert first is None and last is None
+    assert isinstance(odd, Unpublishable) and isinstance(odd.__cause__, TypeError)
     landed = await take(namespace.amqp_url, queues[BOUND], 2)
     assert [m.message_id for m in landed] == ["a", "b"]
 
@@ -266,6 +286,19 @@ async def test_an_unroutable_publish_among_concurrent_ones_fails_alone(
     )
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], Unroutable)
+    landed = await take(namespace.amqp_url, queues[BOUND], 2)
+    assert sorted(m.message_id or "" for m in landed) == ["a", "b"]
+
+
+async def test_a_publish_that_cannot_be_framed_among_concurrent_ones_fails_alone(
+    publisher: Publisher, queues: dict[str, str], namespace: Namespace
+) -> None:
+    sent = [message("a"), unframable("odd"), message("b")]
+    outcomes = await asyncio.gather(
+        *(publish_one(publisher, namespace, m) for m in sent), return_exceptions=True
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], Unpublishable)
     landed = await take(namespace.amqp_url, queues[BOUND], 2)
     assert sorted(m.message_id or "" for m in landed) == ["a", "b"]
 

@@ -30,6 +30,13 @@ def test_a_short_string_that_is_not_utf8_reads_with_replacement_characters() -> 
     assert decode.by_type(b"\x03a\xffb", "shortstr") == (4, "a\ufffdb")
 
 
+def test_a_short_string_that_is_not_utf8_is_cut_to_what_a_short_string_holds() -> None:
+    # 200 bytes, each read as U+FFFD (3 bytes): written again, it would not fit.
+    consumed, read = amqp_decoding.short_str(b"\xc8" + b"\xff" * 200)
+    assert consumed == 201 and read == "\ufffd" * 85
+    assert decode.by_type(encode.short_string(read), "shortstr") == (256, read)
+
+
 def test_a_table_with_keys_and_values_that_are_not_utf8_reads_and_encodes_again() -> None:
     table = b"\x02k\xffS\x00\x00\x00\x02\xff\xfe"
     raw = struct.pack(">I", len(table)) + table
