@@ -20,6 +20,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
 )
 
 # CloudEvents requires non-empty strings; bounds keep headers and logs sane.
@@ -42,6 +44,18 @@ EventId = Annotated[
     StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN),
     AfterValidator(_fits_amqp),
 ]
+_EVENT_ID: TypeAdapter[str] = TypeAdapter(EventId)
+
+
+def is_event_id(value: str) -> bool:
+    """Whether `value` could be an event's id (an id from a URL path may be anything)."""
+    try:
+        _EVENT_ID.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
 Source = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 Subject = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)]
 

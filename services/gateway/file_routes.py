@@ -27,11 +27,13 @@ from services.gateway.routes import (
     Problem,
     claim_key,
     idempotency_key,
+    path_segment,
     publish_confirmed,
     replayed,
     settle_key,
     status_url,
     store_unavailable,
+    unknown_unless_id,
 )
 from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
@@ -53,7 +55,7 @@ class FileAccepted(BaseModel):
 
 
 def file_url(file_id: str) -> str:
-    return f"/v1/files/{file_id}"
+    return f"/v1/files/{path_segment(file_id)}"
 
 
 def content_disposition(name: str) -> str:
@@ -336,6 +338,7 @@ def _processing(found: dict[str, Any] | None, analysed: bool) -> dict[str, Any]:
     responses={404: {"model": Problem, "description": "Unknown file"}},
 )
 async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> dict[str, Any]:
+    unknown_unless_id(file_id, "file")
     record = await files.get(file_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r} is known")
@@ -360,6 +363,7 @@ async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> d
     },
 )
 async def file_content(file_id: str, files: FilesDep, blobs: BlobsDep) -> StreamingResponse:
+    unknown_unless_id(file_id, "file")
     record = await files.get(file_id)
     size = None if record is None else await blobs.size(record["blob"])
     if record is None or size is None:

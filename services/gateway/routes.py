@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, HTTPException, Request, status
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, is_event_id
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange
 from contracts.tracking import CancellationRequested, CancellationRequestedData
@@ -72,7 +73,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def status_url(event_id: str) -> str:
-    return f"/v1/events/{event_id}"
+    return f"/v1/events/{path_segment(event_id)}"
+
+
+def path_segment(event_id: str) -> str:
+    """An id as one URL path segment: any text but control characters, so `?`, `#`, `/` and
+    `%` are escaped, and the `Location` header stays ASCII (a response header must be)."""
+    return quote(event_id, safe="")
+
+
+def unknown_unless_id(event_id: str, what: str = "event") -> None:
+    """A 404 for a path that cannot hold an id (a NUL: PostgreSQL would refuse the query)."""
+    if not is_event_id(event_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} {event_id!r} is known")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -411,23 +424,27 @@ def _partial_failure(
     )
 
 
+# Ids may hold a `/` (escaped in the URLs the gateway gives, but servers decode it before
+# routing): the id parameters take the rest of the path.
 @router.get(
-    "/v1/events/{event_id}",
+    "/v1/events/{event_id:path}",
     summary="An event's fate: per consuming service, its state and history",
     responses={404: {"model": Problem, "description": "Unknown event id"}},
 )
 async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
+    unknown_unless_id(event_id)
     found = await tracking.status(event_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
     if found["type"] == "dataset.submitted":
-        found["result_url"] = f"/v1/datasets/{event_id}"
+        found["result_url"] = f"/v1/datasets/{path_segment(event_id)}"
     elif found["type"] == "file.uploaded":
-        found["result_url"] = f"/v1/files/{event_id}"
+        found["result_url"] = f"/v1/files/{path_segment(event_id)}"
     return found
 
 
 async def _cancel(event_id: str, broker: Broker, settings: Settings, tracking: Tracking) -> Any:
+    unknown_unless_id(event_id)
     found = await tracking.status(event_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
@@ -466,7 +483,7 @@ _CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.delete(
-    "/v1/events/{event_id}",
+    "/v1/events/{event_id:path}",
     status_code=status.HTTP_202_ACCEPTED,
     responses=_CANCEL_RESPONSES,
     summary="Cancel an event no service has processed yet (durable; every service skips it)",
@@ -478,7 +495,7 @@ async def cancel_event(
 
 
 @router.post(
-    "/v1/events/{event_id}:cancel",
+    "/v1/events/{event_id:path}:cancel",
     status_code=status.HTTP_202_ACCEPTED,
     responses=_CANCEL_RESPONSES,
     summary="Cancel an event (the same as DELETE)",
@@ -490,7 +507,7 @@ async def cancel_event_post(
 
 
 @router.get(
-    "/v1/datasets/{dataset_id}",
+    "/v1/datasets/{dataset_id:path}",
     summary="A processed dataset's summary (202 with the status while not done yet)",
     responses={
         202: {"description": "Not processed yet: the event's status"},
@@ -498,6 +515,7 @@ async def cancel_event_post(
     },
 )
 async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
+    unknown_unless_id(dataset_id, "dataset")
     result = await tracking.result(dataset_id)
     if result is not None:
         return result

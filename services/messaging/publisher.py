@@ -28,7 +28,7 @@ import struct
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
 import aio_pika
@@ -51,6 +51,7 @@ log = get_logger("publisher")
 CONTENT_TYPE = "application/cloudevents+json"
 HeaderValue = str | int | float | bool | datetime | None
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CLOSE_TIMEOUT = 1.0
 """How long `close` lets its background work end after the connection closed."""
@@ -103,9 +104,16 @@ def event_properties(
         message_id=event.id,
         message_type=event.type,
         correlation_id=event.correlation(),
-        timestamp=event.time,
+        timestamp=_amqp_timestamp(event.time),
         headers=dict(headers) if headers else None,
     )
+
+
+def _amqp_timestamp(at: datetime) -> datetime | None:
+    """`at` as AMQP's timestamp, which counts unsigned seconds since 1970 (pamqp takes a naive
+    time for UTC): None for an event dated earlier (its `time` may be any RFC 3339 time); the
+    body has the time either way."""
+    return at if (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) >= EPOCH else None
 
 
 class Publisher:

@@ -326,3 +326,55 @@ async def test_after_a_reconnect_the_gateway_is_not_ready_until_its_topology_is_
                 assert (await client.get("/readyz")).status_code == 200
 
             await eventually(ready, timeout=15)
+
+
+@pytest.mark.parametrize("event_id", ["заказ-1", "order?id=1", "a/b", "50%", "x#1", "a b"])
+async def test_the_status_url_of_an_accepted_event_leads_to_its_status(
+    client: httpx.AsyncClient, event_id: str
+) -> None:
+    # Ids are any text but control characters: pasted into the URL unescaped, a non-Latin-1
+    # one failed the `Location` header after the broker had the event (a 500), and `?`, `#`
+    # or `/` led to another event's status or to none.
+    await client.post("/v1/events", json={**DATASET, "id": "order"})  # another event
+    response = await client.post("/v1/events", json={**DATASET, "id": event_id})
+    assert response.status_code == 202, response.text
+    location = response.headers["location"]
+    assert location == response.json()["status_url"] and location.isascii()
+    found = await client.get(location)
+    assert found.status_code == 200 and found.json()["id"] == event_id
+    result = await client.get(found.json()["result_url"])
+    assert result.status_code == 202 and result.json()["id"] == event_id  # not processed yet
+
+
+async def test_an_event_whose_id_holds_a_slash_can_be_cancelled(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/events", json={**DATASET, "id": "orders/7"})
+    cancelled = await client.post(f"{response.headers['location']}:cancel")
+    assert cancelled.status_code == 202 and cancelled.json()["id"] == "orders/7"
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/events/a%00b", "/v1/datasets/a%00b", "/v1/files/a%00b", "/v1/files/a%00b/content"]
+)
+async def test_a_path_that_cannot_hold_an_id_is_a_404_on_either_store(
+    namespace: Namespace, tmp_path: Path, postgres_database: str, path: str
+) -> None:
+    # PostgreSQL refuses a NUL in text: the query failed, a 500.
+    for database_url in (None, postgres_database):
+        settings = gateway_settings(namespace, tmp_path, database_url=database_url)
+        async for client in gateway_client(settings):
+            assert (await client.get(path)).status_code == 404
+            if path.startswith("/v1/events/"):
+                assert (await client.delete(path)).status_code == 404
+
+
+async def test_an_event_dated_before_1970_is_published_without_an_amqp_timestamp(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    # AMQP's timestamp is unsigned seconds since 1970: framing it failed the publish (a 500).
+    response = await client.post("/v1/events", json={**DATASET, "time": "1969-07-20T20:17:40Z"})
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    assert message.timestamp is None
+    assert orjson.loads(message.body)["time"].startswith("1969-07-20T20:17:40")
