@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -88,7 +89,13 @@ def group_key(fingerprint: str, message: str) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """AMQP header values (datetimes, bytes, nested tables) as JSON-compatible values."""
+    """AMQP header values (datetimes, bytes, nested tables) as JSON-compatible values; any
+    other (a decimal, which a Java or .NET producer may send; an infinite float) as its text.
+    A value JSON cannot hold would keep the letter out of the store for ever."""
+    if value is None or isinstance(value, str | int):  # a bool is an int
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, bytes | bytearray):
@@ -97,7 +104,7 @@ def json_safe(value: Any) -> Any:
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
-    return value
+    return str(value)
 
 
 def _as_datetime(value: Any, default: datetime) -> datetime:

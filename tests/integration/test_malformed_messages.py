@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
 
 import aio_pika
 import aiormq
@@ -25,6 +27,8 @@ from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter
 from services.messaging.errors import PermanentError
 from services.messaging.publisher import event_body
+from services.messaging.store import open_store, store_url
+from services.ops.store import FailureStore, Filter
 from tests.conftest import Namespace
 from tests.integration.test_consumer import Recorder, notification, route, running
 from tests.integration.test_ops_api import draining
@@ -194,3 +198,41 @@ async def test_a_dead_letter_with_unreadable_properties_is_drained_like_any_othe
 
         await eventually(both_kept, timeout=10)
     await assert_empty(namespace.amqp_url, [queue])
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("header", ["x-amount", f.REPLAYS])
+async def test_a_dead_letter_with_a_decimal_header_is_stored(
+    namespace: Namespace, tmp_path: Path, request: pytest.FixtureRequest, database: str, header: str
+) -> None:
+    # A Java or .NET producer may send a decimal. JSON has none: the letter was held, returned
+    # to its queue and drained again, for ever, never shown (as `courier-replays`, on the
+    # broker's path, its id could not even be computed).
+    postgres = request.getfixturevalue("postgres_database") if database == "postgresql" else None
+    engine = open_store(store_url(postgres, tmp_path, "gateway"))
+    store = FailureStore(engine)
+    await store.start()
+    queue = dead_letter_queue(namespace.name, "notifier")
+
+    async def keep(letter: DeadLetter) -> None:
+        await store.store(letter)
+
+    try:
+        async with draining(namespace, keep):
+            connection = await aio_pika.connect(namespace.amqp_url)
+            async with connection, connection.channel() as channel:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(b"{}", message_id="odd", headers={header: Decimal("1.5")}),
+                    routing_key=queue,
+                )
+
+            async def stored() -> None:
+                [listed] = (await store.page(Filter())).items
+                letter = await store.letter(listed["id"])
+                assert letter is not None and letter.event_id == "odd"
+                assert letter.headers[header] == "1.5"
+
+            await eventually(stored, timeout=10)
+        await assert_empty(namespace.amqp_url, [queue])
+    finally:
+        await engine.dispose()
