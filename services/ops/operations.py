@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.tracking import Transition
 from services.messaging.dead_letters import DeadLetter, in_status, replay
-from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
 from services.ops.store import FailureStore, Filter
@@ -93,9 +93,10 @@ class Operations:
                 replayed_at = datetime.now(UTC)
                 try:
                     await replay(self._publisher, self._namespace, letter)
-                except Unroutable as exc:
-                    # No queue for it (a letter from a queue no service declares): it stays
-                    # dead, and the letters after it still go.
+                except (Unroutable, Unpublishable) as exc:
+                    # No queue for it (a letter from a queue no service declares), or a
+                    # property AMQP cannot carry (anyone may publish to a dead-letter queue):
+                    # it stays dead, and the letters after it still go.
                     skipped[letter_id] = str(exc)
                     continue
                 if await self._store.mark_replayed(letter_id, token, action_id, actor):
@@ -112,7 +113,10 @@ class Operations:
             unrecorded = await self._close_replay(token, action_id, actor, selection, moved)
         error = error or unrecorded
         if skipped:
-            log.warning("dead letters left dead: no queue takes them", extra={"ids": skipped})
+            log.warning(
+                "dead letters left dead: no queue takes them, or AMQP cannot carry them",
+                extra={"ids": skipped},
+            )
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error, skipped)
 

@@ -677,6 +677,29 @@ async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
 
 
 @pytest.mark.broker
+async def test_a_letter_amqp_cannot_carry_is_left_dead_and_the_replay_goes_on(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """Anyone may publish to a dead-letter queue: a letter whose event type is 256 bytes of
+    UTF-8 cannot be framed again (a short string holds 255), and failed every replay that
+    reached it, oldest first, so the letters after it never went."""
+    settings = gateway_settings(namespace, tmp_path)
+    [odd] = await seed(tmp_path, namespace, 1, event_type="é" * 128)
+    [kept] = await seed(tmp_path, namespace, 1)
+    async with running_gateway(settings) as client:
+        response = await client.post(
+            "/v1/ops/replays", json={"all": True, "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        outcome = response.json()
+        assert (outcome["count"], outcome["ids"]) == (1, [kept])
+        assert list(outcome["skipped"]) == [odd]
+        shown = (await client.get(f"/v1/ops/dead-letters/{odd}", headers=AUTH)).json()
+        assert shown["status"] == "dead"
+    await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+
+
+@pytest.mark.broker
 async def test_a_letter_no_queue_takes_is_left_dead_and_the_replay_goes_on(
     namespace: Namespace, tmp_path: Path
 ) -> None:
