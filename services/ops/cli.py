@@ -16,7 +16,8 @@ Exit codes:
 * 2: usage error (bad option, no selection for replay or discard);
 * 3: authentication: no token, or the gateway refused it (401, 403);
 * 4: the gateway is unreachable (connection refused, DNS, connect timeout);
-* 5: the broker is unavailable (503): a replay stopped early; what moved is reported;
+* 5: the broker or the gateway's store is unavailable (503): a replay stopped early, what
+  moved is reported; or the request could not start;
 * 130: interrupted (Ctrl-C) during a replay or discard; what moved is reported.
 """
 
@@ -177,7 +178,7 @@ def _decode(response: httpx.Response) -> dict[str, Any]:
         error = detail.get("error") if isinstance(detail, dict) else detail
         retry = response.headers.get("retry-after")
         raise OpsError(
-            f"the broker is unavailable (503): {error or 'no detail'}"
+            f"unavailable (503): {error or 'no detail'}"
             + (f"; retry in {retry}s" if retry else ""),
             ExitCode.UNAVAILABLE,
             status=status,

@@ -6,12 +6,15 @@ who, when, what and how many, and listed under `/v1/ops/actions`.
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.ops.auth import Operator
 from services.ops.operations import Operations, Outcome
@@ -20,9 +23,43 @@ from services.ops.store import FailureStore, Filter, InvalidCursor, Status
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 
-Criterion = Annotated[str, Field(min_length=1, max_length=200)]
+def _storable(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL refuses it in text: the query would fail
+        raise ValueError("no stored value holds a NUL character")
+    return value
+
+
+def _utc_bound(value: datetime) -> datetime:
+    """A time the store can compare with: it compares in UTC (naive means UTC)."""
+    try:
+        value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError("out of range once in UTC") from exc
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+Criterion = Annotated[Text, Field(min_length=1, max_length=200)]
 """A filter's value. Never empty: an empty text narrows nothing, so a selection by `text: ""`
 (a client's unset variable) took every dead letter past the "all" guard."""
+LetterId = Annotated[Text, Field(min_length=1, max_length=64)]
+Bound = Annotated[datetime, AfterValidator(_utc_bound)]
+
+STORE_ERRORS = (SQLAlchemyError, OSError)
+"""What the failure store raises when it fails (asyncpg's connection errors come unwrapped)."""
+
+
+@contextmanager
+def _store_away_is_503(what: str) -> Iterator[None]:
+    """The store failing is an outage to wait out (503), not the request's fault (500)."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the failure store could not {what}: {exc.__class__.__name__}; retry later",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 class Selection(BaseModel):
@@ -30,18 +67,16 @@ class Selection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        default_factory=list, max_length=10_000
-    )
+    ids: list[LetterId] = Field(default_factory=list, max_length=10_000)
     service: Criterion | None = None
     event_type: Criterion | None = None
     group: Criterion | None = None
     reason: Criterion | None = None
     exception_type: Criterion | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Bound | None = None
+    until: Bound | None = None
     text: Criterion | None = None
-    exclude_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+    exclude_ids: list[LetterId] = Field(
         default_factory=list,
         max_length=10_000,
         description="Letters not to take: a batched replay passes the ones it left dead.",
@@ -87,14 +122,14 @@ class DiscardRequest(Selection):
 
 
 class ListQuery(BaseModel):
-    service: str | None = None
-    event_type: str | None = None
-    group: str | None = None
-    reason: str | None = None
-    exception_type: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    text: str | None = None
+    service: Text | None = None
+    event_type: Text | None = None
+    group: Text | None = None
+    reason: Text | None = None
+    exception_type: Text | None = None
+    since: Bound | None = None
+    until: Bound | None = None
+    text: Text | None = None
     status: Status | None = "dead"
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
@@ -143,7 +178,8 @@ async def list_dead_letters(
 ) -> dict[str, Any]:
     store = _store(request)
     try:
-        page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
+        with _store_away_is_503("list dead letters"):
+            page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
     except InvalidCursor as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     return {"items": page.items, "next_cursor": page.next_cursor}
@@ -151,7 +187,11 @@ async def list_dead_letters(
 
 @router.get("/dead-letters/{letter_id}", summary="One dead letter: payload, error, history")
 async def show_dead_letter(request: Request, actor: Operator, letter_id: str) -> dict[str, Any]:
-    item = await _store(request).get(letter_id)
+    if "\x00" in letter_id:
+        item = None  # no letter's id holds one
+    else:
+        with _store_away_is_503("read the dead letter"):
+            item = await _store(request).get(letter_id)
     if item is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {letter_id!r}")
     body: bytes = item.pop("body")
@@ -167,22 +207,25 @@ async def show_dead_letter(request: Request, actor: Operator, letter_id: str) ->
 async def count_dead_letters(
     request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
 ) -> dict[str, int]:
-    return {"count": await _store(request).count(query.to_filter())}
+    with _store_away_is_503("count dead letters"):
+        return {"count": await _store(request).count(query.to_filter())}
 
 
 @router.get("/groups", summary="Dead letters grouped by failure fingerprint")
 async def groups(
     request: Request, actor: Operator, query: Annotated[ListQuery, Query()]
 ) -> dict[str, Any]:
-    found = await _store(request).groups(query.to_filter(), limit=query.limit)
+    with _store_away_is_503("group dead letters"):
+        found = await _store(request).groups(query.to_filter(), limit=query.limit)
     return {"groups": [group.__dict__ for group in found]}
 
 
 @router.post("/replays", response_model=OutcomeResponse, summary="Replay dead letters")
 async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
-    outcome = await _operations(request).replay(
-        body.to_filter(), actor=actor, limit=body.limit, rate=body.rate, dry_run=body.dry_run
-    )
+    with _store_away_is_503("start the replay"):  # a failure midway is in the outcome
+        outcome = await _operations(request).replay(
+            body.to_filter(), actor=actor, limit=body.limit, rate=body.rate, dry_run=body.dry_run
+        )
     if outcome.error is not None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -194,19 +237,20 @@ async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
 
 @router.post("/discards", response_model=OutcomeResponse, summary="Discard dead letters")
 async def discard(request: Request, actor: Operator, body: DiscardRequest) -> Any:
-    return _outcome(
-        await _operations(request).discard(
+    with _store_away_is_503("discard"):
+        outcome = await _operations(request).discard(
             body.to_filter(),
             actor=actor,
             limit=body.limit,
             reason=body.reason_text,
             dry_run=body.dry_run,
         )
-    )
+    return _outcome(outcome)
 
 
 @router.get("/actions", summary="Every replay and discard: who, when, what, how many")
 async def list_actions(
     request: Request, actor: Operator, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
-    return {"actions": await _store(request).actions(limit=limit)}
+    with _store_away_is_503("list actions"):
+        return {"actions": await _store(request).actions(limit=limit)}

@@ -199,7 +199,7 @@ def _after(cursor: str) -> ColumnElement[bool]:
         when = datetime.fromisoformat(at)
     except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
-    if not last_id:
+    if not last_id or "\x00" in last_id:  # no id holds a NUL (PostgreSQL would refuse it)
         raise InvalidCursor(f"not a cursor: {cursor!r}")
     c = dead_letters.c
     return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))

@@ -8,6 +8,7 @@ them into its failure store, acknowledging each only once the store committed it
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import re
@@ -963,3 +964,70 @@ async def test_letters_whose_claim_runs_out_while_the_gateway_runs_count_as_dead
             assert {item["id"] for item in await letters(client)} == set(ids)
 
         await eventually(dead_again, timeout=5)
+
+
+@pytest.mark.broker
+async def test_a_time_bound_out_of_range_in_utc_is_a_422(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # Before year 1 once in UTC: converting it raised OverflowError, a 500.
+    far = "0001-01-01T00:00:00+01:00"
+    async with running_gateway(gateway_settings(namespace, tmp_path)) as client:
+        calls: list[tuple[str, str, dict[str, Any]]] = [
+            ("GET", "/v1/ops/dead-letters", {"params": {"since": far}}),
+            ("GET", "/v1/ops/count", {"params": {"until": far}}),
+            ("GET", "/v1/ops/groups", {"params": {"since": far}}),
+            ("POST", "/v1/ops/replays", {"json": {"since": far}}),
+            ("POST", "/v1/ops/discards", {"json": {"until": far, "why": "x"}}),
+        ]
+        for method, path, kwargs in calls:
+            response = await client.request(method, path, headers=AUTH, **kwargs)
+            assert response.status_code == 422, (path, response.text)
+
+
+@pytest.mark.broker
+async def test_a_nul_in_a_filter_or_an_id_is_a_client_error_on_postgresql(
+    namespace: Namespace, tmp_path: Path, postgres_database: str
+) -> None:
+    # PostgreSQL refuses a NUL in text: each of these was a 500.
+    settings = gateway_settings(namespace, tmp_path, database_url=postgres_database)
+    cursor = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|a\x00").decode()
+    async with running_gateway(settings) as client:
+        calls: list[tuple[str, str, dict[str, Any]]] = [
+            ("GET", "/v1/ops/dead-letters", {"params": {"text": "a\x00"}}),
+            ("GET", "/v1/ops/dead-letters", {"params": {"cursor": cursor}}),
+            ("GET", "/v1/ops/count", {"params": {"service": "a\x00"}}),
+            ("POST", "/v1/ops/replays", {"json": {"service": "a\x00"}}),
+            ("POST", "/v1/ops/discards", {"json": {"ids": ["a\x00"], "why": "x"}}),
+        ]
+        for method, path, kwargs in calls:
+            response = await client.request(method, path, headers=AUTH, **kwargs)
+            assert response.status_code == 422, (path, response.text)
+        shown = await client.get("/v1/ops/dead-letters/a%00b", headers=AUTH)
+        assert shown.status_code == 404
+
+
+@pytest.mark.broker
+async def test_a_store_away_is_a_503_to_retry(namespace: Namespace, tmp_path: Path) -> None:
+    # Failing before the replay's loop (its claim), or in a discard or a listing, it was a 500:
+    # the CLI then said "the gateway answered 500" instead of asking to retry.
+    [letter_id] = await seed(tmp_path, namespace, 1)
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        async with running_gateway(gateway_settings(namespace, tmp_path)) as client:
+            async with engine.begin() as conn:
+                await conn.execute(text(f"ALTER TABLE {dead_letters.name} RENAME TO away"))
+            calls: list[tuple[str, str, dict[str, Any]]] = [
+                ("POST", "/v1/ops/replays", {"json": {"ids": [letter_id]}}),
+                ("POST", "/v1/ops/discards", {"json": {"ids": [letter_id], "why": "x"}}),
+                ("GET", "/v1/ops/dead-letters", {}),
+                ("GET", f"/v1/ops/dead-letters/{letter_id}", {}),
+            ]
+            for method, path, kwargs in calls:
+                response = await client.request(method, path, headers=AUTH, **kwargs)
+                assert response.status_code == 503, (path, response.text)
+                assert response.headers["retry-after"] == "5"
+            async with engine.begin() as conn:
+                await conn.execute(text(f"ALTER TABLE away RENAME TO {dead_letters.name}"))
+    finally:
+        await engine.dispose()
