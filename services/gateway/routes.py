@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
-from contracts.envelope import Envelope, is_event_id
+from contracts.envelope import Envelope, callback_url_of, is_event_id
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange
 from contracts.tracking import CancellationRequested, CancellationRequestedData
@@ -188,6 +188,24 @@ async def _note_callbacks(
         raise store_unavailable(settings, "store the callback URL") from exc
 
 
+def _surely_refused(failure: BaseException | None) -> bool:
+    """Whether a publish failed such that the broker does not have the event."""
+    if isinstance(failure, BrokerUnavailable):
+        return not failure.maybe_published
+    return isinstance(failure, Unroutable | Unpublishable)
+
+
+async def _forget_notes(tracking: Tracking, events: Sequence[IngestEvent]) -> None:
+    """Take back the noted callback URLs of events the broker refused (best effort: status
+    does not show a bare note either, and retention removes it)."""
+    if not (noted := [e.id for e in events if callback_url_of(e) is not None]):
+        return
+    try:
+        await tracking.forget_notes(noted)
+    except STORE_ERRORS:
+        log.warning("could not take back the callback URLs of refused events", exc_info=True)
+
+
 STORE_ERRORS = (SQLAlchemyError, OSError)
 """What the gateway's store raises when it fails: SQLAlchemy's errors, and the raw connection
 errors (refused, reset) that asyncpg raises and SQLAlchemy passes through unwrapped."""
@@ -345,7 +363,12 @@ async def submit_event(request: Request) -> JSONResponse:
         [one] = events
         await _note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
-        await publish_confirmed(broker, settings, one)
+        try:
+            await publish_confirmed(broker, settings, one)
+        except HTTPException as exc:
+            if _surely_refused(exc.__cause__):
+                await _forget_notes(tracking, events)
+            raise
         [accepted] = _accepted(events, tracking, at)
         return FastJSONResponse(
             accepted, status_code=202, headers={"Location": accepted["status_url"]}
@@ -397,6 +420,8 @@ async def submit_batch(request: Request) -> JSONResponse:
                 for event, outcome in zip(events, outcomes, strict=True)
             ]
             _accepted([e for e, o in zip(events, outcomes, strict=True) if o is None], tracking, at)
+            refused = [e for e, o in zip(events, outcomes, strict=True) if _surely_refused(o)]
+            await _forget_notes(tracking, refused)
             unconfirmed = [isinstance(o, BrokerUnavailable) and o.maybe_published for o in outcomes]
             return _partial_failure(events, refusals, unconfirmed)
         return FastJSONResponse({"events": _accepted(events, tracking, at)}, status_code=202)

@@ -231,6 +231,20 @@ class Tracking:
         if wanted:
             await self._runner.run(lambda conn: _write_callback_urls(conn, wanted))
 
+    async def forget_notes(self, event_ids: Collection[str]) -> None:
+        """Take back the callback URLs noted for events the broker surely did not take: left,
+        such an event looked known (its status a 200, a cancel published) until retention.
+        Only a bare note goes: an event accepted, or with any status, stays."""
+        seen = or_(
+            select(states.c.event_seq).where(states.c.event_seq == events.c.seq).exists(),
+            select(history.c.event_seq).where(history.c.event_seq == events.c.seq).exists(),
+        )
+        statement = delete(events).where(
+            events.c.event_id.in_(sorted(event_ids)), events.c.accepted_at.is_(None), ~seen
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(statement)
+
     def accepted(self, event: Envelope, at: datetime | None = None) -> None:
         """Note an event the broker confirmed; written within ~200 ms with others.
 
@@ -414,6 +428,10 @@ class Tracking:
             if event is None:
                 return None
             rows = (await conn.execute(_fate(event.seq))).all()
+        if not rows and event.accepted_at is None and event.noted_at is not None:
+            # Only its callback URL, noted before a publish that failed or was never
+            # confirmed (a crash, a broker away): not known to be accepted.
+            return None
         services: dict[str, dict[str, Any]] = {}
         for row in rows:
             if row.kind == "state":
@@ -571,8 +589,9 @@ def _write_accepted(conn: Connection, accepted: Sequence[Accepted]) -> None:
         ("event_id", "event_type", "accepted_at", "callback_url"),
         [(a.event_id, a.event_type, sqlite_time(a.at), a.callback_url) for a in accepted],
         "ON CONFLICT (event_id) DO UPDATE SET accepted_at = excluded.accepted_at, "
-        "event_type = excluded.event_type, "
-        f"callback_url = coalesce({events.name}.callback_url, excluded.callback_url) "
+        # The accepted request's URL, as on PostgreSQL: a note left by a refused attempt
+        # of the same id must not win over it.
+        "event_type = excluded.event_type, callback_url = excluded.callback_url "
         f"WHERE {events.name}.accepted_at IS NULL",
     )
 
@@ -692,7 +711,9 @@ def _write_callback_urls(conn: Connection, rows: list[dict[str, Any]]) -> None:
                 "callback_url": insert.excluded.callback_url,
                 "noted_at": insert.excluded.noted_at,
             },
-            where=events.c.callback_url.is_(None),  # the first accept's URL stays
+            # An accepted event keeps its URL; until then the latest attempt's is the one
+            # its accept will carry.
+            where=events.c.accepted_at.is_(None),
         ),
         rows,
     )

@@ -317,19 +317,27 @@ async def test_a_url_noted_for_an_event_never_accepted_goes_after_the_retention(
         assert await conn.scalar(select(events.c.seq).where(events.c.event_id == event.id)) is None
 
 
-async def test_noting_urls_keeps_the_first_and_skips_events_without_one(
+async def test_noting_urls_keeps_the_latest_until_accepted_and_skips_events_without_one(
     engine: AsyncEngine, tracking: Tracking
 ) -> None:
+    # Until an accept, the latest attempt's URL is the one its accept would carry.
     first, plain = dataset(), dataset(callback=None)
+    await tracking.note_callbacks([first.model_copy(update={"callbackurl": "https://a.example/"})])
     await tracking.note_callbacks([first, plain])
+
+    async def noted() -> dict[str, str | None]:
+        async with engine.connect() as conn:
+            found = await conn.execute(select(events.c.event_id, events.c.callback_url))
+            return {event_id: url for event_id, url in found}
+
+    rows = await noted()
+    assert rows.get(first.id) == HOOK
+    assert plain.id not in rows
+    await accept(tracking, first)
     await tracking.note_callbacks(
         [first.model_copy(update={"callbackurl": "https://other.example/"})]
     )
-    async with engine.connect() as conn:
-        found = await conn.execute(select(events.c.event_id, events.c.callback_url))
-        rows = {event_id: url for event_id, url in found}
-    assert rows.get(first.id) == HOOK
-    assert plain.id not in rows
+    assert (await noted()).get(first.id) == HOOK  # an accepted event keeps its URL
 
 
 async def test_the_sweep_publishes_what_no_trigger_brings_back(

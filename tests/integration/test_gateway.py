@@ -12,11 +12,13 @@ import aio_pika
 import httpx
 import orjson
 import pytest
+from sqlalchemy import select
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
 from services.gateway import broker as broker_module
+from services.gateway.tracking import events
 from services.messaging import publisher as publisher_module
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
@@ -378,3 +380,61 @@ async def test_an_event_dated_before_1970_is_published_without_an_amqp_timestamp
     [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
     assert message.timestamp is None
     assert orjson.loads(message.body)["time"].startswith("1969-07-20T20:17:40")
+
+
+WITH_CALLBACK = {**DATASET, "callback_url": "https://a.example/hook"}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_an_event_refused_with_a_callback_url_stays_unknown(
+    namespace: Namespace, tmp_path: Path, request: pytest.FixtureRequest, database: str
+) -> None:
+    # Its callback URL is noted before the publish; left behind, the refused event looked
+    # known until retention: its status a 200, its dataset "not processed yet".
+    settings = gateway_settings(
+        namespace,
+        tmp_path,
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/",
+        database_url=request.getfixturevalue("postgres_database") if database != "sqlite" else None,
+    )
+    apps: list[Any] = []
+    async for client in gateway_client(settings, wait_ready=False, started=apps.append):
+        refused = await client.post("/v1/events", json={**WITH_CALLBACK, "id": "never"})
+        assert refused.status_code == 503
+        async with apps[0].state.tracking._engine.connect() as conn:  # the note taken back
+            query = select(events.c.event_id).where(events.c.event_id == "never")
+            assert (await conn.execute(query)).first() is None
+        assert (await client.get("/v1/events/never")).status_code == 404
+        assert (await client.get("/v1/datasets/never")).status_code == 404
+        assert (await client.delete("/v1/events/never")).status_code == 404
+
+
+async def stored_callback_url(client: httpx.AsyncClient, app_tracking: Any, event_id: str) -> Any:
+    assert (await client.get(f"/v1/events/{event_id}")).status_code == 200  # flushes accepts
+    async with app_tracking._engine.connect() as conn:
+        return (
+            await conn.execute(select(events.c.callback_url).where(events.c.event_id == event_id))
+        ).scalar_one()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("resent_with", ["https://b.example/hook", None])
+async def test_the_accepted_attempts_callback_url_is_the_one_kept(
+    namespace: Namespace,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    database: str,
+    resent_with: str | None,
+) -> None:
+    # A URL noted for an attempt that was never confirmed (the gateway died before the
+    # publish) won on SQLite over the URL of the attempt accepted later.
+    postgres = request.getfixturevalue("postgres_database") if database != "sqlite" else None
+    settings = gateway_settings(namespace, tmp_path, database_url=postgres)
+    apps: list[Any] = []
+    async for client in gateway_client(settings, started=apps.append):
+        tracking = apps[0].state.tracking
+        noted = EVENT_ADAPTER.validate_python({**WITH_CALLBACK, "id": "again"})
+        await tracking.note_callbacks([noted])  # its publish then never happened
+        resent = {**DATASET, "id": "again"} | ({"callback_url": resent_with} if resent_with else {})
+        assert (await client.post("/v1/events", json=resent)).status_code == 202
+        assert await stored_callback_url(client, tracking, "again") == resent_with
