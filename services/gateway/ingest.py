@@ -13,11 +13,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
-from contracts.envelope import EventId
+from contracts.envelope import MAX_ID_BYTES, EventId
 from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent
 
 STRUCTURED: Final = "application/cloudevents+json"
@@ -59,10 +60,22 @@ def _invalid(exc: ValidationError) -> IngestError:
     return IngestError(422, errors)
 
 
+def _attribute(name: str, value: str) -> str:
+    """A `ce-*` header's value: percent-decoded, as the CloudEvents HTTP binding has senders
+    encode what is not printable ASCII (and space, `"` and `%`), then read as UTF-8 (raw
+    UTF-8 bytes, which the server gave as Latin-1, read right too)."""
+    try:
+        return unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
+    except UnicodeError as exc:
+        raise IngestError(400, f"ce-{name} is not percent-encoded UTF-8") from exc
+
+
 def _binary_body(headers: Mapping[str, str], body: bytes) -> bytes:
     """A structured-mode body from binary-mode headers plus the data body."""
     attributes = {
-        name: headers[f"ce-{name}"] for name in BINARY_ATTRIBUTES if f"ce-{name}" in headers
+        name: _attribute(name, headers[f"ce-{name}"])
+        for name in BINARY_ATTRIBUTES
+        if f"ce-{name}" in headers
     }
     if not body.strip():
         raise IngestError(400, "binary-mode CloudEvent without a data body")
@@ -77,13 +90,14 @@ _CORRELATION_ID: TypeAdapter[str] = TypeAdapter(EventId)
 
 
 def correlation_header(value: str | None) -> str | None:
-    """The `X-Correlation-ID` header as an event's correlation id (cut to 128 characters),
-    checked as the body's would be: it becomes the message's correlation id. 422 if it is
-    not a valid id."""
+    """The `X-Correlation-ID` header as an event's correlation id (cut to 128 characters and
+    255 bytes of UTF-8, what an id holds), checked as the body's would be: it becomes the
+    message's correlation id. 422 if it is not a valid id."""
     if not value:
         return None
+    cut = value[:128].encode()[:MAX_ID_BYTES].decode(errors="ignore")  # no character split
     try:
-        return _CORRELATION_ID.validate_python(value[:128])
+        return _CORRELATION_ID.validate_python(cut)
     except ValidationError as exc:
         raise IngestError(422, f"X-Correlation-ID is not a valid id: {exc}") from exc
 

@@ -92,6 +92,56 @@ async def test_binary_mode_cloudevent_is_accepted(
     await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
 
 
+@pytest.mark.parametrize(
+    "sent", [b"Z%C3%BCrich", "Zürich".encode()], ids=["percent-encoded", "raw UTF-8"]
+)
+async def test_binary_mode_attributes_are_read_as_the_http_binding_encodes_them(
+    client: httpx.AsyncClient, namespace: Namespace, sent: bytes
+) -> None:
+    # The binding percent-encodes what is not printable ASCII: it was published as sent.
+    headers = {
+        b"content-type": b"application/json",
+        b"ce-specversion": b"1.0",
+        b"ce-type": b"notification.requested",
+        b"ce-source": b"urn:test",
+        b"ce-subject": sent,
+    }
+    response = await client.post(
+        "/v1/events", content=orjson.dumps(NOTIFICATION["data"]), headers=headers
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+    assert orjson.loads(message.body)["subject"] == "Zürich"
+
+
+async def test_a_binary_mode_attribute_that_is_not_utf8_is_a_400(
+    client: httpx.AsyncClient,
+) -> None:
+    headers = {
+        "content-type": "application/json",
+        "ce-specversion": "1.0",
+        "ce-type": "notification.requested",
+        "ce-source": "urn:test",
+        "ce-subject": "caf%E9",  # Latin-1, percent-encoded
+    }
+    response = await client.post(
+        "/v1/events", content=orjson.dumps(NOTIFICATION["data"]), headers=headers
+    )
+    assert response.status_code == 400 and "ce-subject" in response.text
+
+
+async def test_a_long_non_ascii_correlation_header_is_cut_to_what_an_id_holds(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    # 128 characters of two bytes each: an ASCII one was cut, this one refused (422).
+    response = await client.post(
+        "/v1/events", json=NOTIFICATION, headers={b"x-correlation-id": b"\xe9" * 200}
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+    assert message.correlation_id == "é" * 127
+
+
 async def test_a_batch_is_published_whole(client: httpx.AsyncClient, namespace: Namespace) -> None:
     response = await client.post("/v1/events/batch", json=[NOTIFICATION, DATASET, NOTIFICATION])
     assert response.status_code == 202
