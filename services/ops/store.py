@@ -554,7 +554,7 @@ class FailureStore:
                     action=action,
                     actor=actor,
                     at=datetime.now(UTC),
-                    selection=selection.as_dict(),
+                    selection=_recorded(selection.as_dict()),
                     dry_run=int(dry_run),
                     count=count,
                     reason=reason,
@@ -568,6 +568,23 @@ class FailureStore:
                 await conn.execute(select(actions).order_by(actions.c.at.desc()).limit(limit))
             ).all()
         return [{**_row_dict(r), "dry_run": bool(r.dry_run)} for r in rows]
+
+
+RECORDED_IDS = 20
+"""Ids of a selection kept in its action's record; the letters an action moved name it in
+their history. A batched CLI replay sends up to 10,000 ids in each request: recorded whole,
+100 batches wrote a million ids, and listing the actions served tens of megabytes."""
+
+
+def _recorded(selection: dict[str, Any]) -> dict[str, Any]:
+    """The selection as an action records it: long id lists cut, with their length."""
+    recorded = dict(selection)
+    for key in ("ids", "exclude_ids"):
+        ids = recorded.get(key, ())
+        if len(ids) > RECORDED_IDS:
+            recorded[key] = list(ids[:RECORDED_IDS])
+            recorded[f"{key}_count"] = len(ids)
+    return recorded
 
 
 def _fitted(values: dict[str, Any]) -> dict[str, Any]:

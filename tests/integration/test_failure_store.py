@@ -20,7 +20,7 @@ from sqlalchemy import func, inspect, select, update
 from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter, read_dead_letter
 from services.messaging.store import open_store, store_url
-from services.ops.store import FailureStore, Filter, dead_letters
+from services.ops.store import RECORDED_IDS, FailureStore, Filter, dead_letters
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -579,6 +579,23 @@ async def test_actions_are_listed_newest_first_with_their_selection(store: Failu
     assert oldest["selection"] == {"group": "g", "since": T0.isoformat(), "status": "dead"}
     assert oldest["at"].tzinfo is not None
     assert [a["id"] for a in await store.actions(limit=1)] == [second]
+
+
+async def test_an_action_records_a_long_id_list_cut_with_its_length(store: FailureStore) -> None:
+    # A batched CLI replay sends up to 10,000 ids in each request: recorded whole, the audit
+    # trail grew by that per batch, and listing it served tens of megabytes.
+    ids = tuple(f"letter-{i}" for i in range(10_000))
+    await store.record_action(
+        action="replay",
+        actor="alice",
+        selection=Filter(ids=ids, exclude_ids=ids[:5]),
+        dry_run=False,
+        count=100,
+    )
+    [action] = await store.actions()
+    selection = action["selection"]
+    assert selection["ids"] == list(ids[:RECORDED_IDS]) and selection["ids_count"] == 10_000
+    assert selection["exclude_ids"] == list(ids[:5]) and "exclude_ids_count" not in selection
 
 
 async def test_broker_dead_letters_of_one_event_from_different_replays_are_kept_apart(
