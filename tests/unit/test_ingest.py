@@ -121,10 +121,18 @@ def test_an_id_longer_than_an_amqp_short_string_is_refused_with_422(field: str) 
     assert parse_event("application/json", {}, body.replace("é".encode(), b"e")).type
 
 
-@pytest.mark.parametrize("header", ["é" * 128, "a\u0000b"])
-def test_a_correlation_header_that_is_no_valid_id_is_refused_with_422(header: str) -> None:
-    error = error_of(lambda: parse_event("application/json", {"x-correlation-id": header}, PLAIN))
+def test_a_correlation_header_that_is_no_valid_id_is_refused_with_422() -> None:
+    error = error_of(
+        lambda: parse_event("application/json", {"x-correlation-id": "a\u0000b"}, PLAIN)
+    )
     assert (error.status, "X-Correlation-ID" in error.detail) == (422, True)
+
+
+@pytest.mark.parametrize(("header", "kept"), [("a" * 200, "a" * 128), ("é" * 128, "é" * 127)])
+def test_a_long_correlation_header_is_cut_to_what_an_id_holds(header: str, kept: str) -> None:
+    # 128 characters and 255 bytes of UTF-8: two-byte characters were refused, not cut.
+    event = parse_event("application/json", {"x-correlation-id": header}, PLAIN)
+    assert event.correlationid == kept
 
 
 def test_an_unknown_type_names_the_known_ones() -> None:
