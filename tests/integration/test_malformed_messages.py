@@ -232,7 +232,9 @@ async def test_a_dead_letter_with_a_decimal_header_is_stored(
                 assert letter is not None and letter.event_id == "odd"
                 assert letter.headers[header] == "1.5"
 
-            await eventually(stored, timeout=10)
+            # Generous: a new SQLite store's first commits wait for the disk, which the rest
+            # of the suite keeps busy.
+            await eventually(stored, timeout=30)
         await assert_empty(namespace.amqp_url, [queue])
     finally:
         await engine.dispose()
