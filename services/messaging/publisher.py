@@ -113,7 +113,8 @@ def _amqp_timestamp(at: datetime) -> datetime | None:
     """`at` as AMQP's timestamp, which counts unsigned seconds since 1970 (pamqp takes a naive
     time for UTC): None for an event dated earlier (its `time` may be any RFC 3339 time); the
     body has the time either way."""
-    return at if (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) >= EPOCH else None
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return at if aware >= EPOCH else None
 
 
 class Publisher:
