@@ -116,27 +116,20 @@ def _cut(text: str | None, limit: int) -> str | None:
     return None if text is None else text[:limit]
 
 
+DUE_CHUNK = 500
+"""Event ids per look-up: after a store outage thousands of accepts are written at once, and
+one statement with all their ids would pass the databases' bound-parameter limits (32,766 on
+SQLite, 32,767 on PostgreSQL)."""
+
+
 def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
     """Settled events among `event_ids` that have a callback URL not yet called for this outcome.
 
-    One query for the whole batch; events without a callback URL do not even come back."""
-    rows: Sequence[Row[*tuple[Any, ...]]] = conn.execute(
-        select(
-            events.c.event_id,
-            events.c.event_type,
-            events.c.callback_url,
-            events.c.callback_outcome,
-            states.c.service,
-            states.c.state,
-            states.c.attempt,
-            states.c.reason,
-            states.c.group_key,
-            states.c.detail,
-            states.c.updated_at,
-        )
-        .join(states, states.c.event_seq == events.c.seq)
-        .where(events.c.event_id.in_(sorted(event_ids)), events.c.callback_url.is_not(None))
-    ).all()
+    One query per `DUE_CHUNK` ids; events without a callback URL do not even come back."""
+    wanted = sorted(event_ids)
+    rows: list[Row[*tuple[Any, ...]]] = []
+    for at in range(0, len(wanted), DUE_CHUNK):
+        rows += _due_rows(conn, wanted[at : at + DUE_CHUNK])
     by_event: dict[str, list[Row[*tuple[Any, ...]]]] = {}
     for row in rows:
         by_event.setdefault(row.event_id, []).append(row)
@@ -152,6 +145,26 @@ def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
         if settlement is not None:
             due.append(settlement)
     return due
+
+
+def _due_rows(conn: Connection, event_ids: list[str]) -> Sequence[Row[*tuple[Any, ...]]]:
+    return conn.execute(
+        select(
+            events.c.event_id,
+            events.c.event_type,
+            events.c.callback_url,
+            events.c.callback_outcome,
+            states.c.service,
+            states.c.state,
+            states.c.attempt,
+            states.c.reason,
+            states.c.group_key,
+            states.c.detail,
+            states.c.updated_at,
+        )
+        .join(states, states.c.event_seq == events.c.seq)
+        .where(events.c.event_id.in_(event_ids), events.c.callback_url.is_not(None))
+    ).all()
 
 
 def _settlement(event_id: str, event_rows: list[Row[*tuple[Any, ...]]]) -> Settlement | None:

@@ -340,6 +340,24 @@ async def test_noting_urls_keeps_the_latest_until_accepted_and_skips_events_with
     assert (await noted()).get(first.id) == HOOK  # an accepted event keeps its URL
 
 
+async def test_settled_events_are_found_among_more_ids_than_a_statement_can_bind(
+    engine: AsyncEngine, callbacks: Callbacks, publisher: FakePublisher
+) -> None:
+    # After a store outage the accept writer writes its whole backlog (up to 100,000) at once
+    # and looks for callbacks among all of it: one statement passed the databases' limits.
+    unhooked = Tracking(engine)
+    await unhooked.start()
+    try:
+        settled = dataset()
+        t = await accept(unhooked, settled) + timedelta(milliseconds=10)
+        await unhooked.apply([step(settled, "succeeded", t)])
+    finally:
+        await unhooked.close()
+    others = [f"never-seen-{i}" for i in range(40_000)]
+    await callbacks.publish_settled([*others, settled.id])
+    assert published_for(publisher, settled) == [settled.id]
+
+
 async def test_the_sweep_publishes_what_no_trigger_brings_back(
     engine: AsyncEngine, callbacks: Callbacks, publisher: FakePublisher
 ) -> None:
