@@ -355,7 +355,7 @@ def _filters(options: dict[str, Any]) -> Filters:
 
 def _selection(options: dict[str, Any]) -> Selection:
     filters = _filters(options)
-    ids = tuple(options.pop("ids"))
+    ids = tuple(dict.fromkeys(options.pop("ids")))  # a repeated --id is one letter, once
     everything = bool(options.pop("everything"))
     if not (ids or filters.any() or everything):
         raise click.UsageError("select dead letters by --id or a filter, or pass --all")

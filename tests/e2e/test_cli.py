@@ -370,6 +370,15 @@ def test_an_id_that_was_not_taken_exits_1_and_is_named(ops: Ops) -> None:
     assert json.loads(document.stdout)["not_taken"] == ["no-such-letter"]
 
 
+def test_an_id_given_twice_is_one_letter(ops: Ops) -> None:
+    # Counted twice, one replayed letter read "Replayed 1 of 2".
+    ops.dead_letter_junk(1)
+    [letter] = ops.wait_listed(1)
+    done = ops.run("dlq", "replay", "--id", letter["id"], "--id", letter["id"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Replayed 1 of 1 dead letter(s)" in done.stdout
+
+
 def test_failures_exit_non_zero_with_a_clear_message(ops: Ops) -> None:
     wrong = ops.run("dlq", "list", COURIER_OPS_TOKEN="not-the-token")
     assert wrong.returncode == 3
