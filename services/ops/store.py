@@ -346,9 +346,17 @@ class FailureStore:
             .group_by(c.group_key)
             .order_by(func.count().desc(), c.group_key)
             .limit(limit)
+            .subquery()
+        )
+        # The examples in the same statement: read apart, one a purge removed in between
+        # (PostgreSQL reads each statement afresh) was missing, a KeyError.
+        with_examples = (
+            select(summary, c.exception_type, c.exception_message, c.reason)
+            .join(dead_letters, c.id == summary.c.example_id)
+            .order_by(summary.c.total.desc(), summary.c.group_key)
         )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(summary)).all()
+            rows = (await conn.execute(with_examples)).all()
             keys = [r.group_key for r in rows]
             spread = (
                 await conn.execute(
@@ -357,14 +365,6 @@ class FailureStore:
                     .group_by(c.group_key, c.service, c.event_type)
                 )
             ).all()
-            examples = {
-                e.id: e
-                for e in await conn.execute(
-                    select(c.id, c.exception_type, c.exception_message, c.reason).where(
-                        c.id.in_([r.example_id for r in rows])
-                    )
-                )
-            }
         services: dict[str, set[str]] = {}
         types: dict[str, set[str]] = {}
         for row in spread:
@@ -377,9 +377,9 @@ class FailureStore:
                 count=int(r.total),
                 first_seen=as_utc(r.first_seen),
                 last_seen=as_utc(r.last_seen),
-                exception_type=examples[r.example_id].exception_type,
-                example_message=examples[r.example_id].exception_message,
-                reason=examples[r.example_id].reason,
+                exception_type=r.exception_type,
+                example_message=r.exception_message,
+                reason=r.reason,
                 services=tuple(sorted(services.get(r.group_key, ()))),
                 event_types=tuple(sorted(types.get(r.group_key, ()))),
             )

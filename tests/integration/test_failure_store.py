@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import delete, event, func, inspect, select, update
 
 from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter, read_dead_letter
@@ -340,6 +340,42 @@ async def test_groups_count_and_aggregate_services_and_event_types(store: Failur
     ]
     await set_column(store, "status", {letters[0].id: "discarded"})
     assert [(g.group, g.count) for g in await store.groups(Filter(), limit=1)] == [("g-big", 3)]
+
+
+async def test_groups_stand_when_a_purge_removes_an_example_meanwhile(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    # The examples were read in a statement of their own: on PostgreSQL, which reads each
+    # statement afresh, one a concurrent purge removed in between was a KeyError (a 500).
+    # (SQLite reads a connection's statements in one snapshot.)
+    engine = open_store(store_url(postgres_database, tmp_path, "gateway"))
+    store = FailureStore(engine)
+    await store.start()
+    try:
+        await _groups_stand_a_purge(store)
+    finally:
+        await engine.dispose()
+
+
+async def _groups_stand_a_purge(store: FailureStore) -> None:
+    letters = await add_all(store, [letter(group="g-purged") for _ in range(2)])
+    example = max(item.id for item in letters)
+    purged: list[str] = []
+
+    def purge_after_the_first(conn: Any, *_: Any) -> None:
+        if not purged:
+            purged.append(example)
+            conn.execute(delete(dead_letters).where(dead_letters.c.id == example))
+
+    event.listen(store.engine.sync_engine, "after_cursor_execute", purge_after_the_first)
+    try:
+        groups = await store.groups(Filter(group="g-purged"))
+    finally:
+        event.remove(store.engine.sync_engine, "after_cursor_execute", purge_after_the_first)
+    assert purged == [example]
+    assert [(g.group, g.count, g.exception_type) for g in groups] == [
+        ("g-purged", 2, "builtins.ConnectionError")
+    ]
 
 
 async def test_grouping_reads_only_the_covering_index_on_sqlite(tmp_path: Path) -> None:
