@@ -63,10 +63,13 @@ def _invalid(exc: ValidationError) -> IngestError:
 def _attribute(name: str, value: str) -> str:
     """A `ce-*` header's value: percent-decoded, as the CloudEvents HTTP binding has senders
     encode what is not printable ASCII (and space, `"` and `%`), then read as UTF-8 (raw
-    UTF-8 bytes, which the server gave as Latin-1, read right too)."""
+    UTF-8 bytes, which the server gave as Latin-1, read right too; other raw bytes stay as
+    the server read them, as before)."""
     try:
         return unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
     except UnicodeError as exc:
+        if "%" not in value:
+            return value
         raise IngestError(400, f"ce-{name} is not percent-encoded UTF-8") from exc
 
 

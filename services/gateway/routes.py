@@ -14,9 +14,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
-from contracts.envelope import Envelope, callback_url_of, is_event_id
+from contracts.envelope import Envelope, is_event_id
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange
 from contracts.tracking import CancellationRequested, CancellationRequestedData
@@ -80,6 +81,23 @@ def path_segment(event_id: str) -> str:
     """An id as one URL path segment: any text but control characters, so `?`, `#`, `/` and
     `%` are escaped, and the `Location` header stays ASCII (a response header must be)."""
     return quote(event_id, safe="")
+
+
+class _EventIdConvertor(Convertor[str]):
+    """An id in a path: any text, `/` included (escaped in the URLs the gateway gives, but
+    servers decode it before routing), except one that ends in `/`, so that a trailing slash
+    still redirects (`POST /v1/events/` to `/v1/events`)."""
+
+    regex = ".*[^/]"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("event_id", _EventIdConvertor())
 
 
 def unknown_unless_id(event_id: str, what: str = "event") -> None:
@@ -186,24 +204,6 @@ async def _note_callbacks(
     except STORE_ERRORS as exc:
         log.exception("could not store callback URLs; refusing the events")
         raise store_unavailable(settings, "store the callback URL") from exc
-
-
-def _surely_refused(failure: BaseException | None) -> bool:
-    """Whether a publish failed such that the broker does not have the event."""
-    if isinstance(failure, BrokerUnavailable):
-        return not failure.maybe_published
-    return isinstance(failure, Unroutable | Unpublishable)
-
-
-async def _forget_notes(tracking: Tracking, events: Sequence[IngestEvent]) -> None:
-    """Take back the noted callback URLs of events the broker refused (best effort: status
-    does not show a bare note either, and retention removes it)."""
-    if not (noted := [e.id for e in events if callback_url_of(e) is not None]):
-        return
-    try:
-        await tracking.forget_notes(noted)
-    except STORE_ERRORS:
-        log.warning("could not take back the callback URLs of refused events", exc_info=True)
 
 
 STORE_ERRORS = (SQLAlchemyError, OSError)
@@ -363,12 +363,7 @@ async def submit_event(request: Request) -> JSONResponse:
         [one] = events
         await _note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
-        try:
-            await publish_confirmed(broker, settings, one)
-        except HTTPException as exc:
-            if _surely_refused(exc.__cause__):
-                await _forget_notes(tracking, events)
-            raise
+        await publish_confirmed(broker, settings, one)
         [accepted] = _accepted(events, tracking, at)
         return FastJSONResponse(
             accepted, status_code=202, headers={"Location": accepted["status_url"]}
@@ -420,8 +415,6 @@ async def submit_batch(request: Request) -> JSONResponse:
                 for event, outcome in zip(events, outcomes, strict=True)
             ]
             _accepted([e for e, o in zip(events, outcomes, strict=True) if o is None], tracking, at)
-            refused = [e for e, o in zip(events, outcomes, strict=True) if _surely_refused(o)]
-            await _forget_notes(tracking, refused)
             unconfirmed = [isinstance(o, BrokerUnavailable) and o.maybe_published for o in outcomes]
             return _partial_failure(events, refusals, unconfirmed)
         return FastJSONResponse({"events": _accepted(events, tracking, at)}, status_code=202)
@@ -449,10 +442,8 @@ def _partial_failure(
     )
 
 
-# Ids may hold a `/` (escaped in the URLs the gateway gives, but servers decode it before
-# routing): the id parameters take the rest of the path.
 @router.get(
-    "/v1/events/{event_id:path}",
+    "/v1/events/{event_id:event_id}",
     summary="An event's fate: per consuming service, its state and history",
     responses={404: {"model": Problem, "description": "Unknown event id"}},
 )
@@ -508,7 +499,7 @@ _CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.delete(
-    "/v1/events/{event_id:path}",
+    "/v1/events/{event_id:event_id}",
     status_code=status.HTTP_202_ACCEPTED,
     responses=_CANCEL_RESPONSES,
     summary="Cancel an event no service has processed yet (durable; every service skips it)",
@@ -520,7 +511,7 @@ async def cancel_event(
 
 
 @router.post(
-    "/v1/events/{event_id:path}:cancel",
+    "/v1/events/{event_id:event_id}:cancel",
     status_code=status.HTTP_202_ACCEPTED,
     responses=_CANCEL_RESPONSES,
     summary="Cancel an event (the same as DELETE)",
@@ -532,7 +523,7 @@ async def cancel_event_post(
 
 
 @router.get(
-    "/v1/datasets/{dataset_id:path}",
+    "/v1/datasets/{dataset_id:event_id}",
     summary="A processed dataset's summary (202 with the status while not done yet)",
     responses={
         202: {"description": "Not processed yet: the event's status"},

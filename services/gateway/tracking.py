@@ -231,20 +231,6 @@ class Tracking:
         if wanted:
             await self._runner.run(lambda conn: _write_callback_urls(conn, wanted))
 
-    async def forget_notes(self, event_ids: Collection[str]) -> None:
-        """Take back the callback URLs noted for events the broker surely did not take: left,
-        such an event looked known (its status a 200, a cancel published) until retention.
-        Only a bare note goes: an event accepted, or with any status, stays."""
-        seen = or_(
-            select(states.c.event_seq).where(states.c.event_seq == events.c.seq).exists(),
-            select(history.c.event_seq).where(history.c.event_seq == events.c.seq).exists(),
-        )
-        statement = delete(events).where(
-            events.c.event_id.in_(sorted(event_ids)), events.c.accepted_at.is_(None), ~seen
-        )
-        async with self._engine.begin() as conn:
-            await conn.execute(statement)
-
     def accepted(self, event: Envelope, at: datetime | None = None) -> None:
         """Note an event the broker confirmed; written within ~200 ms with others.
 

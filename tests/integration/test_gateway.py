@@ -439,8 +439,10 @@ WITH_CALLBACK = {**DATASET, "callback_url": "https://a.example/hook"}
 async def test_an_event_refused_with_a_callback_url_stays_unknown(
     namespace: Namespace, tmp_path: Path, request: pytest.FixtureRequest, database: str
 ) -> None:
-    # Its callback URL is noted before the publish; left behind, the refused event looked
-    # known until retention: its status a 200, its dataset "not processed yet".
+    # Its callback URL is noted before the publish; the refused event looked known until
+    # retention: its status a 200, its dataset "not processed yet", a cancel published. The
+    # note stays: an earlier attempt with the same id may be in the broker (a 503 "may have
+    # been accepted"), and its callback needs the URL.
     settings = gateway_settings(
         namespace,
         tmp_path,
@@ -451,9 +453,9 @@ async def test_an_event_refused_with_a_callback_url_stays_unknown(
     async for client in gateway_client(settings, wait_ready=False, started=apps.append):
         refused = await client.post("/v1/events", json={**WITH_CALLBACK, "id": "never"})
         assert refused.status_code == 503
-        async with apps[0].state.tracking._engine.connect() as conn:  # the note taken back
-            query = select(events.c.event_id).where(events.c.event_id == "never")
-            assert (await conn.execute(query)).first() is None
+        async with apps[0].state.tracking._engine.connect() as conn:
+            query = select(events.c.callback_url).where(events.c.event_id == "never")
+            assert (await conn.execute(query)).scalar_one() == WITH_CALLBACK["callback_url"]
         assert (await client.get("/v1/events/never")).status_code == 404
         assert (await client.get("/v1/datasets/never")).status_code == 404
         assert (await client.delete("/v1/events/never")).status_code == 404
@@ -488,3 +490,39 @@ async def test_the_accepted_attempts_callback_url_is_the_one_kept(
         resent = {**DATASET, "id": "again"} | ({"callback_url": resent_with} if resent_with else {})
         assert (await client.post("/v1/events", json=resent)).status_code == 202
         assert await stored_callback_url(client, tracking, "again") == resent_with
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "to"),
+    [
+        ("POST", "/v1/events/", "/v1/events"),
+        ("POST", "/v1/events/batch/", "/v1/events/batch"),
+        ("GET", "/v1/events/abc/", "/v1/events/abc"),
+        ("DELETE", "/v1/events/abc/", "/v1/events/abc"),
+        ("GET", "/v1/datasets/abc/", "/v1/datasets/abc"),
+    ],
+)
+async def test_a_trailing_slash_redirects(
+    client: httpx.AsyncClient, method: str, path: str, to: str
+) -> None:
+    # Id routes that took the rest of the path took "" and "abc/" too: 405s and 404s.
+    response = await client.request(method, path)
+    assert response.status_code == 307 and response.headers["location"].endswith(to)
+
+
+async def test_a_raw_latin1_binary_mode_attribute_is_read_as_before(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    headers = {
+        b"content-type": b"application/json",
+        b"ce-specversion": b"1.0",
+        b"ce-type": b"notification.requested",
+        b"ce-source": b"urn:test",
+        b"ce-subject": b"caf\xe9",  # not percent-encoded, not UTF-8: read as Latin-1
+    }
+    response = await client.post(
+        "/v1/events", content=orjson.dumps(NOTIFICATION["data"]), headers=headers
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+    assert orjson.loads(message.body)["subject"] == "café"
