@@ -23,7 +23,6 @@ from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.gateway.ingest import IngestError, correlation_header
 from services.gateway.routes import (
-    STORE_ERRORS,
     Problem,
     claim_key,
     idempotency_key,
@@ -40,6 +39,7 @@ from services.gateway.tracking import Tracking
 from services.gateway.uploads import FRAMING_ALLOWANCE, ReceivedFile, receive_upload
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.logs import event_context, get_logger
+from services.messaging.store import STORE_ERRORS
 
 log = get_logger("gateway.files")
 router = APIRouter()

@@ -13,7 +13,6 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
@@ -37,6 +36,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import event_context, get_logger
+from services.messaging.store import STORE_ERRORS
 
 log = get_logger("gateway")
 router = APIRouter()
@@ -204,11 +204,6 @@ async def _note_callbacks(
     except STORE_ERRORS as exc:
         log.exception("could not store callback URLs; refusing the events")
         raise store_unavailable(settings, "store the callback URL") from exc
-
-
-STORE_ERRORS = (SQLAlchemyError, OSError)
-"""What the gateway's store raises when it fails: SQLAlchemy's errors, and the raw connection
-errors (refused, reset) that asyncpg raises and SQLAlchemy passes through unwrapped."""
 
 
 def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:

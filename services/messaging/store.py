@@ -38,6 +38,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
     ProgrammingError,
+    SQLAlchemyError,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
@@ -55,6 +56,11 @@ _MIGRATIONS = Table(
     Column("component", String(128), primary_key=True),
     Column("version", Integer, nullable=False),
 )
+
+
+STORE_ERRORS = (SQLAlchemyError, OSError)
+"""What a store raises when it fails: SQLAlchemy's errors, and the raw connection errors
+(refused, reset) that asyncpg raises and SQLAlchemy passes through unwrapped."""
 
 
 def store_url(database_url: str | None, data_dir: Path, service: str) -> str:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy.exc import SQLAlchemyError
 
+from services.messaging.store import STORE_ERRORS
 from services.ops.auth import Operator
 from services.ops.operations import Operations, Outcome
-from services.ops.store import FailureStore, Filter, InvalidCursor, Status
+from services.ops.store import FailureStore, Filter, InvalidCursor, Status, utc_bound
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
@@ -30,9 +30,9 @@ def _storable(value: str) -> str:
 
 
 def _utc_bound(value: datetime) -> datetime:
-    """A time the store can compare with: it compares in UTC (naive means UTC)."""
+    """A time the store can compare with (`utc_bound`): one out of range in UTC is refused."""
     try:
-        value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        utc_bound(value)
     except OverflowError as exc:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
         raise ValueError("out of range once in UTC") from exc
     return value
@@ -44,9 +44,6 @@ Criterion = Annotated[Text, Field(min_length=1, max_length=200)]
 (a client's unset variable) took every dead letter past the "all" guard."""
 LetterId = Annotated[Text, Field(min_length=1, max_length=64)]
 Bound = Annotated[datetime, AfterValidator(_utc_bound)]
-
-STORE_ERRORS = (SQLAlchemyError, OSError)
-"""What the failure store raises when it fails (asyncpg's connection errors come unwrapped)."""
 
 
 @contextmanager

@@ -132,9 +132,9 @@ class Filter:
             if value is not None:
                 clauses.append(column == value)
         if self.since is not None:
-            clauses.append(c.dead_lettered_at >= _as_utc(self.since))
+            clauses.append(c.dead_lettered_at >= utc_bound(self.since))
         if self.until is not None:
-            clauses.append(c.dead_lettered_at < _as_utc(self.until))
+            clauses.append(c.dead_lettered_at < utc_bound(self.until))
         if self.text:
             # Literal text: `%` and `_` in it are no wildcards.
             needle = self.text.lower()
@@ -205,7 +205,7 @@ def _after(cursor: str) -> ColumnElement[bool]:
     return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))
 
 
-def _as_utc(value: datetime) -> datetime:
+def utc_bound(value: datetime) -> datetime:
     """A bound for a comparison with stored (UTC) times; naive means UTC. SQLite compares
     the wall-clock text, so an offset has to be converted, not just carried."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -678,36 +678,24 @@ async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
 
 
 @pytest.mark.broker
-async def test_a_letter_amqp_cannot_carry_is_left_dead_and_the_replay_goes_on(
-    namespace: Namespace, tmp_path: Path
+@pytest.mark.parametrize(
+    "odd",
+    [
+        # The broker dead-lettered it from a queue no service declares: no queue to go back to.
+        {"service": "unknown"},
+        # Anyone may publish to a dead-letter queue: an event type of 256 bytes of UTF-8
+        # cannot be framed again (a short string holds 255).
+        {"event_type": "é" * 128},
+    ],
+    ids=["no queue takes it", "AMQP cannot carry it"],
+)
+async def test_a_letter_that_cannot_go_back_is_left_dead_and_the_replay_goes_on(
+    namespace: Namespace, tmp_path: Path, odd: dict[str, Any]
 ) -> None:
-    """Anyone may publish to a dead-letter queue: a letter whose event type is 256 bytes of
-    UTF-8 cannot be framed again (a short string holds 255), and failed every replay that
-    reached it, oldest first, so the letters after it never went."""
+    """The letters after it must not be held up by it, replay after replay (replays go oldest
+    first: one that failed the whole replay stopped every later one at the same letter)."""
     settings = gateway_settings(namespace, tmp_path)
-    [odd] = await seed(tmp_path, namespace, 1, event_type="é" * 128)
-    [kept] = await seed(tmp_path, namespace, 1)
-    async with running_gateway(settings) as client:
-        response = await client.post(
-            "/v1/ops/replays", json={"all": True, "rate": 1000}, headers=AUTH
-        )
-        assert response.status_code == 200, response.text
-        outcome = response.json()
-        assert (outcome["count"], outcome["ids"]) == (1, [kept])
-        assert list(outcome["skipped"]) == [odd]
-        shown = (await client.get(f"/v1/ops/dead-letters/{odd}", headers=AUTH)).json()
-        assert shown["status"] == "dead"
-    await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
-
-
-@pytest.mark.broker
-async def test_a_letter_no_queue_takes_is_left_dead_and_the_replay_goes_on(
-    namespace: Namespace, tmp_path: Path
-) -> None:
-    """A letter the broker dead-lettered from a queue no service declares has no queue to go
-    back to; the letters after it must not be held up by it, replay after replay."""
-    settings = gateway_settings(namespace, tmp_path)
-    [stray] = await seed(tmp_path, namespace, 1, service="unknown")
+    [stray] = await seed(tmp_path, namespace, 1, **odd)
     [kept] = await seed(tmp_path, namespace, 1)
     async with running_gateway(settings) as client:
         response = await client.post(
