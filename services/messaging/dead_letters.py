@@ -7,8 +7,9 @@ only in `x-death`). `read_dead_letter` turns either into one `DeadLetter` value.
 
 The drain consumes every service's dead-letter queue and acknowledges a message only after the
 sink (the operators' failure store) committed it. A replay republishes a dead letter, confirmed,
-straight into the work queue of the service that failed it (not to the topic exchange, so other
-subscribers do not get it twice), with its attempt counter reset and its replay count raised.
+straight into the work queue of the service that failed it (a cancellation into its control
+queue; not to the topic exchange, so other subscribers do not get it twice), with its attempt
+counter reset and its replay count raised.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import TypeAdapter, ValidationError
 
-from contracts.topology import service_of_queue, work_queue, workers_of
+from contracts.topology import (
+    CONTROL_EVENT_TYPES,
+    WORKERS,
+    control_queue,
+    service_of_queue,
+    work_queue,
+    workers_of,
+)
 from contracts.tracking import EventIdField
 from services.messaging import failure as f
 from services.messaging.hold import hold_pauses
@@ -463,8 +471,18 @@ def replay_message(letter: DeadLetter) -> aio_pika.Message:
     )
 
 
+def replay_queue(namespace: str, letter: DeadLetter) -> str:
+    """Where a replay sends the letter: a control request (a cancellation) to its service's
+    control queue, ahead of the work backlog as when it was first sent; anything else to the
+    service's work queue."""
+    if letter.event_type in CONTROL_EVENT_TYPES and letter.service in WORKERS:
+        return control_queue(namespace, letter.service)
+    return work_queue(namespace, letter.service)
+
+
 async def replay(publisher: Publisher, namespace: str, letter: DeadLetter) -> None:
-    """Publish the dead letter into its service's work queue; returns once confirmed."""
+    """Publish the dead letter into its service's queue (`replay_queue`); returns once
+    confirmed."""
     await publisher.publish(
-        replay_message(letter), exchange="", routing_key=work_queue(namespace, letter.service)
+        replay_message(letter), exchange="", routing_key=replay_queue(namespace, letter)
     )

@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import NotificationRequested, NotificationRequestedData
-from contracts.topology import dead_letter_queue, work_queue
+from contracts.topology import control_queue, dead_letter_queue, work_queue
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.messaging import failure as f
@@ -675,6 +675,25 @@ async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
         False,
         [letter_id],
     )
+
+
+@pytest.mark.broker
+async def test_a_replayed_cancellation_goes_to_its_services_control_queue(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # In the work queue it would wait behind the backlog it is meant to overtake.
+    settings = gateway_settings(namespace, tmp_path)
+    [letter_id] = await seed(tmp_path, namespace, 1, event_type="cancellation.requested")
+    async with running_gateway(settings) as client:
+        response = await client.post(
+            "/v1/ops/replays", json={"ids": [letter_id], "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["ids"] == [letter_id]
+        [message] = await take(namespace.amqp_url, control_queue(namespace.name, "notifier"), 1)
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "notifier")])
+    assert message.type == "cancellation.requested"
+    assert dict(message.headers)[f.REPLAYS] == 1
 
 
 @pytest.mark.broker
