@@ -346,8 +346,9 @@ def test_a_dead_letter_shows_reason_and_group_and_a_replay_moves_it_on(
     # The status names the same group as the operators' view of the dead letter.
     def stored() -> dict[str, Any]:
         letters = effect.ops_get("/dead-letters", service="notifier")["items"]
-        [letter] = [item for item in letters if item["event_id"] == event_id]
-        return dict(letter)
+        found = [item for item in letters if item["event_id"] == event_id]
+        assert len(found) == 1, letters  # retried; an unpacking's ValueError would not be
+        return dict(found[0])
 
     letter = eventually_sync(stored, timeout=10)
     assert dead["group"] == letter["group_key"]
@@ -371,8 +372,9 @@ def test_a_replay_that_fails_again_is_dead_lettered_again(
 
     def stored() -> str:
         letters = effect.ops_get("/dead-letters", service="notifier")["items"]
-        [letter] = [item["id"] for item in letters if item["event_id"] == event_id]
-        return str(letter)
+        found = [item["id"] for item in letters if item["event_id"] == event_id]
+        assert len(found) == 1, letters
+        return str(found[0])
 
     letter_id = eventually_sync(stored, timeout=10)
     assert effect.ops_post("/replays", {"ids": [letter_id]})["count"] == 1

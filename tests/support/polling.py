@@ -11,7 +11,9 @@ T = TypeVar("T")
 
 
 async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
-    """Await `check` until it stops raising AssertionError; reraise the last one at the deadline."""
+    """Await `check` until it stops raising AssertionError; reraise the last one at the deadline.
+    Any other exception fails at once: assert on what is not there yet (`assert len(rows) == 1`)
+    rather than unpack or index it (`[row] = rows` raises ValueError, which is not retried)."""
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(timeout),
         wait=wait_fixed(0.05),
