@@ -16,7 +16,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 def notifications(system: System) -> list[dict[str, object]]:
     if not system.notify_log.exists():
         return []
-    return [orjson.loads(line) for line in system.notify_log.read_bytes().splitlines()]
+    data = system.notify_log.read_bytes()
+    # Asserted, not parsed: the notifier may be appending a line as it is read, and its
+    # fragment's JSONDecodeError would fail the check at once (`eventually_sync` retries an
+    # AssertionError only). Lines are whole once the file ends with a newline.
+    assert not data or data.endswith(b"\n"), "a notification line is still being written"
+    return [orjson.loads(line) for line in data.splitlines()]
 
 
 def test_a_requested_notification_is_delivered_to_the_log_channel(system: System) -> None:
