@@ -140,24 +140,31 @@ class IdempotencyKeys:
                 return Claim("done", row.event_ids, row.status_code, row.response)
             stale = as_utc(row.updated_at) < now - self._lease
             if row.state == "retryable" or stale:
+                # The TTL starts again: the response this request stores is remembered for a
+                # whole TTL, or a retry of it after a quick expiry would publish again under
+                # new ids, which no inbox drops.
                 taken = await conn.execute(
                     update(keys)
                     .where(keys.c.key == key, keys.c.updated_at == row.updated_at)
-                    .values(state="in_progress", updated_at=now)
+                    .values(state="in_progress", created_at=now, updated_at=now)
                 )
                 if taken.rowcount == 1:
                     return Claim("publish", row.event_ids, held_since=now)
             return Claim("busy", row.event_ids)
 
-    async def wait(self, key: str) -> Claim | None:
+    async def wait(self, key: str, request: str) -> Claim | None:
         """Wait for another request with this key to finish (bound it with a timeout); its
-        response, or None if that request failed."""
+        response, or None if that request failed or was not this one (an expired key reused
+        with another body: its response is not this request's, whose events it never
+        published)."""
         while True:
             async with self._engine.connect() as conn:
                 row = (await conn.execute(select(keys).where(keys.c.key == key))).first()
             if row is None or row.state == "retryable":
                 return None
             if row.state == "done":
+                if row.fingerprint != request:
+                    return None
                 return Claim("done", row.event_ids, row.status_code, row.response)
             await asyncio.sleep(WAIT_POLL_SECONDS)
 

@@ -242,7 +242,7 @@ async def claim_key(
         if claim.kind == "busy":
             try:
                 async with asyncio.timeout(settings.publish_timeout * 2):
-                    waited = await keys.wait(key)
+                    waited = await keys.wait(key, request_id)
             except TimeoutError:
                 waited = None
             claim = waited or await keys.claim(key, request_id, ids)

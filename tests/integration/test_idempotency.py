@@ -7,6 +7,7 @@ published is counted in the work queue. Then `IdempotencyKeys` itself on both st
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -524,7 +525,7 @@ async def test_a_key_in_progress_is_busy_and_waiters_get_its_response(
 ) -> None:
     claim = await keys.claim(k, REQUEST, ["e1"])
     assert (await keys.claim(k, REQUEST, ["e2"])).kind == "busy"
-    waiter = asyncio.ensure_future(keys.wait(k))
+    waiter = asyncio.ensure_future(keys.wait(k, REQUEST))
     await keys.complete(k, claim, 202, RESPONSE)
     async with asyncio.timeout(5):
         waited = await waiter
@@ -536,7 +537,7 @@ async def test_a_released_key_is_published_again_under_the_same_event_ids(
     keys: IdempotencyKeys, k: str
 ) -> None:
     claim = await keys.claim(k, REQUEST, ["e1", "e2"])
-    waiter = asyncio.ensure_future(keys.wait(k))
+    waiter = asyncio.ensure_future(keys.wait(k, REQUEST))
     await keys.release(k, claim)  # the broker did not take the events
     async with asyncio.timeout(5):
         assert await waiter is None  # the waiter tries for itself
@@ -620,6 +621,45 @@ async def test_an_expired_key_a_request_holds_is_neither_taken_over_nor_purged(
         assert (await store.claim(k, request, ["e3"])).kind == "busy"
     await store.purge()
     assert await store.complete(k, retry, 202, RESPONSE)  # still its own, never taken over
+
+
+async def test_a_waiter_with_another_request_does_not_get_the_holders_response(
+    engine: AsyncEngine, k: str
+) -> None:
+    """An expired key reused with another body while a request holds it: the holder's 202
+    would answer a request whose events were never published."""
+    store = IdempotencyKeys(engine, ttl=timedelta(milliseconds=300), lease=LEASE)
+    await store.start()
+    holder = await store.claim(k, REQUEST, ["e1"])
+    await asyncio.sleep(0.4)  # expired while it publishes
+    assert (await store.claim(k, OTHER, ["e2"])).kind == "busy"
+    waiter = asyncio.ensure_future(store.wait(k, OTHER))
+    assert await store.complete(k, holder, 202, RESPONSE)
+    async with asyncio.timeout(5):
+        assert await waiter is None  # it claims for itself: the key has expired
+    claim = await store.claim(k, OTHER, ["e2"])
+    assert (claim.kind, claim.event_ids) == ("publish", ["e2"])
+
+
+async def test_a_key_taken_back_for_a_retry_keeps_the_retrys_response_for_a_whole_ttl(
+    engine: AsyncEngine, k: str
+) -> None:
+    """The TTL counts from the retry that published, not from the first, failed attempt: a
+    repeat soon after the retry's 202 must get it, not publish again under new ids."""
+    ttl = 2.0
+    store = IdempotencyKeys(engine, ttl=timedelta(seconds=ttl), lease=LEASE)
+    await store.start()
+    start = time.monotonic()
+    await store.release(k, await store.claim(k, REQUEST, ["e1"]))  # the broker refused it
+    await asyncio.sleep(0.7 * ttl)
+    retry = await store.claim(k, REQUEST, ["e2"])
+    retried_at = time.monotonic()
+    assert (retry.kind, retry.event_ids) == ("publish", ["e1"])
+    assert await store.complete(k, retry, 202, RESPONSE)
+    await asyncio.sleep(max(0.0, start + 1.1 * ttl - time.monotonic()))  # past the first TTL
+    repeat = await store.claim(k, REQUEST, ["e3"])
+    assert time.monotonic() - retried_at < ttl, "too slow a host to tell"
+    assert (repeat.kind, repeat.event_ids, repeat.response) == ("done", ["e1"], RESPONSE)
 
 
 async def test_concurrent_claims_of_one_key_publish_once(keys: IdempotencyKeys, k: str) -> None:
