@@ -18,7 +18,7 @@ from services.gateway.file_routes import router as files_router
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.letters import keep_letters
-from services.gateway.routes import router, submit_batch, submit_event
+from services.gateway.routes import router, store_away, submit_batch, submit_event
 from services.gateway.settings import GatewaySettings
 from services.gateway.short_path import Gateway
 from services.gateway.tracking import Tracking
@@ -29,7 +29,7 @@ from services.messaging.inbox import Inbox
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
-from services.messaging.store import open_store, store_url
+from services.messaging.store import STORE_ERRORS, open_store, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
 from services.ops.store import FailureStore
@@ -195,6 +195,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    for error in STORE_ERRORS:
+        app.add_exception_handler(error, store_away)
     app.include_router(router)
     app.include_router(ops_router)
     app.include_router(files_router)

@@ -216,6 +216,18 @@ def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
     )
 
 
+async def store_away(request: Request, exc: Exception) -> JSONResponse:
+    """A store failure no route handled (a status read, a result, a file's record): an outage
+    to wait out, a 503 the client retries, not a 500 that blames the request."""
+    log.error("the store failed a request", exc_info=exc, extra={"path": request.url.path})
+    settings: GatewaySettings = request.app.state.settings
+    return JSONResponse(
+        {"detail": "the gateway's store is unavailable; retry later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(settings.retry_after_seconds)},
+    )
+
+
 def _ingest_state(request: Request) -> tuple[BrokerLink, GatewaySettings, Tracking]:
     """What the ingest routes need, read from the app directly: FastAPI's dependency
     resolution costs more per request than the rest of the route's own work but the publish."""
@@ -479,7 +491,12 @@ async def _cancel(event_id: str, broker: Broker, settings: Settings, tracking: T
             f"the broker did not take the cancellation: {exc}",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         ) from exc
-    await tracking.request_cancel(event_id)
+    try:
+        await tracking.request_cancel(event_id)
+    except STORE_ERRORS:
+        # The cancellation is the broker's and takes effect: only the status's
+        # `cancel_requested_at` misses it. A 503 would ask for a retry that changes nothing.
+        log.exception("could not note the cancellation request", extra={"event_id": event_id})
     return JSONResponse(
         {"id": event_id, "status": "cancellation_requested", "status_url": status_url(event_id)},
         status_code=status.HTTP_202_ACCEPTED,

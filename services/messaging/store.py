@@ -58,9 +58,10 @@ _MIGRATIONS = Table(
 )
 
 
-STORE_ERRORS = (SQLAlchemyError, OSError)
-"""What a store raises when it fails: SQLAlchemy's errors, and the raw connection errors
-(refused, reset) that asyncpg raises and SQLAlchemy passes through unwrapped."""
+STORE_ERRORS = (SQLAlchemyError, sqlite3.Error, OSError)
+"""What a store raises when it fails: SQLAlchemy's errors, sqlite3's own from the hot paths'
+raw statements (`raw_sqlite`, `loop_reader`), and the raw connection errors (refused, reset)
+that asyncpg raises and SQLAlchemy passes through unwrapped."""
 
 
 def store_url(database_url: str | None, data_dir: Path, service: str) -> str:

@@ -18,6 +18,7 @@ import aio_pika
 import httpx
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import derived_event_id
@@ -813,6 +814,52 @@ async def test_a_cancel_request_reaches_every_workers_control_queue(
             assert {r.data.event_id for r in requests if isinstance(r, CancellationRequested)} == {
                 event_id
             }
+
+
+@pytest.mark.broker
+async def test_a_store_away_is_a_503_to_retry_not_a_500(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    async with running_gateway(namespace, tmp_path, None) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        engine = open_store(store_url(None, tmp_path, "gateway"))
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE status_events RENAME TO away"))
+            for method, path in (
+                ("GET", f"/v1/events/{event_id}"),
+                ("GET", f"/v1/datasets/{event_id}"),
+                ("DELETE", f"/v1/events/{event_id}"),
+            ):
+                response = await client.request(method, path)
+                assert response.status_code == 503, (path, response.text)
+                assert response.headers["retry-after"] == "5"
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE away RENAME TO status_events"))
+        finally:
+            await engine.dispose()
+        assert (await client.get(f"/v1/events/{event_id}")).status_code == 200
+
+
+@pytest.mark.broker
+async def test_a_published_cancellation_is_202_when_its_note_cannot_be_written(
+    namespace: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker has the cancellation, and it takes effect: a 500 (or a 503) would ask for a
+    # retry that changes nothing.
+    async def store_away(self: Tracking, event_id: str) -> None:
+        raise OperationalError("UPDATE", {}, ConnectionRefusedError("the store went away"))
+
+    async with running_gateway(namespace, tmp_path, None) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        monkeypatch.setattr(Tracking, "request_cancel", store_away)
+        cancelled = await client.delete(f"/v1/events/{event_id}")
+        assert cancelled.status_code == 202, cancelled.text
+        for worker in sorted(WORKERS):
+            [message] = await take(namespace.amqp_url, control_queue(namespace.name, worker), 1)
+            request = EVENT_ADAPTER.validate_json(message.body)
+            assert isinstance(request, CancellationRequested)
+            assert request.data.event_id == event_id
 
 
 @pytest.mark.broker
