@@ -113,8 +113,8 @@ class CallbackRequestedData(Payload):
 class CallbackRequested(Envelope):
     """The gateway asks for an event's final status to be posted to its client's callback URL.
 
-    Its id derives from the event's id, the outcome and the settlement time, so the same
-    settlement found twice (a redelivered status report) is the same request."""
+    Its id derives from the event's id and the outcome, so the same settlement found twice (a
+    redelivered status report) is the same request."""
 
     type: Literal["callback.requested"] = "callback.requested"
     dataschema: str | None = "urn:courier:schema:callback.requested:1"

@@ -14,7 +14,7 @@ their transaction could miss a second service's final state committed beside it)
 with confirm before it returns, so the caller acknowledges what triggered it (a status report, a
 dead letter) only once the request is with the broker. Only then is it marked as published: a
 crash in between publishes it again when the trigger comes back, under the same id (derived
-from the event id, the outcome and the settlement time), which the notifier's inbox drops.
+from the event id and the outcome), which the notifier's inbox drops.
 
 A replayed dead letter that then succeeds settles again, with another outcome: a second
 callback. The same outcome again (dead-lettered, replayed, dead-lettered) posts nothing new.
