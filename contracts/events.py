@@ -13,6 +13,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraint
 from contracts.envelope import ID_PATTERN, Envelope, IngestEnvelope, Payload
 from contracts.files import FileProcessed, FileUploaded
 from contracts.notify import Channel as Channel  # re-exported: it was defined here first
+from contracts.notify import Recipient
 from contracts.tracking import CallbackRequested, CancellationRequested, StatusReported
 
 
@@ -25,7 +26,7 @@ def schema_urn(event_type: str, version: int = 1) -> str:
 
 class NotificationRequestedData(Payload):
     channel: Channel = "log"
-    recipient: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    recipient: Recipient
     subject: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     body: Annotated[str, StringConstraints(max_length=10_000)] = ""
 
@@ -57,7 +58,7 @@ Record = Annotated[dict[FieldName, Scalar], Field(max_length=MAX_FIELDS)]
 class DatasetSubmittedData(Payload):
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "dataset"
     records: Annotated[list[Record], Field(min_length=1, max_length=MAX_RECORDS)]
-    notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    notify: Recipient | None = None
 
 
 class DatasetSubmitted(IngestEnvelope):
@@ -86,7 +87,7 @@ class DatasetProcessedData(Payload):
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     record_count: StrictInt = Field(ge=0)
     fields: Annotated[dict[FieldName, FieldSummary], Field(max_length=MAX_RECORDS * MAX_FIELDS)]
-    notify: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    notify: Recipient | None = None
 
 
 class DatasetProcessed(Envelope):

@@ -15,7 +15,11 @@ from contracts.envelope import Payload
 Channel = Literal["log", "webhook", "email"]
 CHANNELS: Final[tuple[Channel, ...]] = get_args(Channel)
 
-Recipient = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+NO_NUL: Final = r"^[^\x00]*$"
+"""Text a store can hold: PostgreSQL refuses a NUL in text, and a notification sent but not
+recorded would be sent again."""
+
+Recipient = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=NO_NUL)]
 """A log label, an http(s) URL (webhook) or one email address, by channel."""
 
 MAX_NOTIFY_TARGETS: Final = 10

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import orjson
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
@@ -25,6 +26,8 @@ from services.messaging.store import store_unavailable
 
 if TYPE_CHECKING:
     from services.notifier.deliveries import Deliveries
+
+T = TypeVar("T")
 
 log = get_logger("notifier.channels")
 
@@ -106,6 +109,17 @@ MAX_UNRECORDED = 10_000
 """Notifications remembered as sent while the store would not take their record."""
 
 
+async def _store_checked(lookup: Awaitable[T]) -> T:
+    """A look-up in the deliveries record; the store away is `StoreUnavailable`, so the
+    delivery is held until it is back instead of spending a retry attempt on the outage."""
+    try:
+        return await lookup
+    except Exception as exc:
+        if store_unavailable(exc):
+            raise StoreUnavailable("could not read the deliveries record") from exc
+        raise
+
+
 class Channels:
     """Delivers on the notification's channel, at most once per event id once it succeeded."""
 
@@ -121,7 +135,7 @@ class Channels:
             log.info("sent before the store went away; recording it, not sending again")
             await self._record(notification)
             return
-        if await self._deliveries.delivered_already(notification.event_id):
+        if await _store_checked(self._deliveries.delivered_already(notification.event_id)):
             # An earlier attempt delivered, then died before the inbox recorded the event.
             log.info(
                 "already delivered; not sending again", extra={"channel": notification.channel}
@@ -141,7 +155,7 @@ class Channels:
 
     async def refused_before(self, notification: Notification) -> str | None:
         """The error of a target's permanent refusal of this notification, if it refused."""
-        record = await self._deliveries.get(notification.event_id)
+        record = await _store_checked(self._deliveries.get(notification.event_id))
         if record is None or record.outcome != "rejected":
             return None
         return record.last_error or "refused"

@@ -197,6 +197,13 @@ def _is_delivered_in(conn: Connection, event_id: str) -> bool:
     return conn.execute(query).first() is not None
 
 
+def _storable(text: str) -> str:
+    """`text` with any NUL escaped: PostgreSQL refuses one in text, and an outcome the store
+    refuses (a receiver's error body holding one, a recipient from before the contract refused
+    them) would fail a sent notification, which its retry would send again."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
 def _rows(outcomes: list[_Outcome], at: datetime | str) -> list[tuple[Any, ...]]:
     """One batch of finished attempts as rows: a first attempt inserts its row, a later one
     counts (`_COUNT_AGAIN`)."""
@@ -204,10 +211,10 @@ def _rows(outcomes: list[_Outcome], at: datetime | str) -> list[tuple[Any, ...]]
         (
             o.notification.event_id,
             o.notification.channel,
-            o.notification.recipient,
+            _storable(o.notification.recipient),
             o.outcome,
             1,
-            o.error,
+            None if o.error is None else _storable(o.error),
             at,
             at,
             at if o.outcome == "delivered" else None,

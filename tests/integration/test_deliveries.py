@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,12 +153,12 @@ async def test_an_outcome_recorded_after_the_delivery_changes_nothing(
 async def test_an_outcome_the_store_refuses_fails_only_its_own_notification(
     deliveries: Deliveries,
 ) -> None:
-    """PostgreSQL refuses a NUL in text: recorded in one statement with others, such an
-    outcome failed them all, and each innocent handler's retry would send its notification
-    again. Its batch is now tried row by row (SQLite takes the NUL: all are recorded)."""
+    """PostgreSQL refuses a value over its column's length: recorded in one statement with
+    others, such an outcome failed them all, and each innocent handler's retry would send its
+    notification again. Its batch is now tried row by row (SQLite takes it: all are recorded)."""
     innocent, refused, other = (
         notification("http://a.test/"),
-        notification("http://b.test/\u0000"),
+        replace(notification("http://b.test/"), event_id="x" * 129),  # over the column's 128
         notification("http://c.test/"),
     )
     outcomes = await asyncio.gather(
@@ -166,6 +167,41 @@ async def test_an_outcome_the_store_refuses_fails_only_its_own_notification(
     assert outcomes[0] is None and outcomes[2] is None
     assert await deliveries.delivered_already(innocent.event_id)
     assert await deliveries.delivered_already(other.event_id)
+
+
+async def test_an_outcome_holding_a_nul_is_recorded_with_it_escaped(
+    deliveries: Deliveries,
+) -> None:
+    """PostgreSQL refuses a NUL in text: a receiver's error body holding one (or a recipient
+    from before the contract refused them) made the outcome unrecordable, and a delivered
+    notification was failed and sent again on every retry."""
+    n = replace(notification("http://b.test/"), recipient="http://b.test/\u0000")
+    await deliveries.failed(n, "webhook answered 400: bad\u0000body", permanent=True)
+    await deliveries.delivered(n)
+    stored = await deliveries.get(n.event_id)
+    assert stored is not None and stored.outcome == "delivered"
+    assert stored.target == "http://b.test/\\x00"
+    assert stored.last_error == "webhook answered 400: bad\\x00body"
+
+
+async def test_a_store_outage_at_the_check_before_sending_holds_the_delivery(
+    channels: Channels, deliveries: Deliveries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As an ordinary error it went to a delay tier, spending an attempt on the outage: a long
+    # one dead-lettered notifications that only had to wait.
+    async def locked(event_id: str) -> object:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(deliveries, "delivered_already", locked)
+    monkeypatch.setattr(deliveries, "get", locked)
+    with WebhookReceiver().running() as receiver:
+        n = notification(receiver.url())
+        with pytest.raises(StoreUnavailable) as held:  # the consumer holds the delivery
+            await channels.deliver(n)
+        assert isinstance(held.value.__cause__, sqlite3.OperationalError)
+        with pytest.raises(StoreUnavailable):
+            await channels.refused_before(n)
+        assert receiver.received == []  # nothing sent without the check
 
 
 async def test_a_full_batch_of_outcomes_is_committed_without_the_commit_delay(

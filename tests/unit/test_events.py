@@ -70,6 +70,21 @@ def test_payload_fields_are_strict_and_bounded(field: str, value: object) -> Non
         INGEST_ADAPTER.validate_python(notification(**{field: value}))
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "notification.requested", "data": {"recipient": "ops\x00team", "subject": "s"}},
+        {"type": "dataset.submitted", "data": {"records": [{"a": 1}], "notify": "ops\x00team"}},
+    ],
+    ids=["recipient", "notify label"],
+)
+def test_a_notification_target_holding_a_nul_is_refused(event: dict[str, object]) -> None:
+    # PostgreSQL cannot store it: the notification was sent, its record refused, and it was
+    # sent again on every retry.
+    with pytest.raises(ValidationError, match="pattern"):
+        INGEST_ADAPTER.validate_python(event)
+
+
 def test_unknown_payload_fields_are_refused() -> None:
     with pytest.raises(ValidationError, match="extra"):
         INGEST_ADAPTER.validate_python(notification(priority="high"))
