@@ -19,9 +19,15 @@ def finite_mean(numbers: Sequence[float]) -> float:
     not (`[1e308, 1e308]`): the mean lies between the smallest and the largest."""
     try:
         return math.fsum(numbers) / len(numbers)
-    except OverflowError:  # the sum left the doubles' range: sum the shares instead
+    except OverflowError:  # the sum left the doubles' range: sum them scaled down
         count = len(numbers)
-        return math.fsum(n / count for n in numbers)
+        # By a power of two, exactly, and enough that `count` of the largest double fit (the
+        # shares `n / count`, each rounded, could still sum past it: three of the largest
+        # raised OverflowError, retried as transient). Kept within the numbers' range, which
+        # a rounding at the edge could leave by an ulp.
+        scale = 2.0 ** -count.bit_length()
+        mean = math.fsum(n * scale for n in numbers) / count / scale
+        return min(max(mean, min(numbers)), max(numbers))
 
 
 @dataclass

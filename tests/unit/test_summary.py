@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from services.processor.summary import summarise
+from services.processor.summary import finite_mean, summarise
 
 
 def test_numbers_get_min_max_mean() -> None:
@@ -41,6 +43,23 @@ def test_mixed_kinds_are_reported_as_mixed() -> None:
 def test_a_mean_is_given_where_the_sum_of_the_numbers_overflows() -> None:
     fields = summarise([{"big": 1e308}, {"big": 1e308}, {"big": 7e307}])
     assert fields["big"].mean == pytest.approx(9e307)
+
+
+@pytest.mark.parametrize("count", [2, 3, 6, 7, 9, 12, 100, 1001])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_mean_of_the_largest_doubles_is_that_double(count: int, sign: float) -> None:
+    # Summing their shares (each `n / count`, rounded) went past the largest double for three
+    # of them: an OverflowError, retried as transient until the event was dead-lettered.
+    largest = sign * sys.float_info.max
+    assert finite_mean([largest] * count) == largest
+    assert summarise([{"x": largest}] * count)["x"].mean == largest
+
+
+def test_a_mean_past_overflow_stays_between_the_numbers() -> None:
+    numbers = [sys.float_info.max, sys.float_info.max, 1.7e308, 1e308, -1e308, 5.0]
+    mean = finite_mean(numbers)
+    assert min(numbers) <= mean <= max(numbers)
+    assert mean == pytest.approx(sum(n / len(numbers) for n in numbers))
 
 
 def test_a_mean_is_exactly_rounded() -> None:
