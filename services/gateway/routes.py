@@ -11,7 +11,8 @@ from urllib.parse import quote
 import orjson
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
@@ -216,16 +217,12 @@ def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
     )
 
 
-async def store_away(request: Request, exc: Exception) -> JSONResponse:
+async def store_away(request: Request, exc: Exception) -> Response:
     """A store failure no route handled (a status read, a result, a file's record): an outage
     to wait out, a 503 the client retries, not a 500 that blames the request."""
     log.error("the store failed a request", exc_info=exc, extra={"path": request.url.path})
-    settings: GatewaySettings = request.app.state.settings
-    return JSONResponse(
-        {"detail": "the gateway's store is unavailable; retry later"},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": str(settings.retry_after_seconds)},
-    )
+    answer = store_unavailable(request.app.state.settings, "reach its store")
+    return await http_exception_handler(request, answer)
 
 
 def _ingest_state(request: Request) -> tuple[BrokerLink, GatewaySettings, Tracking]:

@@ -109,14 +109,14 @@ MAX_UNRECORDED = 10_000
 """Notifications remembered as sent while the store would not take their record."""
 
 
-async def _store_checked(lookup: Awaitable[T]) -> T:
-    """A look-up in the deliveries record; the store away is `StoreUnavailable`, so the
-    delivery is held until it is back instead of spending a retry attempt on the outage."""
+async def _store_checked(work: Awaitable[T], what: str) -> T:
+    """Work with the deliveries record; the store away is `StoreUnavailable`, so the delivery
+    is held until it is back instead of spending a retry attempt on the outage."""
     try:
-        return await lookup
+        return await work
     except Exception as exc:
         if store_unavailable(exc):
-            raise StoreUnavailable("could not read the deliveries record") from exc
+            raise StoreUnavailable(f"could not {what}") from exc
         raise
 
 
@@ -135,7 +135,9 @@ class Channels:
             log.info("sent before the store went away; recording it, not sending again")
             await self._record(notification)
             return
-        if await _store_checked(self._deliveries.delivered_already(notification.event_id)):
+        if await _store_checked(
+            self._deliveries.delivered_already(notification.event_id), "read the deliveries record"
+        ):
             # An earlier attempt delivered, then died before the inbox recorded the event.
             log.info(
                 "already delivered; not sending again", extra={"channel": notification.channel}
@@ -155,7 +157,9 @@ class Channels:
 
     async def refused_before(self, notification: Notification) -> str | None:
         """The error of a target's permanent refusal of this notification, if it refused."""
-        record = await _store_checked(self._deliveries.get(notification.event_id))
+        record = await _store_checked(
+            self._deliveries.get(notification.event_id), "read the deliveries record"
+        )
         if record is None or record.outcome != "rejected":
             return None
         return record.last_error or "refused"
@@ -168,13 +172,13 @@ class Channels:
         except Exception:  # retried below, within the budget
             log.warning("could not record a delivery; retrying", exc_info=True)
             try:
-                await self._record_patiently(notification)
-            except Exception as exc:
+                await _store_checked(
+                    self._record_patiently(notification), "record a sent notification"
+                )
+            except Exception:
                 self._unrecorded[notification.event_id] = None
                 if len(self._unrecorded) > MAX_UNRECORDED:
                     del self._unrecorded[next(iter(self._unrecorded))]
-                if store_unavailable(exc):  # held until the store is back: no attempt spent
-                    raise StoreUnavailable("could not record a sent notification") from exc
                 raise
         self._unrecorded.pop(notification.event_id, None)
 

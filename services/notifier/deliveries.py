@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.messaging.batching import Batcher
+from services.messaging.dead_letters import printable
 from services.messaging.store import (
     BatchRunner,
     insert_for,
@@ -197,13 +198,6 @@ def _is_delivered_in(conn: Connection, event_id: str) -> bool:
     return conn.execute(query).first() is not None
 
 
-def _storable(text: str) -> str:
-    """`text` with any NUL escaped: PostgreSQL refuses one in text, and an outcome the store
-    refuses (a receiver's error body holding one, a recipient from before the contract refused
-    them) would fail a sent notification, which its retry would send again."""
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
-
-
 def _rows(outcomes: list[_Outcome], at: datetime | str) -> list[tuple[Any, ...]]:
     """One batch of finished attempts as rows: a first attempt inserts its row, a later one
     counts (`_COUNT_AGAIN`)."""
@@ -211,10 +205,14 @@ def _rows(outcomes: list[_Outcome], at: datetime | str) -> list[tuple[Any, ...]]
         (
             o.notification.event_id,
             o.notification.channel,
-            _storable(o.notification.recipient),
+            # Control characters escaped, as a dead letter's plain form escapes them: PostgreSQL
+            # refuses a NUL in text, and an outcome the store refuses (a receiver's error body
+            # holding one, a recipient from before the contract refused them) would fail a
+            # sent notification, which its retry would send again.
+            printable(o.notification.recipient),
             o.outcome,
             1,
-            None if o.error is None else _storable(o.error),
+            None if o.error is None else printable(o.error),
             at,
             at,
             at if o.outcome == "delivered" else None,

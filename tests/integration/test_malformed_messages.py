@@ -24,15 +24,14 @@ from pamqp.header import ContentHeader
 
 from contracts.topology import dead_letter_queue
 from services.messaging import failure as f
-from services.messaging.dead_letters import DeadLetter, read_delivered
-from services.messaging.declare import declare_topology
+from services.messaging.dead_letters import DeadLetter
 from services.messaging.errors import PermanentError
 from services.messaging.publisher import event_body
 from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter
 from tests.conftest import Namespace
 from tests.integration.test_consumer import Recorder, notification, route, running
-from tests.integration.test_ops_api import draining
+from tests.integration.test_ops_api import dead_letter_arrives, draining, storing
 from tests.support.polling import eventually
 from tests.support.queues import assert_empty, take
 
@@ -209,52 +208,16 @@ async def test_a_dead_letter_with_a_decimal_header_is_stored(
     # A Java or .NET producer may send a decimal. JSON has none: the store refused the letter,
     # so the drain held it, returned it to its queue and drained it again, for ever, never
     # shown (as `courier-replays`, on the broker's path, its id could not even be computed).
-    queue = dead_letter_queue(namespace.name, "notifier")
-    connection = await aio_pika.connect(namespace.amqp_url)
-    async with connection, connection.channel() as channel:
-        await declare_topology(connection, namespace.settings().all_topologies())
-        await channel.default_exchange.publish(
-            aio_pika.Message(b"{}", message_id="odd", headers={header: Decimal("1.5")}),
-            routing_key=queue,
-        )
-    [delivered] = await take(namespace.amqp_url, queue, 1)  # decoded as the drain gets it
-    letter = read_delivered(namespace.name, delivered)
-    postgres = request.getfixturevalue("postgres_database") if database == "postgresql" else None
-    engine = open_store(store_url(postgres, tmp_path, "gateway"))
-    store = FailureStore(engine)
-    await store.start()
-    try:
-        await store.store(letter)
-        stored = await store.letter(letter.id)
-    finally:
-        await engine.dispose()
-    assert stored is not None and stored.event_id == "odd"
-    assert stored.headers[header] == "1.5"
-
-
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("header", ["x-amount", f.REPLAYS])
-async def test_a_dead_letter_with_a_decimal_header_is_stored_through_the_drain(
-    namespace: Namespace, tmp_path: Path, request: pytest.FixtureRequest, database: str, header: str
-) -> None:
-    # The same letter the whole way: consumed by the drain, stored, acked.
     postgres = request.getfixturevalue("postgres_database") if database == "postgresql" else None
     engine = open_store(store_url(postgres, tmp_path, "gateway"))
     store = FailureStore(engine)
     await store.start()
     queue = dead_letter_queue(namespace.name, "notifier")
-
-    async def keep(letter: DeadLetter) -> None:
-        await store.store(letter)
-
     try:
-        async with draining(namespace, keep):
-            connection = await aio_pika.connect(namespace.amqp_url)
-            async with connection, connection.channel() as channel:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(b"{}", message_id="odd", headers={header: Decimal("1.5")}),
-                    routing_key=queue,
-                )
+        async with draining(namespace, storing(store)):
+            await dead_letter_arrives(
+                namespace, "odd", body=b"{}", headers={header: Decimal("1.5")}
+            )
 
             async def stored() -> None:
                 # Asserted, not unpacked: `eventually` retries an AssertionError only, and an

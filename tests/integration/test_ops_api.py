@@ -423,11 +423,26 @@ async def draining(
         await connection.close()
 
 
-async def dead_letter_arrives(namespace: Namespace, message_id: str) -> None:
+def storing(store: FailureStore) -> Sink:
+    """A drain's sink that stores each letter in `store`."""
+
+    async def keep(letter: DeadLetter) -> None:
+        await store.store(letter)
+
+    return keep
+
+
+async def dead_letter_arrives(
+    namespace: Namespace,
+    message_id: str,
+    body: bytes = b"not json",
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """A message published straight into the notifier's dead-letter queue."""
     connection = await aio_pika.connect(namespace.amqp_url)
     async with connection, connection.channel() as channel:
         await channel.default_exchange.publish(
-            aio_pika.Message(b"not json", message_id=message_id),
+            aio_pika.Message(body, message_id=message_id, headers=headers),
             routing_key=dead_letter_queue(namespace.name, "notifier"),
         )
 
@@ -525,18 +540,11 @@ async def test_a_dead_letter_the_store_refuses_as_it_is_is_stored_in_plain_form(
     engine = open_store(store_url(postgres_database, Path(), "gateway"))
     store = FailureStore(engine)
     await store.start()
-
-    async def keep(letter: DeadLetter) -> None:
-        await store.store(letter)
-
     try:
-        async with draining(namespace, keep):
-            connection = await aio_pika.connect(namespace.amqp_url)
-            async with connection, connection.channel() as channel:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(b"\x00body", message_id="m\x00-1", headers={f.REPLAYS: 2**40}),
-                    routing_key=dead_letter_queue(namespace.name, "notifier"),
-                )
+        async with draining(namespace, storing(store)):
+            await dead_letter_arrives(
+                namespace, "m\x00-1", body=b"\x00body", headers={f.REPLAYS: 2**40}
+            )
 
             async def stored() -> None:
                 page = await store.page(Filter())
