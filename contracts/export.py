@@ -26,6 +26,7 @@ from contracts.topology import (
     WORKERS,
     ExchangeSpec,
     events_exchange,
+    queue_for,
     service_topology,
 )
 
@@ -225,7 +226,7 @@ def _operation(service: str, action: Action, event_type: str) -> dict[str, Any]:
     else:
         description = (
             f"The {service} consumes `{event_type}` from its quorum queue "
-            f"`{service_topology(NAMESPACE, service).queue}` and acknowledges it only after "
+            f"`{queue_for(NAMESPACE, service, event_type)}` and acknowledges it only after "
             "its handler succeeded."
         )
         binding = {"ack": True}
@@ -268,7 +269,8 @@ def asyncapi_document() -> dict[str, Any]:
                 "Durable background work and events on RabbitMQ. Every event is a CloudEvents "
                 f"1.0 envelope published to the `{exchange.name}` topic exchange with the "
                 "event type as routing key; each consuming service has its own quorum queue "
-                "bound to the types it subscribes to.\n\n" + _GENERATED
+                "bound to the types it subscribes to (and a queue of their own for the types "
+                "of a lane, such as the processor's files).\n\n" + _GENERATED
             ),
             "license": {"name": "MIT", "url": "https://opensource.org/licenses/MIT"},
         },

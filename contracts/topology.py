@@ -5,7 +5,9 @@ namespace (which isolates deployments and test runs) and a service name:
 
     <ns>.events                    topic exchange, routing key = event type
     <ns>.<service>                 the service's work queue (quorum), bound to its event types
+    <ns>.<service>.<lane>          a lane: the event types of `LANES` the service takes apart
     <ns>.<service>.retry.<N>s      delay tier: queue-level TTL, dead-letters back to the work queue
+    <ns>.<service>.<lane>.retry.<N>s   a lane's delay tier, back to the lane
     <ns>.<service>.dlq             dead letters of the service (quorum)
     <ns>.<service>.control         control requests (cancellations) ahead of the work backlog
     <ns>.dlx                       direct exchange the work queues dead-letter into
@@ -15,7 +17,7 @@ Declaring these values on a broker is `services.messaging.declare`'s job; nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from contracts.events import EVENT_MODELS
@@ -41,13 +43,34 @@ RESULT_TYPES: Final[frozenset[str]] = frozenset({"dataset.processed"})
 in a `results.reported` batch, confirmed before it acknowledges the input: at a steady rate the
 gateway takes a delivery per batch, not per result (each cost it ~0.3 ms of CPU)."""
 
+
+@dataclass(frozen=True)
+class Lane:
+    """Event types a service takes from a queue of their own, at a prefetch of their own.
+
+    Analysing a large file holds a handler (and a CPU worker) for minutes. In the work queue a
+    burst of files would sit in the prefetch window, delivered, where the broker's
+    `consumer_timeout` counts, and every quick event behind them would wait. In a lane, files
+    beyond what the service works on at once wait in their queue, and the work queue flows.
+    """
+
+    name: str
+    event_types: tuple[str, ...]
+
+
+LANES: Final[dict[str, tuple[Lane, ...]]] = {
+    "processor": (Lane("files", ("file.uploaded",)),),
+}
+
 RETIRED_BINDINGS: Final[dict[str, tuple[str, ...]]] = {
     # Before results were reported in batches, the gateway subscribed to each result.
     "gateway": ("dataset.processed",),
+    # Before the files lane, files came through the processor's work queue.
+    "processor": ("file.uploaded",),
 }
-"""Event types a service subscribed to in an earlier version. Declaring with `unbind_retired`
-(the gateway's `COURIER_UNBIND_RETIRED`, once no service of that version runs) removes them, so
-an upgraded broker stops routing them there."""
+"""Event types an earlier version bound to a service's work queue and this one does not.
+Declaring with `unbind_retired` (the gateway's `COURIER_UNBIND_RETIRED`, once no service of
+that version runs) removes them, so an upgraded broker stops routing them there."""
 
 # Services that do the work and report status; each gets a control queue for cancellations.
 WORKERS: Final[frozenset[str]] = frozenset({"processor", "notifier"})
@@ -83,17 +106,33 @@ def control_queue(ns: str, service: str) -> str:
     return f"{work_queue(ns, service)}.control"
 
 
-def retry_queue(ns: str, service: str, delay_seconds: int) -> str:
-    return f"{work_queue(ns, service)}.retry.{delay_seconds}s"
+def lane_queue(ns: str, service: str, lane: str) -> str:
+    return f"{work_queue(ns, service)}.{lane}"
+
+
+def retry_queue(ns: str, service: str, delay_seconds: int, lane: str | None = None) -> str:
+    consumed = lane_queue(ns, service, lane) if lane else work_queue(ns, service)
+    return f"{consumed}.retry.{delay_seconds}s"
+
+
+def queue_for(ns: str, service: str, event_type: str) -> str:
+    """The queue a service takes events of this type from (where a replay sends one back):
+    a control request's control queue, a lane's queue, or else the work queue."""
+    if event_type in CONTROL_EVENT_TYPES and service in WORKERS:
+        return control_queue(ns, service)
+    for lane in LANES.get(service, ()):
+        if event_type in lane.event_types:
+            return lane_queue(ns, service, lane.name)
+    return work_queue(ns, service)
 
 
 def service_of_queue(ns: str, queue: str) -> str:
-    """The service a queue belongs to: the inverse of the name functions above."""
-    name = queue.removeprefix(f"{ns}.")
-    for suffix in (".dlq", ".control"):
-        name = name.removesuffix(suffix)
-    service, _, tier = name.partition(".retry.")
-    return service if tier else name
+    """The service a queue belongs to: the inverse of the name functions above (a service's
+    name has no dot; every queue of it starts with `<ns>.<service>`)."""
+    return queue.removeprefix(f"{ns}.").partition(".")[0]
+
+
+_RESERVED_LANE_NAMES: Final = frozenset({"dlq", "control", "retry"})
 
 
 @dataclass(frozen=True)
@@ -140,11 +179,16 @@ class ServiceTopology:
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     max_length: int | None = None
+    lanes: tuple[Lane, ...] = ()
+    """Event types (of `event_types`) taken from queues of their own (`LANES`)."""
+    lane: str | None = None
+    """Set on the view of one lane (`for_lane`): its queue and delay tiers are the lane's."""
 
     def __post_init__(self) -> None:
         unknown = set(self.event_types + self.control_event_types) - EVENT_MODELS.keys()
         if unknown:
             raise ValueError(f"unknown event types for {self.service}: {sorted(unknown)}")
+        self._check_lanes()
         if any(d <= 0 for d in self.retry_delays) or list(self.retry_delays) != sorted(
             set(self.retry_delays)
         ):
@@ -152,8 +196,34 @@ class ServiceTopology:
         if self.delivery_limit < 1:
             raise ValueError("delivery limit must be at least 1")
 
+    def _check_lanes(self) -> None:
+        names = [lane.name for lane in self.lanes]
+        if len(set(names)) != len(names) or any(
+            not name.isidentifier() or name in _RESERVED_LANE_NAMES for name in names
+        ):
+            raise ValueError(f"lane names must be distinct identifiers, not reserved: {names}")
+        laned = [t for lane in self.lanes for t in lane.event_types]
+        if len(set(laned)) != len(laned) or not set(laned) <= set(self.event_types):
+            raise ValueError(
+                f"each lane's event types must be the service's, in one lane only: {laned}"
+            )
+
+    def for_lane(self, lane: Lane) -> ServiceTopology:
+        """What a consumer of `lane` works with: the lane's queue, its delay tiers (which expire
+        back into the lane) and the service's dead-letter queue."""
+        return replace(
+            self,
+            event_types=lane.event_types,
+            control_event_types=(),
+            retired_event_types=(),
+            lanes=(),
+            lane=lane.name,
+        )
+
     @property
     def queue(self) -> str:
+        if self.lane is not None:
+            return lane_queue(self.namespace, self.service, self.lane)
         return work_queue(self.namespace, self.service)
 
     @property
@@ -165,7 +235,7 @@ class ServiceTopology:
         return events_exchange(self.namespace)
 
     def retry_queue(self, delay_seconds: int) -> str:
-        return retry_queue(self.namespace, self.service, delay_seconds)
+        return retry_queue(self.namespace, self.service, delay_seconds, self.lane)
 
     @property
     def control_queue(self) -> str | None:
@@ -217,18 +287,26 @@ class ServiceTopology:
 
     def queues(self) -> tuple[QueueSpec, ...]:
         control = self.control_queue_spec()
+        lanes = [self.for_lane(lane) for lane in self.lanes]
         return (
             self.work_queue_spec(),
             *((control,) if control else ()),
             self.dead_letter_queue_spec(),
             *self.retry_queue_specs(),
+            *(q for lane in lanes for q in (lane.work_queue_spec(), *lane.retry_queue_specs())),
         )
 
     def bindings(self) -> tuple[BindingSpec, ...]:
         events = events_exchange(self.namespace)
         dlx = dead_letter_exchange(self.namespace)
+        laned = {t for lane in self.lanes for t in lane.event_types}
         return (
-            *(BindingSpec(self.queue, events, t) for t in self.event_types),
+            *(BindingSpec(self.queue, events, t) for t in self.event_types if t not in laned),
+            *(
+                BindingSpec(self.for_lane(lane).queue, events, t)
+                for lane in self.lanes
+                for t in lane.event_types
+            ),
             *(
                 BindingSpec(self.control_queue, events, t)
                 for t in self.control_event_types
@@ -260,4 +338,5 @@ def service_topology(
         retry_delays=retry_delays,
         delivery_limit=delivery_limit,
         max_length=max_length,
+        lanes=LANES.get(service, ()),
     )

@@ -176,7 +176,10 @@ class Consumer:
         reporter: StatusReporter | None = None,
         results: ResultReporter | None = None,
         queue: QueueSpec | None = None,
+        one_at_a_time: OneAtATime | None = None,
     ) -> None:
+        """`one_at_a_time`: share it between the consumers of one service's queues, so that a
+        duplicate in another of its queues waits too (and finds the inbox record)."""
         for event_type, route in routes.items():
             unknown = set(route.retry.delays) - set(topology.retry_delays)
             if unknown:
@@ -207,7 +210,7 @@ class Consumer:
         self._holding = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._infrastructure_failures = 0
-        self._one_at_a_time = _OneAtATime()
+        self._one_at_a_time = one_at_a_time or OneAtATime()
         self._idle = asyncio.Event()
         self._idle.set()
         self._backlog = 0
@@ -479,8 +482,9 @@ class Consumer:
                 exc_ = UnhandledEventType(f"{self._topology.service} has no handler for this type")
                 await self._dead_letter(message, Failure.of(exc_, attempt), "invalid", event)
                 return
-            # One delivery of an event id at a time in this process: a duplicate waits, then
-            # finds the inbox record instead of running the handler beside the original.
+            # One delivery of an event id at a time in this service's consumers: a duplicate
+            # waits, then finds the inbox record instead of running the handler beside the
+            # original.
             await self._one_at_a_time.acquire(event.id)
             try:
                 await self._handle(message, event, route, attempt)
@@ -808,7 +812,7 @@ async def _requeue(message: DeliveredMessage) -> None:
         await message.channel.basic_nack(_tag(message), requeue=True)
 
 
-class _OneAtATime:
+class OneAtATime:
     """Exclusive holds on keys: a lock per key that costs a dict entry, not a lock object, when
     nobody waits (almost always: a duplicate delivery in flight is rare)."""
 

@@ -34,14 +34,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import TypeAdapter, ValidationError
 
-from contracts.topology import (
-    CONTROL_EVENT_TYPES,
-    WORKERS,
-    control_queue,
-    service_of_queue,
-    work_queue,
-    workers_of,
-)
+from contracts.topology import queue_for, service_of_queue, workers_of
 from contracts.tracking import EventIdField
 from services.messaging import failure as f
 from services.messaging.hold import hold_pauses
@@ -472,12 +465,10 @@ def replay_message(letter: DeadLetter) -> aio_pika.Message:
 
 
 def replay_queue(namespace: str, letter: DeadLetter) -> str:
-    """Where a replay sends the letter: a control request (a cancellation) to its service's
-    control queue, ahead of the work backlog as when it was first sent; anything else to the
-    service's work queue."""
-    if letter.event_type in CONTROL_EVENT_TYPES and letter.service in WORKERS:
-        return control_queue(namespace, letter.service)
-    return work_queue(namespace, letter.service)
+    """Where a replay sends the letter: the queue its service takes that event type from
+    (`queue_for`): a cancellation to the control queue, ahead of the work backlog as when it
+    was first sent; a file to the files lane; anything else to the work queue."""
+    return queue_for(namespace, letter.service, letter.event_type or "")
 
 
 async def replay(publisher: Publisher, namespace: str, letter: DeadLetter) -> None:

@@ -31,7 +31,7 @@ from tenacity import (
 from contracts.topology import ServiceTopology
 from contracts.tracking import CancellationRequested
 from services.messaging.connection import open_connection
-from services.messaging.consumer import Consumer, Route
+from services.messaging.consumer import Consumer, OneAtATime, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
 from services.messaging.health import serve_health
@@ -220,39 +220,57 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         cancel = Route(
             functools.partial(_record_cancellation, inbox), settings.retry_policy(), stateful=True
         )
+        one_at_a_time = OneAtATime()
         consumers = [
             Consumer(
                 topology=topology,
+                # A lane's types too: an earlier version's binding may still route them here.
                 routes={**routes, **dict.fromkeys(topology.control_event_types, cancel)},
                 publisher=publisher,
                 inbox=inbox,
                 prefetch=settings.prefetch,
                 reporter=reporter,
                 results=results,
-            )
+                one_at_a_time=one_at_a_time,
+            ),
+            *(
+                Consumer(
+                    topology=topology.for_lane(lane),
+                    routes={t: routes[t] for t in lane.event_types},
+                    publisher=publisher,
+                    inbox=inbox,
+                    prefetch=settings.lane_prefetch(lane.name),
+                    reporter=reporter,
+                    results=results,
+                    one_at_a_time=one_at_a_time,
+                )
+                for lane in topology.lanes
+            ),
         ]
         control = topology.control_queue_spec()
         if control is not None:
-            consumers.append(
-                Consumer(
-                    topology=topology,
-                    routes=dict.fromkeys(topology.control_event_types, cancel),
-                    publisher=publisher,
-                    inbox=inbox,
-                    prefetch=CONTROL_PREFETCH,
-                    queue=control,
-                )
+            # Control first, and caught up with what arrived while this service was down: a
+            # cancellation waiting in the control queue must be recorded before its event is
+            # taken.
+            controls = Consumer(
+                topology=topology,
+                routes=dict.fromkeys(topology.control_event_types, cancel),
+                publisher=publisher,
+                inbox=inbox,
+                prefetch=CONTROL_PREFETCH,
+                queue=control,
+                one_at_a_time=one_at_a_time,
             )
-        # Control first, and caught up with what arrived while this service was down: a
-        # cancellation waiting in the control queue must be recorded before its event is taken.
-        for consumer in reversed(consumers):
+            await controls.start(connection)
+            try:
+                async with asyncio.timeout(CATCH_UP_SECONDS):
+                    await controls.caught_up()
+            except TimeoutError:
+                log.warning("control requests not all applied before consuming work")
+        for consumer in consumers:
             await consumer.start(connection)
-            if consumer is not consumers[0]:
-                try:
-                    async with asyncio.timeout(CATCH_UP_SECONDS):
-                        await consumer.caught_up()
-                except TimeoutError:
-                    log.warning("control requests not all applied before consuming work")
+        if control is not None:
+            consumers.append(controls)
 
         def consuming() -> bool:
             return all(consumer.consuming for consumer in consumers)

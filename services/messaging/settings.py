@@ -8,6 +8,7 @@ queues too and the broker refuses a queue re-declared with other arguments.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -165,6 +166,13 @@ class ConsumerSettings(CourierSettings):
     cpu_workers: int = Field(
         default=0, ge=0, le=64, description="Processes for CPU-bound handlers; 0 = CPU count."
     )
+    files_prefetch: int = Field(
+        default=0,
+        ge=0,
+        le=65_535,
+        description="Files the processor analyses at once (the prefetch of its files lane); "
+        "0 = one less than the CPU workers, at least 1.",
+    )
 
     @field_validator("permanent_errors", mode="before")
     @classmethod
@@ -184,6 +192,15 @@ class ConsumerSettings(CourierSettings):
                 f"or at least twice COURIER_STATUS_REPORT_INTERVAL_MS ({interval:g} s)"
             )
         return self
+
+    def lane_prefetch(self, lane: str) -> int:
+        """The prefetch of a lane's consumer (`contracts.topology.LANES`). Files beyond it wait
+        in their queue, where no `consumer_timeout` counts; by default one CPU worker stays
+        free for the datasets large enough to need one."""
+        if lane == "files":
+            workers = self.cpu_workers or os.cpu_count() or 1
+            return self.files_prefetch or max(1, workers - 1)
+        return self.prefetch
 
     def retry_policy(self) -> RetryPolicy:
         """The service-wide retry policy; a route may use its own."""

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from contracts.envelope import derived_event_id
 from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
-from contracts.topology import events_exchange, work_queue
+from contracts.topology import events_exchange, queue_for
 from services.blobs import LocalBlobStore
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
@@ -93,6 +93,11 @@ async def undeletable(
         yield c
 
 
+def files_lane(namespace: Namespace) -> str:
+    """Where the processor takes the announced files from."""
+    return queue_for(namespace.name, "processor", "file.uploaded")
+
+
 async def declare_topology_of(namespace: Namespace) -> None:
     connection = await aio_pika.connect(namespace.amqp_url)
     async with connection:
@@ -148,7 +153,7 @@ async def test_an_upload_is_stored_announced_and_served_back(
     assert stored_files(blob_dir) == [blob_dir / file_id]
     assert (blob_dir / file_id).read_bytes() == CSV
 
-    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(message.body)
     assert isinstance(event, FileUploaded)
     assert event.id == file_id and event.correlationid == "order-7"
@@ -193,7 +198,7 @@ async def test_a_streamed_upload_is_hashed_as_it_arrives(
     file_id = response.json()["id"]
     stored = (blob_dir / file_id).read_bytes()
     assert len(stored) == size
-    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(message.body)
     assert isinstance(event, FileUploaded)
     assert (event.data.size, event.data.sha256) == (size, hashlib.sha256(stored).hexdigest())
@@ -213,7 +218,7 @@ async def test_a_file_over_the_limit_is_refused_and_removed(
     )
     assert declared.status_code == 413
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 @pytest.mark.parametrize(
@@ -238,7 +243,7 @@ async def test_unacceptable_uploads_store_and_publish_nothing(
     response = await client.post("/v1/files", files=files, content=content, headers=headers)
     assert response.status_code == status, response.text
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_a_wildcard_type_is_allowed_and_the_name_is_made_safe(
@@ -347,9 +352,9 @@ async def test_an_upload_repeated_with_its_idempotency_key_is_one_file_announced
     assert again.headers["idempotent-replayed"] == "true"
     file_id = first.json()["id"]
     assert stored_files(blob_dir) == [blob_dir / file_id]  # the repeat's copy is not kept
-    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [announced] = await take(namespace.amqp_url, files_lane(namespace), 1)
     assert announced.message_id == file_id
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_an_idempotency_key_reused_for_another_file_is_a_conflict_that_keeps_nothing(
@@ -363,8 +368,8 @@ async def test_an_idempotency_key_reused_for_another_file_is_a_conflict_that_kee
     )
     assert other.status_code == 409, other.text
     assert stored_files(blob_dir) == [blob_dir / first.json()["id"]]
-    await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await take(namespace.amqp_url, files_lane(namespace), 1)
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_after_a_failed_upload_its_key_takes_the_repeat_and_replays_it_after(
@@ -382,7 +387,7 @@ async def test_after_a_failed_upload_its_key_takes_the_repeat_and_replays_it_aft
     later = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
     assert later.json() == again.json() and later.headers["idempotent-replayed"] == "true"
     file_id = again.json()["id"]
-    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [announced] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(announced.body)
     assert isinstance(event, FileUploaded) and event.data.file_id == announced.message_id == file_id
     # The id is the first attempt's (the key held it); the bytes are the repeat's copy.
@@ -390,7 +395,7 @@ async def test_after_a_failed_upload_its_key_takes_the_repeat_and_replays_it_aft
     [stored] = stored_files(blob_dir)
     assert stored.name == event.data.blob and stored.read_bytes() == CSV
     assert (await client.get(f"/v1/files/{file_id}/content")).content == CSV
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def upload_until_accepted(
@@ -426,7 +431,7 @@ async def test_a_repeat_after_a_maybe_announced_upload_announces_the_kept_file_a
         assert again.json()["id"] == file_id
         # One file: the copy kept for the first announcement; the repeat's is not kept.
         assert stored_files(blob_dir) == [blob_dir / file_id]
-        announced = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+        announced = await take(namespace.amqp_url, files_lane(namespace), 1)
         assert {m.message_id for m in announced} == {file_id}
 
 
@@ -456,7 +461,7 @@ async def test_a_keyed_upload_that_failed_keeps_its_copy_for_the_repeat(
     assert again.status_code == 202, again.text
     assert again.json()["id"] == kept.name  # the first attempt's id and copy
     assert stored_files(blob_dir) == [kept]  # the repeat's copy is not kept
-    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [announced] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(announced.body)
     assert isinstance(event, FileUploaded) and event.data.blob == kept.name
 
@@ -471,7 +476,7 @@ async def test_a_repeat_whose_kept_copy_went_missing_brings_its_own(
     again = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key)
     assert again.status_code == 202, again.text
     file_id = again.json()["id"]
-    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [announced] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(announced.body)
     assert isinstance(event, FileUploaded) and event.data.file_id == file_id == kept.name
     assert stored_files(blob_dir) == [blob_dir / event.data.blob]
@@ -488,7 +493,7 @@ async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"]
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_a_store_failure_is_a_503_even_when_the_copy_cannot_be_deleted_either(
@@ -510,7 +515,7 @@ async def test_a_store_failure_is_a_503_even_when_the_copy_cannot_be_deleted_eit
         "could not delete an unused copy" in r.getMessage() and left.name in (r.exc_text or "")
         for r in caplog.records
     )
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_a_repeat_gets_the_first_answer_even_when_its_copy_cannot_be_deleted(
@@ -526,9 +531,9 @@ async def test_a_repeat_gets_the_first_answer_even_when_its_copy_cannot_be_delet
     assert first.status_code == again.status_code == 202, again.text
     assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     assert len(stored_files(blob_dir)) == 2  # the repeat's copy, left for the sweep
-    [announced] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [announced] = await take(namespace.amqp_url, files_lane(namespace), 1)
     assert announced.message_id == first.json()["id"]
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 def form(*parts: tuple[str, str | tuple[str, bytes, str]]) -> bytes:
@@ -562,7 +567,7 @@ async def test_notify_targets_before_and_after_the_file_travel_with_it(
     response = await client.post("/v1/files", content=body, headers=MULTIPART)
     assert response.status_code == 202, response.text
 
-    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(message.body)
     assert isinstance(event, FileUploaded)
     assert [(t.channel, t.recipient) for t in event.data.notify] == [
@@ -582,7 +587,7 @@ async def test_notify_fields_sent_by_a_form_client_are_read(
         data={"notify": ["email:a@example.com", "email:b@example.com"]},
     )
     assert response.status_code == 202, response.text
-    [message] = await take(namespace.amqp_url, work_queue(namespace.name, "processor"), 1)
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
     event = EVENT_ADAPTER.validate_json(message.body)
     assert isinstance(event, FileUploaded)
     assert [t.recipient for t in event.data.notify] == ["a@example.com", "b@example.com"]
@@ -613,7 +618,7 @@ async def test_a_bad_notify_target_is_a_422_that_stores_and_publishes_nothing(
     assert response.status_code == 422, response.text
     assert says in response.json()["detail"]
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_more_than_ten_notify_targets_are_refused(
@@ -625,7 +630,7 @@ async def test_more_than_ten_notify_targets_are_refused(
     assert response.status_code == 422, response.text
     assert "at most 10 notify targets" in response.json()["detail"]
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
 async def test_an_upload_with_a_correlation_header_that_is_no_id_is_refused_and_leaves_nothing(
@@ -641,4 +646,4 @@ async def test_an_upload_with_a_correlation_header_that_is_no_id_is_refused_and_
     assert response.status_code == 422, response.text
     assert "X-Correlation-ID" in response.text
     assert stored_files(blob_dir) == []
-    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])

@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import NotificationRequested, NotificationRequestedData
-from contracts.topology import control_queue, dead_letter_queue, work_queue
+from contracts.topology import control_queue, dead_letter_queue, lane_queue, work_queue
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.messaging import failure as f
@@ -1046,3 +1046,26 @@ async def test_a_store_away_is_a_503_to_retry(namespace: Namespace, tmp_path: Pa
                 await conn.execute(text(f"ALTER TABLE away RENAME TO {dead_letters.name}"))
     finally:
         await engine.dispose()
+
+
+@pytest.mark.broker
+async def test_a_replayed_file_goes_to_the_processors_files_lane(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # In the work queue it would sit in the prefetch window the lane keeps files out of.
+    settings = gateway_settings(namespace, tmp_path)
+    [letter_id] = await seed(
+        tmp_path, namespace, 1, event_type="file.uploaded", service="processor"
+    )
+    async with running_gateway(settings) as client:
+        response = await client.post(
+            "/v1/ops/replays", json={"ids": [letter_id], "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["ids"] == [letter_id]
+        [message] = await take(
+            namespace.amqp_url, lane_queue(namespace.name, "processor", "files"), 1
+        )
+    await assert_empty(namespace.amqp_url, [work_queue(namespace.name, "processor")])
+    assert message.type == "file.uploaded"
+    assert dict(message.headers)[f.REPLAYS] == 1
