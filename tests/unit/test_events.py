@@ -9,6 +9,7 @@ from contracts.envelope import derived_event_id
 from contracts.events import (
     EVENT_ADAPTER,
     INGEST_ADAPTER,
+    MAX_DISTINCT_FIELDS,
     MAX_FIELDS,
     MAX_RECORDS,
     DatasetSubmitted,
@@ -110,6 +111,24 @@ def test_dataset_size_is_bounded() -> None:
         )
     with pytest.raises(ValidationError):
         INGEST_ADAPTER.validate_python({"type": "dataset.submitted", "data": {"records": []}})
+
+
+def dataset_with_distinct_fields(count: int) -> dict[str, object]:
+    names = [f"f{i}" for i in range(count)]
+    records = [dict.fromkeys(names[at : at + MAX_FIELDS], 1) for at in range(0, count, MAX_FIELDS)]
+    return {"type": "dataset.submitted", "data": {"records": records}}
+
+
+def test_the_field_names_over_all_records_are_bounded_too() -> None:
+    # Each is described in the summary: unbounded, a 1 MiB body made a ~9 MB result.
+    event = INGEST_ADAPTER.validate_python(dataset_with_distinct_fields(MAX_DISTINCT_FIELDS))
+    assert isinstance(event, DatasetSubmitted)
+    with pytest.raises(ValidationError, match="distinct field names"):
+        INGEST_ADAPTER.validate_python(dataset_with_distinct_fields(MAX_DISTINCT_FIELDS + 1))
+    published = event.model_dump(mode="json")
+    published["data"]["records"].append({"extra": 1})
+    with pytest.raises(ValidationError, match="distinct field names"):
+        EVENT_ADAPTER.validate_python(published)  # a consumer refuses it too (as `invalid`)
 
 
 def test_events_round_trip_through_json() -> None:
