@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
-import orjson
 import pytest
 
 from tests.e2e.conftest import System
+from tests.support.notify_log import notification_lines
 from tests.support.polling import eventually_sync
 from tests.support.processes import base_url
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 
-def notifications(system: System) -> list[dict[str, object]]:
-    if not system.notify_log.exists():
-        return []
-    data = system.notify_log.read_bytes()
-    # Asserted, not parsed: the notifier may be appending a line as it is read, and its
-    # fragment's JSONDecodeError would fail the check at once (`eventually_sync` retries an
-    # AssertionError only). Lines are whole once the file ends with a newline.
-    assert not data or data.endswith(b"\n"), "a notification line is still being written"
-    return [orjson.loads(line) for line in data.splitlines()]
+def notifications(system: System) -> list[dict[str, Any]]:
+    return notification_lines(system.notify_log)
 
 
 def test_a_requested_notification_is_delivered_to_the_log_channel(system: System) -> None:

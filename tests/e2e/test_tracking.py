@@ -30,6 +30,7 @@ import pytest
 from contracts.envelope import derived_event_id
 from tests.conftest import Namespace, _admin
 from tests.faults.conftest import Effects
+from tests.support.notify_log import notification_lines
 from tests.support.polling import eventually_sync
 from tests.support.processes import ServiceProcess, base_url, consumer, gateway
 
@@ -173,9 +174,7 @@ class Pipeline(System):
         self.launch(consumer("notifier", env, workdir))
 
     def notifications(self) -> list[dict[str, Any]]:
-        if not self.notify_log.exists():
-            return []
-        return [orjson.loads(line) for line in self.notify_log.read_bytes().splitlines()]
+        return notification_lines(self.notify_log)
 
 
 class EffectSystem(System):
