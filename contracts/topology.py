@@ -65,12 +65,10 @@ LANES: Final[dict[str, tuple[Lane, ...]]] = {
 RETIRED_BINDINGS: Final[dict[str, tuple[str, ...]]] = {
     # Before results were reported in batches, the gateway subscribed to each result.
     "gateway": ("dataset.processed",),
-    # Before the files lane, files came through the processor's work queue.
-    "processor": ("file.uploaded",),
 }
-"""Event types an earlier version bound to a service's work queue and this one does not.
-Declaring with `unbind_retired` (the gateway's `COURIER_UNBIND_RETIRED`, once no service of
-that version runs) removes them, so an upgraded broker stops routing them there."""
+"""Event types a service subscribed to in an earlier version. Declaring with `unbind_retired`
+(the gateway's `COURIER_UNBIND_RETIRED`, once no service of that version runs) removes them, so
+an upgraded broker stops routing them there. (Types moved into a lane are `moved_bindings`.)"""
 
 # Services that do the work and report status; each gets a control queue for cancellations.
 WORKERS: Final[frozenset[str]] = frozenset({"processor", "notifier"})
@@ -319,6 +317,15 @@ class ServiceTopology:
         """Bindings earlier versions made that this one no longer uses."""
         events = events_exchange(self.namespace)
         return tuple(BindingSpec(self.queue, events, t) for t in self.retired_event_types)
+
+    def moved_bindings(self) -> tuple[BindingSpec, ...]:
+        """The work queue's bindings of the types now in a lane, which earlier versions made.
+        While one is left, such an event reaches both queues: the service removes them as it
+        starts consuming its lanes (`declare_topology(unbind_moved=True)`)."""
+        events = events_exchange(self.namespace)
+        return tuple(
+            BindingSpec(self.queue, events, t) for lane in self.lanes for t in lane.event_types
+        )
 
 
 def service_topology(

@@ -50,10 +50,13 @@ async def declare_topology(
     topologies: Iterable[ServiceTopology],
     *,
     unbind_retired: bool = False,
+    unbind_moved: bool = False,
 ) -> None:
     """Declare exchanges, queues and bindings of the given services, on a throwaway channel;
     with `unbind_retired`, also remove the bindings earlier versions made that these no longer
-    use (only once no service of such a version runs: it may still rely on them).
+    use (only once no service of such a version runs: it may still rely on them). With
+    `unbind_moved` (or `unbind_retired`), remove the work queues' bindings of types now in a
+    lane: what the service that consumes the lane does as it starts.
 
     A dedicated channel keeps a PRECONDITION_FAILED from closing a channel that is in use.
     """
@@ -67,7 +70,11 @@ async def declare_topology(
             queues = {spec.name: await declare_queue(channel, spec) for spec in topology.queues()}
             for binding in topology.bindings():
                 await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
-            for binding in topology.retired_bindings() if unbind_retired else ():
+            stale = [
+                *(topology.retired_bindings() if unbind_retired else ()),
+                *(topology.moved_bindings() if unbind_moved or unbind_retired else ()),
+            ]
+            for binding in stale:
                 # Unbinding what is not bound is a no-op.
                 await queues[binding.queue].unbind(
                     binding.exchange, routing_key=binding.routing_key
@@ -87,6 +94,7 @@ def redeclare_on_reconnect(
     on_result: Callable[[bool], None] = lambda declared: None,
     *,
     unbind_retired: bool = False,
+    unbind_moved: bool = False,
 ) -> Redeclare:
     """Declare again after every reconnect: a broker that lost its definitions gets them back.
     A declaration that fails (a queue redeclared with other arguments meanwhile, say) is
@@ -101,7 +109,9 @@ def redeclare_on_reconnect(
 
     async def attempt(conn: AbstractRobustConnection) -> bool:
         try:
-            await declare_topology(conn, wanted, unbind_retired=unbind_retired)
+            await declare_topology(
+                conn, wanted, unbind_retired=unbind_retired, unbind_moved=unbind_moved
+            )
         except (TopologyMismatch, AMQPError, ConnectionError):
             on_result(False)
             log.exception("declaring the topology after a reconnect failed")

@@ -85,7 +85,8 @@ async def _connect(
             )
             try:
                 await publisher.connect()
-                await declare_topology(connection, [topology])
+                # It consumes its lanes: the work queue's bindings of their types go.
+                await declare_topology(connection, [topology], unbind_moved=True)
             except BaseException:
                 await publisher.close()
                 await connection.close()
@@ -197,7 +198,9 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
             return EXIT_UNREADY
         stack.push_async_callback(_bounded, publisher.close)
         stack.push_async_callback(_bounded, connection.close)
-        keep_declared = redeclare_on_reconnect(connection, [topology])  # held for the loop
+        keep_declared = redeclare_on_reconnect(  # held for the loop
+            connection, [topology], unbind_moved=True
+        )
 
         inbox = await _open_inbox(stack, settings, service)
         reporter = StatusReporter(

@@ -969,9 +969,10 @@ def replay(
     batch: int,
     **options: Any,
 ) -> None:
-    """Replay dead letters into their work queues.
+    """Replay dead letters into the queues they failed in.
 
-    Each goes back to the work queue of the service that failed it. Select by --id
+    Each goes back to the service that failed it: into its work queue (a cancellation into its
+    control queue, a file into the processor's files lane). Select by --id
     (repeatable), by filters, or --all. Works in batches of --batch at --rate letters per
     second until the selection or --limit is exhausted; letters dead-lettered after the start
     are not taken.
@@ -991,7 +992,7 @@ def replay(
         batch=batch,
         paced=lambda size: size / rate,
     )
-    _report(session, run, "Replayed", "back into their work queues")
+    _report(session, run, "Replayed", "back into their services' queues")
     if not run.complete:  # said above, letter by letter; a script must not take it for done
         raise click.exceptions.Exit(ExitCode.FAILED)
 

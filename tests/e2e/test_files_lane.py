@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aio_pika
@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted, DatasetSubmittedData
 from contracts.files import FileUploaded, FileUploadedData
-from contracts.topology import events_exchange, queue_for, work_queue
+from contracts.topology import dead_letter_queue, events_exchange, queue_for, work_queue
 from services.blobs import LocalBlobStore
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
@@ -50,8 +50,8 @@ def large_dataset() -> DatasetSubmitted:
     return DatasetSubmitted(data=DatasetSubmittedData.model_validate({"records": records}))
 
 
-@pytest.fixture
-def processor(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
+@contextmanager
+def running_processor(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
     """A processor with two CPU workers and the default files prefetch (one less: 1)."""
     env = namespace.env(
         COURIER_BLOB_DIR=str(tmp_path / "blobs"),
@@ -63,6 +63,12 @@ def processor(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
         yield service.wait_ready()
     finally:
         service.terminate()
+
+
+@pytest.fixture
+def processor(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
+    with running_processor(namespace, tmp_path) as service:
+        yield service
 
 
 @asynccontextmanager
@@ -125,21 +131,46 @@ async def test_files_wait_in_their_lane_while_datasets_pass(
     await assert_empty(namespace.amqp_url, [lane, work_queue(namespace.name, "processor")])
 
 
+async def bind_files_to_the_work_queue(namespace: Namespace) -> None:
+    """What processors before the lane did, at every start and reconnect."""
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        await queue.bind(events_exchange(namespace.name), routing_key="file.uploaded")
+
+
+async def test_a_starting_processor_takes_the_earlier_versions_files_binding_away(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    async with publishing(namespace) as publish:
+        await bind_files_to_the_work_queue(namespace)
+        with running_processor(namespace, tmp_path):
+            # The blob is missing: the analysis fails at once, and the file is dead-lettered
+            # once, from the lane; a second copy in the work queue would be a second letter.
+            await publish(file_uploaded("missing", CSV))
+            dead = await take(namespace.amqp_url, dead_letter_queue(namespace.name, "processor"), 1)
+    assert dict(dead[0].headers)["courier-queue"] == queue_for(
+        namespace.name, "processor", "file.uploaded"
+    )
+    await assert_empty(
+        namespace.amqp_url,
+        [work_queue(namespace.name, "processor"), dead_letter_queue(namespace.name, "processor")],
+    )
+
+
 async def test_a_file_still_routed_to_the_work_queue_too_is_analysed_once(
     namespace: Namespace, tmp_path: Path, processor: ServiceProcess
 ) -> None:
-    # Until COURIER_UNBIND_RETIRED removes it, an earlier version's binding sends each file to
-    # the work queue as well: the copy that comes second waits for the first, then finds it in
+    # An earlier version's processor binds the work queue to files again when it (re)starts
+    # beside upgraded ones: the copy that comes second waits for the first, then finds it in
     # the inbox (and sends its recorded analysis again, under the same id).
     blobs = LocalBlobStore(tmp_path / "blobs")
     work = work_queue(namespace.name, "processor")
     lane = queue_for(namespace.name, "processor", "file.uploaded")
     uploaded = file_uploaded("held", CSV)
     async with publishing(namespace) as publish, held(blobs.path("held"), CSV) as blob:
-        connection = await aio_pika.connect(namespace.amqp_url)
-        async with connection:
-            queue = await (await connection.channel()).get_queue(work)
-            await queue.bind(events_exchange(namespace.name), routing_key="file.uploaded")
+        await bind_files_to_the_work_queue(namespace)
         await publish(uploaded)
 
         async def both_copies_taken() -> None:

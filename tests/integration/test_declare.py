@@ -80,3 +80,42 @@ async def test_declaring_with_unbind_retired_removes_a_binding_an_earlier_versio
         assert await _routed_to_gateway(namespace, channel, "results.reported") == 1
         # Declaring again, with nothing left to unbind, is harmless.
         await _declare(namespace, connection, unbind_retired=True)
+
+
+async def _files_routed(namespace: Namespace, channel: AbstractChannel) -> tuple[int, int]:
+    """Publish one `file.uploaded`: how many reach the processor's work queue and its lane."""
+    processor = namespace.settings().topology("processor")
+    [files] = processor.lanes
+    queues = [processor.queue, processor.for_lane(files).queue]
+    for name in queues:
+        await (await channel.get_queue(name)).purge()
+    exchange = await channel.get_exchange(processor.events_exchange)
+    await exchange.publish(aio_pika.Message(b"{}"), routing_key="file.uploaded")
+    work, lane = [await ready_messages(namespace.amqp_url, name) for name in queues]
+    return work, lane
+
+
+async def _bind_files_as_before(namespace: Namespace, channel: AbstractChannel) -> None:
+    """Bind the processor's work queue to `file.uploaded`, as processors before the lane did."""
+    processor = namespace.settings().topology("processor")
+    queue = await channel.get_queue(processor.queue)
+    await queue.bind(processor.events_exchange, routing_key="file.uploaded")
+
+
+@pytest.mark.parametrize(
+    ("flags", "routed"),
+    [
+        ({}, (1, 1)),  # the gateway's declaration: earlier processors may still run
+        ({"unbind_moved": True}, (0, 1)),  # the processor's own: it consumes the lane
+        ({"unbind_retired": True}, (0, 1)),
+    ],
+)
+async def test_a_files_binding_an_earlier_processor_made_stays_until_unbound_as_moved(
+    namespace: Namespace, flags: dict[str, bool], routed: tuple[int, int]
+) -> None:
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection, connection.channel() as channel:
+        await _declare(namespace, connection)
+        await _bind_files_as_before(namespace, channel)
+        await _declare(namespace, connection, **flags)
+        assert await _files_routed(namespace, channel) == routed

@@ -102,16 +102,18 @@ def test_a_queue_is_declared_once() -> None:
         assert len(names) == len(set(names))
 
 
-def test_unbinding_retired_bindings_never_unbinds_a_current_one() -> None:
-    # Else declaring with unbind_retired would unbind what the service consumes.
+def test_unbinding_retired_or_moved_bindings_never_unbinds_a_current_one() -> None:
+    # Else declaring with unbind_retired or unbind_moved would unbind what a service consumes.
     for service in SUBSCRIPTIONS:
         topology = service_topology("ns", service)
-        assert not set(topology.retired_bindings()) & set(topology.bindings())
+        stale = {*topology.retired_bindings(), *topology.moved_bindings()}
+        assert not stale & set(topology.bindings())
 
 
-def test_an_earlier_versions_file_binding_on_the_work_queue_is_retired() -> None:
-    retired = service_topology("ns", "processor").retired_bindings()
-    assert [(b.queue, b.routing_key) for b in retired] == [("ns.processor", "file.uploaded")]
+def test_the_work_queues_binding_of_a_type_now_in_a_lane_is_moved() -> None:
+    moved = service_topology("ns", "processor").moved_bindings()
+    assert [(b.queue, b.routing_key) for b in moved] == [("ns.processor", "file.uploaded")]
+    assert service_topology("ns", "notifier").moved_bindings() == ()
 
 
 @pytest.mark.parametrize(
