@@ -123,7 +123,12 @@ def precise_time(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        aware.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00: before year 1 in UTC, in no store
+        return None
+    return aware
 
 
 def in_status(letter: DeadLetter) -> bool:

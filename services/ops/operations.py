@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from contracts.tracking import Transition
 from services.messaging.dead_letters import DeadLetter, in_status, replay
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
+from services.messaging.store import STORE_ERRORS
 from services.ops.store import FailureStore, Filter
 
 log = get_logger("ops")
@@ -102,7 +101,7 @@ class Operations:
                 if await self._store.mark_replayed(letter_id, token, action_id, actor):
                     moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
-        except (BrokerUnavailable, SQLAlchemyError) as exc:
+        except (BrokerUnavailable, *STORE_ERRORS) as exc:
             # Said with what was done: letters published but not marked are dead again and a
             # later replay sends them once more (the consumers' inboxes drop the repeat).
             error = str(exc)
@@ -145,7 +144,7 @@ class Operations:
                 count=len(moved),
                 action_id=action_id,
             )
-        except SQLAlchemyError as exc:
+        except STORE_ERRORS as exc:
             # Published and marked, but not audited: said here, with every id, and answered.
             log.exception(
                 "replay not recorded: the store failed",

@@ -111,7 +111,7 @@ class ReplayRequest(Selection):
 
 
 class DiscardRequest(Selection):
-    reason_text: Annotated[str, Field(min_length=1, max_length=1000, alias="why")]
+    reason_text: Annotated[Text, Field(min_length=1, max_length=1000, alias="why")]
     dry_run: bool = False
     limit: int = Field(default=100, ge=1, le=10_000)
 

@@ -12,6 +12,7 @@ import base64
 import functools
 import logging
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -633,6 +634,8 @@ async def test_a_replay_or_discard_without_a_selection_or_by_an_empty_filter_is_
             ("/v1/ops/replays", {"text": ""}),
             ("/v1/ops/replays", {"service": ""}),
             ("/v1/ops/replays", {"ids": [""]}),
+            # PostgreSQL refuses a NUL: the discard went through, its audit row failed (503).
+            ("/v1/ops/discards", {"all": True, "why": "bad\x00reason"}),
         ):
             response = await client.post(path, json=body, headers=AUTH)
             assert response.status_code == 422, (body, response.text)
@@ -740,14 +743,17 @@ async def test_a_letter_that_cannot_go_back_is_left_dead_and_the_replay_goes_on(
 class StoreGoneAfter(FailureStore):
     """The real store, gone (every call fails) once `after` letters were marked replayed."""
 
-    def __init__(self, engine: Any, after: int) -> None:
+    def __init__(self, engine: Any, after: int, error: Exception | None = None) -> None:
         super().__init__(engine)
         self.after = after
         self.marked = 0
+        self.error = error or OperationalError(
+            "SELECT 1", {}, ConnectionRefusedError("the store went away")
+        )
 
     def _gone(self) -> None:
         if self.marked >= self.after:
-            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the store went away"))
+            raise self.error
 
     async def renew(self, token: str) -> None:
         self._gone()
@@ -864,13 +870,24 @@ async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pause
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize(
+    "error",
+    [
+        None,  # SQLAlchemy's OperationalError
+        # What the raw drivers raise beside SQLAlchemy (STORE_ERRORS): asyncpg's refused
+        # connection, sqlite3's own errors. They escaped the replay and its cleanup: a 503
+        # "could not start the replay" for letters already moved, and no action recorded.
+        ConnectionRefusedError("the store went away"),
+        sqlite3.OperationalError("the store went away: disk I/O error"),
+    ],
+)
 async def test_a_replay_whose_store_goes_away_says_what_it_moved(
-    namespace: Namespace, tmp_path: Path
+    namespace: Namespace, tmp_path: Path, error: Exception | None
 ) -> None:
     # The cleanup (release, audit row) failed against the same dead store, and its exception
     # replaced the answer: a 500, the moved ids lost.
     await seed(tmp_path, namespace, 4)
-    gone_after_two = functools.partial(StoreGoneAfter, after=2)
+    gone_after_two = functools.partial(StoreGoneAfter, after=2, error=error)
     async with replaying(namespace, tmp_path, gone_after_two) as (store, publisher):
         operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
         outcome = await operations.replay(

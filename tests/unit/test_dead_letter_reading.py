@@ -123,7 +123,10 @@ def test_a_consumers_letter_keeps_its_failure_time_to_the_microsecond() -> None:
 
 def test_a_letter_without_a_readable_precise_time_falls_back_to_the_last_failure() -> None:
     seconds = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
-    for odd in (None, "yesterday", 17, b"\xff"):
+    # Times outside year 1 to 9999 once in UTC: the store refused the letter, which went
+    # back to its queue for ever (PostgreSQL), or stopped its status update (SQLite).
+    out_of_range = ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00")
+    for odd in (None, "yesterday", 17, b"\xff", *out_of_range):
         headers = consumers_letter(**{f.LAST_FAILURE: seconds, f.FAILED_AT: odd})
         assert read(headers).last_failure == seconds
 
