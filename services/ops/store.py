@@ -201,6 +201,11 @@ def _after(cursor: str) -> ColumnElement[bool]:
         raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
     if not last_id or "\x00" in last_id:  # no id holds a NUL (PostgreSQL would refuse it)
         raise InvalidCursor(f"not a cursor: {cursor!r}")
+    if when.tzinfo is not None:
+        try:  # out of range once in UTC, no store compares it (PostgreSQL's error was a 503)
+            when.astimezone(UTC)
+        except OverflowError as exc:
+            raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
     c = dead_letters.c
     return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))
 

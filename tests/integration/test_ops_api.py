@@ -902,7 +902,8 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
 async def test_a_malformed_cursor_is_a_client_error(namespace: Namespace, tmp_path: Path) -> None:
     settings = gateway_settings(namespace, tmp_path)
     async with running_gateway(settings) as client:
-        for cursor in ("garbage", "Zm9v"):
+        out_of_range = base64.urlsafe_b64encode(b"0001-01-01T00:00:00+01:00|x").decode()
+        for cursor in ("garbage", "Zm9v", out_of_range):
             response = await client.get(
                 "/v1/ops/dead-letters", params={"cursor": cursor}, headers=AUTH
             )
