@@ -34,6 +34,10 @@ class InvalidBlobKey(ValueError):
     """The key is not a relative `/`-separated name (see `contracts.files.BlobKey`)."""
 
 
+def is_key(key: str) -> bool:
+    return _KEY.fullmatch(key) is not None
+
+
 def check_key(key: str) -> str:
     if not _KEY.fullmatch(key):
         raise InvalidBlobKey(f"not a valid blob key: {key!r}")

@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-from services.blobs.base import CHUNK_SIZE, BlobNotFound, check_key
+from services.blobs.base import CHUNK_SIZE, BlobNotFound, check_key, is_key
 
 TEMP_PREFIX = ".upload-"
 
@@ -139,8 +139,9 @@ class LocalBlobStore:
                         continue
                     if name.startswith(TEMP_PREFIX):
                         partial.append(path)
-                    else:
-                        keys.append(path.relative_to(self.root).as_posix())
+                    elif is_key(key := path.relative_to(self.root).as_posix()):
+                        keys.append(key)
+                    # else not a blob this store wrote (an NFS `.nfs*`, a `.DS_Store`): left
         return partial, keys
 
     def _remove_partial(self, older_than: timedelta) -> tuple[int, list[str]]:

@@ -121,3 +121,23 @@ async def test_what_a_crash_mid_upload_left_is_swept_once_old(
     finally:
         await writing.abort()
         await abandoned.abort()
+
+
+async def test_a_file_the_store_did_not_write_neither_stops_the_sweep_nor_is_removed(
+    records: Files, tmp_path: Path
+) -> None:
+    # An NFS client's `.nfs*` (a deleted blob still open in the processor), a `.DS_Store`: not
+    # a key, so deleting it raised InvalidBlobKey and every hourly sweep stopped there.
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    upload = await blobs.put_stream("files/orphan")
+    await upload.write(b"x")
+    await upload.commit()
+    stray = tmp_path / "blobs" / "files" / ".nfs000000000001"
+    stray.write_bytes(b"still open elsewhere")
+    for path in (blobs.path("files/orphan"), stray):
+        age(path, timedelta(hours=2))
+
+    assert await records.sweep(blobs, timedelta(hours=1)) == 1
+
+    assert await blobs.size("files/orphan") is None
+    assert stray.exists()
