@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from contracts.files import MEDIA_TYPE_PATTERN
 from contracts.notify import NotifyTarget
@@ -198,15 +199,20 @@ async def _feed(
     max_request_bytes: int,
 ) -> None:
     read = 0
-    async for chunk in body:
-        read += len(chunk)
-        if read > max_request_bytes:
-            raise IngestError(413, f"request larger than {max_request_bytes} bytes")
-        try:
-            parser.write(chunk)
-        except MultipartParseError as exc:
-            raise IngestError(400, f"malformed multipart body: {exc}") from exc
-        await receiver.act(notes.take())
+    try:
+        async for chunk in body:
+            read += len(chunk)
+            if read > max_request_bytes:
+                raise IngestError(413, f"request larger than {max_request_bytes} bytes")
+            try:
+                parser.write(chunk)
+            except MultipartParseError as exc:
+                raise IngestError(400, f"malformed multipart body: {exc}") from exc
+            await receiver.act(notes.take())
+    except ClientDisconnect:
+        # Gone mid-upload: nothing is announced and the partial blob goes, as for any refusal
+        # (it was a 500 with a traceback in the log, as if the gateway had failed).
+        raise IngestError(400, "the client disconnected before the upload was complete") from None
 
 
 class _Receiver:

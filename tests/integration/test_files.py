@@ -14,6 +14,7 @@ import aio_pika
 import httpx
 import pytest
 from fastapi import FastAPI
+from starlette.types import Message, Scope
 
 from contracts.envelope import derived_event_id
 from contracts.events import EVENT_ADAPTER
@@ -645,5 +646,50 @@ async def test_an_upload_with_a_correlation_header_that_is_no_id_is_refused_and_
     )
     assert response.status_code == 422, response.text
     assert "X-Correlation-ID" in response.text
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_client_gone_mid_upload_is_a_400_that_leaves_nothing(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    # Uvicorn turns a dropped connection into `http.disconnect`; the upload raised
+    # ClientDisconnect out of the app, a 500 with a traceback as if the gateway had failed.
+    part = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode() + b"x" * 300_000
+    received: list[Message] = [
+        {"type": "http.request", "body": part, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return received.pop(0) if received else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("gateway", 80),
+        "client": ("client", 1),
+        "headers": [(b"content-type", MULTIPART["content-type"].encode())],
+        "state": {},
+    }
+    apps: list[FastAPI] = []
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir)
+    async for _ in gateway_client(settings, started=apps.append):
+        await apps[0](scope, receive, send)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
     assert stored_files(blob_dir) == []
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
