@@ -200,11 +200,16 @@ class ServiceTopology:
             not name.isidentifier() or name in _RESERVED_LANE_NAMES for name in names
         ):
             raise ValueError(f"lane names must be distinct identifiers, not reserved: {names}")
-        laned = [t for lane in self.lanes for t in lane.event_types]
+        laned = self.laned_types
         if len(set(laned)) != len(laned) or not set(laned) <= set(self.event_types):
             raise ValueError(
                 f"each lane's event types must be the service's, in one lane only: {laned}"
             )
+
+    @property
+    def laned_types(self) -> tuple[str, ...]:
+        """The event types taken from a lane, not from the work queue."""
+        return tuple(t for lane in self.lanes for t in lane.event_types)
 
     def for_lane(self, lane: Lane) -> ServiceTopology:
         """What a consumer of `lane` works with: the lane's queue, its delay tiers (which expire
@@ -297,9 +302,12 @@ class ServiceTopology:
     def bindings(self) -> tuple[BindingSpec, ...]:
         events = events_exchange(self.namespace)
         dlx = dead_letter_exchange(self.namespace)
-        laned = {t for lane in self.lanes for t in lane.event_types}
         return (
-            *(BindingSpec(self.queue, events, t) for t in self.event_types if t not in laned),
+            *(
+                BindingSpec(self.queue, events, t)
+                for t in self.event_types
+                if t not in self.laned_types
+            ),
             *(
                 BindingSpec(self.for_lane(lane).queue, events, t)
                 for lane in self.lanes
@@ -323,9 +331,7 @@ class ServiceTopology:
         While one is left, such an event reaches both queues: the service removes them as it
         starts consuming its lanes (`declare_topology(unbind_moved=True)`)."""
         events = events_exchange(self.namespace)
-        return tuple(
-            BindingSpec(self.queue, events, t) for lane in self.lanes for t in lane.event_types
-        )
+        return tuple(BindingSpec(self.queue, events, t) for t in self.laned_types)
 
 
 def service_topology(

@@ -56,9 +56,14 @@ def _terminate(executor: ProcessPoolExecutor) -> None:
         worker.join(timeout=5)
 
 
+def worker_count(configured: int = 0) -> int:
+    """The pool's processes: as configured, or one per CPU for 0."""
+    return configured or os.cpu_count() or 1
+
+
 class CpuPool:
     def __init__(self, workers: int = 0) -> None:
-        self._workers = workers or os.cpu_count() or 1
+        self._workers = worker_count(workers)
         self._executor = _new_executor(self._workers)
         self._alone: set[ProcessPoolExecutor] = set()  # jobs running again on their own
         # Jobs at once, in the pool or running again alone: while the jobs of a broken pool run

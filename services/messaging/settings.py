@@ -8,7 +8,6 @@ queues too and the broker refuses a queue re-declared with other arguments.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -22,6 +21,7 @@ from contracts.topology import (
     ServiceTopology,
     service_topology,
 )
+from services.messaging.cpu import worker_count
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import DEFAULT_INTERVAL as DEFAULT_STATUS_INTERVAL
 
@@ -198,8 +198,7 @@ class ConsumerSettings(CourierSettings):
         in their queue, where no `consumer_timeout` counts; by default one CPU worker stays
         free for the datasets large enough to need one."""
         if lane == "files":
-            workers = self.cpu_workers or os.cpu_count() or 1
-            return self.files_prefetch or max(1, workers - 1)
+            return self.files_prefetch or max(1, worker_count(self.cpu_workers) - 1)
         return self.prefetch
 
     def retry_policy(self) -> RetryPolicy:

@@ -196,16 +196,13 @@ class InvalidCursor(ValueError):
 def _after(cursor: str) -> ColumnElement[bool]:
     try:
         at, _, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        when = datetime.fromisoformat(at)
-    except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        when = utc_bound(datetime.fromisoformat(at))
+    # binascii.Error and UnicodeDecodeError are ValueErrors; OverflowError: out of range once
+    # in UTC, which no store compares (PostgreSQL's error was a 503)
+    except (ValueError, OverflowError) as exc:
         raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
     if not last_id or "\x00" in last_id:  # no id holds a NUL (PostgreSQL would refuse it)
         raise InvalidCursor(f"not a cursor: {cursor!r}")
-    if when.tzinfo is not None:
-        try:  # out of range once in UTC, no store compares it (PostgreSQL's error was a 503)
-            when.astimezone(UTC)
-        except OverflowError as exc:
-            raise InvalidCursor(f"not a cursor: {cursor!r}") from exc
     c = dead_letters.c
     return or_(c.dead_lettered_at < when, and_(c.dead_lettered_at == when, c.id < last_id))
 
