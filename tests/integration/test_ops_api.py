@@ -411,16 +411,18 @@ async def test_a_dead_letter_stays_in_its_queue_until_the_store_has_it(
 async def draining(
     namespace: Namespace, sink: Sink
 ) -> AsyncIterator[tuple[DeadLetterDrain, aio_pika.abc.AbstractRobustConnection]]:
-    """A drain of the notifier's dead-letter queue into `sink`, on its own connection."""
+    """A drain of the notifier's dead-letter queue into `sink`, on its own connection, stopped
+    as the gateway stops it: a letter the sink has just taken is acked before the connection
+    closes (closed first, the letter went back to its queue, and a test that had seen it kept
+    found it there)."""
     connection = await aio_pika.connect_robust(namespace.amqp_url)
+    drain = DeadLetterDrain(namespace.name, [dead_letter_queue(namespace.name, "notifier")], sink)
     try:
         await declare_topology(connection, namespace.settings().all_topologies())
-        drain = DeadLetterDrain(
-            namespace.name, [dead_letter_queue(namespace.name, "notifier")], sink
-        )
         await drain.start(connection)
         yield drain, connection
     finally:
+        await drain.stop(drain_seconds=5)
         await connection.close()
 
 
