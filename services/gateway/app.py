@@ -14,6 +14,7 @@ from contracts.topology import events_exchange
 from services.blobs import LocalBlobStore
 from services.gateway.broker import BrokerLink
 from services.gateway.callbacks import Callbacks
+from services.gateway.file_announcer import FileAnnouncer
 from services.gateway.file_routes import router as files_router
 from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys
@@ -123,7 +124,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             inbox = Inbox(engine, SERVICE)
             stack.callback(inbox.close)
-            files = Files(engine)
+            # Twice a publish's wait for its confirm: an upload still publishing is not taken.
+            announce_after = timedelta(seconds=2 * settings.publish_timeout)
+            files = Files(engine, announce_after=announce_after)
             for store in (failures, tracking, keys, inbox, files):
                 await store.start()
             # Letters a replay left claimed (it died, here or in a previous run) are dead again
@@ -185,6 +188,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 lambda: files.sweep(app.state.blobs, ABANDONED_UPLOAD_AGE),
             )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
+            app.state.file_announcer = announcer = FileAnnouncer(
+                files, broker.publisher, events_exchange(settings.namespace), tracking
+            )
+            # As often as they fall due: a look-up in an index that is empty but for them.
+            run_every(stack, announce_after.total_seconds(), "file-announce-sweep", announcer.sweep)
             freeze_start_up_heap(stack)
             yield
 

@@ -39,6 +39,7 @@ from services.gateway.tracking import Tracking
 from services.gateway.uploads import FRAMING_ALLOWANCE, ReceivedFile, receive_upload
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.logs import event_context, get_logger
+from services.messaging.publisher import event_body
 from services.messaging.store import STORE_ERRORS
 
 log = get_logger("gateway.files")
@@ -175,6 +176,20 @@ class _Upload:
             "POST", path, r.sha256, r.name, r.content_type, *targets, self.correlation or ""
         )
 
+    def announcement(self, file_id: str, blob: str) -> FileUploaded:
+        """The `file.uploaded` of this upload, recorded as `file_id` with its bytes in `blob`."""
+        r = self.received
+        data = FileUploadedData(
+            file_id=file_id,
+            blob=blob,
+            name=r.name,
+            content_type=r.content_type,
+            size=r.size,
+            sha256=r.sha256,
+            notify=list(r.notify),
+        )
+        return FileUploaded(id=file_id, correlationid=self.correlation, data=data)
+
 
 async def _once_per_key(
     request: Request, key: str, upload: _Upload, gateway: _Gateway
@@ -213,14 +228,11 @@ async def _announce(
     with event_context(file_id, correlation or file_id):
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
-            blob = await _record(file_id, received, files, blobs, accepted_at)
+            event = await _record(file_id, upload, files, blobs, accepted_at)
         except STORE_ERRORS as exc:
             log.exception("could not record the file; refusing it")
             await _discard(blobs, received.key)
             raise store_unavailable(settings, "record the file") from exc
-        event = FileUploaded(
-            id=file_id, correlationid=correlation, data=_uploaded(file_id, blob, received)
-        )
         try:
             await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
@@ -228,11 +240,16 @@ async def _announce(
             if not maybe and not keyed and await _forget(files, file_id):
                 # Not announced, so never processed: leave nothing behind.
                 await _discard(blobs, received.key)
+            elif not maybe:
+                # Certainly not announced: the key's repeat does it, if one comes.
+                await _announced(files, file_id)
             if maybe and isinstance(exc, HTTPException):
-                # The processor may be about to read the file: it stays (retention ends it).
+                # The processor may be about to read the file: it stays, and the record keeps
+                # its announcement, which FileAnnouncer publishes again.
                 raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
             raise
         gateway.tracking.accepted(event, accepted_at)
+        await _announced(files, file_id)
         log.info(
             "file stored", extra={"size": received.size, "content_type": received.content_type}
         )
@@ -245,20 +262,26 @@ async def _announce(
 
 
 async def _record(
-    file_id: str, received: ReceivedFile, files: Files, blobs: BlobStore, at: datetime
-) -> str:
+    file_id: str, upload: _Upload, files: Files, blobs: BlobStore, at: datetime
+) -> FileUploaded:
     """Record the received copy as `file_id`, or find the copy an earlier attempt under the
-    same key recorded (and drop this one); the blob to announce."""
+    same key recorded (and drop this one), with the announcement about to be published; the
+    announcement."""
+    received = upload.received
     earlier = None if file_id == received.key else await files.get(file_id)
     if earlier is None:
-        await files.add(_uploaded(file_id, received.key, received), at)
-        return received.key
+        event = upload.announcement(file_id, received.key)
+        await files.add(event.data, at, announcement=event_body(event))
+        return event
     kept: str = earlier["blob"]
     if await blobs.size(kept) is None:  # gone meanwhile (retention): this copy takes its place
-        await files.repoint(file_id, received.key)
-        return received.key
+        event = upload.announcement(file_id, received.key)
+        await files.repoint(file_id, received.key, announcement=event_body(event))
+        return event
     await _discard(blobs, received.key)
-    return kept
+    event = upload.announcement(file_id, kept)
+    await files.announcing(file_id, event_body(event))
+    return event
 
 
 async def _discard(blobs: BlobStore, key: str) -> None:
@@ -271,16 +294,13 @@ async def _discard(blobs: BlobStore, key: str) -> None:
         log.exception("could not delete an unused copy; the retention sweep removes it")
 
 
-def _uploaded(file_id: str, blob: str, received: ReceivedFile) -> FileUploadedData:
-    return FileUploadedData(
-        file_id=file_id,
-        blob=blob,
-        name=received.name,
-        content_type=received.content_type,
-        size=received.size,
-        sha256=received.sha256,
-        notify=list(received.notify),
-    )
+async def _announced(files: Files, file_id: str) -> None:
+    """Nothing is left to announce. A store failing now is logged: the answer is about the
+    publish, and a record that keeps its announcement is only announced once more."""
+    try:
+        await files.announced(file_id)
+    except STORE_ERRORS:
+        log.exception("could not note the file's announcement as settled")
 
 
 async def _forget(files: Files, file_id: str) -> bool:
@@ -317,10 +337,19 @@ def _maybe_published(exc: BaseException) -> bool:
     return isinstance(cause, BrokerUnavailable) and cause.maybe_published
 
 
-def _processing(found: dict[str, Any] | None, analysed: bool) -> dict[str, Any]:
+def _processing(
+    found: dict[str, Any] | None, analysed: bool, announce_at: datetime | None
+) -> dict[str, Any]:
     if analysed:
         return {"status": "succeeded"}
     info = (found or {}).get("services", {}).get(PROCESSOR)
+    if info is None and announce_at is not None:
+        return {
+            "status": "pending",
+            "next_attempt_at": announce_at,
+            "detail": "the broker has not confirmed the file's announcement; "
+            "it is published again until it does",
+        }
     if info is None:
         return {"status": "pending"}
     # "succeeded" is shown once the analysis is here too (the result may trail the report).
@@ -343,11 +372,12 @@ async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> d
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r} is known")
     del record["blob"]
+    announce_at = record.pop("announce_at")
     analysed = record["analysis"] is not None
     found = None if analysed else await tracking.status(file_id)
     return {
         **record,
-        **_processing(found, analysed),
+        **_processing(found, analysed, announce_at),
         "status_url": status_url(file_id),
         "content_url": f"{file_url(file_id)}/content",
     }

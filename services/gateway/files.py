@@ -3,10 +3,17 @@
 What was uploaded is written here before `file.uploaded` is published (and removed again if the
 broker does not take it); analyses arrive as `file.processed` events, applied in the same
 transaction as the gateway's inbox record, like dataset results.
+
+The record also holds its announcement, the `file.uploaded` body, until the broker confirmed it:
+a publish written but never confirmed, or a gateway that died between the record and the
+confirm, leaves one whose fate nobody knows. `FileAnnouncer` publishes those again under the
+same id (the processor's inbox drops a second copy), so an upload is never left `pending` in
+silence until retention forgets it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,20 +22,24 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Index,
     MetaData,
     String,
     Table,
+    Text,
     delete,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.files import FileProcessed, FileUploadedData
 from services.blobs import BlobStore
 from services.messaging.logs import get_logger
-from services.messaging.store import as_utc, migrate
+from services.messaging.store import add_missing_columns, as_utc, migrate
 
 log = get_logger("gateway.files")
 
@@ -43,7 +54,18 @@ files = Table(
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("uploaded_at", DateTime(timezone=True), nullable=False),
+    # The `file.uploaded` body while the broker has not confirmed it, and when a sweep may
+    # publish it again (claimed by moving it on). Both NULL once nothing is left to announce.
+    Column("announcement", Text, nullable=True),
+    Column("announce_at", DateTime(timezone=True), nullable=True),
+    Index(
+        "ix_files_unannounced",
+        "announce_at",
+        sqlite_where=text("announce_at IS NOT NULL"),
+        postgresql_where=text("announce_at IS NOT NULL"),
+    ),
 )
+ANNOUNCEMENT_COLUMNS = ("announcement", "announce_at")
 results = Table(
     "file_results",
     metadata,
@@ -54,17 +76,42 @@ results = Table(
 )
 
 
+@dataclass(frozen=True)
+class Unannounced:
+    """A file whose announcement the broker never confirmed."""
+
+    file_id: str
+    announcement: bytes
+    uploaded_at: datetime
+
+
+def _add_announcement_columns(sync: Connection) -> None:
+    """Version 2: records of earlier versions were announced when written (or removed)."""
+    add_missing_columns(sync, files, ANNOUNCEMENT_COLUMNS)
+    for index in files.indexes:
+        index.create(sync, checkfirst=True)
+
+
 class Files:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, announce_after: timedelta) -> None:
+        """`announce_after`: how long an announcement may take before a sweep publishes it
+        again (longer than a publish waits for its confirm)."""
         self._engine = engine
+        self._announce_after = announce_after
 
     async def start(self) -> None:
         async def create(conn: AsyncConnection) -> None:
             await conn.run_sync(metadata.create_all)
 
-        await migrate(self._engine, "gateway.files", [create])
+        async def announcement_columns(conn: AsyncConnection) -> None:
+            await conn.run_sync(_add_announcement_columns)
 
-    async def add(self, data: FileUploadedData, uploaded_at: datetime) -> None:
+        await migrate(self._engine, "gateway.files", [create, announcement_columns])
+
+    async def add(
+        self, data: FileUploadedData, uploaded_at: datetime, *, announcement: bytes | None = None
+    ) -> None:
+        """Record an uploaded file, with the `announcement` about to be published, if any."""
         async with self._engine.begin() as conn:
             await conn.execute(
                 files.insert().values(
@@ -75,13 +122,70 @@ class Files:
                     size=data.size,
                     sha256=data.sha256,
                     uploaded_at=uploaded_at,
+                    **self._pending(announcement),
                 )
             )
 
-    async def repoint(self, file_id: str, blob: str) -> None:
-        """The file's bytes are now in `blob` (its earlier copy went missing)."""
+    async def repoint(self, file_id: str, blob: str, *, announcement: bytes) -> None:
+        """The file's bytes are now in `blob` (its earlier copy went missing), announced by
+        `announcement`, about to be published."""
         async with self._engine.begin() as conn:
-            await conn.execute(update(files).where(files.c.file_id == file_id).values(blob=blob))
+            await conn.execute(
+                update(files)
+                .where(files.c.file_id == file_id)
+                .values(blob=blob, **self._pending(announcement))
+            )
+
+    async def announcing(self, file_id: str, announcement: bytes) -> None:
+        """`announcement` of the recorded file is about to be published (a keyed repeat)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(files)
+                .where(files.c.file_id == file_id)
+                .values(**self._pending(announcement))
+            )
+
+    async def announced(self, file_id: str) -> None:
+        """Nothing is left to announce: the broker confirmed it, or refused it for certain
+        (a keyed upload's repeat announces it, if one comes)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(files)
+                .where(files.c.file_id == file_id)
+                .values(announcement=None, announce_at=None)
+            )
+
+    async def unannounced(self, *, limit: int) -> list[Unannounced]:
+        """Files whose announcement is due again, each claimed (moved on by `announce_after`)
+        so that another gateway's sweep leaves it alone meanwhile."""
+        now = datetime.now(UTC)
+        async with self._engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(files.c.file_id, files.c.announcement, files.c.uploaded_at)
+                    .where(files.c.announce_at <= now)
+                    .order_by(files.c.announce_at)
+                    .limit(limit)
+                )
+            ).all()
+        claimed = []
+        for row in due:
+            async with self._engine.begin() as conn:
+                taken = await conn.execute(
+                    update(files)
+                    .where(files.c.file_id == row.file_id, files.c.announce_at <= now)
+                    .values(announce_at=now + self._announce_after)
+                )
+            if taken.rowcount == 1:
+                body = row.announcement.encode()
+                claimed.append(Unannounced(row.file_id, body, as_utc(row.uploaded_at)))
+        return claimed
+
+    def _pending(self, announcement: bytes | None) -> dict[str, Any]:
+        if announcement is None:
+            return {}
+        due = datetime.now(UTC) + self._announce_after
+        return {"announcement": announcement.decode(), "announce_at": due}
 
     async def remove(self, file_id: str) -> None:
         async with self._engine.begin() as conn:
@@ -173,6 +277,7 @@ class Files:
             "size": row.size,
             "sha256": row.sha256,
             "uploaded_at": as_utc(row.uploaded_at),
+            "announce_at": as_utc(row.announce_at) if row.announce_at is not None else None,
             "processed_at": as_utc(result.processed_at) if result is not None else None,
             "analysis": result.analysis if result is not None else None,
         }

@@ -22,7 +22,7 @@ RETENTION = timedelta(days=30)
 async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Files]:
     database = None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
     engine = open_store(store_url(database, tmp_path, "gateway"))
-    found = Files(engine)
+    found = Files(engine, announce_after=timedelta(seconds=10))
     await found.start()
     yield found
     await engine.dispose()

@@ -6,7 +6,7 @@ import errno
 import hashlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -58,7 +58,10 @@ async def client(
 
 @asynccontextmanager
 async def behind_a_proxy(
-    namespace: Namespace, tmp_path: Path, blob_dir: Path
+    namespace: Namespace,
+    tmp_path: Path,
+    blob_dir: Path,
+    started: Callable[[FastAPI], None] | None = None,
 ) -> AsyncIterator[tuple[TcpProxy, httpx.AsyncClient]]:
     """A gateway that reaches the broker through a proxy the test controls."""
     async with TcpProxy("127.0.0.1", 5672) as proxy:
@@ -69,7 +72,7 @@ async def behind_a_proxy(
             amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
             publish_timeout=0.5,
         )
-        async for client in gateway_client(settings):
+        async for client in gateway_client(settings, started=started):
             yield proxy, client
 
 
