@@ -188,14 +188,5 @@ class Operations:
         ids = await self._store.discard(
             selection, limit=limit, reason=reason, actor=actor, action_id=action_id
         )
-        await self._store.record_action(
-            action="discard",
-            actor=actor,
-            selection=selection,
-            dry_run=False,
-            count=len(ids),
-            reason=reason,
-            action_id=action_id,
-        )
         log.info("discarded dead letters", extra={"count": len(ids), "actor": actor})
         return Outcome(action_id, False, len(ids), ids)

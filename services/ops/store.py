@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import Insert, Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.messaging.dead_letters import DeadLetter
@@ -495,6 +495,8 @@ class FailureStore:
     async def discard(
         self, selection: Filter, *, limit: int, reason: str, actor: str, action_id: str
     ) -> list[str]:
+        """Discard up to `limit` matching dead letters and record the action, in one
+        transaction: a discard is never left unaudited."""
         now = datetime.now(UTC)
         c = dead_letters.c
         entry = {
@@ -523,6 +525,17 @@ class FailureStore:
                 )
                 if result.rowcount == 1:  # not taken by a concurrent replay meanwhile
                     discarded.append(row.id)
+            await conn.execute(
+                _action_row(
+                    action_id,
+                    action="discard",
+                    actor=actor,
+                    selection=selection,
+                    dry_run=False,
+                    count=len(discarded),
+                    reason=reason,
+                )
+            )
         return discarded
 
     async def purge_closed(self, older_than: timedelta) -> int:
@@ -551,13 +564,12 @@ class FailureStore:
         action_id = action_id or uuid.uuid4().hex
         async with self.engine.begin() as conn:
             await conn.execute(
-                actions.insert().values(
-                    id=action_id,
+                _action_row(
+                    action_id,
                     action=action,
                     actor=actor,
-                    at=datetime.now(UTC),
-                    selection=_recorded(selection.as_dict()),
-                    dry_run=int(dry_run),
+                    selection=selection,
+                    dry_run=dry_run,
                     count=count,
                     reason=reason,
                 )
@@ -570,6 +582,28 @@ class FailureStore:
                 await conn.execute(select(actions).order_by(actions.c.at.desc()).limit(limit))
             ).all()
         return [{**_row_dict(r), "dry_run": bool(r.dry_run)} for r in rows]
+
+
+def _action_row(
+    action_id: str,
+    *,
+    action: str,
+    actor: str,
+    selection: Filter,
+    dry_run: bool,
+    count: int,
+    reason: str | None,
+) -> Insert:
+    return actions.insert().values(
+        id=action_id,
+        action=action,
+        actor=actor,
+        at=datetime.now(UTC),
+        selection=_recorded(selection.as_dict()),
+        dry_run=int(dry_run),
+        count=count,
+        reason=reason,
+    )
 
 
 RECORDED_IDS = 20

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import delete, event, func, inspect, select, update
+from sqlalchemy.exc import IntegrityError
 
 from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter, read_dead_letter
@@ -527,6 +528,33 @@ async def test_discard_closes_dead_letters_and_records_history(store: FailureSto
     )
     assert again == []
     await store.release(token)
+
+
+async def test_discard_records_its_action_or_discards_nothing(store: FailureStore) -> None:
+    # Discarded in one transaction and audited in the next, a store failing in between left
+    # letters discarded with no action recorded (and the operator answered with a 503).
+    letters = await add_all(store, (letter(group="g-audited") for _ in range(2)))
+    await store.record_action(
+        action="replay", actor="bob", selection=Filter(), dry_run=False, count=0, action_id="taken"
+    )
+    with pytest.raises(IntegrityError):  # the action cannot be recorded: its id is taken
+        await store.discard(
+            Filter(group="g-audited"), limit=10, reason="x", actor="alice", action_id="taken"
+        )
+    assert await status_of(store, [item.id for item in letters]) == dict.fromkeys(
+        (item.id for item in letters), "dead"
+    )
+    discarded = await store.discard(
+        Filter(group="g-audited"), limit=10, reason="bad input", actor="alice", action_id="act-11"
+    )
+    assert len(discarded) == 2
+    [action] = [a for a in await store.actions() if a["id"] == "act-11"]
+    assert (action["action"], action["actor"], action["count"], action["reason"]) == (
+        "discard",
+        "alice",
+        2,
+        "bad input",
+    )
 
 
 async def test_discard_takes_at_most_its_limit(store: FailureStore) -> None:
