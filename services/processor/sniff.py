@@ -1,11 +1,12 @@
-"""What a file is, from its first bytes: magic numbers first (`filetype`), then text formats.
+"""What a file is, from its first bytes: magic numbers (`filetype`) and text formats.
 
 Binary formats with a signature (images, PDF, archives, audio, video, fonts ...) are recognised
-by `filetype`. Anything else is text if its head is UTF-8 without NUL bytes, and then, by its
-shape: JSON lines (every sampled line a JSON value, the first an object or array), JSON (starts
-with `{` or `[`), CSV (a delimiter that splits the sampled lines into the same number, at least
-two, of fields), or plain text. The head is a sample: the analysis that follows reads the whole
-file and may find that it is not what its head suggested.
+by `filetype`, unless the head has the shape of a text format (below). A file without a
+signature is text if its head is UTF-8 without NUL bytes, and then, by its shape: JSON lines
+(every sampled line a JSON value, the first an object or array), JSON (starts with `{` or `[`),
+CSV (a delimiter that splits the sampled lines into the same number, at least two, of fields),
+or plain text. The head is a sample: the analysis that follows reads the whole file and may
+find that it is not what its head suggested.
 """
 
 from __future__ import annotations
@@ -112,13 +113,21 @@ def csv_delimiter(lines: list[str]) -> str | None:
 
 
 def sniff(head: bytes, whole: bool) -> Sniffed:
-    """Classify a file by its first bytes; `whole` says the head is the entire file."""
+    """Classify a file by its first bytes; `whole` says the head is the entire file.
+
+    Several signatures are printable ("BM", "MZ", "ID3", "OggS", "8BPS"), so a CSV whose header
+    starts "BMI," has one: a head that reads as CSV, JSON lines or JSON is taken for that, and
+    a signature only beats plain text (an ASCII-only PDF or PostScript file)."""
     kind = filetype.guess(head) if head else None
-    if kind is not None:
-        return Sniffed("binary", str(kind.mime), str(kind.extension))
+    signed = None if kind is None else Sniffed("binary", str(kind.mime), str(kind.extension))
     text = decode_head(head, whole)
     if text is None:
-        return _sniffed("binary")
+        return signed or _sniffed("binary")
+    shaped = _text_shape(text, whole)
+    return signed if signed is not None and shaped.format == "text" else shaped
+
+
+def _text_shape(text: str, whole: bool) -> Sniffed:
     lines = sample_lines(text, whole)
     if text.lstrip()[:1] in ("{", "["):
         if _is_json_lines(lines):

@@ -83,6 +83,15 @@ def column(analysis: FileAnalysis, name: str) -> ColumnStats:
         (b'a,b\n"x\x0cy",1\nz,2\n', "text/csv", "csv"),
         (b'a,b\n"x\ny",1\n"z",2\n', "text/csv", "csv"),
         (b"a,b\r\n1,2\r\n3,4\r\n", "text/csv", "csv"),
+        # Printable signatures (BMP, Windows executable, MP3, Ogg, Photoshop) at the start of
+        # a header: each was taken for its binary format.
+        (b"BMI,height\n22.5,180\n", "text/csv", "csv"),
+        (b"MZ_code;region\n7;north\n", "text/csv", "csv"),
+        (b"ID3,title\n1,x\n", "text/csv", "csv"),
+        (b"OggS\tsize\n1\t2\n", "text/tab-separated-values", "csv"),
+        # Signed but all text: the signature says more than "plain text" would.
+        (b"%PDF-1.1\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "application/pdf", "binary"),
+        (b"%!PS-Adobe-3.0\n/Times findfont\n", "application/postscript", "binary"),
     ],
 )
 def test_the_type_is_sniffed_from_the_content(content: bytes, media_type: str, fmt: str) -> None:
