@@ -33,7 +33,7 @@ from services.messaging.retry import RetryPolicy
 from services.messaging.store import STORE_ERRORS, open_store, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
-from services.ops.store import FailureStore
+from services.ops.store import FailureStore, open_letter_of
 
 _REF = "#/components/schemas/{model}"
 PURGE_INTERVAL_SECONDS = 3600
@@ -179,7 +179,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 stack,
                 PURGE_INTERVAL_SECONDS,
                 "files-prune",
-                lambda: files.prune(app.state.blobs, file_retention),
+                # A file whose dead letter is still open stays for its replay.
+                lambda: files.prune(app.state.blobs, file_retention, held=open_letter_of),
             )
             run_every(
                 stack,

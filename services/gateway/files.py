@@ -13,6 +13,7 @@ silence until retention forgets it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +28,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     delete,
+    not_,
     select,
     text,
     update,
@@ -35,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from contracts.files import FileProcessed, FileUploadedData
 from services.blobs import BlobStore
@@ -215,20 +219,29 @@ class Files:
         except IntegrityError:
             pass  # recorded meanwhile by a concurrent delivery
 
-    async def prune(self, blobs: BlobStore, older_than: timedelta, *, batch: int = 500) -> int:
-        """Forget files uploaded longer ago than `older_than`: the stored bytes first, then the
-        record and the analysis (a failure in between leaves a record whose blob is gone, and
-        the next round deletes it again; never a blob no record points to). The number of
-        files forgotten."""
+    async def prune(
+        self,
+        blobs: BlobStore,
+        older_than: timedelta,
+        *,
+        held: Callable[[ColumnElement[str]], ColumnElement[bool]] | None = None,
+        batch: int = 500,
+    ) -> int:
+        """Forget files uploaded longer ago than `older_than`, except those `held` (given the
+        file id: a file whose dead letter is still open, which a replay would read): the
+        stored bytes first, then the record and the analysis (a failure in between leaves a
+        record whose blob is gone, and the next round deletes it again; never a blob no record
+        points to). The number of files forgotten."""
         cutoff = datetime.now(UTC) - older_than
+        old_enough = files.c.uploaded_at < cutoff
+        if held is not None:
+            old_enough = and_(old_enough, not_(held(files.c.file_id)))
         removed = 0
         while True:
             async with self._engine.connect() as conn:
                 old = (
                     await conn.execute(
-                        select(files.c.file_id, files.c.blob)
-                        .where(files.c.uploaded_at < cutoff)
-                        .limit(batch)
+                        select(files.c.file_id, files.c.blob).where(old_enough).limit(batch)
                     )
                 ).all()
             for row in old:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     and_,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -633,6 +634,13 @@ def _fitted(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and length is not None and len(value) > length:
             fitted[name] = value[:length]
     return fitted
+
+
+def open_letter_of(event_id: ColumnElement[str]) -> ColumnElement[bool]:
+    """Whether the event `event_id` has a dead letter still open (dead, or being replayed):
+    what its replay would read is still needed."""
+    c = dead_letters.c
+    return exists().where(c.event_id == event_id, c.status.in_(("dead", "replaying")))
 
 
 def _takeable(selection: Filter, lease: timedelta | None, now: datetime) -> ColumnElement[bool]:

@@ -9,23 +9,31 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploadedData
 from services.blobs import LocalBlobStore
 from services.gateway.files import Files, results
+from services.messaging.dead_letters import DeadLetter
 from services.messaging.store import open_store, store_url
+from services.ops.store import FailureStore, Filter, open_letter_of
 
 RETENTION = timedelta(days=30)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Files]:
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     database = None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
-    engine = open_store(store_url(database, tmp_path, "gateway"))
+    found = open_store(store_url(database, tmp_path, "gateway"))
+    yield found
+    await found.dispose()
+
+
+@pytest.fixture
+async def records(engine: AsyncEngine) -> Files:
     found = Files(engine, announce_after=timedelta(seconds=10))
     await found.start()
-    yield found
-    await engine.dispose()
+    return found
 
 
 async def stored(blobs: LocalBlobStore, records: Files, file_id: str, at: datetime) -> None:
@@ -55,6 +63,42 @@ async def test_a_file_older_than_the_retention_is_forgotten_with_its_bytes(
     assert await blobs.size("files/old") is None
     assert await records.get("new") is not None
     assert await blobs.size("files/new") == 8
+
+
+async def test_a_file_whose_dead_letter_is_open_is_kept_for_its_replay(
+    records: Files, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # Forgotten at 30 days like any other, its letter (kept until ops act on it) replayed
+    # later failed for good: "the blob is missing".
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    failures = FailureStore(engine)
+    await failures.start()
+    long_ago = datetime.now(UTC) - RETENTION - timedelta(days=1)
+    for file_id in ("failed", "done"):
+        await stored(blobs, records, file_id, long_ago)
+    await failures.add(file_letter("failed"))
+
+    assert await records.prune(blobs, RETENTION, held=open_letter_of) == 1
+    assert await records.get("failed") is not None and await blobs.size("files/failed") == 8
+    assert await records.get("done") is None
+
+    discarded = await failures.discard(
+        Filter(), limit=10, reason="not needed", actor="ops", action_id="a-1"
+    )
+    assert len(discarded) == 1
+    assert await records.prune(blobs, RETENTION, held=open_letter_of) == 1  # closed: it goes
+    assert await records.get("failed") is None and await blobs.size("files/failed") is None
+
+
+def file_letter(file_id: str) -> DeadLetter:
+    at = datetime.now(UTC)
+    return DeadLetter(
+        id=f"dl-{file_id}", service="processor", queue="ns.processor.files", event_id=file_id,
+        event_type="file.uploaded", reason="permanent", attempts=1, replays=0,
+        first_failure=at, last_failure=at, exception_type="PermanentError",
+        exception_message="unreadable", traceback=None, fingerprint="f" * 16, group="g",
+        body=b"{}", headers={}, correlation_id=None,
+    )  # fmt: skip
 
 
 async def test_a_blob_already_gone_does_not_stop_the_record_going(
