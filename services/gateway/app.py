@@ -190,7 +190,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             run_every(stack, CALLBACK_SWEEP_SECONDS, "callback-sweep", callbacks.sweep)
             app.state.file_announcer = announcer = FileAnnouncer(
-                files, broker.publisher, events_exchange(settings.namespace), tracking
+                files, broker, events_exchange(settings.namespace), tracking
             )
             # As often as they fall due: a look-up in an index that is empty but for them.
             run_every(stack, announce_after.total_seconds(), "file-announce-sweep", announcer.sweep)

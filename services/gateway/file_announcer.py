@@ -11,16 +11,17 @@ when the first one did land.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Final, Literal
 
 from pydantic import ValidationError
 
 from contracts.events import EVENT_ADAPTER
+from services.gateway.broker import BrokerLink
 from services.gateway.files import Files, Unannounced
 from services.gateway.tracking import Tracking
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import event_context, get_logger
-from services.messaging.publisher import Publisher
 
 log = get_logger("gateway.files")
 
@@ -28,22 +29,22 @@ SWEEP_PAGE: Final = 100
 
 
 class FileAnnouncer:
-    def __init__(
-        self, files: Files, publisher: Publisher, exchange: str, tracking: Tracking
-    ) -> None:
+    def __init__(self, files: Files, broker: BrokerLink, exchange: str, tracking: Tracking) -> None:
         self._files = files
-        self._publisher = publisher
+        self._broker = broker
         self._exchange = exchange
         self._tracking = tracking
 
     async def sweep(self) -> int:
         """Publish the announcements that are due again; how many the broker confirmed. A
         pass stops at the first the broker does not take: the claim of the rest runs out,
-        and the next pass takes them."""
-        if not self._publisher.ready:
+        and the next pass takes them. It takes what was due when it began, so that one
+        failing for good (logged) is tried once per pass, not again and again within it."""
+        if not self._broker.ready:  # connected, and the topology declared
             return 0  # the next pass; the records keep them meanwhile
+        began = datetime.now(UTC)
         confirmed = 0
-        while due := await self._files.unannounced(limit=SWEEP_PAGE):
+        while due := await self._files.unannounced(due_by=began, limit=SWEEP_PAGE):
             for file in due:
                 outcome = await self._announce(file)
                 if outcome == "away":
@@ -60,11 +61,11 @@ class FileAnnouncer:
             # Written by this gateway from a validated event: only a hand-edited record gets
             # here, and nothing would ever make it publishable.
             log.exception("a file's stored announcement is unreadable; dropped")
-            await self._files.announced(file.file_id)
+            await self._files.announced(file.file_id, file.due)
             return "failed"
         with event_context(event.id, event.correlation()):
             try:
-                await self._publisher.publish_event(
+                await self._broker.publisher.publish_event(
                     event, exchange=self._exchange, body=file.announcement
                 )
             except BrokerUnavailable as exc:
@@ -72,9 +73,11 @@ class FileAnnouncer:
                 return "away"
             except (Unroutable, Unpublishable):
                 # A topology fault: logged each pass until fixed, the file kept meanwhile.
-                log.exception("could not announce a file again")
+                log.exception(
+                    "could not announce a file again: no queue takes it, or AMQP cannot carry it"
+                )
                 return "failed"
             log.warning("announced a file whose first announcement was never confirmed")
             self._tracking.accepted(event, file.uploaded_at)
-            await self._files.announced(file.file_id)
+            await self._files.announced(file.file_id, file.due)
         return "confirmed"

@@ -228,11 +228,12 @@ async def _announce(
     with event_context(file_id, correlation or file_id):
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
         try:
-            event = await _record(file_id, upload, files, blobs, accepted_at)
+            recorded = await _record(file_id, upload, files, blobs, accepted_at)
         except STORE_ERRORS as exc:
             log.exception("could not record the file; refusing it")
             await _discard(blobs, received.key)
             raise store_unavailable(settings, "record the file") from exc
+        event = recorded.event
         try:
             await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
@@ -240,16 +241,17 @@ async def _announce(
             if not maybe and not keyed and await _forget(files, file_id):
                 # Not announced, so never processed: leave nothing behind.
                 await _discard(blobs, received.key)
-            elif not maybe:
-                # Certainly not announced: the key's repeat does it, if one comes.
-                await _announced(files, file_id)
+            elif not maybe and not recorded.maybe_announced:
+                # Certainly not announced: the key's repeat does it, if one comes. (An earlier
+                # attempt may have announced it, though: then the sweep makes sure.)
+                await _announced(files, file_id, recorded.due)
             if maybe and isinstance(exc, HTTPException):
                 # The processor may be about to read the file: it stays, and the record keeps
                 # its announcement, which FileAnnouncer publishes again.
                 raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
             raise
         gateway.tracking.accepted(event, accepted_at)
-        await _announced(files, file_id)
+        await _announced(files, file_id, recorded.due)
         log.info(
             "file stored", extra={"size": received.size, "content_type": received.content_type}
         )
@@ -261,27 +263,38 @@ async def _announce(
     )
 
 
+@dataclass(frozen=True)
+class _Recorded:
+    event: FileUploaded
+    """The announcement, about to be published."""
+    due: datetime
+    """When the sweep would publish it again."""
+    maybe_announced: bool
+    """An earlier attempt under the same key left its announcement unconfirmed."""
+
+
 async def _record(
     file_id: str, upload: _Upload, files: Files, blobs: BlobStore, at: datetime
-) -> FileUploaded:
+) -> _Recorded:
     """Record the received copy as `file_id`, or find the copy an earlier attempt under the
-    same key recorded (and drop this one), with the announcement about to be published; the
-    announcement."""
+    same key recorded (and drop this one), with the announcement about to be published."""
     received = upload.received
     earlier = None if file_id == received.key else await files.get(file_id)
     if earlier is None:
         event = upload.announcement(file_id, received.key)
-        await files.add(event.data, at, announcement=event_body(event))
-        return event
+        due = await files.add(event.data, at, announcement=event_body(event))
+        assert due is not None
+        return _Recorded(event, due, maybe_announced=False)
+    maybe_announced = earlier["announce_at"] is not None
     kept: str = earlier["blob"]
     if await blobs.size(kept) is None:  # gone meanwhile (retention): this copy takes its place
         event = upload.announcement(file_id, received.key)
-        await files.repoint(file_id, received.key, announcement=event_body(event))
-        return event
+        due = await files.repoint(file_id, received.key, announcement=event_body(event))
+        return _Recorded(event, due, maybe_announced)
     await _discard(blobs, received.key)
     event = upload.announcement(file_id, kept)
-    await files.announcing(file_id, event_body(event))
-    return event
+    due = await files.announcing(file_id, event_body(event))
+    return _Recorded(event, due, maybe_announced)
 
 
 async def _discard(blobs: BlobStore, key: str) -> None:
@@ -294,11 +307,11 @@ async def _discard(blobs: BlobStore, key: str) -> None:
         log.exception("could not delete an unused copy; the retention sweep removes it")
 
 
-async def _announced(files: Files, file_id: str) -> None:
+async def _announced(files: Files, file_id: str, due: datetime) -> None:
     """Nothing is left to announce. A store failing now is logged: the answer is about the
     publish, and a record that keeps its announcement is only announced once more."""
     try:
-        await files.announced(file_id)
+        await files.announced(file_id, due)
     except STORE_ERRORS:
         log.exception("could not note the file's announcement as settled")
 

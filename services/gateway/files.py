@@ -87,6 +87,8 @@ class Unannounced:
     file_id: str
     announcement: bytes
     uploaded_at: datetime
+    due: datetime
+    """When the claim runs out (what `Files.announced` takes)."""
 
 
 def _add_announcement_columns(sync: Connection) -> None:
@@ -114,8 +116,10 @@ class Files:
 
     async def add(
         self, data: FileUploadedData, uploaded_at: datetime, *, announcement: bytes | None = None
-    ) -> None:
-        """Record an uploaded file, with the `announcement` about to be published, if any."""
+    ) -> datetime | None:
+        """Record an uploaded file, with the `announcement` about to be published, if any;
+        when that falls due again (what `announced` takes)."""
+        pending, due = self._pending(announcement)
         async with self._engine.begin() as conn:
             await conn.execute(
                 files.insert().values(
@@ -126,70 +130,74 @@ class Files:
                     size=data.size,
                     sha256=data.sha256,
                     uploaded_at=uploaded_at,
-                    **self._pending(announcement),
+                    **pending,
                 )
             )
+        return due
 
-    async def repoint(self, file_id: str, blob: str, *, announcement: bytes) -> None:
+    async def repoint(self, file_id: str, blob: str, *, announcement: bytes) -> datetime:
         """The file's bytes are now in `blob` (its earlier copy went missing), announced by
-        `announcement`, about to be published."""
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(files)
-                .where(files.c.file_id == file_id)
-                .values(blob=blob, **self._pending(announcement))
-            )
+        `announcement`, about to be published; when that falls due again."""
+        return await self._announcing(file_id, announcement, blob=blob)
 
-    async def announcing(self, file_id: str, announcement: bytes) -> None:
-        """`announcement` of the recorded file is about to be published (a keyed repeat)."""
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(files)
-                .where(files.c.file_id == file_id)
-                .values(**self._pending(announcement))
-            )
+    async def announcing(self, file_id: str, announcement: bytes) -> datetime:
+        """`announcement` of the recorded file is about to be published (a keyed repeat);
+        when it falls due again."""
+        return await self._announcing(file_id, announcement)
 
-    async def announced(self, file_id: str) -> None:
-        """Nothing is left to announce: the broker confirmed it, or refused it for certain
-        (a keyed upload's repeat announces it, if one comes)."""
+    async def _announcing(self, file_id: str, announcement: bytes, **values: Any) -> datetime:
+        pending, due = self._pending(announcement)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(files).where(files.c.file_id == file_id).values(**values, **pending)
+            )
+        assert due is not None
+        return due
+
+    async def announced(self, file_id: str, due: datetime) -> None:
+        """Nothing is left to announce of the announcement that falls due at `due`: the
+        broker confirmed it, or refused it for certain. Only that one: an announcement
+        written since (a keyed repeat's, a sweep's claim) is left to its writer."""
         async with self._engine.begin() as conn:
             await conn.execute(
                 update(files)
-                .where(files.c.file_id == file_id)
+                .where(files.c.file_id == file_id, files.c.announce_at == due)
                 .values(announcement=None, announce_at=None)
             )
 
-    async def unannounced(self, *, limit: int) -> list[Unannounced]:
-        """Files whose announcement is due again, each claimed (moved on by `announce_after`)
-        so that another gateway's sweep leaves it alone meanwhile."""
-        now = datetime.now(UTC)
+    async def unannounced(self, *, due_by: datetime, limit: int) -> list[Unannounced]:
+        """Files whose announcement fell due by `due_by`, each claimed (moved on by
+        `announce_after`) so that another gateway's sweep leaves it alone meanwhile. A pass
+        gives the same `due_by` to each call: what it claimed falls due after it."""
         async with self._engine.connect() as conn:
             due = (
                 await conn.execute(
                     select(files.c.file_id, files.c.announcement, files.c.uploaded_at)
-                    .where(files.c.announce_at <= now)
+                    .where(files.c.announce_at <= due_by)
                     .order_by(files.c.announce_at)
                     .limit(limit)
                 )
             ).all()
         claimed = []
-        for row in due:
-            async with self._engine.begin() as conn:
+        claim = datetime.now(UTC) + self._announce_after
+        async with self._engine.begin() as conn:  # one commit for the page
+            for row in due:
                 taken = await conn.execute(
                     update(files)
-                    .where(files.c.file_id == row.file_id, files.c.announce_at <= now)
-                    .values(announce_at=now + self._announce_after)
+                    .where(files.c.file_id == row.file_id, files.c.announce_at <= due_by)
+                    .values(announce_at=claim)
                 )
-            if taken.rowcount == 1:
-                body = row.announcement.encode()
-                claimed.append(Unannounced(row.file_id, body, as_utc(row.uploaded_at)))
+                if taken.rowcount == 1:
+                    body = row.announcement.encode()
+                    at = as_utc(row.uploaded_at)
+                    claimed.append(Unannounced(row.file_id, body, at, claim))
         return claimed
 
-    def _pending(self, announcement: bytes | None) -> dict[str, Any]:
+    def _pending(self, announcement: bytes | None) -> tuple[dict[str, Any], datetime | None]:
         if announcement is None:
-            return {}
+            return {}, None
         due = datetime.now(UTC) + self._announce_after
-        return {"announcement": announcement.decode(), "announce_at": due}
+        return {"announcement": announcement.decode(), "announce_at": due}, due
 
     async def remove(self, file_id: str) -> None:
         async with self._engine.begin() as conn:

@@ -117,14 +117,17 @@ def sniff(head: bytes, whole: bool) -> Sniffed:
 
     Several signatures are printable ("BM", "MZ", "ID3", "OggS", "8BPS"), so a CSV whose header
     starts "BMI," has one: a head that reads as CSV, JSON lines or JSON is taken for that, and
-    a signature only beats plain text (an ASCII-only PDF or PostScript file)."""
+    a signature only beats plain text (an ASCII-only PDF or PostScript file) and a JSON
+    document too large to check."""
     kind = filetype.guess(head) if head else None
     signed = None if kind is None else Sniffed("binary", str(kind.mime), str(kind.extension))
     text = decode_head(head, whole)
     if text is None:
         return signed or _sniffed("binary")
     shaped = _text_shape(text, whole)
-    return signed if signed is not None and shaped.format == "text" else shaped
+    # JSON too large for the head is only a guess: an RTF file (`{\rtf1`) starts the same.
+    guessed = shaped.format == "text" or (shaped.format == "json" and not whole)
+    return signed if signed is not None and guessed else shaped
 
 
 def _text_shape(text: str, whole: bool) -> Sniffed:

@@ -9,6 +9,7 @@ the file's id. (The gateway killed mid-publish: tests/e2e/test_upload_crash.py.)
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,13 +24,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import EVENT_ADAPTER
 from contracts.files import FileUploaded, FileUploadedData
+from contracts.topology import events_exchange
 from services.gateway.file_announcer import FileAnnouncer
-from services.gateway.files import Files
+from services.gateway.files import Files, Unannounced
+from services.messaging.publisher import event_body
 from services.messaging.store import open_store, sqlite_time, store_url
 from tests.conftest import Namespace
-from tests.integration.test_files import CSV, behind_a_proxy, files_lane, refused_once
+from tests.integration.conftest import gateway_client, gateway_settings
+from tests.integration.test_files import (
+    CSV,
+    behind_a_proxy,
+    declare_topology_of,
+    files_lane,
+    refused_once,
+)
 from tests.support.polling import eventually
-from tests.support.queues import assert_empty, take
+from tests.support.queues import assert_empty, take, unbind_everyone
 from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -57,6 +67,31 @@ def overdue_in(tmp_path: Path) -> None:
         store.execute(
             "UPDATE files SET announce_at = ? WHERE announce_at IS NOT NULL",
             (sqlite_time(datetime.now(UTC) - timedelta(seconds=1)),),
+        )
+
+
+async def reconnected(client: httpx.AsyncClient) -> None:
+    """Once the gateway noticed its connection was reset, and connected (and declared) again."""
+
+    async def ready() -> int:
+        return (await client.get("/readyz")).status_code
+
+    async def down() -> None:
+        assert await ready() != 200
+
+    async def up() -> None:
+        assert await ready() == 200
+
+    await eventually(down)
+    await eventually(up, timeout=30)
+
+
+def not_due_yet(tmp_path: Path) -> None:
+    """As if every announcement in the gateway's store had been claimed by a sweep just now."""
+    with sqlite3.connect(tmp_path / "gateway.sqlite3", timeout=5) as store:
+        store.execute(
+            "UPDATE files SET announce_at = ? WHERE announce_at IS NOT NULL",
+            (sqlite_time(datetime.now(UTC) + timedelta(hours=1)),),
         )
 
 
@@ -131,6 +166,73 @@ async def test_a_keyed_upload_refused_for_certain_waits_for_its_repeat_not_the_s
         await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
+async def test_a_keyed_repeat_refused_for_certain_leaves_an_earlier_maybe_to_the_sweep(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    # The first attempt "may have been accepted"; its repeat, refused for certain, took the
+    # announcement away, and the file was never announced, pending in silence.
+    key = {"idempotency-key": "upload-maybe-then-refused"}
+    async with gateway(namespace, tmp_path, blob_dir) as (proxy, client, announcer):
+        proxy.set_mode(ProxyMode.BLACKHOLE)
+        first = await client.post(
+            "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+        )
+        assert first.status_code == 503 and "may have been accepted" in first.text
+        file_id = first.headers["location"].removeprefix("/v1/files/")
+        not_due_yet(tmp_path)  # the sweep waits while the client repeats
+        proxy.set_mode(ProxyMode.PASS)
+        proxy.reset_all()
+        await reconnected(client)
+        await unbind_everyone(namespace.amqp_url, namespace.settings(), "file.uploaded")
+        repeat = await client.post(
+            "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
+        )
+        assert repeat.status_code == 500 and "no queue is bound" in repeat.text, repeat.text
+        await declare_topology_of(namespace)
+
+        overdue_in(tmp_path)
+        await announcer.sweep()
+        await announced_once(namespace, file_id)
+
+
+async def test_a_sweep_whose_announcements_fail_ends_having_tried_each_once(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each page looked for what was due at its own time: once a pass outlasted a claim (here
+    # 20 ms; by default 10 s, some 2,000 failing announcements), the ones that had failed came
+    # round again within it, and the pass went on, logging each time round (22,895 tries of
+    # 300 files before a publish timed out, in one run).
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir)
+    apps: list[FastAPI] = []
+    async for _ in gateway_client(settings, started=apps.append):
+        engine = open_store(store_url(None, tmp_path / "other", "gateway"))
+        try:
+            records = Files(engine, announce_after=timedelta(milliseconds=20))
+            await records.start()
+            for n in range(300):
+                await records.add(uploaded(f"f-{n}"), datetime.now(UTC), announcement=unrouted(n))
+            await overdue(engine, *(f"f-{n}" for n in range(300)))
+            state = apps[0].state
+            announcer = FileAnnouncer(
+                records, state.broker, events_exchange(namespace.name), state.tracking
+            )
+            await unbind_everyone(namespace.amqp_url, namespace.settings(), "file.uploaded")
+
+            with caplog.at_level(logging.ERROR, logger="courier.gateway.files"):
+                assert await asyncio.wait_for(announcer.sweep(), timeout=60) == 0
+
+            failed = [r for r in caplog.records if "announce a file again:" in r.getMessage()]
+            assert len(failed) == 300
+        finally:
+            await engine.dispose()
+
+
+def unrouted(n: int) -> bytes:
+    """The announcement of file `f-<n>`."""
+    event = FileUploaded(id=f"f-{n}", data=uploaded(f"f-{n}"))
+    return event_body(event)
+
+
 # --- the record ----------------------------------------------------------------------------
 
 AFTER = timedelta(seconds=30)
@@ -158,6 +260,10 @@ def uploaded(file_id: str) -> FileUploadedData:
     )  # fmt: skip
 
 
+async def due_now(records: Files) -> list[Unannounced]:
+    return await records.unannounced(due_by=datetime.now(UTC), limit=10)
+
+
 async def overdue(engine: AsyncEngine, *file_ids: str) -> None:
     """As if each file's announcement had waited longer than `AFTER`."""
     past = datetime.now(UTC) - timedelta(seconds=1)
@@ -176,7 +282,7 @@ async def test_an_announcement_is_not_due_while_a_publish_could_still_be_waiting
     records: Files,
 ) -> None:
     await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
-    assert await records.unannounced(limit=10) == []
+    assert await due_now(records) == []
 
 
 async def test_a_due_announcement_is_claimed_by_one_sweep_until_its_time_comes_again(
@@ -188,26 +294,58 @@ async def test_a_due_announcement_is_claimed_by_one_sweep_until_its_time_comes_a
     await overdue(engine, "f-1", "f-2")
     other_gateway = Files(engine, announce_after=AFTER)
 
-    first, second = await asyncio.gather(
-        records.unannounced(limit=10), other_gateway.unannounced(limit=10)
-    )
+    first, second = await asyncio.gather(due_now(records), due_now(other_gateway))
 
     claimed = sorted(u.file_id for u in [*first, *second])
     assert claimed == ["f-1", "f-2"]  # each once, between them
     assert {u.announcement for u in first + second} == {b'{"id":"f-1"}', b'{"id":"f-2"}'}
-    assert await records.unannounced(limit=10) == []  # claimed: not due for another AFTER
+    assert await due_now(records) == []  # claimed: due after AFTER
     await overdue(engine, "f-1")
-    [again] = await records.unannounced(limit=10)  # the claim ran out: due again
+    [again] = await due_now(records)  # the claim ran out
     assert again.file_id == "f-1"
 
 
 async def test_an_announced_file_is_never_due(records: Files, engine: AsyncEngine) -> None:
-    await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
-    await records.announced("f-1")
+    due = await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
+    assert due is not None
+    await records.announced("f-1", due)
     await overdue(engine, "f-1")
-    assert await records.unannounced(limit=10) == []
+    assert await due_now(records) == []
     found = await records.get("f-1")
     assert found is not None and found["announce_at"] is None
+
+
+async def test_settling_an_announcement_leaves_one_written_since_to_its_writer(
+    records: Files, engine: AsyncEngine
+) -> None:
+    # A request (or a sweep) that had published the earlier announcement cleared whatever was
+    # there: a keyed repeat's announcement written meanwhile, never confirmed, was lost.
+    first = await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"1")
+    assert first is not None
+    await records.announcing("f-1", b"2")
+    await records.announced("f-1", first)
+    await overdue(engine, "f-1")
+    [pending] = await due_now(records)
+    assert pending.announcement == b"2"
+    await records.announced("f-1", pending.due)  # the claim's: the sweep settles it
+    assert await due_now(records) == []
+
+
+async def test_a_sweep_pass_takes_only_what_was_due_when_it_began(
+    records: Files, engine: AsyncEngine
+) -> None:
+    await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
+    await overdue(engine, "f-1")
+    began = datetime.now(UTC)
+    [claimed] = await records.unannounced(due_by=began, limit=10)
+    assert claimed.file_id == "f-1"
+    # Its publish failed, and the pass went on until the claim ran out:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE files SET announce_at = :at"), {"at": began + timedelta(milliseconds=1)}
+        )
+    assert await records.unannounced(due_by=began, limit=10) == []  # not again in this pass
+    assert [u.file_id for u in await due_now(records)] == ["f-1"]  # the next pass takes it
 
 
 async def test_files_recorded_before_announcements_were_kept_count_as_announced(
@@ -228,7 +366,7 @@ async def test_files_recorded_before_announcements_were_kept_count_as_announced(
     await upgraded.start()
     found = await upgraded.get("old")
     assert found is not None and found["announce_at"] is None
-    assert await upgraded.unannounced(limit=10) == []
+    assert await due_now(upgraded) == []
     await upgraded.add(uploaded("new"), datetime.now(UTC), announcement=b"{}")
     await overdue(engine, "new")
-    assert [u.file_id for u in await upgraded.unannounced(limit=10)] == ["new"]
+    assert [u.file_id for u in await due_now(upgraded)] == ["new"]

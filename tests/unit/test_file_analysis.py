@@ -99,6 +99,13 @@ def test_the_type_is_sniffed_from_the_content(content: bytes, media_type: str, f
     assert (sniffed.media_type, sniffed.format) == (media_type, fmt)
 
 
+def test_a_signature_beats_json_too_large_to_check_in_the_head() -> None:
+    # RTF starts like a JSON object: beyond the head it was taken for JSON, then for text.
+    rtf = b"{\\rtf1\\ansi\\deff0 {\\fonttbl {\\f0 Times;}}\n" + b"\\par text\n" * 20_000
+    sniffed = sniff(rtf[:65_536], whole=False)
+    assert (sniffed.format, sniffed.media_type) == ("binary", "application/rtf")
+
+
 def test_a_character_cut_at_the_end_of_the_head_is_still_text() -> None:
     head = ("x" * 10 + "\u00e9").encode()[:-1]
     assert sniff(head, whole=False).format == "text"
