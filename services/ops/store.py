@@ -636,11 +636,21 @@ def _fitted(values: dict[str, Any]) -> dict[str, Any]:
     return fitted
 
 
+REPLAY_READ_WINDOW = timedelta(days=1)
+"""How long after its replay a letter's event may still be waiting to be read again."""
+
+
 def open_letter_of(event_id: ColumnElement[str]) -> ColumnElement[bool]:
-    """Whether the event `event_id` has a dead letter still open (dead, or being replayed):
-    what its replay would read is still needed."""
+    """Whether the event `event_id` has a dead letter still open (dead, or being replayed),
+    or replayed within `REPLAY_READ_WINDOW` (its new delivery may wait behind others): what
+    its replay reads is still needed."""
     c = dead_letters.c
-    return exists().where(c.event_id == event_id, c.status.in_(("dead", "replaying")))
+    recently_replayed = and_(
+        c.status == "replayed", c.closed_at > datetime.now(UTC) - REPLAY_READ_WINDOW
+    )
+    return exists().where(
+        c.event_id == event_id, or_(c.status.in_(("dead", "replaying")), recently_replayed)
+    )
 
 
 def _takeable(selection: Filter, lease: timedelta | None, now: datetime) -> ColumnElement[bool]:

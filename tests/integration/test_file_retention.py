@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploadedData
@@ -16,7 +16,7 @@ from services.blobs import LocalBlobStore
 from services.gateway.files import Files, results
 from services.messaging.dead_letters import DeadLetter
 from services.messaging.store import open_store, store_url
-from services.ops.store import FailureStore, Filter, open_letter_of
+from services.ops.store import FailureStore, Filter, dead_letters, open_letter_of
 
 RETENTION = timedelta(days=30)
 
@@ -88,6 +88,32 @@ async def test_a_file_whose_dead_letter_is_open_is_kept_for_its_replay(
     assert len(discarded) == 1
     assert await records.prune(blobs, RETENTION, held=open_letter_of) == 1  # closed: it goes
     assert await records.get("failed") is None and await blobs.size("files/failed") is None
+
+
+async def test_a_file_replayed_lately_is_kept_until_it_can_have_been_read_again(
+    records: Files, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    failures = FailureStore(engine)
+    await failures.start()
+    long_ago = datetime.now(UTC) - RETENTION - timedelta(days=1)
+    for file_id in ("replayed", "replayed-long-ago"):
+        await stored(blobs, records, file_id, long_ago)
+        await failures.add(file_letter(file_id))
+        token, [letter_id] = await failures.claim(
+            Filter(ids=(f"dl-{file_id}",)), limit=1, lease=timedelta(minutes=5)
+        )
+        assert await failures.mark_replayed(letter_id, token, "a-1", "ops")
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(dead_letters)
+            .where(dead_letters.c.id == "dl-replayed-long-ago")
+            .values(closed_at=datetime.now(UTC) - timedelta(days=2))
+        )
+
+    assert await records.prune(blobs, RETENTION, held=open_letter_of) == 1
+    assert await records.get("replayed") is not None
+    assert await records.get("replayed-long-ago") is None
 
 
 def file_letter(file_id: str) -> DeadLetter:
