@@ -101,6 +101,13 @@ class Operations:
                 if await self._store.mark_replayed(letter_id, token, action_id, actor):
                     moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
+                else:
+                    # Published, but its claim ran out meanwhile (the replay stalled past its
+                    # lease): another replay, or a discard, may have taken it. Said, not hidden.
+                    log.warning(
+                        "replayed a dead letter whose claim was lost meanwhile",
+                        extra={"id": letter_id, "action_id": action_id},
+                    )
         except (BrokerUnavailable, *STORE_ERRORS) as exc:
             # Said with what was done: letters published but not marked are dead again and a
             # later replay sends them once more (the consumers' inboxes drop the repeat).

@@ -779,6 +779,16 @@ class StoreGoneAfter(FailureStore):
         return await super().record_action(**kwargs)
 
 
+class ClaimLostWhileReading(FailureStore):
+    """The real store, whose claims run out (released, as past their lease) just as the
+    replay reads a letter: after its `holds` check, before its publish."""
+
+    async def letter(self, letter_id: str) -> DeadLetter | None:
+        found = await super().letter(letter_id)
+        await self.release_expired(timedelta(0))
+        return found
+
+
 class CountingRenewals(FailureStore):
     renewals = 0
 
@@ -898,6 +908,25 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
         assert outcome.error is not None and "went away" in outcome.error
         assert outcome.count == 2 and len(outcome.ids) == 2
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
+
+
+@pytest.mark.broker
+async def test_a_letter_published_after_its_claim_ran_out_is_said_not_counted(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A discard (or another replay) may have taken it meanwhile: published all the same, it
+    # was neither counted nor said anywhere.
+    [letter_id] = await seed(tmp_path, namespace, 1)
+    async with replaying(namespace, tmp_path, ClaimLostWhileReading) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+        with caplog.at_level(logging.WARNING, logger="courier.ops"):
+            outcome = await operations.replay(
+                Filter(), actor="tester", limit=10, rate=1000, dry_run=False
+            )
+        assert (outcome.count, outcome.error) == (0, None)
+        [said] = [r for r in caplog.records if "claim was lost meanwhile" in r.getMessage()]
+        assert getattr(said, "id", None) == letter_id
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
 
 
 @pytest.mark.broker
