@@ -45,6 +45,8 @@ from services.messaging.dead_letters import DeadLetter
 from services.messaging.store import as_utc, migrate
 
 Status = Literal["dead", "replaying", "replayed", "discarded"]
+Clock = datetime | ColumnElement[datetime]
+"""A time in Python, or the database's clock in SQL."""
 
 GROUPING_COLUMNS = ("status", "group_key", "service", "event_type", "dead_lettered_at", "id")
 
@@ -398,7 +400,7 @@ class FailureStore:
         ids, oldest first: a replay reads each letter as it comes to it (`letter`), never
         thousands of bodies at once."""
         token = uuid.uuid4().hex
-        now = datetime.now(UTC)
+        now = self._lease_clock()
         c = dead_letters.c
         claimable = _takeable(selection, lease, now)
         async with self.engine.begin() as conn:
@@ -413,6 +415,13 @@ class FailureStore:
             ids = list((await conn.execute(claimed)).scalars().all())
         return token, ids
 
+    def _lease_clock(self) -> Clock:
+        """The time claims are stamped and expired by. On PostgreSQL the database's own: the
+        gateways sharing it may run on hosts whose clocks drift apart, and one ahead by more
+        than a lease would release live claims (a letter replayed twice). On SQLite, a file
+        on one host, this process's."""
+        return func.now() if self.engine.dialect.name == "postgresql" else datetime.now(UTC)
+
     async def letter(self, letter_id: str) -> DeadLetter | None:
         async with self.engine.connect() as conn:
             row = (
@@ -423,7 +432,7 @@ class FailureStore:
     async def preview(self, selection: Filter, *, limit: int, lease: timedelta | None) -> list[str]:
         """The ids a replay (with `lease`) or a discard (without) would take now, in order:
         what a dry run reports."""
-        query = _oldest_first(_takeable(selection, lease, datetime.now(UTC)), limit)
+        query = _oldest_first(_takeable(selection, lease, self._lease_clock()), limit)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars().all())
 
@@ -434,7 +443,7 @@ class FailureStore:
             await conn.execute(
                 update(dead_letters)
                 .where(c.claim == token, c.status == "replaying")
-                .values(claimed_at=datetime.now(UTC))
+                .values(claimed_at=self._lease_clock())
             )
 
     async def holds(self, token: str, letter_id: str) -> bool:
@@ -453,7 +462,7 @@ class FailureStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(dead_letters)
-                .where(c.status == "replaying", c.claimed_at < datetime.now(UTC) - lease)
+                .where(c.status == "replaying", c.claimed_at < self._lease_clock() - lease)
                 .values(status="dead", claim=None, claimed_at=None)
             )
         return int(result.rowcount or 0)
@@ -653,7 +662,7 @@ def open_letter_of(event_id: ColumnElement[str]) -> ColumnElement[bool]:
     )
 
 
-def _takeable(selection: Filter, lease: timedelta | None, now: datetime) -> ColumnElement[bool]:
+def _takeable(selection: Filter, lease: timedelta | None, now: Clock) -> ColumnElement[bool]:
     """Letters an operation may take: dead ones, and for a replay (`lease` given) also those
     whose replay died (its claim's lease ran out)."""
     c = dead_letters.c

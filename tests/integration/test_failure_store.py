@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -493,6 +493,36 @@ async def test_release_returns_unmoved_letters_to_dead(store: FailureStore) -> N
     }
     _, again = await store.claim(Filter(), limit=10, lease=LEASE)
     assert set(again) == {letters[1].id, letters[2].id}
+
+
+class _AheadByTenMinutes(datetime):
+    """A host whose clock runs ten minutes ahead."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        return datetime.now(tz) + timedelta(minutes=10)
+
+
+async def test_a_gateway_whose_clock_runs_ahead_releases_no_live_claim(
+    postgres_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Gateways on several hosts share a PostgreSQL store. One whose clock ran more than a
+    # lease ahead released the claims of a replay running on another: replayed twice.
+    engine = open_store(store_url(postgres_database, tmp_path, "gateway"))
+    store = FailureStore(engine)
+    try:
+        await store.start()
+        [held] = await add_all(store, [letter()])
+        _, claimed = await store.claim(Filter(), limit=10, lease=LEASE)
+        assert claimed == [held.id]
+
+        monkeypatch.setattr("services.ops.store.datetime", _AheadByTenMinutes)
+        assert await store.release_expired(LEASE) == 0
+        assert await store.preview(Filter(), limit=10, lease=LEASE) == []
+        _, taken = await store.claim(Filter(), limit=10, lease=LEASE)
+        assert taken == []
+    finally:
+        await engine.dispose()
 
 
 # --- discard and purge -------------------------------------------------------------------------
