@@ -64,24 +64,32 @@ DEFAULT_SOURCE = "urn:courier:gateway"
 MAX_CALLBACK_URL: Final = 2048
 
 
-def _check_callback_url(url: str) -> str:
-    """Refuse what can never be delivered, at the gateway (422) rather than in the notifier.
-
-    The notifier checks again, and guards the addresses the host resolves to, when it delivers.
-    """
+def http_url_problem(url: str) -> str | None:
+    """Why `url` can never be posted to (a callback URL, a webhook target), or None. Checked
+    where it is submitted (422) rather than found when the notifier tries, retrying a delivery
+    that cannot succeed; the notifier checks again, and guards the addresses the host resolves
+    to, when it delivers."""
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
-        raise ValueError("a callback URL must not contain spaces or control characters")
+        return "must not contain spaces or control characters"
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
     except ValueError as exc:
-        raise ValueError(f"not a valid URL: {exc}") from None
+        return f"is not a valid URL: {exc}"
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"a callback URL must be http or https, not {parts.scheme or 'none'!r}")
+        return f"must be http or https, not {parts.scheme or 'none'!r}"
     if "@" in parts.netloc:
-        raise ValueError("a callback URL must not carry credentials")
+        return "must not carry credentials"
     if not parts.hostname:
-        raise ValueError("a callback URL needs a host")
+        return "has no host"
+    if port == 0:
+        return "has port 0, which nothing listens on"
+    return None
+
+
+def _check_callback_url(url: str) -> str:
+    if problem := http_url_problem(url):
+        raise ValueError(f"a callback URL {problem}")
     return url
 
 

@@ -21,6 +21,7 @@ from typing import Final
 
 import httpx
 
+from contracts.envelope import http_url_problem
 from services.messaging.errors import PermanentError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -37,17 +38,17 @@ class TargetRefused(PermanentError):
 
 
 def check_url(url: str) -> httpx.URL:
-    """Parse a webhook URL; refuse other schemes, credentials in it, and a missing host."""
+    """Parse a webhook URL; refuse what could never be posted to, as a callback URL is (other
+    schemes, credentials, no host, spaces, a port out of range): retried, it would only fail
+    again until the last delay tier."""
+    if problem := http_url_problem(url):
+        raise TargetRefused(f"the webhook URL {problem}")
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise TargetRefused(f"not a valid URL: {exc}") from None
-    if parsed.scheme not in SCHEMES:
-        raise TargetRefused(f"webhook URLs must be http or https, not {parsed.scheme or 'none'!r}")
-    if parsed.userinfo:
-        raise TargetRefused("webhook URLs must not carry credentials")
-    if not parsed.host:
-        raise TargetRefused("the webhook URL has no host")
+        raise TargetRefused(f"the webhook URL is not a valid URL: {exc}") from None
+    if parsed.scheme not in SCHEMES or not parsed.host:  # what urlsplit saw; httpx agrees
+        raise TargetRefused(f"the webhook URL is not a valid http(s) URL: {url[:100]!r}")
     return parsed
 
 

@@ -216,6 +216,7 @@ def test_a_batch_keeps_each_events_callback_url() -> None:
         "https://token@shop.example/hook",
         "https:///no-host",
         "https://shop.example:99999/hook",
+        "https://shop.example:0/hook",
         "https://shop.example/a hook",
         "https://shop.example/\nhook",
         "https://shop.example/" + "a" * 2048,

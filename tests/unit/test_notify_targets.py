@@ -49,6 +49,12 @@ def test_a_target_is_a_channel_and_a_recipient(raw: str, channel: str, recipient
         ("webhook:ftp://example.com/x", "must be http or https"),
         ("webhook:https://user:pw@example.com/x", "must not carry credentials"),
         ("webhook:https:///nohost", "no host"),
+        # Accepted with a 202, then retried through every delay tier before a dead letter:
+        # refused as callback URLs already, the same URLs now are as targets.
+        ("webhook:http://127.0.0.1:99999/", "is not a valid URL"),
+        ("webhook:http://a b/", "must not contain spaces"),
+        ("webhook:https://ex ample.com/", "must not contain spaces"),
+        ("webhook:http://example.com:0/", "port 0"),
         ("email:not an address", "is not a valid recipient address"),
         ("email:Ops <ops@example.com>", "is not a valid recipient address"),
         ("email:ops@example.com\r\nBcc: x@example.com", "line break"),

@@ -84,6 +84,16 @@ def test_credentials_in_the_url_are_refused(url: str) -> None:
         check_url(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:99999/", "http://a b/", "https://hooks.example.org:0/in", "http://x/\x7f"],
+)
+def test_a_url_nothing_could_ever_answer_is_refused_not_retried(url: str) -> None:
+    # httpx took these: a connect error each time, retried as transient until the last tier.
+    with pytest.raises(TargetRefused):
+        check_url(url)
+
+
 def test_a_plain_https_url_is_accepted() -> None:
     url = check_url("https://Hooks.Example.org:8443/in?x=1")
     assert (url.host, url.port, url.path) == ("hooks.example.org", 8443, "/in")
