@@ -219,11 +219,14 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     """A moment in UTC from ISO 8601 (no offset means UTC) or an age: `90s`, `15m`, `2h`, `7d`."""
     text = text.strip()
     match = _RELATIVE.match(text)
-    if match:
-        age = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-        return (now or datetime.now(UTC)) - age
-    moment = datetime.fromisoformat(text)  # ValueError when it is neither
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    try:
+        if match:
+            age = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+            return (now or datetime.now(UTC)) - age
+        moment = datetime.fromisoformat(text)  # ValueError when it is neither
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:  # `99999999h`, `9999-12-31T23:59:59-05:00`: before year 1 or after 9999
+        raise ValueError(f"{text!r} is out of range") from None
 
 
 def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -239,7 +242,9 @@ def _when_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     try:
         return parse_when(value)
-    except ValueError:
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise click.BadParameter(f"{value!r} is out of range once in UTC") from None
         raise click.BadParameter(
             f"{value!r} is neither an ISO 8601 time nor an age like 15m, 2h, 7d"
         ) from None
@@ -587,7 +592,7 @@ def list_letters(
 
 
 @dlq.command("show")
-@click.argument("letter_id", metavar="ID")
+@click.argument("letter_id", metavar="ID", callback=_not_blank)
 @_connection_options
 def show_letter(session: Session, letter_id: str) -> None:
     """Show one dead letter in full.

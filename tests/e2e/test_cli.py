@@ -452,3 +452,22 @@ def test_an_empty_filter_is_a_usage_error_not_a_selection_of_everything(
     result = CliRunner().invoke(cli, ["dlq", *command, "--text", ""], env=env)
     assert result.exit_code == 2, result.output
     assert "must not be empty" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "since", ["99999999h", "1000000d", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"]
+)
+def test_a_time_out_of_range_is_a_usage_error_not_a_traceback(since: str) -> None:
+    # OverflowError escaped the parsing: a traceback, exit 1, and no JSON with --json.
+    env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}
+    result = CliRunner().invoke(cli, ["dlq", "list", "--since", since, "--json"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "out of range" in result.stderr
+
+
+def test_an_empty_id_is_a_usage_error_not_the_gateway_s_redirect() -> None:
+    # `GET /v1/ops/dead-letters/` redirects: "the gateway answered 307", exit 1.
+    env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}
+    result = CliRunner().invoke(cli, ["dlq", "show", ""], env=env)
+    assert result.exit_code == 2, result.output
+    assert "must not be empty" in result.stderr
