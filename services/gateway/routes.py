@@ -80,7 +80,11 @@ def status_url(event_id: str) -> str:
 
 def path_segment(event_id: str) -> str:
     """An id as one URL path segment: any text but control characters, so `?`, `#`, `/` and
-    `%` are escaped, and the `Location` header stays ASCII (a response header must be)."""
+    `%` are escaped, and the `Location` header stays ASCII (a response header must be). The
+    ids `.` and `..` are escaped whole: as they are, clients resolve them as dot segments
+    (`/v1/events/..` is `/v1/`)."""
+    if event_id in (".", ".."):
+        return "%2E" * len(event_id)
     return quote(event_id, safe="")
 
 
