@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from contracts.envelope import Envelope, is_event_id
 from contracts.events import IngestEvent
-from contracts.topology import events_exchange
+from contracts.topology import events_exchange, workers_of
 from contracts.tracking import CancellationRequested, CancellationRequestedData
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import Broker, Settings, TrackingDep
@@ -541,6 +541,10 @@ async def cancel_event_post(
     responses={
         202: {"description": "Not processed yet: the event's status"},
         404: {"model": Problem, "description": "Unknown dataset"},
+        409: {
+            "description": "Cancelled or dead-lettered: no summary comes (unless a replay "
+            "brings one); the event's status, with the reason"
+        },
     },
 )
 async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
@@ -551,7 +555,15 @@ async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
     found = await tracking.status(dataset_id)
     if found is None or found["type"] not in (None, "dataset.submitted"):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r} is known")
-    return JSONResponse(jsonable_encoder(found), status_code=status.HTTP_202_ACCEPTED)
+    # A client polls while it gets 202: for a dataset that will not be summarised, a 202 kept
+    # it polling for ever, the failure unseen.
+    services = found["services"]
+    ended = any(
+        services.get(worker, {}).get("state") in ("cancelled", "dead_lettered")
+        for worker in workers_of("dataset.submitted")
+    )
+    code = status.HTTP_409_CONFLICT if ended else status.HTTP_202_ACCEPTED
+    return JSONResponse(jsonable_encoder(found), status_code=code)
 
 
 @router.get("/healthz", summary="Liveness: the process runs")

@@ -406,6 +406,30 @@ async def test_the_status_url_of_an_accepted_event_leads_to_its_status(
     assert result.status_code == 202 and result.json()["id"] == event_id  # not processed yet
 
 
+async def test_a_dead_lettered_dataset_has_no_summary_to_wait_for(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    # Answered 202 "not processed yet" for ever: a client polling while it gets 202 never
+    # learnt that its dataset had failed.
+    response = await client.post("/v1/events", json=DATASET)
+    dataset_id = response.json()["id"]
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:  # the processor refuses it: the broker dead-letters it
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        message = await queue.get(timeout=5)
+        await message.reject(requeue=False)
+
+    async def ended() -> httpx.Response:
+        result = await client.get(f"/v1/datasets/{dataset_id}")
+        assert result.status_code != 202, result.text
+        return result
+
+    result = await eventually(ended)
+    assert result.status_code == 409
+    assert result.json()["services"]["processor"]["state"] == "dead_lettered"
+
+
 async def test_an_event_whose_id_holds_a_slash_can_be_cancelled(
     client: httpx.AsyncClient,
 ) -> None:
