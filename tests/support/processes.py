@@ -77,7 +77,7 @@ class ServiceProcess:
         def check() -> None:
             assert self.process is not None
             assert self.process.poll() is None, f"{self.name} exited:\n{self.log()}"
-            assert self.ready(), f"{self.name} not ready yet"
+            assert self.ready(), f"{self.name} not ready yet; its log:\n{self.log()}"
 
         eventually_sync(check, timeout)
         return self
