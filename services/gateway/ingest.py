@@ -111,6 +111,18 @@ def _with_correlation(event: IngestEvent, correlation_id: str | None) -> IngestE
     return event
 
 
+DOT_SEGMENTS: Final = frozenset({".", ".."})
+
+
+def _addressable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
+    """Refuse an id its status URL could not name: `.` and `..` are dot segments, which URL
+    parsers (browsers' escaped forms too) resolve to another path. Refused here, where a client
+    submits, not in the contract, which events already queued are read with."""
+    if event.id in DOT_SEGMENTS:
+        why = "an event id may not be '.' or '..': its status URL could not name it"
+        raise IngestError(422, [{"loc": list(loc), "msg": why, "type": "value_error"}])
+
+
 def parse_event(content_type: str | None, headers: Mapping[str, str], body: bytes) -> IngestEvent:
     kind = media_type(content_type)
     if kind not in SINGLE_TYPES:
@@ -121,6 +133,7 @@ def parse_event(content_type: str | None, headers: Mapping[str, str], body: byte
         event = INGEST_ADAPTER.validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from exc
+    _addressable(event, ("id",))
     return _with_correlation(event, headers.get("x-correlation-id"))
 
 
@@ -136,5 +149,7 @@ def parse_batch(
         if any(e["type"] == "too_long" and not e["loc"] for e in exc.errors()):
             raise IngestError(413, f"a batch holds at most {max_events} events") from exc
         raise _invalid(exc) from exc
+    for at, event in enumerate(events):
+        _addressable(event, (at, "id"))
     correlation = headers.get("x-correlation-id")
     return [_with_correlation(event, correlation) for event in events]

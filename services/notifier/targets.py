@@ -49,6 +49,8 @@ def check_url(url: str) -> httpx.URL:
         raise TargetRefused(f"the webhook URL is not a valid URL: {exc}") from None
     if parsed.scheme not in SCHEMES or not parsed.host:  # what urlsplit saw; httpx agrees
         raise TargetRefused(f"the webhook URL is not a valid http(s) URL: {url[:100]!r}")
+    if parsed.port == 0:
+        raise TargetRefused("the webhook URL has port 0, which nothing listens on")
     return parsed
 
 

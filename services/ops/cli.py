@@ -215,6 +215,10 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+class OutOfRange(ValueError):
+    """A time before year 1 or after 9999 once in UTC."""
+
+
 def parse_when(text: str, now: datetime | None = None) -> datetime:
     """A moment in UTC from ISO 8601 (no offset means UTC) or an age: `90s`, `15m`, `2h`, `7d`."""
     text = text.strip()
@@ -226,7 +230,7 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
         moment = datetime.fromisoformat(text)  # ValueError when it is neither
         return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
     except OverflowError:  # `99999999h`, `9999-12-31T23:59:59-05:00`: before year 1 or after 9999
-        raise ValueError(f"{text!r} is out of range") from None
+        raise OutOfRange(f"{text!r} is out of range") from None
 
 
 def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -242,9 +246,9 @@ def _when_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     try:
         return parse_when(value)
-    except ValueError as exc:
-        if "out of range" in str(exc):
-            raise click.BadParameter(f"{value!r} is out of range once in UTC") from None
+    except OutOfRange:
+        raise click.BadParameter(f"{value!r} is out of range once in UTC") from None
+    except ValueError:
         raise click.BadParameter(
             f"{value!r} is neither an ISO 8601 time nor an age like 15m, 2h, 7d"
         ) from None

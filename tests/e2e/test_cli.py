@@ -465,6 +465,13 @@ def test_a_time_out_of_range_is_a_usage_error_not_a_traceback(since: str) -> Non
     assert "out of range" in result.stderr
 
 
+def test_a_date_that_does_not_exist_is_not_called_out_of_range() -> None:
+    env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}
+    result = CliRunner().invoke(cli, ["dlq", "list", "--since", "2024-02-30"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "neither an ISO 8601 time" in result.stderr
+
+
 def test_an_empty_id_is_a_usage_error_not_the_gateway_s_redirect() -> None:
     # `GET /v1/ops/dead-letters/` redirects: "the gateway answered 307", exit 1.
     env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}

@@ -386,9 +386,7 @@ async def test_after_a_reconnect_the_gateway_is_not_ready_until_its_topology_is_
             await eventually(ready, timeout=15)
 
 
-@pytest.mark.parametrize(
-    "event_id", ["заказ-1", "order?id=1", "a/b", "50%", "x#1", "a b", ".", ".."]
-)
+@pytest.mark.parametrize("event_id", ["заказ-1", "order?id=1", "a/b", "50%", "x#1", "a b"])
 async def test_the_status_url_of_an_accepted_event_leads_to_its_status(
     client: httpx.AsyncClient, event_id: str
 ) -> None:

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from contracts.events import EVENT_ADAPTER, NotificationRequested
 from services.gateway.ingest import IngestError, parse_batch, parse_event
 
-PLAIN = orjson.dumps({"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}})
+NOTE = {"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}}
+PLAIN = orjson.dumps(NOTE)
 
 
 def error_of(call: object) -> IngestError:
@@ -216,7 +217,6 @@ def test_a_batch_keeps_each_events_callback_url() -> None:
         "https://token@shop.example/hook",
         "https:///no-host",
         "https://shop.example:99999/hook",
-        "https://shop.example:0/hook",
         "https://shop.example/a hook",
         "https://shop.example/\nhook",
         "https://shop.example/" + "a" * 2048,
@@ -230,6 +230,17 @@ def test_an_unusable_callback_url_is_refused_with_422(url: object) -> None:
     )
     assert error.status == 422
     assert error.detail[0]["loc"][-1] in {"callbackurl", "callback_url"}, error.detail
+
+
+@pytest.mark.parametrize("event_id", [".", ".."])
+def test_an_id_its_status_url_could_not_name_is_refused_with_422(event_id: str) -> None:
+    # `/v1/events/..` is `/v1/`, and browsers resolve `%2E%2E` as a dot segment too.
+    body = orjson.dumps({**NOTE, "id": event_id})
+    error = error_of(lambda: parse_event("application/json", {}, body))
+    assert error.status == 422 and error.detail[0]["loc"] == ["id"]
+    batch = orjson.dumps([{**NOTE, "id": "fine"}, {**NOTE, "id": event_id}])
+    error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
+    assert error.status == 422 and error.detail[0]["loc"] == [1, "id"]
 
 
 def test_an_unusable_callback_url_in_a_ce_header_is_refused_with_422() -> None:

@@ -94,6 +94,13 @@ def test_a_url_nothing_could_ever_answer_is_refused_not_retried(url: str) -> Non
         check_url(url)
 
 
+def test_a_space_in_the_path_or_query_is_escaped_not_refused() -> None:
+    # Delivered so since webhooks exist: refused for good, such a notification (or one already
+    # queued) would be dead-lettered at once, and again at every replay.
+    url = check_url("https://hooks.example.org/in box?name=Q3 report")
+    assert url.raw_path == b"/in%20box?name=Q3%20report"
+
+
 def test_a_plain_https_url_is_accepted() -> None:
     url = check_url("https://Hooks.Example.org:8443/in?x=1")
     assert (url.host, url.port, url.path) == ("hooks.example.org", 8443, "/in")
