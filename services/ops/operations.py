@@ -98,14 +98,17 @@ class Operations:
                     # it stays dead, and the letters after it still go.
                     skipped[letter_id] = str(exc)
                     continue
-                if await self._store.mark_replayed(letter_id, token, action_id, actor):
+                if await self._store.mark_replayed(letter_id, token, action_id, actor) or (
+                    # Its claim ran out while it was published (the replay stalled past its
+                    # lease): replayed all the same, unless a discard or a replay took it since.
+                    await self._store.mark_released_replayed(letter_id, action_id, actor)
+                ):
                     moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
                 else:
-                    # Published, but its claim ran out meanwhile (the replay stalled past its
-                    # lease): another replay, or a discard, may have taken it. Said, not hidden.
                     log.warning(
-                        "replayed a dead letter whose claim was lost meanwhile",
+                        "replayed a dead letter whose claim was lost meanwhile, to a discard or "
+                        "another replay",
                         extra={"id": letter_id, "action_id": action_id},
                     )
         except (BrokerUnavailable, *STORE_ERRORS) as exc:

@@ -469,6 +469,19 @@ class FailureStore:
 
     async def mark_replayed(self, letter_id: str, token: str, action_id: str, actor: str) -> bool:
         """The replay of a claimed letter was confirmed by the broker."""
+        return await self._replayed(letter_id, dead_letters.c.claim == token, action_id, actor)
+
+    async def mark_released_replayed(self, letter_id: str, action_id: str, actor: str) -> bool:
+        """A replay published a letter whose claim had run out meanwhile: replayed all the
+        same if no one took it since (it is dead again, unclaimed); not if a discard or
+        another replay did."""
+        c = dead_letters.c
+        unclaimed = and_(c.status == "dead", c.claim.is_(None))
+        return await self._replayed(letter_id, unclaimed, action_id, actor)
+
+    async def _replayed(
+        self, letter_id: str, held: ColumnElement[bool], action_id: str, actor: str
+    ) -> bool:
         now = datetime.now(UTC)
         c = dead_letters.c
         entry = {
@@ -481,7 +494,7 @@ class FailureStore:
             history = await conn.scalar(select(c.history).where(c.id == letter_id))
             result = await conn.execute(
                 update(dead_letters)
-                .where(c.id == letter_id, c.claim == token)
+                .where(c.id == letter_id, held)
                 .values(
                     status="replayed",
                     claim=None,

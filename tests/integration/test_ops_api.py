@@ -789,6 +789,15 @@ class ClaimLostWhileReading(FailureStore):
         return found
 
 
+class DiscardedWhileReading(ClaimLostWhileReading):
+    """... and an operator discards it then."""
+
+    async def letter(self, letter_id: str) -> DeadLetter | None:
+        found = await super().letter(letter_id)
+        await self.discard(Filter(), limit=10, reason="meanwhile", actor="bob", action_id="d-1")
+        return found
+
+
 class CountingRenewals(FailureStore):
     renewals = 0
 
@@ -911,13 +920,28 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
 
 
 @pytest.mark.broker
-async def test_a_letter_published_after_its_claim_ran_out_is_said_not_counted(
-    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_letter_published_after_its_claim_ran_out_is_still_marked_replayed(
+    namespace: Namespace, tmp_path: Path
 ) -> None:
-    # A discard (or another replay) may have taken it meanwhile: published all the same, it
-    # was neither counted nor said anywhere.
+    # Published, but left dead (and uncounted): the next replay sent it again.
     [letter_id] = await seed(tmp_path, namespace, 1)
     async with replaying(namespace, tmp_path, ClaimLostWhileReading) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+        outcome = await operations.replay(
+            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
+        )
+        assert (outcome.count, outcome.ids) == (1, [letter_id])
+        found = await store.get(letter_id)
+        assert found is not None and found["status"] == "replayed"
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+
+
+@pytest.mark.broker
+async def test_a_letter_discarded_while_it_was_published_is_said_not_counted(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    [letter_id] = await seed(tmp_path, namespace, 1)
+    async with replaying(namespace, tmp_path, DiscardedWhileReading) as (store, publisher):
         operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
         with caplog.at_level(logging.WARNING, logger="courier.ops"):
             outcome = await operations.replay(
@@ -926,6 +950,8 @@ async def test_a_letter_published_after_its_claim_ran_out_is_said_not_counted(
         assert (outcome.count, outcome.error) == (0, None)
         [said] = [r for r in caplog.records if "claim was lost meanwhile" in r.getMessage()]
         assert getattr(said, "id", None) == letter_id
+        found = await store.get(letter_id)
+        assert found is not None and found["status"] == "discarded"
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
 
 
