@@ -10,10 +10,10 @@ from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, HTTPException, Request, status
-from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
@@ -563,7 +563,8 @@ async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
         for worker in workers_of("dataset.submitted")
     )
     code = status.HTTP_409_CONFLICT if ended else status.HTTP_202_ACCEPTED
-    return JSONResponse(jsonable_encoder(found), status_code=code)
+    # Encoded as FastAPI encodes a returned dict (times end in `Z`), like `GET /v1/events/{id}`.
+    return JSONResponse(to_jsonable_python(found), status_code=code)
 
 
 @router.get("/healthz", summary="Liveness: the process runs")

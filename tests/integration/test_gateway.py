@@ -426,6 +426,9 @@ async def test_a_dead_lettered_dataset_has_no_summary_to_wait_for(
     result = await eventually(ended)
     assert result.status_code == 409
     assert result.json()["services"]["processor"]["state"] == "dead_lettered"
+    # The event's status as `GET /v1/events/{id}` shows it (times ended `+00:00` here, `Z` there).
+    status = (await client.get(f"/v1/events/{dataset_id}")).json()
+    assert result.json() == {key: value for key, value in status.items() if key != "result_url"}
 
 
 async def test_an_event_whose_id_holds_a_slash_can_be_cancelled(
