@@ -436,14 +436,19 @@ class DeadLetterDrain:
         to a work queue) would otherwise go back to its queue for ever, never seen."""
         try:
             await self._sink(letter)
-        except Exception:
+        except Exception as exc:
             fallback = plain(letter)
             if fallback == letter:
                 raise  # nothing in it to refuse: the store is unavailable
+            # Expected (PostgreSQL refuses a NUL in text, which a failing webhook's answer may
+            # hold): the store's reason, without a traceback for each such letter.
             log.warning(
                 "the store refused a dead letter as it was; storing it in plain form",
-                exc_info=True,
-                extra={"event_id": letter.event_id, "correlation_id": letter.correlation_id},
+                extra={
+                    "event_id": letter.event_id,
+                    "correlation_id": letter.correlation_id,
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                },
             )
             await self._sink(fallback)
 

@@ -536,13 +536,14 @@ async def test_a_letter_still_being_stored_when_the_drain_gives_up_returns_to_it
 
 
 async def test_a_dead_letter_the_store_refuses_as_it_is_is_stored_in_plain_form(
-    namespace: Namespace, postgres_database: str
+    namespace: Namespace, postgres_database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PostgreSQL holds no NUL in text and no 40-bit integer: such a letter, stored as it is,
     would go back to its queue for ever, never reaching the operators."""
     engine = open_store(store_url(postgres_database, Path(), "gateway"))
     store = FailureStore(engine)
     await store.start()
+    caplog.set_level(logging.WARNING, logger="courier.dead_letters")
     try:
         async with draining(namespace, storing(store)):
             await dead_letter_arrives(
@@ -556,6 +557,9 @@ async def test_a_dead_letter_the_store_refuses_as_it_is_is_stored_in_plain_form(
             await eventually(stored, timeout=10)
         [kept] = (await store.page(Filter())).items
         assert (await store.get(kept["id"]) or {})["body"] == b"\x00body"
+        # Said with the store's reason, in one line: an expected case, not a traceback each.
+        [said] = [r for r in caplog.records if "in plain form" in r.getMessage()]
+        assert said.exc_info is None and "1099511627776" in getattr(said, "error", "")
     finally:
         await engine.dispose()
     await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
