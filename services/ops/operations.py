@@ -64,7 +64,11 @@ class Operations:
             )
             return Outcome(action_id, True, len(ids), ids)
 
-        action_id = uuid.uuid4().hex
+        # Recorded before any letter moves, its count kept up as it goes: a replay that dies
+        # midway (the letters it moved name the action) is still in the audit trail.
+        action_id = await self._store.record_action(
+            action="replay", actor=actor, selection=selection, dry_run=False, count=0
+        )
         token, claimed = await self._store.claim(selection, limit=limit, lease=self._lease)
         moved: list[str] = []
         skipped: dict[str, str] = {}
@@ -74,7 +78,9 @@ class Operations:
         # Renewed every third of a lease while the replay runs, its pauses included (a slow
         # rate can pause longer than the lease): not per letter, since a renewal writes every
         # letter the replay still holds (5,000 of them took 0.17 s on PostgreSQL).
-        renewing = asyncio.get_running_loop().create_task(self._keep_renewed(token))
+        renewing = asyncio.get_running_loop().create_task(
+            self._keep_renewed(token, action_id, moved)
+        )
         try:
             for letter_id in claimed:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -119,7 +125,7 @@ class Operations:
         finally:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
-            unrecorded = await self._close_replay(token, action_id, actor, selection, moved)
+            unrecorded = await self._close_replay(token, action_id, actor, moved)
         error = error or unrecorded
         if skipped:
             log.warning(
@@ -129,35 +135,31 @@ class Operations:
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error, skipped)
 
-    async def _keep_renewed(self, token: str) -> None:
-        """Renew the replay's claims every third of a lease until cancelled; a failed renewal
-        is said and tried again at the next (two more before the lease runs out)."""
+    async def _keep_renewed(self, token: str, action_id: str, moved: list[str]) -> None:
+        """Renew the replay's claims, and its action's count, every third of a lease until
+        cancelled; a failed renewal is said and tried again at the next (two more before the
+        lease runs out)."""
         while True:
             await asyncio.sleep(self._lease.total_seconds() / 3)
             try:
                 await self._store.renew(token)
+                await self._store.count_action(action_id, len(moved))
             except Exception:  # the replay's own store calls fail and stop it, if it stays away
                 log.warning("could not renew a replay's claims", exc_info=True)
 
     async def _close_replay(
-        self, token: str, action_id: str, actor: str, selection: Filter, moved: list[str]
+        self, token: str, action_id: str, actor: str, moved: list[str]
     ) -> str | None:
-        """Release what the replay did not move and record the action; what went wrong if the
-        store would not (then the claims fall back to dead when their lease runs out)."""
+        """Release what the replay did not move and record its final count; what went wrong if
+        the store would not (then the claims fall back to dead when their lease runs out)."""
         try:
             await self._store.release(token)  # what was not moved is dead again, at once
-            await self._store.record_action(
-                action="replay",
-                actor=actor,
-                selection=selection,
-                dry_run=False,
-                count=len(moved),
-                action_id=action_id,
-            )
+            await self._store.count_action(action_id, len(moved))
         except STORE_ERRORS as exc:
-            # Published and marked, but not audited: said here, with every id, and answered.
+            # Published and marked, but the action's count not kept: said here, with every id,
+            # and answered.
             log.exception(
-                "replay not recorded: the store failed",
+                "replay not fully recorded: the store failed",
                 extra={"action_id": action_id, "actor": actor, "moved": moved},
             )
             return f"the replay could not be recorded: {exc}"

@@ -599,6 +599,11 @@ class FailureStore:
             )
         return action_id
 
+    async def count_action(self, action_id: str, count: int) -> None:
+        """How many letters the action has moved so far (a replay records itself first)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(update(actions).where(actions.c.id == action_id).values(count=count))
+
     async def actions(self, *, limit: int = 100) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = (

@@ -941,6 +941,32 @@ async def test_a_letter_published_after_its_claim_ran_out_is_still_marked_replay
 
 
 @pytest.mark.broker
+async def test_a_replay_is_in_the_audit_trail_while_it_runs_with_what_it_moved_so_far(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # Recorded only once it ended: a gateway killed midway left letters whose history named
+    # an action the audit trail never had.
+    await seed(tmp_path, namespace, 4)
+    async with replaying(namespace, tmp_path, FailureStore) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(seconds=0.3))
+        running = asyncio.create_task(
+            operations.replay(Filter(), actor="tester", limit=10, rate=4, dry_run=False)
+        )
+
+        async def audited() -> None:
+            recorded = [a for a in await store.actions() if not a["dry_run"]]
+            assert len(recorded) == 1, recorded
+            assert recorded[0]["action"] == "replay" and recorded[0]["count"] >= 2, recorded
+            assert not running.done()
+
+        await eventually(audited, timeout=10)
+        outcome = await running
+        [action] = await store.actions()
+        assert (action["id"], action["count"]) == (outcome.action_id, 4)
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 4)
+
+
+@pytest.mark.broker
 async def test_a_letter_discarded_while_it_was_published_is_said_not_counted(
     namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
