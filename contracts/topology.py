@@ -302,12 +302,9 @@ class ServiceTopology:
     def bindings(self) -> tuple[BindingSpec, ...]:
         events = events_exchange(self.namespace)
         dlx = dead_letter_exchange(self.namespace)
+        laned = self.laned_types
         return (
-            *(
-                BindingSpec(self.queue, events, t)
-                for t in self.event_types
-                if t not in self.laned_types
-            ),
+            *(BindingSpec(self.queue, events, t) for t in self.event_types if t not in laned),
             *(
                 BindingSpec(self.for_lane(lane).queue, events, t)
                 for lane in self.lanes

@@ -283,7 +283,6 @@ async def _record(
     if earlier is None:
         event = upload.announcement(file_id, received.key)
         due = await files.add(event.data, at, announcement=event_body(event))
-        assert due is not None
         return _Recorded(event, due, maybe_announced=False)
     maybe_announced = earlier["announce_at"] is not None
     kept: str = earlier["blob"]

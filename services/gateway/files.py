@@ -115,10 +115,10 @@ class Files:
         await migrate(self._engine, "gateway.files", [create, announcement_columns])
 
     async def add(
-        self, data: FileUploadedData, uploaded_at: datetime, *, announcement: bytes | None = None
-    ) -> datetime | None:
-        """Record an uploaded file, with the `announcement` about to be published, if any;
-        when that falls due again (what `announced` takes)."""
+        self, data: FileUploadedData, uploaded_at: datetime, *, announcement: bytes
+    ) -> datetime:
+        """Record an uploaded file, with the `announcement` about to be published; when that
+        falls due again (what `announced` takes)."""
         pending, due = self._pending(announcement)
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -151,7 +151,6 @@ class Files:
             await conn.execute(
                 update(files).where(files.c.file_id == file_id).values(**values, **pending)
             )
-        assert due is not None
         return due
 
     async def announced(self, file_id: str, due: datetime) -> None:
@@ -193,9 +192,7 @@ class Files:
                     claimed.append(Unannounced(row.file_id, body, at, claim))
         return claimed
 
-    def _pending(self, announcement: bytes | None) -> tuple[dict[str, Any], datetime | None]:
-        if announcement is None:
-            return {}, None
+    def _pending(self, announcement: bytes) -> tuple[dict[str, Any], datetime]:
         due = datetime.now(UTC) + self._announce_after
         return {"announcement": announcement.decode(), "announce_at": due}, due
 

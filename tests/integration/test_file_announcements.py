@@ -63,10 +63,14 @@ async def gateway(
 
 def overdue_in(tmp_path: Path) -> None:
     """As if every announcement in the gateway's store had waited long enough to be due."""
+    due_in(tmp_path, datetime.now(UTC) - timedelta(seconds=1))
+
+
+def due_in(tmp_path: Path, at: datetime) -> None:
+    """Every announcement in the gateway's store falls due at `at`."""
     with sqlite3.connect(tmp_path / "gateway.sqlite3", timeout=5) as store:
         store.execute(
-            "UPDATE files SET announce_at = ? WHERE announce_at IS NOT NULL",
-            (sqlite_time(datetime.now(UTC) - timedelta(seconds=1)),),
+            "UPDATE files SET announce_at = ? WHERE announce_at IS NOT NULL", (sqlite_time(at),)
         )
 
 
@@ -88,11 +92,7 @@ async def reconnected(client: httpx.AsyncClient) -> None:
 
 def not_due_yet(tmp_path: Path) -> None:
     """As if every announcement in the gateway's store had been claimed by a sweep just now."""
-    with sqlite3.connect(tmp_path / "gateway.sqlite3", timeout=5) as store:
-        store.execute(
-            "UPDATE files SET announce_at = ? WHERE announce_at IS NOT NULL",
-            (sqlite_time(datetime.now(UTC) + timedelta(hours=1)),),
-        )
+    due_in(tmp_path, datetime.now(UTC) + timedelta(hours=1))
 
 
 async def announced_once(namespace: Namespace, file_id: str) -> None:
@@ -238,17 +238,9 @@ def unrouted(n: int) -> bytes:
 AFTER = timedelta(seconds=30)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    database = None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
-    found = open_store(store_url(database, tmp_path, "gateway"))
-    yield found
-    await found.dispose()
-
-
 @pytest.fixture
-async def records(engine: AsyncEngine) -> Files:
-    found = Files(engine, announce_after=AFTER)
+async def records(fresh_engine: AsyncEngine) -> Files:
+    found = Files(fresh_engine, announce_after=AFTER)
     await found.start()
     return found
 
@@ -286,13 +278,13 @@ async def test_an_announcement_is_not_due_while_a_publish_could_still_be_waiting
 
 
 async def test_a_due_announcement_is_claimed_by_one_sweep_until_its_time_comes_again(
-    records: Files, engine: AsyncEngine
+    records: Files, fresh_engine: AsyncEngine
 ) -> None:
     at = datetime.now(UTC)
     for file_id in ("f-1", "f-2"):
         await records.add(uploaded(file_id), at, announcement=f'{{"id":"{file_id}"}}'.encode())
-    await overdue(engine, "f-1", "f-2")
-    other_gateway = Files(engine, announce_after=AFTER)
+    await overdue(fresh_engine, "f-1", "f-2")
+    other_gateway = Files(fresh_engine, announce_after=AFTER)
 
     first, second = await asyncio.gather(due_now(records), due_now(other_gateway))
 
@@ -300,23 +292,23 @@ async def test_a_due_announcement_is_claimed_by_one_sweep_until_its_time_comes_a
     assert claimed == ["f-1", "f-2"]  # each once, between them
     assert {u.announcement for u in first + second} == {b'{"id":"f-1"}', b'{"id":"f-2"}'}
     assert await due_now(records) == []  # claimed: due after AFTER
-    await overdue(engine, "f-1")
+    await overdue(fresh_engine, "f-1")
     [again] = await due_now(records)  # the claim ran out
     assert again.file_id == "f-1"
 
 
-async def test_an_announced_file_is_never_due(records: Files, engine: AsyncEngine) -> None:
+async def test_an_announced_file_is_never_due(records: Files, fresh_engine: AsyncEngine) -> None:
     due = await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
     assert due is not None
     await records.announced("f-1", due)
-    await overdue(engine, "f-1")
+    await overdue(fresh_engine, "f-1")
     assert await due_now(records) == []
     found = await records.get("f-1")
     assert found is not None and found["announce_at"] is None
 
 
 async def test_settling_an_announcement_leaves_one_written_since_to_its_writer(
-    records: Files, engine: AsyncEngine
+    records: Files, fresh_engine: AsyncEngine
 ) -> None:
     # A request (or a sweep) that had published the earlier announcement cleared whatever was
     # there: a keyed repeat's announcement written meanwhile, never confirmed, was lost.
@@ -324,7 +316,7 @@ async def test_settling_an_announcement_leaves_one_written_since_to_its_writer(
     assert first is not None
     await records.announcing("f-1", b"2")
     await records.announced("f-1", first)
-    await overdue(engine, "f-1")
+    await overdue(fresh_engine, "f-1")
     [pending] = await due_now(records)
     assert pending.announcement == b"2"
     await records.announced("f-1", pending.due)  # the claim's: the sweep settles it
@@ -332,15 +324,15 @@ async def test_settling_an_announcement_leaves_one_written_since_to_its_writer(
 
 
 async def test_a_sweep_pass_takes_only_what_was_due_when_it_began(
-    records: Files, engine: AsyncEngine
+    records: Files, fresh_engine: AsyncEngine
 ) -> None:
     await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
-    await overdue(engine, "f-1")
+    await overdue(fresh_engine, "f-1")
     began = datetime.now(UTC)
     [claimed] = await records.unannounced(due_by=began, limit=10)
     assert claimed.file_id == "f-1"
     # Its publish failed, and the pass went on until the claim ran out:
-    async with engine.begin() as conn:
+    async with fresh_engine.begin() as conn:
         await conn.execute(
             text("UPDATE files SET announce_at = :at"), {"at": began + timedelta(milliseconds=1)}
         )
@@ -349,9 +341,9 @@ async def test_a_sweep_pass_takes_only_what_was_due_when_it_began(
 
 
 async def test_files_recorded_before_announcements_were_kept_count_as_announced(
-    records: Files, engine: AsyncEngine
+    records: Files, fresh_engine: AsyncEngine
 ) -> None:
-    async with engine.begin() as conn:  # the store as the previous version left it
+    async with fresh_engine.begin() as conn:  # the store as the previous version left it
         await conn.execute(text("DROP INDEX ix_files_unannounced"))
         await conn.execute(text("ALTER TABLE files DROP COLUMN announcement"))
         await conn.execute(text("ALTER TABLE files DROP COLUMN announce_at"))
@@ -362,11 +354,11 @@ async def test_files_recorded_before_announcements_were_kept_count_as_announced(
             text("INSERT INTO files VALUES ('old', 'old', 'x.csv', 'text/csv', 8, :sha, :at)"),
             {"sha": "0" * 64, "at": datetime.now(UTC) - timedelta(days=1)},
         )
-    upgraded = Files(engine, announce_after=AFTER)
+    upgraded = Files(fresh_engine, announce_after=AFTER)
     await upgraded.start()
     found = await upgraded.get("old")
     assert found is not None and found["announce_at"] is None
     assert await due_now(upgraded) == []
     await upgraded.add(uploaded("new"), datetime.now(UTC), announcement=b"{}")
-    await overdue(engine, "new")
+    await overdue(fresh_engine, "new")
     assert [u.file_id for u in await due_now(upgraded)] == ["new"]

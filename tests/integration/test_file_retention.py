@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,23 +14,22 @@ from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, File
 from services.blobs import LocalBlobStore
 from services.gateway.files import Files, results
 from services.messaging.dead_letters import DeadLetter
-from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter, dead_letters, open_letter_of
 
 RETENTION = timedelta(days=30)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    database = None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
-    found = open_store(store_url(database, tmp_path, "gateway"))
-    yield found
-    await found.dispose()
+@pytest.fixture
+async def records(fresh_engine: AsyncEngine) -> Files:
+    found = Files(fresh_engine, announce_after=timedelta(seconds=10))
+    await found.start()
+    return found
 
 
 @pytest.fixture
-async def records(engine: AsyncEngine) -> Files:
-    found = Files(engine, announce_after=timedelta(seconds=10))
+async def failures(fresh_engine: AsyncEngine) -> FailureStore:
+    """The gateway's failure store, on the same store as the files."""
+    found = FailureStore(fresh_engine)
     await found.start()
     return found
 
@@ -46,6 +44,7 @@ async def stored(blobs: LocalBlobStore, records: Files, file_id: str, at: dateti
             size=8, sha256="0" * 64,
         ),
         at,
+        announcement=b"{}",
     )  # fmt: skip
 
 
@@ -66,13 +65,11 @@ async def test_a_file_older_than_the_retention_is_forgotten_with_its_bytes(
 
 
 async def test_a_file_whose_dead_letter_is_open_is_kept_for_its_replay(
-    records: Files, engine: AsyncEngine, tmp_path: Path
+    records: Files, failures: FailureStore, tmp_path: Path
 ) -> None:
     # Forgotten at 30 days like any other, its letter (kept until ops act on it) replayed
     # later failed for good: "the blob is missing".
     blobs = LocalBlobStore(tmp_path / "blobs")
-    failures = FailureStore(engine)
-    await failures.start()
     long_ago = datetime.now(UTC) - RETENTION - timedelta(days=1)
     for file_id in ("failed", "done"):
         await stored(blobs, records, file_id, long_ago)
@@ -91,11 +88,9 @@ async def test_a_file_whose_dead_letter_is_open_is_kept_for_its_replay(
 
 
 async def test_a_file_replayed_lately_is_kept_until_it_can_have_been_read_again(
-    records: Files, engine: AsyncEngine, tmp_path: Path
+    records: Files, failures: FailureStore, fresh_engine: AsyncEngine, tmp_path: Path
 ) -> None:
     blobs = LocalBlobStore(tmp_path / "blobs")
-    failures = FailureStore(engine)
-    await failures.start()
     long_ago = datetime.now(UTC) - RETENTION - timedelta(days=1)
     for file_id in ("replayed", "replayed-long-ago"):
         await stored(blobs, records, file_id, long_ago)
@@ -104,7 +99,7 @@ async def test_a_file_replayed_lately_is_kept_until_it_can_have_been_read_again(
             Filter(ids=(f"dl-{file_id}",)), limit=1, lease=timedelta(minutes=5)
         )
         assert await failures.mark_replayed(letter_id, token, "a-1", "ops")
-    async with engine.begin() as conn:
+    async with fresh_engine.begin() as conn:
         await conn.execute(
             update(dead_letters)
             .where(dead_letters.c.id == "dl-replayed-long-ago")
