@@ -205,7 +205,10 @@ class Files:
         The analysis of a file retention forgot meanwhile is dropped: nothing would ever
         show or prune it."""
         file_id = event.data.file_id
-        if await conn.scalar(select(files.c.file_id).where(files.c.file_id == file_id)) is None:
+        # Share-locked (PostgreSQL; SQLite has one writer): a prune's delete of the file waits
+        # for this transaction, then its delete of the analyses sees this one.
+        found = select(files.c.file_id).where(files.c.file_id == file_id)
+        if await conn.scalar(found.with_for_update(read=True)) is None:
             log.info("the analysed file is forgotten already; its analysis is dropped")
             return
         exists = await conn.scalar(select(results.c.file_id).where(results.c.file_id == file_id))
@@ -253,7 +256,9 @@ class Files:
                 await blobs.delete(row.blob)
             ids = [row.file_id for row in old]
             async with self._engine.begin() as conn:
-                for table in (results, files):
+                # The file first: an analysis being recorded holds it until committed (see
+                # `record_result`), and is then deleted with the others.
+                for table in (files, results):
                     await conn.execute(delete(table).where(table.c.file_id.in_(ids)))
             removed += len(ids)
             if len(ids) < batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,15 @@ async def stored(blobs: LocalBlobStore, records: Files, file_id: str, at: dateti
         ),
         at,
         announcement=b"{}",
+    )  # fmt: skip
+
+
+def analysis_of(file_id: str) -> FileProcessed:
+    return FileProcessed(
+        data=FileProcessedData(
+            file_id=file_id, name="x.csv", declared_type="text/csv", size=8, sha256="0" * 64,
+            analysis=FileAnalysis(detected_type="text/csv", format="csv"),
+        )
     )  # fmt: skip
 
 
@@ -139,14 +149,24 @@ async def test_an_analysis_that_arrives_after_its_file_was_forgotten_leaves_noth
     blobs = LocalBlobStore(tmp_path / "blobs")
     await stored(blobs, records, "late", datetime.now(UTC) - RETENTION - timedelta(days=1))
     assert await records.prune(blobs, RETENTION) == 1
-    processed = FileProcessed(
-        data=FileProcessedData(
-            file_id="late", name="x.csv", declared_type="text/csv", size=8, sha256="0" * 64,
-            analysis=FileAnalysis(detected_type="text/csv", format="csv"),
-        )
-    )  # fmt: skip
     async with records._engine.begin() as conn:
-        await records.record_result(processed, conn)
+        await records.record_result(analysis_of("late"), conn)
+        assert await conn.scalar(select(func.count()).select_from(results)) == 0
+
+
+async def test_an_analysis_recorded_while_its_file_is_forgotten_goes_with_the_file(
+    records: Files, tmp_path: Path
+) -> None:
+    # The analysis found its file, then retention deleted the file before the analysis
+    # committed: the row was left for ever, its file gone.
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    await stored(blobs, records, "racing", datetime.now(UTC) - RETENTION - timedelta(days=1))
+    async with records._engine.begin() as conn:
+        await records.record_result(analysis_of("racing"), conn)
+        pruning = asyncio.create_task(records.prune(blobs, RETENTION))
+        await asyncio.sleep(0.3)  # the prune has read the file and is deleting it
+    assert await pruning == 1
+    async with records._engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(results)) == 0
 
 
