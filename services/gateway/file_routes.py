@@ -238,17 +238,15 @@ async def _announce(
             await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
             maybe = _maybe_published(exc)
-            if not maybe and not keyed and await _forget(files, file_id):
-                # Not announced, so never processed: leave nothing behind.
-                await _discard(blobs, received.key)
-            elif not maybe and not recorded.maybe_announced:
-                # Certainly not announced: the key's repeat does it, if one comes. (An earlier
-                # attempt may have announced it, though: then the sweep makes sure.)
-                await _announced(files, file_id, recorded.due)
             if maybe and isinstance(exc, HTTPException):
                 # The processor may be about to read the file: it stays, and the record keeps
                 # its announcement, which FileAnnouncer publishes again.
                 raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
+            if maybe:
+                raise
+            withdrawn = await _withdrawn(gateway, file_id, recorded, upload, keyed=keyed)
+            if not withdrawn and isinstance(exc, HTTPException):
+                raise _announced_later(file_id, exc) from exc.__cause__
             raise
         gateway.tracking.accepted(event, accepted_at)
         await _announced(files, file_id, recorded.due)
@@ -306,13 +304,46 @@ async def _discard(blobs: BlobStore, key: str) -> None:
         log.exception("could not delete an unused copy; the retention sweep removes it")
 
 
-async def _announced(files: Files, file_id: str, due: datetime) -> None:
-    """Nothing is left to announce. A store failing now is logged: the answer is about the
-    publish, and a record that keeps its announcement is only announced once more."""
+async def _withdrawn(
+    gateway: _Gateway, file_id: str, recorded: _Recorded, upload: _Upload, *, keyed: bool
+) -> bool:
+    """After a refusal that certainly announced nothing: take the announcement back, so the
+    sweep does not announce the file behind the client's back; whether nothing will."""
+    if not keyed and await _forget(gateway.files, file_id):
+        # Not announced, so never processed: leave nothing behind.
+        await _discard(gateway.blobs, upload.received.key)
+        return True
+    if recorded.maybe_announced:
+        # An earlier attempt under the key may have announced it: the sweep makes sure, as
+        # that attempt's client was told.
+        return True
+    # The key's repeat announces it, if one comes.
+    return await _announced(gateway.files, file_id, recorded.due)
+
+
+async def _announced(files: Files, file_id: str, due: datetime) -> bool:
+    """Nothing is left to announce; whether that was noted. A store failing now is logged:
+    the answer is about the publish, and a record that keeps its announcement is only
+    announced once more."""
     try:
         await files.announced(file_id, due)
     except STORE_ERRORS:
         log.exception("could not note the file's announcement as settled")
+        return False
+    return True
+
+
+def _announced_later(file_id: str, refusal: HTTPException) -> HTTPException:
+    """The refusal of an upload whose record could not be taken back (its store failed too):
+    the record's announcement is published once broker and store allow, so a client that
+    uploaded again unawares would have the file analysed twice."""
+    return HTTPException(
+        refusal.status_code,
+        f"{refusal.detail}; and the gateway could not withdraw file {file_id!r} (its store "
+        f"failed), so the file will be announced later: see {file_url(file_id)} before "
+        "uploading it again",
+        headers={**(refusal.headers or {}), "Location": file_url(file_id)},
+    )
 
 
 async def _forget(files: Files, file_id: str) -> bool:

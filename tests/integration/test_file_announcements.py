@@ -20,6 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import EVENT_ADAPTER
@@ -164,6 +165,31 @@ async def test_a_keyed_upload_refused_for_certain_waits_for_its_repeat_not_the_s
         overdue_in(tmp_path)
         assert await announcer.sweep() == 0
         await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_refused_upload_whose_record_stays_is_said_to_be_announced_later(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refused for certain, then the store failed to take the record back: the sweep
+    # announced the file later, while its client, told "refused", had uploaded it again
+    # under a new id (analysed, and its targets told, twice).
+    async def failing(*args: object) -> None:
+        raise OperationalError("DELETE/UPDATE files", {}, sqlite3.OperationalError("disk I/O"))
+
+    async with gateway(namespace, tmp_path, blob_dir) as (_, client, announcer):
+        with monkeypatch.context() as store_down:
+            store_down.setattr(Files, "remove", failing)
+            store_down.setattr(Files, "announced", failing)
+            await unbind_everyone(namespace.amqp_url, namespace.settings(), "file.uploaded")
+            refused = await client.post("/v1/files", files={"file": ("p.csv", CSV, "text/csv")})
+        assert refused.status_code == 500 and "no queue is bound" in refused.text, refused.text
+        assert "will be announced later" in refused.text
+        file_id = refused.headers["location"].removeprefix("/v1/files/")
+        await declare_topology_of(namespace)
+
+        overdue_in(tmp_path)
+        await announcer.sweep()
+        await announced_once(namespace, file_id)
 
 
 async def test_a_keyed_repeat_refused_for_certain_leaves_an_earlier_maybe_to_the_sweep(
