@@ -237,12 +237,11 @@ async def _announce(
         try:
             await publish_confirmed(gateway.broker, settings, event)
         except BaseException as exc:
-            maybe = _maybe_published(exc)
-            if maybe and isinstance(exc, HTTPException):
+            if _maybe_published(exc):
                 # The processor may be about to read the file: it stays, and the record keeps
                 # its announcement, which FileAnnouncer publishes again.
-                raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
-            if maybe:
+                if isinstance(exc, HTTPException):
+                    raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
                 raise
             withdrawn = await _withdrawn(gateway, file_id, recorded, upload, keyed=keyed)
             if not withdrawn and isinstance(exc, HTTPException):
