@@ -28,6 +28,15 @@ RUN pip install --no-cache-dir -c requirements.lock .
 
 USER courier
 
+# Where a container keeps its state and listens without compose (`docker run`): the stores
+# and the notifier's log on /data, uploaded files on /blobs, the gateway and the consumers'
+# health endpoints on every interface of the container.
+ENV COURIER_DATA_DIR=/data \
+    COURIER_BLOB_DIR=/blobs \
+    COURIER_NOTIFY_LOG=/data/notifications.jsonl \
+    COURIER_HOST=0.0.0.0 \
+    COURIER_HEALTH_HOST=0.0.0.0
+
 # 8000: the gateway's HTTP API; 8081: a consumer's /healthz and /readyz (COURIER_HEALTH_PORT).
 EXPOSE 8000 8081
 

@@ -89,6 +89,12 @@ class CourierSettings(BaseSettings):
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: object) -> object:
+        # Compose passes `${DATABASE_URL:-}` as an empty string: that means "not set".
+        return None if value == "" else value
+
     @field_validator("retry_delays")
     @classmethod
     def _ascending(cls, delays: tuple[int, ...]) -> tuple[int, ...]:

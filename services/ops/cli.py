@@ -302,7 +302,7 @@ def _filter_options(f: F) -> F:
         click.option(
             "--service",
             callback=_not_blank,
-            help="Only the service that failed it (processor, notifier).",
+            help="Only the service that failed it (gateway, processor, notifier).",
         ),
         click.option(
             "--event-type",

@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,10 +64,13 @@ def _schema() -> dict[str, Any]:
     return schema
 
 
-def _interpolate(value: str) -> str:
-    """Resolve Compose interpolation as `docker compose` would with no variable set."""
+def _interpolate(value: str, host: Mapping[str, str] | None = None) -> str:
+    """Resolve Compose interpolation as `docker compose` would with only `host`'s variables
+    set (none by default)."""
 
     def default(match: re.Match[str]) -> str:
+        if host and match["name"] in host:
+            return host[match["name"]]
         op = match["op"]
         assert op in {":-", "-"}, f"{match[0]} has no default: the stack needs a .env to start"
         return match["arg"] or ""
@@ -143,13 +146,31 @@ def _command(name: str) -> list[str]:
     return [str(part) for part in command]
 
 
-def _apply_environment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make os.environ what the container would see (no .env file, nothing inherited)."""
-    for key in list(os.environ):
-        if key.startswith("COURIER_") or key == "AMQP_URL":
-            monkeypatch.delenv(key)
+def _apply_environment(
+    name: str, monkeypatch: pytest.MonkeyPatch, host: Mapping[str, str] | None = None
+) -> None:
+    """Make os.environ what the container would see (no .env file, nothing inherited but
+    `host`'s variables, as set where `docker compose` runs)."""
+    _clear_environment(monkeypatch)
     for key, value in _environment(_service(name)).items():
-        monkeypatch.setenv(key, _interpolate(value))
+        monkeypatch.setenv(key, _interpolate(value, host))
+
+
+def _clear_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("COURIER_") or key in {"AMQP_URL", "DATABASE_URL"}:
+            monkeypatch.delenv(key)
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The image's ENV, from `ENV KEY=VALUE ...` instructions."""
+    env: dict[str, str] = {}
+    for keyword, arguments in _dockerfile_instructions():
+        if keyword == "ENV":
+            for pair in arguments.split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
 
 
 # --- the file is a valid Compose file ---------------------------------------------------------
@@ -297,6 +318,48 @@ def test_consumer_serves_health_where_it_is_probed(
     assert settings.health_host == "0.0.0.0"
     assert settings.health_port == _healthcheck_port(service) != 0
     assert _seconds(service["stop_grace_period"]) > settings.shutdown_timeout
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_database_url_set_where_compose_runs_reaches_the_service(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql://courier@db/courier"
+    _apply_environment(name, monkeypatch, host={"DATABASE_URL": url})
+    assert SETTINGS[name]().database_url == url
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_database_url_unset_where_compose_runs_keeps_sqlite(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose passes an unset `${DATABASE_URL:-}` as an empty string."""
+    _apply_environment(name, monkeypatch)
+    assert SETTINGS[name]().database_url is None
+
+
+def test_the_image_alone_keeps_its_state_on_its_volumes_and_listens_outside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`docker run` without compose: the stores, the notifier's log and uploaded files in
+    the directories the image makes writable, the ports reachable from outside."""
+    _clear_environment(monkeypatch)
+    for key, value in _dockerfile_env().items():
+        monkeypatch.setenv(key, value)
+    writable = {Path(d) for d in _dockerfile_run_mkdirs()}
+    gateway = GatewaySettings(environment="development")  # no ops tokens given
+    notifier = NotifierSettings(environment="development")
+    assert gateway.data_dir in writable and gateway.blob_dir in writable
+    assert notifier.notify_log.parent in writable
+    assert gateway.host == "0.0.0.0" and ConsumerSettings().health_host == "0.0.0.0"
+
+
+def _dockerfile_run_mkdirs() -> list[str]:
+    made: list[str] = []
+    for keyword, arguments in _dockerfile_instructions():
+        if keyword == "RUN" and "mkdir -p" in arguments:
+            made += arguments.split("mkdir -p", 1)[1].split("&&")[0].split()
+    return made
 
 
 def test_notifier_log_is_on_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
