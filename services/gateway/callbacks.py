@@ -44,7 +44,7 @@ from contracts.tracking import (
     ServiceOutcome,
 )
 from services.gateway.tracking import ENDING_STATES, events, states
-from services.messaging.logs import get_logger
+from services.messaging.logs import event_context, get_logger
 from services.messaging.store import BatchRunner, as_utc
 
 log = get_logger("gateway.callbacks")
@@ -267,10 +267,10 @@ class Callbacks:
 
     async def _publish(self, request: CallbackRequested) -> None:
         await self._publisher.publish_event(request, exchange=self._exchange)
-        log.info(
-            "callback requested",
-            extra={"event_id": request.data.event_id, "outcome": request.data.outcome},
-        )
+        # About the settled event, whose correlation id is not kept: not the one of the
+        # report being handled that settled it.
+        with event_context(request.data.event_id, None):
+            log.info("callback requested", extra={"outcome": request.data.outcome})
 
     async def sweep(self) -> None:
         """Publish callbacks no trigger will bring back: an event settled before its accept

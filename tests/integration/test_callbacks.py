@@ -10,6 +10,7 @@ notifier and a webhook receiver is tests/e2e/test_callbacks.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from services.gateway.tracking_migrations import LEGACY_CALLBACK_COLUMNS, steps
 from services.messaging.dead_letters import group_key, read_dead_letter
 from services.messaging.errors import BrokerUnavailable
 from services.messaging.failure import EXCEPTION_MESSAGE, FINGERPRINT
+from services.messaging.logs import _ContextFilter, event_context
 from services.messaging.store import migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.test_tracking_store import running_gateway
@@ -160,6 +162,18 @@ async def test_nothing_is_published_until_every_worker_is_done_then_exactly_once
     await tracking.apply(done)  # the same report again (a redelivery)
     await tracking.apply([step(event, "skipped_duplicate", t + timedelta(seconds=9))])
     assert len(publisher.published) == 1
+
+
+async def test_the_callback_is_logged_under_its_event_not_the_report_that_settled_it(
+    tracking: Tracking, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = dataset()
+    t = await accept(tracking, event)
+    caplog.handler.addFilter(_ContextFilter())
+    with caplog.at_level(logging.INFO), event_context("report-id", "report-correlation"):
+        await tracking.apply([step(event, "succeeded", t + timedelta(seconds=1))])
+    [line] = [r for r in caplog.records if r.getMessage() == "callback requested"]
+    assert (line.__dict__["event_id"], line.__dict__["correlation_id"]) == (event.id, None)
 
 
 async def test_checks_running_side_by_side_publish_a_settlement_once(
