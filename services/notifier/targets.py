@@ -47,11 +47,24 @@ def check_url(url: str) -> httpx.URL:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise TargetRefused(f"the webhook URL is not a valid URL: {exc}") from None
-    if parsed.scheme not in SCHEMES or not parsed.host:  # what urlsplit saw; httpx agrees
+    # `raw_host`, not `host`: `host` decodes IDNA labels, and raises for A-labels the idna
+    # package refuses (an emoji domain), though DNS and the POST use the ASCII form.
+    if parsed.scheme not in SCHEMES or not parsed.raw_host:  # what urlsplit saw; httpx agrees
         raise TargetRefused(f"the webhook URL is not a valid http(s) URL: {url[:100]!r}")
     if parsed.port == 0:
         raise TargetRefused("the webhook URL has port 0, which nothing listens on")
     return parsed
+
+
+def dns_host(host: str | bytes) -> str:
+    """A host name as DNS carries it: IDNA A-labels (`bücher.de` is `xn--bcher-kva.de`), lower
+    case; one that does not encode stays as it is."""
+    if isinstance(host, bytes):
+        return host.decode("ascii", errors="replace").lower()
+    try:
+        return httpx.URL(f"http://{host}/").raw_host.decode("ascii").lower()
+    except (httpx.InvalidURL, UnicodeError):
+        return host.lower()
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:

@@ -38,7 +38,14 @@ from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
 from services.notifier.channels import Notification
 from services.notifier.signing import SIGNATURE_HEADER, sign
-from services.notifier.targets import Resolver, TargetPolicy, TargetRefused, check_url, resolve
+from services.notifier.targets import (
+    Resolver,
+    TargetPolicy,
+    TargetRefused,
+    check_url,
+    dns_host,
+    resolve,
+)
 
 log = get_logger("notifier.webhook")
 
@@ -106,13 +113,14 @@ class WebhookSecrets:
 
     def __init__(self, default: bytes | None, by_host: Mapping[str, bytes]) -> None:
         self._default = default
-        self._by_host = {host.lower(): secret for host, secret in by_host.items()}
+        self._by_host = {dns_host(host): secret for host, secret in by_host.items()}
 
     def __bool__(self) -> bool:
         return self._default is not None or bool(self._by_host)
 
-    def for_host(self, host: str) -> bytes | None:
-        return self._by_host.get(host.lower(), self._default)
+    def for_host(self, host: str | bytes) -> bytes | None:
+        """The secret for `host`, written either way (`bücher.de` or `xn--bcher-kva.de`)."""
+        return self._by_host.get(dns_host(host), self._default)
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -234,9 +242,9 @@ class WebhookChannel:
 
     async def deliver(self, notification: Notification) -> None:
         url = check_url(notification.recipient)
-        secret = self._secrets.for_host(url.host)
+        secret = self._secrets.for_host(url.raw_host)
         if secret is None:
-            raise TargetRefused(f"no webhook signing secret for {url.host}")
+            raise TargetRefused(f"no webhook signing secret for {dns_host(url.raw_host)}")
         body = notification.event.model_dump_json().encode()
         headers = {
             "Content-Type": "application/json",

@@ -31,6 +31,10 @@ UPLOADED: dict[str, object] = {
     [
         ("webhook:https://example.com/hook?x=1", "webhook", "https://example.com/hook?x=1"),
         ("webhook:http://127.0.0.1:8080/h", "webhook", "http://127.0.0.1:8080/h"),
+        # A-labels that the idna package will not decode (an emoji domain, a malformed one):
+        # DNS and the POST take them as they are. They were a 500.
+        ("webhook:https://xn--ls8h.la/", "webhook", "https://xn--ls8h.la/"),
+        ("webhook:http://xn--a.com/", "webhook", "http://xn--a.com/"),
         ("email:ops@example.com", "email", "ops@example.com"),
         (" log: ops ", "log", "ops"),
     ],

@@ -14,6 +14,7 @@ from services.notifier.targets import (
     check_url,
     is_public,
 )
+from services.notifier.webhook import WebhookSecrets
 
 NOT_PUBLIC = [
     "10.0.0.1",  # private
@@ -104,6 +105,20 @@ def test_a_space_in_the_path_or_query_is_escaped_not_refused() -> None:
 def test_a_plain_https_url_is_accepted() -> None:
     url = check_url("https://Hooks.Example.org:8443/in?x=1")
     assert (url.host, url.port, url.path) == ("hooks.example.org", 8443, "/in")
+
+
+@pytest.mark.parametrize("url", ["https://xn--ls8h.la/in", "http://xn--a.com/"])
+def test_an_a_label_idna_will_not_decode_is_posted_as_dns_has_it(url: str) -> None:
+    # httpx's `host` raised idna's error for these (a 500 at the gateway's upload).
+    assert check_url(url).raw_host == url.split("/")[2].encode()
+
+
+@pytest.mark.parametrize("configured", ["bücher.de", "xn--bcher-kva.de", "XN--BCHER-KVA.DE"])
+@pytest.mark.parametrize("url", ["https://bücher.de/in", "https://xn--bcher-kva.de/in"])
+def test_a_hosts_secret_is_found_however_either_side_spells_it(configured: str, url: str) -> None:
+    secrets = WebhookSecrets(None, {configured: b"s" * 32})
+    assert secrets.for_host(check_url(url).raw_host) == b"s" * 32
+    assert secrets.for_host("other.example") is None
 
 
 class FakeDns:
