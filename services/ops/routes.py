@@ -107,7 +107,8 @@ class Selection(BaseModel):
 class ReplayRequest(Selection):
     dry_run: bool = False
     limit: int = Field(default=100, ge=1, le=10_000, description="Most letters moved.")
-    rate: float = Field(default=100.0, gt=0, le=10_000, description="Most letters per second.")
+    # At least a letter each 1000 s, as the CLI's --rate: the request is paced by it.
+    rate: float = Field(default=100.0, ge=0.001, le=10_000, description="Most letters per second.")
 
 
 class DiscardRequest(Selection):
