@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Final, Literal, Self
 
 from pydantic import (
+    BeforeValidator,
     Field,
     StrictBool,
     StrictFloat,
@@ -60,7 +61,21 @@ FieldName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 # Numbers stay within what a double represents exactly, and finite: a 400-digit integer or an
 # infinity is refused at the gateway instead of failing (and retrying) deep in a handler.
 SafeInt = Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)]
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _not_an_integer(value: object) -> object:
+    # A strict float still takes a JSON integer: one beyond SafeInt's bounds came here, and
+    # would have been rounded (18446744073709551616 became 1.8446744073709552e19) in silence.
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(  # noqa: TRY004  # pydantic reports a ValueError, not a TypeError
+            "an integer beyond ±2**53, which a double does not hold exactly"
+        )
+    return value
+
+
+FiniteFloat = Annotated[
+    float, BeforeValidator(_not_an_integer), Field(strict=True, allow_inf_nan=False)
+]
 Scalar = (
     StrictBool | SafeInt | FiniteFloat | Annotated[str, StringConstraints(max_length=1024)] | None
 )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
+
 import pytest
 from pydantic import ValidationError
 
@@ -31,6 +34,15 @@ def test_an_event_gets_an_id_time_and_schema_when_absent() -> None:
     assert event.id and event.time.tzinfo is not None
     assert event.specversion == "1.0"
     assert event.dataschema == "urn:courier:schema:notification.requested:1"
+
+
+@pytest.mark.parametrize("sent", ["2026-03-01T12:00:00", "2026-03-01"])
+def test_a_time_without_an_offset_is_read_as_utc_and_travels_with_one(sent: str) -> None:
+    # It went on as sent, and RFC 3339 (CloudEvents' `time`) has no such time.
+    event = INGEST_ADAPTER.validate_python({**notification(), "time": sent})
+    assert event.time.utcoffset() == timedelta(0)
+    assert json.loads(event_body(event))["time"].startswith("2026-03-01T")
+    assert json.loads(event_body(event))["time"].endswith("Z")
 
 
 def test_the_type_selects_the_payload_model() -> None:
@@ -98,6 +110,26 @@ def test_a_json_false_is_not_a_number() -> None:
     assert isinstance(event, DatasetSubmitted)
     assert event.data.records[0]["a"] is False
     assert event.data.records[0]["b"] == 0
+
+
+@pytest.mark.parametrize(
+    "number", [b"9007199254740993", b"18446744073709551616", b"-1" + b"0" * 20]
+)
+def test_an_integer_a_double_cannot_hold_exactly_is_refused_not_rounded(number: bytes) -> None:
+    # It was taken as a float: 18446744073709551616 went on as 1.8446744073709552e19.
+    body = b'{"type": "dataset.submitted", "data": {"records": [{"n": %s}]}}' % number
+    with pytest.raises(ValidationError, match="does not hold exactly"):
+        INGEST_ADAPTER.validate_json(body)
+
+
+def test_numbers_within_a_double_keep_their_type() -> None:
+    body = (
+        b'{"type": "dataset.submitted", "data": {"records": [{"i": 9007199254740992, "f": 1e300}]}}'
+    )
+    event = INGEST_ADAPTER.validate_json(body)
+    assert isinstance(event, DatasetSubmitted)
+    assert event.data.records[0] == {"i": 2**53, "f": 1e300}
+    assert isinstance(event.data.records[0]["i"], int)
 
 
 def test_dataset_size_is_bounded() -> None:
