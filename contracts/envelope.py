@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -115,6 +115,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc_if_naive(at: datetime) -> datetime:
+    # RFC 3339 (CloudEvents' `time`) has no time without an offset: one sent without (or a
+    # plain date) is read as UTC, and travels on with its offset.
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+EventTime = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 def derived_event_id(input_id: str, event_type: str) -> str:
     """Id of an event a handler derives from an input: stable across redeliveries.
 
@@ -129,16 +138,24 @@ class Payload(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 
 
+def _type_is_required(schema: dict[str, Any]) -> None:
+    """An event type's `type` has a default (a service builds its events without naming it),
+    yet it is what picks the model of an event read: no event is valid without it."""
+    required: list[str] = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
 class Envelope(BaseModel):
     """CloudEvents attributes shared by every event type."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_type_is_required)
 
     type: str
     specversion: Literal["1.0"] = "1.0"
     id: EventId = Field(default_factory=new_event_id)
     source: Source = DEFAULT_SOURCE
-    time: datetime = Field(default_factory=utcnow)
+    time: EventTime = Field(default_factory=utcnow)
     subject: Subject | None = None
     datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str | None = None

@@ -23,6 +23,7 @@ from services.gateway.files import Files
 from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.gateway.ingest import IngestError, correlation_header
 from services.gateway.routes import (
+    INGEST_HEADERS,
     Problem,
     claim_key,
     idempotency_key,
@@ -105,9 +106,10 @@ _UPLOAD_BODY: dict[str, Any] = {
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
         415: {"model": Problem, "description": "Not multipart, or a file type not accepted"},
         422: {"model": Problem, "description": "A 'notify' target that cannot be delivered to"},
+        500: {"model": Problem, "description": "No queue is bound for file.uploaded"},
         503: {"model": Problem, "description": "The broker did not take the event; retry later"},
     },
-    openapi_extra={"requestBody": _UPLOAD_BODY},
+    openapi_extra={"requestBody": _UPLOAD_BODY, "parameters": INGEST_HEADERS},
     summary="Upload one file (multipart part 'file'): streamed to storage, then analysed",
 )
 async def upload_file(

@@ -68,10 +68,34 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "Malformed JSON"},
     413: {"model": Problem, "description": "Body or batch too large"},
     415: {"model": Problem, "description": "Unsupported content type"},
+    409: {
+        "model": Problem,
+        "description": "The Idempotency-Key was used with another request, or its request is "
+        "still in progress",
+    },
     422: {"model": Problem, "description": "Not a valid event"},
     500: {"model": Problem, "description": "No queue is bound for the event type"},
     503: {"model": Problem, "description": "The broker did not take the event; retry later"},
 }
+
+INGEST_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+        "description": "The same key and request publish once: a repeat gets the first "
+        "response, another request with the key 409.",
+    },
+    {
+        "name": "X-Correlation-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "The correlation id of what is published (cut to 128 characters).",
+    },
+]
+"""Headers the ingest routes read (besides, in binary mode, the event's `ce-*` attributes)."""
 
 
 def status_url(event_id: str) -> str:
@@ -356,7 +380,10 @@ async def _idempotent(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
     responses=_ERRORS,
-    openapi_extra={"requestBody": _event_body_schema("#/components/schemas/IngestEvent")},
+    openapi_extra={
+        "requestBody": _event_body_schema("#/components/schemas/IngestEvent"),
+        "parameters": INGEST_HEADERS,
+    },
     summary="Submit one event (plain JSON, or a CloudEvent in structured or binary mode)",
 )
 async def submit_event(request: Request) -> JSONResponse:
@@ -393,11 +420,13 @@ async def submit_event(request: Request) -> JSONResponse:
                     "schema": {
                         "type": "array",
                         "items": {"$ref": "#/components/schemas/IngestEvent"},
+                        "minItems": 1,
                     }
                 }
                 for media in (JSON, BATCH)
             },
-        }
+        },
+        "parameters": INGEST_HEADERS,
     },
     summary="Submit several events: all validated first, then published with pipelined confirms",
 )
@@ -572,7 +601,17 @@ async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Readiness: connected to the broker with the topology declared")
+class Readiness(BaseModel):
+    ready: bool
+    topology_error: str | None = None
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not connected to the broker (yet)"}},
+    summary="Readiness: connected to the broker with the topology declared",
+)
 async def readyz(broker: Broker) -> JSONResponse:
     ready = broker.ready
     body: dict[str, Any] = {"ready": ready}

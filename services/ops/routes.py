@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from services.messaging.store import STORE_ERRORS
@@ -20,7 +21,23 @@ from services.ops.auth import Operator
 from services.ops.operations import Operations, Outcome
 from services.ops.store import FailureStore, Filter, InvalidCursor, Status, utc_bound
 
-router = APIRouter(prefix="/v1/ops", tags=["ops"])
+
+class Problem(BaseModel):
+    detail: Any
+
+
+router = APIRouter(
+    prefix="/v1/ops",
+    tags=["ops"],
+    responses={
+        401: {"model": Problem, "description": "No bearer token"},
+        403: {"model": Problem, "description": "A token COURIER_OPS_TOKENS does not hold"},
+        503: {"model": Problem, "description": "The failure store is unavailable; retry later"},
+    },
+)
+_BAD_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body is not JSON"}
+}
 
 
 def _storable(value: str) -> str:
@@ -179,11 +196,17 @@ async def list_dead_letters(
         with _store_away_is_503("list dead letters"):
             page = await store.page(query.to_filter(), limit=query.limit, cursor=query.cursor)
     except InvalidCursor as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        # Shaped as every other 422 of the route (a validation error of the query).
+        error = {"type": "value_error", "loc": ("query", "cursor"), "msg": str(exc)}
+        raise RequestValidationError([{**error, "input": query.cursor}]) from None
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 
-@router.get("/dead-letters/{letter_id}", summary="One dead letter: payload, error, history")
+@router.get(
+    "/dead-letters/{letter_id}",
+    responses={404: {"model": Problem, "description": "No such dead letter"}},
+    summary="One dead letter: payload, error, history",
+)
 async def show_dead_letter(request: Request, actor: Operator, letter_id: str) -> dict[str, Any]:
     if "\x00" in letter_id:
         item = None  # no letter's id holds one
@@ -218,7 +241,9 @@ async def groups(
     return {"groups": [group.__dict__ for group in found]}
 
 
-@router.post("/replays", response_model=OutcomeResponse, summary="Replay dead letters")
+@router.post(
+    "/replays", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Replay dead letters"
+)
 async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     with _store_away_is_503("start the replay"):  # a failure midway is in the outcome
         outcome = await _operations(request).replay(
@@ -233,7 +258,9 @@ async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     return _outcome(outcome)
 
 
-@router.post("/discards", response_model=OutcomeResponse, summary="Discard dead letters")
+@router.post(
+    "/discards", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Discard dead letters"
+)
 async def discard(request: Request, actor: Operator, body: DiscardRequest) -> Any:
     with _store_away_is_503("discard"):
         outcome = await _operations(request).discard(
