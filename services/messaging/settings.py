@@ -41,8 +41,14 @@ class CourierSettings(BaseSettings):
 
     # Errors name the setting, never echo its value: tokens and URLs with passwords stay out
     # of start-up failures (and so out of the logs).
+    # An empty variable is an unset one (compose passes `${NAME:-}` so), and it does not hide
+    # another name of the same setting (`DATABASE_URL` empty, `COURIER_DATABASE_URL` set).
     model_config = SettingsConfigDict(
-        env_prefix="COURIER_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="COURIER_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     amqp_url: str = Field(
@@ -88,12 +94,6 @@ class CourierSettings(BaseSettings):
     )
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
-
-    @field_validator("database_url", mode="before")
-    @classmethod
-    def _empty_url_is_unset(cls, value: object) -> object:
-        # Compose passes `${DATABASE_URL:-}` as an empty string: that means "not set".
-        return None if value == "" else value
 
     @field_validator("retry_delays")
     @classmethod

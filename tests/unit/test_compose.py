@@ -338,6 +338,17 @@ def test_database_url_unset_where_compose_runs_keeps_sqlite(
     assert SETTINGS[name]().database_url is None
 
 
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_the_courier_named_database_url_is_not_hidden_by_an_empty_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set in an override as `COURIER_DATABASE_URL`, while compose passes `DATABASE_URL` empty."""
+    url = "postgresql://courier@db/courier"
+    _apply_environment(name, monkeypatch)
+    monkeypatch.setenv("COURIER_DATABASE_URL", url)
+    assert SETTINGS[name]().database_url == url
+
+
 def test_the_image_alone_keeps_its_state_on_its_volumes_and_listens_outside(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
