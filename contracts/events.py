@@ -66,20 +66,28 @@ SafeInt = Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)]
 def _not_an_integer(value: object) -> object:
     # A strict float still takes a JSON integer: one beyond SafeInt's bounds came here, and
     # would have been rounded (18446744073709551616 became 1.8446744073709552e19) in silence.
-    if type(value) is int:  # not a bool (its own type), and cheaper: it runs for every float
+    if type(value) is int:  # not a bool (its own type), and cheaper than isinstance twice
         raise ValueError("an integer beyond ±2**53, which a double does not hold exactly")
     return value
 
 
 FiniteFloat = Annotated[
-    float, BeforeValidator(_not_an_integer), Field(strict=True, allow_inf_nan=False)
+    float,
+    BeforeValidator(_not_an_integer),
+    Field(
+        strict=True,
+        allow_inf_nan=False,
+        description="Finite; an integer beyond ±2**53 is refused (a double would round it).",
+    ),
 ]
-# Strict members of disjoint types: the first that takes a value is the one (left to right
-# tries fewer than pydantic's "smart" mode, ~10 % faster on a large dataset).
-Scalar = Annotated[
-    StrictBool | SafeInt | FiniteFloat | Annotated[str, StringConstraints(max_length=1024)] | None,
-    Field(union_mode="left_to_right"),
-]
+ScalarText = Annotated[str, StringConstraints(max_length=1024)]
+# Strict members of disjoint types, tried left to right (fewer tries than pydantic's "smart"
+# mode), the float last: its check is a Python call, which then only floats pay (~0.35 µs
+# each), not strings too. `None` is outside, where it costs nothing.
+Scalar = (
+    Annotated[StrictBool | SafeInt | ScalarText | FiniteFloat, Field(union_mode="left_to_right")]
+    | None
+)
 Record = Annotated[dict[FieldName, Scalar], Field(max_length=MAX_FIELDS)]
 
 
