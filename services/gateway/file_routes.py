@@ -245,9 +245,9 @@ async def _announce(
                 if isinstance(exc, HTTPException):
                     raise _maybe_accepted(file_id, exc, keyed=keyed) from exc.__cause__
                 raise
-            withdrawn = await _withdrawn(gateway, file_id, recorded, upload, keyed=keyed)
-            if not withdrawn and isinstance(exc, HTTPException):
-                raise _announced_later(file_id, exc) from exc.__cause__
+            pending = await _still_pending(gateway, file_id, recorded, upload, keyed=keyed)
+            if pending is not None and isinstance(exc, HTTPException):
+                raise _announced_later(file_id, exc, pending) from exc.__cause__
             raise
         gateway.tracking.accepted(event, accepted_at)
         await _announced(files, file_id, recorded.due)
@@ -305,21 +305,23 @@ async def _discard(blobs: BlobStore, key: str) -> None:
         log.exception("could not delete an unused copy; the retention sweep removes it")
 
 
-async def _withdrawn(
+async def _still_pending(
     gateway: _Gateway, file_id: str, recorded: _Recorded, upload: _Upload, *, keyed: bool
-) -> bool:
+) -> str | None:
     """After a refusal that certainly announced nothing: take the announcement back, so the
-    sweep does not announce the file behind the client's back; whether nothing will."""
+    sweep does not announce the file behind the client's back. None if nothing will announce
+    it, else why the sweep still will."""
     if not keyed and await _forget(gateway.files, file_id):
         # Not announced, so never processed: leave nothing behind.
         await _discard(gateway.blobs, upload.received.key)
-        return True
+        return None
     if recorded.maybe_announced:
-        # An earlier attempt under the key may have announced it: the sweep makes sure, as
-        # that attempt's client was told.
-        return True
+        # The sweep makes sure, as that attempt's client was told.
+        return "an earlier attempt under its Idempotency-Key may have been accepted"
     # The key's repeat announces it, if one comes.
-    return await _announced(gateway.files, file_id, recorded.due)
+    if await _announced(gateway.files, file_id, recorded.due):
+        return None
+    return "the gateway's store failed as it took the file back"
 
 
 async def _announced(files: Files, file_id: str, due: datetime) -> bool:
@@ -334,15 +336,14 @@ async def _announced(files: Files, file_id: str, due: datetime) -> bool:
     return True
 
 
-def _announced_later(file_id: str, refusal: HTTPException) -> HTTPException:
-    """The refusal of an upload whose record could not be taken back (its store failed too):
-    the record's announcement is published once broker and store allow, so a client that
-    uploaded again unawares would have the file analysed twice."""
+def _announced_later(file_id: str, refusal: HTTPException, why: str) -> HTTPException:
+    """The refusal of an upload whose announcement stays pending (`why`): the sweep publishes
+    it once the broker takes it, so a client that uploaded again unawares would have the file
+    analysed twice."""
     return HTTPException(
         refusal.status_code,
-        f"{refusal.detail}; and the gateway could not withdraw file {file_id!r} (its store "
-        f"failed), so the file will be announced later: see {file_url(file_id)} before "
-        "uploading it again",
+        f"{refusal.detail}; file {file_id!r} will be announced later all the same ({why}): "
+        f"see {file_url(file_id)} before uploading it again",
         headers={**(refusal.headers or {}), "Location": file_url(file_id)},
     )
 

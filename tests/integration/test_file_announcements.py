@@ -214,6 +214,9 @@ async def test_a_keyed_repeat_refused_for_certain_leaves_an_earlier_maybe_to_the
             "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key
         )
         assert repeat.status_code == 500 and "no queue is bound" in repeat.text, repeat.text
+        # Told so: the sweep announces the earlier attempt's file all the same.
+        assert "will be announced later" in repeat.text
+        assert repeat.headers["location"] == f"/v1/files/{file_id}"
         await declare_topology_of(namespace)
 
         overdue_in(tmp_path)
