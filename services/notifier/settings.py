@@ -9,7 +9,7 @@ from pydantic_settings import NoDecode
 
 from services.messaging.settings import ConsumerSettings
 from services.notifier.mail import EmailRejected, parse_address
-from services.notifier.targets import TargetPolicy
+from services.notifier.targets import TargetPolicy, dns_host, is_bare_host
 
 MIN_SECRET_LENGTH = 24
 PLACEHOLDERS = frozenset(
@@ -101,6 +101,26 @@ class NotifierSettings(ConsumerSettings):
         if any("=" not in pair for pair in pairs):
             raise ValueError("COURIER_WEBHOOK_SECRETS holds `host=secret` pairs")
         return {host.strip().lower(): secret for host, secret in (p.split("=", 1) for p in pairs)}
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _one_secret_per_host(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # A key is looked up as the host a URL names, written as DNS has it: `host:8443` or
+        # `https://host` would sign for the bare host, and two spellings of one host would
+        # leave which secret signs to the order of the pairs.
+        seen: dict[str, str] = {}
+        for host in value:
+            if not is_bare_host(host):
+                raise ValueError(
+                    f"COURIER_WEBHOOK_SECRETS: {host!r} is not a host name or IP address alone "
+                    "(no scheme, user, port or path)"
+                )
+            if (key := dns_host(host)) in seen:
+                raise ValueError(
+                    f"COURIER_WEBHOOK_SECRETS: {seen[key]!r} and {host!r} are the same host"
+                )
+            seen[key] = host
+        return value
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod

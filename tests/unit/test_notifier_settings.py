@@ -47,6 +47,28 @@ def test_per_host_secrets_may_be_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert secrets["a.example"].get_secret_value() == REAL_SECRET + ",with,commas"
 
 
+@pytest.mark.parametrize(
+    "key", ["hooks.example.org:8443", "https://hooks.example.org", "ops@hooks.example.org"]
+)
+def test_a_per_host_secret_names_a_host_alone(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    # Looked up by the host a URL names, `host:8443` signed for the host on every port.
+    monkeypatch.setenv("COURIER_WEBHOOK_SECRETS", f"{key}={REAL_SECRET}")
+    with pytest.raises(ValueError, match="is not a host name or IP address alone"):
+        NotifierSettings()
+
+
+@pytest.mark.parametrize(
+    ("one", "other"), [("bücher.de", "xn--bcher-kva.de"), ("[2001:db8::1]", "2001:DB8:0::1")]
+)
+def test_two_secrets_for_one_host_are_refused(
+    monkeypatch: pytest.MonkeyPatch, one: str, other: str
+) -> None:
+    # Which one signed depended on the order of the pairs.
+    monkeypatch.setenv("COURIER_WEBHOOK_SECRETS", f"{one}={REAL_SECRET}a,{other}={REAL_SECRET}b")
+    with pytest.raises(ValueError, match="are the same host"):
+        NotifierSettings()
+
+
 @pytest.mark.parametrize("secret", ["changeme", "secret", "short-secret"])
 def test_placeholder_webhook_secrets_are_refused_outside_development(
     monkeypatch: pytest.MonkeyPatch, secret: str

@@ -113,8 +113,19 @@ def test_an_a_label_idna_will_not_decode_is_posted_as_dns_has_it(url: str) -> No
     assert check_url(url).raw_host == url.split("/")[2].encode()
 
 
-@pytest.mark.parametrize("configured", ["bücher.de", "xn--bcher-kva.de", "XN--BCHER-KVA.DE"])
-@pytest.mark.parametrize("url", ["https://bücher.de/in", "https://xn--bcher-kva.de/in"])
+@pytest.mark.parametrize(
+    ("configured", "url"),
+    [
+        (configured, url)
+        for configured in ("bücher.de", "xn--bcher-kva.de", "XN--BCHER-KVA.DE")
+        for url in ("https://bücher.de/in", "https://xn--bcher-kva.de/in")
+    ]
+    + [
+        ("💩.la", "https://xn--ls8h.la/in"),  # IDNA 2008 refuses the emoji; IDNA 2003 encodes it
+        ("2001:db8::1", "https://[2001:0DB8:0::1]:8443/in"),
+        ("[2001:db8::1]", "https://[2001:db8::1]/in"),
+    ],
+)
 def test_a_hosts_secret_is_found_however_either_side_spells_it(configured: str, url: str) -> None:
     secrets = WebhookSecrets(None, {configured: b"s" * 32})
     assert secrets.for_host(check_url(url).raw_host) == b"s" * 32
