@@ -205,10 +205,11 @@ class Files:
         The analysis of a file retention forgot meanwhile is dropped: nothing would ever
         show or prune it."""
         file_id = event.data.file_id
-        # Share-locked (PostgreSQL; SQLite has one writer): a prune's delete of the file waits
-        # for this transaction, then its delete of the analyses sees this one.
+        # Key-share-locked (PostgreSQL; SQLite has one writer): a prune's delete of the file
+        # waits for this transaction, then its delete of the analyses sees this one. (The
+        # announcer's updates of the row do not wait.)
         found = select(files.c.file_id).where(files.c.file_id == file_id)
-        if await conn.scalar(found.with_for_update(read=True)) is None:
+        if await conn.scalar(found.with_for_update(read=True, key_share=True)) is None:
             log.info("the analysed file is forgotten already; its analysis is dropped")
             return
         exists = await conn.scalar(select(results.c.file_id).where(results.c.file_id == file_id))

@@ -65,7 +65,7 @@ def _event_body_schema(ref: str) -> dict[str, Any]:
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "Malformed JSON"},
+    400: {"model": Problem, "description": "Malformed JSON, or a bad Idempotency-Key"},
     413: {"model": Problem, "description": "Body or batch too large"},
     415: {"model": Problem, "description": "Unsupported content type"},
     409: {
@@ -73,7 +73,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "The Idempotency-Key was used with another request, or its request is "
         "still in progress",
     },
-    422: {"model": Problem, "description": "Not a valid event"},
+    422: {"model": Problem, "description": "Not a valid event (or X-Correlation-ID)"},
     500: {"model": Problem, "description": "No queue is bound for the event type"},
     503: {"model": Problem, "description": "The broker did not take the event; retry later"},
 }

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploadedData
@@ -16,6 +16,7 @@ from services.blobs import LocalBlobStore
 from services.gateway.files import Files, results
 from services.messaging.dead_letters import DeadLetter
 from services.ops.store import FailureStore, Filter, dead_letters, open_letter_of
+from tests.support.polling import eventually
 
 RETENTION = timedelta(days=30)
 
@@ -164,10 +165,30 @@ async def test_an_analysis_recorded_while_its_file_is_forgotten_goes_with_the_fi
     async with records._engine.begin() as conn:
         await records.record_result(analysis_of("racing"), conn)
         pruning = asyncio.create_task(records.prune(blobs, RETENTION))
-        await asyncio.sleep(0.3)  # the prune has read the file and is deleting it
+        await deleting_the_file(records._engine)
     assert await pruning == 1
     async with records._engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(results)) == 0
+
+
+async def deleting_the_file(engine: AsyncEngine) -> None:
+    """Once the prune waits to delete the file (PostgreSQL: for the lock the analysis took;
+    SQLite: for the one writer, which the analysis is, so either order ends the same)."""
+    if engine.dialect.name != "postgresql":
+        await asyncio.sleep(0.3)
+        return
+
+    async def waiting() -> None:
+        async with engine.connect() as conn:
+            blocked = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND query LIKE 'DELETE FROM files %'"
+                )
+            )
+        assert blocked == 1
+
+    await eventually(waiting, timeout=10)
 
 
 def age(path: Path, by: timedelta) -> None:
