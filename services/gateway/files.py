@@ -181,9 +181,17 @@ class Files:
         claim = datetime.now(UTC) + self._announce_after
         async with self._engine.begin() as conn:  # one commit for the page
             for row in due:
+                # A row another transaction holds is passed over, not waited for (PostgreSQL:
+                # `SKIP LOCKED`): a prune deleting the page's files in another order deadlocked
+                # with the claim. What is passed over is being deleted, or claimed elsewhere.
+                free = (
+                    select(files.c.file_id)
+                    .where(files.c.file_id == row.file_id, files.c.announce_at <= due_by)
+                    .with_for_update(skip_locked=True)
+                )
                 taken = await conn.execute(
                     update(files)
-                    .where(files.c.file_id == row.file_id, files.c.announce_at <= due_by)
+                    .where(files.c.file_id.in_(free.scalar_subquery()))
                     .values(announce_at=claim)
                 )
                 if taken.rowcount == 1:

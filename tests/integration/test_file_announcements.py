@@ -326,6 +326,25 @@ async def test_a_due_announcement_is_claimed_by_one_sweep_until_its_time_comes_a
     assert again.file_id == "f-1"
 
 
+async def test_a_sweep_passes_over_a_file_another_transaction_holds(
+    records: Files, fresh_engine: AsyncEngine
+) -> None:
+    # A prune deleting the page's files in another order than the claim took them deadlocked
+    # with it on PostgreSQL: the claim now never waits for a row.
+    if fresh_engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has a single writer: no row is held while another is claimed")
+    at = datetime.now(UTC)
+    for file_id in ("f-1", "f-2"):
+        await records.add(uploaded(file_id), at, announcement=b"{}")
+    await overdue(fresh_engine, "f-1", "f-2")
+    async with fresh_engine.begin() as pruning:
+        await pruning.execute(text("SELECT 1 FROM files WHERE file_id = 'f-1' FOR UPDATE"))
+        [claimed] = await asyncio.wait_for(due_now(records), timeout=5)
+        assert claimed.file_id == "f-2"
+    [later] = await due_now(records)  # no longer held (nor deleted, here): its turn
+    assert later.file_id == "f-1"
+
+
 async def test_an_announced_file_is_never_due(records: Files, fresh_engine: AsyncEngine) -> None:
     due = await records.add(uploaded("f-1"), datetime.now(UTC), announcement=b"{}")
     assert due is not None
