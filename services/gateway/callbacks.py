@@ -154,6 +154,7 @@ def _due_rows(conn: Connection, event_ids: list[str]) -> Sequence[Row[*tuple[Any
             events.c.event_type,
             events.c.callback_url,
             events.c.callback_outcome,
+            events.c.callback_correlation,
             states.c.service,
             states.c.state,
             states.c.attempt,
@@ -180,6 +181,7 @@ def _settlement(event_id: str, event_rows: list[Row[*tuple[Any, ...]]]) -> Settl
         request = CallbackRequested(
             id=callback_id(event_id, outcome),
             subject=event_id,
+            correlationid=first.callback_correlation,
             data=CallbackRequestedData(
                 event_id=event_id,
                 event_type=first.event_type,
@@ -267,9 +269,9 @@ class Callbacks:
 
     async def _publish(self, request: CallbackRequested) -> None:
         await self._publisher.publish_event(request, exchange=self._exchange)
-        # About the settled event, whose correlation id is not kept: not the one of the
-        # report being handled that settled it.
-        with event_context(request.data.event_id, None):
+        # About the settled event, under its correlation id: not the one of the report being
+        # handled that settled it.
+        with event_context(request.data.event_id, request.correlationid):
             log.info("callback requested", extra={"outcome": request.data.outcome})
 
     async def sweep(self) -> None:

@@ -92,6 +92,8 @@ events = Table(
     # When a callback URL was noted ahead of the publish: until the accept is written, that
     # row's only age (retention must not take it at the next start-up).
     Column("noted_at", DateTime(timezone=True), nullable=True),
+    # The event's correlation id, noted with its callback URL: the callback carries it on.
+    Column("callback_correlation", String(128), nullable=True),
     Index("ux_status_events_id", "event_id", unique=True),
     # The few events still waiting for their first callback, for the periodic sweep.
     Index(
@@ -224,7 +226,13 @@ class Tracking:
         otherwise lose the only copy of the URL while the event is processed."""
         now = datetime.now(UTC)
         wanted = [
-            {"event_id": e.id, "event_type": e.type, "callback_url": url, "noted_at": now}
+            {
+                "event_id": e.id,
+                "event_type": e.type,
+                "callback_url": url,
+                "noted_at": now,
+                "callback_correlation": e.correlation(),
+            }
             for e in accepting
             if (url := callback_url_of(e)) is not None
         ]
@@ -696,6 +704,7 @@ def _write_callback_urls(conn: Connection, rows: list[dict[str, Any]]) -> None:
             set_={
                 "callback_url": insert.excluded.callback_url,
                 "noted_at": insert.excluded.noted_at,
+                "callback_correlation": insert.excluded.callback_correlation,
             },
             # An accepted event keeps its URL; until then the latest attempt's is the one
             # its accept will carry.

@@ -82,7 +82,7 @@ LEGACY_CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled
 
 
 def steps(current: MetaData) -> list[Migration]:
-    """Versions 1-7 of the `gateway.tracking` component; `current` holds today's tables."""
+    """Versions 1-8 of the `gateway.tracking` component; `current` holds today's tables."""
 
     async def create(conn: AsyncConnection) -> None:
         await conn.run_sync(legacy.create_all)
@@ -105,6 +105,9 @@ def steps(current: MetaData) -> list[Migration]:
     async def noted_column(conn: AsyncConnection) -> None:
         await conn.run_sync(_add_noted_column, current)
 
+    async def correlation_column(conn: AsyncConnection) -> None:
+        await conn.run_sync(_add_correlation_column, current)
+
     return [
         create,
         unique_history,
@@ -113,6 +116,7 @@ def steps(current: MetaData) -> list[Migration]:
         drop_redundant_history_index,
         sequential_keys,
         noted_column,
+        correlation_column,
     ]
 
 
@@ -131,6 +135,12 @@ def _add_noted_column(sync: Connection, current: MetaData) -> None:
     """Version 7: when a callback URL was noted (a store created by version 6 of this code
     has the column already: `create_all` made the tables as they are now)."""
     add_missing_columns(sync, current.tables["status_events"], ["noted_at"])
+
+
+def _add_correlation_column(sync: Connection, current: MetaData) -> None:
+    """Version 8: the correlation id a callback carries on (rows noted before it have none:
+    their callbacks go without one, as before)."""
+    add_missing_columns(sync, current.tables["status_events"], ["callback_correlation"])
 
 
 def _move_to_sequential_keys(sync: Connection, current: MetaData) -> None:

@@ -164,16 +164,29 @@ async def test_nothing_is_published_until_every_worker_is_done_then_exactly_once
     assert len(publisher.published) == 1
 
 
+async def test_the_callback_carries_the_events_correlation_id(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    event = dataset().model_copy(update={"correlationid": "order-42"})
+    await tracking.note_callbacks([event])  # as the ingest routes do, before the publish
+    t = await accept(tracking, event)
+    await tracking.apply([step(event, "succeeded", t + timedelta(seconds=1))])
+    [callback] = publisher.published
+    assert callback.correlationid == "order-42"
+
+
 async def test_the_callback_is_logged_under_its_event_not_the_report_that_settled_it(
     tracking: Tracking, caplog: pytest.LogCaptureFixture
 ) -> None:
     event = dataset()
+    await tracking.note_callbacks([event])
     t = await accept(tracking, event)
     caplog.handler.addFilter(_ContextFilter())
     with caplog.at_level(logging.INFO), event_context("report-id", "report-correlation"):
         await tracking.apply([step(event, "succeeded", t + timedelta(seconds=1))])
     [line] = [r for r in caplog.records if r.getMessage() == "callback requested"]
-    assert (line.__dict__["event_id"], line.__dict__["correlation_id"]) == (event.id, None)
+    logged = (line.__dict__["event_id"], line.__dict__["correlation_id"])
+    assert logged == (event.id, event.correlation())
 
 
 async def test_checks_running_side_by_side_publish_a_settlement_once(
@@ -463,6 +476,26 @@ async def test_a_store_of_version_6_gets_the_noted_at_column(fresh_engine: Async
                 select(events.c.noted_at).where(events.c.event_id == event.id)
             )
         assert noted is not None
+    finally:
+        await upgraded.close()
+
+
+async def test_a_store_of_version_7_gets_the_callback_correlation_column(
+    fresh_engine: AsyncEngine,
+) -> None:
+    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:7])
+    async with fresh_engine.begin() as conn:  # as version 7 made it, before the column
+        await conn.execute(text("ALTER TABLE status_events DROP COLUMN callback_correlation"))
+    upgraded = Tracking(fresh_engine)
+    await upgraded.start()
+    try:
+        event = dataset()
+        await upgraded.note_callbacks([event])
+        async with fresh_engine.connect() as conn:
+            noted = await conn.scalar(
+                select(events.c.callback_correlation).where(events.c.event_id == event.id)
+            )
+        assert noted == event.correlation()
     finally:
         await upgraded.close()
 
