@@ -15,12 +15,16 @@ elsewhere. Waiting for it instead would keep the process alive past its shutdown
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import ParamSpec, TypeVar
+from typing import Final, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -31,10 +35,41 @@ class WorkerLost(Exception):
     when the job ran alone: a transient failure; the retry runs on a fresh worker."""
 
 
+PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+
+
+def _end_with(parent: int) -> None:
+    """A worker's initializer: end when the service process that started it ends. Killed
+    (`kill -9`, out of memory), the service takes nothing down with it: its workers went on
+    with the abandoned job, then idled for ever, a few more at each crash."""
+    if not _death_signal_set():  # not Linux: look for the parent every second
+        threading.Thread(target=_watch, args=(parent,), daemon=True).start()
+    elif os.getppid() != parent:  # it ended before the signal was asked for
+        os._exit(1)
+
+
+def _death_signal_set() -> bool:
+    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG); whether it is."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 def _new_executor(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: forking a process that runs an event loop and sockets is unsafe.
     executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_end_with,
+        initargs=(os.getpid(),),
     )
     # With spawn, CPython starts workers on demand, in `submit` *after* waking its manager
     # thread: the manager may then never watch the new worker, and if that one dies, the pool

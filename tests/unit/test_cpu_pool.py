@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,3 +105,45 @@ async def test_every_worker_starts_with_the_first_job() -> None:
         assert len(workers) == 3 and all(p.is_alive() for p in workers.values())
     finally:
         pool.close()
+
+
+SERVICE = """
+import asyncio, os, sys, time
+from services.messaging.cpu import CpuPool
+from tests.unit.test_cpu_pool import once_released
+
+async def main():
+    pool = CpuPool(2)
+    job = asyncio.ensure_future(pool.run(once_released, sys.argv[1], 1))
+    while not pool._executor._processes:
+        await asyncio.sleep(0.01)
+    print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
+    await job
+
+asyncio.run(main())
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_service_takes_its_workers_with_it(tmp_path: Path) -> None:
+    # They went on with the abandoned job, then idled for ever: a few more at each crash.
+    with subprocess.Popen(
+        [sys.executable, "-c", SERVICE, str(tmp_path / "never")],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    ) as service:
+        assert service.stdout is not None
+        workers = [int(pid) for pid in service.stdout.readline().split()]
+        assert len(workers) == 2 and all(alive(pid) for pid in workers)
+        service.kill()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers), "workers outlived their service"
