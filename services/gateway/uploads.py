@@ -38,6 +38,8 @@ FILE_FIELD: Final = "file"
 BLOCK_SIZE: Final = 1 << 20
 FRAMING_ALLOWANCE: Final = 1 << 20
 """Bytes of a request beyond the file's own: boundaries, part headers, small form fields."""
+MAX_PARTS: Final = 100
+"""Parts of one request: the file, its `notify` fields, a few others read past."""
 DEFAULT_TYPE: Final = "application/octet-stream"
 DEFAULT_NAME: Final = "upload"
 MAX_NAME_LENGTH: Final = 255
@@ -209,6 +211,12 @@ async def _feed(
             except MultipartParseError as exc:
                 raise IngestError(400, f"malformed multipart body: {exc}") from exc
             await receiver.act(notes.take())
+            # What is not the file is parsed at a few MB/s, the file at hundreds: bounded by
+            # itself, or a body of tiny form fields kept the loop busy for minutes.
+            if read - receiver.file_bytes > FRAMING_ALLOWANCE:
+                raise IngestError(
+                    413, f"more than {FRAMING_ALLOWANCE} bytes besides the file (form fields)"
+                )
     except ClientDisconnect:
         # Gone mid-upload: nothing is announced and the partial blob goes, as for any refusal
         # (it was a 500 with a traceback in the log, as if the gateway had failed).
@@ -230,10 +238,19 @@ class _Receiver:
         self._file_done = False
         self._body_done = False
         self._notify: list[NotifyTarget] = []
+        self._parts = 0
+
+    @property
+    def file_bytes(self) -> int:
+        """The file's bytes received so far."""
+        return 0 if self._sink is None else self._sink.size
 
     async def act(self, notes: list[Note]) -> None:
         for kind, value, extra in notes:
             if kind == "begin":
+                self._parts += 1
+                if self._parts > MAX_PARTS:
+                    raise IngestError(400, f"more than {MAX_PARTS} parts in the multipart body")
                 self._part = _Part()
             elif kind == "header":
                 self._part.headers[value] = extra

@@ -21,6 +21,7 @@ from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
 from contracts.topology import events_exchange, queue_for
 from services.blobs import LocalBlobStore
+from services.gateway.uploads import MAX_PARTS
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
 from tests.conftest import Namespace
@@ -633,6 +634,31 @@ async def test_more_than_ten_notify_targets_are_refused(
     response = await client.post("/v1/files", content=body, headers=MULTIPART)
     assert response.status_code == 422, response.text
     assert "at most 10 notify targets" in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "says"),
+    [
+        # 80 MB of tiny fields kept the gateway's loop busy for half a minute (a few MB/s).
+        ([("o", "x" * 32_768)] * 34, 413, "bytes besides the file"),  # 1.06 MiB
+        ([("o", "x")] * (MAX_PARTS + 1), 400, f"more than {MAX_PARTS} parts"),
+    ],
+    ids=["form-fields-too-large", "too-many-parts"],
+)
+async def test_what_is_not_the_file_is_bounded(
+    client: httpx.AsyncClient,
+    namespace: Namespace,
+    blob_dir: Path,
+    fields: list[tuple[str, str]],
+    status: int,
+    says: str,
+) -> None:
+    body = form(("file", ("prices.csv", CSV, "text/csv")), *fields)
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == status, response.text
+    assert says in response.json()["detail"]
     assert stored_files(blob_dir) == []
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
