@@ -45,7 +45,11 @@ DEFAULT_NAME: Final = "upload"
 MAX_NAME_LENGTH: Final = 255
 
 _MEDIA_TYPE = re.compile(MEDIA_TYPE_PATTERN)
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the invisible format characters (bidi overrides that make
+# "gnp.exe" read "exe.png", zero-width ones): a name is shown in notifications and headers.
+_UNSAFE_NAME = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]"
+)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ def test_the_allow_list_is_read_from_a_comma_separated_variable(
         (b"C:\\Users\\me\\data.csv", "data.csv"),
         ("r\u00e9sum\u00e9.txt".encode(), "r\u00e9sum\u00e9.txt"),
         (b"bad\x00\x1bname", "badname"),
+        # C1 controls and bidi overrides reached notification subjects and headers.
+        ("a\u0085b.csv".encode(), "ab.csv"),
+        ("invoice\u202egnp.exe".encode(), "invoicegnp.exe"),
+        ("zero\u200bwidth\ufeff.csv".encode(), "zerowidth.csv"),
         (b"dir/", "upload"),
         (None, "upload"),
         (b"x" * 300, "x" * 255),
