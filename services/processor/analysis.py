@@ -525,7 +525,7 @@ def analyse_jsonl(raw: io.BufferedReader) -> _Result:
                         yield orjson.loads(line)
                     except orjson.JSONDecodeError as exc:
                         where = blocks.lines + offset + 1
-                        raise NotThisFormat(f"line {where} is not valid JSON: {exc}") from exc
+                        raise NotThisFormat(f"line {where} {_json_problem(exc)}") from exc
 
     result = _records(values(), blocks)
     result.line_count = blocks.lines
@@ -553,6 +553,14 @@ def analyse_text(raw: io.BufferedReader) -> _Result:
     return _Result(line_count=lines + (last != b"\n"))
 
 
+def _json_problem(exc: orjson.JSONDecodeError) -> str:
+    """What is wrong with JSON orjson refused. A number beyond a double's range (1e400, a
+    400-digit integer) is valid JSON that no analysis can represent, not a syntax error."""
+    if "infinity" in exc.msg:
+        return f"holds a number beyond a double's range ({exc})"
+    return f"is not valid JSON: {exc}"
+
+
 def analyse_json(raw: io.BufferedReader, size: int, *, declared: bool = True) -> _Result:
     """A JSON document, parsed whole up to JSON_PARSE_LIMIT; a larger one declared as JSON is
     read as text, and one only sniffed as JSON is not taken for it (it may be JSON lines whose
@@ -569,7 +577,7 @@ def analyse_json(raw: io.BufferedReader, size: int, *, declared: bool = True) ->
     try:
         value = orjson.loads(body.removeprefix(codecs.BOM_UTF8))
     except orjson.JSONDecodeError as exc:
-        raise NotThisFormat(f"not a valid JSON document: {exc}") from exc
+        raise NotThisFormat(f"the document {_json_problem(exc)}") from exc
     lines = body.count(b"\n") + (not body.endswith(b"\n") and bool(body))
     result = _records(iter(value)) if isinstance(value, list) else _Result()
     result.line_count = lines

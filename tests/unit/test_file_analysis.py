@@ -278,7 +278,14 @@ def test_content_that_only_looked_like_csv_falls_back_to_binary(stored: Stored) 
             r"unreadable as application/x-ndjson: line 2 is not valid JSON",
         ),
         (b'a,"b\n1,2\n', "text/csv", r"malformed CSV"),
-        (b'{"a": [1, 2}', "application/json", r"not a valid JSON document"),
+        (b'{"a": [1, 2}', "application/json", r"the document is not valid JSON"),
+        # Valid JSON, yet no analysis can represent it: said so, not "not valid JSON".
+        (b'[{"a": 1e400}]', "application/json", r"holds a number beyond a double's range"),
+        (
+            b'{"a": 1}\n{"a": 1' + b"0" * 400 + b"}\n",
+            "application/x-ndjson",
+            r"line 2 holds a number",
+        ),
         (b"plain \xc3\x28 text", "text/plain", r"not valid UTF-8 at byte 6"),
         (b'{"a": "' + b"x" * (1 << 20) + b'"}\n', "application/x-ndjson", r"longer than"),
         # One record over many short lines (line ends inside quotes): the reader kept all its
