@@ -49,7 +49,9 @@ def _end_with(parent: int) -> None:
 
 
 def _death_signal_set() -> bool:
-    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG); whether it is."""
+    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG); whether it is.
+    Strictly, when the parent's thread that started it ends: the event loop's, which `submit`
+    runs on, and which lives as long as the service."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
