@@ -104,7 +104,10 @@ _UPLOAD_BODY: dict[str, Any] = {
             "still in progress",
         },
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
-        415: {"model": Problem, "description": "Not multipart, or a file type not accepted"},
+        415: {
+            "model": Problem,
+            "description": "Not multipart, a file type not accepted, or text not in UTF-8",
+        },
         422: {"model": Problem, "description": "A 'notify' target that cannot be delivered to"},
         500: {"model": Problem, "description": "No queue is bound for file.uploaded"},
         503: {"model": Problem, "description": "The broker did not take the event; retry later"},

@@ -38,6 +38,8 @@ FILE_FIELD: Final = "file"
 BLOCK_SIZE: Final = 1 << 20
 FRAMING_ALLOWANCE: Final = 1 << 20
 """Bytes of a request beyond the file's own: boundaries, part headers, small form fields."""
+UTF8_CHARSETS: Final = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+"""Declared charsets the analysis reads (ASCII is UTF-8)."""
 MAX_PARTS: Final = 100
 """Parts of one request: the file, its `notify` fields, a few others read past."""
 DEFAULT_TYPE: Final = "application/octet-stream"
@@ -288,8 +290,14 @@ class _Receiver:
             return  # another form field: read past it
         if self._sink is not None:
             raise IngestError(400, "one file per request: more than one part named 'file'")
-        declared, _ = parse_options_header(self._part.headers.get(b"content-type"))
+        declared, type_params = parse_options_header(self._part.headers.get(b"content-type"))
         media = declared.decode("latin-1") or DEFAULT_TYPE
+        charset = type_params.get(b"charset", b"").decode("latin-1").lower()
+        if charset and charset not in UTF8_CHARSETS:
+            # The analysis reads text as UTF-8: refused now, not dead-lettered later.
+            raise IngestError(
+                415, f"text is read as UTF-8, and this file is {charset!r}: convert it first"
+            )
         if not _MEDIA_TYPE.fullmatch(media):
             raise IngestError(415, f"not a media type: {media!r}")
         if not media_type_allowed(media, self._allowed):

@@ -638,6 +638,25 @@ async def test_more_than_ten_notify_targets_are_refused(
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
+@pytest.mark.parametrize("charset", ["utf-16", "ISO-8859-1"])
+async def test_a_file_declared_in_a_charset_other_than_utf8_is_refused_at_upload(
+    client: httpx.AsyncClient, namespace: Namespace, blob_dir: Path, charset: str
+) -> None:
+    # It was taken (202), then dead-lettered by the analysis as "not valid UTF-8".
+    body = form(("file", ("prices.csv", CSV, f"text/csv; charset={charset}")))
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 415, response.text
+    assert "read as UTF-8" in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_file_declared_utf8_is_taken(client: httpx.AsyncClient) -> None:
+    body = form(("file", ("prices.csv", CSV, "text/csv; charset=UTF-8")))
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 202, response.text
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "says"),
     [
