@@ -34,7 +34,7 @@ from services.gateway.ingest import (
     parse_event,
 )
 from services.gateway.settings import GatewaySettings
-from services.gateway.tracking import Tracking
+from services.gateway.tracking import Tracking, states_of
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import event_context, get_logger
 from services.messaging.store import STORE_ERRORS
@@ -586,9 +586,9 @@ async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r} is known")
     # A client polls while it gets 202: for a dataset that will not be summarised, a 202 kept
     # it polling for ever, the failure unseen.
-    services = found["services"]
+    states = states_of(found)
     ended = any(
-        services.get(worker, {}).get("state") in ("cancelled", "dead_lettered")
+        states.get(worker) in ("cancelled", "dead_lettered")
         for worker in workers_of("dataset.submitted")
     )
     code = status.HTTP_409_CONFLICT if ended else status.HTTP_202_ACCEPTED

@@ -102,11 +102,14 @@ def steps(current: MetaData) -> list[Migration]:
     async def sequential_keys(conn: AsyncConnection) -> None:
         await conn.run_sync(_move_to_sequential_keys, current)
 
-    async def noted_column(conn: AsyncConnection) -> None:
-        await conn.run_sync(_add_noted_column, current)
+    def events_column(name: str) -> Migration:
+        """A nullable column of `status_events` (a store created after it has it already:
+        `create_all` made the tables as they are now)."""
 
-    async def correlation_column(conn: AsyncConnection) -> None:
-        await conn.run_sync(_add_correlation_column, current)
+        async def add(conn: AsyncConnection) -> None:
+            await conn.run_sync(add_missing_columns, current.tables["status_events"], [name])
+
+        return add
 
     return [
         create,
@@ -115,8 +118,10 @@ def steps(current: MetaData) -> list[Migration]:
         accepted_index,
         drop_redundant_history_index,
         sequential_keys,
-        noted_column,
-        correlation_column,
+        events_column("noted_at"),  # 7: when a callback URL was noted
+        # 8: the correlation id a callback carries on (rows noted before it have none: their
+        # callbacks go without one, as before)
+        events_column("callback_correlation"),
     ]
 
 
@@ -129,18 +134,6 @@ def _add_callback_columns(sync: Connection) -> None:
     """Version 3: nullable columns without a default, on SQLite and PostgreSQL alike."""
     add_missing_columns(sync, legacy_events, LEGACY_CALLBACK_COLUMNS)
     _create_indexes(sync, legacy_events)
-
-
-def _add_noted_column(sync: Connection, current: MetaData) -> None:
-    """Version 7: when a callback URL was noted (a store created by version 6 of this code
-    has the column already: `create_all` made the tables as they are now)."""
-    add_missing_columns(sync, current.tables["status_events"], ["noted_at"])
-
-
-def _add_correlation_column(sync: Connection, current: MetaData) -> None:
-    """Version 8: the correlation id a callback carries on (rows noted before it have none:
-    their callbacks go without one, as before)."""
-    add_missing_columns(sync, current.tables["status_events"], ["callback_correlation"])
 
 
 def _move_to_sequential_keys(sync: Connection, current: MetaData) -> None:

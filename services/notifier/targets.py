@@ -58,35 +58,28 @@ def check_url(url: str) -> httpx.URL:
 
 def dns_host(host: str | bytes) -> str:
     """A host name as DNS carries it: IDNA A-labels (`bücher.de` is `xn--bcher-kva.de`), lower
-    case; an IPv6 address without brackets. One that does not encode stays as it is."""
+    case; an IP address in its canonical form, without brackets. `bytes` are a parsed URL's
+    `raw_host`, in A-labels already; a name that does not encode stays as it is."""
+    text = host.decode("ascii", errors="replace") if isinstance(host, bytes) else host
+    if (address := parse_address(text)) is not None:
+        return str(address)
     if isinstance(host, bytes):
-        host = host.decode("ascii", errors="replace")
-    bare = host.removeprefix("[").removesuffix("]")
-    if is_ip_address(bare):
-        return str(ipaddress.ip_address(bare))
+        return text.lower()
     try:
-        return httpx.URL(f"http://{host}/").raw_host.decode("ascii").lower()
+        return httpx.URL(f"http://{text}/").raw_host.decode("ascii").lower()
     except (httpx.InvalidURL, UnicodeError):
         pass
     try:  # IDNA 2003, which still encodes what IDNA 2008 refuses (`💩.la`: `xn--ls8h.la`)
-        return host.encode("idna").decode("ascii").lower()
+        return text.encode("idna").decode("ascii").lower()
     except UnicodeError:
-        return host.lower()
-
-
-def is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        return text.lower()
 
 
 def is_bare_host(text: str) -> bool:
     """A host name or IP address alone: no scheme, user, port, path or spaces."""
     if not text or any(c in "/@?#" or c.isspace() for c in text):
         return False
-    return ":" not in text or is_ip_address(text.removeprefix("[").removesuffix("]"))
+    return ":" not in text or parse_address(text) is not None
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:

@@ -462,42 +462,34 @@ async def test_an_older_store_gets_the_callback_columns(fresh_engine: AsyncEngin
         await upgraded.close()
 
 
-async def test_a_store_of_version_6_gets_the_noted_at_column(fresh_engine: AsyncEngine) -> None:
-    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:6])
-    async with fresh_engine.begin() as conn:  # as version 6 made it, before the column
-        await conn.execute(text("ALTER TABLE status_events DROP COLUMN noted_at"))
-    upgraded = Tracking(fresh_engine)
+async def noted_by_a_store_of_version(
+    engine: AsyncEngine, version: int, column: str, event: Envelope
+) -> object:
+    """`column` of `event`'s row, noted with its callback URL by a store `version` made
+    (before the column) and then upgraded at start-up."""
+    await migrate(engine, "gateway.tracking", steps(metadata)[:version])
+    async with engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE status_events DROP COLUMN {column}"))
+    upgraded = Tracking(engine)
     await upgraded.start()
     try:
-        event = dataset()
         await upgraded.note_callbacks([event])
-        async with fresh_engine.connect() as conn:
-            noted = await conn.scalar(
-                select(events.c.noted_at).where(events.c.event_id == event.id)
-            )
-        assert noted is not None
+        async with engine.connect() as conn:
+            return await conn.scalar(select(events.c[column]).where(events.c.event_id == event.id))
     finally:
         await upgraded.close()
+
+
+async def test_a_store_of_version_6_gets_the_noted_at_column(fresh_engine: AsyncEngine) -> None:
+    assert await noted_by_a_store_of_version(fresh_engine, 6, "noted_at", dataset()) is not None
 
 
 async def test_a_store_of_version_7_gets_the_callback_correlation_column(
     fresh_engine: AsyncEngine,
 ) -> None:
-    await migrate(fresh_engine, "gateway.tracking", steps(metadata)[:7])
-    async with fresh_engine.begin() as conn:  # as version 7 made it, before the column
-        await conn.execute(text("ALTER TABLE status_events DROP COLUMN callback_correlation"))
-    upgraded = Tracking(fresh_engine)
-    await upgraded.start()
-    try:
-        event = dataset()
-        await upgraded.note_callbacks([event])
-        async with fresh_engine.connect() as conn:
-            noted = await conn.scalar(
-                select(events.c.callback_correlation).where(events.c.event_id == event.id)
-            )
-        assert noted == event.correlation()
-    finally:
-        await upgraded.close()
+    event = dataset()
+    noted = await noted_by_a_store_of_version(fresh_engine, 7, "callback_correlation", event)
+    assert noted == event.correlation()
 
 
 @pytest.mark.broker
