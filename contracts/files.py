@@ -11,7 +11,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints
 
-from contracts.envelope import Envelope, Payload
+from contracts.envelope import Envelope, IngestEnvelope, Payload
 from contracts.notify import Notifying, NotifyTargets
 
 MAX_COLUMNS: Final = 100
@@ -46,8 +46,11 @@ class FileUploadedData(Notifying):
     notify: NotifyTargets = Field(default_factory=list)
 
 
-class FileUploaded(Envelope):
-    """The gateway stored an uploaded file in blob storage."""
+class FileUploaded(IngestEnvelope):
+    """The gateway stored an uploaded file in blob storage.
+
+    The upload's `callback_url` form field travels as `callbackurl`, as on events a client
+    submits: the analysis' outcome (succeeded or dead-lettered) is posted there."""
 
     type: Literal["file.uploaded"] = "file.uploaded"
     dataschema: str | None = "urn:courier:schema:file.uploaded:1"

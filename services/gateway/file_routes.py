@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from contracts.envelope import new_event_id
+from contracts.envelope import MAX_CALLBACK_URL, new_event_id
 from contracts.files import FileUploaded, FileUploadedData
 from contracts.notify import MAX_NOTIFY_TARGETS
 from services.blobs import BlobStore
@@ -27,6 +27,7 @@ from services.gateway.routes import (
     Problem,
     claim_key,
     idempotency_key,
+    note_callbacks,
     path_segment,
     publish_confirmed,
     replayed,
@@ -82,6 +83,14 @@ _UPLOAD_BODY: dict[str, Any] = {
                         "description": "Targets to notify once the file is processed, each "
                         "`<channel>:<recipient>` (log, webhook, email); repeat the field",
                     },
+                    "callback_url": {
+                        "type": "string",
+                        "format": "uri",
+                        "maxLength": MAX_CALLBACK_URL,
+                        "example": "https://shop.example/hooks/courier",
+                        "description": "Where the analysis' outcome is posted once it is final, "
+                        "succeeded or dead-lettered (a signed webhook, as for events)",
+                    },
                 },
             }
         }
@@ -108,7 +117,10 @@ _UPLOAD_BODY: dict[str, Any] = {
             "model": Problem,
             "description": "Not multipart, a file type not accepted, or text not in UTF-8",
         },
-        422: {"model": Problem, "description": "A 'notify' target that cannot be delivered to"},
+        422: {
+            "model": Problem,
+            "description": "A 'notify' target or a 'callback_url' that cannot be delivered to",
+        },
         500: {"model": Problem, "description": "No queue is bound for file.uploaded"},
         503: {"model": Problem, "description": "The broker did not take the event; retry later"},
     },
@@ -174,12 +186,16 @@ class _Upload:
 
     def fingerprint(self, path: str) -> str:
         """What makes two uploads the same request: the file's content, name and type, its
-        notify targets and correlation id."""
+        notify targets, callback URL and correlation id."""
         r = self.received
         targets = sorted(f"{t.channel}:{t.recipient}" for t in r.notify)  # a set, in effect
+        # Only when given, so that keys claimed before the field existed still match: no
+        # target's channel is `callback`.
+        callback = [f"callback:{r.callback_url}"] if r.callback_url else []
         return fingerprint(
-            "POST", path, r.sha256, r.name, r.content_type, *targets, self.correlation or ""
-        )
+            "POST", path, r.sha256, r.name, r.content_type, *targets, *callback,
+            self.correlation or "",
+        )  # fmt: skip
 
     def announcement(self, file_id: str, blob: str) -> FileUploaded:
         """The `file.uploaded` of this upload, recorded as `file_id` with its bytes in `blob`."""
@@ -193,7 +209,9 @@ class _Upload:
             sha256=r.sha256,
             notify=list(r.notify),
         )
-        return FileUploaded(id=file_id, correlationid=self.correlation, data=data)
+        return FileUploaded(
+            id=file_id, correlationid=self.correlation, callbackurl=r.callback_url, data=data
+        )
 
 
 async def _once_per_key(
@@ -232,6 +250,15 @@ async def _announce(
     received, correlation = upload.received, upload.correlation
     with event_context(file_id, correlation or file_id):
         accepted_at = datetime.now(UTC)  # before the publish: consumers may report sooner
+        if received.callback_url is not None:
+            # Before the record, which the sweep may announce: no announcement without its URL.
+            try:
+                await note_callbacks(
+                    gateway.tracking, [upload.announcement(file_id, received.key)], settings
+                )
+            except BaseException:
+                await _discard(blobs, received.key)
+                raise
         try:
             recorded = await _record(file_id, upload, files, blobs, accepted_at)
         except STORE_ERRORS as exc:

@@ -21,7 +21,8 @@ from services.notifier.targets import check_url
 
 NOTIFY_FIELD: Final = "notify"
 MAX_VALUE_BYTES: Final = 8 * 1024
-"""Longest `notify` value read: well above any valid one (a channel, `:`, 2048 characters)."""
+"""Longest `notify` (or `callback_url`) value read: well above any valid one (a channel, `:`,
+2048 characters)."""
 
 
 def _refused(raw: str, why: str) -> IngestError:
@@ -53,14 +54,14 @@ def parse_target(raw: str) -> NotifyTarget:
     return target
 
 
-def decode_value(raw: bytes) -> str:
-    """A `notify` form value's bytes as text; `IngestError(422)` if too long or not UTF-8."""
+def decode_value(raw: bytes, what: str) -> str:
+    """A form value's bytes as text; `IngestError(422)` naming `what` if too long or not UTF-8."""
     if len(raw) > MAX_VALUE_BYTES:
-        raise IngestError(422, f"a notify target is longer than {MAX_VALUE_BYTES} bytes")
+        raise IngestError(422, f"{what} is longer than {MAX_VALUE_BYTES} bytes")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise IngestError(422, "a notify target is not valid UTF-8") from None
+        raise IngestError(422, f"{what} is not valid UTF-8") from None
 
 
 def add_target(targets: list[NotifyTarget], raw: str) -> None:

@@ -223,8 +223,8 @@ def _accepted(
     return [{"id": e.id, "type": e.type, "status_url": status_url(e.id)} for e in events]
 
 
-async def _note_callbacks(
-    tracking: Tracking, events: Sequence[IngestEvent], settings: GatewaySettings
+async def note_callbacks(
+    tracking: Tracking, events: Sequence[Envelope], settings: GatewaySettings
 ) -> None:
     """Store the events' callback URLs before publishing; 503 if the store is not there
     (nothing was published: the client may simply retry)."""
@@ -396,7 +396,7 @@ async def submit_event(request: Request) -> JSONResponse:
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         [one] = events
-        await _note_callbacks(tracking, events, settings)
+        await note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
         await publish_confirmed(broker, settings, one)
         [accepted] = _accepted(events, tracking, at)
@@ -441,7 +441,7 @@ async def submit_batch(request: Request) -> JSONResponse:
         raise _problem(exc) from exc
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
-        await _note_callbacks(tracking, events, settings)
+        await note_callbacks(tracking, events, settings)
         at = datetime.now(UTC)  # before the publish: a consumer may report before the confirm
         outcomes = await broker.publisher.publish_events(
             events, exchange=events_exchange(settings.namespace)

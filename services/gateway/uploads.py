@@ -8,8 +8,9 @@ block of at most `BLOCK_SIZE` bytes, and each full block is hashed and written t
 upload in worker threads, side by side. So the gateway holds one request chunk plus one block
 per upload, whatever the file's size; the size limit is enforced as the bytes arrive (413, and
 the partial blob is removed). `notify` fields (notification targets, before or after the file
-part) are gathered, bounded in size and number, and each is checked as soon as it ends (422);
-other form fields are read past and dropped.
+part) are gathered, bounded in size and number, and each is checked as soon as it ends (422), as
+is a `callback_url` field (where the outcome is posted); other form fields are read past and
+dropped.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from contracts.envelope import CallbackUrl, http_url_problem
 from contracts.files import MEDIA_TYPE_PATTERN
 from contracts.notify import NotifyTarget
 from services.blobs import BlobStore, BlobUpload
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 FILE_FIELD: Final = "file"
+CALLBACK_FIELDS: Final = (b"callback_url", b"callbackurl")
+"""The callback URL's form field, spelled as in a JSON event (either way)."""
 BLOCK_SIZE: Final = 1 << 20
 FRAMING_ALLOWANCE: Final = 1 << 20
 """Bytes of a request beyond the file's own: boundaries, part headers, small form fields."""
@@ -62,6 +67,22 @@ class ReceivedFile:
     size: int
     sha256: str
     notify: tuple[NotifyTarget, ...] = ()
+    callback_url: str | None = None
+
+
+_CALLBACK_URL: Final[TypeAdapter[str]] = TypeAdapter(CallbackUrl)
+
+
+def parse_callback_url(raw: bytes) -> str:
+    """A `callback_url` form value, checked as an event's (`IngestError(422)` saying why)."""
+    url = decode_value(raw, "the callback_url").strip()
+    if problem := http_url_problem(url):
+        raise IngestError(422, f"the callback_url {problem}")
+    try:
+        return _CALLBACK_URL.validate_python(url)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise IngestError(422, f"the callback_url: {problem}") from None
 
 
 def media_type_allowed(media: str, allowed: Sequence[str]) -> bool:
@@ -79,7 +100,7 @@ def safe_file_name(raw: bytes | None) -> str:
     return name[:MAX_NAME_LENGTH] or DEFAULT_NAME
 
 
-PartKind = Literal["file", "notify", "other"]
+PartKind = Literal["file", "notify", "callback", "other"]
 
 
 @dataclass
@@ -87,7 +108,7 @@ class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     kind: PartKind = "other"
     value: bytearray = field(default_factory=bytearray)
-    """A `notify` part's bytes so far (one byte past the limit at most)."""
+    """A `notify` or `callback_url` part's bytes so far (one byte past the limit at most)."""
 
     @property
     def is_file(self) -> bool:
@@ -244,6 +265,7 @@ class _Receiver:
         self._file_done = False
         self._body_done = False
         self._notify: list[NotifyTarget] = []
+        self._callback_url: str | None = None
         self._parts = 0
 
     @property
@@ -265,13 +287,16 @@ class _Receiver:
             elif kind == "data" and self._part.is_file:
                 assert self._sink is not None
                 await self._sink.write(value)
-            elif kind == "data" and self._part.kind == "notify":
+            elif kind == "data" and self._part.kind in ("notify", "callback"):
                 self._gather(value)
             elif kind == "end" and self._part.is_file:
                 self._file_done = True
                 self._part = _Part()
             elif kind == "end" and self._part.kind == "notify":
-                add_target(self._notify, decode_value(bytes(self._part.value)))
+                add_target(self._notify, decode_value(bytes(self._part.value), "a notify target"))
+                self._part = _Part()
+            elif kind == "end" and self._part.kind == "callback":
+                self._take_callback_url(bytes(self._part.value))
                 self._part = _Part()
             elif kind == "done":
                 self._body_done = True
@@ -280,11 +305,19 @@ class _Receiver:
         room = MAX_VALUE_BYTES + 1 - len(self._part.value)  # one byte more shows it is too long
         self._part.value += data[: max(room, 0)]
 
+    def _take_callback_url(self, raw: bytes) -> None:
+        if self._callback_url is not None:
+            raise IngestError(422, "one callback_url per upload")
+        self._callback_url = parse_callback_url(raw)
+
     async def _start_part(self) -> None:
         disposition, params = parse_options_header(self._part.headers.get(b"content-disposition"))
         name = params.get(b"name") if disposition == b"form-data" else None
         if name == NOTIFY_FIELD.encode():
             self._part.kind = "notify"
+            return
+        if name in CALLBACK_FIELDS:
+            self._part.kind = "callback"
             return
         if name != FILE_FIELD.encode():
             return  # another form field: read past it
@@ -317,7 +350,13 @@ class _Receiver:
         sha256 = await self._sink.finish()
         await self._sink.upload.commit()
         return ReceivedFile(
-            self._key, self._name, self._type, self._sink.size, sha256, tuple(self._notify)
+            self._key,
+            self._name,
+            self._type,
+            self._sink.size,
+            sha256,
+            tuple(self._notify),
+            self._callback_url,
         )
 
     async def abort(self) -> None:

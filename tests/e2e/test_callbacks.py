@@ -94,6 +94,17 @@ def signed_callback(request: Received) -> dict[str, Any]:
     return body
 
 
+def posted_by_path(receiver: WebhookReceiver, count: int) -> dict[str, Received]:
+    """The receiver's requests by path, once at least `count` arrived."""
+
+    def arrived() -> dict[str, Received]:
+        requests = receiver.received
+        assert len(requests) >= count, requests
+        return {request.path: request for request in requests}
+
+    return eventually_sync(arrived, timeout=30)
+
+
 def test_the_final_status_is_posted_to_the_callback_url_once(
     services: tuple[ServiceProcess, ...], receiver: WebhookReceiver
 ) -> None:
@@ -128,12 +139,7 @@ def test_the_final_status_is_posted_to_the_callback_url_once(
         gateway_process, {"type": "dataset.submitted", "data": {"records": [{"price": 1}]}}
     )
 
-    def both_posted() -> dict[str, Received]:
-        requests = receiver.received
-        assert len(requests) >= 2, requests
-        return {request.path: request for request in requests}
-
-    by_path = eventually_sync(both_posted, timeout=30)
+    by_path = posted_by_path(receiver, 2)
     assert set(by_path) == {"/callbacks/dataset", "/callbacks/doomed"}
 
     succeeded = signed_callback(by_path["/callbacks/dataset"])
@@ -168,6 +174,41 @@ def test_the_final_status_is_posted_to_the_callback_url_once(
         "/callbacks/dataset",
         "/callbacks/doomed",
     ]
+
+
+def upload(gateway_process: ServiceProcess, content: bytes, callback_url: str) -> str:
+    response = httpx.post(
+        f"{base_url(gateway_process)}/v1/files",
+        files={"file": ("prices.csv", content, "text/csv")},
+        data={"callback_url": callback_url},
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    file_id: str = response.json()["id"]
+    return file_id
+
+
+def test_an_uploads_analysis_outcome_is_posted_to_its_callback_url(
+    services: tuple[ServiceProcess, ...], receiver: WebhookReceiver
+) -> None:
+    gateway_process = services[0]
+    analysed = upload(gateway_process, b"sku,price\na,10\n", receiver.url("/files/good"))
+    broken = upload(gateway_process, b"a,b\n1,\xff\xfe\n", receiver.url("/files/broken"))
+
+    by_path = posted_by_path(receiver, 2)
+    assert set(by_path) == {"/files/good", "/files/broken"}
+
+    good = signed_callback(by_path["/files/good"])["data"]
+    assert (good["event_id"], good["event_type"], good["outcome"]) == (
+        analysed,
+        "file.uploaded",
+        "succeeded",
+    )
+    dead = signed_callback(by_path["/files/broken"])["data"]
+    assert (dead["event_id"], dead["outcome"]) == (broken, "dead_lettered")
+    processor = dead["services"]["processor"]
+    assert (processor["state"], processor["reason"]) == ("dead_lettered", "permanent")
+    assert "not valid UTF-8 on line 2" in processor["detail"]
 
 
 def test_a_replayed_dead_letter_that_succeeds_posts_a_second_callback(

@@ -501,6 +501,26 @@ async def test_an_upload_the_store_cannot_record_is_a_503_that_leaves_nothing(
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
+async def test_an_upload_whose_callback_url_cannot_be_stored_is_a_503_that_leaves_nothing(
+    client: httpx.AsyncClient, tmp_path: Path, blob_dir: Path, namespace: Namespace
+) -> None:
+    # Noted before the file is recorded: a recorded file is announced by the sweep, and it
+    # would go without the URL the client was not told was lost.
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:
+        store.execute("ALTER TABLE status_events RENAME TO status_events_away")
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("p.csv", CSV, "text/csv")},
+        data={"callback_url": "https://shop.example/hooks/files"},
+    )
+    assert response.status_code == 503, response.text
+    assert "store the callback URL" in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as store:
+        assert store.execute("SELECT count(*) FROM files").fetchone() == (0,)
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
 async def test_a_store_failure_is_a_503_even_when_the_copy_cannot_be_deleted_either(
     undeletable: httpx.AsyncClient,
     tmp_path: Path,
@@ -623,6 +643,68 @@ async def test_a_bad_notify_target_is_a_422_that_stores_and_publishes_nothing(
     assert response.status_code == 422, response.text
     assert says in response.json()["detail"]
     assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_callback_url_travels_with_the_file(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("prices.csv", CSV, "text/csv")},
+        data={"callback_url": "https://shop.example/hooks/files"},
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded)
+    assert event.callbackurl == "https://shop.example/hooks/files"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ([("callback_url", "ftp://shop.example/hook")], "must be http or https, not 'ftp'"),
+        ([("callbackurl", "https://user:pw@shop.example/")], "must not carry credentials"),
+        ([("callback_url", "https://shop.example/" + "a" * 2048)], "at most 2048 characters"),
+        (
+            [("callback_url", "https://a.example/"), ("callback_url", "https://b.example/")],
+            "one callback_url per upload",
+        ),
+    ],
+    ids=["not-http", "credentials", "too-long", "twice"],
+)
+async def test_a_bad_callback_url_is_a_422_that_stores_and_publishes_nothing(
+    client: httpx.AsyncClient,
+    namespace: Namespace,
+    blob_dir: Path,
+    fields: list[tuple[str, str]],
+    says: str,
+) -> None:
+    body = form(("file", ("prices.csv", CSV, "text/csv")), *fields)
+    response = await client.post("/v1/files", content=body, headers=MULTIPART)
+    assert response.status_code == 422, response.text
+    assert says in response.json()["detail"]
+    assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_keyed_repeat_with_another_callback_url_is_a_conflict(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    def upload(url: str) -> Awaitable[httpx.Response]:
+        return client.post(
+            "/v1/files",
+            files={"file": ("prices.csv", CSV, "text/csv")},
+            data={"callback_url": url},
+            headers={"Idempotency-Key": "upload-with-callback"},
+        )
+
+    first = await upload("https://shop.example/hooks/a")
+    assert first.status_code == 202, first.text
+    assert (await upload("https://shop.example/hooks/a")).json() == first.json()
+    assert (await upload("https://shop.example/hooks/b")).status_code == 409
+    await take(namespace.amqp_url, files_lane(namespace), 1)
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 

@@ -89,11 +89,11 @@ def test_targets_are_kept_once_and_bounded() -> None:
 
 
 def test_form_values_are_bounded_utf8() -> None:
-    assert decode_value("log:\u00e9quipe".encode()) == "log:\u00e9quipe"
-    with pytest.raises(IngestError, match="not valid UTF-8"):
-        decode_value(b"log:\xff")
-    with pytest.raises(IngestError, match="longer than"):
-        decode_value(b"x" * (MAX_VALUE_BYTES + 1))
+    assert decode_value("log:\u00e9quipe".encode(), "a target") == "log:\u00e9quipe"
+    with pytest.raises(IngestError, match="a target is not valid UTF-8"):
+        decode_value(b"log:\xff", "a target")
+    with pytest.raises(IngestError, match="a target is longer than"):
+        decode_value(b"x" * (MAX_VALUE_BYTES + 1), "a target")
 
 
 def test_notify_defaults_to_empty_and_is_left_out_of_the_wire_form_then() -> None:
