@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
 from contracts.topology import events_exchange
 from services.blobs import LocalBlobStore
+from services.gateway.body_rate import SWEEP_SECONDS as BODY_SWEEP_SECONDS
+from services.gateway.body_rate import BodyRate
 from services.gateway.broker import BrokerLink
 from services.gateway.callbacks import Callbacks
 from services.gateway.file_announcer import FileAnnouncer
@@ -194,6 +196,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             # As often as they fall due: a look-up in an index that is empty but for them.
             run_every(stack, announce_after.total_seconds(), "file-announce-sweep", announcer.sweep)
+            if settings.min_body_rate > 0:
+                run_every(stack, BODY_SWEEP_SECONDS, "slow-bodies", app.state.body_rate.sweep)
             freeze_start_up_heap(stack)
             yield
 
@@ -204,6 +208,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.body_rate = BodyRate(settings.min_body_rate, settings.body_rate_grace_seconds)
     for error in STORE_ERRORS:
         app.add_exception_handler(error, store_away)
     app.include_router(router)

@@ -17,6 +17,7 @@ from contracts.envelope import MAX_CALLBACK_URL, new_event_id
 from contracts.files import FileUploaded, FileUploadedData
 from contracts.notify import MAX_NOTIFY_TARGETS
 from services.blobs import BlobStore
+from services.gateway.body_rate import BodyRate
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
 from services.gateway.files import Files
@@ -29,6 +30,7 @@ from services.gateway.routes import (
     idempotency_key,
     note_callbacks,
     path_segment,
+    problem,
     publish_confirmed,
     replayed,
     settle_key,
@@ -112,6 +114,10 @@ _UPLOAD_BODY: dict[str, Any] = {
             "description": "The Idempotency-Key was used for another upload, or its upload is "
             "still in progress",
         },
+        408: {
+            "model": Problem,
+            "description": "The body arrived slower than COURIER_MIN_BODY_RATE",
+        },
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
         415: {
             "model": Problem,
@@ -150,9 +156,10 @@ async def upload_file(
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
     file_id = new_event_id()
+    body_rate: BodyRate = request.app.state.body_rate
     try:
         received = await receive_upload(
-            request.stream(),
+            body_rate.chunks(request.stream()),
             request.headers.get("content-type"),
             store=blobs,
             key=file_id,
@@ -160,7 +167,7 @@ async def upload_file(
             allowed_types=settings.upload_types,
         )
     except IngestError as exc:
-        raise HTTPException(exc.status, exc.detail) from exc
+        raise problem(exc) from exc
     upload = _Upload(received, correlation)
     gateway = _Gateway(broker, settings, tracking, files, blobs)
     if key is None:

@@ -21,6 +21,7 @@ from contracts.envelope import Envelope, is_event_id
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange, workers_of
 from contracts.tracking import CancellationRequested, CancellationRequestedData
+from services.gateway.body_rate import BodyRate
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import Broker, Settings, TrackingDep
 from services.gateway.idempotency import MAX_KEY_LENGTH, Claim, IdempotencyKeys, fingerprint
@@ -66,6 +67,7 @@ def _event_body_schema(ref: str) -> dict[str, Any]:
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "Malformed JSON, or a bad Idempotency-Key"},
+    408: {"model": Problem, "description": "The body arrived slower than COURIER_MIN_BODY_RATE"},
     413: {"model": Problem, "description": "Body or batch too large"},
     415: {"model": Problem, "description": "Unsupported content type"},
     409: {
@@ -140,8 +142,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise IngestError(413, f"body larger than {limit} bytes")
     body = bytearray()
+    body_rate: BodyRate = request.app.state.body_rate
     try:
-        async for chunk in request.stream():
+        async for chunk in body_rate.chunks(request.stream()):
             body += chunk
             if len(body) > limit:
                 raise IngestError(413, f"body larger than {limit} bytes")
@@ -151,8 +154,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _problem(exc: IngestError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
+def problem(exc: IngestError) -> HTTPException:
+    return HTTPException(exc.status, exc.detail, headers=exc.headers)
 
 
 async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope) -> None:
@@ -392,7 +395,7 @@ async def submit_event(request: Request) -> JSONResponse:
         body = await read_body(request, settings.max_body_bytes)
         event = parse_event(request.headers.get("content-type"), request.headers, body)
     except IngestError as exc:
-        raise _problem(exc) from exc
+        raise problem(exc) from exc
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         [one] = events
@@ -438,7 +441,7 @@ async def submit_batch(request: Request) -> JSONResponse:
             request.headers.get("content-type"), request.headers, body, settings.max_batch_events
         )
     except IngestError as exc:
-        raise _problem(exc) from exc
+        raise problem(exc) from exc
 
     async def publish(events: list[IngestEvent]) -> JSONResponse:
         await note_callbacks(tracking, events, settings)

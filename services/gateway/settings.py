@@ -31,6 +31,15 @@ class GatewaySettings(CourierSettings):
     max_batch_events: int = Field(
         default=1_000, ge=1, description="Most events in one batch request (413 beyond)."
     )
+    min_body_rate: float = Field(
+        default=240,
+        ge=0,
+        description="Bytes a second a request body must average once its grace period is "
+        "over (408 and the connection closed otherwise); 0 for no limit.",
+    )
+    body_rate_grace_seconds: float = Field(
+        default=5, gt=0, description="Seconds a request body has before its rate counts."
+    )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="`Retry-After` sent with a 503 when the broker is away."
     )

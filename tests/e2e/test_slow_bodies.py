@@ -1,0 +1,100 @@
+"""A real gateway process against clients that trickle their bodies over raw sockets: a body
+behind the minimum rate is answered 408 and its connection closed (an upload's partial copy
+removed); a slow body that keeps the rate is taken."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import Namespace
+from tests.support.processes import ServiceProcess, base_url, gateway
+
+pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+
+MIN_RATE = 1000  # bytes a second
+GRACE = 1.0  # seconds
+ANSWER_WITHIN = 10.0  # seconds: the grace, a sweep (1 s) and a loaded machine
+
+
+@pytest.fixture
+def gateway_process(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
+    env = namespace.env(
+        COURIER_MIN_BODY_RATE=str(MIN_RATE),
+        COURIER_BODY_RATE_GRACE_SECONDS=str(GRACE),
+        COURIER_BLOB_DIR=str(tmp_path / "blobs"),
+    )
+    process = gateway(env, tmp_path)
+    process.start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.kill()
+
+
+def connect(process: ServiceProcess) -> socket.socket:
+    url = urlsplit(base_url(process))
+    assert url.hostname is not None and url.port is not None
+    return socket.create_connection((url.hostname, url.port), timeout=ANSWER_WITHIN)
+
+
+def head(path: str, content_type: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def answer_then_closed(client: socket.socket) -> bytes:
+    """Everything the gateway sends until it closes the connection."""
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    return received
+
+
+def test_an_event_body_behind_the_rate_is_a_408_and_the_connection_is_closed(
+    gateway_process: ServiceProcess,
+) -> None:
+    with connect(gateway_process) as client:
+        client.sendall(head("/v1/events", "application/json", 500) + b'{"type": "dataset')
+        began = time.monotonic()
+        answer = answer_then_closed(client)  # closed: recv returned b"" before the timeout
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"slower than 1000 bytes a second" in answer
+    assert GRACE <= time.monotonic() - began < ANSWER_WITHIN
+
+
+def test_an_upload_behind_the_rate_is_a_408_that_keeps_no_copy(
+    gateway_process: ServiceProcess, tmp_path: Path
+) -> None:
+    boundary = "slow-boundary"
+    start = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\nsku,price\n"
+    ).encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    with connect(gateway_process) as client:
+        client.sendall(head("/v1/files", content_type, 1_000_000) + start)
+        answer = answer_then_closed(client)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    blobs = tmp_path / "blobs"
+    assert not blobs.exists() or [p for p in blobs.rglob("*") if p.is_file()] == []
+
+
+def test_a_slow_body_that_keeps_the_rate_is_taken(gateway_process: ServiceProcess) -> None:
+    records = ", ".join(f'{{"sku": "item-{n}", "price": {n}}}' for n in range(100))
+    body = f'{{"type": "dataset.submitted", "data": {{"records": [{records}]}}}}'.encode()
+    with connect(gateway_process) as client:
+        client.sendall(head("/v1/events", "application/json", len(body)))
+        for at in range(0, len(body), 300):  # ~3 KB over ~2 s: 1.5 KB a second, past the grace
+            client.sendall(body[at : at + 300])
+            time.sleep(0.2)
+        answer = client.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 202"), answer
