@@ -36,13 +36,14 @@ from contracts.events import (
 )
 from contracts.topology import WORKERS, control_queue, dead_letter_queue, work_queue
 from contracts.tracking import (
+    MAX_TRANSITIONS,
     CancellationRequested,
     State,
     StatusReported,
     StatusReportedData,
     Transition,
 )
-from services.gateway.tracking import Tracking, metadata, states_of
+from services.gateway.tracking import SEQ_LOOKUP_CHUNK, Tracking, metadata, states_of
 from services.gateway.tracking import _write as write_status
 from services.gateway.tracking_migrations import (
     legacy_events,
@@ -383,6 +384,20 @@ async def test_one_report_of_several_transitions_leaves_the_newest_with_all_in_h
         "processing",
         "succeeded",
     ]
+
+
+async def test_a_report_about_more_events_than_one_look_up_takes_is_applied_in_full(
+    tracking: Tracking,
+) -> None:
+    # Event numbers are looked up in chunks of SEQ_LOOKUP_CHUNK ids; a report holds up to
+    # MAX_TRANSITIONS, each of another event (accepted or not).
+    at = datetime.now(UTC)
+    ids = [f"many-{n:04d}" for n in range(MAX_TRANSITIONS)]
+    for event_id in ids[::2]:
+        tracking.accepted(notification().model_copy(update={"id": event_id}))
+    await tracking.apply([step(event_id, "notifier", "succeeded", at) for event_id in ids])
+    for event_id in (ids[0], ids[SEQ_LOOKUP_CHUNK - 1], ids[SEQ_LOOKUP_CHUNK], ids[-1]):
+        assert states_of(await status_of(tracking, event_id)) == {"notifier": "succeeded"}
 
 
 async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking) -> None:
