@@ -104,6 +104,9 @@ def _projection_consumer(
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    body_rate = BodyRate(
+        settings.min_body_rate, settings.body_rate_grace_seconds, settings.body_idle_timeout_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -196,8 +199,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             # As often as they fall due: a look-up in an index that is empty but for them.
             run_every(stack, announce_after.total_seconds(), "file-announce-sweep", announcer.sweep)
-            if settings.min_body_rate > 0:
-                run_every(stack, BODY_SWEEP_SECONDS, "slow-bodies", app.state.body_rate.sweep)
+            if body_rate.enforced:
+                run_every(stack, BODY_SWEEP_SECONDS, "slow-bodies", body_rate.sweep)
             freeze_start_up_heap(stack)
             yield
 
@@ -208,7 +211,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.body_rate = BodyRate(settings.min_body_rate, settings.body_rate_grace_seconds)
+    app.body_rate = body_rate
     for error in STORE_ERRORS:
         app.add_exception_handler(error, store_away)
     app.include_router(router)

@@ -17,7 +17,6 @@ from contracts.envelope import MAX_CALLBACK_URL, new_event_id
 from contracts.files import FileUploaded, FileUploadedData
 from contracts.notify import MAX_NOTIFY_TARGETS
 from services.blobs import BlobStore
-from services.gateway.body_rate import BodyRate
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import BlobsDep, Broker, FilesDep, Settings, TrackingDep
 from services.gateway.files import Files
@@ -156,10 +155,9 @@ async def upload_file(
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
     file_id = new_event_id()
-    body_rate: BodyRate = request.app.state.body_rate
     try:
         received = await receive_upload(
-            body_rate.chunks(request.stream()),
+            request.stream(),
             request.headers.get("content-type"),
             store=blobs,
             key=file_id,

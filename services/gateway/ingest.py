@@ -40,11 +40,10 @@ def _batch_adapter(max_events: int) -> TypeAdapter[list[IngestEvent]]:
 
 
 class IngestError(Exception):
-    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, detail: Any) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        self.headers = headers
 
 
 def media_type(content_type: str | None) -> str:

@@ -21,7 +21,6 @@ from contracts.envelope import Envelope, is_event_id
 from contracts.events import IngestEvent
 from contracts.topology import events_exchange, workers_of
 from contracts.tracking import CancellationRequested, CancellationRequestedData
-from services.gateway.body_rate import BodyRate
 from services.gateway.broker import BrokerLink
 from services.gateway.deps import Broker, Settings, TrackingDep
 from services.gateway.idempotency import MAX_KEY_LENGTH, Claim, IdempotencyKeys, fingerprint
@@ -142,9 +141,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise IngestError(413, f"body larger than {limit} bytes")
     body = bytearray()
-    body_rate: BodyRate = request.app.state.body_rate
     try:
-        async for chunk in body_rate.chunks(request.stream()):
+        async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise IngestError(413, f"body larger than {limit} bytes")
@@ -155,7 +153,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def problem(exc: IngestError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail, headers=exc.headers)
+    return HTTPException(exc.status, exc.detail)
 
 
 async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope) -> None:

@@ -40,6 +40,12 @@ class GatewaySettings(CourierSettings):
     body_rate_grace_seconds: float = Field(
         default=5, gt=0, description="Seconds a request body has before its rate counts."
     )
+    body_idle_timeout_seconds: float = Field(
+        default=60,
+        ge=0,
+        description="Longest pause within a request body (408 and the connection closed "
+        "beyond); 0 for no limit.",
+    )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="`Retry-After` sent with a 503 when the broker is away."
     )

@@ -10,6 +10,9 @@ prefix): they are ordinary routes, in the OpenAPI document like every other.
 
 An app given middleware of its own takes the full path for every request: no middleware is
 ever skipped. HTTP errors are answered by the app's own `HTTPException` handler.
+
+Every HTTP request, on either path, has its body watched by `body_rate` when the app has one
+(`services.gateway.body_rate`: slow bodies are answered `408`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from services.gateway.body_rate import BodyRate
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -31,12 +36,15 @@ class Gateway(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._short_paths: dict[str, Endpoint] = {}
+        self.body_rate: BodyRate | None = None
 
     def short_path(self, path: str, endpoint: Endpoint) -> None:
         """Serve `POST path` by calling `endpoint` directly (it must be a route as well)."""
         self._short_paths[path] = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.body_rate is not None:
+            receive, send = self.body_rate.exchange(scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "POST" and not self.user_middleware:
             endpoint = self._short_paths.get(scope["path"])
             if endpoint is not None:
