@@ -20,6 +20,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from contracts.envelope import MAX_ID_BYTES, EventId
 from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent
+from services.messaging.errors import PermanentError
+from services.notifier.targets import check_url
 
 STRUCTURED: Final = "application/cloudevents+json"
 BATCH: Final = "application/cloudevents-batch+json"
@@ -123,6 +125,21 @@ def _addressable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
         raise IngestError(422, [{"loc": list(loc), "msg": why, "type": "value_error"}])
 
 
+def _deliverable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
+    """Refuse a callback URL the notifier would refuse for good (its own syntactic check, as
+    for an upload's targets): a port 0, a host no DNS name spells. It would be taken, then its
+    callback dead-lettered."""
+    if event.callbackurl is None:
+        return
+    try:
+        check_url(event.callbackurl)
+    except PermanentError as exc:
+        why = str(exc).replace("the webhook URL", "the callback URL")
+        raise IngestError(
+            422, [{"loc": [*loc, "callbackurl"], "msg": why, "type": "value_error"}]
+        ) from None
+
+
 def parse_event(content_type: str | None, headers: Mapping[str, str], body: bytes) -> IngestEvent:
     kind = media_type(content_type)
     if kind not in SINGLE_TYPES:
@@ -134,6 +151,7 @@ def parse_event(content_type: str | None, headers: Mapping[str, str], body: byte
     except ValidationError as exc:
         raise _invalid(exc) from exc
     _addressable(event, ("id",))
+    _deliverable(event, ())
     return _with_correlation(event, headers.get("x-correlation-id"))
 
 
@@ -151,5 +169,6 @@ def parse_batch(
         raise _invalid(exc) from exc
     for at, event in enumerate(events):
         _addressable(event, (at, "id"))
+        _deliverable(event, (at,))
     correlation = headers.get("x-correlation-id")
     return [_with_correlation(event, correlation) for event in events]

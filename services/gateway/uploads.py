@@ -33,6 +33,8 @@ from contracts.notify import NotifyTarget
 from services.blobs import BlobStore, BlobUpload
 from services.gateway.ingest import IngestError
 from services.gateway.notify_targets import MAX_VALUE_BYTES, NOTIFY_FIELD, add_target, decode_value
+from services.messaging.errors import PermanentError
+from services.notifier.targets import check_url
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -79,10 +81,15 @@ def parse_callback_url(raw: bytes) -> str:
     if problem := http_url_problem(url):
         raise IngestError(422, f"the callback_url {problem}")
     try:
-        return _CALLBACK_URL.validate_python(url)
+        _CALLBACK_URL.validate_python(url)
+        check_url(url)  # what the notifier would refuse for good (as `_deliverable` at ingest)
     except ValidationError as exc:
         problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise IngestError(422, f"the callback_url: {problem}") from None
+    except PermanentError as exc:
+        problem = str(exc).removeprefix("the webhook URL")
+        raise IngestError(422, f"the callback_url{problem}") from None
+    return url
 
 
 def media_type_allowed(media: str, allowed: Sequence[str]) -> bool:

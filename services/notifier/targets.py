@@ -53,6 +53,10 @@ def check_url(url: str) -> httpx.URL:
         raise TargetRefused(f"the webhook URL is not a valid http(s) URL: {url[:100]!r}")
     if parsed.port == 0:
         raise TargetRefused("the webhook URL has port 0, which nothing listens on")
+    host = parsed.raw_host.decode("ascii", errors="replace").lower()
+    if parse_address(host) is None and not _HOSTNAME.match(host.rstrip(".")):
+        # A label over 63 characters, say: the resolver raises for it on every try.
+        raise TargetRefused(f"the webhook URL's host is not a valid DNS name: {host[:100]!r}")
     return parsed
 
 

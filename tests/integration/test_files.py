@@ -667,12 +667,14 @@ async def test_a_callback_url_travels_with_the_file(
         ([("callback_url", "ftp://shop.example/hook")], "must be http or https, not 'ftp'"),
         ([("callbackurl", "https://user:pw@shop.example/")], "must not carry credentials"),
         ([("callback_url", "https://shop.example/" + "a" * 2048)], "at most 2048 characters"),
+        ([("callback_url", "https://shop.example:0/hook")], "has port 0"),
+        ([("callback_url", "https://" + "a" * 64 + ".example/")], "not a valid DNS name"),
         (
             [("callback_url", "https://a.example/"), ("callback_url", "https://b.example/")],
             "one callback_url per upload",
         ),
     ],
-    ids=["not-http", "credentials", "too-long", "twice"],
+    ids=["not-http", "credentials", "too-long", "port-0", "no-dns-name", "twice"],
 )
 async def test_a_bad_callback_url_is_a_422_that_stores_and_publishes_nothing(
     client: httpx.AsyncClient,

@@ -233,6 +233,7 @@ async def test_a_request_that_stopped_reading_is_forgotten_by_the_next_sweep() -
     rate, client = BodyRate(RATE, GRACE, IDLE), Client()
     receive = watched(rate, client)
     client.send_chunk(b"x")
+
     async def one_chunk() -> None:
         await receive()  # then the request ends (a 413, say), the body left unread
 

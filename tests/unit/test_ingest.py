@@ -232,6 +232,28 @@ def test_an_unusable_callback_url_is_refused_with_422(url: object) -> None:
     assert error.detail[0]["loc"][-1] in {"callbackurl", "callback_url"}, error.detail
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://shop.example:0/hook", "port 0"),
+        ("https://" + "a" * 64 + ".example/hook", "not a valid DNS name"),
+        ("https://a\u0085b.example/hook", "Invalid IDNA hostname"),
+    ],
+)
+def test_a_callback_url_the_notifier_would_refuse_is_a_422_not_a_dead_letter(
+    url: str, says: str
+) -> None:
+    # They were taken (202), then their callbacks dead-lettered or retried through every tier.
+    error = error_of(lambda: parse_event("application/json", {}, with_callback("callbackurl", url)))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["callbackurl"] and says in problem["msg"]
+    assert problem["msg"].startswith("the callback URL")
+    batch = orjson.dumps([NOTE, orjson.loads(with_callback("callbackurl", url))])
+    error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
+    assert error.status == 422 and error.detail[0]["loc"] == [1, "callbackurl"]
+
+
 @pytest.mark.parametrize("event_id", [".", ".."])
 def test_an_id_its_status_url_could_not_name_is_refused_with_422(event_id: str) -> None:
     # `/v1/events/..` is `/v1/`, and browsers resolve `%2E%2E` as a dot segment too.

@@ -59,6 +59,9 @@ def test_a_target_is_a_channel_and_a_recipient(raw: str, channel: str, recipient
         ("webhook:http://a b/", "must not contain spaces"),
         ("webhook:https://ex ample.com/", "must not contain spaces"),
         ("webhook:http://example.com:0/", "port 0"),
+        # A label over 63 characters: the resolver raised on every try, retried as transient.
+        ("webhook:http://" + "a" * 64 + ".example/", "not a valid DNS name"),
+        ("webhook:http://a\u200bb.example/", "Invalid IDNA hostname"),
         ("email:not an address", "is not a valid recipient address"),
         ("email:Ops <ops@example.com>", "is not a valid recipient address"),
         ("email:ops@example.com\r\nBcc: x@example.com", "line break"),
