@@ -24,27 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any, Final
 
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 SWEEP_SECONDS: Final = 1.0
-
-
-@dataclass(slots=True, eq=False)  # kept in a set, by identity
-class _Reading:
-    task: asyncio.Task[Any]
-    started: float
-    last: float
-    """When the last bytes came (the start, before any)."""
-    received: int = 0
-    waiting: bool = False
-    """Suspended in `receive`: where a cancellation lands."""
-    suspect: bool = False
-    """The previous sweep found it behind."""
-    too_slow: bool = False
 
 
 class BodyRate:
@@ -54,19 +39,17 @@ class BodyRate:
         self.grace = grace
         self.idle = idle
         """Seconds a body may pause between chunks; 0 for no limit."""
-        self._reading: set[_Reading] = set()
+        self.enforced = min_rate > 0 or idle > 0
+        self._reading: set[_Exchange] = set()
+        """The requests whose body is being read."""
         self._swept_at: float | None = None
-
-    @property
-    def enforced(self) -> bool:
-        return self.min_rate > 0 or self.idle > 0
 
     def exchange(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
         """`receive` and `send` of one HTTP request, watched."""
         exchange = _Exchange(self, receive, send, _declares_body(scope))
         return exchange.receive, exchange.send
 
-    def _behind(self, reading: _Reading, now: float) -> bool:
+    def _behind(self, reading: _Exchange, now: float) -> bool:
         elapsed = now - reading.started
         slow = self.min_rate > 0 and elapsed > self.grace
         return (slow and reading.received < self.min_rate * elapsed) or (
@@ -80,7 +63,7 @@ class BodyRate:
         self._swept_at = now
         ended = 0
         for reading in list(self._reading):
-            if reading.task.done():  # its request ended without finishing the body
+            if reading.task is None or reading.task.done():  # ended without its whole body
                 self._reading.discard(reading)
             elif not (reading.waiting and self._behind(reading, now)) or reading.too_slow:
                 reading.suspect = False
@@ -94,19 +77,6 @@ class BodyRate:
 
     async def sweep(self) -> None:
         self.end_slow(time.monotonic())
-
-    def _watch(self) -> _Reading | None:
-        task = asyncio.current_task()
-        if task is None or not self.enforced:
-            return None
-        now = time.monotonic()
-        reading = _Reading(task, now, now)
-        self._reading.add(reading)
-        return reading
-
-    def _forget(self, reading: _Reading | None) -> None:
-        if reading is not None:
-            self._reading.discard(reading)
 
     def _too_slow(self) -> HTTPException:
         limits = [f"{self.min_rate:g} bytes a second"] if self.min_rate > 0 else []
@@ -124,51 +94,62 @@ def _declares_body(scope: Scope) -> bool:
 
 
 class _Exchange:
-    __slots__ = ("_rate", "_reading", "_receive", "_send", "_unread")
+    """One request's `receive` and `send`, and how the reading of its body goes (its own
+    fields rather than another object: this runs for every request on the ingest path)."""
+
+    __slots__ = (
+        "_rate", "_receive", "_send", "last", "received", "started", "suspect", "task",
+        "too_slow", "unread", "waiting",
+    )  # fmt: skip
 
     def __init__(self, rate: BodyRate, receive: Receive, send: Send, unread: bool) -> None:
         self._rate = rate
         self._receive = receive
         self._send = send
-        self._unread = unread
+        self.unread = unread
         """The request has a body not read to its end."""
-        self._reading: _Reading | None = None
+        self.task: asyncio.Task[Any] | None = None
+        """The request's task, once it reads a watched body."""
+        self.started = self.last = 0.0
+        """When the reading began, and when the last bytes came (the start, before any)."""
+        self.received = 0
+        self.waiting = False
+        """Suspended in `receive`: where a cancellation lands."""
+        self.suspect = False
+        """The previous sweep found it behind."""
+        self.too_slow = False
 
     async def receive(self) -> Message:
-        if not self._unread:
+        if not self.unread:
             return await self._receive()  # no body, or all of it read: a wait for disconnect
-        reading = self._reading or self._rate._watch()
-        if reading is None:
-            message = await self._receive()
-        else:
-            self._reading = reading
-            message = await self._wait(reading)
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self._unread = False  # the last chunk, or the client gone
-            self._rate._forget(reading)
-        return message
-
-    async def _wait(self, reading: _Reading) -> Message:
-        reading.waiting = True
+        rate = self._rate
+        if self.task is None and rate.enforced:
+            self.task = asyncio.current_task()
+            self.started = self.last = time.monotonic()
+            rate._reading.add(self)
+        self.waiting = True
         try:
             message = await self._receive()
         except asyncio.CancelledError:
             # The sweep's, unless the task was cancelled besides (shutdown): either way it
             # lands on this wait, even when a chunk had arrived by then (the task throws it in
             # instead of resuming).
-            if reading.too_slow and reading.task.uncancel() == 0:
-                self._rate._forget(reading)
-                raise self._rate._too_slow() from None  # answered, then closed (`send`)
+            if self.too_slow and self.task is not None and self.task.uncancel() == 0:
+                rate._reading.discard(self)
+                raise rate._too_slow() from None  # answered, then closed (`send`)
             raise
         finally:
-            reading.waiting = False
-        if chunk := message.get("body"):
-            reading.received += len(chunk)
-            reading.last = time.monotonic()
+            self.waiting = False
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.unread = False  # the last chunk, or the client gone
+            rate._reading.discard(self)
+        elif chunk := message.get("body"):
+            self.received += len(chunk)
+            self.last = time.monotonic()
         return message
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and self._unread:
+        if message["type"] == "http.response.start" and self.unread:
             # Answered before the body was read: close the connection after the answer,
             # or uvicorn reads and drops the rest for as long as the client sends it.
             headers = [*message.get("headers", ()), (b"connection", b"close")]
