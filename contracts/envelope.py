@@ -168,7 +168,8 @@ class Envelope(BaseModel):
 
 
 class IngestEnvelope(Envelope):
-    """The envelope of events a client submits: it may ask for the final status to be posted.
+    """The envelope of events a client submits, or the gateway builds from a client's request
+    (`file.uploaded`): it may ask for the final status to be posted.
 
     `callbackurl` is a CloudEvents extension attribute (their names allow no underscore); JSON
     bodies may spell it `callback_url` too. It is serialised as `callbackurl`.

@@ -6,10 +6,12 @@ byte every few seconds holds a connection (and, uploading, a blob being written)
 it likes, and a few thousand such clients take every file descriptor the gateway has. So, as
 Kestrel's `MinRequestBodyDataRate` and nginx's `client_body_timeout` do, a body must average
 at least `min_rate` bytes a second once its grace period is over, and may not pause longer than
-`idle` seconds; one that falls behind is ended with `408` and its connection closed. A request
-answered before its body was read (a `404`, a refusal on the declared length) is closed after
-the answer too: uvicorn would otherwise keep reading and dropping what the client sends, and
-every byte restarts its keep-alive timer.
+`idle` seconds; one that falls behind is ended with `408` and its connection closed. Only the
+time the request waits for its body counts (as Kestrel's): while it works on a chunk (writes a
+block to storage) the client cannot send, since uvicorn stops reading a request that does not.
+A request answered before its body was read (a `404`, a refusal on the declared length) is
+closed after the answer too: uvicorn would otherwise keep reading and dropping what the client
+sends, and every byte restarts its keep-alive timer.
 
 Enforced on the ASGI `receive` of every request, so every route is covered, including those
 whose body FastAPI reads before any check of the caller. A sweep once a second checks every body
@@ -49,12 +51,15 @@ class BodyRate:
         exchange = _Exchange(self, receive, send, _declares_body(scope))
         return exchange.receive, exchange.send
 
-    def _behind(self, reading: _Exchange, now: float) -> bool:
-        elapsed = now - reading.started
-        slow = self.min_rate > 0 and elapsed > self.grace
-        return (slow and reading.received < self.min_rate * elapsed) or (
-            self.idle > 0 and now - reading.last > self.idle
-        )
+    def _behind(self, reading: _Exchange, now: float) -> str | None:
+        """Why a body being waited for is behind at `now`, if it is."""
+        pause = now - reading.wait_began
+        waited = reading.waited + pause  # the time spent waiting for the body, all told
+        if self.min_rate > 0 and waited > self.grace and reading.received < self.min_rate * waited:
+            return f"slower than {self.min_rate:g} bytes a second"
+        if self.idle > 0 and pause > self.idle:
+            return f"paused over {self.idle:g} s"
+        return None
 
     def end_slow(self, now: float) -> int:
         """End the bodies behind at this sweep and the last (`now`: a `time.monotonic()`);
@@ -63,25 +68,21 @@ class BodyRate:
         self._swept_at = now
         ended = 0
         for reading in list(self._reading):
+            why = self._behind(reading, now) if reading.waiting else None
             if reading.task is None or reading.task.done():  # ended without its whole body
                 self._reading.discard(reading)
-            elif not (reading.waiting and self._behind(reading, now)) or reading.too_slow:
+            elif why is None or reading.too_slow is not None:
                 reading.suspect = False
             elif not (reading.suspect and on_time):
                 reading.suspect = True  # the loop may not have read what arrived yet
             else:
-                reading.too_slow = True
+                reading.too_slow = why
                 reading.task.cancel()
                 ended += 1
         return ended
 
     async def sweep(self) -> None:
         self.end_slow(time.monotonic())
-
-    def _too_slow(self) -> HTTPException:
-        limits = [f"{self.min_rate:g} bytes a second"] if self.min_rate > 0 else []
-        limits += [f"no pause over {self.idle:g} s"] if self.idle > 0 else []
-        return HTTPException(408, f"the body arrived too slowly (at least {', '.join(limits)})")
 
 
 def _declares_body(scope: Scope) -> bool:
@@ -98,8 +99,8 @@ class _Exchange:
     fields rather than another object: this runs for every request on the ingest path)."""
 
     __slots__ = (
-        "_rate", "_receive", "_send", "last", "received", "started", "suspect", "task",
-        "too_slow", "unread", "waiting",
+        "_rate", "_receive", "_send", "answered", "received", "suspect", "task", "too_slow",
+        "unread", "wait_began", "waited", "waiting", "watched",
     )  # fmt: skip
 
     def __init__(self, rate: BodyRate, receive: Receive, send: Send, unread: bool) -> None:
@@ -108,25 +109,40 @@ class _Exchange:
         self._send = send
         self.unread = unread
         """The request has a body not read to its end."""
+        self.answered = False
+        """The response has started: a read now (a wait for the client's disconnect while a
+        response streams) is no longer the request's body being read."""
+        self.watched = False
         self.task: asyncio.Task[Any] | None = None
-        """The request's task, once it reads a watched body."""
-        self.started = self.last = 0.0
-        """When the reading began, and when the last bytes came (the start, before any)."""
+        """The task of the latest wait for the body: the one a cancellation must land in."""
         self.received = 0
+        self.waited = 0.0
+        """Seconds spent waiting for the body, before the current wait."""
+        self.wait_began = 0.0
         self.waiting = False
         """Suspended in `receive`: where a cancellation lands."""
         self.suspect = False
         """The previous sweep found it behind."""
-        self.too_slow = False
+        self.too_slow: str | None = None
+        """Why the sweep ended it."""
 
     async def receive(self) -> Message:
-        if not self.unread:
-            return await self._receive()  # no body, or all of it read: a wait for disconnect
         rate = self._rate
-        if self.task is None and rate.enforced:
-            self.task = asyncio.current_task()
-            self.started = self.last = time.monotonic()
+        if not self.unread or self.answered or not rate.enforced:
+            message = await self._receive()  # nothing to watch: a wait for disconnect, say
+        else:
+            message = await self._wait(rate)
+        if self.unread and (message["type"] != "http.request" or not message.get("more_body")):
+            self.unread = False  # the last chunk, or the client gone
+            rate._reading.discard(self)
+        return message
+
+    async def _wait(self, rate: BodyRate) -> Message:
+        if not self.watched:
+            self.watched = True
             rate._reading.add(self)
+        self.task = asyncio.current_task()
+        self.wait_began = time.monotonic()
         self.waiting = True
         try:
             message = await self._receive()
@@ -136,22 +152,22 @@ class _Exchange:
             # instead of resuming).
             if self.too_slow and self.task is not None and self.task.uncancel() == 0:
                 rate._reading.discard(self)
-                raise rate._too_slow() from None  # answered, then closed (`send`)
+                # Answered, then closed (`send`: the body was not read).
+                raise HTTPException(408, f"the body arrived too slowly: {self.too_slow}") from None
             raise
         finally:
             self.waiting = False
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self.unread = False  # the last chunk, or the client gone
-            rate._reading.discard(self)
-        elif chunk := message.get("body"):
-            self.received += len(chunk)
-            self.last = time.monotonic()
+        self.waited += time.monotonic() - self.wait_began
+        self.received += len(message.get("body", b""))
         return message
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and self.unread:
-            # Answered before the body was read: close the connection after the answer,
-            # or uvicorn reads and drops the rest for as long as the client sends it.
-            headers = [*message.get("headers", ()), (b"connection", b"close")]
-            message = {**message, "headers": headers}
+        if message["type"] == "http.response.start":
+            self.answered = True
+            self._rate._reading.discard(self)
+            if self.unread:
+                # Answered before the body was read: close the connection after the answer,
+                # or uvicorn reads and drops the rest for as long as the client sends it.
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
         await self._send(message)

@@ -115,7 +115,8 @@ _UPLOAD_BODY: dict[str, Any] = {
         },
         408: {
             "model": Problem,
-            "description": "The body arrived slower than COURIER_MIN_BODY_RATE",
+            "description": "The body arrived too slowly (COURIER_MIN_BODY_RATE, "
+            "COURIER_BODY_IDLE_TIMEOUT_SECONDS)",
         },
         413: {"model": Problem, "description": "File larger than COURIER_MAX_UPLOAD_BYTES"},
         415: {
@@ -147,7 +148,7 @@ async def upload_file(
     try:
         correlation = correlation_header(request.headers.get("x-correlation-id"))
     except IngestError as exc:  # refused before a byte of the file is taken
-        raise HTTPException(exc.status, exc.detail) from exc
+        raise problem(exc) from exc
     if not broker.ready:  # say so before taking a large body that could not be announced
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,

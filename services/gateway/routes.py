@@ -66,7 +66,11 @@ def _event_body_schema(ref: str) -> dict[str, Any]:
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "Malformed JSON, or a bad Idempotency-Key"},
-    408: {"model": Problem, "description": "The body arrived slower than COURIER_MIN_BODY_RATE"},
+    408: {
+        "model": Problem,
+        "description": "The body arrived too slowly (COURIER_MIN_BODY_RATE, "
+        "COURIER_BODY_IDLE_TIMEOUT_SECONDS)",
+    },
     413: {"model": Problem, "description": "Body or batch too large"},
     415: {"model": Problem, "description": "Unsupported content type"},
     409: {

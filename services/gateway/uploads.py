@@ -75,9 +75,12 @@ class ReceivedFile:
 _CALLBACK_URL: Final[TypeAdapter[str]] = TypeAdapter(CallbackUrl)
 
 
-def parse_callback_url(raw: bytes) -> str:
-    """A `callback_url` form value, checked as an event's (`IngestError(422)` saying why)."""
+def parse_callback_url(raw: bytes) -> str | None:
+    """A `callback_url` form value, checked as an event's (`IngestError(422)` saying why); None
+    for an empty one, which an HTML form sends for an input left blank."""
     url = decode_value(raw, "the callback_url").strip()
+    if not url:
+        return None
     if problem := http_url_problem(url):
         raise IngestError(422, f"the callback_url {problem}")
     try:
@@ -313,9 +316,12 @@ class _Receiver:
         self._part.value += data[: max(room, 0)]
 
     def _take_callback_url(self, raw: bytes) -> None:
+        url = parse_callback_url(raw)
+        if url is None:
+            return
         if self._callback_url is not None:
             raise IngestError(422, "one callback_url per upload")
-        self._callback_url = parse_callback_url(raw)
+        self._callback_url = url
 
     async def _start_part(self) -> None:
         disposition, params = parse_options_header(self._part.headers.get(b"content-disposition"))

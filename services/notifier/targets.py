@@ -53,11 +53,21 @@ def check_url(url: str) -> httpx.URL:
         raise TargetRefused(f"the webhook URL is not a valid http(s) URL: {url[:100]!r}")
     if parsed.port == 0:
         raise TargetRefused("the webhook URL has port 0, which nothing listens on")
-    host = parsed.raw_host.decode("ascii", errors="replace").lower()
-    if parse_address(host) is None and not _HOSTNAME.match(host.rstrip(".")):
-        # A label over 63 characters, say: the resolver raises for it on every try.
+    host = parsed.raw_host.decode("ascii", errors="replace")
+    if parse_address(host) is None and not _resolvable_name(host):
         raise TargetRefused(f"the webhook URL's host is not a valid DNS name: {host[:100]!r}")
     return parsed
+
+
+def _resolvable_name(host: str) -> bool:
+    """Whether the resolver can take `host` at all: an empty label (`a..b`, `a.com..`), one over
+    63 characters or a name over 253 fails on every try, as `UnicodeError` (retried as a
+    transient failure, through every delay tier). Anything else is the resolver's to answer."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return len(host.removesuffix(".")) <= 253
 
 
 def dns_host(host: str | bytes) -> str:

@@ -661,6 +661,21 @@ async def test_a_callback_url_travels_with_the_file(
     assert event.callbackurl == "https://shop.example/hooks/files"
 
 
+async def test_a_blank_callback_url_is_no_callback_url(
+    client: httpx.AsyncClient, namespace: Namespace
+) -> None:
+    # An HTML form sends an input left blank as an empty field.
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("prices.csv", CSV, "text/csv")},
+        data={"callback_url": " "},
+    )
+    assert response.status_code == 202, response.text
+    [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
+    event = EVENT_ADAPTER.validate_json(message.body)
+    assert isinstance(event, FileUploaded) and event.callbackurl is None
+
+
 @pytest.mark.parametrize(
     ("fields", "says"),
     [

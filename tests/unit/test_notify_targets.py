@@ -35,6 +35,17 @@ UPLOADED: dict[str, object] = {
         # DNS and the POST take them as they are. They were a 500.
         ("webhook:https://xn--ls8h.la/", "webhook", "https://xn--ls8h.la/"),
         ("webhook:http://xn--a.com/", "webhook", "http://xn--a.com/"),
+        # Unusual but resolvable hosts stay accepted by the DNS-name check.
+        ("webhook:http://under_score.example/", "webhook", "http://under_score.example/"),
+        ("webhook:http://a-.example.com/", "webhook", "http://a-.example.com/"),
+        ("webhook:http://example.com./", "webhook", "http://example.com./"),
+        ("webhook:http://[2001:db8::1]:8443/", "webhook", "http://[2001:db8::1]:8443/"),
+        ("webhook:https://b\u00fccher.de/", "webhook", "https://b\u00fccher.de/"),
+        (
+            "webhook:https://" + "a" * 63 + ".example/",
+            "webhook",
+            "https://" + "a" * 63 + ".example/",
+        ),
         ("email:ops@example.com", "email", "ops@example.com"),
         (" log: ops ", "log", "ops"),
     ],
@@ -61,6 +72,8 @@ def test_a_target_is_a_channel_and_a_recipient(raw: str, channel: str, recipient
         ("webhook:http://example.com:0/", "port 0"),
         # A label over 63 characters: the resolver raised on every try, retried as transient.
         ("webhook:http://" + "a" * 64 + ".example/", "not a valid DNS name"),
+        ("webhook:http://example.com../", "not a valid DNS name"),
+        ("webhook:http://a..b.example/", "not a valid DNS name"),
         ("webhook:http://a\u200bb.example/", "Invalid IDNA hostname"),
         ("email:not an address", "is not a valid recipient address"),
         ("email:Ops <ops@example.com>", "is not a valid recipient address"),
