@@ -68,10 +68,11 @@ class BodyRate:
         self._swept_at = now
         ended = 0
         for reading in list(self._reading):
-            why = self._behind(reading, now) if reading.waiting else None
             if reading.task is None or reading.task.done():  # ended without its whole body
                 self._reading.discard(reading)
-            elif why is None or reading.too_slow is not None:
+                continue
+            why = self._behind(reading, now) if reading.waiting else None
+            if why is None or reading.too_slow is not None:
                 reading.suspect = False
             elif not (reading.suspect and on_time):
                 reading.suspect = True  # the loop may not have read what arrived yet
@@ -100,7 +101,7 @@ class _Exchange:
 
     __slots__ = (
         "_rate", "_receive", "_send", "answered", "received", "suspect", "task", "too_slow",
-        "unread", "wait_began", "waited", "waiting", "watched",
+        "unread", "wait_began", "waited", "waiting",
     )  # fmt: skip
 
     def __init__(self, rate: BodyRate, receive: Receive, send: Send, unread: bool) -> None:
@@ -112,7 +113,6 @@ class _Exchange:
         self.answered = False
         """The response has started: a read now (a wait for the client's disconnect while a
         response streams) is no longer the request's body being read."""
-        self.watched = False
         self.task: asyncio.Task[Any] | None = None
         """The task of the latest wait for the body: the one a cancellation must land in."""
         self.received = 0
@@ -138,9 +138,7 @@ class _Exchange:
         return message
 
     async def _wait(self, rate: BodyRate) -> Message:
-        if not self.watched:
-            self.watched = True
-            rate._reading.add(self)
+        rate._reading.add(self)  # until the body is read, the response starts, or a 408
         self.task = asyncio.current_task()
         self.wait_began = time.monotonic()
         self.waiting = True

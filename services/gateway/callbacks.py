@@ -45,7 +45,7 @@ from contracts.tracking import (
 )
 from services.gateway.tracking import ENDING_STATES, events, states
 from services.messaging.logs import event_context, get_logger
-from services.messaging.store import BatchRunner, as_utc, raw_sqlite
+from services.messaging.store import BatchRunner, as_utc, raw_sqlite, select_in
 
 log = get_logger("gateway.callbacks")
 
@@ -147,15 +147,6 @@ def _due(conn: Connection, event_ids: Collection[str]) -> list[Settlement]:
     return due
 
 
-@functools.cache
-def _with_callback_sql(ids: int) -> str:
-    marks = ",".join("?" * ids)
-    return (
-        f"SELECT event_id FROM {events.name} "  # noqa: S608
-        f"WHERE callback_url IS NOT NULL AND event_id IN ({marks})"
-    )
-
-
 def _with_callback_url(conn: Connection, event_ids: Collection[str]) -> Collection[str]:
     """The ids among `event_ids` that have a callback URL (on SQLite; elsewhere all of them,
     which the join finds as cheaply). Every status report asks about each event it ends, and
@@ -163,12 +154,8 @@ def _with_callback_url(conn: Connection, event_ids: Collection[str]) -> Collecti
     raw = raw_sqlite(conn)
     if raw is None:
         return event_ids
-    wanted = list(event_ids)
-    found: list[str] = []
-    for at in range(0, len(wanted), DUE_CHUNK):
-        chunk = wanted[at : at + DUE_CHUNK]
-        found += [event_id for (event_id,) in raw.execute(_with_callback_sql(len(chunk)), chunk)]
-    return found
+    query = f"SELECT event_id FROM {events.name} WHERE callback_url IS NOT NULL AND event_id IN"  # noqa: S608
+    return [event_id for (event_id,) in select_in(raw, query, list(event_ids), DUE_CHUNK)]
 
 
 def _due_rows(conn: Connection, event_ids: list[str]) -> Sequence[Row[*tuple[Any, ...]]]:

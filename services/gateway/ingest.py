@@ -125,19 +125,21 @@ def _addressable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
         raise IngestError(422, [{"loc": list(loc), "msg": why, "type": "value_error"}])
 
 
-def _deliverable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
-    """Refuse a callback URL the notifier would refuse for good (its own syntactic check, as
-    for an upload's targets): a port 0, a host no DNS name spells. It would be taken, then its
-    callback dead-lettered."""
-    if event.callbackurl is None:
-        return
+def callback_url_problem(url: str) -> str | None:
+    """Why the notifier would refuse `url` for good (its own syntactic check, as for an
+    upload's targets: a port 0, a host no DNS name spells), or None. Checked where a client
+    submits, not in the contract, which events already queued are read with: such a URL would
+    be taken, then its callback dead-lettered."""
     try:
-        check_url(event.callbackurl)
+        check_url(url)
     except PermanentError as exc:
-        why = str(exc).replace("the webhook URL", "the callback URL")
-        raise IngestError(
-            422, [{"loc": [*loc, "callbackurl"], "msg": why, "type": "value_error"}]
-        ) from None
+        return str(exc).replace("the webhook URL", "the callback URL")
+    return None
+
+
+def _deliverable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
+    if event.callbackurl is not None and (why := callback_url_problem(event.callbackurl)):
+        raise IngestError(422, [{"loc": [*loc, "callbackurl"], "msg": why, "type": "value_error"}])
 
 
 def parse_event(content_type: str | None, headers: Mapping[str, str], body: bytes) -> IngestEvent:

@@ -17,7 +17,6 @@ before the gateway wrote down that it accepted it).
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -67,6 +66,7 @@ from services.messaging.store import (
     migrate,
     raw_sqlite,
     row_may_be_at_fault,
+    select_in,
     sqlite_time,
 )
 
@@ -648,25 +648,16 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
 SEQ_LOOKUP_CHUNK = 500
 
 
-@functools.cache
-def _seqs_sql(ids: int) -> str:
-    marks = ",".join("?" * ids)
-    return f"SELECT event_id, seq FROM {events.name} WHERE event_id IN ({marks})"  # noqa: S608
-
-
 def _seqs(conn: Connection, event_ids: Collection[str], *, lock: bool = False) -> dict[str, int]:
     """The numbers of events that exist (one statement per chunk of ids; a report's ids fit
     in one), with `lock` held from a concurrent delete until the transaction ends."""
     wanted = sorted(event_ids)
+    if (raw := raw_sqlite(conn)) is not None:  # the projection's hot path; no row locks there
+        numbers = f"SELECT event_id, seq FROM {events.name} WHERE event_id IN"  # noqa: S608
+        return dict(select_in(raw, numbers, wanted, SEQ_LOOKUP_CHUNK))
     found: dict[str, int] = {}
-    raw = raw_sqlite(conn)  # SQLite takes no row locks: one writer at a time
     for at in range(0, len(wanted), SEQ_LOOKUP_CHUNK):
         chunk = wanted[at : at + SEQ_LOOKUP_CHUNK]
-        if raw is not None:
-            # The projection's hot path: SQLAlchemy's expanding IN builds a bind parameter per
-            # id and a row object per result, ~8 µs per event a report (the statement, 1).
-            found.update(raw.execute(_seqs_sql(len(chunk)), chunk))
-            continue
         query = select(events.c.event_id, events.c.seq).where(events.c.event_id.in_(chunk))
         if lock:
             query = query.with_for_update(key_share=True)

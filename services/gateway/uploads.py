@@ -27,14 +27,12 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from contracts.envelope import CallbackUrl, http_url_problem
+from contracts.envelope import CallbackUrl
 from contracts.files import MEDIA_TYPE_PATTERN
 from contracts.notify import NotifyTarget
 from services.blobs import BlobStore, BlobUpload
-from services.gateway.ingest import IngestError
+from services.gateway.ingest import IngestError, callback_url_problem
 from services.gateway.notify_targets import MAX_VALUE_BYTES, NOTIFY_FIELD, add_target, decode_value
-from services.messaging.errors import PermanentError
-from services.notifier.targets import check_url
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -81,18 +79,13 @@ def parse_callback_url(raw: bytes) -> str | None:
     url = decode_value(raw, "the callback_url").strip()
     if not url:
         return None
-    if problem := http_url_problem(url):
-        raise IngestError(422, f"the callback_url {problem}")
+    if problem := callback_url_problem(url):
+        raise IngestError(422, problem)
     try:
-        _CALLBACK_URL.validate_python(url)
-        check_url(url)  # what the notifier would refuse for good (as `_deliverable` at ingest)
+        return _CALLBACK_URL.validate_python(url)  # what the contract adds: length, spaces
     except ValidationError as exc:
         problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise IngestError(422, f"the callback_url: {problem}") from None
-    except PermanentError as exc:
-        problem = str(exc).removeprefix("the webhook URL")
-        raise IngestError(422, f"the callback_url{problem}") from None
-    return url
+        raise IngestError(422, f"the callback URL: {problem}") from None
 
 
 def media_type_allowed(media: str, allowed: Sequence[str]) -> bool:

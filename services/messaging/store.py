@@ -7,6 +7,7 @@ Schema changes are versioned steps applied at start-up, recorded in `courier_mig
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -227,6 +228,22 @@ def insert_rows(
             [value for row in chunk for value in row],
         ).rowcount
     return written
+
+
+@functools.cache
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def select_in(raw: sqlite3.Connection, query: str, values: Sequence[str], chunk: int) -> list[Any]:
+    """The rows of `query`, which ends in `IN`, for `values`: one statement per `chunk` of them.
+    Hot paths use it where SQLAlchemy's expanding IN would build a bind parameter per value and
+    a row object per result (~8 µs per value in the status projection, against ~2)."""
+    rows: list[Any] = []
+    for at in range(0, len(values), chunk):
+        part = values[at : at + chunk]
+        rows += raw.execute(f"{query} ({_marks(len(part))})", part).fetchall()
+    return rows
 
 
 def insert_for(dialect: str) -> Callable[[Table], Any]:
