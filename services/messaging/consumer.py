@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -62,7 +62,7 @@ from services.messaging.failure import (
 from services.messaging.hold import hold_pauses
 from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.logs import event_context, get_logger
-from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher
+from services.messaging.publisher import CONTENT_TYPE, PERSISTENT, Publisher, Serialised
 from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import StatusReporter
@@ -162,6 +162,11 @@ def with_cause(follow_up: Envelope, cause: Envelope) -> Envelope:
     return follow_up.model_copy(
         update={"correlationid": cause.correlation(), "causationid": cause.id}
     )
+
+
+def _serialised(produced: Iterable[Envelope], cause: Envelope) -> list[Serialised]:
+    """A handler's follow-ups, each serialised once: published, recorded, maybe reported."""
+    return [Serialised.of(with_cause(e, cause)) for e in produced]
 
 
 class Consumer:
@@ -587,11 +592,12 @@ class Consumer:
         )
         if route.stateful:
 
-            async def stateful() -> tuple[list[Envelope], datetime]:
+            async def stateful() -> tuple[list[Serialised], datetime]:
                 async with self._inbox.transaction() as conn:
                     produced = await _cancelled_as_failure(handler(event, conn)) or ()
-                    follow_ups = [with_cause(e, event) for e in produced]
-                    handled_at = await self._inbox.record(conn, event, follow_ups, attempt)
+                    follow_ups = _serialised(produced, event)
+                    bodies = [f.body for f in follow_ups]
+                    handled_at = await self._inbox.record(conn, event, bodies, attempt)
                     if handled_at is None:
                         raise _AlreadyHandled
                 return follow_ups, handled_at
@@ -612,7 +618,7 @@ class Consumer:
             await self._publish_handled(follow_ups, handled_at)
             return handled_at
         produced = await route.retry.call(lambda: _cancelled_as_failure(handler(event)))
-        follow_ups = [with_cause(e, event) for e in produced or ()]
+        follow_ups = _serialised(produced or (), event)
         if route.idempotent:
             await self._publish_handled(follow_ups, None)
             return None
@@ -623,7 +629,7 @@ class Consumer:
             raise
 
     async def _publish_handled(
-        self, follow_ups: Sequence[Envelope], handled_at: datetime | None
+        self, follow_ups: Sequence[Serialised], handled_at: datetime | None
     ) -> datetime | None:
         """Publish the follow-ups of a handled event (recorded at `handled_at`, if it was); a
         failure now is the infrastructure's, not the handler's, which must not run again
@@ -637,13 +643,13 @@ class Consumer:
         return handled_at
 
     async def _record_and_publish(
-        self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int
+        self, event: Envelope, follow_ups: Sequence[Serialised], attempt: int
     ) -> datetime:
         """Record a handled event and publish its follow-ups, overlapping: one disk sync fewer
         on the way. Both finish before anything is settled (a returned delivery finds the
         record); a crash between them is a crash before the ack, which the inbox and the
         follow-ups' derived ids cover. When the record was made."""
-        remember = self._inbox.remember(event, follow_ups, attempt)
+        remember = self._inbox.remember(event, [f.body for f in follow_ups], attempt)
         recorded: datetime | BaseException | None
         published: BaseException | None = None
         if follow_ups:
@@ -667,23 +673,24 @@ class Consumer:
     ) -> None:
         # The first handling may have crashed before its follow-ups were confirmed: send them
         # again (same derived ids, so downstream inboxes drop them if they did arrive).
-        await self._publish_follow_ups(follow_ups)
+        await self._publish_follow_ups([Serialised.of(e) for e in follow_ups])
         self._ack(message)
         self._report(event, "skipped_duplicate")
         log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
 
-    async def _publish_follow_ups(self, follow_ups: Sequence[Envelope]) -> None:
+    async def _publish_follow_ups(self, follow_ups: Sequence[Serialised]) -> None:
         """Publish each follow-up to its subscribers, and hand the gateway those it keeps as
         results (`ResultReporter`); all confirmed before this returns."""
         exchange = self._topology.events_exchange
-        results = [event for event in follow_ups if event.type in RESULT_TYPES]
+        results = [f.body for f in follow_ups if f.event.type in RESULT_TYPES]
         reported = self._results.report(results) if results else None
+        publish = self._publisher.publish_event
         try:
             if len(follow_ups) == 1:  # the usual case: no task for a gather
-                await self._publisher.publish_event(follow_ups[0], exchange=exchange)
+                await publish(follow_ups[0].event, exchange=exchange, body=follow_ups[0].body)
             else:
                 await asyncio.gather(
-                    *(self._publisher.publish_event(e, exchange=exchange) for e in follow_ups)
+                    *(publish(f.event, exchange=exchange, body=f.body) for f in follow_ups)
                 )
         except BaseException:
             if reported is not None:  # settled, but the publish's failure is the one raised

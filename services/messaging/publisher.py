@@ -74,6 +74,18 @@ def event_body(event: Envelope) -> bytes:
     return event.__pydantic_serializer__.to_json(event)
 
 
+class Serialised(NamedTuple):
+    """An event with its body (`event_body`), serialised once for every place it goes: a
+    handler's follow-up is published, kept in the inbox record and, as a result, reported."""
+
+    event: Envelope
+    body: bytes
+
+    @classmethod
+    def of(cls, event: Envelope) -> Serialised:
+        return cls(event, event_body(event))
+
+
 def envelope_body(event: Envelope, data: Mapping[str, Any]) -> bytes:
     """The structured-mode CloudEvent of `event` with `data` given as plain values (what
     `event_body` would give had `data` been its payload): a batch of records, or of events

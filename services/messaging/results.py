@@ -19,10 +19,10 @@ from typing import Any, Final
 
 import orjson
 
-from contracts.envelope import Envelope, new_event_id, utcnow
+from contracts.envelope import new_event_id, utcnow
 from contracts.events import MAX_RESULTS, ResultsReported, ResultsReportedData
 from services.messaging.batching import Batcher
-from services.messaging.publisher import Publisher, envelope_body, event_body
+from services.messaging.publisher import Publisher, envelope_body
 
 MAX_REPORT_BYTES: Final = 1 << 20
 """A report ends after about this many bytes of results (a larger result goes alone)."""
@@ -41,20 +41,20 @@ class ResultReporter:
         self._source = f"urn:courier:{service}"
         self._publisher = publisher
         self._exchange = exchange
-        self._batcher: Batcher[Envelope, None] = Batcher(
+        self._batcher: Batcher[bytes, None] = Batcher(
             self._publish, max_size=max(1, min(batch, MAX_RESULTS)), linger=linger
         )
 
-    def report(self, results: Sequence[Envelope]) -> asyncio.Future[Any]:
-        """Done once every result is in a report the broker confirmed; else it raises what the
-        publisher raised (`BrokerUnavailable`, `Unroutable`)."""
+    def report(self, results: Sequence[bytes]) -> asyncio.Future[Any]:
+        """Done once every result (its body, `event_body`) is in a report the broker confirmed;
+        else it raises what the publisher raised (`BrokerUnavailable`, `Unroutable`)."""
         if len(results) == 1:  # the usual case: the item's own future, no gathering one
             return self._batcher.enqueue(results[0])
         return asyncio.gather(*(self._batcher.enqueue(result) for result in results))
 
-    async def _publish(self, results: list[Envelope]) -> list[None]:
+    async def _publish(self, results: list[bytes]) -> list[None]:
         outcomes = await asyncio.gather(
-            *(self._publish_one(chunk) for chunk in _chunks([event_body(r) for r in results])),
+            *(self._publish_one(chunk) for chunk in _chunks(results)),
             return_exceptions=True,
         )
         for outcome in outcomes:

@@ -439,7 +439,7 @@ class InboxLockedOnce(Inbox):
     failed = False
 
     async def remember(
-        self, event: Envelope, follow_ups: Sequence[Envelope], attempt: int = 1
+        self, event: Envelope, follow_ups: Sequence[bytes], attempt: int = 1
     ) -> datetime | None:
         if not self.failed:
             self.failed = True

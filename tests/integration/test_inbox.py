@@ -19,6 +19,7 @@ from contracts.events import (
     NotificationRequestedData,
 )
 from services.messaging.inbox import Cancelled, Handled, Inbox, Outcome
+from services.messaging.publisher import event_body
 from services.messaging.store import open_store, store_url
 
 
@@ -56,7 +57,7 @@ async def test_a_recorded_event_is_found_with_its_follow_ups(inbox: Inbox) -> No
         data=DatasetProcessedData(dataset_id=event.id, name="n", record_count=0, fields={}),
     )
     async with inbox.transaction() as conn:
-        assert await inbox.record(conn, event, [follow_up])
+        assert await inbox.record(conn, event, [event_body(follow_up)])
     handled = await inbox.lookup(event.id)
     assert isinstance(handled, Handled)
     assert handled.follow_ups == (follow_up,)
@@ -83,7 +84,7 @@ async def test_events_remembered_together_are_committed_with_their_follow_ups(
         data=DatasetProcessedData(dataset_id=events[0].id, name="n", record_count=0, fields={}),
     )
     remembered = await asyncio.gather(
-        *(inbox.remember(e, [follow_up] if e is events[0] else []) for e in events)
+        *(inbox.remember(e, [event_body(follow_up)] if e is events[0] else []) for e in events)
     )
     assert remembered[0] is not None and remembered == [remembered[0]] * 5  # one commit
     found = [await inbox.lookup(e.id) for e in events]
