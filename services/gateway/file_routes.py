@@ -164,6 +164,7 @@ async def upload_file(
             key=file_id,
             max_bytes=settings.max_upload_bytes,
             allowed_types=settings.upload_types,
+            channels=settings.notify_channels,
         )
     except IngestError as exc:
         raise problem(exc) from exc

@@ -11,7 +11,7 @@ HTTP status that describes what is wrong with the request.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Final
 from urllib.parse import unquote_to_bytes
 
@@ -19,8 +19,10 @@ import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
 from contracts.envelope import MAX_ID_BYTES, EventId
-from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent
+from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent, NotificationRequested
+from contracts.notify import CHANNELS, Channel
 from services.messaging.errors import PermanentError
+from services.notifier.mail import parse_address
 from services.notifier.targets import check_url
 
 STRUCTURED: Final = "application/cloudevents+json"
@@ -137,12 +139,59 @@ def callback_url_problem(url: str) -> str | None:
     return None
 
 
-def _deliverable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
-    if event.callbackurl is not None and (why := callback_url_problem(event.callbackurl)):
-        raise IngestError(422, [{"loc": [*loc, "callbackurl"], "msg": why, "type": "value_error"}])
+def recipient_problem(channel: Channel, recipient: str) -> str | None:
+    """Why the notifier would refuse `recipient` on `channel` for good (its own syntactic checks:
+    `check_url` for a webhook, `parse_address` for an email), or None. Whether a webhook host
+    resolves to an allowed address is the notifier's to decide when it connects."""
+    try:
+        if channel == "webhook":
+            check_url(recipient)
+        elif channel == "email":
+            parse_address(recipient, "recipient")
+    except PermanentError as exc:
+        return str(exc)
+    return None
 
 
-def parse_event(content_type: str | None, headers: Mapping[str, str], body: bytes) -> IngestEvent:
+def channel_problem(channel: Channel, channels: Collection[Channel]) -> str | None:
+    """Why nothing sent on `channel` would be delivered here (`COURIER_NOTIFY_CHANNELS`), or
+    None: such a notification would be taken, then dead-lettered as not configured."""
+    if channel in channels:
+        return None
+    return f"the notifier does not deliver on the {channel!r} channel here; it delivers on: " + (
+        ", ".join(channels) or "none"
+    )
+
+
+def _refusal(loc: list[int | str], why: str) -> IngestError:
+    return IngestError(422, [{"loc": loc, "msg": why, "type": "value_error"}])
+
+
+def _deliverable(
+    event: IngestEvent, loc: tuple[int | str, ...], channels: Collection[Channel]
+) -> None:
+    """Refuse what the notifier could never deliver: a callback URL it would refuse (or no
+    webhook channel to post callbacks on), a notification on a channel it does not deliver
+    or to a recipient that channel refuses."""
+    if event.callbackurl is not None:
+        why = channel_problem("webhook", channels)
+        why = why and f"callbacks are posted as webhooks, and {why}"
+        if why := why or callback_url_problem(event.callbackurl):
+            raise _refusal([*loc, "callbackurl"], why)
+    if isinstance(event, NotificationRequested):
+        data = event.data
+        if why := channel_problem(data.channel, channels):
+            raise _refusal([*loc, "data", "channel"], why)
+        if why := recipient_problem(data.channel, data.recipient):
+            raise _refusal([*loc, "data", "recipient"], why)
+
+
+def parse_event(
+    content_type: str | None,
+    headers: Mapping[str, str],
+    body: bytes,
+    channels: Collection[Channel] = CHANNELS,
+) -> IngestEvent:
     kind = media_type(content_type)
     if kind not in SINGLE_TYPES:
         raise IngestError(415, f"use {JSON} or {STRUCTURED}, not {kind or 'no content type'!r}")
@@ -153,12 +202,16 @@ def parse_event(content_type: str | None, headers: Mapping[str, str], body: byte
     except ValidationError as exc:
         raise _invalid(exc) from exc
     _addressable(event, ("id",))
-    _deliverable(event, ())
+    _deliverable(event, (), channels)
     return _with_correlation(event, headers.get("x-correlation-id"))
 
 
 def parse_batch(
-    content_type: str | None, headers: Mapping[str, str], body: bytes, max_events: int
+    content_type: str | None,
+    headers: Mapping[str, str],
+    body: bytes,
+    max_events: int,
+    channels: Collection[Channel] = CHANNELS,
 ) -> Sequence[IngestEvent]:
     kind = media_type(content_type)
     if kind not in BATCH_TYPES:
@@ -171,6 +224,6 @@ def parse_batch(
         raise _invalid(exc) from exc
     for at, event in enumerate(events):
         _addressable(event, (at, "id"))
-        _deliverable(event, (at,))
+        _deliverable(event, (at,), channels)
     correlation = headers.get("x-correlation-id")
     return [_with_correlation(event, correlation) for event in events]

@@ -2,22 +2,20 @@
 
 Each value is `<channel>:<recipient>`: `webhook:https://example.com/hook`,
 `email:ops@example.com`, `log:ops`. A value that the notifier could never deliver is refused
-here (422), before the upload is announced, instead of being dead-lettered later. The checks are
-the notifier's own syntactic ones (`check_url`, `parse_address`), so both sides agree; whether a
-webhook host resolves to an allowed address is decided by the notifier when it connects.
+here (422), before the upload is announced, instead of being dead-lettered later: a channel it
+does not deliver on (`COURIER_NOTIFY_CHANNELS`), or a recipient its own syntactic checks refuse
+(`ingest.recipient_problem`, as for a `notification.requested` event).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Final
 
 from pydantic import ValidationError
 
 from contracts.notify import CHANNELS, MAX_NOTIFY_TARGETS, Channel, NotifyTarget
-from services.gateway.ingest import IngestError
-from services.messaging.errors import PermanentError
-from services.notifier.mail import parse_address
-from services.notifier.targets import check_url
+from services.gateway.ingest import IngestError, channel_problem, recipient_problem
 
 NOTIFY_FIELD: Final = "notify"
 MAX_VALUE_BYTES: Final = 8 * 1024
@@ -29,16 +27,9 @@ def _refused(raw: str, why: str) -> IngestError:
     return IngestError(422, f"notify target {raw[:100]!r}: {why}")
 
 
-def _check_recipient(channel: Channel, recipient: str) -> None:
-    """Raise `PermanentError` (what the notifier would raise) if it cannot be delivered to."""
-    if channel == "webhook":
-        check_url(recipient)
-    elif channel == "email":
-        parse_address(recipient, "recipient")
-
-
-def parse_target(raw: str) -> NotifyTarget:
-    """`<channel>:<recipient>` as a target; `IngestError(422)` saying what is wrong."""
+def parse_target(raw: str, channels: Collection[Channel] = CHANNELS) -> NotifyTarget:
+    """`<channel>:<recipient>` as a target; `IngestError(422)` saying what is wrong. `channels`
+    are those the notifier delivers on (`COURIER_NOTIFY_CHANNELS`)."""
     channel, sep, recipient = raw.strip().partition(":")
     if not sep:
         raise _refused(raw, "expected <channel>:<recipient>, e.g. email:ops@example.com")
@@ -46,11 +37,11 @@ def parse_target(raw: str) -> NotifyTarget:
         raise _refused(raw, f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
     try:
         target = NotifyTarget(channel=channel, recipient=recipient.strip())
-        _check_recipient(channel, target.recipient)
     except ValidationError as exc:
         raise _refused(raw, "the recipient must be 1 to 2048 characters") from exc
-    except PermanentError as exc:
-        raise _refused(raw, str(exc)) from exc
+    why = channel_problem(target.channel, channels)
+    if why := why or recipient_problem(target.channel, target.recipient):
+        raise _refused(raw, why)
     return target
 
 
@@ -64,9 +55,11 @@ def decode_value(raw: bytes, what: str) -> str:
         raise IngestError(422, f"{what} is not valid UTF-8") from None
 
 
-def add_target(targets: list[NotifyTarget], raw: str) -> None:
+def add_target(
+    targets: list[NotifyTarget], raw: str, channels: Collection[Channel] = CHANNELS
+) -> None:
     """Parse `raw` into `targets`: a target named twice is kept once, at most the maximum."""
-    target = parse_target(raw)
+    target = parse_target(raw, channels)
     if target in targets:
         return
     if len(targets) >= MAX_NOTIFY_TARGETS:

@@ -395,7 +395,9 @@ async def submit_event(request: Request) -> JSONResponse:
     broker, settings, tracking = _ingest_state(request)
     try:
         body = await read_body(request, settings.max_body_bytes)
-        event = parse_event(request.headers.get("content-type"), request.headers, body)
+        event = parse_event(
+            request.headers.get("content-type"), request.headers, body, settings.notify_channels
+        )
     except IngestError as exc:
         raise problem(exc) from exc
 
@@ -440,7 +442,11 @@ async def submit_batch(request: Request) -> JSONResponse:
     try:
         body = await read_body(request, settings.max_body_bytes)
         events = parse_batch(
-            request.headers.get("content-type"), request.headers, body, settings.max_batch_events
+            request.headers.get("content-type"),
+            request.headers,
+            body,
+            settings.max_batch_events,
+            settings.notify_channels,
         )
     except IngestError as exc:
         raise problem(exc) from exc

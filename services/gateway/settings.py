@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from contracts.notify import CHANNELS, Channel
 from services.messaging.settings import CourierSettings
 
 DEFAULT_UPLOAD_TYPES = (
@@ -90,11 +91,24 @@ class GatewaySettings(CourierSettings):
         description="Media types POST /v1/files accepts (415 otherwise); `type/*` allowed.",
     )
 
+    notify_channels: Annotated[tuple[Channel, ...], NoDecode] = Field(
+        default=CHANNELS,
+        description="Channels the notifier delivers on: a notification, upload target or "
+        "callback URL (a webhook) for another is refused (422) instead of dead-lettered.",
+    )
+
     @field_validator("upload_types", mode="before")
     @classmethod
     def _split_types(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(item.strip().lower() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("notify_channels", mode="before")
+    @classmethod
+    def _split_channels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(dict.fromkeys(i.strip().lower() for i in value.split(",") if i.strip()))
         return value
 
     @field_validator("ops_tokens", mode="before")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -29,9 +29,9 @@ from starlette.requests import ClientDisconnect
 
 from contracts.envelope import CallbackUrl
 from contracts.files import MEDIA_TYPE_PATTERN
-from contracts.notify import NotifyTarget
+from contracts.notify import CHANNELS, Channel, NotifyTarget
 from services.blobs import BlobStore, BlobUpload
-from services.gateway.ingest import IngestError, callback_url_problem
+from services.gateway.ingest import IngestError, callback_url_problem, channel_problem
 from services.gateway.notify_targets import MAX_VALUE_BYTES, NOTIFY_FIELD, add_target, decode_value
 
 if TYPE_CHECKING:
@@ -73,12 +73,15 @@ class ReceivedFile:
 _CALLBACK_URL: Final[TypeAdapter[str]] = TypeAdapter(CallbackUrl)
 
 
-def parse_callback_url(raw: bytes) -> str | None:
+def parse_callback_url(raw: bytes, channels: Collection[Channel] = CHANNELS) -> str | None:
     """A `callback_url` form value, checked as an event's (`IngestError(422)` saying why); None
-    for an empty one, which an HTML form sends for an input left blank."""
+    for an empty one, which an HTML form sends for an input left blank. `channels` are those
+    the notifier delivers on: callbacks are webhooks."""
     url = decode_value(raw, "the callback_url").strip()
     if not url:
         return None
+    if problem := channel_problem("webhook", channels):
+        raise IngestError(422, f"callbacks are posted as webhooks, and {problem}")
     if problem := callback_url_problem(url):
         raise IngestError(422, problem)
     try:
@@ -197,11 +200,13 @@ async def receive_upload(
     key: str,
     max_bytes: int,
     allowed_types: Sequence[str],
+    channels: Collection[Channel] = CHANNELS,
 ) -> ReceivedFile:
     """Stream the `file` part of a multipart/form-data body into the blob `key` and commit it.
 
     Raises `IngestError` (400 malformed, 413 too large, 415 not multipart or a media type not
-    allowed) having removed anything written.
+    allowed; 422 a `notify` target or `callback_url` the notifier could not deliver to, on
+    `channels`) having removed anything written.
     """
     media, options = parse_options_header(content_type)
     if media != b"multipart/form-data":
@@ -214,7 +219,7 @@ async def receive_upload(
         parser = MultipartParser(boundary, notes.callbacks())
     except ValueError as exc:
         raise IngestError(400, f"unusable multipart boundary: {exc}") from exc
-    receiver = _Receiver(store, key, max_bytes, allowed_types)
+    receiver = _Receiver(store, key, max_bytes, allowed_types, channels)
     try:
         await _feed(body, parser, notes, receiver, max_bytes + FRAMING_ALLOWANCE)
         return await receiver.finish()
@@ -255,9 +260,15 @@ async def _feed(
 
 class _Receiver:
     def __init__(
-        self, store: BlobStore, key: str, max_bytes: int, allowed_types: Sequence[str]
+        self,
+        store: BlobStore,
+        key: str,
+        max_bytes: int,
+        allowed_types: Sequence[str],
+        channels: Collection[Channel],
     ) -> None:
         self._store = store
+        self._channels = channels
         self._key = key
         self._max_bytes = max_bytes
         self._allowed = allowed_types
@@ -296,7 +307,8 @@ class _Receiver:
                 self._file_done = True
                 self._part = _Part()
             elif kind == "end" and self._part.kind == "notify":
-                add_target(self._notify, decode_value(bytes(self._part.value), "a notify target"))
+                raw = decode_value(bytes(self._part.value), "a notify target")
+                add_target(self._notify, raw, self._channels)
                 self._part = _Part()
             elif kind == "end" and self._part.kind == "callback":
                 self._take_callback_url(bytes(self._part.value))
@@ -309,7 +321,7 @@ class _Receiver:
         self._part.value += data[: max(room, 0)]
 
     def _take_callback_url(self, raw: bytes) -> None:
-        url = parse_callback_url(raw)
+        url = parse_callback_url(raw, self._channels)
         if url is None:
             return
         if self._callback_url is not None:

@@ -44,7 +44,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 TOKEN = "e2e-test-ops-token"  # what tests.support.processes.gateway configures for actor "ops"
 WEBHOOK = {
     "type": "notification.requested",
-    "data": {"channel": "webhook", "recipient": "hooks@example.org", "subject": "Deployed"},
+    "data": {
+        "channel": "webhook",
+        "recipient": "https://hooks.example.org/deploys",
+        "subject": "Deployed",
+    },
 }
 
 

@@ -706,6 +706,31 @@ async def test_a_bad_callback_url_is_a_422_that_stores_and_publishes_nothing(
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
 
 
+@pytest.mark.parametrize(
+    ("field", "says"),
+    [
+        (("notify", "email:ops@example.com"), "does not deliver on the 'email' channel"),
+        (("callback_url", "https://shop.example/hooks"), "callbacks are posted as webhooks"),
+    ],
+    ids=["target", "callback"],
+)
+async def test_what_the_configured_channels_cannot_deliver_is_a_422_that_stores_nothing(
+    namespace: Namespace,
+    tmp_path: Path,
+    blob_dir: Path,
+    field: tuple[str, str],
+    says: str,
+) -> None:
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir, notify_channels=("log",))
+    async for client in gateway_client(settings):
+        body = form(("file", ("prices.csv", CSV, "text/csv")), field)
+        response = await client.post("/v1/files", content=body, headers=MULTIPART)
+        assert response.status_code == 422, response.text
+        assert says in response.json()["detail"]
+        assert stored_files(blob_dir) == []
+    await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
 async def test_a_keyed_repeat_with_another_callback_url_is_a_conflict(
     client: httpx.AsyncClient, namespace: Namespace
 ) -> None:

@@ -92,6 +92,36 @@ async def test_binary_mode_cloudevent_is_accepted(
     await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
 
 
+async def test_what_the_configured_channels_cannot_deliver_is_a_422_and_nothing_is_published(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # COURIER_NOTIFY_CHANNELS=log: an email notification, or a callback (a webhook), would
+    # be taken and then dead-lettered by a notifier that has neither channel configured.
+    email = {
+        "type": "notification.requested",
+        "data": {"channel": "email", "recipient": "ops@example.org", "subject": "s"},
+    }
+    called_back = {**DATASET, "callbackurl": "https://shop.example/hooks/courier"}
+    settings = gateway_settings(namespace, tmp_path, notify_channels=("log",))
+    async for client in gateway_client(settings):
+        refused = await client.post("/v1/events", json=email)
+        assert refused.status_code == 422, refused.text
+        [problem] = refused.json()["detail"]
+        assert problem["loc"] == ["data", "channel"]
+        assert "does not deliver on the 'email' channel" in problem["msg"]
+        refused = await client.post("/v1/events/batch", json=[NOTIFICATION, called_back])
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"][0]["loc"] == [1, "callbackurl"]
+        accepted = await client.post("/v1/events", json=NOTIFICATION)  # on the log channel
+        assert accepted.status_code == 202, accepted.text
+    [taken] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)
+    assert taken.message_id == accepted.json()["id"]
+    await assert_empty(
+        namespace.amqp_url,
+        [work_queue(namespace.name, "notifier"), work_queue(namespace.name, "processor")],
+    )
+
+
 @pytest.mark.parametrize(
     ("sent", "read"),
     [

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from contracts.events import EVENT_ADAPTER, NotificationRequested
+from contracts.notify import Channel
 from services.gateway.ingest import IngestError, parse_batch, parse_event
 
 NOTE = {"type": "notification.requested", "data": {"recipient": "r", "subject": "s"}}
@@ -277,3 +278,86 @@ def test_an_unusable_callback_url_in_a_ce_header_is_refused_with_422() -> None:
         ).status
         == 422
     )
+
+
+# --- what the notifier could never deliver ------------------------------------------------------
+
+
+LOG_ONLY: tuple[Channel, ...] = ("log",)
+WEBHOOK_ONLY: tuple[Channel, ...] = ("webhook",)
+
+
+def notification(channel: str, recipient: str) -> dict[str, object]:
+    return {
+        "type": "notification.requested",
+        "data": {"channel": channel, "recipient": recipient, "subject": "s"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("channel", "recipient", "says"),
+    [
+        ("webhook", "hooks@example.org", "must be http or https"),
+        ("webhook", "https://user:pw@example.com/x", "must not carry credentials"),
+        ("webhook", "http://example.com:0/", "port 0"),
+        ("webhook", "http://" + "a" * 64 + ".example/", "not a valid DNS name"),
+        ("email", "not an address", "is not a valid recipient address"),
+        ("email", "ops@example.com\r\nBcc: x@example.com", "line break"),
+    ],
+)
+def test_a_notification_to_a_recipient_its_channel_refuses_is_a_422_not_a_dead_letter(
+    channel: str, recipient: str, says: str
+) -> None:
+    # Taken with a 202 before, then dead-lettered by the notifier's own check; an upload's
+    # targets were refused at once with the same check.
+    body = orjson.dumps(notification(channel, recipient))
+    error = error_of(lambda: parse_event("application/json", {}, body))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["data", "recipient"] and says in problem["msg"]
+    batch = orjson.dumps([NOTE, notification(channel, recipient)])
+    error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
+    assert error.status == 422 and error.detail[0]["loc"] == [1, "data", "recipient"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "recipient"),
+    [
+        ("webhook", "https://hooks.example.org/deploys"),
+        ("webhook", "http://127.0.0.1:8080/hook"),  # the notifier decides on addresses
+        ("email", "ops@example.org"),
+        ("log", "anything at all: a label"),
+    ],
+)
+def test_a_notification_its_channel_can_deliver_is_accepted(channel: str, recipient: str) -> None:
+    event = parse_event("application/json", {}, orjson.dumps(notification(channel, recipient)))
+    assert isinstance(event, NotificationRequested) and event.data.recipient == recipient
+
+
+def test_a_notification_on_a_channel_the_notifier_does_not_deliver_is_a_422() -> None:
+    body = orjson.dumps(notification("email", "ops@example.org"))
+    error = error_of(lambda: parse_event("application/json", {}, body, ("log", "webhook")))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["data", "channel"]
+    assert problem["msg"] == (
+        "the notifier does not deliver on the 'email' channel here; it delivers on: log, webhook"
+    )
+    batch = orjson.dumps([NOTE, notification("email", "ops@example.org")])
+    error = error_of(lambda: parse_batch("application/json", {}, batch, 10, ("log", "webhook")))
+    assert error.status == 422 and error.detail[0]["loc"] == [1, "data", "channel"]
+    assert parse_event("application/json", {}, PLAIN, LOG_ONLY).type == "notification.requested"
+
+
+def test_a_callback_url_without_a_webhook_channel_is_a_422() -> None:
+    # Callbacks are posted by the notifier's webhook channel: without it, each one would be
+    # dead-lettered as not configured.
+    body = orjson.dumps(
+        {"type": "dataset.submitted", "callbackurl": HOOK, "data": {"records": [{"a": 1}]}}
+    )
+    error = error_of(lambda: parse_event("application/json", {}, body, ("log", "email")))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["callbackurl"]
+    assert problem["msg"].startswith("callbacks are posted as webhooks, and the notifier does not")
+    assert parse_event("application/json", {}, body, WEBHOOK_ONLY).callbackurl == HOOK

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from contracts.events import EVENT_ADAPTER
 from contracts.files import FileUploaded, FileUploadedData
-from contracts.notify import MAX_NOTIFY_TARGETS, NotifyTarget
+from contracts.notify import MAX_NOTIFY_TARGETS, Channel, NotifyTarget
 from services.gateway.ingest import IngestError
 from services.gateway.notify_targets import (
     MAX_VALUE_BYTES,
@@ -90,6 +90,23 @@ def test_a_bad_target_is_a_422_that_says_why(raw: str, says: str) -> None:
     assert caught.value.status == 422
     assert says in str(caught.value.detail)
     assert str(caught.value.detail).startswith("notify target ")
+
+
+LOG_ONLY: tuple[Channel, ...] = ("log",)
+WEBHOOK_ONLY: tuple[Channel, ...] = ("webhook",)
+
+
+def test_a_target_on_a_channel_the_notifier_does_not_deliver_is_a_422() -> None:
+    with pytest.raises(IngestError) as caught:
+        parse_target("email:ops@example.com", ("log", "webhook"))
+    assert caught.value.status == 422
+    assert caught.value.detail == (
+        "notify target 'email:ops@example.com': the notifier does not deliver on the 'email' "
+        "channel here; it delivers on: log, webhook"
+    )
+    assert parse_target("log:ops", LOG_ONLY) == NotifyTarget(channel="log", recipient="ops")
+    with pytest.raises(IngestError, match="on the 'log' channel"):
+        add_target([], "log:ops", WEBHOOK_ONLY)
 
 
 def test_targets_are_kept_once_and_bounded() -> None:
