@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
+from contracts.notify import Channel
 from services.messaging.consumer import Route
 from services.messaging.logs import get_logger
 from services.messaging.periodic import run_every
@@ -82,14 +83,20 @@ def email_channel(settings: NotifierSettings) -> DeliveryChannel:
 
 
 async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Mapping[str, Route]:
-    channels = Channels(
-        {
-            "log": LogChannel(settings.notify_log),
-            "webhook": await webhook_channel(stack, settings),
-            "email": email_channel(settings),
+    by_name: dict[Channel, DeliveryChannel] = {
+        "log": LogChannel(settings.notify_log),
+        "webhook": await webhook_channel(stack, settings),
+        "email": email_channel(settings),
+    }
+    # What the gateway's COURIER_NOTIFY_CHANNELS should say, for it to refuse the rest at ingest.
+    log.info(
+        "notification channels",
+        extra={
+            "configured": [n for n, c in by_name.items() if not isinstance(c, Unconfigured)],
+            "not_configured": [n for n, c in by_name.items() if isinstance(c, Unconfigured)],
         },
-        await open_deliveries(stack, settings),
     )
+    channels = Channels(by_name, await open_deliveries(stack, settings))
     policy = settings.retry_policy()
     return {
         "callback.requested": Route(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aio_pika
+import orjson
 import pytest
 
 from services.messaging.declare import declare_topology
@@ -39,3 +40,28 @@ def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
     assert processor.process is not None
     assert processor.process.wait(30) == 1
     assert not processor.ready()
+
+
+def test_the_notifier_logs_which_channels_it_delivers_on(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # What the gateway's COURIER_NOTIFY_CHANNELS should list: here no webhook secret and no
+    # SMTP server, so only the log channel.
+    env = namespace.env(
+        COURIER_DATA_DIR=str(tmp_path), COURIER_NOTIFY_LOG=str(tmp_path / "n.jsonl")
+    )
+    for unset in ("COURIER_WEBHOOK_SECRET", "COURIER_WEBHOOK_SECRETS", "COURIER_SMTP_HOST"):
+        env.pop(unset, None)
+    notifier = consumer("notifier", env, tmp_path).start()
+    try:
+        notifier.wait_ready()
+        [line] = [
+            record
+            for record in (
+                orjson.loads(text) for text in notifier.log().splitlines() if text.startswith("{")
+            )
+            if record.get("message") == "notification channels"
+        ]
+        assert (line["configured"], line["not_configured"]) == (["log"], ["webhook", "email"])
+    finally:
+        notifier.kill()

@@ -25,7 +25,9 @@ async def gateway_client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of a gateway app; `started` sees the app once its lifespan has set it up."""
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
+    # asgi-lifespan allows 5 s by default: a start on PostgreSQL (migrations, the stores'
+    # pools) beside three other test workers on a loaded two-core host took longer once.
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         if started is not None:
             started(app)
         transport = httpx.ASGITransport(app=manager.app)
