@@ -118,13 +118,13 @@ def _with_correlation(event: IngestEvent, correlation_id: str | None) -> IngestE
 DOT_SEGMENTS: Final = frozenset({".", ".."})
 
 
-def _addressable(event: IngestEvent, loc: tuple[int | str, ...]) -> None:
+def _addressable(event: IngestEvent, at: tuple[int, ...]) -> None:
     """Refuse an id its status URL could not name: `.` and `..` are dot segments, which URL
     parsers (browsers' escaped forms too) resolve to another path. Refused here, where a client
     submits, not in the contract, which events already queued are read with."""
     if event.id in DOT_SEGMENTS:
         why = "an event id may not be '.' or '..': its status URL could not name it"
-        raise IngestError(422, [{"loc": list(loc), "msg": why, "type": "value_error"}])
+        raise _refusal(event, at, ("id",), why)
 
 
 def callback_url_problem(url: str) -> str | None:
@@ -163,13 +163,15 @@ def channel_problem(channel: Channel, channels: Collection[Channel]) -> str | No
     )
 
 
-def _refusal(loc: list[int | str], why: str) -> IngestError:
-    return IngestError(422, [{"loc": loc, "msg": why, "type": "value_error"}])
+def _refusal(
+    event: IngestEvent, at: tuple[int, ...], field: tuple[str, ...], why: str
+) -> IngestError:
+    """A 422 located as pydantic locates an error in the same field: the batch index if any,
+    the event's type (the union's tag), then the field's path."""
+    return IngestError(422, [{"loc": [*at, event.type, *field], "msg": why, "type": "value_error"}])
 
 
-def _deliverable(
-    event: IngestEvent, loc: tuple[int | str, ...], channels: Collection[Channel]
-) -> None:
+def _deliverable(event: IngestEvent, at: tuple[int, ...], channels: Collection[Channel]) -> None:
     """Refuse what the notifier could never deliver: a callback URL it would refuse (or no
     webhook channel to post callbacks on), a notification on a channel it does not deliver
     or to a recipient that channel refuses."""
@@ -177,13 +179,13 @@ def _deliverable(
         why = channel_problem("webhook", channels)
         why = why and f"callbacks are posted as webhooks, and {why}"
         if why := why or callback_url_problem(event.callbackurl):
-            raise _refusal([*loc, "callbackurl"], why)
+            raise _refusal(event, at, ("callbackurl",), why)
     if isinstance(event, NotificationRequested):
         data = event.data
         if why := channel_problem(data.channel, channels):
-            raise _refusal([*loc, "data", "channel"], why)
+            raise _refusal(event, at, ("data", "channel"), why)
         if why := recipient_problem(data.channel, data.recipient):
-            raise _refusal([*loc, "data", "recipient"], why)
+            raise _refusal(event, at, ("data", "recipient"), why)
 
 
 def parse_event(
@@ -201,7 +203,7 @@ def parse_event(
         event = INGEST_ADAPTER.validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from exc
-    _addressable(event, ("id",))
+    _addressable(event, ())
     _deliverable(event, (), channels)
     return _with_correlation(event, headers.get("x-correlation-id"))
 
@@ -223,7 +225,7 @@ def parse_batch(
             raise IngestError(413, f"a batch holds at most {max_events} events") from exc
         raise _invalid(exc) from exc
     for at, event in enumerate(events):
-        _addressable(event, (at, "id"))
+        _addressable(event, (at,))
         _deliverable(event, (at,), channels)
     correlation = headers.get("x-correlation-id")
     return [_with_correlation(event, correlation) for event in events]

@@ -111,6 +111,15 @@ class GatewaySettings(CourierSettings):
             return tuple(dict.fromkeys(i.strip().lower() for i in value.split(",") if i.strip()))
         return value
 
+    @field_validator("notify_channels")
+    @classmethod
+    def _log_is_always_delivered(cls, value: tuple[Channel, ...]) -> tuple[Channel, ...]:
+        # The notifier's log channel needs no configuration, and datasets' notifications go
+        # there: a list without it refuses what would be delivered (a blank list, everything).
+        if "log" not in value:
+            raise ValueError("COURIER_NOTIFY_CHANNELS must include log, which is always on")
+        return value
+
     @field_validator("ops_tokens", mode="before")
     @classmethod
     def _pairs(cls, value: object) -> object:

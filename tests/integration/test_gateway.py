@@ -107,11 +107,11 @@ async def test_what_the_configured_channels_cannot_deliver_is_a_422_and_nothing_
         refused = await client.post("/v1/events", json=email)
         assert refused.status_code == 422, refused.text
         [problem] = refused.json()["detail"]
-        assert problem["loc"] == ["data", "channel"]
+        assert problem["loc"] == ["notification.requested", "data", "channel"]
         assert "does not deliver on the 'email' channel" in problem["msg"]
         refused = await client.post("/v1/events/batch", json=[NOTIFICATION, called_back])
         assert refused.status_code == 422, refused.text
-        assert refused.json()["detail"][0]["loc"] == [1, "callbackurl"]
+        assert refused.json()["detail"][0]["loc"] == [1, "dataset.submitted", "callbackurl"]
         accepted = await client.post("/v1/events", json=NOTIFICATION)  # on the log channel
         assert accepted.status_code == 202, accepted.text
     [taken] = await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1, timeout=2)

@@ -248,11 +248,15 @@ def test_a_callback_url_the_notifier_would_refuse_is_a_422_not_a_dead_letter(
     error = error_of(lambda: parse_event("application/json", {}, with_callback("callbackurl", url)))
     assert error.status == 422
     [problem] = error.detail
-    assert problem["loc"] == ["callbackurl"] and says in problem["msg"]
+    assert problem["loc"] == ["notification.requested", "callbackurl"] and says in problem["msg"]
     assert problem["msg"].startswith("the callback URL")
     batch = orjson.dumps([NOTE, orjson.loads(with_callback("callbackurl", url))])
     error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
-    assert error.status == 422 and error.detail[0]["loc"] == [1, "callbackurl"]
+    assert error.status == 422 and error.detail[0]["loc"] == [
+        1,
+        "notification.requested",
+        "callbackurl",
+    ]
 
 
 @pytest.mark.parametrize("event_id", [".", ".."])
@@ -260,10 +264,10 @@ def test_an_id_its_status_url_could_not_name_is_refused_with_422(event_id: str) 
     # `/v1/events/..` is `/v1/`, and browsers resolve `%2E%2E` as a dot segment too.
     body = orjson.dumps({**NOTE, "id": event_id})
     error = error_of(lambda: parse_event("application/json", {}, body))
-    assert error.status == 422 and error.detail[0]["loc"] == ["id"]
+    assert error.status == 422 and error.detail[0]["loc"] == ["notification.requested", "id"]
     batch = orjson.dumps([{**NOTE, "id": "fine"}, {**NOTE, "id": event_id}])
     error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
-    assert error.status == 422 and error.detail[0]["loc"] == [1, "id"]
+    assert error.status == 422 and error.detail[0]["loc"] == [1, "notification.requested", "id"]
 
 
 def test_an_unusable_callback_url_in_a_ce_header_is_refused_with_422() -> None:
@@ -314,10 +318,17 @@ def test_a_notification_to_a_recipient_its_channel_refuses_is_a_422_not_a_dead_l
     error = error_of(lambda: parse_event("application/json", {}, body))
     assert error.status == 422
     [problem] = error.detail
-    assert problem["loc"] == ["data", "recipient"] and says in problem["msg"]
+    assert (
+        problem["loc"] == ["notification.requested", "data", "recipient"] and says in problem["msg"]
+    )
     batch = orjson.dumps([NOTE, notification(channel, recipient)])
     error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
-    assert error.status == 422 and error.detail[0]["loc"] == [1, "data", "recipient"]
+    assert error.status == 422 and error.detail[0]["loc"] == [
+        1,
+        "notification.requested",
+        "data",
+        "recipient",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -339,13 +350,18 @@ def test_a_notification_on_a_channel_the_notifier_does_not_deliver_is_a_422() ->
     error = error_of(lambda: parse_event("application/json", {}, body, ("log", "webhook")))
     assert error.status == 422
     [problem] = error.detail
-    assert problem["loc"] == ["data", "channel"]
+    assert problem["loc"] == ["notification.requested", "data", "channel"]
     assert problem["msg"] == (
         "the notifier does not deliver on the 'email' channel here; it delivers on: log, webhook"
     )
     batch = orjson.dumps([NOTE, notification("email", "ops@example.org")])
     error = error_of(lambda: parse_batch("application/json", {}, batch, 10, ("log", "webhook")))
-    assert error.status == 422 and error.detail[0]["loc"] == [1, "data", "channel"]
+    assert error.status == 422 and error.detail[0]["loc"] == [
+        1,
+        "notification.requested",
+        "data",
+        "channel",
+    ]
     assert parse_event("application/json", {}, PLAIN, LOG_ONLY).type == "notification.requested"
 
 
@@ -358,6 +374,6 @@ def test_a_callback_url_without_a_webhook_channel_is_a_422() -> None:
     error = error_of(lambda: parse_event("application/json", {}, body, ("log", "email")))
     assert error.status == 422
     [problem] = error.detail
-    assert problem["loc"] == ["callbackurl"]
+    assert problem["loc"] == ["dataset.submitted", "callbackurl"]
     assert problem["msg"].startswith("callbacks are posted as webhooks, and the notifier does not")
     assert parse_event("application/json", {}, body, WEBHOOK_ONLY).callbackurl == HOOK

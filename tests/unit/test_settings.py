@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from contracts.notify import CHANNELS
 from services.gateway.settings import GatewaySettings
 from services.messaging.settings import ConsumerSettings, CourierSettings
 from services.notifier.settings import NotifierSettings
@@ -82,3 +84,21 @@ def test_a_status_recovery_window_shorter_than_two_report_intervals_is_refused()
         ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=10)
     assert ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=20)
     assert ConsumerSettings(status_report_interval_ms=10_000, status_recovery_seconds=0)
+
+
+@pytest.mark.parametrize("value", ["webhook,email", ",", " "])
+def test_the_notify_channels_must_include_the_log_channel(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # The notifier's log channel needs no configuration: a list without it (a blank one too)
+    # would refuse notifications the notifier delivers.
+    monkeypatch.setenv("COURIER_NOTIFY_CHANNELS", value)
+    with pytest.raises(ValidationError, match="must include log"):
+        GatewaySettings(environment="development")
+
+
+def test_the_notify_channels_are_read_as_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COURIER_NOTIFY_CHANNELS", " Log , webhook,log")
+    assert GatewaySettings(environment="development").notify_channels == ("log", "webhook")
+    monkeypatch.setenv("COURIER_NOTIFY_CHANNELS", "")
+    assert GatewaySettings(environment="development").notify_channels == CHANNELS
