@@ -18,9 +18,12 @@ The same-run baseline is the same pipeline as careful hand-written aio-pika
 publish and an fsync'd line, and nothing else). Its rounds alternate with Courier's; both
 systems run side by side throughout, the idle one waiting. A warm-up precedes the measured
 rounds; a pipeline drains before the next round starts. The figures are compared with the
-targets (p50 ≤ 5 ms, p99 ≤ 25 ms) and with the baseline.
+targets (p50 ≤ 5 ms, p99 ≤ 25 ms) and with the baseline. `--pin` keeps each pipeline's
+processor on CPU 0 and its gateway and notifier on CPU 1, the same layout for both systems
+(with `bench.private_broker --cpus 0`, the broker on CPU 0 too); saved as `e2e_latency_pinned`.
 
     python -m bench.e2e_latency [--rate 500] [--seconds 20] [--rounds 3] [--warmup 5] [--records 3]
+        [--pin]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from bench.system import (
     free_port,
     local_broker_pid,
     new_namespace,
+    pin,
     start,
     start_gateway,
     start_module,
@@ -68,6 +72,10 @@ MAX_CONNECTIONS = 256
 DRAIN_SECONDS = 60.0
 STAGE_SAMPLE = 200
 STAGE_PATIENCE = 30.0  # seconds, for all sampled events together
+LAYOUT = {"processor": {0}, "gateway": {1}, "notifier": {1}}
+"""`--pin`: the CPUs of each role, CPU 0 shared with the broker (`bench.private_broker --cpus
+0`). The processor and the broker use about as much CPU per event as the gateway and the
+notifier."""
 
 
 class Http:
@@ -472,6 +480,8 @@ def main(args: argparse.Namespace) -> None:
     try:
         for system in systems:
             wait_started(system)
+            for role, (_, process) in system.processes.items() if args.pin else ():
+                pin(process.pid, LAYOUT[role])
         rounds, notified, spans = uvloop.run(run(systems, args))
     except BaseException:
         for log in sorted(data.glob("*.log")):
@@ -577,13 +587,14 @@ def report(
         for name, f in figures.items()
     }
     save(
-        "e2e_latency",
+        "e2e_latency_pinned" if args.pin else "e2e_latency",
         results,
         {
             "rate": args.rate,
             "seconds": args.seconds,
             "rounds": args.rounds,
             "records": args.records,
+            "pinned": {role: sorted(cpus) for role, cpus in LAYOUT.items()} if args.pin else None,
             "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS},
             "pooled": pooled,
             "ratio_to_bare": ratios,
@@ -600,4 +611,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=5, help="seconds of unmeasured load")
     parser.add_argument("--records", type=int, default=3, help="records per dataset")
+    parser.add_argument(
+        "--pin", action="store_true", help="keep each role on its CPUs (see LAYOUT)"
+    )
     main(parser.parse_args())
