@@ -127,11 +127,14 @@ def _addressable(event: IngestEvent, at: tuple[int, ...]) -> None:
         raise _refusal(event, at, ("id",), why)
 
 
-def callback_url_problem(url: str) -> str | None:
+def callback_url_problem(url: str, channels: Collection[Channel] = CHANNELS) -> str | None:
     """Why the notifier would refuse `url` for good (its own syntactic check, as for an
-    upload's targets: a port 0, a host no DNS name spells), or None. Checked where a client
+    upload's targets: a port 0, a host no DNS name spells), or None; or why it posts no
+    callbacks at all (they are webhooks, and `channels` lack it). Checked where a client
     submits, not in the contract, which events already queued are read with: such a URL would
     be taken, then its callback dead-lettered."""
+    if why := channel_problem("webhook", channels):
+        return f"callbacks are posted as webhooks, and {why}"
     try:
         check_url(url)
     except PermanentError as exc:
@@ -175,11 +178,8 @@ def _deliverable(event: IngestEvent, at: tuple[int, ...], channels: Collection[C
     """Refuse what the notifier could never deliver: a callback URL it would refuse (or no
     webhook channel to post callbacks on), a notification on a channel it does not deliver
     or to a recipient that channel refuses."""
-    if event.callbackurl is not None:
-        why = channel_problem("webhook", channels)
-        why = why and f"callbacks are posted as webhooks, and {why}"
-        if why := why or callback_url_problem(event.callbackurl):
-            raise _refusal(event, at, ("callbackurl",), why)
+    if event.callbackurl is not None and (why := callback_url_problem(event.callbackurl, channels)):
+        raise _refusal(event, at, ("callbackurl",), why)
     if isinstance(event, NotificationRequested):
         data = event.data
         if why := channel_problem(data.channel, channels):

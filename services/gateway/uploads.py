@@ -31,7 +31,7 @@ from contracts.envelope import CallbackUrl
 from contracts.files import MEDIA_TYPE_PATTERN
 from contracts.notify import CHANNELS, Channel, NotifyTarget
 from services.blobs import BlobStore, BlobUpload
-from services.gateway.ingest import IngestError, callback_url_problem, channel_problem
+from services.gateway.ingest import IngestError, callback_url_problem
 from services.gateway.notify_targets import MAX_VALUE_BYTES, NOTIFY_FIELD, add_target, decode_value
 
 if TYPE_CHECKING:
@@ -80,9 +80,7 @@ def parse_callback_url(raw: bytes, channels: Collection[Channel] = CHANNELS) -> 
     url = decode_value(raw, "the callback_url").strip()
     if not url:
         return None
-    if problem := channel_problem("webhook", channels):
-        raise IngestError(422, f"callbacks are posted as webhooks, and {problem}")
-    if problem := callback_url_problem(url):
+    if problem := callback_url_problem(url, channels):
         raise IngestError(422, problem)
     try:
         return _CALLBACK_URL.validate_python(url)  # what the contract adds: length, spaces
