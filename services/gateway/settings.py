@@ -97,16 +97,10 @@ class GatewaySettings(CourierSettings):
         "callback URL (a webhook) for another is refused (422) instead of dead-lettered.",
     )
 
-    @field_validator("upload_types", mode="before")
+    @field_validator("upload_types", "notify_channels", mode="before")
     @classmethod
-    def _split_types(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(item.strip().lower() for item in value.split(",") if item.strip())
-        return value
-
-    @field_validator("notify_channels", mode="before")
-    @classmethod
-    def _split_channels(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
+        """`a, B,a` as `("a", "b")`: case-insensitive names, each once."""
         if isinstance(value, str):
             return tuple(dict.fromkeys(i.strip().lower() for i in value.split(",") if i.strip()))
         return value
