@@ -37,6 +37,7 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
@@ -164,9 +165,23 @@ def with_cause(follow_up: Envelope, cause: Envelope) -> Envelope:
     )
 
 
+class FollowUpNotSerialisable(PermanentError):
+    """A handler returned a follow-up that cannot be serialised (a model built without
+    validation, holding what JSON cannot carry): running the handler again gives the same
+    follow-up, so its input is dead-lettered at once, with this reason."""
+
+
 def _serialised(produced: Iterable[Envelope], cause: Envelope) -> list[Serialised]:
     """A handler's follow-ups, each serialised once: published, recorded, maybe reported."""
-    return [Serialised.of(with_cause(e, cause)) for e in produced]
+    serialised = []
+    for event in produced:
+        try:
+            serialised.append(Serialised.of(with_cause(event, cause)))
+        except PydanticSerializationError as exc:
+            raise FollowUpNotSerialisable(
+                f"the handler's follow-up {event.type!r} ({event.id}) cannot be serialised: {exc}"
+            ) from exc
+    return serialised
 
 
 class Consumer:

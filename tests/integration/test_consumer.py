@@ -383,6 +383,56 @@ async def test_a_follow_up_the_broker_refuses_returns_the_input_without_a_second
         await assert_empty(namespace.amqp_url, [topo.queue, topo.retry_queue(1)])
 
 
+def unserialisable_follow_up() -> NotificationRequested:
+    """A follow-up built without validation, holding what JSON cannot carry."""
+    unserialisable: Any = object()
+    return NotificationRequested.model_construct(data=unserialisable)
+
+
+async def test_a_follow_up_that_cannot_be_serialised_dead_letters_its_input_at_once(
+    namespace: Namespace,
+) -> None:
+    """The same handler would return the same follow-up again: permanent, no retry."""
+    handler = Recorder(returns=[unserialisable_follow_up()])
+    event = notification()
+    routes = {"notification.requested": route(handler, immediate=3)}
+    async with running(namespace, "notifier", routes) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+        await assert_empty(namespace.amqp_url, [topo.queue, topo.retry_queue(1)])
+    assert handler.calls == [event.id]
+    assert dead.message_id == event.id and dead.headers[f.REASON] == "permanent"
+    assert str(dead.headers[f.EXCEPTION_TYPE]).endswith(".FollowUpNotSerialisable")
+    assert "'notification.requested'" in str(dead.headers[f.EXCEPTION_MESSAGE])
+    assert "cannot be serialised" in str(dead.headers[f.EXCEPTION_MESSAGE])
+
+
+async def test_a_stateful_handler_whose_follow_up_cannot_be_serialised_keeps_no_state(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/state.sqlite3")
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+
+    async def stateful(event: Envelope, conn: AsyncConnection) -> Sequence[Envelope]:
+        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+        return [unserialisable_follow_up()]
+
+    routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
+    event = notification()
+    async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+        assert dead.headers[f.REASON] == "permanent"
+        assert await inbox.lookup(event.id) is None
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+    await engine.dispose()
+    assert rows == []  # the transaction rolled back with the inbox record
+
+
 async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delivery_limit(
     namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
