@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Final, ParamSpec, TypeVar
 
@@ -50,8 +50,8 @@ def _end_with(parent: int) -> None:
 
 def _death_signal_set() -> bool:
     """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG); whether it is.
-    Strictly, when the parent's thread that started it ends: the event loop's, which `submit`
-    runs on, and which lives as long as the service."""
+    Strictly, when the parent's thread that started it ends: the pool's launcher, which lives
+    as long as the pool."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
@@ -82,6 +82,11 @@ def _new_executor(workers: int) -> ProcessPoolExecutor:
     return executor
 
 
+def _launch(executor: ProcessPoolExecutor) -> None:
+    """Start the executor's workers: all of them start with its first job (a no-op)."""
+    executor.submit(int)
+
+
 def _terminate(executor: ProcessPoolExecutor) -> None:
     # ProcessPoolExecutor cannot stop a running task (`terminate_workers` is Python 3.14+):
     # end the workers, or shutdown (and the interpreter's exit hook) waits for their tasks.
@@ -101,7 +106,12 @@ def worker_count(configured: int = 0) -> int:
 class CpuPool:
     def __init__(self, workers: int = 0) -> None:
         self._workers = worker_count(workers)
+        # Spawning the workers blocks the thread that does it for 7-64 ms (measured here): not
+        # the event loop's, which keeps acking meanwhile. One thread for the pool's life, since
+        # the workers end with the thread that started them (`_death_signal_set`).
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="cpu-pool-launcher")
         self._executor = _new_executor(self._workers)
+        self._launched: asyncio.Future[None] | None = None  # the current executor's
         self._alone: set[ProcessPoolExecutor] = set()  # jobs running again on their own
         # Jobs at once, in the pool or running again alone: while the jobs of a broken pool run
         # again, the replacement pool takes no more beside them (twice the work at once, just
@@ -114,20 +124,38 @@ class CpuPool:
         async with self._slots:
             executor = self._executor
             try:
+                await self._started(executor)
                 return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
             except BrokenProcessPool:
                 # A broken pool refuses every later task: replace it (once, whoever sees it
                 # first).
                 if self._executor is executor:
                     self._executor = _new_executor(self._workers)
+                    self._launched = None
                     executor.shutdown(wait=False, cancel_futures=True)
             return await self._run_alone(fn, *args)
+
+    async def _started(self, executor: ProcessPoolExecutor) -> None:
+        """The pool's workers are started (once; a start that failed is tried again)."""
+        if self._launched is None:
+            self._launched = self._launch(executor)
+        launched = self._launched
+        try:
+            await asyncio.shield(launched)  # one caller's cancellation stops no one's start
+        except Exception:
+            if self._launched is launched:
+                self._launched = None
+            raise
+
+    def _launch(self, executor: ProcessPoolExecutor) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().run_in_executor(self._launcher, _launch, executor)
 
     async def _run_alone(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` in a process of its own: if that dies too, this job is the culprit."""
         executor = _new_executor(1)
         self._alone.add(executor)
         try:
+            await self._launch(executor)
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except BrokenProcessPool as exc:
             raise WorkerLost(
@@ -141,3 +169,4 @@ class CpuPool:
         for executor in (self._executor, *self._alone):
             _terminate(executor)
         self._alone.clear()
+        self._launcher.shutdown(wait=False, cancel_futures=True)

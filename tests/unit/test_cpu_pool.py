@@ -6,7 +6,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,30 @@ async def test_every_worker_starts_with_the_first_job() -> None:
         pool.close()
 
 
+async def test_workers_start_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spawning a worker blocks the thread that does it for tens of milliseconds: never the
+    event loop's, which must keep acking and heart-beating; nor when a broken pool is
+    replaced or a job runs again alone."""
+    started_on: list[int] = []
+    start = SpawnProcess.start
+
+    def recorded(process: SpawnProcess) -> None:
+        started_on.append(threading.get_ident())
+        start(process)
+
+    monkeypatch.setattr(SpawnProcess, "start", recorded)
+    pool = CpuPool(2)
+    try:
+        assert await pool.run(square, 5) == 25
+        with pytest.raises(WorkerLost):
+            await pool.run(die, 9)  # then runs again alone, in a process of its own
+        assert await pool.run(square, 6) == 36  # on the replacement pool
+    finally:
+        pool.close()
+    assert len(started_on) == 2 + 1 + 2
+    assert threading.get_ident() not in started_on
+
+
 SERVICE = """
 import asyncio, os, sys, time
 from services.messaging.cpu import CpuPool
@@ -115,7 +141,7 @@ from tests.unit.test_cpu_pool import once_released
 async def main():
     pool = CpuPool(2)
     job = asyncio.ensure_future(pool.run(once_released, sys.argv[1], 1))
-    while not pool._executor._processes:
+    while len(pool._executor._processes or {}) < 2:  # started by the pool's launcher thread
         await asyncio.sleep(0.01)
     print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
     await job
