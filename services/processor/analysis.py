@@ -355,8 +355,9 @@ def _column_stats(columns: list[_Column], records: int) -> list[ColumnStats]:
     out = []
     for index, column in enumerate(columns, start=1):
         name = column.name.strip()[:MAX_NAME_LENGTH] or f"column_{index}"
-        if name in seen:
-            name = f"{name[: MAX_NAME_LENGTH - 12]}_{index}"
+        if name in seen:  # `_<index>`, or the next number free (a column may be named so)
+            stem = name[: MAX_NAME_LENGTH - 12]
+            name = next(c for n in itertools.count(index) if (c := f"{stem}_{n}") not in seen)
         seen.add(name)
         out.append(column.stats(records, name))
     return out

@@ -138,6 +138,13 @@ def test_a_csv_without_a_header_gets_generated_column_names(stored: Stored) -> N
     assert (analysis.columns[1].min, analysis.columns[1].max) == (-1.0, 2.5)
 
 
+def test_fields_named_alike_get_unique_column_names(stored: Stored) -> None:
+    # Names are trimmed: ` a` is a second `a`, renamed by its position, `a_3`, which the
+    # second field holds already.
+    analysis = stored.analyse(b'{"a": 1, "a_3": 2, " a": 3}\n{"a": 4}\n', "application/x-ndjson")
+    assert [c.name for c in analysis.columns] == ["a", "a_3", "a_4"]
+
+
 def test_mixed_and_ragged_columns_are_reported(stored: Stored) -> None:
     analysis = stored.analyse(b"a,b\n1,x\nfoo,y,extra\n", "text/csv")
     assert column(analysis, "a").kind == "mixed"
