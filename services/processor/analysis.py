@@ -434,6 +434,17 @@ class _RecordLines:
             yield row
 
 
+def _csv_error(exc: csv.Error) -> str:
+    """The csv module's message, but for a carriage return outside quotes, where it would
+    advise Python's universal-newline mode."""
+    if "new-line character seen in unquoted field" in str(exc):
+        return (
+            "a carriage return (CR) outside quotes; lines must end in LF or CRLF "
+            "(CR alone, as classic Mac OS ended lines, is not read)"
+        )
+    return str(exc)
+
+
 def analyse_csv(raw: io.BufferedReader, delimiter: str) -> _Result:
     blocks = _Blocks(raw)
     lines = _RecordLines(blocks.lines_of())
@@ -461,7 +472,7 @@ def analyse_csv(raw: io.BufferedReader, delimiter: str) -> _Result:
             ):
                 column.add_texts(values)
     except csv.Error as exc:
-        raise NotThisFormat(f"malformed CSV at line {reader.line_num}: {exc}") from exc
+        raise NotThisFormat(f"malformed CSV at line {reader.line_num}: {_csv_error(exc)}") from exc
     notes = []
     if ragged:
         notes.append(f"{ragged} records do not have the {first_width} fields of the first row")

@@ -145,6 +145,15 @@ def test_fields_named_alike_get_unique_column_names(stored: Stored) -> None:
     assert [c.name for c in analysis.columns] == ["a", "a_3", "a_4"]
 
 
+def test_a_csv_whose_lines_end_in_a_bare_carriage_return_is_refused_saying_so(
+    stored: Stored,
+) -> None:
+    with pytest.raises(PermanentError) as refused:
+        stored.analyse(b"a,b\r1,2\r3,4\r", "text/csv")
+    assert "carriage return (CR) outside quotes" in str(refused.value)
+    assert "universal-newline" not in str(refused.value)
+
+
 def test_mixed_and_ragged_columns_are_reported(stored: Stored) -> None:
     analysis = stored.analyse(b"a,b\n1,x\nfoo,y,extra\n", "text/csv")
     assert column(analysis, "a").kind == "mixed"
