@@ -224,8 +224,13 @@ def parse_batch(
         if any(e["type"] == "too_long" and not e["loc"] for e in exc.errors()):
             raise IngestError(413, f"a batch holds at most {max_events} events") from exc
         raise _invalid(exc) from exc
+    first_at: dict[str, int] = {}
     for at, event in enumerate(events):
         _addressable(event, (at,))
         _deliverable(event, (at,), channels)
+        if (earlier := first_at.setdefault(event.id, at)) != at:
+            # Consumers take a second event under an id as a resend of the first and skip it.
+            why = f"event {earlier} of this batch has the same id: one of them would be skipped"
+            raise _refusal(event, (at,), ("id",), why)
     correlation = headers.get("x-correlation-id")
     return [_with_correlation(event, correlation) for event in events]

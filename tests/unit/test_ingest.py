@@ -152,6 +152,19 @@ def test_a_batch_is_validated_as_a_whole() -> None:
     assert error.status == 422 and error.detail[0]["loc"][0] == 1
 
 
+def test_a_batch_with_two_events_under_one_id_is_refused_naming_both() -> None:
+    """The consumers would take the second as a resend of the first and skip it."""
+    first, second = (
+        {**NOTE, "id": "order-9", "data": {"recipient": r, "subject": "s"}} for r in "ab"
+    )
+    body = orjson.dumps([first, {**NOTE, "id": "other"}, second])
+    error = error_of(lambda: parse_batch("application/json", {}, body, 10))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == [2, "notification.requested", "id"]
+    assert "event 0 of this batch has the same id" in problem["msg"]
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [(b"[]", 422), (b"{}", 422), (b"[", 400), (orjson.dumps([orjson.loads(PLAIN)] * 3), 413)],
