@@ -20,7 +20,7 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -633,16 +633,36 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
     moved = ", ".join(f"{c} = excluded.{c}" for c in STATE_FIELDS)
     # Only the newest report per event and service can be the state this batch leaves (a
     # report usually holds both `processing` and `succeeded`): half the state writes.
-    newest = {(row[0], row[1]): row for row in rows if row[2] != "pending"}
+    shown = _shown([(row[0], row[1], row[2], row) for row in rows])
     insert_rows(
         raw,
         states.name,
         columns,
-        list(newest.values()),
+        shown,
         f"ON CONFLICT (event_seq, service) DO UPDATE SET {moved} "
-        f"WHERE {states.name}.updated_at <= excluded.updated_at "
-        f"OR {states.name}.state = 'pending'",
+        f"WHERE ({states.name}.updated_at <= excluded.updated_at "
+        f"OR {states.name}.state = 'pending') "
+        f"AND NOT ({states.name}.state = 'succeeded' AND excluded.state = 'skipped_duplicate')",
     )
+
+
+R = TypeVar("R")
+
+
+def _shown(rows: Sequence[tuple[object, object, object, R]]) -> list[R]:
+    """Of a batch's state rows (`(event number, service, state, row)`, oldest first), the one
+    per event and service that may become its state: the newest, except that a skipped
+    duplicate does not hide a success (a redelivery after a crash, its `succeeded` told again
+    from the inbox in the same report). `pending` is not a report."""
+    newest: dict[tuple[object, object], tuple[object, R]] = {}
+    for seq, service, state, row in rows:
+        if state == "pending":
+            continue
+        key = (seq, service)
+        if state == "skipped_duplicate" and newest.get(key, ("",))[0] == "succeeded":
+            continue
+        newest[key] = (state, row)
+    return [row for _, row in newest.values()]
 
 
 SEQ_LOOKUP_CHUNK = 500
@@ -797,11 +817,7 @@ def _write(
     if weakest:
         conn.execute(insert(states).on_conflict_do_nothing(index_elements=keys), weakest)
     # Only the newest report per event and service can be the state this batch leaves.
-    reports = list(
-        {
-            (row["event_seq"], row["service"]): row for row in rows if row["state"] != "pending"
-        }.values()
-    )
+    reports = _shown([(row["event_seq"], row["service"], row["state"], row) for row in rows])
     if reports:
         upsert = insert(states)
         moved = {column: upsert.excluded[column] for column in rows[0] if column not in keys}
@@ -809,8 +825,16 @@ def _write(
             upsert.on_conflict_do_update(
                 index_elements=keys,
                 set_=moved,
-                where=or_(
-                    states.c.updated_at <= upsert.excluded.updated_at, states.c.state == "pending"
+                where=and_(
+                    or_(
+                        states.c.updated_at <= upsert.excluded.updated_at,
+                        states.c.state == "pending",
+                    ),
+                    # A skipped duplicate was handled before: it does not hide that success.
+                    ~and_(
+                        states.c.state == "succeeded",
+                        upsert.excluded.state == "skipped_duplicate",
+                    ),
                 ),
             ),
             reports,

@@ -411,6 +411,52 @@ async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking)
     assert history_states(status, "notifier") == ["pending", "processing", "succeeded"]
 
 
+async def test_a_skipped_duplicate_does_not_hide_the_success_shown(tracking: Tracking) -> None:
+    """A redelivery of an event handled already (its ack lost in a crash) is skipped: the
+    event still succeeded, which its state keeps saying; the skip stays in the history."""
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply([step(event.id, "notifier", "succeeded", t)])
+    await tracking.apply(
+        [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=1))]
+    )
+    status = await status_of(tracking, event.id)
+    assert states_of(status) == {"notifier": "succeeded"}
+    assert history_states(status, "notifier") == ["pending", "succeeded", "skipped_duplicate"]
+
+
+async def test_a_success_told_again_beside_a_skipped_duplicate_is_the_state(
+    tracking: Tracking,
+) -> None:
+    # After a crash: the inbox tells `succeeded` again, stamped when it was recorded, and the
+    # redelivery's skip, newer, is in the same report.
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply([step(event.id, "notifier", "processing", t)])
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=2)),
+            step(event.id, "notifier", "succeeded", t + timedelta(milliseconds=5)),
+        ]
+    )
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
+async def test_a_skipped_duplicate_is_the_state_where_no_success_was_told(
+    tracking: Tracking,
+) -> None:
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply([step(event.id, "notifier", "processing", t)])
+    await tracking.apply(
+        [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=1))]
+    )
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "skipped_duplicate"}
+
+
 async def test_a_detail_no_store_takes_is_escaped_not_the_report_refused(
     tracking: Tracking,
 ) -> None:
