@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import Column, DateTime, MetaData, String, Table, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,7 +21,7 @@ from contracts.events import (
 )
 from services.messaging.inbox import Cancelled, Handled, Inbox, Outcome
 from services.messaging.publisher import event_body
-from services.messaging.store import open_store, store_url
+from services.messaging.store import open_store, store_unavailable, store_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -279,3 +280,28 @@ async def test_the_window_reaches_back_from_the_newest_outcome_of_either_kind(
     await inbox.skipped(cancelled)
     recent = await inbox.recent(timedelta(seconds=60), {handled.type})
     assert [(r.event_id, r.state) for r in recent] == [(cancelled.id, "cancelled")]
+
+
+async def test_a_database_closed_to_connections_is_an_outage_not_a_failure(
+    postgres_url: str, postgres_database: str, tmp_path: Path
+) -> None:
+    """As for maintenance: the inbox's look-ups fail, and the consumer must hold its
+    deliveries (an outage), not spend their attempts on returns to the queue."""
+    store = open_store(store_url(postgres_database, tmp_path, "svc"))
+    box = Inbox(store, "svc")
+    await box.start()
+    name = postgres_database.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        with pytest.raises(Exception, match="not currently accepting connections") as refused:
+            await box.lookup(an_event().id)
+        assert store_unavailable(refused.value)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        box.close()
+        await store.dispose()

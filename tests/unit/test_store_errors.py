@@ -39,6 +39,8 @@ AWAY = {
     "postgres statement timeout": through_sqlalchemy(PostgresError("57014")),
     "postgres deadlock": through_sqlalchemy(PostgresError("40P01")),
     "postgres read-only standby": through_sqlalchemy(PostgresError("25006")),
+    "postgres database closed to connections": through_sqlalchemy(PostgresError("55000")),
+    "postgres database dropped to be restored": through_sqlalchemy(PostgresError("3D000")),
 }
 ROW = {
     "postgres NUL in text": through_sqlalchemy(PostgresError("22021")),
