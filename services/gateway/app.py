@@ -32,7 +32,7 @@ from services.messaging.inbox import Inbox
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
-from services.messaging.store import STORE_ERRORS, open_store, store_url
+from services.messaging.store import STORE_ERRORS, claim, open_store, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
 from services.ops.store import FailureStore, open_letter_of
@@ -113,6 +113,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
             stack.push_async_callback(engine.dispose)
+            await claim(engine, settings.namespace)
             failures = FailureStore(engine)
             broker = BrokerLink(settings)  # connects only once started, below
             callbacks = Callbacks(engine, broker.publisher, events_exchange(settings.namespace))

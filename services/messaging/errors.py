@@ -6,6 +6,7 @@
     ├── Unpublishable          a message AMQP cannot carry (a property too long, of a type it
     │                          has no encoding for): a bug; sending it again cannot help
     ├── TopologyMismatch       an existing queue was declared with other arguments
+    ├── StoreOfAnotherNamespace  the service's store holds another deployment's data
     ├── PermanentError         raised by a handler: retrying cannot help; dead-letter at once
     ├── RetryLater             raised by a handler: transient, and not worth retrying before
     │                          `min_delay` seconds (e.g. an HTTP `Retry-After`)
@@ -83,6 +84,11 @@ class Unpublishable(CourierError):
 
 class TopologyMismatch(CourierError):
     """A broker object exists with other arguments than this service declares."""
+
+
+class StoreOfAnotherNamespace(CourierError):
+    """The service's store (database or data directory) was claimed by a deployment of another
+    `COURIER_NAMESPACE`: sharing it would mix their data."""
 
 
 class PermanentError(CourierError):

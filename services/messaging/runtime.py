@@ -33,7 +33,7 @@ from contracts.tracking import CancellationRequested
 from services.messaging.connection import open_connection
 from services.messaging.consumer import Consumer, OneAtATime, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
-from services.messaging.errors import TopologyMismatch
+from services.messaging.errors import StoreOfAnotherNamespace, TopologyMismatch
 from services.messaging.health import serve_health
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
@@ -43,7 +43,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.settings import ConsumerSettings
 from services.messaging.status import StatusReporter
-from services.messaging.store import open_store, store_url
+from services.messaging.store import claim, open_store, store_url
 
 log = get_logger("runtime")
 
@@ -51,7 +51,7 @@ S = TypeVar("S", bound=ConsumerSettings)
 RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 """Builds a service's routes and their resources; resources register their cleanup on the stack."""
 
-EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY = 0, 1, 2
+EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY, EXIT_STORE = 0, 1, 2, 3
 CONTROL_PREFETCH = 16
 CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
@@ -117,6 +117,7 @@ async def _watch(
 async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
+    await claim(engine, settings.namespace)
     inbox = Inbox(
         engine,
         service,
@@ -173,6 +174,14 @@ async def _record_cancellation(
 
 
 async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+    try:
+        return await _serve(service, settings, build_routes)
+    except StoreOfAnotherNamespace:
+        log.exception("the store belongs to another namespace; refusing to start")
+        return EXIT_STORE
+
+
+async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
     topology = settings.topology(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    literal,
     select,
     text,
 )
@@ -45,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from services.messaging.errors import causes
+from services.messaging.errors import StoreOfAnotherNamespace, causes
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 T = TypeVar("T")
@@ -56,6 +57,13 @@ _MIGRATIONS = Table(
     _META,
     Column("component", String(128), primary_key=True),
     Column("version", Integer, nullable=False),
+)
+
+_OWNER = Table(
+    "courier_namespace",
+    _META,
+    # The one deployment (`COURIER_NAMESPACE`) whose data this store holds.
+    Column("namespace", String(255), primary_key=True),
 )
 
 
@@ -364,6 +372,28 @@ def add_missing_columns(sync: Connection, table: Table, names: Sequence[str]) ->
         if name not in present:
             kind = table.c[name].type.compile(dialect=sync.dialect)
             sync.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{name}" {kind}'))
+
+
+async def claim(engine: AsyncEngine, namespace: str) -> None:
+    """Make sure the store holds the data of `namespace` only: the first service to start on it
+    claims it; one of another namespace is refused (`StoreOfAnotherNamespace`). Its tables are
+    not named by namespace, so two deployments on one database would each see, replay and
+    prune the other's dead letters, statuses and inbox records."""
+    async with engine.begin() as conn:
+        await _lock_migrations(conn)
+        await conn.run_sync(_OWNER.create, checkfirst=True)
+        unclaimed = ~select(_OWNER.c.namespace).exists()  # one statement: atomic on SQLite too
+        await conn.execute(
+            _OWNER.insert().from_select(["namespace"], select(literal(namespace)).where(unclaimed))
+        )
+        owners = sorted((await conn.scalars(select(_OWNER.c.namespace))).all())
+    if owners != [namespace]:
+        others = ", ".join(repr(o) for o in owners if o != namespace)
+        raise StoreOfAnotherNamespace(
+            f"this store ({engine.url.render_as_string(hide_password=True)}) holds the data of "
+            f"namespace {others}, not {namespace!r} (COURIER_NAMESPACE): give each deployment "
+            "a database (or COURIER_DATA_DIR) of its own"
+        )
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from services.messaging.declare import declare_topology
+from services.messaging.store import claim, open_store, store_url
 from tests.conftest import Namespace
 from tests.support.processes import consumer, free_port
 
@@ -26,6 +27,21 @@ async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
     assert notifier.process is not None
     assert notifier.process.wait(30) == 2
     assert "x-delivery-limit" in notifier.log()
+
+
+async def test_a_consumer_on_a_store_of_another_namespace_exits_3_naming_it(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    engine = open_store(store_url(None, tmp_path, "processor"))
+    try:
+        await claim(engine, "another-deployment")
+    finally:
+        await engine.dispose()
+    env = namespace.env(COURIER_DATA_DIR=str(tmp_path))
+    processor = consumer("processor", env, tmp_path).start()
+    assert processor.process is not None
+    assert processor.process.wait(30) == 3
+    assert "'another-deployment', not" in processor.log()
 
 
 def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(

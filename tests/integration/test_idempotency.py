@@ -77,6 +77,16 @@ async def running_gateway(
         await clients.aclose()
 
 
+@pytest.fixture
+def own_database_url(request: pytest.FixtureRequest, database_url: str | None) -> str | None:
+    """A store of its own, as `database_url`'s kind, for a test's own gateway: a store serves
+    one namespace, and the module's gateway has claimed the module's."""
+    if database_url is None:
+        return None
+    url: str = request.getfixturevalue("postgres_database")
+    return url
+
+
 @dataclass
 class Gateway:
     client: httpx.AsyncClient
@@ -361,7 +371,7 @@ async def test_a_partial_failure_reaches_the_client_when_its_key_cannot_be_relea
 
 @pytest.mark.broker
 async def test_a_retry_after_a_503_publishes_under_the_same_event_ids(
-    namespace: Namespace, tmp_path: Path, database_url: str | None
+    namespace: Namespace, tmp_path: Path, own_database_url: str | None
 ) -> None:
     """The broker is unreachable: 503. The client retries with the same key once the broker is
     back: the events go out under the ids chosen for the first try (so, had the first publish
@@ -372,12 +382,12 @@ async def test_a_retry_after_a_503_publishes_under_the_same_event_ids(
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
         single, batch = new_key(), new_key()
         async with running_gateway(
-            namespace, tmp_path, database_url, wait_ready=False, amqp_url=url
+            namespace, tmp_path, own_database_url, wait_ready=False, amqp_url=url
         ) as gw:
             refused = await post(gw, NOTIFICATION, single)
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"].isdigit()
-            [first_id] = await stored_event_ids(tmp_path, database_url, single)
+            [first_id] = await stored_event_ids(tmp_path, own_database_url, single)
             refused_batch = await post(
                 gw, [NOTIFICATION, OTHER_NOTIFICATION], batch, "/v1/events/batch"
             )
@@ -406,7 +416,7 @@ async def test_a_retry_after_a_503_publishes_under_the_same_event_ids(
 
 
 async def test_an_event_written_but_never_confirmed_is_answered_as_possibly_accepted(
-    namespace: Namespace, tmp_path: Path, database_url: str | None
+    namespace: Namespace, tmp_path: Path, own_database_url: str | None
 ) -> None:
     """The broker may have an event whose confirm never came: the 503 says so and names the id
     to retry with (a batch lists them as `unconfirmed`), and the key is free for that retry."""
@@ -414,12 +424,12 @@ async def test_an_event_written_but_never_confirmed_is_answered_as_possibly_acce
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
         key, batch_key = new_key(), new_key()
         async with running_gateway(
-            namespace, tmp_path, database_url, amqp_url=url, publish_timeout=0.5
+            namespace, tmp_path, own_database_url, amqp_url=url, publish_timeout=0.5
         ) as gw:
             proxy.set_mode(ProxyMode.BLACKHOLE)  # written, never answered
             unconfirmed = await post(gw, NOTIFICATION, key)
             assert unconfirmed.status_code == 503, unconfirmed.text
-            [event_id] = await stored_event_ids(tmp_path, database_url, key)
+            [event_id] = await stored_event_ids(tmp_path, own_database_url, key)
             detail = unconfirmed.json()["detail"]
             assert event_id in detail and "may have been accepted" in detail
             assert unconfirmed.headers["retry-after"].isdigit()
@@ -436,11 +446,11 @@ async def test_an_event_written_but_never_confirmed_is_answered_as_possibly_acce
 
 @pytest.mark.broker
 async def test_a_key_expires_after_its_ttl(
-    namespace: Namespace, tmp_path: Path, database_url: str | None
+    namespace: Namespace, tmp_path: Path, own_database_url: str | None
 ) -> None:
     # COURIER_IDEMPOTENCY_TTL_HOURS: 0.3 s.
     async with running_gateway(
-        namespace, tmp_path, database_url, idempotency_ttl_hours=0.3 / 3600
+        namespace, tmp_path, own_database_url, idempotency_ttl_hours=0.3 / 3600
     ) as gw:
         key = new_key()
         first = await post(gw, NOTIFICATION, key)

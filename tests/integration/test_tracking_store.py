@@ -787,9 +787,10 @@ async def running_gateway(
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> str | None:
+    """A gateway's store: a database of its own (a store serves one namespace)."""
     if request.param == "sqlite":
         return None
-    url: str = request.getfixturevalue("module_database")
+    url: str = request.getfixturevalue("postgres_database")
     return url
 
 
