@@ -108,9 +108,11 @@ def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float
 # PostgreSQL error codes (SQLSTATE) of a store that is away or refusing work for a while:
 # classes 08 connection, 53 insufficient resources (disk full, too many connections), 57
 # operator intervention (shutting down, starting up, statement timeout), 58 system (I/O); and
-# serialization failures, deadlocks, lock timeouts and a read-only standby after a failover.
+# serialization failures, deadlocks, lock timeouts, a read-only standby after a failover, a
+# database closed to connections (`ALLOW_CONNECTIONS false`, as for maintenance: 55000) or
+# not there (3D000, dropped to be restored).
 _AWAY_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
-_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006"})
+_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "55000", "3D000"})
 # Classes 22 (data exception, e.g. a NUL in text) and 23 (integrity constraint violation).
 _ROW_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 

@@ -42,8 +42,7 @@ class Notification:
     subject: str
     body: str
     event: Envelope = field(repr=False, compare=False)
-    """The event that asked for the notification (what a webhook receives, less its
-    `callbackurl`)."""
+    """The event that asked for the notification (what a webhook receives)."""
 
 
 class DeliveryChannel(Protocol):
