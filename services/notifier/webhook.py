@@ -34,6 +34,7 @@ from typing import Final
 import httpcore
 import httpx
 
+from services.messaging.dead_letters import printable
 from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
 from services.notifier.channels import Notification
@@ -94,7 +95,9 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 def _trimmed(body: bytes) -> str:
     text = body[:MAX_ERROR_BODY].decode("utf-8", errors="replace")
-    return " ".join(text.split())  # one line: it ends up in a header and a log line
+    # One line, for it ends up in a header and a log line, and escaped as the failure store
+    # escapes text: the receiver's escape sequences must reach no operator's terminal.
+    return printable(" ".join(text.split()))
 
 
 def check_response(status: int, headers: Mapping[str, str], body: bytes, now: datetime) -> None:

@@ -3,7 +3,9 @@
 It talks to the gateway's ops API (`/v1/ops`) over HTTP, with the gateway's address from `--url`
 (env `COURIER_URL`) and an ops token from `--token` (env `COURIER_OPS_TOKEN`; the token is never
 printed or logged). Output is a human table by default and one JSON document on stdout with
-`--json`; errors and progress go to stderr.
+`--json`; errors and progress go to stderr. Human output shows the text it gets from the gateway
+(a dead letter's error may be a webhook receiver's answer) with control and invisible format
+characters as escapes (`\\x1b`), never as markup; `--json` carries it exactly.
 
 A replay or discard works in batches until the selection is exhausted or `--limit` is reached.
 Its selection is frozen when it starts: letters dead-lettered after that (for example a replayed
@@ -39,7 +41,6 @@ import click
 import httpx
 from rich import box
 from rich.console import Console, Group
-from rich.json import JSON
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -388,19 +389,24 @@ class Session:
     def emit(self, document: Any) -> None:
         _emit(document)
 
+    def say(self, message: str) -> None:
+        """A human line on stdout, printed as it is: never as markup or control sequences."""
+        self.out.print(Text(_visible(message)))
+
     def note(self, message: str) -> None:
         """A human remark on stderr (silent with --json)."""
         if not self.as_json:
-            self.err.print(Text(message, style="dim"))
+            self.err.print(Text(_visible(message), style="dim"))
 
 
 def _emit(document: Any) -> None:
-    click.echo(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+    click.echo(_json_text(document))
 
 
 def _fail(error: OpsError, *, as_json: bool, err: Console) -> NoReturn:
     """Say what went wrong on stderr (and as a JSON document with --json), then exit."""
-    err.print(Text(f"error: {error.message}", style="bold red"))
+    # The message may quote the gateway's answer, or a dead letter's text.
+    err.print(Text(f"error: {_visible(error.message, lines=True)}", style="bold red"))
     if as_json:
         problem: dict[str, Any] = {"message": error.message, "exit_code": int(error.code)}
         if error.status is not None:
@@ -470,13 +476,37 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+# What would drive or mislead a terminal: C0 and C1 controls and DEL (escape sequences that
+# recolour, retitle or erase), and the invisible format characters (bidi overrides that reorder
+# what is shown, zero-width ones). Dead letters carry text from anyone who can make a message
+# fail, e.g. a webhook receiver's answer.
+_UNSAFE = r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
+_UNSAFE_CHARS = re.compile(rf"[{_UNSAFE}]")
+_UNSAFE_IN_LINES = re.compile(rf"(?![\n\t])[{_UNSAFE}]")
+
+
+def _visible(text: str, *, lines: bool = False) -> str:
+    """`text` with every unsafe character written as its Python escape (`\\x1b`, `\\u202e`),
+    as the failure store writes what it cannot hold; `lines` keeps newlines and tabs."""
+    pattern = _UNSAFE_IN_LINES if lines else _UNSAFE_CHARS
+    return pattern.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def _json_text(value: Any) -> str:
+    """`value` as indented JSON whose unsafe characters are all JSON escapes (`json` leaves
+    DEL, C1 and format characters as they are): still the same JSON, safe to print."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return _UNSAFE_IN_LINES.sub(lambda match: json.dumps(match.group())[1:-1], text)
+
+
 def _cell(value: Any, *, width: int | None = None) -> Text:
-    """A table cell as plain text: data never gets interpreted as rich markup."""
+    """A table cell as plain, safe text: data never gets interpreted as rich markup, and
+    never reaches the terminal as a control sequence."""
     if value is None:
         return Text("-", style="dim")
     if isinstance(value, list | tuple):
         value = ", ".join(str(v) for v in value)
-    text = str(value).replace("\n", " ")
+    text = _visible(str(value).replace("\n", " "))
     if width is not None and len(text) > width:
         text = text[: width - 1] + "…"
     return Text(text)
@@ -489,7 +519,7 @@ def _when(value: Any) -> Text:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        return Text(value)
+        return _cell(value)
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
     return Text(moment.strftime("%Y-%m-%d %H:%M:%S"))
@@ -588,7 +618,7 @@ def list_letters(
         session.emit({"items": items, "next_cursor": next_cursor})
         return
     if not items:
-        session.out.print("No dead letters match.")
+        session.say("No dead letters match.")
     else:
         session.out.print(_letters_table(items, status))
     if next_cursor:
@@ -641,9 +671,9 @@ def _letter_view(item: Mapping[str, Any]) -> Group:
         facts.add_row(label, _cell(item.get(key)))
 
     if "payload" in item:
-        payload: Any = JSON(json.dumps(item["payload"], ensure_ascii=False), highlight=False)
+        payload = Text(_json_text(item["payload"]), no_wrap=True)
     else:
-        payload = Text(str(item.get("payload_text", "")))
+        payload = Text(_visible(str(item.get("payload_text", "")), lines=True))
     parts: list[Any] = [
         Panel(facts, title="dead letter", title_align="left"),
         Panel(payload, title="payload", title_align="left"),
@@ -656,11 +686,12 @@ def _letter_view(item: Mapping[str, Any]) -> Group:
         shown = value if isinstance(value, str) else json.dumps(value, default=str)
         if name == "courier-traceback":
             shown = "(below)"
-        headers.add_row(Text(name), _cell(shown, width=200))
+        headers.add_row(_cell(name), _cell(shown, width=200))
     parts.append(Panel(headers, title="headers", title_align="left"))
 
     if item.get("traceback"):
-        parts.append(Panel(Text(str(item["traceback"])), title="traceback", title_align="left"))
+        traceback = Text(_visible(str(item["traceback"]), lines=True))
+        parts.append(Panel(traceback, title="traceback", title_align="left"))
 
     history = Table(box=None, padding=(0, 2))
     for column in ("at (UTC)", "action", "actor", "reason", "action id"):
@@ -721,7 +752,7 @@ def groups(session: Session, status: str, limit: int, **options: Any) -> None:
         session.emit({"groups": found})
         return
     if not found:
-        session.out.print("No dead letters match.")
+        session.say("No dead letters match.")
         return
     table = Table(
         title=f"{len(found)} group(s) of {status} letters, largest first",
@@ -936,15 +967,15 @@ def _dry_run(
     if session.as_json:
         session.emit({"action": action, **outcome})
         return
-    session.out.print(
+    session.say(
         f"Dry run: would {verb} {outcome['count']} dead letter(s)"
         + (" (or more)" if outcome["count"] >= size else "")
         + f"; nothing was changed (recorded as action {outcome['action_id']})."
     )
     for letter_id in outcome.get("ids", [])[:20]:
-        session.out.print(Text(f"  {letter_id}"))
+        session.say(f"  {letter_id}")
     if outcome["count"] > 20:
-        session.out.print(f"  … and {outcome['count'] - 20} more")
+        session.say(f"  … and {outcome['count'] - 20} more")
 
 
 @dlq.command("replay")
@@ -1047,19 +1078,19 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
         session.emit(run.document())
         return
     if run.total == 0:
-        session.out.print("No dead letters match; nothing to do.")
+        session.say("No dead letters match; nothing to do.")
         return
     if len(run.action_ids) == 1:
         audit = f" (action {run.action_ids[0]})"
     else:
         audit = f" ({len(run.action_ids)} actions; see `courier dlq actions`)"
-    session.out.print(
+    session.say(
         f"{verb} {run.done} of {run.total} dead letter(s){' ' + where if where else ''}{audit}."
     )
     for letter_id, why in run.skipped.items():
-        session.out.print(f"  left dead: {letter_id}: {why} (discard it if it has no home)")
+        session.say(f"  left dead: {letter_id}: {why} (discard it if it has no home)")
     for letter_id in run.not_taken:
-        session.out.print(Text(f"  not taken: {letter_id}: unknown, or not dead"))
+        session.say(f"  not taken: {letter_id}: unknown, or not dead")
 
 
 @dlq.command("actions")
@@ -1081,7 +1112,7 @@ def actions(session: Session, limit: int) -> None:
         session.emit({"actions": found})
         return
     if not found:
-        session.out.print("No actions recorded.")
+        session.say("No actions recorded.")
         return
     table = Table(
         title=f"{len(found)} action(s), newest first",

@@ -44,6 +44,15 @@ def test_other_statuses_are_permanent_with_the_status_and_body(status: int) -> N
     assert str(caught.value) == f'webhook answered {status}: {{"error": "bad signature"}}'
 
 
+def test_control_characters_in_the_body_are_escaped_in_the_error() -> None:
+    # The message is stored with the dead letter: a receiver's escape sequences must not
+    # reach whoever reads it in a terminal.
+    body = b"\x1b[31mRED\x1b[0m \x1b]0;title\x07 \xc2\x9b2K"
+    with pytest.raises(WebhookRejected) as caught:
+        check_response(400, {}, body, NOW)
+    assert caught.value.body == r"\x1b[31mRED\x1b[0m \x1b]0;title\x07 \x9b2K"
+
+
 def test_a_long_body_is_trimmed() -> None:
     with pytest.raises(WebhookRejected) as caught:
         check_response(400, {}, b"x" * 100_000, NOW)
