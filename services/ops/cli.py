@@ -2,10 +2,11 @@
 
 It talks to the gateway's ops API (`/v1/ops`) over HTTP, with the gateway's address from `--url`
 (env `COURIER_URL`) and an ops token from `--token` (env `COURIER_OPS_TOKEN`; the token is never
-printed or logged). Output is a human table by default and one JSON document on stdout with
-`--json`; errors and progress go to stderr. Human output shows the text it gets from the gateway
-(a dead letter's error may be a webhook receiver's answer) with control and invisible format
-characters as escapes (`\\x1b`), never as markup; `--json` carries it exactly.
+printed or logged), each given before the command or after it. Output is a human table by
+default and one JSON document on stdout with `--json`; errors and progress go to stderr. Human
+output shows the text it gets from the gateway (a dead letter's error may be a webhook
+receiver's answer) with control and invisible format characters as escapes (`\\x1b`), never as
+markup; `--json` carries it exactly.
 
 A replay or discard works in batches until the selection is exhausted or `--limit` is reached.
 Its selection is frozen when it starts: letters dead-lettered after that (for example a replayed
@@ -39,6 +40,7 @@ from urllib.parse import quote
 
 import click
 import httpx
+from click.core import ParameterSource
 from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -426,13 +428,43 @@ def _consoles() -> tuple[Console, Console]:
     )
 
 
+def _gateway_options(f: F) -> F:
+    """--url and --token, taken by the `courier` group and by every command: they may come
+    before the command (`courier --url X dlq list`) or after it (see `_gateway_option`)."""
+    f = click.option(
+        "--token",
+        envvar="COURIER_OPS_TOKEN",
+        show_envvar=True,
+        metavar="TOKEN",
+        help="Ops token. Prefer the variable: arguments are visible to other users.",
+    )(f)
+    return click.option(
+        "--url",
+        envvar="COURIER_URL",
+        show_envvar=True,
+        default=DEFAULT_URL,
+        show_default=True,
+        help="The gateway's base URL.",
+    )(f)
+
+
+def _gateway_option(name: str, value: Any) -> Any:
+    """The command's --url or --token when given after the command; else the group's, which
+    was given before it or else comes from the same variable or default."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if root is ctx or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+        return value
+    return root.params.get(name, value)
+
+
 def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--url, --token, --json, --timeout; hands the command a `Session` as its first argument."""
 
     @functools.wraps(f)
     def run(*args: Any, **options: Any) -> Any:
-        url: str = options.pop("url")
-        token: str | None = options.pop("token")
+        url: str = _gateway_option("url", options.pop("url"))
+        token: str | None = _gateway_option("token", options.pop("token"))
         timeout: float = options.pop("timeout")
         as_json: bool = options.pop("as_json")
         out, err = _consoles()
@@ -456,24 +488,9 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Seconds to wait for each answer (plus --batch / --rate for a replay).",
         ),
         click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout."),
-        click.option(
-            "--token",
-            envvar="COURIER_OPS_TOKEN",
-            show_envvar=True,
-            metavar="TOKEN",
-            help="Ops token. Prefer the variable: arguments are visible to other users.",
-        ),
-        click.option(
-            "--url",
-            envvar="COURIER_URL",
-            show_envvar=True,
-            default=DEFAULT_URL,
-            show_default=True,
-            help="The gateway's base URL.",
-        ),
     ):
         run = option(run)
-    return run
+    return _gateway_options(run)
 
 
 # What would drive or mislead a terminal: C0 and C1 controls and DEL (escape sequences that
@@ -568,8 +585,13 @@ def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def cli() -> None:
-    """Courier operations: inspect, group, replay and discard dead letters."""
+@_gateway_options
+def cli(url: str, token: str | None) -> None:
+    """Courier operations: inspect, group, replay and discard dead letters.
+
+    --url and --token may come before the command or after it (where they win).
+    """
+    # Both are read by the command that runs (`_gateway_option`).
 
 
 @cli.group()
