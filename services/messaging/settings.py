@@ -187,6 +187,15 @@ class ConsumerSettings(CourierSettings):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
+    @field_validator("permanent_errors")
+    @classmethod
+    def _names_exception_types(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        # Resolved here, so that a typo is a settings error at start-up, not a crash of the
+        # service once it has started.
+        for name in names:
+            _exception_type(name)
+        return names
+
     @model_validator(mode="after")
     def _recovery_covers_the_interval(self) -> Self:
         # Reports wait up to an interval after their ack: a shorter window would not reach
@@ -216,14 +225,32 @@ class ConsumerSettings(CourierSettings):
         )
 
     def permanent_exception_types(self) -> tuple[type[BaseException], ...]:
-        """Resolve `permanent_errors` to classes; an unknown name is a configuration error."""
+        """`permanent_errors` as classes (validated: every name is one)."""
         return tuple(_exception_type(name) for name in self.permanent_errors)
 
 
 def _exception_type(dotted: str) -> type[BaseException]:
+    """The exception class a `COURIER_PERMANENT_ERRORS` entry names (a bare name: a builtin);
+    ValueError, naming the variable and the entry, when there is none."""
+    if not all(part.isidentifier() for part in dotted.split(".")):
+        raise ValueError(f"COURIER_PERMANENT_ERRORS: {dotted!r} is not a dotted name")
     module_name, _, name = dotted.rpartition(".")
-    module = importlib.import_module(module_name or "builtins")
-    found = getattr(module, name, None)
+    module_name = module_name or "builtins"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"COURIER_PERMANENT_ERRORS: {dotted!r}: cannot import {module_name!r} ({exc})"
+        ) from None
+    try:
+        found = getattr(module, name)
+    except AttributeError:
+        raise ValueError(
+            f"COURIER_PERMANENT_ERRORS: {dotted!r}: {module_name!r} has no {name!r}"
+        ) from None
     if not (isinstance(found, type) and issubclass(found, BaseException)):
-        raise TypeError(f"COURIER_PERMANENT_ERRORS: {dotted!r} is not an exception type")
+        # A ValueError, which pydantic reports as a settings error.
+        raise ValueError(  # noqa: TRY004
+            f"COURIER_PERMANENT_ERRORS: {dotted!r} is not an exception class"
+        )
     return found

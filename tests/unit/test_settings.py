@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings
 
 from contracts.notify import CHANNELS
 from services.gateway.settings import GatewaySettings
+from services.messaging.errors import RetryLater
 from services.messaging.settings import ConsumerSettings, CourierSettings
 from services.notifier.settings import NotifierSettings
 
@@ -102,3 +103,29 @@ def test_the_notify_channels_are_read_as_a_list(monkeypatch: pytest.MonkeyPatch)
     assert GatewaySettings(environment="development").notify_channels == ("log", "webhook")
     monkeypatch.setenv("COURIER_NOTIFY_CHANNELS", "")
     assert GatewaySettings(environment="development").notify_channels == CHANNELS
+
+
+def test_permanent_errors_are_read_as_exception_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COURIER_PERMANENT_ERRORS", "KeyError, services.messaging.errors.RetryLater")
+    assert ConsumerSettings().permanent_exception_types() == (KeyError, RetryLater)
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("no.such.Error", "cannot import 'no.such' (No module named 'no')"),
+        ("services.messaging.errors.NoSuchError", "'services.messaging.errors' has no"),
+        ("services.messaging.settings.ConsumerSettings", "is not an exception class"),
+        ("NoSuchBuiltinError", "'builtins' has no"),
+        ("errors..Error", "is not a dotted name"),
+    ],
+)
+def test_a_permanent_error_that_names_no_exception_class_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, entry: str, why: str
+) -> None:
+    # It crashed the service after its start-up logs, with an import traceback.
+    monkeypatch.setenv("COURIER_PERMANENT_ERRORS", f"KeyError,{entry}")
+    with pytest.raises(ValidationError) as caught:
+        ConsumerSettings()
+    assert f"COURIER_PERMANENT_ERRORS: {entry!r}" in str(caught.value)
+    assert why in str(caught.value)
