@@ -42,7 +42,8 @@ class Notification:
     subject: str
     body: str
     event: Envelope = field(repr=False, compare=False)
-    """The event that asked for the notification (what a webhook receives)."""
+    """The event that asked for the notification (what a webhook receives, less its
+    `callbackurl`)."""
 
 
 class DeliveryChannel(Protocol):

@@ -1,7 +1,8 @@
 """The webhook channel: POST the event as JSON to the recipient URL, signed.
 
 The request body is the CloudEvents envelope of the event that asked for the notification
-(structured mode, `application/json`). Headers: `Courier-Signature` (see `signing`),
+(structured mode, `application/json`), without the submitter's `callbackurl` (see
+`webhook_body`). Headers: `Courier-Signature` (see `signing`),
 `Idempotency-Key` = the event id (the same on every retry, so a receiver can dedup; an id a
 header cannot carry as it is, such as one with non-ASCII characters, as its SHA-256 in hex), and
 `User-Agent`. Redirects are not followed.
@@ -34,6 +35,7 @@ from typing import Final
 import httpcore
 import httpx
 
+from contracts.envelope import Envelope
 from services.messaging.dead_letters import printable
 from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
@@ -98,6 +100,13 @@ def _trimmed(body: bytes) -> str:
     # One line, for it ends up in a header and a log line, and escaped as the failure store
     # escapes text: the receiver's escape sequences must reach no operator's terminal.
     return printable(" ".join(text.split()))
+
+
+def webhook_body(event: Envelope) -> bytes:
+    """The JSON a receiver gets: the event's envelope without the submitter's callback URL,
+    which is none of the receiver's business and often holds a secret token in its path or
+    query (a processed file's `notify` list is left out for the same reason)."""
+    return event.model_dump_json(exclude={"callbackurl"}).encode()
 
 
 def check_response(status: int, headers: Mapping[str, str], body: bytes, now: datetime) -> None:
@@ -248,7 +257,7 @@ class WebhookChannel:
         secret = self._secrets.for_host(url.raw_host)
         if secret is None:
             raise TargetRefused(f"no webhook signing secret for {dns_host(url.raw_host)}")
-        body = notification.event.model_dump_json().encode()
+        body = webhook_body(notification.event)  # what is signed is what is sent
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": idempotency_key(notification.event_id),

@@ -32,12 +32,19 @@ SECRET = b"integration-webhook-secret-0123456789"
 LOCAL = TargetPolicy.from_entries(["127.0.0.1"])
 
 
-def notification(url: str, subject: str = "Deployed", event_id: str | None = None) -> Notification:
+def notification(
+    url: str,
+    subject: str = "Deployed",
+    event_id: str | None = None,
+    callback_url: str | None = None,
+) -> Notification:
     event = NotificationRequested(
         data=NotificationRequestedData(channel="webhook", recipient=url, subject=subject, body="v2")
     )
     if event_id is not None:
         event = event.model_copy(update={"id": event_id})
+    if callback_url is not None:
+        event = event.model_copy(update={"callbackurl": callback_url})
     return Notification(
         event_id=event.id,
         correlation_id=event.correlation(),
@@ -90,6 +97,18 @@ async def test_the_event_is_posted_as_signed_json_with_the_event_id_as_idempoten
         "subject": "Deployed",
         "body": "v2",
     }
+
+
+async def test_the_submitters_callback_url_is_left_out_of_the_signed_body(
+    channel: WebhookChannel, receiver: WebhookReceiver
+) -> None:
+    """The receiver is not the submitter: the callback URL (and its token) is not its to see."""
+    n = notification(receiver.url(), callback_url="https://shop.example/hooks?token=s3cret")
+    await channel.deliver(n)
+    [request] = receiver.received
+    assert b"s3cret" not in request.body
+    assert "callbackurl" not in orjson.loads(request.body)
+    assert verify(request.headers["courier-signature"], request.body, SECRET, now=time.time())
 
 
 async def test_an_id_a_header_cannot_carry_is_sent_as_its_hash(
