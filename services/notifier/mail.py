@@ -6,10 +6,11 @@ carries the same id and mail systems can recognise the duplicate.
 
 How the server's answer is classified:
 
-* 5xx (sender, recipient or message refused; authentication failed) → permanent
+* 5xx (sender, recipient or message refused; authentication failed), a server that lacks an
+  extension the message needs (SMTPUTF8), and a server that does not offer STARTTLS when it
+  is required (the message is never sent in clear; only a setting changes that) → permanent
   (`EmailRejected`): dead-lettered at once;
-* 4xx (try again later), connection errors and timeouts → transient: retried; so is a server
-  that does not offer STARTTLS when it is required (the message is never sent in clear).
+* 4xx (try again later), connection errors and timeouts → transient: retried.
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def build_message(notification: Notification, sender: str, now: datetime) -> Ema
     return message
 
 
+def _no_starttls(config: SmtpConfig) -> EmailRejected:
+    return EmailRejected(
+        f"the SMTP server {config.host}:{config.port} does not offer STARTTLS, which "
+        "COURIER_SMTP_STARTTLS requires (on unless COURIER_SMTP_TLS): set COURIER_SMTP_TLS=true "
+        "for a server that speaks TLS from the start, or COURIER_SMTP_STARTTLS=false to send "
+        "in clear (a local relay only)"
+    )
+
+
+def _starttls_missing(exc: aiosmtplib.SMTPException) -> bool:
+    # aiosmtplib raises a bare SMTPException for it, told apart by its message only
+    # (pinned by the email channel's test against a server without STARTTLS).
+    return type(exc) is aiosmtplib.SMTPException and "STARTTLS extension not supported" in str(exc)
+
+
 def _code(exc: aiosmtplib.SMTPException) -> int | None:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [refused.code for refused in exc.recipients]
@@ -137,9 +153,11 @@ class EmailChannel:
             # The message needs an extension the server lacks (SMTPUTF8): retrying cannot help.
             raise EmailRejected(f"SMTP server: {exc}") from exc
         except aiosmtplib.SMTPException as exc:
+            if _starttls_missing(exc):  # a configuration problem: no retry changes it
+                raise _no_starttls(config) from exc
             code = _code(exc)
             if code is not None and 500 <= code < 600:
                 raise EmailRejected(f"SMTP server refused ({code}): {exc}") from exc
             if code is not None and 400 <= code < 500:
                 raise EmailDeferred(f"SMTP server deferred ({code}): {exc}") from exc
-            raise  # connection lost, timeout, no STARTTLS offered: transient
+            raise  # connection lost, timeout: transient

@@ -87,11 +87,19 @@ async def test_no_server_is_transient() -> None:
 
 
 async def test_required_starttls_is_never_skipped() -> None:
-    """The server offers no STARTTLS: nothing is sent in clear; transient (retried, then dead)."""
+    """The server offers no STARTTLS: nothing is sent in clear."""
     with SmtpServer().running() as server:
         config = SmtpConfig(host="127.0.0.1", port=server.port, sender=SENDER, timeout=5)
         assert config.starttls
-        with pytest.raises(aiosmtplib.SMTPException, match="STARTTLS") as caught:
+        with pytest.raises(EmailRejected):
             await EmailChannel(config).deliver(notification())
         assert server.messages == []
-    assert not RetryPolicy(delays=(1,)).is_permanent(caught.value)
+
+
+async def test_a_server_without_starttls_is_a_permanent_failure_naming_the_setting() -> None:
+    """No retry makes the server offer STARTTLS: only the configuration can change."""
+    with SmtpServer().running() as server:
+        config = SmtpConfig(host="127.0.0.1", port=server.port, sender=SENDER, timeout=5)
+        with pytest.raises(EmailRejected, match="COURIER_SMTP_STARTTLS") as caught:
+            await EmailChannel(config).deliver(notification())
+    assert RetryPolicy(delays=(1,)).is_permanent(caught.value)

@@ -209,6 +209,27 @@ def smtp_env(smtp: SmtpServer) -> dict[str, str]:
     }
 
 
+async def test_an_smtp_server_without_required_starttls_dead_letters_the_email_at_once(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """A configuration problem, not a passing one: not retried through the delay tiers."""
+    with SmtpServer().running() as smtp:
+        env = smtp_env(smtp)
+        del env["COURIER_SMTP_STARTTLS"]  # required, the default
+        async with notifier(namespace, tmp_path, extra_env=env) as running:
+            event = NotificationRequested(
+                data=NotificationRequestedData(
+                    channel="email", recipient="ops@example.com", subject="Deployed"
+                )
+            )
+            await running.publish(event)
+            [dead] = await take(namespace.amqp_url, running.topology.dead_letter_queue, 1)
+        assert smtp.messages == []
+    headers: dict[str, Any] = dict(dead.headers)
+    assert (headers[f.REASON], headers[f.ATTEMPT]) == ("permanent", 1)
+    assert "COURIER_SMTP_STARTTLS" in headers[f.EXCEPTION_MESSAGE]
+
+
 def file_processed(*targets: NotifyTarget) -> FileProcessed:
     return FileProcessed(
         data=FileProcessedData(
