@@ -101,7 +101,12 @@ class DatasetSubmittedData(Payload):
             description=f"At most {MAX_DISTINCT_FIELDS:,} distinct field names in all.",
         ),
     ]
-    notify: Recipient | None = None
+    notify: Recipient | None = Field(
+        default=None,
+        description="Who hears of the summary: `<channel>:<recipient>` (`webhook:<url>`, "
+        "`email:<address>`, `log:<label>`), or a plain label without `:` for the log channel; "
+        'without it, "ops" on the log channel.',
+    )
 
     @model_validator(mode="after")
     def _few_enough_fields(self) -> Self:
@@ -141,7 +146,9 @@ class DatasetProcessedData(Payload):
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     record_count: StrictInt = Field(ge=0)
     fields: Annotated[dict[FieldName, FieldSummary], Field(max_length=MAX_RECORDS * MAX_FIELDS)]
-    notify: Recipient | None = None
+    notify: Recipient | None = Field(
+        default=None, description="The submitted dataset's `notify`, as it was given."
+    )
 
 
 class DatasetProcessed(Envelope):

@@ -2,6 +2,8 @@
 
 `notification.requested` names one target; a file upload may name several (`notify`), carried
 from `file.uploaded` into `file.processed`, where the notifier delivers one notification each.
+A dataset's `notify` is one text value, carried from `dataset.submitted` into
+`dataset.processed`: `<channel>:<recipient>` (`split_target`) or a label for the log channel.
 """
 
 from __future__ import annotations
@@ -53,3 +55,11 @@ class Notifying(Payload):
         if isinstance(data, dict) and data.get("notify") == []:
             del data["notify"]
         return data
+
+
+def split_target(value: str) -> tuple[str, str] | None:
+    """`<channel>:<recipient>` cut at its first `:`, both parts trimmed, or None without a `:`:
+    how an upload's `notify` fields and a dataset's `notify` name a target. Which channels
+    exist, and which recipients they take, is the reader's to check."""
+    channel, sep, recipient = value.strip().partition(":")
+    return (channel, recipient.strip()) if sep else None

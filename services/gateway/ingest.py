@@ -19,8 +19,14 @@ import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
 from contracts.envelope import MAX_ID_BYTES, EventId
-from contracts.events import INGEST_ADAPTER, INGEST_TYPES, IngestEvent, NotificationRequested
-from contracts.notify import CHANNELS, Channel
+from contracts.events import (
+    INGEST_ADAPTER,
+    INGEST_TYPES,
+    DatasetSubmitted,
+    IngestEvent,
+    NotificationRequested,
+)
+from contracts.notify import CHANNELS, Channel, NotifyTarget, split_target
 from services.messaging.errors import PermanentError
 from services.notifier.mail import parse_address
 from services.notifier.targets import check_url
@@ -166,6 +172,41 @@ def channel_problem(channel: Channel, channels: Collection[Channel]) -> str | No
     )
 
 
+def notify_target(raw: str, channels: Collection[Channel] = CHANNELS) -> NotifyTarget:
+    """`<channel>:<recipient>` (an upload's `notify` field, a dataset's `notify` with a `:`)
+    as a target the notifier would deliver to; `ValueError` saying why it would not: no `:`,
+    an unknown channel or one it does not deliver on here (`channels`), a recipient that
+    channel refuses."""
+    split = split_target(raw)
+    if split is None:
+        raise ValueError("expected <channel>:<recipient>, e.g. email:ops@example.com")
+    channel, recipient = split
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
+    try:
+        target = NotifyTarget(channel=channel, recipient=recipient)
+    except ValidationError as exc:
+        raise ValueError("the recipient must be 1 to 2048 characters") from exc
+    if why := channel_problem(target.channel, channels) or recipient_problem(
+        target.channel, target.recipient
+    ):
+        raise ValueError(why)
+    return target
+
+
+def dataset_notify_problem(notify: str | None, channels: Collection[Channel]) -> str | None:
+    """Why a dataset's `notify` names a target the notifier would not deliver to, or None. With
+    a `:` it is `<channel>:<recipient>`, checked as an upload's target; without, a label for
+    the log channel (the notifier reads it so too)."""
+    if notify is None or split_target(notify) is None:
+        return None
+    try:
+        notify_target(notify, channels)
+    except ValueError as exc:
+        return f"{exc} (a notify with ':' names <channel>:<recipient>; log:<label> for a label)"
+    return None
+
+
 def _refusal(
     event: IngestEvent, at: tuple[int, ...], field: tuple[str, ...], why: str
 ) -> IngestError:
@@ -176,8 +217,8 @@ def _refusal(
 
 def _deliverable(event: IngestEvent, at: tuple[int, ...], channels: Collection[Channel]) -> None:
     """Refuse what the notifier could never deliver: a callback URL it would refuse (or no
-    webhook channel to post callbacks on), a notification on a channel it does not deliver
-    or to a recipient that channel refuses."""
+    webhook channel to post callbacks on), a notification (or a dataset's `notify` target)
+    on a channel it does not deliver or to a recipient that channel refuses."""
     if event.callbackurl is not None and (why := callback_url_problem(event.callbackurl, channels)):
         raise _refusal(event, at, ("callbackurl",), why)
     if isinstance(event, NotificationRequested):
@@ -186,6 +227,10 @@ def _deliverable(event: IngestEvent, at: tuple[int, ...], channels: Collection[C
             raise _refusal(event, at, ("data", "channel"), why)
         if why := recipient_problem(data.channel, data.recipient):
             raise _refusal(event, at, ("data", "recipient"), why)
+    elif isinstance(event, DatasetSubmitted) and (
+        why := dataset_notify_problem(event.data.notify, channels)
+    ):
+        raise _refusal(event, at, ("data", "notify"), why)
 
 
 def parse_event(

@@ -4,7 +4,7 @@ Each value is `<channel>:<recipient>`: `webhook:https://example.com/hook`,
 `email:ops@example.com`, `log:ops`. A value that the notifier could never deliver is refused
 here (422), before the upload is announced, instead of being dead-lettered later: a channel it
 does not deliver on (`COURIER_NOTIFY_CHANNELS`), or a recipient its own syntactic checks refuse
-(`ingest.recipient_problem`, as for a `notification.requested` event).
+(`ingest.notify_target`, which checks a dataset's `notify` the same way).
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Final
 
-from pydantic import ValidationError
-
 from contracts.notify import CHANNELS, MAX_NOTIFY_TARGETS, Channel, NotifyTarget
-from services.gateway.ingest import IngestError, channel_problem, recipient_problem
+from services.gateway.ingest import IngestError, notify_target
 
 NOTIFY_FIELD: Final = "notify"
 MAX_VALUE_BYTES: Final = 8 * 1024
@@ -30,19 +28,10 @@ def _refused(raw: str, why: str) -> IngestError:
 def parse_target(raw: str, channels: Collection[Channel] = CHANNELS) -> NotifyTarget:
     """`<channel>:<recipient>` as a target; `IngestError(422)` saying what is wrong. `channels`
     are those the notifier delivers on (`COURIER_NOTIFY_CHANNELS`)."""
-    channel, sep, recipient = raw.strip().partition(":")
-    if not sep:
-        raise _refused(raw, "expected <channel>:<recipient>, e.g. email:ops@example.com")
-    if channel not in CHANNELS:
-        raise _refused(raw, f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
     try:
-        target = NotifyTarget(channel=channel, recipient=recipient.strip())
-    except ValidationError as exc:
-        raise _refused(raw, "the recipient must be 1 to 2048 characters") from exc
-    why = channel_problem(target.channel, channels)
-    if why := why or recipient_problem(target.channel, target.recipient):
-        raise _refused(raw, why)
-    return target
+        return notify_target(raw, channels)
+    except ValueError as exc:
+        raise _refused(raw, str(exc)) from exc
 
 
 def decode_value(raw: bytes, what: str) -> str:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from contracts.envelope import derived_event_id
 from contracts.events import DatasetProcessed, NotificationRequested
 from contracts.files import ColumnStats, FileAnalysis, FileProcessed, FileProcessedData
-from contracts.notify import NotifyTarget
+from contracts.notify import CHANNELS, NotifyTarget, split_target
 from contracts.tracking import CallbackRequested
 from services.messaging.errors import (
     PermanentError,
@@ -20,6 +20,7 @@ from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
 
 DEFAULT_DATASET_RECIPIENT = "ops"
+"""Who hears of a processed dataset that names no one: a label on the log channel."""
 
 log = get_logger("notifier.handlers")
 
@@ -66,16 +67,32 @@ def _dataset_body(event: DatasetProcessed) -> str:
     return "\n".join(lines)
 
 
+def dataset_target(notify: str | None) -> NotifyTarget:
+    """Who hears of a processed dataset: `<channel>:<recipient>` on that channel, as an upload's
+    targets; a plain label, or none (`"ops"`), on the log channel.
+
+    A value whose prefix names no channel, or no recipient after it, stays a log label as a
+    whole: the gateway refuses such values now, but took them before it checked them."""
+    if notify is None:
+        return NotifyTarget(channel="log", recipient=DEFAULT_DATASET_RECIPIENT)
+    match split_target(notify):
+        case (channel, recipient) if channel in CHANNELS and recipient:
+            return NotifyTarget.model_validate({"channel": channel, "recipient": recipient})
+    return NotifyTarget(channel="log", recipient=notify)
+
+
 async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> None:
+    target = dataset_target(event.data.notify)
     await channels.deliver(
         Notification(
             event_id=event.id,
             correlation_id=event.correlation(),
-            channel="log",
-            recipient=event.data.notify or DEFAULT_DATASET_RECIPIENT,
+            channel=target.channel,
+            recipient=target.recipient,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
-            event=event,
+            # As for a file: a webhook gets the summary, not who was to be told of it.
+            event=event.model_copy(update={"data": event.data.model_copy(update={"notify": None})}),
         )
     )
 

@@ -13,10 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from contracts.envelope import Envelope
-from contracts.events import NotificationRequested, NotificationRequestedData
+from contracts.events import (
+    DatasetProcessed,
+    DatasetProcessedData,
+    FieldSummary,
+    NotificationRequested,
+    NotificationRequestedData,
+)
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
 from contracts.topology import ServiceTopology
@@ -285,4 +292,55 @@ async def test_a_processed_file_without_targets_is_acked_without_effect(
 
         await eventually(handled, timeout=15)
         await assert_settled(namespace, running.topology)
+    assert not (tmp_path / "notifications.jsonl").exists()
+
+
+def dataset_processed(notify: str | None) -> DatasetProcessed:
+    return DatasetProcessed(
+        data=DatasetProcessedData(
+            dataset_id="ds-1",
+            name="prices",
+            record_count=2,
+            fields={"price": FieldSummary(kind="number", count=2, nulls=0, min=10.0, max=30.0)},
+            notify=notify,
+        )
+    )
+
+
+async def test_a_dataset_whose_notify_names_a_webhook_is_posted_there(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    with WebhookReceiver().running() as receiver:
+        async with notifier(namespace, tmp_path) as running:
+            event = dataset_processed(f"webhook:{receiver.url('/ok/ds')}")
+            await running.publish(event)
+
+            async def delivered() -> None:
+                assert (await running.delivery(event.id)).outcome == "delivered"
+
+            await eventually(delivered, timeout=15)
+        [request] = receiver.received
+    assert request.path == "/ok/ds"
+    assert request.headers["idempotency-key"] == event.id
+    body = orjson.loads(request.body)
+    assert body["type"] == "dataset.processed" and body["data"]["dataset_id"] == "ds-1"
+    assert body["data"]["notify"] is None  # who was to be told is not the receiver's business
+    assert not (tmp_path / "notifications.jsonl").exists()
+
+
+async def test_a_dataset_whose_notify_names_an_email_address_is_mailed_there(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    with SmtpServer().running() as smtp:
+        async with notifier(namespace, tmp_path, extra_env=smtp_env(smtp)) as running:
+            event = dataset_processed("email:a@b.example")
+            await running.publish(event)
+
+            async def delivered() -> None:
+                assert (await running.delivery(event.id)).outcome == "delivered"
+
+            await eventually(delivered, timeout=15)
+        [message] = smtp.messages
+    assert message["To"] == "a@b.example"
+    assert message["Subject"] == "Dataset 'prices' processed"
     assert not (tmp_path / "notifications.jsonl").exists()

@@ -6,7 +6,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from contracts.events import EVENT_ADAPTER, NotificationRequested
+from contracts.events import EVENT_ADAPTER, DatasetSubmitted, NotificationRequested
 from contracts.notify import Channel
 from services.gateway.ingest import IngestError, parse_batch, parse_event
 
@@ -390,3 +390,62 @@ def test_a_callback_url_without_a_webhook_channel_is_a_422() -> None:
     assert problem["loc"] == ["dataset.submitted", "callbackurl"]
     assert problem["msg"].startswith("callbacks are posted as webhooks, and the notifier does not")
     assert parse_event("application/json", {}, body, WEBHOOK_ONLY).callbackurl == HOOK
+
+
+def dataset(notify: str) -> dict[str, object]:
+    return {"type": "dataset.submitted", "data": {"records": [{"a": 1}], "notify": notify}}
+
+
+@pytest.mark.parametrize(
+    "notify",
+    [
+        "webhook:https://hooks.example.org/datasets",
+        "webhook:http://127.0.0.1:19001/ok/ds",  # the notifier decides on addresses
+        "email:a@b.example",
+        "log:team:alpha",  # a log label with a ':' of its own
+        "me",
+        "bench@example.org",  # no ':': a log label, as it always was
+    ],
+)
+def test_a_dataset_notify_its_channel_can_deliver_is_accepted_as_given(notify: str) -> None:
+    event = parse_event("application/json", {}, orjson.dumps(dataset(notify)))
+    assert isinstance(event, DatasetSubmitted) and event.data.notify == notify
+
+
+@pytest.mark.parametrize(
+    ("notify", "says"),
+    [
+        ("email:not an address", "is not a valid recipient address"),
+        ("webhook:ftp://hooks.example.org/x", "must be http or https"),
+        ("webhook:http://example.com:0/", "port 0"),
+        ("webhook:", "the recipient must be 1 to 2048 characters"),
+        # Delivered to the log channel under the whole value before: nobody meant that.
+        ("https://hooks.example.org/x", "unknown channel 'https'"),
+        ("sms:+4412345", "unknown channel 'sms'"),
+    ],
+)
+def test_a_dataset_notify_naming_a_target_its_channel_refuses_is_a_422(
+    notify: str, says: str
+) -> None:
+    error = error_of(lambda: parse_event("application/json", {}, orjson.dumps(dataset(notify))))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["dataset.submitted", "data", "notify"] and says in problem["msg"]
+    batch = orjson.dumps([NOTE, dataset(notify)])
+    error = error_of(lambda: parse_batch("application/json", {}, batch, 10))
+    assert error.status == 422 and error.detail[0]["loc"] == [
+        1,
+        "dataset.submitted",
+        "data",
+        "notify",
+    ]
+
+
+def test_a_dataset_notify_on_a_channel_the_notifier_does_not_deliver_is_a_422() -> None:
+    body = orjson.dumps(dataset("email:a@b.example"))
+    error = error_of(lambda: parse_event("application/json", {}, body, ("log", "webhook")))
+    assert error.status == 422
+    [problem] = error.detail
+    assert problem["loc"] == ["dataset.submitted", "data", "notify"]
+    assert problem["msg"].startswith("the notifier does not deliver on the 'email' channel here")
+    assert parse_event("application/json", {}, orjson.dumps(dataset("me")), LOG_ONLY)
