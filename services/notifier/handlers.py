@@ -21,6 +21,7 @@ from services.notifier.channels import Channels, Notification
 
 DEFAULT_DATASET_RECIPIENT = "ops"
 """Who hears of a processed dataset that names no one: a label on the log channel."""
+_DEFAULT_DATASET_TARGET = NotifyTarget(channel="log", recipient=DEFAULT_DATASET_RECIPIENT)
 
 log = get_logger("notifier.handlers")
 
@@ -74,11 +75,16 @@ def dataset_target(notify: str | None) -> NotifyTarget:
     A value whose prefix names no channel, or no recipient after it, stays a log label as a
     whole: the gateway refuses such values now, but took them before it checked them."""
     if notify is None:
-        return NotifyTarget(channel="log", recipient=DEFAULT_DATASET_RECIPIENT)
+        return _DEFAULT_DATASET_TARGET
     match split_target(notify):
         case (channel, recipient) if channel in CHANNELS and recipient:
             return NotifyTarget.model_validate({"channel": channel, "recipient": recipient})
     return NotifyTarget(channel="log", recipient=notify)
+
+
+def _without_notify(event: DatasetProcessed) -> DatasetProcessed:
+    """As for a file: a webhook gets the summary, not who was to be told of it."""
+    return event.model_copy(update={"data": event.data.model_copy(update={"notify": None})})
 
 
 async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> None:
@@ -91,8 +97,7 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             recipient=target.recipient,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
-            # As for a file: a webhook gets the summary, not who was to be told of it.
-            event=event.model_copy(update={"data": event.data.model_copy(update={"notify": None})}),
+            event=_without_notify(event) if target.channel == "webhook" else event,
         )
     )
 
