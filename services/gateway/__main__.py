@@ -9,6 +9,7 @@ import uvicorn
 
 from services.gateway.settings import GatewaySettings
 from services.messaging.logs import configure_logging
+from services.messaging.settings import load
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -16,7 +17,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = load(GatewaySettings)
     # uvicorn drains, restores the previous handlers and re-raises the signal it caught; the
     # handler below turns that re-raised SIGTERM/SIGINT into a clean exit 0 after the drain.
     signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -8,10 +8,11 @@ queues too and the broker refuses a queue re-declared with other arguments.
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Self, TypeVar
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.topology import (
@@ -34,6 +35,39 @@ def _int_tuple(value: object) -> object:
         value = value.strip().removeprefix("[").removesuffix("]")
         return tuple(int(part) for part in value.split(",") if part.strip())
     return value
+
+
+EXIT_SETTINGS = 4
+"""A service's exit code when a setting is invalid (README's list of exit codes)."""
+SettingsT = TypeVar("SettingsT", bound="CourierSettings")
+
+
+def load(settings_type: type[SettingsT]) -> SettingsT:
+    """A service's settings from the environment. Invalid ones end the process with
+    `EXIT_SETTINGS` and a line on stderr for each problem, naming its variable (not a pydantic
+    traceback that an operator has to read from the bottom)."""
+    try:
+        return settings_type()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = _variable(settings_type, error["loc"])
+            # A check's own message, without pydantic's "Value error, " before it.
+            why = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+            line = why if why.startswith(f"{where}: ") else f"{where}: {why}"
+            print(f"invalid setting {line}", file=sys.stderr)
+        raise SystemExit(EXIT_SETTINGS) from None
+
+
+def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str:
+    """The environment variable an error's location names (the settings as a whole for a
+    check across several)."""
+    field = settings_type.model_fields.get(str(loc[0])) if loc else None
+    if field is None:
+        return "(several settings together)"
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return settings_type.model_config.get("env_prefix", "") + str(loc[0]).upper()
 
 
 class CourierSettings(BaseSettings):

@@ -12,6 +12,7 @@ from services.messaging.consumer import Route
 from services.messaging.logs import get_logger
 from services.messaging.periodic import run_every
 from services.messaging.runtime import run
+from services.messaging.settings import load
 from services.messaging.store import claim, open_store, store_url
 from services.notifier import handlers
 from services.notifier.channels import Channels, DeliveryChannel, LogChannel, Unconfigured
@@ -118,7 +119,7 @@ async def build_routes(stack: AsyncExitStack, settings: NotifierSettings) -> Map
 
 
 def main() -> None:
-    run(SERVICE, NotifierSettings(), build_routes)
+    run(SERVICE, load(NotifierSettings), build_routes)
 
 
 if __name__ == "__main__":

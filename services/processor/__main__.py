@@ -10,7 +10,7 @@ from services.blobs import LocalBlobStore
 from services.messaging.consumer import Route
 from services.messaging.cpu import CpuPool
 from services.messaging.runtime import run
-from services.messaging.settings import ConsumerSettings
+from services.messaging.settings import ConsumerSettings, load
 from services.processor import handlers
 
 SERVICE = "processor"
@@ -34,7 +34,7 @@ async def build_routes(stack: AsyncExitStack, settings: ConsumerSettings) -> Map
 
 
 def main() -> None:
-    run(SERVICE, ConsumerSettings(), build_routes)
+    run(SERVICE, load(ConsumerSettings), build_routes)
 
 
 if __name__ == "__main__":

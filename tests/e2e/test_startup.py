@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import aio_pika
@@ -42,6 +45,25 @@ async def test_a_consumer_on_a_store_of_another_namespace_exits_3_naming_it(
     assert processor.process is not None
     assert processor.process.wait(30) == 3
     assert "'another-deployment', not" in processor.log()
+
+
+@pytest.mark.parametrize("service", ["services.processor", "services.notifier", "services.gateway"])
+def test_an_invalid_setting_exits_4_naming_its_variable_without_a_traceback(
+    service: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "COURIER_PREFETCH": "many", "COURIER_PORT": "many"}
+    env["COURIER_DATA_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", service],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 4
+    assert "invalid setting COURIER_" in done.stderr and "valid integer" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
