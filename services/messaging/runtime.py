@@ -117,7 +117,6 @@ async def _watch(
 async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
-    await claim(engine, settings.namespace)
     inbox = Inbox(
         engine,
         service,
@@ -181,7 +180,18 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
         return EXIT_STORE
 
 
+async def _claim_store(settings: ConsumerSettings, service: str) -> None:
+    """Claim the service's store for its namespace first: refused, the service must leave
+    before it declares anything on the broker or builds its routes."""
+    engine = open_store(store_url(settings.database_url, settings.data_dir, service))
+    try:
+        await claim(engine, settings.namespace)
+    finally:
+        await engine.dispose()
+
+
 async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+    await _claim_store(settings, service)
     topology = settings.topology(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
+from sqlalchemy.schema import CreateTable
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from services.messaging.errors import StoreOfAnotherNamespace, causes
@@ -380,15 +381,17 @@ async def claim(engine: AsyncEngine, namespace: str) -> None:
     """Make sure the store holds the data of `namespace` only: the first service to start on it
     claims it; one of another namespace is refused (`StoreOfAnotherNamespace`). Its tables are
     not named by namespace, so two deployments on one database would each see, replay and
-    prune the other's dead letters, statuses and inbox records."""
-    async with engine.begin() as conn:
-        await _lock_migrations(conn)
-        await conn.run_sync(_OWNER.create, checkfirst=True)
-        unclaimed = ~select(_OWNER.c.namespace).exists()  # one statement: atomic on SQLite too
-        await conn.execute(
-            _OWNER.insert().from_select(["namespace"], select(literal(namespace)).where(unclaimed))
-        )
-        owners = sorted((await conn.scalars(select(_OWNER.c.namespace))).all())
+    prune the other's dead letters, statuses and inbox records.
+
+    Retried as `migrate` is: services starting together on one store race here too."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.3),
+        retry=retry_if_exception_type((OperationalError, IntegrityError, ProgrammingError)),
+        reraise=True,
+    ):
+        with attempt:
+            owners = await _claim_once(engine, namespace)
     if owners != [namespace]:
         others = ", ".join(repr(o) for o in owners if o != namespace)
         raise StoreOfAnotherNamespace(
@@ -396,6 +399,18 @@ async def claim(engine: AsyncEngine, namespace: str) -> None:
             f"namespace {others}, not {namespace!r} (COURIER_NAMESPACE): give each deployment "
             "a database (or COURIER_DATA_DIR) of its own"
         )
+
+
+async def _claim_once(engine: AsyncEngine, namespace: str) -> list[str]:
+    """Claim the store for `namespace` unless it is claimed already; the namespaces it holds."""
+    async with engine.begin() as conn:
+        await _lock_migrations(conn)  # on PostgreSQL; SQLite runs one writer at a time
+        await conn.execute(CreateTable(_OWNER, if_not_exists=True))
+        unclaimed = ~select(_OWNER.c.namespace).exists()  # one statement: atomic on SQLite too
+        await conn.execute(
+            _OWNER.insert().from_select(["namespace"], select(literal(namespace)).where(unclaimed))
+        )
+        return sorted((await conn.scalars(select(_OWNER.c.namespace))).all())
 
 
 async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration]) -> int:

@@ -13,7 +13,7 @@ from services.messaging.logs import get_logger
 from services.messaging.periodic import run_every
 from services.messaging.runtime import run
 from services.messaging.settings import load
-from services.messaging.store import claim, open_store, store_url
+from services.messaging.store import open_store, store_url
 from services.notifier import handlers
 from services.notifier.channels import Channels, DeliveryChannel, LogChannel, Unconfigured
 from services.notifier.deliveries import Deliveries
@@ -32,7 +32,6 @@ async def open_deliveries(stack: AsyncExitStack, settings: NotifierSettings) -> 
     """The deliveries record in the service's own store, pruned hourly."""
     engine = open_store(store_url(settings.database_url, settings.data_dir, SERVICE))
     stack.push_async_callback(engine.dispose)
-    await claim(engine, settings.namespace)
     deliveries = Deliveries(
         engine,
         commit_delay=settings.deliveries_commit_delay_ms / 1000,

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.messaging.errors import StoreOfAnotherNamespace
@@ -14,13 +16,23 @@ from services.messaging.store import claim, open_store, store_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     database_url = (
         None if request.param == "sqlite" else request.getfixturevalue("postgres_database")
     )
-    store = open_store(store_url(database_url, tmp_path, "gateway"))
+    return store_url(database_url, tmp_path, "gateway")
+
+
+@pytest.fixture
+async def engine(url: str) -> AsyncIterator[AsyncEngine]:
+    store = open_store(url)
     yield store
     await store.dispose()
+
+
+async def owners(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.scalars(text("SELECT namespace FROM courier_namespace"))).all())
 
 
 async def test_a_store_is_claimed_by_the_first_namespace_and_kept_for_it(
@@ -28,6 +40,16 @@ async def test_a_store_is_claimed_by_the_first_namespace_and_kept_for_it(
 ) -> None:
     await claim(engine, "shop")
     await claim(engine, "shop")  # every later start, and every replica
+    assert await owners(engine) == ["shop"]
+
+
+async def test_services_starting_together_claim_a_new_store_once(url: str) -> None:
+    engines = [open_store(url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(claim(e, "shop") for e in engines))
+        assert await owners(engines[0]) == ["shop"]
+    finally:
+        await asyncio.gather(*(e.dispose() for e in engines))
 
 
 async def test_a_store_claimed_by_another_namespace_is_refused_naming_both(
@@ -36,4 +58,4 @@ async def test_a_store_claimed_by_another_namespace_is_refused_naming_both(
     await claim(engine, "shop")
     with pytest.raises(StoreOfAnotherNamespace, match="'shop', not 'billing'"):
         await claim(engine, "billing")
-    await claim(engine, "shop")  # the refused one left no claim behind
+    assert await owners(engine) == ["shop"]  # the refused one left no claim behind
