@@ -641,7 +641,8 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         shown,
         f"ON CONFLICT (event_seq, service) DO UPDATE SET {moved} "
         f"WHERE ({states.name}.updated_at <= excluded.updated_at "
-        f"OR {states.name}.state = 'pending') "
+        f"OR {states.name}.state = 'pending' "
+        f"OR ({states.name}.state = 'skipped_duplicate' AND excluded.state = 'succeeded')) "
         f"AND NOT ({states.name}.state = 'succeeded' AND excluded.state = 'skipped_duplicate')",
     )
 
@@ -653,7 +654,9 @@ def _shown(rows: Sequence[tuple[object, object, object, R]]) -> list[R]:
     """Of a batch's state rows (`(event number, service, state, row)`, oldest first), the one
     per event and service that may become its state: the newest, except that a skipped
     duplicate does not hide a success (a redelivery after a crash, its `succeeded` told again
-    from the inbox in the same report). `pending` is not a report."""
+    from the inbox in the same report, older). `pending` is not a report. The statement that
+    writes them keeps the same rule against the state stored: a success replaces a skip
+    whatever their times."""
     newest: dict[tuple[object, object], tuple[object, R]] = {}
     for seq, service, state, row in rows:
         if state == "pending":
@@ -829,8 +832,13 @@ def _write(
                     or_(
                         states.c.updated_at <= upsert.excluded.updated_at,
                         states.c.state == "pending",
+                        # A skipped duplicate was handled before: its success, told late (an
+                        # older time), still shows; and a later skip does not hide it.
+                        and_(
+                            states.c.state == "skipped_duplicate",
+                            upsert.excluded.state == "succeeded",
+                        ),
                     ),
-                    # A skipped duplicate was handled before: it does not hide that success.
                     ~and_(
                         states.c.state == "succeeded",
                         upsert.excluded.state == "skipped_duplicate",

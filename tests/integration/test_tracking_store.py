@@ -444,6 +444,21 @@ async def test_a_success_told_again_beside_a_skipped_duplicate_is_the_state(
     assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
 
 
+async def test_a_success_told_after_the_skip_of_its_redelivery_is_the_state(
+    tracking: Tracking,
+) -> None:
+    # Another replica skipped the redelivery at once; the one that handled it first tells its
+    # success, stamped earlier, only when it starts again.
+    event = notification()
+    tracking.accepted(event)
+    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    await tracking.apply(
+        [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=5))]
+    )
+    await tracking.apply([step(event.id, "notifier", "succeeded", t)])
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
 async def test_a_skipped_duplicate_is_the_state_where_no_success_was_told(
     tracking: Tracking,
 ) -> None:
