@@ -110,10 +110,12 @@ def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float
 # classes 08 connection, 53 insufficient resources (disk full, too many connections), 57
 # operator intervention (shutting down, starting up, statement timeout), 58 system (I/O); and
 # serialization failures, deadlocks, lock timeouts, a read-only standby after a failover, a
-# database closed to connections (`ALLOW_CONNECTIONS false`, as for maintenance: 55000) or
-# not there (3D000, dropped to be restored).
+# database not there (3D000, dropped to be restored). And one closed to connections
+# (`ALLOW_CONNECTIONS false`, as for maintenance), whose 55000 also names statement errors
+# (`currval` not yet defined): only that message counts.
 _AWAY_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
-_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "55000", "3D000"})
+_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "3D000"})
+_CLOSED_DATABASE = ("55000", "not currently accepting connections")
 # Classes 22 (data exception, e.g. a NUL in text) and 23 (integrity constraint violation).
 _ROW_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 
@@ -123,12 +125,19 @@ def store_unavailable(exc: BaseException) -> bool:
     (unreachable, locked, busy, full, failing over): an outage, not a fault of the statement.
     On SQLite every `OperationalError` counts, a missing table too (a store being replaced).
     A bare `OSError` does not: a stateful handler's own call raises the same."""
-    return _any_cause(
-        exc,
-        (OperationalError, InterfaceError, sqlite3.OperationalError),
-        _AWAY_SQLSTATE_CLASSES,
-        _AWAY_SQLSTATES,
-    ) or any(isinstance(seen, DBAPIError) and seen.connection_invalidated for seen in causes(exc))
+    return (
+        _any_cause(
+            exc,
+            (OperationalError, InterfaceError, sqlite3.OperationalError),
+            _AWAY_SQLSTATE_CLASSES,
+            _AWAY_SQLSTATES,
+        )
+        or any(
+            _sqlstate(seen) == _CLOSED_DATABASE[0] and _CLOSED_DATABASE[1] in str(seen)
+            for seen in causes(exc)
+        )
+        or any(isinstance(seen, DBAPIError) and seen.connection_invalidated for seen in causes(exc))
+    )
 
 
 def row_may_be_at_fault(exc: BaseException) -> bool:
@@ -154,10 +163,16 @@ def _any_cause(
     for seen in causes(exc):
         if isinstance(seen, types):
             return True
-        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
-        if isinstance(state, str) and (state[:2] in sqlstate_classes or state in sqlstates):
+        state = _sqlstate(seen)
+        if state is not None and (state[:2] in sqlstate_classes or state in sqlstates):
             return True
     return False
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """A PostgreSQL error's SQLSTATE (asyncpg's `sqlstate`, SQLAlchemy's `pgcode`), if it is one."""
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return state if isinstance(state, str) else None
 
 
 def open_store(url: str) -> AsyncEngine:

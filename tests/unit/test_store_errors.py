@@ -16,8 +16,8 @@ from services.messaging.store import row_may_be_at_fault, store_unavailable
 class PostgresError(Exception):
     """What asyncpg raises: the SQLSTATE in `sqlstate`."""
 
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__(f"SQLSTATE {sqlstate}")
+    def __init__(self, sqlstate: str, message: str = "") -> None:
+        super().__init__(message or f"SQLSTATE {sqlstate}")
         self.sqlstate = sqlstate
 
 
@@ -39,7 +39,9 @@ AWAY = {
     "postgres statement timeout": through_sqlalchemy(PostgresError("57014")),
     "postgres deadlock": through_sqlalchemy(PostgresError("40P01")),
     "postgres read-only standby": through_sqlalchemy(PostgresError("25006")),
-    "postgres database closed to connections": through_sqlalchemy(PostgresError("55000")),
+    "postgres database closed to connections": through_sqlalchemy(
+        PostgresError("55000", 'database "shop" is not currently accepting connections')
+    ),
     "postgres database dropped to be restored": through_sqlalchemy(PostgresError("3D000")),
 }
 ROW = {
@@ -50,6 +52,10 @@ ROW = {
 }
 NEITHER = {
     "postgres syntax error": through_sqlalchemy(PostgresError("42601")),
+    # 55000 names a closed database, and statement errors too: those are not an outage.
+    "postgres currval not yet defined": through_sqlalchemy(
+        PostgresError("55000", 'currval of sequence "s" is not yet defined in this session')
+    ),
     # Also what a stateful handler's own call raises: its failure, retried through the tiers.
     "a bare refused connection": ConnectionRefusedError(111, "Connection refused"),
     "a bug": ValueError("not the store's"),
