@@ -28,7 +28,7 @@ from contracts.events import (
 )
 from contracts.notify import CHANNELS, Channel, NotifyTarget, split_target
 from services.messaging.errors import PermanentError
-from services.notifier.mail import parse_address
+from services.notifier.recipients import recipient_problem
 from services.notifier.targets import check_url
 
 STRUCTURED: Final = "application/cloudevents+json"
@@ -145,20 +145,6 @@ def callback_url_problem(url: str, channels: Collection[Channel] = CHANNELS) -> 
         check_url(url)
     except PermanentError as exc:
         return str(exc).replace("the webhook URL", "the callback URL")
-    return None
-
-
-def recipient_problem(channel: Channel, recipient: str) -> str | None:
-    """Why the notifier would refuse `recipient` on `channel` for good (its own syntactic checks:
-    `check_url` for a webhook, `parse_address` for an email), or None. Whether a webhook host
-    resolves to an allowed address is the notifier's to decide when it connects."""
-    try:
-        if channel == "webhook":
-            check_url(recipient)
-        elif channel == "email":
-            parse_address(recipient, "recipient")
-    except PermanentError as exc:
-        return str(exc)
     return None
 
 

@@ -18,6 +18,7 @@ from services.messaging.errors import (
 )
 from services.messaging.logs import get_logger
 from services.notifier.channels import Channels, Notification
+from services.notifier.recipients import recipient_problem
 
 DEFAULT_DATASET_RECIPIENT = "ops"
 """Who hears of a processed dataset that names no one: a label on the log channel."""
@@ -72,12 +73,16 @@ def dataset_target(notify: str | None) -> NotifyTarget:
     """Who hears of a processed dataset: `<channel>:<recipient>` on that channel, as an upload's
     targets; a plain label, or none (`"ops"`), on the log channel.
 
-    A value whose prefix names no channel, or no recipient after it, stays a log label as a
-    whole: the gateway refuses such values now, but took them before it checked them."""
+    A value whose prefix names no channel, or a recipient that channel would refuse for good,
+    stays a log label as a whole: the gateway refuses such values now, but took them before
+    it checked them (`email:team-lead` was a label), and queued or dead-lettered events of
+    that time must still deliver as they did."""
     if notify is None:
         return _DEFAULT_DATASET_TARGET
     match split_target(notify):
-        case (channel, recipient) if channel in CHANNELS and recipient:
+        case (channel, recipient) if (
+            channel in CHANNELS and recipient and not recipient_problem(channel, recipient)
+        ):
             return NotifyTarget.model_validate({"channel": channel, "recipient": recipient})
     return NotifyTarget(channel="log", recipient=notify)
 

@@ -32,7 +32,16 @@ def test_no_notify_tells_ops_on_the_log_channel() -> None:
     assert dataset_target(None) == NotifyTarget(channel="log", recipient="ops")
 
 
-@pytest.mark.parametrize("notify", ["sms:+4412345", "webhook:", "https://hooks.example.org/x"])
+@pytest.mark.parametrize(
+    "notify",
+    [
+        "sms:+4412345",
+        "webhook:",
+        "https://hooks.example.org/x",
+        "email:team-lead",
+        "webhook:alerts",
+    ],
+)
 def test_a_notify_taken_before_the_gateway_checked_it_stays_a_log_label(notify: str) -> None:
     """Queued or dead-lettered events of that time still deliver, as they did then."""
     assert dataset_target(notify) == NotifyTarget(channel="log", recipient=notify)
