@@ -493,27 +493,31 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return _gateway_options(run)
 
 
-# What would drive or mislead a terminal: C0 and C1 controls and DEL (escape sequences that
-# recolour, retitle or erase), and the invisible format characters (bidi overrides that reorder
-# what is shown, zero-width ones). Dead letters carry text from anyone who can make a message
-# fail, e.g. a webhook receiver's answer.
-_UNSAFE = r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
-_UNSAFE_CHARS = re.compile(rf"[{_UNSAFE}]")
-_UNSAFE_IN_LINES = re.compile(rf"(?![\n\t])[{_UNSAFE}]")
+# What would drive or mislead a terminal: every character Python deems unprintable (C0 and C1
+# controls and DEL, whose escape sequences recolour, retitle or erase; format characters such
+# as bidi overrides that reorder what is shown, zero-width and tag characters; separators but
+# the space), as the failure store's `printable` judges them. Dead letters carry text from
+# anyone who can make a message fail, e.g. a webhook receiver's answer.
+
+
+def _escaped(text: str, keep: str, escape: Callable[[str], str]) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else escape(c) for c in text)
 
 
 def _visible(text: str, *, lines: bool = False) -> str:
-    """`text` with every unsafe character written as its Python escape (`\\x1b`, `\\u202e`),
-    as the failure store writes what it cannot hold; `lines` keeps newlines and tabs."""
-    pattern = _UNSAFE_IN_LINES if lines else _UNSAFE_CHARS
-    return pattern.sub(lambda match: repr(match.group())[1:-1], text)
+    """`text` with every unprintable character written as its Python escape (`\\x1b`,
+    `\\u202e`), as the failure store writes what it cannot hold; `lines` keeps newlines and
+    tabs."""
+    return _escaped(text, "\n\t" if lines else "", lambda c: repr(c)[1:-1])
 
 
 def _json_text(value: Any) -> str:
-    """`value` as indented JSON whose unsafe characters are all JSON escapes (`json` leaves
-    DEL, C1 and format characters as they are): still the same JSON, safe to print."""
+    """`value` as indented JSON whose unprintable characters are all JSON escapes (`json`
+    leaves DEL, C1 and format characters as they are): still the same JSON, safe to print."""
     text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    return _UNSAFE_IN_LINES.sub(lambda match: json.dumps(match.group())[1:-1], text)
+    return _escaped(text, "\n", lambda c: json.dumps(c)[1:-1])
 
 
 def _cell(value: Any, *, width: int | None = None) -> Text:
