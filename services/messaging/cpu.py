@@ -139,6 +139,9 @@ class CpuPool:
         """The pool's workers are started (once; a start that failed is tried again)."""
         if self._launched is None:
             self._launched = self._launch(executor)
+            # Seen even if every caller waiting for it was cancelled meanwhile (the next one
+            # tries again), rather than logged as never retrieved.
+            self._launched.add_done_callback(lambda done: done.cancelled() or done.exception())
         launched = self._launched
         try:
             await asyncio.shield(launched)  # one caller's cancellation stops no one's start

@@ -131,6 +131,8 @@ async def test_workers_start_off_the_event_loop(monkeypatch: pytest.MonkeyPatch)
         pool.close()
     assert len(started_on) == 2 + 1 + 2
     assert threading.get_ident() not in started_on
+    # One thread, alive as long as the pool: a worker ends with the thread that started it.
+    assert len(set(started_on)) == 1
 
 
 SERVICE = """
