@@ -51,7 +51,7 @@ from rich.text import Text
 __all__ = ["ExitCode", "OpsClient", "OpsError", "cli", "main"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-STATUSES = ("dead", "replaying", "replayed", "discarded")
+STATUSES = ("dead", "replaying", "replayed", "discarded", "any")
 MAX_PER_REQUEST = 10_000
 """The most letters one replay or discard request may take (the API's bound)."""
 LIST_PAGE = 500
@@ -558,8 +558,9 @@ def _error_text(item: Mapping[str, Any]) -> Text:
 
 
 def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
+    every = status == "any"  # then each letter says its own
     table = Table(
-        title=f"{len(items)} {status} letter(s), newest first",
+        title=f"{len(items)} {'' if every else status + ' '}letter(s), newest first",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -571,8 +572,10 @@ def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
     table.add_column("att", justify="right")
     table.add_column("rep", justify="right")
     table.add_column("error", overflow="fold")
+    if every:
+        table.add_column("status")
     for item in items:
-        table.add_row(
+        cells = [
             _cell(item.get("id")),
             _when(item.get("dead_lettered_at")),
             _cell(item.get("service")),
@@ -581,7 +584,8 @@ def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
             _cell(item.get("attempts")),
             _cell(item.get("replays")),
             _error_text(item),
-        )
+        ]
+        table.add_row(*cells, *([_cell(item.get("status"))] if every else []))
     return table
 
 
@@ -781,7 +785,8 @@ def groups(session: Session, status: str, limit: int, **options: Any) -> None:
         session.say("No dead letters match.")
         return
     table = Table(
-        title=f"{len(found)} group(s) of {status} letters, largest first",
+        title=f"{len(found)} group(s) of {'all' if status == 'any' else status} letters, "
+        "largest first",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,

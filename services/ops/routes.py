@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -145,7 +145,8 @@ class ListQuery(BaseModel):
     since: Bound | None = None
     until: Bound | None = None
     text: Text | None = None
-    status: Status | None = "dead"
+    status: Status | Literal["any"] = "dead"
+    """`any`: letters in every state (a query string cannot leave a default out)."""
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
 
@@ -159,7 +160,7 @@ class ListQuery(BaseModel):
             since=self.since,
             until=self.until,
             text=self.text,
-            status=self.status,
+            status=None if self.status == "any" else self.status,
         )
 
 

@@ -659,6 +659,24 @@ async def test_a_replay_or_discard_without_a_selection_or_by_an_empty_filter_is_
 
 
 @pytest.mark.broker
+async def test_letters_of_every_state_are_listed_with_status_any(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    settings = gateway_settings(namespace, tmp_path)
+    replayed, dead = await seed(tmp_path, namespace, 2)
+    async with running_gateway(settings) as client:
+        response = await client.post(
+            "/v1/ops/replays", json={"ids": [replayed], "rate": 1000}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        assert [i["id"] for i in await letters(client)] == [dead]  # `dead` by default
+        every = {i["id"]: i["status"] for i in await letters(client, status="any")}
+        count = await client.get("/v1/ops/count", params={"status": "any"}, headers=AUTH)
+    assert every == {replayed: "replayed", dead: "dead"}
+    assert count.json() == {"count": 2}
+
+
+@pytest.mark.broker
 async def test_a_replay_puts_the_letter_back_into_its_own_services_queue(
     namespace: Namespace, tmp_path: Path
 ) -> None:

@@ -144,3 +144,19 @@ def test_json_output_is_the_exact_document_with_nothing_raw_for_the_terminal() -
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == page
     assert_safe(result.stdout)
+
+
+def test_a_list_of_letters_in_every_state_shows_each_ones_status() -> None:
+    replayed = {**LETTER, "id": "0b6f9d52-6a55-4a42-8d46-1c2f3e4d5a6b", "status": "replayed"}
+    page = {"items": [LETTER, replayed], "next_cursor": None}
+    with FakeOpsApi({"/dead-letters": Answer(page)}).running() as api:
+        result = courier(api, "dlq", "list", "--status", "any")
+    assert result.exit_code == 0, result.output
+    assert "2 letter(s), newest first" in result.stdout
+    ids = (LETTER_ID, replayed["id"])
+    rows = {
+        line.split()[0]: line.split()[-1]
+        for line in result.stdout.splitlines()
+        if line.strip().startswith(ids)
+    }
+    assert rows == {LETTER_ID: "dead", replayed["id"]: "replayed"}
