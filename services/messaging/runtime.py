@@ -43,7 +43,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.settings import ConsumerSettings
 from services.messaging.status import StatusReporter
-from services.messaging.store import claim, open_store, store_url
+from services.messaging.store import STORE_ERRORS, claim, open_store, store_url
 
 log = get_logger("runtime")
 
@@ -191,7 +191,13 @@ async def _claim_store(settings: ConsumerSettings, service: str) -> None:
 
 
 async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
-    await _claim_store(settings, service)
+    try:
+        await _claim_store(settings, service)
+    except STORE_ERRORS:
+        # Away, or a file that cannot be opened: as with an absent broker, the supervisor
+        # starts the service again.
+        log.exception("could not open the store; exiting")
+        return EXIT_UNREADY
     topology = settings.topology(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

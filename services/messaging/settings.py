@@ -25,6 +25,7 @@ from contracts.topology import (
 from services.messaging.cpu import worker_count
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import DEFAULT_INTERVAL as DEFAULT_STATUS_INTERVAL
+from services.messaging.store import database_url_problem
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -61,9 +62,11 @@ def load(settings_type: type[SettingsT]) -> SettingsT:
 def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str:
     """The environment variable an error's location names (the settings as a whole for a
     check across several)."""
-    field = settings_type.model_fields.get(str(loc[0])) if loc else None
-    if field is None:
+    if not loc:
         return "(several settings together)"
+    field = settings_type.model_fields.get(str(loc[0]))
+    if field is None:  # located by the variable itself (a field read under other names)
+        return str(loc[0])
     alias = field.validation_alias
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])
@@ -122,6 +125,14 @@ class CourierSettings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="Directory of the default SQLite stores."
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _opens_a_store(cls, value: str | None) -> str | None:
+        if value is not None and (why := database_url_problem(value)):
+            raise ValueError(why)
+        return value
+
     blob_dir: Path = Field(
         default=Path("data/blobs"),
         description="Directory of uploaded files (shared by the gateway and the processor).",

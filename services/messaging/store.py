@@ -31,9 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import (
+    ArgumentError,
     DataError,
     DBAPIError,
     IntegrityError,
@@ -82,7 +83,27 @@ def store_url(database_url: str | None, data_dir: Path, service: str) -> str:
     for plain in ("postgres://", "postgresql://"):
         if database_url.startswith(plain):
             return "postgresql+asyncpg://" + database_url.removeprefix(plain)
+    if database_url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + database_url.removeprefix("sqlite://")
     return database_url
+
+
+STORE_DRIVERS: Final = frozenset({"postgresql+asyncpg", "sqlite+aiosqlite"})
+
+
+def database_url_problem(database_url: str) -> str | None:
+    """Why `database_url` names no store Courier can open (not a URL, another database or a
+    driver that is not asyncio's), or None. Its value is never quoted: it may hold a password."""
+    try:
+        url = make_url(store_url(database_url, Path(), "check"))
+    except ArgumentError:
+        return "not a database URL; use postgresql://user@host/db or sqlite:///path"
+    if url.drivername not in STORE_DRIVERS:
+        return (
+            f"{url.drivername!r} is not a store Courier opens; "
+            "use postgresql://user@host/db (asyncpg) or sqlite:///path (aiosqlite)"
+        )
+    return None
 
 
 def _sqlite_pragmas(

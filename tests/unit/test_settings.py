@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from contracts.notify import CHANNELS
 from services.gateway.settings import GatewaySettings
 from services.messaging.errors import RetryLater
 from services.messaging.settings import ConsumerSettings, CourierSettings
+from services.messaging.store import store_url
 from services.notifier.settings import NotifierSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -129,3 +131,35 @@ def test_a_permanent_error_that_names_no_exception_class_is_a_settings_error(
         ConsumerSettings()
     assert f"COURIER_PERMANENT_ERRORS: {entry!r}" in str(caught.value)
     assert why in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://courier@db/courier", "postgres://u@h/d", "sqlite:////var/lib/courier/x.db"],
+)
+def test_a_database_url_courier_can_open_is_taken(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert CourierSettings().database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("not a url", "not a database URL"),
+        ("mysql://u:secret@h/d", "'mysql' is not a store Courier opens"),
+        ("postgresql+psycopg2://u:secret@h/d", "'postgresql+psycopg2' is not a store"),
+    ],
+)
+def test_a_database_url_courier_cannot_open_is_a_settings_error_never_quoted(
+    url: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    with pytest.raises(ValidationError, match=re.escape(why)) as refused:
+        CourierSettings()
+    assert "secret" not in str(refused.value)
+
+
+def test_a_plain_sqlite_url_is_opened_with_the_asyncio_driver() -> None:
+    assert store_url("sqlite:////x/y.db", Path(), "s") == "sqlite+aiosqlite:////x/y.db"
