@@ -87,11 +87,6 @@ def dataset_target(notify: str | None) -> NotifyTarget:
     return NotifyTarget(channel="log", recipient=notify)
 
 
-def _without_notify(event: DatasetProcessed) -> DatasetProcessed:
-    """As for a file: a webhook gets the summary, not who was to be told of it."""
-    return event.model_copy(update={"data": event.data.model_copy(update={"notify": None})})
-
-
 async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> None:
     target = dataset_target(event.data.notify)
     await channels.deliver(
@@ -102,7 +97,7 @@ async def dataset_processed(event: DatasetProcessed, *, channels: Channels) -> N
             recipient=target.recipient,
             subject=f"Dataset {event.data.name!r} processed",
             body=_dataset_body(event),
-            event=_without_notify(event) if target.channel == "webhook" else event,
+            event=event,  # a webhook gets it without its `notify` (`webhook_body`)
         )
     )
 

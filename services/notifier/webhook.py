@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import Any, Final
 
 import httpcore
 import httpx
@@ -102,11 +102,15 @@ def _trimmed(body: bytes) -> str:
     return printable(" ".join(text.split()))
 
 
+_PRIVATE: Final[dict[str, Any]] = {"callbackurl": True, "data": {"notify"}}
+
+
 def webhook_body(event: Envelope) -> bytes:
     """The JSON a receiver gets: the event's envelope without the submitter's callback URL,
     which is none of the receiver's business and often holds a secret token in its path or
-    query (a processed file's `notify` list is left out for the same reason)."""
-    return event.model_dump_json(exclude={"callbackurl"}).encode()
+    query, nor whom else the event notifies (a dataset's or a processed file's `notify`), for
+    the same reason."""
+    return event.model_dump_json(exclude=_PRIVATE).encode()
 
 
 def check_response(status: int, headers: Mapping[str, str], body: bytes, now: datetime) -> None:
