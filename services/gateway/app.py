@@ -27,8 +27,10 @@ from services.gateway.short_path import Gateway
 from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetterDrain
+from services.messaging.errors import StoreOfAnotherNamespace
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
+from services.messaging.logs import get_logger
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
@@ -36,6 +38,8 @@ from services.messaging.store import STORE_ERRORS, claim, open_store, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
 from services.ops.store import FailureStore, open_letter_of
+
+log = get_logger("gateway")
 
 _REF = "#/components/schemas/{model}"
 PURGE_INTERVAL_SECONDS = 3600
@@ -113,7 +117,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             engine = open_store(store_url(settings.database_url, settings.data_dir, "gateway"))
             stack.push_async_callback(engine.dispose)
-            await claim(engine, settings.namespace)
+            try:
+                await claim(engine, settings.namespace)
+            except StoreOfAnotherNamespace:
+                # Said plainly, not only at the end of uvicorn's start-up traceback.
+                log.exception("the store belongs to another namespace; refusing to start")
+                raise
             failures = FailureStore(engine)
             broker = BrokerLink(settings)  # connects only once started, below
             callbacks = Callbacks(engine, broker.publisher, events_exchange(settings.namespace))

@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.gateway.app import create_app
 from services.messaging.errors import StoreOfAnotherNamespace
 from services.messaging.store import claim, open_store, store_url
+from tests.conftest import Namespace
+from tests.integration.conftest import gateway_settings
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -59,3 +63,19 @@ async def test_a_store_claimed_by_another_namespace_is_refused_naming_both(
     with pytest.raises(StoreOfAnotherNamespace, match="'shop', not 'billing'"):
         await claim(engine, "billing")
     assert await owners(engine) == ["shop"]  # the refused one left no claim behind
+
+
+@pytest.mark.broker
+async def test_a_gateway_on_a_store_of_another_namespace_fails_its_start_up_saying_so(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        await claim(engine, "another-deployment")
+    finally:
+        await engine.dispose()
+    app = create_app(gateway_settings(namespace, tmp_path))
+    with pytest.raises(StoreOfAnotherNamespace, match="'another-deployment', not"):
+        async with LifespanManager(app, startup_timeout=30):
+            pass
+    assert "the store belongs to another namespace; refusing to start" in caplog.text
