@@ -143,7 +143,11 @@ async def upload_file(
 ) -> JSONResponse:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_upload_bytes + FRAMING_ALLOWANCE:
-        raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
+        raise HTTPException(  # the declared length holds the file and the form's fields
+            413,
+            f"request body larger than {settings.max_upload_bytes} bytes of file "
+            f"and {FRAMING_ALLOWANCE} bytes of form fields and framing",
+        )
     key = idempotency_key(request)
     try:
         correlation = correlation_header(request.headers.get("x-correlation-id"))

@@ -21,7 +21,7 @@ from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
 from contracts.topology import events_exchange, queue_for
 from services.blobs import LocalBlobStore
-from services.gateway.uploads import MAX_PARTS
+from services.gateway.uploads import FRAMING_ALLOWANCE, MAX_PARTS
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
 from tests.conftest import Namespace
@@ -224,6 +224,21 @@ async def test_a_file_over_the_limit_is_refused_and_removed(
     assert declared.status_code == 413
     assert stored_files(blob_dir) == []
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_declared_length_over_both_allowances_is_refused_naming_both(
+    client: httpx.AsyncClient, blob_dir: Path
+) -> None:
+    # A small file, with form fields past their allowance: the file is not what is too large.
+    response = await client.post(
+        "/v1/files",
+        files={"file": ("small.csv", b"a,b\n", "text/csv")},
+        data={"junk": "x" * (LIMIT + FRAMING_ALLOWANCE)},
+    )
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert f"{LIMIT} bytes of file and {FRAMING_ALLOWANCE} bytes of form fields" in detail
+    assert stored_files(blob_dir) == []
 
 
 @pytest.mark.parametrize(
