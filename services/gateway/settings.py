@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -21,6 +22,8 @@ DEFAULT_UPLOAD_TYPES = (
     "application/gzip",
     "image/*",
 )
+_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"  # RFC 6838 (lowercased as read)
+_MEDIA_RANGE = re.compile(rf"{_NAME}/(?:{_NAME}|\*)")
 
 
 class GatewaySettings(CourierSettings):
@@ -103,6 +106,16 @@ class GatewaySettings(CourierSettings):
         """`a, B,a` as `("a", "b")`: case-insensitive names, each once."""
         if isinstance(value, str):
             return tuple(dict.fromkeys(i.strip().lower() for i in value.split(",") if i.strip()))
+        return value
+
+    @field_validator("upload_types")
+    @classmethod
+    def _media_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A typo would refuse every upload of that type with a 415, and start quietly.
+        if bad := [t for t in value if not _MEDIA_RANGE.fullmatch(t)]:
+            raise ValueError(
+                f"COURIER_UPLOAD_TYPES holds type/subtype or type/* media types, not {bad}"
+            )
         return value
 
     @field_validator("notify_channels")

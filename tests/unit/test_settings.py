@@ -163,3 +163,14 @@ def test_a_database_url_courier_cannot_open_is_a_settings_error_never_quoted(
 
 def test_a_plain_sqlite_url_is_opened_with_the_asyncio_driver() -> None:
     assert store_url("sqlite:////x/y.db", Path(), "s") == "sqlite+aiosqlite:////x/y.db"
+
+
+def test_upload_types_that_are_no_media_types_are_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COURIER_UPLOAD_TYPES", "Text/CSV, image/*, bad type, text/")
+    with pytest.raises(ValidationError, match=re.escape("not ['bad type', 'text/']")):
+        GatewaySettings(environment="development")
+    monkeypatch.setenv("COURIER_UPLOAD_TYPES", "Text/CSV, image/*, application/vnd.ms-excel")
+    expected = ("text/csv", "image/*", "application/vnd.ms-excel")
+    assert GatewaySettings(environment="development").upload_types == expected
