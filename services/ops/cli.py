@@ -557,25 +557,56 @@ def _error_text(item: Mapping[str, Any]) -> Text:
     return _cell(text or None, width=MAX_MESSAGE_WIDTH * 2)
 
 
-def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
+WIDE_LISTING = 120
+"""Terminal columns below which a listing shows each row as a block of `name  value` lines: a
+table of eight or nine columns leaves each a few characters at 80, wrapped letter by letter."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """How the wide table lays it out (`no_wrap`, `justify`, `overflow`)."""
+    label: str | None = None
+    """Its name in a block, where there is room to spell it out."""
+
+
+def _listing(
+    title: str, columns: Sequence[Column], rows: Sequence[Sequence[Text]], width: int
+) -> Table | Group:
+    """A table where the terminal is wide enough, else one block of lines a row."""
+    if width >= WIDE_LISTING:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in columns:
+            table.add_column(column.name, **column.options)
+        for row in rows:
+            table.add_row(*row)
+        return table
+    blocks: list[Text | Table] = [Text(title)]
+    for row in rows:
+        block = Table.grid(padding=(0, 2))
+        block.add_column(style="bold", no_wrap=True)
+        block.add_column(overflow="fold")
+        for column, cell in zip(columns, row, strict=True):
+            block.add_row(column.label or column.name, cell)
+        blocks += [Text(""), block]
+    return Group(*blocks)
+
+
+def _letters_listing(items: Sequence[Mapping[str, Any]], status: str, width: int) -> Table | Group:
     every = status == "any"  # then each letter says its own
-    table = Table(
-        title=f"{len(items)} {'' if every else status + ' '}letter(s), newest first",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    # Only the id never wraps (it is copied into `show` and `--id`); the rest wrap as needed.
-    table.add_column("id", no_wrap=True, min_width=36)
-    for name in ("when (UTC)", "service", "event type", "reason"):
-        table.add_column(name, overflow="fold")
-    table.add_column("att", justify="right")
-    table.add_column("rep", justify="right")
-    table.add_column("error", overflow="fold")
-    if every:
-        table.add_column("status")
-    for item in items:
-        cells = [
+    # The id never wraps (it is copied into `show` and `--id`); the rest wrap as needed.
+    columns = [
+        Column("id", {"no_wrap": True, "min_width": 36}),
+        *(Column(n, {"overflow": "fold"}) for n in ("when (UTC)", "service", "event type")),
+        Column("reason", {"overflow": "fold"}),
+        Column("att", {"justify": "right"}, "attempts"),
+        Column("rep", {"justify": "right"}, "replays"),
+        Column("error", {"overflow": "fold"}),
+        *([Column("status")] if every else []),
+    ]
+    rows = [
+        [
             _cell(item.get("id")),
             _when(item.get("dead_lettered_at")),
             _cell(item.get("service")),
@@ -584,9 +615,12 @@ def _letters_table(items: Sequence[Mapping[str, Any]], status: str) -> Table:
             _cell(item.get("attempts")),
             _cell(item.get("replays")),
             _error_text(item),
+            *([_cell(item.get("status"))] if every else []),
         ]
-        table.add_row(*cells, *([_cell(item.get("status"))] if every else []))
-    return table
+        for item in items
+    ]
+    title = f"{len(items)} {'' if every else status + ' '}letter(s), newest first"
+    return _listing(title, columns, rows, width)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -650,7 +684,7 @@ def list_letters(
     if not items:
         session.say("No dead letters match.")
     else:
-        session.out.print(_letters_table(items, status))
+        session.out.print(_letters_listing(items, status, session.out.width))
     if next_cursor:
         session.note(f"more: --cursor {next_cursor} (or --all-pages)")
 
@@ -784,24 +818,19 @@ def groups(session: Session, status: str, limit: int, **options: Any) -> None:
     if not found:
         session.say("No dead letters match.")
         return
-    table = Table(
-        title=f"{len(found)} group(s) of {'all' if status == 'any' else status} letters, "
-        "largest first",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    table.add_column("group", no_wrap=True)
-    table.add_column("count", justify="right", no_wrap=True)
-    table.add_column("first seen (UTC)", no_wrap=True)
-    table.add_column("last seen (UTC)", no_wrap=True)
-    table.add_column("services")
-    table.add_column("event types")
-    table.add_column("reason", no_wrap=True)
-    table.add_column("exception", no_wrap=True)
-    table.add_column("example message", overflow="fold", min_width=24)
-    for group in found:
-        table.add_row(
+    columns = [
+        Column("group", {"no_wrap": True}),
+        Column("count", {"justify": "right", "no_wrap": True}),
+        Column("first seen (UTC)", {"no_wrap": True}),
+        Column("last seen (UTC)", {"no_wrap": True}),
+        Column("services"),
+        Column("event types"),
+        Column("reason", {"no_wrap": True}),
+        Column("exception", {"no_wrap": True}),
+        Column("example message", {"overflow": "fold", "min_width": 24}),
+    ]
+    rows = [
+        [
             _cell(group.get("group")),
             _cell(group.get("count")),
             _when(group.get("first_seen")),
@@ -811,8 +840,12 @@ def groups(session: Session, status: str, limit: int, **options: Any) -> None:
             _cell(group.get("reason")),
             _cell(_short_type(group.get("exception_type"))),
             _cell(group.get("example_message"), width=MAX_MESSAGE_WIDTH),
-        )
-    session.out.print(table)
+        ]
+        for group in found
+    ]
+    which = "all" if status == "any" else status
+    title = f"{len(found)} group(s) of {which} letters, largest first"
+    session.out.print(_listing(title, columns, rows, session.out.width))
 
 
 # --- replay and discard -----------------------------------------------------------------------

@@ -53,12 +53,13 @@ DETAIL: dict[str, Any] = {
 }
 
 
-def courier(api: FakeOpsApi, *args: str) -> Result:
-    """`courier <args>` against `api`, as piped output: no colour of rich's own."""
+def courier(api: FakeOpsApi, *args: str, columns: str = "400") -> Result:
+    """`courier <args>` against `api`, as piped output: no colour of rich's own; by default
+    wide enough that nothing wraps."""
     env = {
         "COURIER_URL": api.url,
         "COURIER_OPS_TOKEN": "t",
-        "COLUMNS": "400",  # wide enough that nothing wraps
+        "COLUMNS": columns,
         "FORCE_COLOR": None,
         "TTY_COMPATIBLE": None,
     }
@@ -160,3 +161,16 @@ def test_a_list_of_letters_in_every_state_shows_each_ones_status() -> None:
         if line.strip().startswith(ids)
     }
     assert rows == {LETTER_ID: "dead", replayed["id"]: "replayed"}
+
+
+def test_a_narrow_terminal_gets_one_block_of_lines_a_letter() -> None:
+    """At 80 columns a table of nine leaves each a few characters, wrapped letter by letter."""
+    page = {"items": [LETTER], "next_cursor": None}
+    with FakeOpsApi({"/dead-letters": Answer(page)}).running() as api:
+        result = courier(api, "dlq", "list", columns="80")
+    assert result.exit_code == 0, result.output
+    lines = [line.rstrip() for line in result.stdout.splitlines()]
+    assert f"id          {LETTER_ID}" in lines
+    assert "event type  notification.requested" in lines
+    assert "attempts    1" in lines
+    assert_safe(result.stdout)
