@@ -143,14 +143,16 @@ class GatewaySettings(CourierSettings):
             return self
         if not self.ops_tokens:
             raise ValueError("COURIER_OPS_TOKENS is required outside development")
-        for name, secret in self.ops_tokens.items():
-            token = secret.get_secret_value()
-            if len(token) < MIN_TOKEN_LENGTH or token.lower() in PLACEHOLDERS:
-                raise ValueError(
-                    f"the ops token of {name!r} is a placeholder or shorter than "
-                    f"{MIN_TOKEN_LENGTH} characters; generate one, e.g. "
-                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-                )
+        weak = [
+            f"the ops token of {name!r} is a placeholder or shorter than {MIN_TOKEN_LENGTH} "
+            "characters; generate one, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            for name, secret in self.ops_tokens.items()
+            if len(token := secret.get_secret_value()) < MIN_TOKEN_LENGTH
+            or token.lower() in PLACEHOLDERS
+        ]
+        if weak:  # every one at once, a line each
+            raise ValueError("\n".join(weak))
         return self
 
 

@@ -54,16 +54,21 @@ def load(settings_type: type[SettingsT]) -> SettingsT:
             where = _variable(settings_type, error["loc"])
             # A check's own message, without pydantic's "Value error, " before it.
             why = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
-            line = why if why.startswith(f"{where}: ") else f"{where}: {why}"
-            print(f"invalid setting {line}", file=sys.stderr)
+            for problem in why.splitlines():  # a check across settings may find several
+                if where is None:  # such a problem names its variables itself
+                    line = f"invalid settings: {problem}"
+                elif problem.startswith(f"{where}: "):
+                    line = f"invalid setting {problem}"
+                else:
+                    line = f"invalid setting {where}: {problem}"
+                print(line, file=sys.stderr)
         raise SystemExit(EXIT_SETTINGS) from None
 
 
-def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str:
-    """The environment variable an error's location names (the settings as a whole for a
-    check across several)."""
+def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable an error's location names (None for a check across several)."""
     if not loc:
-        return "(several settings together)"
+        return None
     field = settings_type.model_fields.get(str(loc[0]))
     if field is None:  # located by the variable itself (a field read under other names)
         return str(loc[0])

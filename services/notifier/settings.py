@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -147,14 +148,23 @@ class NotifierSettings(ConsumerSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> NotifierSettings:
+        # Every problem at once (one line each): an operator should not learn them one start
+        # at a time.
+        if problems := [*self._smtp_problems(), *self._secret_problems()]:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _smtp_problems(self) -> Iterator[str]:
         if self.smtp_tls and self.smtp_starttls:
-            raise ValueError("COURIER_SMTP_TLS and COURIER_SMTP_STARTTLS exclude each other")
+            yield "COURIER_SMTP_TLS and COURIER_SMTP_STARTTLS exclude each other"
         if self.smtp_host is not None and not self.smtp_from:
-            raise ValueError("COURIER_SMTP_FROM is required with COURIER_SMTP_HOST")
+            yield "COURIER_SMTP_FROM is required with COURIER_SMTP_HOST"
         if (self.smtp_username is None) != (self.smtp_password is None):
-            raise ValueError("set both COURIER_SMTP_USERNAME and COURIER_SMTP_PASSWORD, or neither")
+            yield "set both COURIER_SMTP_USERNAME and COURIER_SMTP_PASSWORD, or neither"
+
+    def _secret_problems(self) -> Iterator[str]:
         if self.environment == "development":
-            return self
+            return
         secrets = {"COURIER_WEBHOOK_SECRET": self.webhook_secret} | {
             f"COURIER_WEBHOOK_SECRETS[{host}]": secret
             for host, secret in self.webhook_secrets.items()
@@ -164,15 +174,14 @@ class NotifierSettings(ConsumerSettings):
                 continue
             value = secret.get_secret_value()
             if len(value) < MIN_SECRET_LENGTH or value.lower() in PLACEHOLDERS:
-                raise ValueError(
+                yield (
                     f"{name} is a placeholder or shorter than {MIN_SECRET_LENGTH} characters; "
                     "generate one, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`"
                 )
         if self.smtp_password is not None and (
             self.smtp_password.get_secret_value().lower() in PLACEHOLDERS
         ):
-            raise ValueError("COURIER_SMTP_PASSWORD is a placeholder")
-        return self
+            yield "COURIER_SMTP_PASSWORD is a placeholder"
 
     @property
     def webhook_enabled(self) -> bool:

@@ -66,6 +66,34 @@ def test_an_invalid_setting_exits_4_naming_its_variable_without_a_traceback(
     assert "Traceback" not in done.stderr
 
 
+def test_every_problem_of_the_settings_is_told_at_once(tmp_path: Path) -> None:
+    """Checks across settings too: not one problem a start."""
+    env = {
+        **os.environ,
+        "COURIER_ENVIRONMENT": "production",
+        "COURIER_WEBHOOK_SECRET": "short",
+        "COURIER_SMTP_HOST": "mail.example.org",
+        "COURIER_SMTP_USERNAME": "courier",
+        "COURIER_SMTP_PASSWORD": "changeme",
+        "COURIER_DATA_DIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.notifier"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 4
+    told = [line for line in done.stderr.splitlines() if line.startswith("invalid settings: ")]
+    assert [line.split()[2] for line in told] == [
+        "COURIER_SMTP_FROM",
+        "COURIER_WEBHOOK_SECRET",
+        "COURIER_SMTP_PASSWORD",
+    ]
+
+
 def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
     namespace: Namespace, tmp_path: Path
 ) -> None:
