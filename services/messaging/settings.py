@@ -130,6 +130,12 @@ class CourierSettings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="Directory of the default SQLite stores."
     )
+    blob_dir: Path = Field(
+        default=Path("data/blobs"),
+        description="Directory of uploaded files (shared by the gateway and the processor).",
+    )
+
+    _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
     @field_validator("database_url")
     @classmethod
@@ -137,13 +143,6 @@ class CourierSettings(BaseSettings):
         if value is not None and (why := database_url_problem(value)):
             raise ValueError(why)
         return value
-
-    blob_dir: Path = Field(
-        default=Path("data/blobs"),
-        description="Directory of uploaded files (shared by the gateway and the processor).",
-    )
-
-    _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
     @field_validator("retry_delays")
     @classmethod
