@@ -77,8 +77,10 @@ def http_url_problem(url: str) -> str | None:
         parts.port  # noqa: B018  # ValueError for a port that is not a number from 0 to 65535
     except ValueError as exc:
         return f"is not a valid URL: {exc}"
+    if not parts.scheme:
+        return "must be an absolute http or https URL (https://host/path), not a relative one"
     if parts.scheme not in ("http", "https"):
-        return f"must be http or https, not {parts.scheme or 'none'!r}"
+        return f"must be http or https, not {parts.scheme!r}"
     if "@" in parts.netloc:
         return "must not carry credentials"
     if " " in parts.netloc:

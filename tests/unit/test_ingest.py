@@ -314,7 +314,7 @@ def notification(channel: str, recipient: str) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("channel", "recipient", "says"),
     [
-        ("webhook", "hooks@example.org", "must be http or https"),
+        ("webhook", "hooks@example.org", "must be an absolute http or https URL"),
         ("webhook", "https://user:pw@example.com/x", "must not carry credentials"),
         ("webhook", "http://example.com:0/", "port 0"),
         ("webhook", "http://" + "a" * 64 + ".example/", "not a valid DNS name"),
