@@ -413,6 +413,17 @@ def add_missing_columns(sync: Connection, table: Table, names: Sequence[str]) ->
             sync.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{name}" {kind}'))
 
 
+def _racing_starts() -> AsyncRetrying:
+    """Tries of a start-up step that processes starting together on one store may race in: on
+    SQLite (no advisory lock) the loser fails on "already exists" and simply runs it again."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.3),
+        retry=retry_if_exception_type((OperationalError, IntegrityError, ProgrammingError)),
+        reraise=True,
+    )
+
+
 async def claim(engine: AsyncEngine, namespace: str) -> None:
     """Make sure the store holds the data of `namespace` only: the first service to start on it
     claims it; one of another namespace is refused (`StoreOfAnotherNamespace`). Its tables are
@@ -420,12 +431,7 @@ async def claim(engine: AsyncEngine, namespace: str) -> None:
     prune the other's dead letters, statuses and inbox records.
 
     Retried as `migrate` is: services starting together on one store race here too."""
-    async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(5),
-        wait=wait_random(0.05, 0.3),
-        retry=retry_if_exception_type((OperationalError, IntegrityError, ProgrammingError)),
-        reraise=True,
-    ):
+    async for attempt in _racing_starts():
         with attempt:
             owners = await _claim_once(engine, namespace)
     if owners != [namespace]:
@@ -455,12 +461,7 @@ async def migrate(engine: AsyncEngine, component: str, steps: Sequence[Migration
     Processes that start together against one store race here: on PostgreSQL an advisory lock
     serialises them; on SQLite (no such lock) a step that lost the race to another process
     fails on "already exists", and the whole check is simply run again."""
-    async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(5),
-        wait=wait_random(0.05, 0.3),
-        retry=retry_if_exception_type((OperationalError, IntegrityError, ProgrammingError)),
-        reraise=True,
-    ):
+    async for attempt in _racing_starts():
         with attempt:
             return await _migrate_once(engine, component, steps)
     raise AssertionError("unreachable: tenacity reraises")

@@ -12,11 +12,24 @@ import orjson
 import pytest
 
 from services.messaging.declare import declare_topology
-from services.messaging.store import claim, open_store, store_url
 from tests.conftest import Namespace
 from tests.support.processes import consumer, free_port
+from tests.support.stores import claimed_by
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+
+
+def run_alone(module: str, data_dir: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <module>` with `settings` in its environment, to its end (one that refuses
+    its settings never reaches the broker)."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        env={**os.environ, "COURIER_DATA_DIR": str(data_dir), **settings},
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
@@ -35,11 +48,7 @@ async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
 async def test_a_consumer_on_a_store_of_another_namespace_exits_3_naming_it(
     namespace: Namespace, tmp_path: Path
 ) -> None:
-    engine = open_store(store_url(None, tmp_path, "processor"))
-    try:
-        await claim(engine, "another-deployment")
-    finally:
-        await engine.dispose()
+    await claimed_by("another-deployment", tmp_path, "processor")
     env = namespace.env(COURIER_DATA_DIR=str(tmp_path))
     processor = consumer("processor", env, tmp_path).start()
     assert processor.process is not None
@@ -51,16 +60,7 @@ async def test_a_consumer_on_a_store_of_another_namespace_exits_3_naming_it(
 def test_an_invalid_setting_exits_4_naming_its_variable_without_a_traceback(
     service: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "COURIER_PREFETCH": "many", "COURIER_PORT": "many"}
-    env["COURIER_DATA_DIR"] = str(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", service],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_alone(service, tmp_path, COURIER_PREFETCH="many", COURIER_PORT="many")
     assert done.returncode == 4
     assert "invalid setting COURIER_" in done.stderr and "valid integer" in done.stderr
     assert "Traceback" not in done.stderr
@@ -68,22 +68,14 @@ def test_an_invalid_setting_exits_4_naming_its_variable_without_a_traceback(
 
 def test_every_problem_of_the_settings_is_told_at_once(tmp_path: Path) -> None:
     """Checks across settings too: not one problem a start."""
-    env = {
-        **os.environ,
-        "COURIER_ENVIRONMENT": "production",
-        "COURIER_WEBHOOK_SECRET": "short",
-        "COURIER_SMTP_HOST": "mail.example.org",
-        "COURIER_SMTP_USERNAME": "courier",
-        "COURIER_SMTP_PASSWORD": "changeme",
-        "COURIER_DATA_DIR": str(tmp_path),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "services.notifier"],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = run_alone(
+        "services.notifier",
+        tmp_path,
+        COURIER_ENVIRONMENT="production",
+        COURIER_WEBHOOK_SECRET="short",
+        COURIER_SMTP_HOST="mail.example.org",
+        COURIER_SMTP_USERNAME="courier",
+        COURIER_SMTP_PASSWORD="changeme",
     )
     assert done.returncode == 4
     told = [line for line in done.stderr.splitlines() if line.startswith("invalid settings: ")]

@@ -21,7 +21,7 @@ import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.envelope import Envelope, derived_event_id
 from contracts.events import (
@@ -131,6 +131,24 @@ async def running(
             inbox.close()
         await engine.dispose()
         store.cleanup()
+
+
+async def inbox_with_effects(engine: AsyncEngine) -> Inbox:
+    """The notifier's inbox in `engine`, beside a table of what its stateful handlers wrote."""
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+    return inbox
+
+
+async def write_effect(conn: AsyncConnection, event: Envelope) -> None:
+    await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+
+
+async def effects(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.scalars(text("SELECT event_id FROM effects"))).all())
 
 
 def dataset_and_its_result() -> tuple[DatasetSubmitted, DatasetProcessed]:
@@ -411,13 +429,10 @@ async def test_a_stateful_handler_whose_follow_up_cannot_be_serialised_keeps_no_
     namespace: Namespace, tmp_path: Path
 ) -> None:
     engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/state.sqlite3")
-    inbox = Inbox(engine, "notifier")
-    await inbox.start()
-    async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+    inbox = await inbox_with_effects(engine)
 
     async def stateful(event: Envelope, conn: AsyncConnection) -> Sequence[Envelope]:
-        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+        await write_effect(conn, event)
         return [unserialisable_follow_up()]
 
     routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
@@ -427,10 +442,9 @@ async def test_a_stateful_handler_whose_follow_up_cannot_be_serialised_keeps_no_
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
         assert dead.headers[f.REASON] == "permanent"
         assert await inbox.lookup(event.id) is None
-    async with engine.connect() as conn:
-        rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+    written = await effects(engine)
     await engine.dispose()
-    assert rows == []  # the transaction rolled back with the inbox record
+    assert written == []  # the transaction rolled back with the inbox record
 
 
 async def test_a_delivery_is_held_through_a_store_outage_not_spent_on_its_delivery_limit(
@@ -556,15 +570,12 @@ async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_re
         dbapi_connection.cursor().execute("PRAGMA busy_timeout=100")
 
     sqlalchemy_event.listen(engine.sync_engine, "connect", fail_writes_fast)
-    inbox = Inbox(engine, "notifier")
-    await inbox.start()
-    async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+    inbox = await inbox_with_effects(engine)
     calls: list[str] = []
 
     async def stateful(event: Envelope, conn: AsyncConnection) -> None:
         calls.append(event.id)
-        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+        await write_effect(conn, event)
 
     routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
     event = notification()
@@ -587,9 +598,7 @@ async def test_a_stateful_delivery_is_held_while_the_store_refuses_writes_not_re
 
             await eventually(settled, timeout=10)
             await assert_empty(namespace.amqp_url, [topo.retry_queue(1), topo.dead_letter_queue])
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
-        assert [r.event_id for r in rows] == [event.id]  # the refused tries rolled back
+        assert await effects(engine) == [event.id]  # the refused tries rolled back
         assert len(calls) >= 2 and set(calls) == {event.id}  # tried again while held
         assert not any("retrying later" in r.message for r in caplog.records)
     finally:
@@ -802,13 +811,10 @@ async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/state.sqlite3")
-    inbox = Inbox(engine, "notifier")
-    await inbox.start()
-    async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE effects (event_id TEXT)"))
+    inbox = await inbox_with_effects(engine)
 
     async def stateful(event: Envelope, conn: AsyncConnection) -> None:
-        await conn.execute(text("INSERT INTO effects VALUES (:id)"), {"id": event.id})
+        await write_effect(conn, event)
 
     routes = {"notification.requested": Route(stateful, RetryPolicy(delays=(1,)), stateful=True)}
     event = notification()
@@ -821,11 +827,10 @@ async def test_a_stateful_handler_writes_its_state_with_the_inbox_record(
             assert await inbox.lookup(event.id) is not None
 
         await eventually(settled)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(text("SELECT event_id FROM effects"))).all()
+    written = await effects(engine)
     inbox.close()
     await engine.dispose()
-    assert [r.event_id for r in rows] == [event.id]
+    assert written == [event.id]
 
 
 async def test_a_consumer_whose_queue_was_deleted_declares_it_and_consumes_again(

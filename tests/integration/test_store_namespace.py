@@ -17,6 +17,7 @@ from services.messaging.errors import StoreOfAnotherNamespace
 from services.messaging.store import claim, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_settings
+from tests.support.stores import claimed_by
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,11 +70,7 @@ async def test_a_store_claimed_by_another_namespace_is_refused_naming_both(
 async def test_a_gateway_on_a_store_of_another_namespace_fails_its_start_up_saying_so(
     namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = open_store(store_url(None, tmp_path, "gateway"))
-    try:
-        await claim(engine, "another-deployment")
-    finally:
-        await engine.dispose()
+    await claimed_by("another-deployment", tmp_path, "gateway")
     app = create_app(gateway_settings(namespace, tmp_path))
     with pytest.raises(StoreOfAnotherNamespace, match="'another-deployment', not"):
         async with LifespanManager(app, startup_timeout=30):

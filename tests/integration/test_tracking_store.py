@@ -21,7 +21,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts.envelope import derived_event_id
+from contracts.envelope import Envelope, derived_event_id
 from contracts.events import (
     EVENT_ADAPTER,
     DatasetProcessed,
@@ -104,6 +104,13 @@ async def status_of(tracking: Tracking, event_id: str) -> dict[str, Any]:
     found = await tracking.status(event_id)
     assert found is not None, event_id
     return found
+
+
+async def accepted_then(tracking: Tracking, event: Envelope) -> datetime:
+    """Accept `event`; a moment just after its accept, for the transitions that follow."""
+    tracking.accepted(event)
+    accepted_at: datetime = (await status_of(tracking, event.id))["accepted_at"]
+    return accepted_at + timedelta(milliseconds=10)
 
 
 def history_states(status: dict[str, Any], service: str) -> list[str]:
@@ -363,8 +370,7 @@ async def test_one_report_of_several_transitions_leaves_the_newest_with_all_in_h
     tracking: Tracking,
 ) -> None:
     event = dataset()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply(
         [
             step(event.id, "processor", "succeeded", t + timedelta(milliseconds=3), attempt=2),
@@ -402,8 +408,7 @@ async def test_a_report_about_more_events_than_one_look_up_takes_is_applied_in_f
 
 async def test_a_late_report_does_not_move_a_state_backwards(tracking: Tracking) -> None:
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply([step(event.id, "notifier", "succeeded", t + timedelta(seconds=1))])
     await tracking.apply([step(event.id, "notifier", "processing", t)])  # arrives late
     status = await status_of(tracking, event.id)
@@ -415,8 +420,7 @@ async def test_a_skipped_duplicate_does_not_hide_the_success_shown(tracking: Tra
     """A redelivery of an event handled already (its ack lost in a crash) is skipped: the
     event still succeeded, which its state keeps saying; the skip stays in the history."""
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply([step(event.id, "notifier", "succeeded", t)])
     await tracking.apply(
         [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=1))]
@@ -432,8 +436,7 @@ async def test_a_success_told_again_beside_a_skipped_duplicate_is_the_state(
     # After a crash: the inbox tells `succeeded` again, stamped when it was recorded, and the
     # redelivery's skip, newer, is in the same report.
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply([step(event.id, "notifier", "processing", t)])
     await tracking.apply(
         [
@@ -450,8 +453,7 @@ async def test_a_success_told_after_the_skip_of_its_redelivery_is_the_state(
     # Another replica skipped the redelivery at once; the one that handled it first tells its
     # success, stamped earlier, only when it starts again.
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply(
         [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=5))]
     )
@@ -463,8 +465,7 @@ async def test_a_skipped_duplicate_is_the_state_where_no_success_was_told(
     tracking: Tracking,
 ) -> None:
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply([step(event.id, "notifier", "processing", t)])
     await tracking.apply(
         [step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=1))]
@@ -492,8 +493,7 @@ async def test_a_detail_no_store_takes_is_escaped_not_the_report_refused(
 
 async def test_dead_lettered_keeps_reason_and_group(tracking: Tracking) -> None:
     event = notification()
-    tracking.accepted(event)
-    t = (await status_of(tracking, event.id))["accepted_at"] + timedelta(milliseconds=10)
+    t = await accepted_then(tracking, event)
     await tracking.apply(
         [
             step(

@@ -11,9 +11,11 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.support.http_stub import serving
 
 PREFIX = "/v1/ops"
 
@@ -70,15 +72,6 @@ class FakeOpsApi:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # the test's output stays the CLI's
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        # A short poll: shutting down waits for the current one.
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        try:
+        with serving(Handler, "ops-api") as server:
+            self.url = f"http://127.0.0.1:{server.server_address[1]}"
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support.http_stub import serving
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -93,15 +95,6 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # quiet: assertions look at `received`
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(
-            target=server.serve_forever, args=(0.05,), name="webhook-receiver"
-        )
-        self._server = server
-        thread.start()
-        try:
+        with serving(Handler, "webhook-receiver") as server:
+            self._server = server
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
