@@ -1,12 +1,12 @@
 """The operators' CLI: `courier dlq list|show|groups|replay|discard|actions`.
 
-It talks to the gateway's ops API (`/v1/ops`) over HTTP, with the gateway's address from `--url`
-(env `COURIER_URL`) and an ops token from `--token` (env `COURIER_OPS_TOKEN`; the token is never
-printed or logged), each given before the command or after it. Output is a human table by
-default and one JSON document on stdout with `--json`; errors and progress go to stderr. Human
-output shows the text it gets from the gateway (a dead letter's error may be a webhook
-receiver's answer) with control and invisible format characters as escapes (`\\x1b`), never as
-markup; `--json` carries it exactly.
+It talks to the gateway's ops API (`/v1/ops`) over HTTP (`client`), with the gateway's address
+from `--url` (env `COURIER_URL`) and an ops token from `--token` (env `COURIER_OPS_TOKEN`; the
+token is never printed or logged), each given before the command or after it. Output is a human
+table by default and one JSON document on stdout with `--json`; errors and progress go to
+stderr. Human output shows the text it gets from the gateway (a dead letter's error may be a
+webhook receiver's answer) with control and invisible format characters as escapes (`\\x1b`),
+never as markup (`views`); `--json` carries it exactly.
 
 A replay or discard works in batches until the selection is exhausted or `--limit` is reached.
 Its selection is frozen when it starts: letters dead-lettered after that (for example a replayed
@@ -27,26 +27,30 @@ Exit codes:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import IntEnum
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import click
-import httpx
 from click.core import ParameterSource
-from rich import box
-from rich.console import Console, Group
-from rich.panel import Panel
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
+
+from services.ops.client import ExitCode, OpsClient, OpsError
+from services.ops.views import (
+    actions_table,
+    groups_listing,
+    json_text,
+    letter_view,
+    letters_listing,
+    visible,
+)
 
 __all__ = ["ExitCode", "OpsClient", "OpsError", "cli", "main"]
 
@@ -57,159 +61,9 @@ MAX_PER_REQUEST = 10_000
 LIST_PAGE = 500
 """The largest page the list endpoint serves; used to count a selection."""
 DISCARD_BATCH = 1_000
-MAX_MESSAGE_WIDTH = 80
 PIPED_WIDTH = 200
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    AUTH = 3
-    UNREACHABLE = 4
-    UNAVAILABLE = 5
-    INTERRUPTED = 130
-
-
-class OpsError(Exception):
-    """Something the operator must hear about; carries the exit code and any partial result."""
-
-    def __init__(
-        self,
-        message: str,
-        code: ExitCode = ExitCode.FAILED,
-        *,
-        status: int | None = None,
-        detail: Any = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.status = status
-        self.detail = detail
-        self.partial: dict[str, Any] | None = None
-
-
-# --- the HTTP client --------------------------------------------------------------------------
-
-
-class OpsClient:
-    """The ops API over HTTP; every failure becomes an `OpsError` with a clear message."""
-
-    def __init__(self, url: str, token: str, timeout: float) -> None:
-        self.url = url.rstrip("/")
-        self._timeout = timeout
-        self._http = httpx.Client(
-            base_url=f"{self.url}/v1/ops",
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "courier-cli"},
-            timeout=timeout,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        # httpx would send a None as an empty value (`cursor=`): leave those out.
-        query = {key: value for key, value in (params or {}).items() if value is not None}
-        return self._send("GET", path, params=query)
-
-    def post(self, path: str, body: Mapping[str, Any], *, extra_seconds: float = 0.0) -> Any:
-        """POST; `extra_seconds` on top of the timeout for work the gateway paces (--rate)."""
-        return self._send("POST", path, body=dict(body), timeout=self._timeout + extra_seconds)
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, Any] | None = None,
-        body: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        try:
-            response = self._http.request(
-                method, path, params=params, json=body, timeout=timeout or self._timeout
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise OpsError(
-                f"cannot reach the gateway at {self.url}: {exc or type(exc).__name__} "
-                "(check --url / COURIER_URL)",
-                ExitCode.UNREACHABLE,
-            ) from None
-        except httpx.TimeoutException:
-            raise OpsError(
-                f"the gateway at {self.url} did not answer in time; a replay or discard may "
-                "still have happened: check `courier dlq actions`",
-                ExitCode.FAILED,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise OpsError(f"talking to the gateway at {self.url} failed: {exc}") from None
-        return _decode(response)
-
-
-def _decode(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    status = response.status_code
-    if response.is_success and isinstance(body, dict):
-        return body
-    if response.is_success:
-        raise OpsError(
-            f"{response.request.url.path} answered {status} without a JSON object; "
-            "is --url the Courier gateway?",
-            status=status,
-        )
-    detail = body.get("detail") if isinstance(body, dict) else response.text[:300]
-    if status == 401:
-        raise OpsError(
-            "the gateway wants an ops token (401): pass --token or set COURIER_OPS_TOKEN",
-            ExitCode.AUTH,
-            status=status,
-        )
-    if status == 403:
-        raise OpsError(
-            "the gateway refused this ops token (403): check COURIER_OPS_TOKEN against the "
-            "gateway's COURIER_OPS_TOKENS",
-            ExitCode.AUTH,
-            status=status,
-        )
-    if status == 503:
-        error = detail.get("error") if isinstance(detail, dict) else detail
-        retry = response.headers.get("retry-after")
-        raise OpsError(
-            f"unavailable (503): {error or 'no detail'}"
-            + (f"; retry in {retry}s" if retry else ""),
-            ExitCode.UNAVAILABLE,
-            status=status,
-            detail=detail,
-        )
-    if status == 422:
-        raise OpsError(
-            f"the gateway rejected the request (422): {_validation_text(detail)}",
-            status=status,
-            detail=detail,
-        )
-    if status == 404 and detail == "Not Found":
-        raise OpsError(
-            f"{response.request.url.path} does not exist (404); is --url the Courier gateway?",
-            status=status,
-        )
-    raise OpsError(f"the gateway answered {status}: {detail}", status=status, detail=detail)
-
-
-def _validation_text(detail: Any) -> str:
-    if not isinstance(detail, list):
-        return str(detail)
-    parts = []
-    for error in detail:
-        if isinstance(error, dict):
-            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
-            parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return "; ".join(parts) or str(detail)
 
 
 # --- options and values -----------------------------------------------------------------------
@@ -393,22 +247,22 @@ class Session:
 
     def say(self, message: str) -> None:
         """A human line on stdout, printed as it is: never as markup or control sequences."""
-        self.out.print(Text(_visible(message)))
+        self.out.print(Text(visible(message)))
 
     def note(self, message: str) -> None:
         """A human remark on stderr (silent with --json)."""
         if not self.as_json:
-            self.err.print(Text(_visible(message), style="dim"))
+            self.err.print(Text(visible(message), style="dim"))
 
 
 def _emit(document: Any) -> None:
-    click.echo(_json_text(document))
+    click.echo(json_text(document))
 
 
 def _fail(error: OpsError, *, as_json: bool, err: Console) -> NoReturn:
     """Say what went wrong on stderr (and as a JSON document with --json), then exit."""
     # The message may quote the gateway's answer, or a dead letter's text.
-    err.print(Text(f"error: {_visible(error.message, lines=True)}", style="bold red"))
+    err.print(Text(f"error: {visible(error.message, lines=True)}", style="bold red"))
     if as_json:
         problem: dict[str, Any] = {"message": error.message, "exit_code": int(error.code)}
         if error.status is not None:
@@ -493,136 +347,6 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return _gateway_options(run)
 
 
-# What would drive or mislead a terminal: every character Python deems unprintable (C0 and C1
-# controls and DEL, whose escape sequences recolour, retitle or erase; format characters such
-# as bidi overrides that reorder what is shown, zero-width and tag characters; separators but
-# the space), as the failure store's `printable` judges them. Dead letters carry text from
-# anyone who can make a message fail, e.g. a webhook receiver's answer.
-
-
-def _escaped(text: str, keep: str, escape: Callable[[str], str]) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c in keep else escape(c) for c in text)
-
-
-def _visible(text: str, *, lines: bool = False) -> str:
-    """`text` with every unprintable character written as its Python escape (`\\x1b`,
-    `\\u202e`), as the failure store writes what it cannot hold; `lines` keeps newlines and
-    tabs."""
-    return _escaped(text, "\n\t" if lines else "", lambda c: repr(c)[1:-1])
-
-
-def _json_text(value: Any) -> str:
-    """`value` as indented JSON whose unprintable characters are all JSON escapes (`json`
-    leaves DEL, C1 and format characters as they are): still the same JSON, safe to print."""
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    return _escaped(text, "\n", lambda c: json.dumps(c)[1:-1])
-
-
-def _cell(value: Any, *, width: int | None = None) -> Text:
-    """A table cell as plain, safe text: data never gets interpreted as rich markup, and
-    never reaches the terminal as a control sequence."""
-    if value is None:
-        return Text("-", style="dim")
-    if isinstance(value, list | tuple):
-        value = ", ".join(str(v) for v in value)
-    text = _visible(str(value).replace("\n", " "))
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return Text(text)
-
-
-def _when(value: Any) -> Text:
-    """An API timestamp, shortened to the second, in UTC."""
-    if not isinstance(value, str):
-        return _cell(value)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return _cell(value)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return Text(moment.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def _short_type(value: Any) -> Any:
-    """`pydantic_core._pydantic_core.ValidationError` → `ValidationError` (tables only)."""
-    return value.rsplit(".", 1)[-1] if isinstance(value, str) else value
-
-
-def _error_text(item: Mapping[str, Any]) -> Text:
-    kind, message = _short_type(item.get("exception_type")), item.get("exception_message")
-    text = ": ".join(str(part) for part in (kind, message) if part)
-    return _cell(text or None, width=MAX_MESSAGE_WIDTH * 2)
-
-
-WIDE_LISTING = 120
-"""Terminal columns below which a listing shows each row as a block of `name  value` lines: a
-table of eight or nine columns leaves each a few characters at 80, wrapped letter by letter."""
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    """How the wide table lays it out (`no_wrap`, `justify`, `overflow`)."""
-    label: str | None = None
-    """Its name in a block, where there is room to spell it out."""
-
-
-def _listing(
-    title: str, columns: Sequence[Column], rows: Sequence[Sequence[Text]], width: int
-) -> Table | Group:
-    """A table where the terminal is wide enough, else one block of lines a row."""
-    if width >= WIDE_LISTING:
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in columns:
-            table.add_column(column.name, **column.options)
-        for row in rows:
-            table.add_row(*row)
-        return table
-    blocks: list[Text | Table] = [Text(title)]
-    for row in rows:
-        block = Table.grid(padding=(0, 2))
-        block.add_column(style="bold", no_wrap=True)
-        block.add_column(overflow="fold")
-        for column, cell in zip(columns, row, strict=True):
-            block.add_row(column.label or column.name, cell)
-        blocks += [Text(""), block]
-    return Group(*blocks)
-
-
-def _letters_listing(items: Sequence[Mapping[str, Any]], status: str, width: int) -> Table | Group:
-    every = status == "any"  # then each letter says its own
-    # The id never wraps (it is copied into `show` and `--id`); the rest wrap as needed.
-    columns = [
-        Column("id", {"no_wrap": True, "min_width": 36}),
-        *(Column(n, {"overflow": "fold"}) for n in ("when (UTC)", "service", "event type")),
-        Column("reason", {"overflow": "fold"}),
-        Column("att", {"justify": "right"}, "attempts"),
-        Column("rep", {"justify": "right"}, "replays"),
-        Column("error", {"overflow": "fold"}),
-        *([Column("status")] if every else []),
-    ]
-    rows = [
-        [
-            _cell(item.get("id")),
-            _when(item.get("dead_lettered_at")),
-            _cell(item.get("service")),
-            _cell(item.get("event_type")),
-            _cell(item.get("reason")),
-            _cell(item.get("attempts")),
-            _cell(item.get("replays")),
-            _error_text(item),
-            *([_cell(item.get("status"))] if every else []),
-        ]
-        for item in items
-    ]
-    title = f"{len(items)} {'' if every else status + ' '}letter(s), newest first"
-    return _listing(title, columns, rows, width)
-
-
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -684,7 +408,7 @@ def list_letters(
     if not items:
         session.say("No dead letters match.")
     else:
-        session.out.print(_letters_listing(items, status, session.out.width))
+        session.out.print(letters_listing(items, status, session.out.width))
     if next_cursor:
         session.note(f"more: --cursor {next_cursor} (or --all-pages)")
 
@@ -702,89 +426,7 @@ def show_letter(session: Session, letter_id: str) -> None:
     if session.as_json:
         session.emit(item)
         return
-    session.out.print(_letter_view(item))
-
-
-def _letter_view(item: Mapping[str, Any]) -> Group:
-    facts = Table.grid(padding=(0, 2))
-    facts.add_column(style="bold", no_wrap=True)
-    facts.add_column()
-    for label, key in (
-        ("id", "id"),
-        ("status", "status"),
-        ("service", "service"),
-        ("queue", "queue"),
-        ("event id", "event_id"),
-        ("event type", "event_type"),
-        ("correlation id", "correlation_id"),
-        ("reason", "reason"),
-        ("attempts", "attempts"),
-        ("replays", "replays"),
-        ("group", "group_key"),
-        ("fingerprint", "fingerprint"),
-        ("exception", "exception_type"),
-        ("message", "exception_message"),
-    ):
-        facts.add_row(label, _cell(item.get(key)))
-    for label, key in (
-        ("first failure", "first_failure"),
-        ("last failure", "last_failure"),
-        ("dead-lettered", "dead_lettered_at"),
-        ("closed", "closed_at"),
-    ):
-        facts.add_row(label, _cell(item.get(key)))
-
-    if "payload" in item:
-        payload = Text(_json_text(item["payload"]), no_wrap=True)
-    else:
-        payload = Text(_visible(str(item.get("payload_text", "")), lines=True))
-    parts: list[Any] = [
-        Panel(facts, title="dead letter", title_align="left"),
-        Panel(payload, title="payload", title_align="left"),
-    ]
-
-    headers = Table(box=None, show_header=False, padding=(0, 2))
-    headers.add_column(style="bold", no_wrap=True)
-    headers.add_column()
-    for name, value in sorted((item.get("headers") or {}).items()):
-        shown = value if isinstance(value, str) else json.dumps(value, default=str)
-        if name == "courier-traceback":
-            shown = "(below)"
-        headers.add_row(_cell(name), _cell(shown, width=200))
-    parts.append(Panel(headers, title="headers", title_align="left"))
-
-    if item.get("traceback"):
-        traceback = Text(_visible(str(item["traceback"]), lines=True))
-        parts.append(Panel(traceback, title="traceback", title_align="left"))
-
-    history = Table(box=None, padding=(0, 2))
-    for column in ("at (UTC)", "action", "actor", "reason", "action id"):
-        history.add_column(column)
-    for entry in item.get("history") or []:
-        history.add_row(
-            _when(entry.get("at")),
-            _cell(entry.get("action")),
-            _cell(entry.get("actor")),
-            _cell(entry.get("reason")),
-            _cell(entry.get("action_id")),
-        )
-    parts.append(Panel(history, title="history", title_align="left"))
-
-    related = item.get("related") or []
-    if related:
-        others = Table(box=None, padding=(0, 2))
-        for column in ("id", "dead-lettered (UTC)", "status", "reason", "replays"):
-            others.add_column(column, no_wrap=column == "id")
-        for other in related:
-            others.add_row(
-                _cell(other.get("id")),
-                _when(other.get("dead_lettered_at")),
-                _cell(other.get("status")),
-                _cell(other.get("reason")),
-                _cell(other.get("replays")),
-            )
-        parts.append(Panel(others, title="same event, other letters", title_align="left"))
-    return Group(*parts)
+    session.out.print(letter_view(item))
 
 
 @dlq.command("groups")
@@ -818,34 +460,7 @@ def groups(session: Session, status: str, limit: int, **options: Any) -> None:
     if not found:
         session.say("No dead letters match.")
         return
-    columns = [
-        Column("group", {"no_wrap": True}),
-        Column("count", {"justify": "right", "no_wrap": True}),
-        Column("first seen (UTC)", {"no_wrap": True}),
-        Column("last seen (UTC)", {"no_wrap": True}),
-        Column("services"),
-        Column("event types"),
-        Column("reason", {"no_wrap": True}),
-        Column("exception", {"no_wrap": True}),
-        Column("example message", {"overflow": "fold", "min_width": 24}),
-    ]
-    rows = [
-        [
-            _cell(group.get("group")),
-            _cell(group.get("count")),
-            _when(group.get("first_seen")),
-            _when(group.get("last_seen")),
-            _cell(group.get("services")),
-            _cell(group.get("event_types")),
-            _cell(group.get("reason")),
-            _cell(_short_type(group.get("exception_type"))),
-            _cell(group.get("example_message"), width=MAX_MESSAGE_WIDTH),
-        ]
-        for group in found
-    ]
-    which = "all" if status == "any" else status
-    title = f"{len(found)} group(s) of {which} letters, largest first"
-    session.out.print(_listing(title, columns, rows, session.out.width))
+    session.out.print(groups_listing(found, status, session.out.width))
 
 
 # --- replay and discard -----------------------------------------------------------------------
@@ -1178,32 +793,7 @@ def actions(session: Session, limit: int) -> None:
     if not found:
         session.say("No actions recorded.")
         return
-    table = Table(
-        title=f"{len(found)} action(s), newest first",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    table.add_column("at (UTC)", no_wrap=True)
-    table.add_column("action", no_wrap=True)
-    table.add_column("dry run", no_wrap=True)
-    table.add_column("actor", no_wrap=True)
-    table.add_column("count", justify="right", no_wrap=True)
-    table.add_column("why", overflow="fold")
-    table.add_column("selection", overflow="fold", min_width=24)
-    table.add_column("id", no_wrap=True)
-    for entry in found:
-        table.add_row(
-            _when(entry.get("at")),
-            _cell(entry.get("action")),
-            _cell("yes" if entry.get("dry_run") else "no"),
-            _cell(entry.get("actor")),
-            _cell(entry.get("count")),
-            _cell(entry.get("reason")),
-            _cell(json.dumps(entry.get("selection") or {}, sort_keys=True), width=120),
-            _cell(entry.get("id")),
-        )
-    session.out.print(table)
+    session.out.print(actions_table(found))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
