@@ -1,19 +1,53 @@
-"""`python -m services.gateway`: serve the gateway with uvicorn (uvloop + httptools)."""
+"""`python -m services.gateway`: serve the gateway with uvicorn (uvloop + httptools), and end
+with the service's exit code (`ServiceExit`), as the consumers do."""
 
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
+import uvloop
 
+from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from services.messaging.exits import ServiceExit
 from services.messaging.logs import configure_logging
 from services.messaging.settings import load
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    raise SystemExit(ServiceExit.OK)
+
+
+async def serve(settings: GatewaySettings) -> ServiceExit:
+    stopped: list[ServiceExit] = []
+
+    def stop(code: ServiceExit) -> None:
+        stopped.append(code)
+        server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(settings, stop=stop),
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        log_config=None,  # keep the JSON logging configured in main
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    except SystemExit as exit:
+        if exit.code == ServiceExit.OK:
+            raise  # the signal uvicorn drained for, raised again once it was done
+        # uvicorn's own exit, once it logged why: the port taken, the app's start-up failed.
+        return stopped[0] if stopped else ServiceExit.FAILED
+    if stopped:
+        return stopped[0]
+    return ServiceExit.OK if server.started else ServiceExit.FAILED
 
 
 def main() -> None:
@@ -23,17 +57,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     configure_logging(settings.log_level, "gateway")
-    uvicorn.run(
-        "services.gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,  # keep the JSON logging configured above
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    sys.exit(uvloop.run(serve(settings)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetterDrain
 from services.messaging.errors import StoreOfAnotherNamespace
+from services.messaging.exits import ServiceExit
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.logs import get_logger
@@ -106,7 +108,12 @@ def _projection_consumer(
     )
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None, *, stop: Callable[[ServiceExit], None] | None = None
+) -> FastAPI:
+    """The gateway. `stop`, from the process that serves it, ends that process with an exit
+    code when the gateway must not go on: its store claimed by another namespace, a queue
+    declared with other arguments."""
     settings = settings or GatewaySettings()
     body_rate = BodyRate(
         settings.min_body_rate, settings.body_rate_grace_seconds, settings.body_idle_timeout_seconds
@@ -119,12 +126,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             stack.push_async_callback(engine.dispose)
             try:
                 await claim(engine, settings.namespace)
-            except StoreOfAnotherNamespace:
+            except StoreOfAnotherNamespace as exc:
                 # Said plainly, not only at the end of uvicorn's start-up traceback.
-                log.exception("the store belongs to another namespace; refusing to start")
+                log.exception(
+                    "the store belongs to another namespace; refusing to start",
+                    extra={"error": str(exc)},
+                )
+                if stop is not None:
+                    stop(ServiceExit.STORE_CLAIMED)
                 raise
             failures = FailureStore(engine)
-            broker = BrokerLink(settings)  # connects only once started, below
+            refuse = None if stop is None else functools.partial(stop, ServiceExit.TOPOLOGY)
+            broker = BrokerLink(settings, refuse=refuse)  # connects only once started, below
             callbacks = Callbacks(engine, broker.publisher, events_exchange(settings.namespace))
             stack.callback(callbacks.close)
             tracking = Tracking(

@@ -11,6 +11,7 @@ down with it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from aio_pika.abc import AbstractRobustConnection
@@ -42,8 +43,14 @@ class Startable(Protocol):
 
 
 class BrokerLink:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(
+        self, settings: GatewaySettings, *, refuse: Callable[[], None] | None = None
+    ) -> None:
+        """`refuse` ends the gateway when its first link finds a queue declared with other
+        arguments (as a consumer exits with code 2). Without it (an app served by something
+        else) the link is retried and the gateway stays unready until the queue is fixed."""
         self.settings = settings
+        self._refuse = refuse
         self._consumers: list[Startable] = []
         self._started: set[int] = set()
         self.publisher = Publisher(
@@ -77,14 +84,18 @@ class BrokerLink:
         self._task = asyncio.get_running_loop().create_task(self._link())
 
     async def _link(self) -> None:
-        """Connect until it works; a topology mismatch (an operator has to fix the queue) or
-        an unexpected failure is logged and retried, never left to end the task quietly
-        (the gateway would answer 503 for ever)."""
+        """Connect until it works; a topology mismatch (an operator has to fix the queue)
+        ends the gateway, or where it cannot, is retried as an unexpected failure is: logged,
+        never left to end the task quietly (the gateway would answer 503 for ever)."""
         while True:
             try:
                 await self._connect()
                 return
             except TopologyMismatch as exc:
+                if self._refuse is not None:
+                    log.exception("topology mismatch; refusing to start", extra={"error": str(exc)})
+                    self._refuse()
+                    return
                 if self.topology_error != str(exc):
                     log.exception("topology mismatch; not ready until the queue is fixed")
                 self.topology_error = str(exc)

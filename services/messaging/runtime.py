@@ -34,6 +34,7 @@ from services.messaging.connection import open_connection
 from services.messaging.consumer import Consumer, OneAtATime, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import StoreOfAnotherNamespace, TopologyMismatch
+from services.messaging.exits import ServiceExit
 from services.messaging.health import serve_health
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
@@ -51,7 +52,6 @@ S = TypeVar("S", bound=ConsumerSettings)
 RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 """Builds a service's routes and their resources; resources register their cleanup on the stack."""
 
-EXIT_OK, EXIT_UNREADY, EXIT_TOPOLOGY, EXIT_STORE = 0, 1, 2, 3
 CONTROL_PREFETCH = 16
 CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
@@ -105,13 +105,13 @@ async def _watch(
             last_consuming = time.monotonic()
         elif time.monotonic() - last_consuming > unready_exit_after:
             log.error("not consuming for too long; exiting", extra={"seconds": unready_exit_after})
-            return EXIT_UNREADY
+            return ServiceExit.FAILED
         try:
             async with asyncio.timeout(1.0):
                 await stop.wait()
         except TimeoutError:
             continue
-    return EXIT_OK
+    return ServiceExit.OK
 
 
 async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
@@ -175,9 +175,11 @@ async def _record_cancellation(
 async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
     try:
         return await _serve(service, settings, build_routes)
-    except StoreOfAnotherNamespace:
-        log.exception("the store belongs to another namespace; refusing to start")
-        return EXIT_STORE
+    except StoreOfAnotherNamespace as exc:
+        log.exception(
+            "the store belongs to another namespace; refusing to start", extra={"error": str(exc)}
+        )
+        return ServiceExit.STORE_CLAIMED
 
 
 async def _claim_store(settings: ConsumerSettings, service: str) -> None:
@@ -197,7 +199,7 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
         # Away, or a file that cannot be opened: as with an absent broker, the supervisor
         # starts the service again.
         log.exception("could not open the store; exiting")
-        return EXIT_UNREADY
+        return ServiceExit.FAILED
     topology = settings.topology(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,12 +217,12 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
         )
         try:
             connection = await _connect(settings, service, publisher, topology)
-        except TopologyMismatch:
-            log.exception("topology mismatch; refusing to start")
-            return EXIT_TOPOLOGY
+        except TopologyMismatch as exc:
+            log.exception("topology mismatch; refusing to start", extra={"error": str(exc)})
+            return ServiceExit.TOPOLOGY
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")
-            return EXIT_UNREADY
+            return ServiceExit.FAILED
         stack.push_async_callback(_bounded, publisher.close)
         stack.push_async_callback(_bounded, connection.close)
         keep_declared = redeclare_on_reconnect(  # held for the loop

@@ -23,6 +23,7 @@ from contracts.topology import (
     service_topology,
 )
 from services.messaging.cpu import worker_count
+from services.messaging.exits import ServiceExit
 from services.messaging.retry import RetryPolicy
 from services.messaging.status import DEFAULT_INTERVAL as DEFAULT_STATUS_INTERVAL
 from services.messaging.store import database_url_problem
@@ -38,15 +39,13 @@ def _int_tuple(value: object) -> object:
     return value
 
 
-EXIT_SETTINGS = 4
-"""A service's exit code when a setting is invalid (README's list of exit codes)."""
 SettingsT = TypeVar("SettingsT", bound="CourierSettings")
 
 
 def load(settings_type: type[SettingsT]) -> SettingsT:
     """A service's settings from the environment. Invalid ones end the process with
-    `EXIT_SETTINGS` and a line on stderr for each problem, naming its variable (not a pydantic
-    traceback that an operator has to read from the bottom)."""
+    `ServiceExit.SETTINGS` and a line on stderr for each problem, naming its variable (not a
+    pydantic traceback that an operator has to read from the bottom)."""
     try:
         return settings_type()
     except ValidationError as exc:
@@ -62,7 +61,7 @@ def load(settings_type: type[SettingsT]) -> SettingsT:
                 else:
                     line = f"invalid setting {where}: {problem}"
                 print(line, file=sys.stderr)
-        raise SystemExit(EXIT_SETTINGS) from None
+        raise SystemExit(ServiceExit.SETTINGS) from None
 
 
 def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str | None:

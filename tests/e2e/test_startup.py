@@ -1,8 +1,10 @@
-"""How a consumer process starts, or refuses to: real processes, exit codes."""
+"""How a service process starts, or refuses to: real processes, exit codes (the same for the
+gateway and the consumers)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,14 @@ from tests.support.stores import claimed_by
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 
-def run_alone(module: str, data_dir: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    """`python -m <module>` with `settings` in its environment, to its end (one that refuses
-    its settings never reaches the broker)."""
+def run_alone(
+    module: str, data_dir: Path, env: dict[str, str] | None = None, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module>` with `settings` in its environment (`env`, or this process's), to
+    its end: for a service that refuses to start or to go on."""
     return subprocess.run(
         [sys.executable, "-m", module],
-        env={**os.environ, "COURIER_DATA_DIR": str(data_dir), **settings},
+        env={**(env or os.environ), "COURIER_DATA_DIR": str(data_dir), **settings},
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
@@ -43,6 +47,58 @@ async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
     assert notifier.process is not None
     assert notifier.process.wait(30) == 2
     assert "x-delivery-limit" in notifier.log()
+
+
+async def test_the_gateway_refuses_a_queue_declared_differently_with_exit_code_2(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # As the consumers do; before, it stayed up, unready, and took events into the queues.
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:
+        await declare_topology(connection, namespace.settings(delivery_limit=3).all_topologies())
+    env = namespace.env(COURIER_DELIVERY_LIMIT="9", COURIER_PORT=str(free_port()))
+    done = run_alone("services.gateway", tmp_path, env, COURIER_ENVIRONMENT="development")
+    assert done.returncode == 2
+    assert "topology mismatch; refusing to start" in done.stderr
+    assert "x-delivery-limit" in done.stderr
+
+
+def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_path: Path) -> None:
+    # It had connected to the broker meanwhile: that connection must not keep it alive.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = namespace.env(COURIER_PORT=str(port), COURIER_ENVIRONMENT="development")
+        done = run_alone("services.gateway", tmp_path, env)
+    assert done.returncode == 1
+    assert "address already in use" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    [
+        "sqlite:////nonexistent/directory/gateway.sqlite3",  # a file that cannot be made
+        f"postgresql://postgres@127.0.0.1:{free_port()}/test",  # a server that is not there
+    ],
+)
+def test_the_gateway_exits_1_when_its_store_cannot_be_opened(
+    namespace: Namespace, tmp_path: Path, database_url: str
+) -> None:
+    # As a consumer does, for its supervisor to start it again; 3 says another namespace's.
+    env = namespace.env(COURIER_PORT=str(free_port()), COURIER_ENVIRONMENT="development")
+    done = run_alone("services.gateway", tmp_path, env, DATABASE_URL=database_url)
+    assert done.returncode == 1
+
+
+async def test_the_gateway_on_a_store_of_another_namespace_exits_3(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    await claimed_by("another-deployment", tmp_path, "gateway")
+    env = namespace.env(COURIER_PORT=str(free_port()), COURIER_ENVIRONMENT="development")
+    done = run_alone("services.gateway", tmp_path, env)
+    assert done.returncode == 3
+    assert "'another-deployment', not" in done.stderr
 
 
 async def test_a_consumer_on_a_store_of_another_namespace_exits_3_naming_it(

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.broker
 
 
 def _others() -> set[asyncio.Task[object]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+    return asyncio.all_tasks() - {asyncio.current_task()}
 
 
 async def test_a_connect_cancelled_at_any_point_leaves_no_task_behind(amqp_url: str) -> None:

@@ -1,0 +1,23 @@
+"""The exit codes of every Courier service (`python -m services.<name>`): one meaning each, the
+same for the gateway and the consumers, so a supervisor or an operator can tell why a service
+ended (README, Settings)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = ["ServiceExit"]
+
+
+class ServiceExit(IntEnum):
+    OK = 0
+    """Stopped when asked (SIGTERM, SIGINT)."""
+    FAILED = 1
+    """Could not do its work, for a supervisor to start it again: the broker or the store
+    away for too long, the gateway's port taken."""
+    TOPOLOGY = 2
+    """A queue declared with other arguments: an operator has to fix it first."""
+    STORE_CLAIMED = 3
+    """The store belongs to another deployment (`COURIER_NAMESPACE`)."""
+    SETTINGS = 4
+    """An invalid setting; stderr names each."""
