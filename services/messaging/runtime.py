@@ -206,7 +206,22 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    consumers: list[Consumer] = []
+
+    def consuming() -> bool:
+        return bool(consumers) and all(consumer.consuming for consumer in consumers)
+
+    def ready() -> bool:
+        # Not while deliveries wait for the store (or the broker) to come back: consuming,
+        # yet doing no work. Only readiness says so; the watchdog, which restarts a
+        # service that cannot consume, would not bring a store back.
+        return consuming() and not any(consumer.holding for consumer in consumers)
+
     async with AsyncExitStack() as stack:
+        if settings.health_port:
+            # From the start: alive (`/healthz`) while it waits for the broker, not ready.
+            server = await serve_health(settings.health_host, settings.health_port, ready, service)
+            stack.callback(server.close)
         routes = await build_routes(stack, settings)
         publisher = Publisher(
             settings.amqp_url,
@@ -251,7 +266,7 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             functools.partial(_record_cancellation, inbox), settings.retry_policy(), stateful=True
         )
         one_at_a_time = OneAtATime()
-        consumers = [
+        consumers += [
             Consumer(
                 topology=topology,
                 # A lane's types too: an earlier version's binding may still route them here.
@@ -301,20 +316,6 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             await consumer.start(connection)
         if control is not None:
             consumers.append(controls)
-
-        def consuming() -> bool:
-            return all(consumer.consuming for consumer in consumers)
-
-        def ready() -> bool:
-            # Not while deliveries wait for the store (or the broker) to come back: consuming,
-            # yet doing no work. Only readiness says so; the watchdog, which restarts a
-            # service that cannot consume, would not bring a store back.
-            return consuming() and not any(consumer.holding for consumer in consumers)
-
-        if settings.health_port:
-            server = await serve_health(settings.health_host, settings.health_port, ready, service)
-            stack.callback(server.close)
-
         freeze_start_up_heap(stack)
         code = await _watch(consuming, stop, settings.unready_exit_after)
         log.info(

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import aio_pika
+import httpx
 import orjson
 import pytest
 
 from services.messaging.declare import declare_topology
 from tests.conftest import Namespace
+from tests.support.polling import eventually_sync
 from tests.support.processes import consumer, free_port
 from tests.support.stores import claimed_by
 
@@ -154,6 +156,31 @@ def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
     assert processor.process is not None
     assert processor.process.wait(30) == 1
     assert not processor.ready()
+
+
+def test_a_consumer_waiting_for_its_broker_is_alive_and_not_ready(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # A liveness probe that cannot connect would restart it before its own grace period ends.
+    env = namespace.env(
+        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        COURIER_UNREADY_EXIT_AFTER="60",
+        COURIER_DATA_DIR=str(tmp_path),
+    )
+    notifier = consumer("notifier", env, tmp_path).start()
+    try:
+
+        def answers() -> None:
+            try:
+                alive = httpx.get(notifier.health_url.replace("/readyz", "/healthz"), timeout=1)
+                ready = httpx.get(notifier.health_url, timeout=1)
+            except httpx.ConnectError as exc:
+                raise AssertionError(f"not listening yet: {exc}") from None
+            assert (alive.status_code, ready.status_code) == (200, 503)
+
+        eventually_sync(answers, timeout=30)
+    finally:
+        notifier.kill()
 
 
 def test_the_notifier_logs_which_channels_it_delivers_on(
