@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +25,17 @@ _OPTIONAL = (
     "smtp_starttls",
     "smtp_from",
 )
+
+
+def _one_value_per_key(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
+    """`pairs` as a dict; a host given twice (`a=x,a=y`, or as two JSON keys) is refused, not
+    left to the last pair: which secret signs must not depend on their order."""
+    found: dict[str, object] = {}
+    for host, secret in pairs:
+        if host in found:
+            raise ValueError(f"COURIER_WEBHOOK_SECRETS: {host!r} is given twice")
+        found[host] = secret
+    return found
 
 
 class NotifierSettings(ConsumerSettings):
@@ -96,12 +107,13 @@ class NotifierSettings(ConsumerSettings):
         if not isinstance(value, str):
             return value
         if value.strip().startswith("{"):
-            parsed: object = json.loads(value)
+            parsed: object = json.loads(value, object_pairs_hook=_one_value_per_key)
             return parsed
-        pairs = [item.strip() for item in value.split(",") if item.strip()]
-        if any("=" not in pair for pair in pairs):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if any("=" not in item for item in items):
             raise ValueError("COURIER_WEBHOOK_SECRETS holds `host=secret` pairs")
-        return {host.strip().lower(): secret for host, secret in (p.split("=", 1) for p in pairs)}
+        pairs = [item.split("=", 1) for item in items]
+        return _one_value_per_key([(host.strip().lower(), secret) for host, secret in pairs])
 
     @field_validator("webhook_secrets")
     @classmethod

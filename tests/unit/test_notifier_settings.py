@@ -142,3 +142,18 @@ def test_incoherent_settings_are_refused(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         NotifierSettings()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"a.example={REAL_SECRET}x,a.example={REAL_SECRET}y",
+        f"a.example={REAL_SECRET}x,A.Example={REAL_SECRET}y",
+        f'{{"a.example": "{REAL_SECRET}x", "a.example": "{REAL_SECRET}y"}}',
+    ],
+)
+def test_a_host_given_twice_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # The last pair won silently: which secret signs must not depend on the pairs' order.
+    monkeypatch.setenv("COURIER_WEBHOOK_SECRETS", value)
+    with pytest.raises(ValueError, match=r"'a\.example' is given twice"):
+        NotifierSettings()
