@@ -177,7 +177,9 @@ def _filter_options(f: F) -> F:
             help="Only this reason: invalid, permanent, retries_exhausted, ...",
         ),
         click.option(
-            "--exception-type", callback=_not_blank, help="Only this exception type (dotted name)."
+            "--exception-type",
+            callback=_not_blank,
+            help="Only this exception type: its dotted name or its last parts (PermanentError).",
         ),
         click.option(
             "--since",

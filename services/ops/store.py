@@ -129,11 +129,18 @@ class Filter:
             (c.event_type, self.event_type),
             (c.group_key, self.group),
             (c.reason, self.reason),
-            (c.exception_type, self.exception_type),
             (c.status, self.status),
         ):
             if value is not None:
                 clauses.append(column == value)
+        if self.exception_type is not None:
+            # The dotted name, or its last parts: `PermanentError`, as the tables show it.
+            clauses.append(
+                or_(
+                    c.exception_type == self.exception_type,
+                    c.exception_type.endswith(f".{self.exception_type}", autoescape=True),
+                )
+            )
         if self.since is not None:
             clauses.append(c.dead_lettered_at >= utc_bound(self.since))
         if self.until is not None:

@@ -233,6 +233,31 @@ async def test_each_filter_narrows_the_listing(store: FailureStore) -> None:
     assert await store.count(Filter(group="g-connection")) == 1
 
 
+async def test_an_exception_type_is_found_by_its_dotted_name_or_its_last_parts(
+    store: FailureStore,
+) -> None:
+    # The tables show `PermanentError`; an operator copies that into --exception-type.
+    permanent, lookalike, _ = await add_all(
+        store,
+        [
+            letter(exception_type="services.messaging.errors.PermanentError"),
+            letter(exception_type="app.NotPermanentError"),
+            letter(exception_type="app.Permanent_Error"),
+        ],
+    )
+
+    async def ids(exception_type: str) -> set[str]:
+        found = await store.page(Filter(exception_type=exception_type), limit=100)
+        return {item["id"] for item in found.items}
+
+    assert await ids("services.messaging.errors.PermanentError") == {permanent.id}
+    assert await ids("PermanentError") == {permanent.id}
+    assert await ids("errors.PermanentError") == {permanent.id}
+    assert await ids("NotPermanentError") == {lookalike.id}
+    assert await ids("Permanent%Error") == set()  # taken literally
+    assert await ids("rors.PermanentError") == set()  # whole parts only
+
+
 async def test_a_time_filter_means_the_same_moment_in_any_utc_offset(
     store: FailureStore, request: pytest.FixtureRequest
 ) -> None:
