@@ -486,8 +486,10 @@ async def file_content(file_id: str, files: FilesDep, blobs: BlobsDep) -> Stream
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r} is stored")
     return StreamingResponse(
         blobs.stream(record["blob"]),
-        media_type=record["content_type"],
         headers={
+            # As a header, not `media_type`: Starlette would add `charset=utf-8` to a text
+            # type, a claim about bytes the gateway never decoded.
+            "Content-Type": record["content_type"],
             "Content-Length": str(size),
             "Content-Disposition": content_disposition(record["name"]),
             "ETag": f'"{record["sha256"]}"',
