@@ -9,6 +9,7 @@ from types import FrameType
 
 import uvicorn
 import uvloop
+from fastapi import FastAPI
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -21,15 +22,9 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(ServiceExit.OK)
 
 
-async def serve(settings: GatewaySettings) -> ServiceExit:
-    stopped: list[ServiceExit] = []
-
-    def stop(code: ServiceExit) -> None:
-        stopped.append(code)
-        server.should_exit = True
-
-    config = uvicorn.Config(
-        create_app(settings, stop=stop),
+def server_config(settings: GatewaySettings, app: FastAPI) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         http="httptools",
@@ -37,7 +32,16 @@ async def serve(settings: GatewaySettings) -> ServiceExit:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+
+
+async def serve(settings: GatewaySettings) -> ServiceExit:
+    stopped: list[ServiceExit] = []
+
+    def stop(code: ServiceExit) -> None:
+        stopped.append(code)
+        server.should_exit = True
+
+    server = uvicorn.Server(server_config(settings, create_app(settings, stop=stop)))
     try:
         await server.serve()
     except SystemExit as exit:

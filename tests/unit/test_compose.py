@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import uvicorn
 import yaml
 from jsonschema import Draft202012Validator
 from pydantic import AliasChoices
@@ -285,18 +284,16 @@ def test_gateway_listens_where_it_is_published_and_probed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gateway_main = importlib.import_module("services.gateway.__main__")
-    started: dict[str, Any] = {}
     _apply_environment("gateway", monkeypatch)
-    monkeypatch.setattr(gateway_main, "configure_logging", lambda *_: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *_, **kwargs: started.update(kwargs))
-    gateway_main.main()
+    settings = SETTINGS["gateway"]()
+    config = gateway_main.server_config(settings, gateway_main.create_app(settings))
 
     service = _service("gateway")
-    assert started["host"] == "0.0.0.0"
+    assert config.host == "0.0.0.0"
     published = {int(str(port).rsplit(":", 1)[-1]) for port in service["ports"]}
-    assert started["port"] in published
-    assert _healthcheck_port(service) == started["port"]
-    assert _seconds(service["stop_grace_period"]) > started["timeout_graceful_shutdown"]
+    assert config.port in published
+    assert _healthcheck_port(service) == config.port
+    assert _seconds(service["stop_grace_period"]) > config.timeout_graceful_shutdown
 
 
 @pytest.mark.parametrize("name", CONSUMERS)
