@@ -10,6 +10,7 @@ import logging
 import sys
 from contextvars import ContextVar
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 event_id_var: ContextVar[str | None] = ContextVar("event_id", default=None)
@@ -61,6 +62,8 @@ def configure_logging(level: str = "INFO", service: str = "courier") -> None:
             "%(asctime)s %(levelname)s %(name)s %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             static_fields={"service": service},
+            # uvicorn's copy of its message with terminal colour codes: noise in a JSON line.
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],
         )
     )
     root = logging.getLogger()

@@ -136,6 +136,11 @@ class CourierSettings(BaseSettings):
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("database_url")
     @classmethod
     def _opens_a_store(cls, value: str | None) -> str | None:

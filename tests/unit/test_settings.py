@@ -59,6 +59,12 @@ def test_retry_delays_accept_a_json_list(monkeypatch: pytest.MonkeyPatch) -> Non
     assert CourierSettings().retry_delays == (2, 4)
 
 
+@pytest.mark.parametrize("value", ["debug", "Warning", " INFO "])
+def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("COURIER_LOG_LEVEL", value)
+    assert CourierSettings().log_level == value.strip().upper()
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
