@@ -54,6 +54,8 @@ from services.messaging.errors import (
     causes,
 )
 from services.messaging.failure import (
+    EVENT_ID,
+    EVENT_TYPE,
     EXCEPTION_MESSAGE,
     FINGERPRINT,
     Failure,
@@ -794,7 +796,8 @@ class Consumer:
             "dead-lettered",
             extra={
                 "reason": reason,
-                "event_id": dead_headers["courier-event-id"],
+                "event_id": dead_headers[EVENT_ID],
+                "event_type": dead_headers[EVENT_TYPE],
                 "attempt": failure.attempt,
                 "error": failure.summary(),
             },

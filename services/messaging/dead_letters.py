@@ -168,7 +168,8 @@ def read_dead_letter(
             reason=str(headers[f.REASON]),
             attempts=f.attempt_of(headers),
             replays=_int(headers.get(f.REPLAYS)),
-            first_failure=_as_datetime(headers.get(f.FIRST_FAILURE), now),
+            first_failure=precise_time(headers.get(f.FIRST_FAILED_AT))
+            or _as_datetime(headers.get(f.FIRST_FAILURE), now),
             last_failure=precise_time(headers.get(f.FAILED_AT))
             or _as_datetime(headers.get(f.LAST_FAILURE), now),
             exception_type=_str_or_none(headers.get(f.EXCEPTION_TYPE)),
@@ -226,7 +227,8 @@ def _broker_dead_letter(
         reason=reason,
         attempts=f.attempt_of(headers),
         replays=_int(headers.get(f.REPLAYS)),
-        first_failure=_as_datetime(headers.get(f.FIRST_FAILURE), died),
+        first_failure=precise_time(headers.get(f.FIRST_FAILED_AT))
+        or _as_datetime(headers.get(f.FIRST_FAILURE), died),
         last_failure=died,
         exception_type=None,
         exception_message=f"the broker dead-lettered the message: {reason}",

@@ -24,6 +24,9 @@ LAST_FAILURE: Final = "courier-last-failure"
 FAILED_AT: Final = "courier-failed-at"
 """A dead letter's failure time to the microsecond (ISO 8601): AMQP timestamps, as in
 `LAST_FAILURE`, keep whole seconds, too coarse to order it after the attempt's `processing`."""
+FIRST_FAILED_AT: Final = "courier-first-failed-at"
+"""`FIRST_FAILURE` to the microsecond (ISO 8601); absent from messages that failed first under
+an earlier version."""
 LAST_ERROR: Final = "courier-last-error"
 REASON: Final = "courier-reason"
 SERVICE: Final = "courier-service"
@@ -40,9 +43,9 @@ REPLAYS: Final = "courier-replays"
 # Headers that describe one failure; a replayed message starts without them.
 FAILURE_HEADERS: Final = frozenset(
     {
-        ATTEMPT, FIRST_FAILURE, LAST_FAILURE, FAILED_AT, LAST_ERROR, REASON, SERVICE, QUEUE,
-        EVENT_ID, EVENT_TYPE, EXCEPTION_TYPE, EXCEPTION_MESSAGE, TRACEBACK, FINGERPRINT,
-        DEAD_LETTER_ID,
+        ATTEMPT, FIRST_FAILURE, FIRST_FAILED_AT, LAST_FAILURE, FAILED_AT, LAST_ERROR, REASON,
+        SERVICE, QUEUE, EVENT_ID, EVENT_TYPE, EXCEPTION_TYPE, EXCEPTION_MESSAGE, TRACEBACK,
+        FINGERPRINT, DEAD_LETTER_ID,
     }
 )  # fmt: skip
 
@@ -119,12 +122,22 @@ class Failure:
     def summary(self) -> str:
         return f"{_exception_name(self.exc)}: {self.exc}"[:MAX_MESSAGE_CHARS]
 
+    def _first_failure(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """When the message first failed: kept from an earlier attempt, else this one."""
+        if FIRST_FAILURE not in headers:
+            return {FIRST_FAILURE: self.at, FIRST_FAILED_AT: self.at.isoformat()}
+        # An earlier version's first failure has whole seconds only: not made up here.
+        first = {FIRST_FAILURE: headers[FIRST_FAILURE]}
+        if FIRST_FAILED_AT in headers:
+            first[FIRST_FAILED_AT] = headers[FIRST_FAILED_AT]
+        return first
+
     def retry_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
         """Headers for the next attempt of a message whose attempt failed transiently."""
         return {
             **carried_headers(headers),
             ATTEMPT: self.attempt + 1,
-            FIRST_FAILURE: headers.get(FIRST_FAILURE, self.at),
+            **self._first_failure(headers),
             LAST_FAILURE: self.at,
             LAST_ERROR: self.summary(),
         }
@@ -148,7 +161,7 @@ class Failure:
             EVENT_ID: event_id,
             EVENT_TYPE: event_type,
             ATTEMPT: self.attempt,
-            FIRST_FAILURE: headers.get(FIRST_FAILURE, self.at),
+            **self._first_failure(headers),
             LAST_FAILURE: self.at,
             FAILED_AT: self.at.isoformat(),
             EXCEPTION_TYPE: _exception_name(self.exc),

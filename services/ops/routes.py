@@ -128,8 +128,16 @@ class ReplayRequest(Selection):
     rate: float = Field(default=100.0, ge=0.001, le=10_000, description="Most letters per second.")
 
 
+def _said(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must say why: the audit trail keeps it")
+    return value
+
+
 class DiscardRequest(Selection):
-    reason_text: Annotated[Text, Field(min_length=1, max_length=1000, alias="why")]
+    reason_text: Annotated[
+        Text, AfterValidator(_said), Field(min_length=1, max_length=1000, alias="why")
+    ]
     dry_run: bool = False
     limit: int = Field(default=100, ge=1, le=10_000)
 

@@ -205,6 +205,23 @@ async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: 
     await assert_empty(namespace.amqp_url, [topo.queue])
 
 
+async def test_a_dead_letter_is_logged_with_its_event_id_type_and_reason(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Recorder(failures=[PermanentError("recipient refused")])
+    event = notification()
+    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
+        pub,
+        topo,
+        _,
+    ):
+        await publish(pub, topo, event)
+        await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    [record] = [r for r in caplog.records if r.message == "dead-lettered"]
+    logged = (record.event_id, record.event_type, record.reason)  # type: ignore[attr-defined]
+    assert logged == (event.id, "notification.requested", "permanent")
+
+
 async def test_a_transient_failure_is_retried_later_through_the_broker(
     namespace: Namespace,
 ) -> None:

@@ -644,6 +644,8 @@ async def test_a_replay_or_discard_without_a_selection_or_by_an_empty_filter_is_
             ("/v1/ops/replays", {"ids": [""]}),
             # PostgreSQL refuses a NUL: the discard went through, its audit row failed (503).
             ("/v1/ops/discards", {"all": True, "why": "bad\x00reason"}),
+            # A reason of blanks says nothing in the audit trail.
+            ("/v1/ops/discards", {"all": True, "why": " \t "}),
             # A letter each 1/rate seconds: 5e-324 made that infinite, and the request hung
             # with its claims renewed for good (found by fuzzing).
             ("/v1/ops/replays", {"all": True, "rate": 5e-324}),

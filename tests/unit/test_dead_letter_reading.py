@@ -121,6 +121,12 @@ def test_a_consumers_letter_keeps_its_failure_time_to_the_microsecond() -> None:
     )
 
 
+def test_a_first_failure_is_kept_to_the_microsecond_too() -> None:
+    # It was cut to the second: a letter that failed once showed two different times.
+    letter = read(consumers_letter())
+    assert letter.first_failure == letter.last_failure
+
+
 def test_a_letter_without_a_readable_precise_time_falls_back_to_the_last_failure() -> None:
     seconds = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
     # Times outside year 1 to 9999 once in UTC: the store refused the letter, which went

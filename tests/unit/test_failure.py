@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from services.messaging import failure as f
 
 
@@ -41,7 +43,17 @@ def test_retry_headers_count_up_and_keep_the_first_failure_time() -> None:
     assert headers[f.ATTEMPT] == 2 and headers["custom"] == "kept"
     assert "x-death" not in headers and "x-delivery-count" not in headers
     second = f.Failure.of(caught(raise_at_a, ValueError("y")), attempt=2)
-    assert second.retry_headers(headers)[f.FIRST_FAILURE] == first.at
+    again = second.retry_headers(headers)
+    assert again[f.FIRST_FAILURE] == first.at
+    assert again[f.FIRST_FAILED_AT] == first.at.isoformat()  # to the microsecond
+
+
+def test_a_first_failure_known_to_the_second_only_is_not_made_precise() -> None:
+    # A message that failed first under an earlier version: its time is not this failure's.
+    earlier = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
+    failure = f.Failure.of(caught(raise_at_a, ValueError("y")), attempt=2)
+    headers = failure.retry_headers({f.FIRST_FAILURE: earlier})
+    assert headers[f.FIRST_FAILURE] == earlier and f.FIRST_FAILED_AT not in headers
 
 
 def test_a_dead_letter_carries_the_whole_story() -> None:
