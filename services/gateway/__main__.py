@@ -44,8 +44,8 @@ async def serve(settings: GatewaySettings) -> ServiceExit:
     server = uvicorn.Server(server_config(settings, create_app(settings, stop=stop)))
     try:
         await server.serve()
-    except SystemExit as exit:
-        if exit.code == ServiceExit.OK:
+    except SystemExit as ended:
+        if ended.code == ServiceExit.OK:
             raise  # the signal uvicorn drained for, raised again once it was done
         # uvicorn's own exit, once it logged why: the port taken, the app's start-up failed.
         return stopped[0] if stopped else ServiceExit.FAILED
