@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 
+from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER, INGEST_ADAPTER
 from contracts.topology import events_exchange
 from services.blobs import LocalBlobStore
@@ -36,7 +37,7 @@ from services.messaging.logs import get_logger
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
-from services.messaging.store import STORE_ERRORS, claim, open_store, store_url
+from services.messaging.store import STORE_ERRORS, claim, open_store, store_checked, store_url
 from services.ops.operations import Operations
 from services.ops.routes import router as ops_router
 from services.ops.store import FailureStore, open_letter_of
@@ -50,6 +51,7 @@ ABANDONED_UPLOAD_AGE = timedelta(hours=1)
 """A partial upload nobody wrote to, or a blob no record points to, this long: left by a crash."""
 PROJECTION_PREFETCH = 64
 SERVICE = "gateway"
+E = TypeVar("E", bound=Envelope)
 
 
 def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
@@ -81,6 +83,17 @@ def _housekeeping(
     run_every(stack, PURGE_INTERVAL_SECONDS, "inbox-prune", lambda: inbox.prune(retention))
 
 
+def _held_while_away(apply: Callable[[E], Awaitable[None]]) -> Callable[[E], Awaitable[None]]:
+    """A projection handler whose store away holds its delivery (`StoreUnavailable`) instead
+    of spending retry attempts: a report dead-lettered after an outage left its events'
+    status and callbacks behind until an operator replayed it."""
+
+    async def held(event: E) -> None:
+        await store_checked(apply(event), f"apply {event.type}")
+
+    return held
+
+
 def _projection_consumer(
     settings: GatewaySettings,
     tracking: Tracking,
@@ -92,11 +105,17 @@ def _projection_consumer(
     topology = settings.topology(SERVICE)
     policy = RetryPolicy(delays=settings.retry_delays)
     routes = {
-        "status.reported": Route(tracking.apply_reported, policy, idempotent=True),
-        "results.reported": Route(tracking.record_results, policy, idempotent=True),
+        "status.reported": Route(
+            _held_while_away(tracking.apply_reported), policy, idempotent=True
+        ),
+        "results.reported": Route(
+            _held_while_away(tracking.record_results), policy, idempotent=True
+        ),
         # Results of processors of an earlier version, through the binding they rely on
         # (kept until COURIER_UNBIND_RETIRED), and what it queued before.
-        "dataset.processed": Route(tracking.record_result, policy, idempotent=True),
+        "dataset.processed": Route(
+            _held_while_away(tracking.record_result), policy, idempotent=True
+        ),
         "file.processed": Route(files.record_result, policy, stateful=True),
     }
     return Consumer(

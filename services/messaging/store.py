@@ -48,7 +48,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 from sqlalchemy.schema import CreateTable
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from services.messaging.errors import StoreOfAnotherNamespace, causes
+from services.messaging.errors import StoreOfAnotherNamespace, StoreUnavailable, causes
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 T = TypeVar("T")
@@ -159,6 +159,18 @@ def store_unavailable(exc: BaseException) -> bool:
         )
         or any(isinstance(seen, DBAPIError) and seen.connection_invalidated for seen in causes(exc))
     )
+
+
+async def store_checked(work: Awaitable[T], what: str) -> T:
+    """A handler's `work` on its service's store; the store away (`store_unavailable`) is
+    `StoreUnavailable`, so the consumer holds the delivery until it is back instead of spending
+    retry attempts on the outage (and dead-lettering healthy work after a long one)."""
+    try:
+        return await work
+    except Exception as exc:
+        if store_unavailable(exc):
+            raise StoreUnavailable(f"could not {what}") from exc
+        raise
 
 
 def row_may_be_at_fault(exc: BaseException) -> bool:

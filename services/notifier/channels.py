@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
@@ -20,14 +19,13 @@ from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 from contracts.envelope import Envelope
 from contracts.notify import Channel
 from services.messaging.batching import Batcher
-from services.messaging.errors import PermanentError, StoreUnavailable
+from services.messaging.errors import PermanentError
 from services.messaging.logs import get_logger
-from services.messaging.store import store_unavailable
+from services.messaging.store import store_checked
 
 if TYPE_CHECKING:
     from services.notifier.deliveries import Deliveries
 
-T = TypeVar("T")
 
 log = get_logger("notifier.channels")
 
@@ -110,17 +108,6 @@ MAX_UNRECORDED = 10_000
 """Notifications remembered as sent while the store would not take their record."""
 
 
-async def _store_checked(work: Awaitable[T], what: str) -> T:
-    """Work with the deliveries record; the store away is `StoreUnavailable`, so the delivery
-    is held until it is back instead of spending a retry attempt on the outage."""
-    try:
-        return await work
-    except Exception as exc:
-        if store_unavailable(exc):
-            raise StoreUnavailable(f"could not {what}") from exc
-        raise
-
-
 class Channels:
     """Delivers on the notification's channel, at most once per event id once it succeeded."""
 
@@ -136,7 +123,7 @@ class Channels:
             log.info("sent before the store went away; recording it, not sending again")
             await self._record(notification)
             return
-        if await _store_checked(
+        if await store_checked(
             self._deliveries.delivered_already(notification.event_id), "read the deliveries record"
         ):
             # An earlier attempt delivered, then died before the inbox recorded the event.
@@ -158,7 +145,7 @@ class Channels:
 
     async def refused_before(self, notification: Notification) -> str | None:
         """The error of a target's permanent refusal of this notification, if it refused."""
-        record = await _store_checked(
+        record = await store_checked(
             self._deliveries.get(notification.event_id), "read the deliveries record"
         )
         if record is None or record.outcome != "rejected":
@@ -173,7 +160,7 @@ class Channels:
         except Exception:  # retried below, within the budget
             log.warning("could not record a delivery; retrying", exc_info=True)
             try:
-                await _store_checked(
+                await store_checked(
                     self._record_patiently(notification), "record a sent notification"
                 )
             except Exception:

@@ -34,7 +34,13 @@ from contracts.events import (
     ResultsReported,
     ResultsReportedData,
 )
-from contracts.topology import WORKERS, control_queue, dead_letter_queue, work_queue
+from contracts.topology import (
+    WORKERS,
+    control_queue,
+    dead_letter_queue,
+    events_exchange,
+    work_queue,
+)
 from contracts.tracking import (
     MAX_TRANSITIONS,
     CancellationRequested,
@@ -53,6 +59,7 @@ from services.gateway.tracking_migrations import (
 )
 from services.messaging.dead_letters import group_key
 from services.messaging.failure import EXCEPTION_MESSAGE, FINGERPRINT, Failure
+from services.messaging.publisher import Publisher
 from services.messaging.store import ROWS_PER_STATEMENT, migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -916,6 +923,52 @@ async def test_a_store_away_is_a_503_to_retry_not_a_500(
         finally:
             await engine.dispose()
         assert (await client.get(f"/v1/events/{event_id}")).status_code == 200
+
+
+@pytest.mark.broker
+async def test_a_status_report_waits_for_the_store_instead_of_spending_its_retries(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With a short delay tier it was dead-lettered within seconds of an outage: its events'
+    # statuses and callbacks stayed behind until an operator replayed it.
+    async with running_gateway(namespace, tmp_path, None, retry_delays=(1,)) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        assert (await client.get(f"/v1/events/{event_id}")).status_code == 200  # written
+        engine = open_store(store_url(None, tmp_path, "gateway"))
+        publisher = Publisher(namespace.amqp_url)
+        await publisher.connect()
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE status_history RENAME TO away"))
+            done = step(event_id, "notifier", "succeeded", datetime.now(UTC))
+            report = StatusReported(
+                source="urn:courier:notifier", data=StatusReportedData(transitions=[done])
+            )
+            await publisher.publish_event(report, exchange=events_exchange(namespace.name))
+
+            async def held() -> None:
+                # Ingest goes on meanwhile: the gateway stays ready (the broker keeps events).
+                assert any("holding the delivery" in r.message for r in caplog.records)
+
+            await eventually(held, timeout=15)
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE away RENAME TO status_history"))
+        finally:
+            await publisher.close()
+            await engine.dispose()
+
+        async def applied() -> None:
+            status = (await client.get(f"/v1/events/{event_id}")).json()
+            assert states_of(status) == {"notifier": "succeeded"}
+
+        await eventually(applied, timeout=15)
+        letters = await client.get(
+            "/v1/ops/count",
+            params={"status": "any"},
+            headers={"Authorization": f"Bearer {OPS_TOKEN}"},
+        )
+        assert letters.json()["count"] == 0
+        assert not any("retrying later" in r.message for r in caplog.records)
 
 
 @pytest.mark.broker
