@@ -526,7 +526,7 @@ class Consumer:
             log.info("skipped: cancelled")
             return
         if known is not None:
-            await self._skip_duplicate(message, event, known.follow_ups)
+            await self._skip_duplicate(message, event, known)
             return
         self._report(event, "processing", attempt=attempt)
         try:
@@ -559,8 +559,7 @@ class Consumer:
 
     async def _skip_recorded(self, message: DeliveredMessage, event: Envelope) -> None:
         known = await self._inbox.lookup(event.id)
-        recorded = known.follow_ups if isinstance(known, Handled) else ()
-        await self._skip_duplicate(message, event, recorded)
+        await self._skip_duplicate(message, event, known if isinstance(known, Handled) else None)
 
     async def _settle_again(
         self,
@@ -686,12 +685,18 @@ class Consumer:
         return recorded
 
     async def _skip_duplicate(
-        self, message: DeliveredMessage, event: Envelope, follow_ups: Sequence[Envelope]
+        self, message: DeliveredMessage, event: Envelope, known: Handled | None
     ) -> None:
         # The first handling may have crashed before its follow-ups were confirmed: send them
         # again (same derived ids, so downstream inboxes drop them if they did arrive).
+        follow_ups = known.follow_ups if known is not None else ()
         await self._publish_follow_ups([Serialised.of(e) for e in follow_ups])
         self._ack(message)
+        if known is not None and known.attempt is not None:
+            # Its success, as the record has it: the first handling may have lost its report
+            # (its channel closed before the ack, the process killed before the next report).
+            # The same report the gateway may have, which it keeps once.
+            self._report(event, "succeeded", at=known.handled_at, attempt=known.attempt)
         self._report(event, "skipped_duplicate")
         log.info("skipped duplicate", extra={"follow_ups": len(follow_ups)})
 

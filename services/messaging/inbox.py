@@ -76,6 +76,8 @@ class Handled:
     event_id: str
     handled_at: datetime
     follow_ups: tuple[Envelope, ...]
+    attempt: int | None = None
+    """The attempt that handled it (None in records from before attempts were kept)."""
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,10 @@ class Inbox:
         self, event_ids: list[str], rows: list[FoundRow]
     ) -> list[Handled | Cancelled | None]:
         found: dict[str, Handled | Cancelled] = {}
-        for event_id, at, follow_ups, handled in rows:
+        for event_id, at, follow_ups, handled, attempt in rows:
             if handled:  # a handled event stays handled, even if cancelled later
                 decoded = tuple(_FOLLOW_UPS.validate_json(follow_ups or b"[]"))
-                found[event_id] = Handled(event_id, at, decoded)
+                found[event_id] = Handled(event_id, at, decoded, attempt)
             else:
                 found.setdefault(event_id, Cancelled(event_id, at))
         return [found.get(event_id) for event_id in event_ids]
@@ -410,7 +412,9 @@ class Inbox:
 # thread every sqlite3 call hands the GIL back and forth with the busy event loop thread, and
 # each hand-back can wait out a switch interval.
 
-FoundRow = tuple[str, datetime, bytes | None, bool]
+FoundRow = tuple[str, datetime, bytes | None, bool, int | None]
+"""An event id, when it was handled or cancelled, its follow-ups, whether it was handled (not
+cancelled), and the attempt that handled it."""
 _COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
@@ -437,14 +441,15 @@ def _note_skips(
 def _find_core(
     conn: Connection, inbox: Table, cancellations: Table, wanted: list[str]
 ) -> list[FoundRow]:
-    handled = select(inbox.c.event_id, inbox.c.handled_at, inbox.c.follow_ups, literal(True)).where(
-        inbox.c.event_id.in_(wanted)
+    c = inbox.c
+    handled = select(c.event_id, c.handled_at, c.follow_ups, literal(True), c.attempt).where(
+        c.event_id.in_(wanted)
     )
     cancelled = select(
-        cancellations.c.event_id, cancellations.c.cancelled_at, null(), literal(False)
+        cancellations.c.event_id, cancellations.c.cancelled_at, null(), literal(False), null()
     ).where(cancellations.c.event_id.in_(wanted))
     return [
-        (row[0], as_utc(row[1]), row[2], bool(row[3]))
+        (row[0], as_utc(row[1]), row[2], bool(row[3]), row[4])
         for row in conn.execute(union_all(handled, cancelled))
     ]
 
@@ -471,14 +476,14 @@ class _SqliteReads:
     def find(self, wanted: list[str]) -> list[FoundRow]:
         marks = ",".join("?" * len(wanted))
         sql = (
-            f'SELECT event_id, handled_at, follow_ups, 1 FROM "{self._inbox}" '  # noqa: S608  # names from code, values bound
+            f'SELECT event_id, handled_at, follow_ups, 1, attempt FROM "{self._inbox}" '  # noqa: S608  # names from code, values bound
             f"WHERE event_id IN ({marks}) UNION ALL "
-            f'SELECT event_id, cancelled_at, NULL, 0 FROM "{self._cancellations}" '
+            f'SELECT event_id, cancelled_at, NULL, 0, NULL FROM "{self._cancellations}" '
             f"WHERE event_id IN ({marks})"
         )
         return [
-            (event_id, from_sqlite_time(at), follow_ups, bool(handled))
-            for event_id, at, follow_ups, handled in self.raw.execute(sql, wanted + wanted)
+            (event_id, from_sqlite_time(at), follow_ups, bool(handled), attempt)
+            for event_id, at, follow_ups, handled, attempt in self.raw.execute(sql, wanted + wanted)
         ]
 
 

@@ -996,6 +996,33 @@ async def test_a_succeeded_report_is_stamped_as_its_inbox_record_tells_it_again(
     assert (datetime.fromisoformat(succeeded["at"]), succeeded["attempt"]) == (recorded.at, 2)
 
 
+async def test_a_redelivery_of_a_handled_event_tells_its_success_again_beside_the_skip(
+    namespace: Namespace, inbox_on_disk: Inbox, reporting: Reporting
+) -> None:
+    """The first handling's `succeeded` can be lost with its channel (a broker that died
+    before the ack) while the process lives on, so no restart tells it again: the event showed
+    `skipped_duplicate` alone. The skip tells it from the record: the same report."""
+    event = notification()
+    handler = Recorder()
+    routes = {"notification.requested": route(handler)}
+    async with running(
+        namespace, "notifier", routes, inbox=inbox_on_disk, reporter=reporting.reporter
+    ) as (pub, topo, _):
+        await publish(pub, topo, event)
+        await handler.called(event.id)
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+        first = await reporting.sent()
+        await publish(pub, topo, event)  # a redelivery, as the broker makes after a crash
+        await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
+        again = await reporting.sent()
+    assert handler.calls == [event.id]
+    [succeeded] = [t for t in first if t["state"] == "succeeded"]
+    assert [(t["state"], t.get("at"), t.get("attempt")) for t in again] == [
+        ("succeeded", succeeded["at"], 1),
+        ("skipped_duplicate", again[1]["at"], None),
+    ]
+
+
 async def test_a_cancelled_report_is_stamped_as_its_cancellation_tells_it_again(
     namespace: Namespace, inbox_on_disk: Inbox, reporting: Reporting
 ) -> None:
