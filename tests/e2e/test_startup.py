@@ -81,13 +81,15 @@ def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_pa
     "database_url",
     [
         "sqlite:////nonexistent/directory/gateway.sqlite3",  # a file that cannot be made
-        f"postgresql://postgres@127.0.0.1:{free_port()}/test",  # a server that is not there
+        "postgresql://postgres@127.0.0.1:{port}/test",  # a server that is not there
     ],
+    ids=["sqlite", "postgresql"],
 )
 def test_the_gateway_exits_1_when_its_store_cannot_be_opened(
     namespace: Namespace, tmp_path: Path, database_url: str
 ) -> None:
     # As a consumer does, for its supervisor to start it again; 3 says another namespace's.
+    database_url = database_url.format(port=free_port())
     env = namespace.env(COURIER_PORT=str(free_port()), COURIER_ENVIRONMENT="development")
     done = run_alone("services.gateway", tmp_path, env, DATABASE_URL=database_url)
     assert done.returncode == 1
