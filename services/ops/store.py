@@ -135,12 +135,10 @@ class Filter:
                 clauses.append(column == value)
         if self.exception_type is not None:
             # The dotted name, or its last parts: `PermanentError`, as the tables show it.
-            clauses.append(
-                or_(
-                    c.exception_type == self.exception_type,
-                    c.exception_type.endswith(f".{self.exception_type}", autoescape=True),
-                )
-            )
+            # Compared as text, not with LIKE, which ignores case on SQLite and not elsewhere.
+            suffix = f".{self.exception_type}"
+            tail = func.substr(c.exception_type, func.length(c.exception_type) - len(suffix) + 1)
+            clauses.append(or_(c.exception_type == self.exception_type, tail == suffix))
         if self.since is not None:
             clauses.append(c.dead_lettered_at >= utc_bound(self.since))
         if self.until is not None:

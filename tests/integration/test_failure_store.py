@@ -255,6 +255,8 @@ async def test_an_exception_type_is_found_by_its_dotted_name_or_its_last_parts(
     assert await ids("errors.PermanentError") == {permanent.id}
     assert await ids("NotPermanentError") == {lookalike.id}
     assert await ids("Permanent%Error") == set()  # taken literally
+    assert await ids("permanenterror") == set()  # in its case, on every database
+    assert await ids("services.messaging.errors.permanenterror") == set()
     assert await ids("rors.PermanentError") == set()  # whole parts only
 
 
