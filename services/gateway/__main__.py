@@ -45,10 +45,12 @@ async def serve(settings: GatewaySettings) -> ServiceExit:
     try:
         await server.serve()
     except SystemExit as ended:
+        if stopped:
+            return stopped[0]  # why it had to stop, even if a signal came meanwhile
         if ended.code == ServiceExit.OK:
             raise  # the signal uvicorn drained for, raised again once it was done
         # uvicorn's own exit, once it logged why: the port taken, the app's start-up failed.
-        return stopped[0] if stopped else ServiceExit.FAILED
+        return ServiceExit.FAILED
     if stopped:
         return stopped[0]
     return ServiceExit.OK if server.started else ServiceExit.FAILED
