@@ -49,6 +49,7 @@ from services.messaging.store import STORE_ERRORS, claim, open_store, store_url
 log = get_logger("runtime")
 
 S = TypeVar("S", bound=ConsumerSettings)
+T = TypeVar("T")
 RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 """Builds a service's routes and their resources; resources register their cleanup on the stack."""
 
@@ -93,6 +94,26 @@ async def _connect(
                 raise
             return connection
     raise AssertionError("unreachable: tenacity reraises")
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None once `stop` is set first (`work` is cancelled then): a
+    service told to stop while it waits for the broker stops, rather than waiting on until
+    `COURIER_UNREADY_EXIT_AFTER` ends it with a failure."""
+    working = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        working.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if working.done():
+        return working.result()
+    working.cancel()
+    await asyncio.gather(working, return_exceptions=True)
+    return None
 
 
 async def _watch(
@@ -231,7 +252,12 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             name=f"{service}-publisher",
         )
         try:
-            connection = await _connect(settings, service, publisher, topology)
+            connection = await _unless_stopped(
+                _connect(settings, service, publisher, topology), stop
+            )
+            if connection is None:
+                log.info("stopped while waiting for the broker")
+                return ServiceExit.OK
         except TopologyMismatch as exc:
             log.exception("topology mismatch; refusing to start", extra={"error": str(exc)})
             return ServiceExit.TOPOLOGY

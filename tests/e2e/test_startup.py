@@ -185,6 +185,28 @@ def test_a_consumer_waiting_for_its_broker_is_alive_and_not_ready(
         notifier.kill()
 
 
+def test_a_consumer_told_to_stop_while_it_waits_for_its_broker_exits_0_at_once(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # It waited on until COURIER_UNREADY_EXIT_AFTER and then exited 1, as if it had failed.
+    env = namespace.env(
+        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        COURIER_UNREADY_EXIT_AFTER="120",
+        COURIER_DATA_DIR=str(tmp_path),
+    )
+    processor = consumer("processor", env, tmp_path).start()
+    try:
+
+        def waiting() -> None:
+            assert "broker not reachable; retrying" in processor.log()
+
+        eventually_sync(waiting, timeout=30)
+        assert processor.terminate(timeout=15) == 0
+        assert "stopped while waiting for the broker" in processor.log()
+    finally:
+        processor.kill()
+
+
 def test_the_notifier_logs_which_channels_it_delivers_on(
     namespace: Namespace, tmp_path: Path
 ) -> None:
