@@ -51,7 +51,7 @@ ABANDONED_UPLOAD_AGE = timedelta(hours=1)
 """A partial upload nobody wrote to, or a blob no record points to, this long: left by a crash."""
 PROJECTION_PREFETCH = 64
 SERVICE = "gateway"
-E = TypeVar("E", bound=Envelope)
+EventT = TypeVar("EventT", bound=Envelope)
 
 
 def _with_event_schemas(app: FastAPI) -> dict[str, Any]:
@@ -83,12 +83,14 @@ def _housekeeping(
     run_every(stack, PURGE_INTERVAL_SECONDS, "inbox-prune", lambda: inbox.prune(retention))
 
 
-def _held_while_away(apply: Callable[[E], Awaitable[None]]) -> Callable[[E], Awaitable[None]]:
+def _held_while_away(
+    apply: Callable[[EventT], Awaitable[None]],
+) -> Callable[[EventT], Awaitable[None]]:
     """A projection handler whose store away holds its delivery (`StoreUnavailable`) instead
     of spending retry attempts: a report dead-lettered after an outage left its events'
     status and callbacks behind until an operator replayed it."""
 
-    async def held(event: E) -> None:
+    async def held(event: EventT) -> None:
         await store_checked(apply(event), f"apply {event.type}")
 
     return held

@@ -218,6 +218,9 @@ def _broker_dead_letter(
     service = service_of_queue(namespace, queue)
     fingerprint = hashlib.sha256(f"{reason}|{service}|{message_type}".encode()).hexdigest()[:16]
     died = _as_datetime(death.get("time"), now)
+    first = precise_time(headers.get(f.FIRST_FAILED_AT)) or _as_datetime(
+        headers.get(f.FIRST_FAILURE), died
+    )
     return DeadLetter(
         id=_stable_id(message_id, headers, body),
         service=service,
@@ -227,8 +230,9 @@ def _broker_dead_letter(
         reason=reason,
         attempts=f.attempt_of(headers),
         replays=_int(headers.get(f.REPLAYS)),
-        first_failure=precise_time(headers.get(f.FIRST_FAILED_AT))
-        or _as_datetime(headers.get(f.FIRST_FAILURE), died),
+        # x-death's time has whole seconds: a first failure to the microsecond in that same
+        # second would come after it.
+        first_failure=min(first, died),
         last_failure=died,
         exception_type=None,
         exception_message=f"the broker dead-lettered the message: {reason}",

@@ -127,6 +127,28 @@ def test_a_first_failure_is_kept_to_the_microsecond_too() -> None:
     assert letter.first_failure == letter.last_failure
 
 
+def test_a_letter_that_first_failed_under_an_earlier_version_keeps_its_first_second() -> None:
+    # No courier-first-failed-at: the AMQP timestamp, in whole seconds, is what there is.
+    seconds = datetime(2030, 1, 1, 0, 0, 3, tzinfo=UTC)
+    headers = consumers_letter(**{f.FIRST_FAILURE: seconds})
+    del headers[f.FIRST_FAILED_AT]
+    assert read(headers).first_failure == seconds
+
+
+def test_a_broker_dead_letter_never_failed_first_after_it_died() -> None:
+    # x-death keeps whole seconds; the first failure, to the microsecond, fell in that second.
+    died = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
+    headers: dict[str, object] = {
+        "x-death": [{"queue": "ns.notifier", "reason": "delivery_limit", "time": died}],
+        f.FIRST_FAILED_AT: "2030-01-01T00:00:07.500000+00:00",
+    }
+    letter = read(headers)
+    assert letter.first_failure <= letter.last_failure == died
+    del headers[f.FIRST_FAILED_AT]
+    headers[f.FIRST_FAILURE] = datetime(2030, 1, 1, 0, 0, 2, tzinfo=UTC)
+    assert read(headers).first_failure == datetime(2030, 1, 1, 0, 0, 2, tzinfo=UTC)
+
+
 def test_a_letter_without_a_readable_precise_time_falls_back_to_the_last_failure() -> None:
     seconds = datetime(2030, 1, 1, 0, 0, 7, tzinfo=UTC)
     # Times outside year 1 to 9999 once in UTC: the store refused the letter, which went
