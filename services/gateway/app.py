@@ -30,7 +30,7 @@ from services.gateway.tracking import Tracking
 from services.messaging.consumer import Consumer, Route
 from services.messaging.dead_letters import DeadLetterDrain
 from services.messaging.errors import StoreOfAnotherNamespace
-from services.messaging.exits import ServiceExit
+from services.messaging.exits import ServiceExit, log_refusal
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
 from services.messaging.logs import get_logger
@@ -149,10 +149,7 @@ def create_app(
                 await claim(engine, settings.namespace)
             except StoreOfAnotherNamespace as exc:
                 # Said plainly, not only at the end of uvicorn's start-up traceback.
-                log.exception(
-                    "the store belongs to another namespace; refusing to start",
-                    extra={"error": str(exc)},
-                )
+                log_refusal(log, ServiceExit.STORE_CLAIMED, exc)
                 if stop is not None:
                     stop(ServiceExit.STORE_CLAIMED)
                 raise

@@ -22,6 +22,7 @@ from services.gateway.settings import GatewaySettings
 from services.messaging.connection import open_connection
 from services.messaging.declare import Redeclare, declare_topology, redeclare_on_reconnect
 from services.messaging.errors import TopologyMismatch
+from services.messaging.exits import ServiceExit, log_refusal
 from services.messaging.logs import get_logger
 from services.messaging.publisher import Publisher
 
@@ -93,7 +94,7 @@ class BrokerLink:
                 return
             except TopologyMismatch as exc:
                 if self._refuse is not None:
-                    log.exception("topology mismatch; refusing to start", extra={"error": str(exc)})
+                    log_refusal(log, ServiceExit.TOPOLOGY, exc)
                     self._refuse()
                     return
                 if self.topology_error != str(exc):

@@ -4,9 +4,10 @@ ended (README, Settings)."""
 
 from __future__ import annotations
 
+import logging
 from enum import IntEnum
 
-__all__ = ["ServiceExit"]
+__all__ = ["ServiceExit", "log_refusal"]
 
 
 class ServiceExit(IntEnum):
@@ -21,3 +22,15 @@ class ServiceExit(IntEnum):
     """The store belongs to another deployment (`COURIER_NAMESPACE`)."""
     SETTINGS = 4
     """An invalid setting; stderr names each."""
+
+
+_REFUSALS = {
+    ServiceExit.TOPOLOGY: "topology mismatch; refusing to start",
+    ServiceExit.STORE_CLAIMED: "the store belongs to another namespace; refusing to start",
+}
+
+
+def log_refusal(log: logging.Logger, code: ServiceExit, exc: BaseException) -> None:
+    """Say why a service refuses to start, the same way in every service: the reason (which
+    queue, which namespace) as a field, not only at the end of the traceback."""
+    log.error(_REFUSALS[code], exc_info=exc, extra={"error": str(exc)})

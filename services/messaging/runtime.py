@@ -34,7 +34,7 @@ from services.messaging.connection import open_connection
 from services.messaging.consumer import Consumer, OneAtATime, Route
 from services.messaging.declare import declare_topology, redeclare_on_reconnect
 from services.messaging.errors import StoreOfAnotherNamespace, TopologyMismatch
-from services.messaging.exits import ServiceExit
+from services.messaging.exits import ServiceExit, log_refusal
 from services.messaging.health import serve_health
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
@@ -197,9 +197,7 @@ async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> in
     try:
         return await _serve(service, settings, build_routes)
     except StoreOfAnotherNamespace as exc:
-        log.exception(
-            "the store belongs to another namespace; refusing to start", extra={"error": str(exc)}
-        )
+        log_refusal(log, ServiceExit.STORE_CLAIMED, exc)
         return ServiceExit.STORE_CLAIMED
 
 
@@ -259,7 +257,7 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
                 log.info("stopped while waiting for the broker")
                 return ServiceExit.OK
         except TopologyMismatch as exc:
-            log.exception("topology mismatch; refusing to start", extra={"error": str(exc)})
+            log_refusal(log, ServiceExit.TOPOLOGY, exc)
             return ServiceExit.TOPOLOGY
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")

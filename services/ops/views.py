@@ -108,17 +108,21 @@ class Column:
     """Its name in a block, where there is room to spell it out."""
 
 
+def _table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[Text]]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in columns:
+        table.add_column(column.name, **column.options)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _listing(
     title: str, columns: Sequence[Column], rows: Sequence[Sequence[Text]], width: int
 ) -> Table | Group:
     """A table where the terminal is wide enough, else one block of lines a row."""
     if width >= WIDE_LISTING:
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in columns:
-            table.add_column(column.name, **column.options)
-        for row in rows:
-            table.add_row(*row)
-        return table
+        return _table(title, columns, rows)
     blocks: list[Text | Table] = [Text(title)]
     for row in rows:
         block = Table.grid(padding=(0, 2))
@@ -274,22 +278,15 @@ def groups_listing(found: Sequence[Mapping[str, Any]], status: str, width: int) 
 
 
 def actions_table(found: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(
-        title=f"{len(found)} action(s), newest first",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    table.add_column("at (UTC)", no_wrap=True)
-    table.add_column("action", no_wrap=True)
-    table.add_column("dry run", no_wrap=True)
-    table.add_column("actor", no_wrap=True)
-    table.add_column("count", justify="right", no_wrap=True)
-    table.add_column("why", overflow="fold")
-    table.add_column("selection", overflow="fold", min_width=24)
-    table.add_column("id", no_wrap=True)
-    for entry in found:
-        table.add_row(
+    columns = [
+        *(Column(n, {"no_wrap": True}) for n in ("at (UTC)", "action", "dry run", "actor")),
+        Column("count", {"justify": "right", "no_wrap": True}),
+        Column("why", {"overflow": "fold"}),
+        Column("selection", {"overflow": "fold", "min_width": 24}),
+        Column("id", {"no_wrap": True}),
+    ]
+    rows = [
+        [
             _when(entry.get("at")),
             _cell(entry.get("action")),
             _cell("yes" if entry.get("dry_run") else "no"),
@@ -298,5 +295,7 @@ def actions_table(found: Sequence[Mapping[str, Any]]) -> Table:
             _cell(entry.get("reason")),
             _cell(json.dumps(entry.get("selection") or {}, sort_keys=True), width=120),
             _cell(entry.get("id")),
-        )
-    return table
+        ]
+        for entry in found
+    ]
+    return _table(f"{len(found)} action(s), newest first", columns, rows)

@@ -38,12 +38,34 @@ def run_alone(
     )
 
 
-async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
-    namespace: Namespace, tmp_path: Path
-) -> None:
+def gateway_alone(
+    namespace: Namespace, data_dir: Path, port: int | None = None, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """`run_alone` for a gateway of `namespace` (development settings) on `port`, or a free
+    one."""
+    env = namespace.env(COURIER_PORT=str(port or free_port()), COURIER_ENVIRONMENT="development")
+    return run_alone("services.gateway", data_dir, env, **settings)
+
+
+def broker_away(namespace: Namespace, data_dir: Path, unready_exit_after: str) -> dict[str, str]:
+    """A consumer's environment whose broker does not answer."""
+    return namespace.env(
+        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        COURIER_UNREADY_EXIT_AFTER=unready_exit_after,
+        COURIER_DATA_DIR=str(data_dir),
+    )
+
+
+async def declared_with_delivery_limit_3(namespace: Namespace) -> None:
     connection = await aio_pika.connect(namespace.amqp_url)
     async with connection:
         await declare_topology(connection, namespace.settings(delivery_limit=3).all_topologies())
+
+
+async def test_a_consumer_refuses_a_queue_declared_differently_with_exit_code_2(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    await declared_with_delivery_limit_3(namespace)
     env = namespace.env(COURIER_DELIVERY_LIMIT="9", COURIER_DATA_DIR=str(tmp_path))
     notifier = consumer("notifier", env, tmp_path).start()
     assert notifier.process is not None
@@ -55,11 +77,8 @@ async def test_the_gateway_refuses_a_queue_declared_differently_with_exit_code_2
     namespace: Namespace, tmp_path: Path
 ) -> None:
     # As the consumers do; before, it stayed up, unready, and took events into the queues.
-    connection = await aio_pika.connect(namespace.amqp_url)
-    async with connection:
-        await declare_topology(connection, namespace.settings(delivery_limit=3).all_topologies())
-    env = namespace.env(COURIER_DELIVERY_LIMIT="9", COURIER_PORT=str(free_port()))
-    done = run_alone("services.gateway", tmp_path, env, COURIER_ENVIRONMENT="development")
+    await declared_with_delivery_limit_3(namespace)
+    done = gateway_alone(namespace, tmp_path, COURIER_DELIVERY_LIMIT="9")
     assert done.returncode == 2
     assert "topology mismatch; refusing to start" in done.stderr
     assert "x-delivery-limit" in done.stderr
@@ -70,9 +89,7 @@ def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_pa
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        env = namespace.env(COURIER_PORT=str(port), COURIER_ENVIRONMENT="development")
-        done = run_alone("services.gateway", tmp_path, env)
+        done = gateway_alone(namespace, tmp_path, port=taken.getsockname()[1])
     assert done.returncode == 1
     assert "address already in use" in done.stderr
 
@@ -89,9 +106,7 @@ def test_the_gateway_exits_1_when_its_store_cannot_be_opened(
     namespace: Namespace, tmp_path: Path, database_url: str
 ) -> None:
     # As a consumer does, for its supervisor to start it again; 3 says another namespace's.
-    database_url = database_url.format(port=free_port())
-    env = namespace.env(COURIER_PORT=str(free_port()), COURIER_ENVIRONMENT="development")
-    done = run_alone("services.gateway", tmp_path, env, DATABASE_URL=database_url)
+    done = gateway_alone(namespace, tmp_path, DATABASE_URL=database_url.format(port=free_port()))
     assert done.returncode == 1
 
 
@@ -99,8 +114,7 @@ async def test_the_gateway_on_a_store_of_another_namespace_exits_3(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     await claimed_by("another-deployment", tmp_path, "gateway")
-    env = namespace.env(COURIER_PORT=str(free_port()), COURIER_ENVIRONMENT="development")
-    done = run_alone("services.gateway", tmp_path, env)
+    done = gateway_alone(namespace, tmp_path)
     assert done.returncode == 3
     assert "'another-deployment', not" in done.stderr
 
@@ -149,12 +163,7 @@ def test_every_problem_of_the_settings_is_told_at_once(tmp_path: Path) -> None:
 def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
     namespace: Namespace, tmp_path: Path
 ) -> None:
-    env = namespace.env(
-        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
-        COURIER_UNREADY_EXIT_AFTER="2",
-        COURIER_DATA_DIR=str(tmp_path),
-    )
-    processor = consumer("processor", env, tmp_path).start()
+    processor = consumer("processor", broker_away(namespace, tmp_path, "2"), tmp_path).start()
     assert processor.process is not None
     assert processor.process.wait(30) == 1
     assert not processor.ready()
@@ -164,12 +173,7 @@ def test_a_consumer_waiting_for_its_broker_is_alive_and_not_ready(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     # A liveness probe that cannot connect would restart it before its own grace period ends.
-    env = namespace.env(
-        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
-        COURIER_UNREADY_EXIT_AFTER="60",
-        COURIER_DATA_DIR=str(tmp_path),
-    )
-    notifier = consumer("notifier", env, tmp_path).start()
+    notifier = consumer("notifier", broker_away(namespace, tmp_path, "60"), tmp_path).start()
     try:
 
         def answers() -> None:
@@ -189,12 +193,7 @@ def test_a_consumer_told_to_stop_while_it_waits_for_its_broker_exits_0_at_once(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     # It waited on until COURIER_UNREADY_EXIT_AFTER and then exited 1, as if it had failed.
-    env = namespace.env(
-        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
-        COURIER_UNREADY_EXIT_AFTER="120",
-        COURIER_DATA_DIR=str(tmp_path),
-    )
-    processor = consumer("processor", env, tmp_path).start()
+    processor = consumer("processor", broker_away(namespace, tmp_path, "120"), tmp_path).start()
     try:
 
         def waiting() -> None:

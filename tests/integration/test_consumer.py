@@ -185,7 +185,10 @@ async def test_a_handled_message_is_acked_once(namespace: Namespace) -> None:
     assert handler.calls == [event.id]
 
 
-async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: Namespace) -> None:
+async def refused_for_good(
+    namespace: Namespace,
+) -> tuple[Recorder, Envelope, ServiceTopology, aio_pika.abc.AbstractIncomingMessage]:
+    """A notification whose handler raises a permanent error, and its dead letter."""
     handler = Recorder(failures=[PermanentError("recipient refused")])
     event = notification()
     async with running(
@@ -193,6 +196,11 @@ async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: 
     ) as (pub, topo, _):
         await publish(pub, topo, event)
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    return handler, event, topo, dead
+
+
+async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: Namespace) -> None:
+    handler, event, topo, dead = await refused_for_good(namespace)
     assert handler.calls == [event.id]
     headers: dict[str, Any] = dict(dead.headers)
     assert headers[f.REASON] == "permanent"
@@ -208,15 +216,7 @@ async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: 
 async def test_a_dead_letter_is_logged_with_its_event_id_type_and_reason(
     namespace: Namespace, caplog: pytest.LogCaptureFixture
 ) -> None:
-    handler = Recorder(failures=[PermanentError("recipient refused")])
-    event = notification()
-    async with running(namespace, "notifier", {"notification.requested": route(handler)}) as (
-        pub,
-        topo,
-        _,
-    ):
-        await publish(pub, topo, event)
-        await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    _, event, _, _ = await refused_for_good(namespace)
     [record] = [r for r in caplog.records if r.message == "dead-lettered"]
     logged = (record.event_id, record.event_type, record.reason)  # type: ignore[attr-defined]
     assert logged == (event.id, "notification.requested", "permanent")

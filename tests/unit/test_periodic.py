@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import pytest
@@ -31,17 +32,27 @@ async def test_a_round_runs_at_once_and_again_after_the_interval() -> None:
     assert all(later - earlier >= 0.049 for earlier, later in itertools.pairwise(rounds))
 
 
+async def close_during_a_round(work: Callable[[], Awaitable[None]]) -> None:
+    """Start the housekeeping of `work`, and close the service once its first round began."""
+    started = asyncio.Event()
+
+    async def round_() -> None:
+        started.set()
+        await work()
+
+    async with AsyncExitStack() as stack:
+        run_every(stack, 3600, "test", round_)
+        await started.wait()
+
+
 async def test_closing_lets_the_round_under_way_finish() -> None:
-    started, finished = asyncio.Event(), []
+    finished = []
 
     async def work() -> None:
-        started.set()
         await asyncio.sleep(0.1)  # a prune's statement, say
         finished.append(True)
 
-    async with AsyncExitStack() as stack:
-        run_every(stack, 3600, "test", work)
-        await started.wait()
+    await close_during_a_round(work)
     assert finished == [True]
 
 
@@ -49,19 +60,16 @@ async def test_a_round_that_will_not_finish_is_cancelled_after_a_while(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(periodic, "FINISH_SECONDS", 0.05)
-    started, cancelled = asyncio.Event(), []
+    cancelled = []
 
     async def work() -> None:
-        started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
             cancelled.append(True)
             raise
 
-    async with AsyncExitStack() as stack:
-        run_every(stack, 3600, "test", work)
-        await started.wait()
+    await close_during_a_round(work)
     assert cancelled == [True]
 
 
