@@ -29,6 +29,10 @@ class AsksToWait:
             raise RetryLater("receiver busy", min_delay=self.min_delay)
 
 
+TTL_SLACK = 0.1
+"""Seconds a delay tier may release a message early (broker timers against this clock)."""
+
+
 async def test_the_retry_goes_to_the_first_tier_at_least_min_delay_long(
     namespace: Namespace,
 ) -> None:
@@ -42,7 +46,8 @@ async def test_the_retry_goes_to_the_first_tier_at_least_min_delay_long(
 
         await eventually(retried, timeout=15)
     # No immediate retry (the handler asked to wait), then the 2 s tier, not the 1 s one.
-    assert handler.calls[1] - handler.calls[0] >= 2.0
+    # RabbitMQ's queue TTL was seen to expire a message ~10 ms early by this process's clock.
+    assert handler.calls[1] - handler.calls[0] >= 2.0 - TTL_SLACK
     await assert_empty(
         namespace.amqp_url, [topo.queue, topo.dead_letter_queue, *map(topo.retry_queue, (1, 2, 4))]
     )
