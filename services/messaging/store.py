@@ -131,21 +131,25 @@ def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float
 # classes 08 connection, 53 insufficient resources (disk full, too many connections), 57
 # operator intervention (shutting down, starting up, statement timeout), 58 system (I/O); and
 # serialization failures, deadlocks, lock timeouts, a read-only standby after a failover, a
-# database not there (3D000, dropped to be restored). And one closed to connections
+# database not there (3D000, dropped to be restored), damaged data or index (XX001, XX002). And one closed to connections
 # (`ALLOW_CONNECTIONS false`, as for maintenance), whose 55000 also names statement errors
 # (`currval` not yet defined): only that message counts.
 _AWAY_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
-_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "3D000"})
+_AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "3D000", "XX001", "XX002"})
 _CLOSED_DATABASE = ("55000", "not currently accepting connections")
+# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT ("database disk image is
+# malformed") and SQLITE_NOTADB ("file is not a database"). Not the delivery's fault, and not
+# mended by retrying it: held (and the service unready) until an operator restores the file.
+_DAMAGED_SQLITE_CODES: Final = frozenset({11, 26})
 # Classes 22 (data exception, e.g. a NUL in text) and 23 (integrity constraint violation).
 _ROW_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 
 
 def store_unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the store is away or refusing work for a while
-    (unreachable, locked, busy, full, failing over): an outage, not a fault of the statement.
-    On SQLite every `OperationalError` counts, a missing table too (a store being replaced).
-    A bare `OSError` does not: a stateful handler's own call raises the same."""
+    (unreachable, locked, busy, full, failing over) or damaged: an outage, not a fault of the
+    statement. On SQLite every `OperationalError` counts, a missing table too (a store being
+    replaced). A bare `OSError` does not: a stateful handler's own call raises the same."""
     return (
         _any_cause(
             exc,
@@ -158,6 +162,17 @@ def store_unavailable(exc: BaseException) -> bool:
             for seen in causes(exc)
         )
         or any(isinstance(seen, DBAPIError) and seen.connection_invalidated for seen in causes(exc))
+        or any(_damaged_sqlite(seen) for seen in causes(exc))
+    )
+
+
+def _damaged_sqlite(exc: BaseException) -> bool:
+    # Extended codes (SQLITE_CORRUPT_INDEX, …) keep the primary code in their low byte.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and isinstance(code, int)
+        and (code & 0xFF in _DAMAGED_SQLITE_CODES)
     )
 
 

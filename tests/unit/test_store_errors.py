@@ -5,9 +5,10 @@ them."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, OperationalError
 
 from services.messaging.errors import PermanentError
 from services.messaging.store import row_may_be_at_fault, store_unavailable
@@ -43,6 +44,8 @@ AWAY = {
         PostgresError("55000", 'database "shop" is not currently accepting connections')
     ),
     "postgres database dropped to be restored": through_sqlalchemy(PostgresError("3D000")),
+    "postgres data corrupted": through_sqlalchemy(PostgresError("XX001")),
+    "postgres index corrupted": through_sqlalchemy(PostgresError("XX002")),
 }
 ROW = {
     "postgres NUL in text": through_sqlalchemy(PostgresError("22021")),
@@ -84,3 +87,32 @@ def test_the_cause_counts() -> None:
     gave_up = PermanentError("gave up")
     gave_up.__cause__ = through_sqlalchemy(PostgresError("57P01"))
     assert store_unavailable(gave_up)
+
+
+def sqlite_error(path: Path, query: str) -> sqlite3.DatabaseError:
+    with pytest.raises(sqlite3.DatabaseError) as raised, sqlite3.connect(path) as db:
+        db.execute(query).fetchall()
+    return raised.value
+
+
+def test_a_damaged_sqlite_file_is_unavailable(tmp_path: Path) -> None:
+    # Not the statement's fault, nor the delivery's: held until the file is restored.
+    path = tmp_path / "store.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE inbox (event_id TEXT PRIMARY KEY)")
+        [[page]] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'inbox'")
+        [[size]] = db.execute("PRAGMA page_size")
+    with path.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xff" * size)
+    damaged = sqlite_error(path, "SELECT * FROM inbox")
+    assert "malformed" in str(damaged)
+    assert store_unavailable(damaged)
+    assert store_unavailable(DatabaseError("SELECT ...", {}, damaged))
+    assert not row_may_be_at_fault(damaged)
+
+
+def test_a_file_that_is_not_a_database_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    path.write_bytes(b"not a database " * 100)
+    assert store_unavailable(sqlite_error(path, "SELECT * FROM sqlite_master"))
