@@ -66,6 +66,8 @@ def _invalid(exc: ValidationError) -> IngestError:
         return IngestError(400, "malformed JSON body")
     for error in errors:
         if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+            # pydantic places it at the event itself ([] for a single event): it is the field's.
+            error["loc"] = (*error["loc"], "type")
             error["msg"] = f"unknown or missing event type; known types: {sorted(INGEST_TYPES)}"
     return IngestError(422, errors)
 

@@ -137,9 +137,13 @@ def test_a_long_correlation_header_is_cut_to_what_an_id_holds(header: str, kept:
     assert event.correlationid == kept
 
 
-def test_an_unknown_type_names_the_known_ones() -> None:
-    error = error_of(lambda: parse_event("application/json", {}, b'{"type": "x", "data": {}}'))
-    assert "notification.requested" in str(error.detail)
+@pytest.mark.parametrize("body", [b'{"type": "x", "data": {}}', b'{"data": {}}'])
+def test_an_unknown_or_missing_type_is_the_type_fields_error_naming_the_known_ones(
+    body: bytes,
+) -> None:
+    [error] = error_of(lambda: parse_event("application/json", {}, body)).detail
+    assert error["loc"] == ("type",)
+    assert "notification.requested" in error["msg"]
 
 
 def test_a_batch_is_validated_as_a_whole() -> None:
@@ -149,7 +153,7 @@ def test_a_batch_is_validated_as_a_whole() -> None:
     error = error_of(
         lambda: parse_batch("application/json", {}, orjson.dumps([good, {"type": "x"}]), 10)
     )
-    assert error.status == 422 and error.detail[0]["loc"][0] == 1
+    assert error.status == 422 and error.detail[0]["loc"] == (1, "type")
 
 
 def test_a_batch_with_two_events_under_one_id_is_refused_naming_both() -> None:
