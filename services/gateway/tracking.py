@@ -20,7 +20,7 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -639,30 +639,41 @@ def _write_transitions(conn: Connection, transitions: Sequence[Transition]) -> N
         states.name,
         columns,
         shown,
-        f"ON CONFLICT (event_seq, service) DO UPDATE SET {moved} "
-        f"WHERE ({states.name}.updated_at <= excluded.updated_at "
-        f"OR {states.name}.state = 'pending' "
-        f"OR ({states.name}.state = 'skipped_duplicate' AND excluded.state = 'succeeded')) "
-        f"AND NOT ({states.name}.state = 'succeeded' AND excluded.state = 'skipped_duplicate')",
+        f"ON CONFLICT (event_seq, service) DO UPDATE SET {moved} WHERE {_STATE_MOVES}",
     )
 
 
 R = TypeVar("R")
 
 
+# A service's success is what its state shows once it is told: the reports of a copy of the
+# event handled beside it or after it (a redelivery after a crash, a replica that looked the id
+# up just before the first one recorded it, a letter replayed after all) do not hide it,
+# whatever their times, and a success replaces them whatever its time.
+_UNDER_SUCCESS: Final = ("processing", "retrying", "replayed", "skipped_duplicate")
+_UNDER = ", ".join(f"'{state}'" for state in _UNDER_SUCCESS)
+# When a report replaces the state stored (`excluded` the report): a newer one, any over
+# `pending`, and the success rule above. The same on SQLite and PostgreSQL.
+_STATE_MOVES: Final = (
+    f"({states.name}.updated_at <= excluded.updated_at "
+    f"OR {states.name}.state = 'pending' "
+    f"OR (excluded.state = 'succeeded' AND {states.name}.state IN ({_UNDER}))) "
+    f"AND NOT ({states.name}.state = 'succeeded' AND excluded.state IN ({_UNDER}))"
+)
+
+
 def _shown(rows: Sequence[tuple[object, object, object, R]]) -> list[R]:
     """Of a batch's state rows (`(event number, service, state, row)`, oldest first), the one
-    per event and service that may become its state: the newest, except that a skipped
-    duplicate does not hide a success (a redelivery after a crash, its `succeeded` told again
-    from the inbox in the same report, older). `pending` is not a report. The statement that
-    writes them keeps the same rule against the state stored: a success replaces a skip
-    whatever their times."""
+    per event and service that may become its state: the newest, except that nothing in
+    `_UNDER_SUCCESS` hides a success (`_STATE_MOVES`, the rule the statement that writes them
+    keeps against the state stored). `pending` is not a report."""
     newest: dict[tuple[object, object], tuple[object, R]] = {}
     for seq, service, state, row in rows:
         if state == "pending":
             continue
         key = (seq, service)
-        if state == "skipped_duplicate" and newest.get(key, ("",))[0] == "succeeded":
+        shown = newest.get(key, ("",))[0]
+        if state in _UNDER_SUCCESS and shown == "succeeded":
             continue
         newest[key] = (state, row)
     return [row for _, row in newest.values()]
@@ -825,26 +836,7 @@ def _write(
         upsert = insert(states)
         moved = {column: upsert.excluded[column] for column in rows[0] if column not in keys}
         conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=keys,
-                set_=moved,
-                where=and_(
-                    or_(
-                        states.c.updated_at <= upsert.excluded.updated_at,
-                        states.c.state == "pending",
-                        # A skipped duplicate was handled before: its success, told late (an
-                        # older time), still shows; and a later skip does not hide it.
-                        and_(
-                            states.c.state == "skipped_duplicate",
-                            upsert.excluded.state == "succeeded",
-                        ),
-                    ),
-                    ~and_(
-                        states.c.state == "succeeded",
-                        upsert.excluded.state == "skipped_duplicate",
-                    ),
-                ),
-            ),
+            upsert.on_conflict_do_update(index_elements=keys, set_=moved, where=text(_STATE_MOVES)),
             reports,
         )
 

@@ -468,6 +468,70 @@ async def test_a_success_told_after_the_skip_of_its_redelivery_is_the_state(
     assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
 
 
+async def test_a_copy_started_beside_the_success_does_not_take_it_back(
+    tracking: Tracking,
+) -> None:
+    # Two replicas got one event id at once: the second looked it up just before the first
+    # recorded it, reports `processing` after the first's success, then skips.
+    event = notification()
+    t = await accepted_then(tracking, event)
+    await tracking.apply([step(event.id, "notifier", "succeeded", t + timedelta(seconds=1))])
+    await tracking.apply([step(event.id, "notifier", "processing", t + timedelta(seconds=2))])
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "succeeded", t + timedelta(seconds=1)),
+            step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=3)),
+        ]
+    )
+    status = await status_of(tracking, event.id)
+    assert states_of(status) == {"notifier": "succeeded"}
+    assert history_states(status, "notifier") == [
+        "pending", "succeeded", "processing", "skipped_duplicate"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "in-one-report"])
+async def test_a_success_told_after_a_copys_newer_processing_is_the_state(
+    tracking: Tracking, together: bool
+) -> None:
+    event = notification()
+    t = await accepted_then(tracking, event)
+    copy = step(event.id, "notifier", "processing", t + timedelta(seconds=2))
+    success = step(event.id, "notifier", "succeeded", t + timedelta(seconds=1))
+    for report in [[success, copy]] if together else [[copy], [success]]:
+        await tracking.apply(report)
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
+async def test_a_letter_replayed_after_its_events_success_leaves_the_success_shown(
+    tracking: Tracking,
+) -> None:
+    # A replay that stopped between publishing a letter and marking it replayed left it dead
+    # though its event then succeeded; replayed again, the consumer skips it.
+    event = notification()
+    t = await accepted_then(tracking, event)
+    await tracking.apply([step(event.id, "notifier", "succeeded", t)])
+    await tracking.apply([step(event.id, "notifier", "replayed", t + timedelta(seconds=5))])
+    await tracking.apply(
+        [
+            step(event.id, "notifier", "succeeded", t),
+            step(event.id, "notifier", "skipped_duplicate", t + timedelta(seconds=6)),
+        ]
+    )
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
+async def test_a_replay_of_a_dead_letter_shows_until_its_outcome(tracking: Tracking) -> None:
+    event = notification()
+    t = await accepted_then(tracking, event)
+    await tracking.apply([step(event.id, "notifier", "dead_lettered", t)])
+    await tracking.apply([step(event.id, "notifier", "replayed", t + timedelta(seconds=5))])
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "replayed"}
+    await tracking.apply([step(event.id, "notifier", "succeeded", t + timedelta(seconds=6))])
+    assert states_of(await status_of(tracking, event.id)) == {"notifier": "succeeded"}
+
+
 async def test_a_skipped_duplicate_is_the_state_where_no_success_was_told(
     tracking: Tracking,
 ) -> None:
