@@ -7,7 +7,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from contracts.notify import CHANNELS, Channel
-from services.messaging.settings import CourierSettings
+from services.messaging.settings import DAY, CourierSettings
 
 DEFAULT_UPLOAD_TYPES = (
     "text/csv",
@@ -42,11 +42,12 @@ class GatewaySettings(CourierSettings):
         "over (408 and the connection closed otherwise); 0 for no limit.",
     )
     body_rate_grace_seconds: float = Field(
-        default=5, gt=0, description="Seconds a request body has before its rate counts."
+        default=5, gt=0, le=3600, description="Seconds a request body has before its rate counts."
     )
     body_idle_timeout_seconds: float = Field(
         default=60,
         ge=0,
+        le=3600,
         description="Longest pause within a request body (408 and the connection closed "
         "beyond); 0 for no limit.",
     )
@@ -63,24 +64,32 @@ class GatewaySettings(CourierSettings):
         description="Ops API tokens as `name:token` pairs, comma-separated; the name is the actor.",
     )
     ops_retention_days: float = Field(
-        default=30.0, gt=0, description="How long replayed and discarded dead letters are kept."
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="How long replayed and discarded dead letters are kept.",
     )
     tracking_retention_days: float = Field(
         default=30.0,
         gt=0,
+        le=3650,
         description="How long an event's status (and a dataset's result) is kept after its "
         "last activity.",
     )
     file_retention_days: float = Field(
         default=30.0,
         gt=0,
+        le=3650,
         description="How long an uploaded file (its bytes, record and analysis) is kept.",
     )
     idempotency_ttl_hours: float = Field(
-        default=24.0, gt=0, description="How long an Idempotency-Key is remembered."
+        default=24.0, gt=0, le=87_600, description="How long an Idempotency-Key is remembered."
     )
     replay_lease_seconds: float = Field(
-        default=300.0, gt=0, description="After this, a replay that died mid-way is taken over."
+        default=300.0,
+        gt=0,
+        le=DAY,
+        description="After this, a replay that died mid-way is taken over.",
     )
     unbind_retired: bool = Field(
         default=False,
@@ -112,6 +121,8 @@ class GatewaySettings(CourierSettings):
     @classmethod
     def _media_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # A typo would refuse every upload of that type with a 415, and start quietly.
+        if not value:
+            raise ValueError("COURIER_UPLOAD_TYPES must name at least one media type")
         if bad := [t for t in value if not _MEDIA_RANGE.fullmatch(t)]:
             raise ValueError(
                 f"COURIER_UPLOAD_TYPES holds type/subtype or type/* media types, not {bad}"
@@ -134,7 +145,17 @@ class GatewaySettings(CourierSettings):
             pairs = [item.strip() for item in value.split(",") if item.strip()]
             if any(":" not in pair for pair in pairs):
                 raise ValueError("COURIER_OPS_TOKENS holds `name:token` pairs")
-            return dict(pair.split(":", 1) for pair in pairs)
+            split = [pair.split(":", 1) for pair in pairs]
+            names = [name.strip() for name, _ in split]
+            if "" in names:
+                raise ValueError("COURIER_OPS_TOKENS: a token without a name (the audit's actor)")
+            # The last pair won silently: a token listed twice to rotate it locked the old out.
+            if twice := sorted({name for name in names if names.count(name) > 1}):
+                raise ValueError(
+                    f"COURIER_OPS_TOKENS: {', '.join(map(repr, twice))} given twice; "
+                    "give each token its own name"
+                )
+            return dict(zip(names, (token for _, token in split), strict=True))
         return value
 
     @model_validator(mode="after")

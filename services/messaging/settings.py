@@ -8,12 +8,14 @@ queues too and the broker refuses a queue re-declared with other arguments.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Self, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 from contracts.topology import (
     DEFAULT_DELIVERY_LIMIT,
@@ -40,6 +42,11 @@ def _int_tuple(value: object) -> object:
 
 
 SettingsT = TypeVar("SettingsT", bound="CourierSettings")
+MAX_QUEUE_ARGUMENT = 2**31 - 1
+"""Bound of the delivery limit and queue length (queue arguments the broker reads as integers)."""
+MAX_RETRY_DELAY = (2**32 - 1) // 1000
+"""Longest delay tier in seconds: RabbitMQ takes a queue TTL of at most 2^32 - 1 ms."""
+DAY = 86_400.0
 
 
 def load(settings_type: type[SettingsT]) -> SettingsT:
@@ -65,16 +72,21 @@ def load(settings_type: type[SettingsT]) -> SettingsT:
 
 
 def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) -> str | None:
-    """The environment variable an error's location names (None for a check across several)."""
+    """The environment variable an error's location names (None for a check across several):
+    for a setting read under several names, the one the operator set."""
     if not loc:
         return None
-    field = settings_type.model_fields.get(str(loc[0]))
-    if field is None:  # located by the variable itself (a field read under other names)
-        return str(loc[0])
-    alias = field.validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    return settings_type.model_config.get("env_prefix", "") + str(loc[0]).upper()
+    name = str(loc[0])
+    for field_name, field in settings_type.model_fields.items():
+        alias = field.validation_alias
+        names = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
+        if name != field_name and name not in names:
+            continue
+        if not names:
+            return settings_type.model_config.get("env_prefix", "") + field_name.upper()
+        # The one set (an empty variable counts as unset: `env_ignore_empty`), else the first.
+        return next((n for n in names if os.environ.get(n)), names[0])
+    return name  # located by the variable itself
 
 
 class CourierSettings(BaseSettings):
@@ -90,6 +102,8 @@ class CourierSettings(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         env_ignore_empty=True,
+        # `inf` (and `nan`) would pass every bound and overflow where a duration is built.
+        allow_inf_nan=False,
     )
 
     amqp_url: str = Field(
@@ -102,9 +116,15 @@ class CourierSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Prefix of every exchange and queue name; isolates deployments and test runs.",
     )
-    heartbeat: int = Field(default=30, ge=0, description="AMQP heartbeat in seconds.")
+    heartbeat: int = Field(
+        # Beyond 65534 the AMQP client turns heartbeats off without a word.
+        default=30,
+        ge=1,
+        le=3600,
+        description="AMQP heartbeat in seconds.",
+    )
     publish_timeout: float = Field(
-        default=5.0, gt=0, description="Seconds to wait for a publisher confirm."
+        default=5.0, gt=0, le=3600, description="Seconds to wait for a publisher confirm."
     )
     publisher_channels: int = Field(
         default=1, ge=1, le=64, description="Confirming channels the publisher spreads work over."
@@ -115,10 +135,14 @@ class CourierSettings(BaseSettings):
     delivery_limit: int = Field(
         default=DEFAULT_DELIVERY_LIMIT,
         ge=1,
+        le=MAX_QUEUE_ARGUMENT,
         description="Redeliveries before the broker dead-letters a message (crash-loop guard).",
     )
     max_queue_length: int | None = Field(
-        default=None, ge=1, description="Work queue length limit; publishes beyond it are refused."
+        default=None,
+        ge=1,
+        le=MAX_QUEUE_ARGUMENT,
+        description="Work queue length limit; publishes beyond it are refused.",
     )
     log_level: LogLevel = "INFO"
     database_url: str | None = Field(
@@ -135,6 +159,19 @@ class CourierSettings(BaseSettings):
     )
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp(cls, value: str) -> str:
+        # Said without the value, which holds the broker's password. Unchecked, a typo was
+        # retried for ever (and logged by the client with the password in clear).
+        try:
+            url = URL(value)
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in {"amqp", "amqps"} or not url.host:
+            raise ValueError("not an amqp:// or amqps:// URL with a host")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -153,6 +190,8 @@ class CourierSettings(BaseSettings):
     def _ascending(cls, delays: tuple[int, ...]) -> tuple[int, ...]:
         if not delays or delays[0] <= 0 or list(delays) != sorted(set(delays)):
             raise ValueError("retry delays must be positive, distinct and ascending")
+        if delays[-1] > MAX_RETRY_DELAY:  # a delay queue's TTL, in ms, is at most 2^32 - 1
+            raise ValueError(f"a retry delay is at most {MAX_RETRY_DELAY} seconds")
         return delays
 
     def topology(self, service: str) -> ServiceTopology:
@@ -178,7 +217,7 @@ class ConsumerSettings(CourierSettings):
         default=2, ge=0, le=10, description="In-process retries of a transient failure."
     )
     shutdown_timeout: float = Field(
-        default=30.0, gt=0, description="Seconds SIGTERM waits for in-flight handlers."
+        default=30.0, gt=0, le=3600, description="Seconds SIGTERM waits for in-flight handlers."
     )
     health_host: str = Field(
         default="127.0.0.1", description="Address of the health endpoint (0.0.0.0 in containers)."
@@ -189,10 +228,11 @@ class ConsumerSettings(CourierSettings):
     unready_exit_after: float = Field(
         default=120.0,
         gt=0,
+        le=DAY,
         description="Exit non-zero when unable to consume for this long (a supervisor restarts).",
     )
     inbox_retention_hours: float = Field(
-        default=168.0, gt=0, description="How long handled event ids are remembered."
+        default=168.0, gt=0, le=87_600, description="How long handled event ids are remembered."
     )
     inbox_commit_delay_ms: float = Field(
         default=25.0,
@@ -209,6 +249,7 @@ class ConsumerSettings(CourierSettings):
     status_recovery_seconds: float = Field(
         default=10.0,
         ge=0,
+        le=DAY,
         description="How far back from its newest outcome a starting service reports the "
         "outcomes its inbox noted again, in case a crash took their reports.",
     )
@@ -257,7 +298,7 @@ class ConsumerSettings(CourierSettings):
         if 0 < self.status_recovery_seconds < 2 * interval:
             raise ValueError(
                 f"COURIER_STATUS_RECOVERY_SECONDS ({self.status_recovery_seconds:g}) must be 0 "
-                f"or at least twice COURIER_STATUS_REPORT_INTERVAL_MS ({interval:g} s)"
+                f"or at least twice COURIER_STATUS_REPORT_INTERVAL_MS ({2 * interval:g} s)"
             )
         return self
 

@@ -131,9 +131,9 @@ def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float
 # classes 08 connection, 53 insufficient resources (disk full, too many connections), 57
 # operator intervention (shutting down, starting up, statement timeout), 58 system (I/O); and
 # serialization failures, deadlocks, lock timeouts, a read-only standby after a failover, a
-# database not there (3D000, dropped to be restored), damaged data or index (XX001, XX002). And one closed to connections
-# (`ALLOW_CONNECTIONS false`, as for maintenance), whose 55000 also names statement errors
-# (`currval` not yet defined): only that message counts.
+# database not there (3D000, dropped to be restored), damaged data or index (XX001, XX002).
+# And one closed to connections (`ALLOW_CONNECTIONS false`, as for maintenance), whose 55000
+# also names statement errors (`currval` not yet defined): only that message counts.
 _AWAY_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
 _AWAY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03", "25006", "3D000", "XX001", "XX002"})
 _CLOSED_DATABASE = ("55000", "not currently accepting connections")

@@ -48,7 +48,10 @@ class NotifierSettings(ConsumerSettings):
         description="`development` accepts placeholder webhook secrets; not for production.",
     )
     delivery_retention_days: float = Field(
-        default=30.0, gt=0, description="How long the deliveries record keeps a notification."
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="How long the deliveries record keeps a notification.",
     )
     deliveries_commit_delay_ms: float = Field(
         default=25.0,
@@ -93,7 +96,9 @@ class NotifierSettings(ConsumerSettings):
     )
     smtp_tls: bool = Field(default=False, description="Implicit TLS from the first byte (465).")
     smtp_from: str | None = Field(default=None, description="The From address of every email.")
-    smtp_timeout: float = Field(default=30.0, gt=0, description="Seconds per SMTP exchange.")
+    smtp_timeout: float = Field(
+        default=30.0, gt=0, le=3600, description="Seconds per SMTP exchange."
+    )
 
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod

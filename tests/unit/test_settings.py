@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings
 from contracts.notify import CHANNELS
 from services.gateway.settings import GatewaySettings
 from services.messaging.errors import RetryLater
-from services.messaging.settings import ConsumerSettings, CourierSettings
+from services.messaging.settings import ConsumerSettings, CourierSettings, load
 from services.messaging.store import store_url
 from services.notifier.settings import NotifierSettings
 
@@ -71,6 +71,23 @@ def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch, valu
         ("COURIER_NAMESPACE", "has space"),
         ("COURIER_PREFETCH", "0"),
         ("COURIER_RETRY_DELAYS", "9,3"),
+        # Beyond what a delay queue's TTL takes (2^32 - 1 ms).
+        ("COURIER_RETRY_DELAYS", "5,5000000000"),
+        ("AMQP_URL", "amqp//guest:guest@127.0.0.1:5672/"),
+        ("AMQP_URL", "not-a-url"),
+        ("AMQP_URL", "http://127.0.0.1:5672/"),
+        ("COURIER_AMQP_URL", "amqp:///"),
+        # 0 and 65535 or more: heartbeats off.
+        ("COURIER_HEARTBEAT", "0"),
+        ("COURIER_HEARTBEAT", "100000"),
+        # Infinite or huge durations overflowed where a duration is built, after start-up.
+        ("COURIER_PUBLISH_TIMEOUT", "inf"),
+        ("COURIER_INBOX_RETENTION_HOURS", "inf"),
+        ("COURIER_INBOX_RETENTION_HOURS", "1e12"),
+        ("COURIER_STATUS_RECOVERY_SECONDS", "inf"),
+        ("COURIER_SHUTDOWN_TIMEOUT", "nan"),
+        ("COURIER_DELIVERY_LIMIT", "99999999999999999999"),
+        ("COURIER_MAX_QUEUE_LENGTH", "99999999999999999999"),
     ],
 )
 def test_nonsense_settings_are_refused(
@@ -79,6 +96,65 @@ def test_nonsense_settings_are_refused(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match="validation error"):
         ConsumerSettings()
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable", "value"),
+    [
+        (GatewaySettings, "COURIER_IDEMPOTENCY_TTL_HOURS", "inf"),
+        (GatewaySettings, "COURIER_IDEMPOTENCY_TTL_HOURS", "1e12"),
+        (GatewaySettings, "COURIER_OPS_RETENTION_DAYS", "1e10"),
+        (GatewaySettings, "COURIER_TRACKING_RETENTION_DAYS", "inf"),
+        (GatewaySettings, "COURIER_REPLAY_LEASE_SECONDS", "1e300"),
+        (GatewaySettings, "COURIER_UPLOAD_TYPES", " , "),
+        (NotifierSettings, "COURIER_DELIVERY_RETENTION_DAYS", "inf"),
+        (NotifierSettings, "COURIER_SMTP_TIMEOUT", "inf"),
+    ],
+)
+def test_nonsense_settings_of_a_service_are_refused(
+    monkeypatch: pytest.MonkeyPatch, settings: type[BaseSettings], variable: str, value: str
+) -> None:
+    monkeypatch.setenv("COURIER_ENVIRONMENT", "development")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match="validation error"):
+        settings()
+
+
+def test_a_broker_url_that_is_refused_is_never_quoted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMQP_URL", "amqp//guest:S3cretPW@127.0.0.1:5672/")
+    with pytest.raises(ValidationError, match="not an amqp:// or amqps:// URL") as refused:
+        CourierSettings()
+    assert "S3cretPW" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["amqp://u:p@broker:5672/v", "amqps://broker/", "amqp://[::1]/"])
+def test_a_broker_url_with_a_host_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("AMQP_URL", url)
+    assert CourierSettings().amqp_url == url
+
+
+def test_a_refused_setting_is_named_as_the_operator_set_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("AMQP_URL", raising=False)
+    monkeypatch.setenv("COURIER_AMQP_URL", "not-a-url")
+    with pytest.raises(SystemExit):
+        load(CourierSettings)
+    assert capsys.readouterr().err.startswith("invalid setting COURIER_AMQP_URL: ")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "why"),
+    [
+        ("ops:{a},ops:{b}", "'ops' given twice"),
+        (":{a}", "a token without a name"),
+    ],
+)
+def test_ops_tokens_each_need_a_name_of_their_own(tokens: str, why: str) -> None:
+    pair = tokens.format(a="a" * 32, b="b" * 32)
+    with pytest.raises(ValidationError, match=re.escape(why)) as refused:
+        GatewaySettings(environment="production", ops_tokens=pair)
+    assert "a" * 32 not in str(refused.value)
 
 
 def test_ops_tokens_never_show_in_a_settings_repr() -> None:
