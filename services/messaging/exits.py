@@ -15,7 +15,8 @@ class ServiceExit(IntEnum):
     """Stopped when asked (SIGTERM, SIGINT)."""
     FAILED = 1
     """Could not do its work, for a supervisor to start it again: the broker away for too
-    long, a store that cannot be opened at start, the gateway's port taken."""
+    long, a store that cannot be opened at start, the gateway's port or a consumer's health
+    port taken."""
     TOPOLOGY = 2
     """A queue declared with other arguments: an operator has to fix it first."""
     STORE_CLAIMED = 3

@@ -239,7 +239,21 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
     async with AsyncExitStack() as stack:
         if settings.health_port:
             # From the start: alive (`/healthz`) while it waits for the broker, not ready.
-            server = await serve_health(settings.health_host, settings.health_port, ready, service)
+            try:
+                server = await serve_health(
+                    settings.health_host, settings.health_port, ready, service
+                )
+            except OSError as exc:  # the port taken, an address this host does not have
+                log.exception(
+                    "cannot serve /healthz and /readyz on COURIER_HEALTH_HOST and "
+                    "COURIER_HEALTH_PORT; exiting",
+                    extra={
+                        "host": settings.health_host,
+                        "port": settings.health_port,
+                        "error": str(exc),
+                    },
+                )
+                return ServiceExit.FAILED
             stack.callback(server.close)
         routes = await build_routes(stack, settings)
         publisher = Publisher(

@@ -549,6 +549,8 @@ class _Run:
     not_taken: list[str] = field(default_factory=list)
     """Of the ids asked for by --id, those no request took: unknown, or not dead (replayed,
     discarded, or claimed by another replay)."""
+    taken_meanwhile: int = 0
+    """Of a filter's matches when the run began, those a concurrent replay or discard took."""
 
     def document(self) -> dict[str, Any]:
         return {
@@ -560,6 +562,7 @@ class _Run:
             "action_ids": self.action_ids,
             "skipped": self.skipped,
             "not_taken": self.not_taken,
+            "taken_meanwhile": self.taken_meanwhile,
         }
 
     @property
@@ -625,7 +628,10 @@ def _run_batches(
             run.action_ids.append(str(outcome["action_id"]))
             progress.update(run.done)
             if outcome["count"] == 0 and not outcome.get("skipped"):
-                break  # nothing left (others took or discarded the rest)
+                # Nothing left to take: others took or discarded the rest (said).
+                if not selection.ids:
+                    run.taken_meanwhile = total - run.done - len(run.skipped)
+                break
     if selection.ids and total == len(selection.ids):
         handled = {*run.ids, *run.skipped}
         run.not_taken = [i for i in dict.fromkeys(selection.ids) if i not in handled]
@@ -772,6 +778,8 @@ def _report(session: Session, run: _Run, verb: str, where: str) -> None:
         session.say(f"  left dead: {letter_id}: {why} (discard it if it has no home)")
     for letter_id in run.not_taken:
         session.say(f"  not taken: {letter_id}: unknown, or not dead")
+    if run.taken_meanwhile:
+        session.say(f"  {run.taken_meanwhile} taken meanwhile by another replay or discard")
 
 
 @dlq.command("actions")

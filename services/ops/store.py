@@ -408,14 +408,26 @@ class FailureStore:
         now = self._lease_clock()
         c = dead_letters.c
         claimable = _takeable(selection, lease, now)
+        taken = 0
         async with self.engine.begin() as conn:
-            candidates = (await conn.execute(_oldest_first(claimable, limit))).scalars().all()
-            if candidates:
-                await conn.execute(
+            for _ in range(CLAIM_ROUNDS):
+                oldest = _oldest_first(claimable, limit - taken)
+                if conn.dialect.name == "postgresql":
+                    # Past the letters a concurrent claim holds, not waiting to lose them.
+                    oldest = oldest.with_for_update(skip_locked=True)
+                candidates = (await conn.execute(oldest)).scalars().all()
+                if not candidates:
+                    break
+                took = await conn.execute(
                     update(dead_letters)
                     .where(c.id.in_(candidates), claimable)
                     .values(status="replaying", claim=token, claimed_at=now)
                 )
+                taken += took.rowcount
+                if took.rowcount == len(candidates) or taken >= limit:
+                    break
+                # A concurrent claim took some of them first (SQLite: between the look and
+                # the write): look again, rather than take fewer while others are still dead.
             claimed = _oldest_first(c.claim == token, limit)
             ids = list((await conn.execute(claimed)).scalars().all())
         return token, ids
@@ -683,6 +695,10 @@ def open_letter_of(event_id: ColumnElement[str]) -> ColumnElement[bool]:
     return exists().where(
         c.event_id == event_id, or_(c.status.in_(("dead", "replaying")), recently_replayed)
     )
+
+
+CLAIM_ROUNDS = 5
+"""Looks a claim takes when concurrent claims keep taking what it saw first."""
 
 
 def _takeable(selection: Filter, lease: timedelta | None, now: Clock) -> ColumnElement[bool]:

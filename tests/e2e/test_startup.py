@@ -160,6 +160,23 @@ def test_every_problem_of_the_settings_is_told_at_once(tmp_path: Path) -> None:
     ]
 
 
+def test_a_consumer_whose_health_port_is_taken_exits_1_naming_the_settings(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # It printed a raw traceback, not a log line, naming neither setting.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = namespace.env(COURIER_HEALTH_PORT=str(taken.getsockname()[1]))
+        done = run_alone("services.processor", tmp_path, env)
+    assert done.returncode == 1
+    [refusal] = [
+        orjson.loads(line) for line in done.stderr.splitlines() if "COURIER_HEALTH" in line
+    ]
+    assert refusal["level"] == "ERROR"
+    assert "address already in use" in refusal["error"]
+
+
 def test_a_consumer_without_a_broker_exits_1_after_its_grace_period(
     namespace: Namespace, tmp_path: Path
 ) -> None:

@@ -468,6 +468,32 @@ async def test_concurrent_claims_of_one_selection_take_disjoint_sets(store: Fail
     assert again == []
 
 
+async def test_a_claim_racing_another_takes_the_letters_the_other_did_not(
+    store: FailureStore,
+) -> None:
+    # Two replays of one selection at once: the first holds the oldest letters, not yet
+    # committed, when the second looks. The second took none of the rest (a replay that moved
+    # nothing while matching letters stayed dead).
+    letters = await add_all(store, (letter() for _ in range(20)))
+    await set_column(
+        store,
+        "dead_lettered_at",
+        {item.id: T0 + timedelta(seconds=i) for i, item in enumerate(letters)},
+    )
+    oldest, rest = [i.id for i in letters[:10]], [i.id for i in letters[10:]]
+    async with store.engine.connect() as other:
+        await other.execute(
+            update(dead_letters)
+            .where(dead_letters.c.id.in_(oldest))
+            .values(status="replaying", claim="other", claimed_at=datetime.now(UTC))
+        )
+        second = asyncio.create_task(store.claim(Filter(), limit=10, lease=LEASE))
+        await asyncio.sleep(0.5)  # the second looks while the first has not committed
+        await other.commit()
+    _, claimed = await second
+    assert claimed == rest
+
+
 async def test_a_claim_takes_at_most_its_limit_oldest_first(store: FailureStore) -> None:
     letters = await add_all(store, (letter() for _ in range(5)))
     await set_column(

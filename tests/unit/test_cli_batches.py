@@ -1,0 +1,30 @@
+"""How the CLI tells a batched replay whose letters a concurrent replay or discard took."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support.ops_api import Answer, FakeOpsApi
+from tests.unit.test_cli_rendering import courier
+
+NEWEST = {"id": "l1", "dead_lettered_at": "2030-01-01T00:00:00+00:00"}
+# Counted 62 at the start; by the first request another replay held them all.
+TAKEN_BY_ANOTHER = {
+    "/dead-letters": Answer({"items": [NEWEST], "next_cursor": None}),
+    "/count": Answer({"count": 62}),
+    "/replays": Answer({"count": 0, "ids": [], "skipped": {}, "action_id": "a1"}),
+}
+
+
+def test_letters_taken_meanwhile_are_said_not_passed_over() -> None:
+    with FakeOpsApi(TAKEN_BY_ANOTHER).running() as api:
+        result = courier(api, "dlq", "replay", "--reason", "invalid")
+    assert result.exit_code == 0, result.output  # the other replay moves them
+    assert "Replayed 0 of 62 dead letter(s)" in result.stdout
+    assert "62 taken meanwhile by another replay or discard" in result.stdout
+
+
+def test_letters_taken_meanwhile_are_in_the_json_document() -> None:
+    with FakeOpsApi(TAKEN_BY_ANOTHER).running() as api:
+        result = courier(api, "dlq", "replay", "--reason", "invalid", "--json")
+    assert json.loads(result.stdout)["taken_meanwhile"] == 62
