@@ -726,7 +726,12 @@ def replay(
 
 @dlq.command("discard")
 @_selection_options
-@click.option("--why", required=True, help="Why they are discarded (kept in the audit trail).")
+@click.option(
+    "--why",
+    required=True,
+    callback=_not_blank,
+    help="Why they are discarded (kept in the audit trail).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be discarded; change nothing.")
 @click.option(
     "--limit",

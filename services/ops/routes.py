@@ -35,9 +35,6 @@ router = APIRouter(
         503: {"model": Problem, "description": "The failure store is unavailable; retry later"},
     },
 )
-_BAD_BODY: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "The body is not JSON"}
-}
 
 
 def _storable(value: str) -> str:
@@ -250,9 +247,7 @@ async def groups(
     return {"groups": [group.__dict__ for group in found]}
 
 
-@router.post(
-    "/replays", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Replay dead letters"
-)
+@router.post("/replays", response_model=OutcomeResponse, summary="Replay dead letters")
 async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     with _store_away_is_503("start the replay"):  # a failure midway is in the outcome
         outcome = await _operations(request).replay(
@@ -267,9 +262,7 @@ async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     return _outcome(outcome)
 
 
-@router.post(
-    "/discards", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Discard dead letters"
-)
+@router.post("/discards", response_model=OutcomeResponse, summary="Discard dead letters")
 async def discard(request: Request, actor: Operator, body: DiscardRequest) -> Any:
     with _store_away_is_503("discard"):
         outcome = await _operations(request).discard(

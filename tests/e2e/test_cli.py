@@ -458,6 +458,14 @@ def test_an_empty_filter_is_a_usage_error_not_a_selection_of_everything(
     assert "must not be empty" in result.stderr
 
 
+def test_an_empty_reason_to_discard_is_a_usage_error() -> None:
+    # It reached the gateway, whose 422 read as a stop midway: "discarded 0 of 1", exit 1.
+    env = {"COURIER_URL": f"http://127.0.0.1:{free_port()}", "COURIER_OPS_TOKEN": "t"}
+    result = CliRunner().invoke(cli, ["dlq", "discard", "--all", "--why", ""], env=env)
+    assert result.exit_code == 2, result.output
+    assert "must not be empty" in result.stderr
+
+
 @pytest.mark.parametrize(
     "since", ["99999999h", "1000000d", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"]
 )
