@@ -772,7 +772,7 @@ class Consumer:
             properties.headers or {},
             reason=reason,
             service=self._topology.service,
-            queue=self._topology.queue,
+            queue=self._queue_spec.name,  # the lane it failed in (work, control, files)
             event_id=event.id if event is not None else properties.message_id,
             event_type=event.type if event is not None else properties.message_type,
         )

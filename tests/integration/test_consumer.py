@@ -95,7 +95,9 @@ async def running(
     delivery_limit: int | None = None,
     results_linger: float = 0.0,
     reporter: StatusReporter | None = None,
+    control: bool = False,
 ) -> AsyncIterator[tuple[Publisher, ServiceTopology, Consumer]]:
+    """A consumer of the service's work queue (`control`: of its control queue)."""
     limit = {} if delivery_limit is None else {"delivery_limit": delivery_limit}
     settings = namespace.settings(retry_delays=delays, **limit)
     topology = settings.topology(service)
@@ -120,6 +122,7 @@ async def running(
             prefetch=8,
             results=results,
             reporter=reporter,
+            queue=topology.control_queue_spec() if control else None,
         )
         await consumer.start(connection)
         yield publisher, topology, consumer
@@ -297,6 +300,17 @@ async def test_a_body_that_is_not_an_event_is_dead_lettered_as_invalid(
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
     assert dead.headers[f.REASON] == "invalid" and dead.headers[f.EVENT_ID] == "junk-1"
     assert handler.calls == []
+
+
+async def test_a_letter_names_the_queue_it_failed_in(namespace: Namespace) -> None:
+    # A control queue's letter named the work queue.
+    async with running(namespace, "notifier", {}, control=True) as (pub, topo, _):
+        assert topo.control_queue is not None
+        garbage = aio_pika.Message(b'{"bad": 2}', type="cancellation.requested")
+        await pub.publish(garbage, exchange="", routing_key=topo.control_queue)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert dead.headers[f.REASON] == "invalid"
+    assert dead.headers[f.QUEUE] == topo.control_queue
 
 
 async def test_a_type_without_a_handler_is_dead_lettered_as_invalid(namespace: Namespace) -> None:
