@@ -35,6 +35,10 @@ router = APIRouter(
         503: {"model": Problem, "description": "The failure store is unavailable; retry later"},
     },
 )
+_BAD_BODY: dict[int | str, dict[str, Any]] = {
+    # Malformed JSON text is a 422 (`json_invalid`), as every validation error of the body.
+    400: {"model": Problem, "description": "The body cannot be read (not UTF-8 text)"}
+}
 
 
 def _storable(value: str) -> str:
@@ -247,7 +251,9 @@ async def groups(
     return {"groups": [group.__dict__ for group in found]}
 
 
-@router.post("/replays", response_model=OutcomeResponse, summary="Replay dead letters")
+@router.post(
+    "/replays", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Replay dead letters"
+)
 async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     with _store_away_is_503("start the replay"):  # a failure midway is in the outcome
         outcome = await _operations(request).replay(
@@ -262,7 +268,9 @@ async def replay(request: Request, actor: Operator, body: ReplayRequest) -> Any:
     return _outcome(outcome)
 
 
-@router.post("/discards", response_model=OutcomeResponse, summary="Discard dead letters")
+@router.post(
+    "/discards", response_model=OutcomeResponse, responses=_BAD_BODY, summary="Discard dead letters"
+)
 async def discard(request: Request, actor: Operator, body: DiscardRequest) -> Any:
     with _store_away_is_503("discard"):
         outcome = await _operations(request).discard(
