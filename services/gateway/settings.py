@@ -59,8 +59,8 @@ class GatewaySettings(CourierSettings):
         description="`development` allows placeholder ops tokens; never use it in production.",
     )
     # SecretStr: a settings repr or a validation error never shows a token.
-    ops_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(
-        default_factory=dict,
+    ops_tokens: Annotated[tuple[tuple[str, SecretStr], ...], NoDecode] = Field(
+        default=(),
         description="Ops API tokens as `name:token` pairs, comma-separated; the name is the actor.",
     )
     ops_retention_days: float = Field(
@@ -145,17 +145,23 @@ class GatewaySettings(CourierSettings):
             pairs = [item.strip() for item in value.split(",") if item.strip()]
             if any(":" not in pair for pair in pairs):
                 raise ValueError("COURIER_OPS_TOKENS holds `name:token` pairs")
-            split = [pair.split(":", 1) for pair in pairs]
-            names = [name.strip() for name, _ in split]
-            if "" in names:
-                raise ValueError("COURIER_OPS_TOKENS: a token without a name (the audit's actor)")
-            # The last pair won silently: a token listed twice to rotate it locked the old out.
-            if twice := sorted({name for name in names if names.count(name) > 1}):
-                raise ValueError(
-                    f"COURIER_OPS_TOKENS: {', '.join(map(repr, twice))} given twice; "
-                    "give each token its own name"
-                )
-            return dict(zip(names, (token for _, token in split), strict=True))
+            return tuple((name.strip(), token) for name, token in (p.split(":", 1) for p in pairs))
+        if isinstance(value, dict):
+            return tuple(value.items())
+        return value
+
+    @field_validator("ops_tokens")
+    @classmethod
+    def _each_token_names_one_actor(
+        cls, value: tuple[tuple[str, SecretStr], ...]
+    ) -> tuple[tuple[str, SecretStr], ...]:
+        # A name may hold several tokens (a new one beside the old while it is rotated); a
+        # token under two names would leave the audit's actor to chance.
+        if any(not name for name, _ in value):
+            raise ValueError("COURIER_OPS_TOKENS: a token without a name (the audit's actor)")
+        secrets = [token.get_secret_value() for _, token in value]
+        if len(set(secrets)) < len(secrets):
+            raise ValueError("COURIER_OPS_TOKENS: one token is given twice")
         return value
 
     @model_validator(mode="after")
@@ -168,7 +174,7 @@ class GatewaySettings(CourierSettings):
             f"the ops token of {name!r} is a placeholder or shorter than {MIN_TOKEN_LENGTH} "
             "characters; generate one, e.g. "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            for name, secret in self.ops_tokens.items()
+            for name, secret in self.ops_tokens
             if len(token := secret.get_secret_value()) < MIN_TOKEN_LENGTH
             or token.lower() in PLACEHOLDERS
         ]

@@ -6,7 +6,8 @@ events, which the gateway applies here. Events are numbered as they arrive, and 
 states are keyed by that number (`tracking_migrations` has why and how older stores move).
 Each service keeps owning its data: the projection is built from the events, never by reading
 another service's tables. A transition only moves a service's state if it is at least as new as
-the one shown, so late or repeated reports do not move a state backwards.
+the one shown, so late or repeated reports do not move a state backwards; and a success, once
+told, is not hidden by another copy's reports (`_STATE_MOVES`).
 
 An event accepted with a `callbackurl` keeps it here; once a transition that may end an event is
 written, the `on_final` hook (`callbacks.Callbacks.publish_settled`) is given the event ids, and
@@ -762,8 +763,8 @@ def _write(
     Events are created on first sight; the first accept sets `accepted_at` and the callback URL
     (an event id accepted again keeps what it was first accepted with); history rows have a
     natural key, so a report applied twice adds nothing; a state moves only to a transition at
-    least as new as the one shown, except that any report replaces `pending`, and `pending`
-    never replaces anything.
+    least as new as the one shown, except that any report replaces `pending`, `pending` never
+    replaces anything, and a success is not hidden by another copy's reports (`_STATE_MOVES`).
     """
     insert = insert_for(conn.dialect.name)
     seen: dict[str, dict[str, Any]] = {}

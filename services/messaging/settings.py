@@ -117,9 +117,9 @@ class CourierSettings(BaseSettings):
         description="Prefix of every exchange and queue name; isolates deployments and test runs.",
     )
     heartbeat: int = Field(
-        # Beyond 65534 the AMQP client turns heartbeats off without a word.
+        # 0 turns heartbeats off, as 65535 or more did without a word.
         default=30,
-        ge=1,
+        ge=0,
         le=3600,
         description="AMQP heartbeat in seconds.",
     )

@@ -8,7 +8,7 @@ recorded in the audit trail.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -18,10 +18,10 @@ from pydantic import SecretStr
 _bearer = HTTPBearer(auto_error=False, description="An ops token from COURIER_OPS_TOKENS.")
 
 
-def identify(tokens: Mapping[str, SecretStr], presented: str) -> str | None:
+def identify(tokens: Iterable[tuple[str, SecretStr]], presented: str) -> str | None:
     """The name of the token that matches, comparing against all in constant time."""
     found: str | None = None
-    for name, token in tokens.items():
+    for name, token in tokens:
         if hmac.compare_digest(token.get_secret_value().encode(), presented.encode()):
             found = name
     return found

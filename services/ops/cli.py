@@ -595,11 +595,13 @@ def _run_batches(
     if total == 0:
         return run
     body = {**selection.body(until), **extra}
+    homeless = False
     with _Progress(session, verb, total) as progress:
         for size in _batches(total, batch):
             # Letters left dead stay the oldest match: without this every batch took them again.
             if len(run.skipped) >= MAX_PER_REQUEST:
-                break  # so many without a home: reported; discard them, then replay again
+                homeless = True  # so many without a home: reported; discard them, then again
+                break
             left = {"exclude_ids": list(run.skipped)} if run.skipped else {}
             try:
                 outcome = session.client.post(
@@ -628,10 +630,11 @@ def _run_batches(
             run.action_ids.append(str(outcome["action_id"]))
             progress.update(run.done)
             if outcome["count"] == 0 and not outcome.get("skipped"):
-                # Nothing left to take: others took or discarded the rest (said).
-                if not selection.ids:
-                    run.taken_meanwhile = total - run.done - len(run.skipped)
-                break
+                break  # nothing left to take: others took or discarded the rest
+    if not selection.ids and not homeless:
+        # Counted at the start: what no batch moved or left dead, a concurrent replay or
+        # discard took (said, not passed over).
+        run.taken_meanwhile = max(0, total - run.done - len(run.skipped))
     if selection.ids and total == len(selection.ids):
         handled = {*run.ids, *run.skipped}
         run.not_taken = [i for i in dict.fromkeys(selection.ids) if i not in handled]

@@ -547,24 +547,30 @@ class FailureStore:
             "action_id": action_id,
         }
         base = _takeable(selection, None, now)
+        discarded: list[str] = []
         async with self.engine.begin() as conn:
-            rows = (
-                await conn.execute(
+            for _ in range(CLAIM_ROUNDS):  # as a claim does: past what concurrent ones take
+                oldest = (
                     select(c.id, c.history)
                     .where(base)
                     .order_by(c.dead_lettered_at, c.id)
-                    .limit(limit)
+                    .limit(limit - len(discarded))
                 )
-            ).all()
-            discarded = []
-            for row in rows:
-                result = await conn.execute(
-                    update(dead_letters)
-                    .where(c.id == row.id, c.status == "dead")
-                    .values(status="discarded", closed_at=now, history=[*row.history, entry])
-                )
-                if result.rowcount == 1:  # not taken by a concurrent replay meanwhile
-                    discarded.append(row.id)
+                if conn.dialect.name == "postgresql":
+                    oldest = oldest.with_for_update(skip_locked=True)
+                rows = (await conn.execute(oldest)).all()
+                took = 0
+                for row in rows:
+                    result = await conn.execute(
+                        update(dead_letters)
+                        .where(c.id == row.id, c.status == "dead")
+                        .values(status="discarded", closed_at=now, history=[*row.history, entry])
+                    )
+                    if result.rowcount == 1:  # not taken by a concurrent replay meanwhile
+                        discarded.append(row.id)
+                        took += 1
+                if took == len(rows) or len(discarded) >= limit:
+                    break
             await conn.execute(
                 _action_row(
                     action_id,

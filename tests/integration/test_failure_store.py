@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
@@ -468,12 +468,11 @@ async def test_concurrent_claims_of_one_selection_take_disjoint_sets(store: Fail
     assert again == []
 
 
-async def test_a_claim_racing_another_takes_the_letters_the_other_did_not(
-    store: FailureStore,
-) -> None:
-    # Two replays of one selection at once: the first holds the oldest letters, not yet
-    # committed, when the second looks. The second took none of the rest (a replay that moved
-    # nothing while matching letters stayed dead).
+async def oldest_held_by_a_replay_not_yet_committed(
+    store: FailureStore, take: Callable[[], Coroutine[Any, Any, list[str]]]
+) -> tuple[list[str], list[str]]:
+    """20 letters, the 10 oldest claimed by a replay that has not committed yet when `take`
+    (a claim or a discard of the same selection) looks: what it took, and the 10 newest."""
     letters = await add_all(store, (letter() for _ in range(20)))
     await set_column(
         store,
@@ -487,11 +486,33 @@ async def test_a_claim_racing_another_takes_the_letters_the_other_did_not(
             .where(dead_letters.c.id.in_(oldest))
             .values(status="replaying", claim="other", claimed_at=datetime.now(UTC))
         )
-        second = asyncio.create_task(store.claim(Filter(), limit=10, lease=LEASE))
-        await asyncio.sleep(0.5)  # the second looks while the first has not committed
+        taking = asyncio.create_task(take())
+        await asyncio.sleep(0.5)  # it looks while the other has not committed
         await other.commit()
-    _, claimed = await second
+    return await taking, rest
+
+
+async def test_a_claim_racing_another_takes_the_letters_the_other_did_not(
+    store: FailureStore,
+) -> None:
+    # It took none of the rest: a replay that moved nothing while matching letters stayed dead.
+    async def claim() -> list[str]:
+        return (await store.claim(Filter(), limit=10, lease=LEASE))[1]
+
+    claimed, rest = await oldest_held_by_a_replay_not_yet_committed(store, claim)
     assert claimed == rest
+
+
+async def test_a_discard_racing_a_replay_takes_the_letters_the_replay_did_not(
+    store: FailureStore,
+) -> None:
+    async def discard() -> list[str]:
+        return await store.discard(
+            Filter(), limit=10, reason="noise", actor="ops", action_id=uuid.uuid4().hex
+        )
+
+    discarded, rest = await oldest_held_by_a_replay_not_yet_committed(store, discard)
+    assert sorted(discarded) == sorted(rest)
 
 
 async def test_a_claim_takes_at_most_its_limit_oldest_first(store: FailureStore) -> None:

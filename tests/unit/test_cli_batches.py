@@ -28,3 +28,10 @@ def test_letters_taken_meanwhile_are_in_the_json_document() -> None:
     with FakeOpsApi(TAKEN_BY_ANOTHER).running() as api:
         result = courier(api, "dlq", "replay", "--reason", "invalid", "--json")
     assert json.loads(result.stdout)["taken_meanwhile"] == 62
+
+
+def test_letters_taken_meanwhile_from_a_batch_that_moved_others_are_said() -> None:
+    answers = {**TAKEN_BY_ANOTHER, "/replays": Answer({"count": 40, "ids": [], "action_id": "a1"})}
+    with FakeOpsApi(answers).running() as api:
+        result = courier(api, "dlq", "replay", "--reason", "invalid", "--batch", "100", "--json")
+    assert json.loads(result.stdout)["taken_meanwhile"] == 22
