@@ -284,6 +284,10 @@ class WebhookChannel:
                 await _read_start(response, start)
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             if not answered:
+                if isinstance(exc, TimeoutError) and not str(exc):
+                    # The whole exchange's bound, which says nothing: nor would the letter.
+                    host = dns_host(url.raw_host)
+                    raise TimeoutError(f"{host} did not answer within {self._timeout:g} s") from exc
                 raise
             # Reading the answer failed after its status line (a body that stalls, or a reset).
             # The status still decides: an accepted notification retried would be sent twice,

@@ -198,6 +198,37 @@ async def test_a_slow_receiver_times_out_as_transient() -> None:
             assert time.monotonic() - started < 3
 
 
+async def test_a_receiver_that_drips_its_answer_times_out_saying_so() -> None:
+    # Each read gets a byte in time; the whole exchange's bound ends it. Its TimeoutError said
+    # nothing, and a dead letter then read "builtins.TimeoutError: ".
+    dripping: set[asyncio.Task[None]] = set()
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (task := asyncio.current_task()) is not None:
+            dripping.add(task)
+        try:
+            await reader.read(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        async for channel in channel_with(timeout=1.0):
+            with pytest.raises(TimeoutError, match=r"127\.0\.0\.1 did not answer within 1 s"):
+                await channel.deliver(notification(url))
+    finally:
+        for task in dripping:
+            task.cancel()
+        await asyncio.gather(*dripping, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize(
     ("reply", "error"),
     [
