@@ -654,18 +654,25 @@ def _dry_run(
     outcome = session.client.post(
         path, {**selection.body(), **extra, "dry_run": True, "limit": size}
     )
+    # Ids asked for that it would not take, named and failing as the real run would.
+    would = set(outcome.get("ids", []))
+    not_taken = [i for i in dict.fromkeys(selection.ids) if i not in would]
     if session.as_json:
-        session.emit({"action": action, **outcome})
-        return
-    session.say(
-        f"Dry run: would {verb} {outcome['count']} dead letter(s)"
-        + (" (or more)" if outcome["count"] >= size else "")
-        + f"; nothing was changed (recorded as action {outcome['action_id']})."
-    )
-    for letter_id in outcome.get("ids", [])[:20]:
-        session.say(f"  {letter_id}")
-    if outcome["count"] > 20:
-        session.say(f"  … and {outcome['count'] - 20} more")
+        session.emit({"action": action, **outcome, "not_taken": not_taken})
+    else:
+        session.say(
+            f"Dry run: would {verb} {outcome['count']} dead letter(s)"
+            + (" (or more)" if outcome["count"] >= size else "")
+            + f"; nothing was changed (recorded as action {outcome['action_id']})."
+        )
+        for letter_id in outcome.get("ids", [])[:20]:
+            session.say(f"  {letter_id}")
+        if outcome["count"] > 20:
+            session.say(f"  … and {outcome['count'] - 20} more")
+        for letter_id in not_taken:
+            session.say(f"  would not take: {letter_id}: unknown, or not dead")
+    if not_taken and len(selection.ids) <= size:
+        raise click.exceptions.Exit(ExitCode.FAILED)
 
 
 @dlq.command("replay")

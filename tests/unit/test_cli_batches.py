@@ -1,8 +1,11 @@
-"""How the CLI tells a batched replay whose letters a concurrent replay or discard took."""
+"""How the CLI tells what a replay or discard did not take: letters a concurrent replay or
+discard took, ids it would not take."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from tests.support.ops_api import Answer, FakeOpsApi
 from tests.unit.test_cli_rendering import courier
@@ -35,3 +38,14 @@ def test_letters_taken_meanwhile_from_a_batch_that_moved_others_are_said() -> No
     with FakeOpsApi(answers).running() as api:
         result = courier(api, "dlq", "replay", "--reason", "invalid", "--batch", "100", "--json")
     assert json.loads(result.stdout)["taken_meanwhile"] == 22
+
+
+@pytest.mark.parametrize("command", [["replay"], ["discard", "--why", "noise"]])
+def test_a_dry_run_names_the_ids_it_would_not_take_and_fails(command: list[str]) -> None:
+    # It exited 0 naming none, while the real run names them and exits 1.
+    outcome = {"count": 1, "ids": ["l1"], "action_id": "a1", "dry_run": True}
+    answers = {"/replays": Answer(outcome), "/discards": Answer(outcome)}
+    with FakeOpsApi(answers).running() as api:
+        result = courier(api, "dlq", *command, "--id", "l1", "--id", "nosuch", "--dry-run")
+    assert result.exit_code == 1, result.output
+    assert "would not take: nosuch: unknown, or not dead" in result.stdout
