@@ -14,8 +14,10 @@ from fastapi import FastAPI
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.messaging.exits import ServiceExit
-from services.messaging.logs import configure_logging
+from services.messaging.logs import configure_logging, get_logger
 from services.messaging.settings import load
+
+log = get_logger("gateway")
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -49,7 +51,12 @@ async def serve(settings: GatewaySettings) -> ServiceExit:
             return stopped[0]  # why it had to stop, even if a signal came meanwhile
         if ended.code == ServiceExit.OK:
             raise  # the signal uvicorn drained for, raised again once it was done
-        # uvicorn's own exit, once it logged why: the port taken, the app's start-up failed.
+        # uvicorn's own exit, once it logged why (without saying where): it could not listen,
+        # the port taken or an address this host does not have.
+        log.error(  # noqa: TRY400  # a SystemExit's traceback would tell nothing more
+            "cannot listen on COURIER_HOST and COURIER_PORT; exiting",
+            extra={"host": settings.host, "port": settings.port},
+        )
         return ServiceExit.FAILED
     if stopped:
         return stopped[0]

@@ -89,9 +89,13 @@ def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_pa
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        done = gateway_alone(namespace, tmp_path, port=taken.getsockname()[1])
+        port = taken.getsockname()[1]
+        done = gateway_alone(namespace, tmp_path, port=port)
     assert done.returncode == 1
     assert "address already in use" in done.stderr
+    # Which setting to look at, in a line of its own (uvicorn's says neither).
+    [refusal] = [orjson.loads(line) for line in done.stderr.splitlines() if "COURIER_PORT" in line]
+    assert refusal["level"] == "ERROR" and refusal["port"] == port
 
 
 @pytest.mark.parametrize(
