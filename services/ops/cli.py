@@ -30,7 +30,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -636,9 +636,13 @@ def _run_batches(
         # discard took (said, not passed over).
         run.taken_meanwhile = max(0, total - run.done - len(run.skipped))
     if selection.ids and total == len(selection.ids):
-        handled = {*run.ids, *run.skipped}
-        run.not_taken = [i for i in dict.fromkeys(selection.ids) if i not in handled]
+        run.not_taken = _not_taken(selection, {*run.ids, *run.skipped})
     return run
+
+
+def _not_taken(selection: Selection, handled: Collection[str]) -> list[str]:
+    """The --id values asked for that are not in `handled`, each once, in the order given."""
+    return [i for i in dict.fromkeys(selection.ids) if i not in handled]
 
 
 def _dry_run(
@@ -655,8 +659,7 @@ def _dry_run(
         path, {**selection.body(), **extra, "dry_run": True, "limit": size}
     )
     # Ids asked for that it would not take, named and failing as the real run would.
-    would = set(outcome.get("ids", []))
-    not_taken = [i for i in dict.fromkeys(selection.ids) if i not in would]
+    not_taken = _not_taken(selection, set(outcome.get("ids", [])))
     if session.as_json:
         session.emit({"action": action, **outcome, "not_taken": not_taken})
     else:

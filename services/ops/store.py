@@ -411,10 +411,7 @@ class FailureStore:
         taken = 0
         async with self.engine.begin() as conn:
             for _ in range(CLAIM_ROUNDS):
-                oldest = _oldest_first(claimable, limit - taken)
-                if conn.dialect.name == "postgresql":
-                    # Past the letters a concurrent claim holds, not waiting to lose them.
-                    oldest = oldest.with_for_update(skip_locked=True)
+                oldest = _not_held(conn, _oldest_first(claimable, limit - taken))
                 candidates = (await conn.execute(oldest)).scalars().all()
                 if not candidates:
                     break
@@ -550,15 +547,8 @@ class FailureStore:
         discarded: list[str] = []
         async with self.engine.begin() as conn:
             for _ in range(CLAIM_ROUNDS):  # as a claim does: past what concurrent ones take
-                oldest = (
-                    select(c.id, c.history)
-                    .where(base)
-                    .order_by(c.dead_lettered_at, c.id)
-                    .limit(limit - len(discarded))
-                )
-                if conn.dialect.name == "postgresql":
-                    oldest = oldest.with_for_update(skip_locked=True)
-                rows = (await conn.execute(oldest)).all()
+                oldest = _oldest_first(base, limit - len(discarded)).add_columns(c.history)
+                rows = (await conn.execute(_not_held(conn, oldest))).all()
                 took = 0
                 for row in rows:
                     result = await conn.execute(
@@ -721,6 +711,15 @@ def _takeable(selection: Filter, lease: timedelta | None, now: Clock) -> ColumnE
 def _oldest_first(where: ColumnElement[bool], limit: int) -> Select[Any]:
     c = dead_letters.c
     return select(c.id).where(where).order_by(c.dead_lettered_at, c.id).limit(limit)
+
+
+def _not_held(conn: AsyncConnection, query: Select[Any]) -> Select[Any]:
+    """`query`, past the letters a concurrent claim or discard holds (PostgreSQL's row locks),
+    rather than waiting for them only to find them taken. SQLite has one writer at a time: the
+    caller looks again when what it saw was taken meanwhile."""
+    if conn.dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
 
 
 def _letter(row: Any) -> DeadLetter:

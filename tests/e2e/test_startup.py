@@ -7,7 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import aio_pika
 import httpx
@@ -84,17 +87,29 @@ async def test_the_gateway_refuses_a_queue_declared_differently_with_exit_code_2
     assert "x-delivery-limit" in done.stderr
 
 
-def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_path: Path) -> None:
-    # It had connected to the broker meanwhile: that connection must not keep it alive.
+@contextmanager
+def port_taken() -> Iterator[int]:
+    """A port on 127.0.0.1 something else listens on, while the block runs."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def the_line_naming(setting: str, stderr: str) -> dict[str, Any]:
+    """The one JSON log line that names `setting`."""
+    [line] = [orjson.loads(line) for line in stderr.splitlines() if setting in line]
+    return cast(dict[str, Any], line)
+
+
+def test_the_gateway_exits_1_when_its_port_is_taken(namespace: Namespace, tmp_path: Path) -> None:
+    # It had connected to the broker meanwhile: that connection must not keep it alive.
+    with port_taken() as port:
         done = gateway_alone(namespace, tmp_path, port=port)
     assert done.returncode == 1
     assert "address already in use" in done.stderr
     # Which setting to look at, in a line of its own (uvicorn's says neither).
-    [refusal] = [orjson.loads(line) for line in done.stderr.splitlines() if "COURIER_PORT" in line]
+    refusal = the_line_naming("COURIER_PORT", done.stderr)
     assert refusal["level"] == "ERROR" and refusal["port"] == port
 
 
@@ -168,15 +183,12 @@ def test_a_consumer_whose_health_port_is_taken_exits_1_naming_the_settings(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     # It printed a raw traceback, not a log line, naming neither setting.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        env = namespace.env(COURIER_HEALTH_PORT=str(taken.getsockname()[1]))
-        done = run_alone("services.processor", tmp_path, env)
+    with port_taken() as port:
+        done = run_alone(
+            "services.processor", tmp_path, namespace.env(COURIER_HEALTH_PORT=str(port))
+        )
     assert done.returncode == 1
-    [refusal] = [
-        orjson.loads(line) for line in done.stderr.splitlines() if "COURIER_HEALTH" in line
-    ]
+    refusal = the_line_naming("COURIER_HEALTH", done.stderr)
     assert refusal["level"] == "ERROR"
     assert "address already in use" in refusal["error"]
 
