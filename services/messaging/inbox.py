@@ -6,33 +6,35 @@ in the same transaction as the handler's own state when the handler has state. A
 event is then recognised, its recorded follow-up events are published again (their ids are
 derived from the input, so downstream dedups them too) and it is acked without a second effect.
 
-The records also outlive the status reports sent after the ack: a starting service tells the
-gateway again how the events it settled last ended (`recent`).
+The records also outlive the status reports sent after the ack: each outcome is marked as owing
+its report until the broker confirmed the report (`reported`), so one a crash or an outage took
+is told again, by this process or any other of the service (`unreported`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     bindparam,
     delete,
-    func,
     literal,
     null,
     select,
@@ -41,11 +43,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from contracts.envelope import Envelope
 from contracts.events import Event
 from services.messaging.batching import Batcher, for_one_caller
 from services.messaging.logs import get_logger
+from services.messaging.status import Outcome
 from services.messaging.store import (
     BatchRunner,
     Migration,
@@ -81,18 +85,6 @@ class Handled:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """How an event ended here, as its status report told it: `succeeded` from its inbox
-    record, `cancelled` from its cancellation once a delivery of it was skipped."""
-
-    event_id: str
-    event_type: str | None
-    state: Literal["succeeded", "cancelled"]
-    at: datetime
-    attempt: int | None
-
-
-@dataclass(frozen=True)
 class Cancelled:
     event_id: str
     cancelled_at: datetime
@@ -100,9 +92,16 @@ class Cancelled:
 
 class Inbox:
     def __init__(
-        self, engine: AsyncEngine, service: str, commit_delay: float = 0.0, batch: int = 500
+        self,
+        engine: AsyncEngine,
+        service: str,
+        commit_delay: float = 0.0,
+        batch: int = 500,
+        reported_types: Collection[str] | None = None,
     ) -> None:
-        """`commit_delay`: seconds a record waits for others to share its commit. Nothing waits
+        """`reported_types`: the event types whose outcomes are reported (all when None): their
+        records owe a report until it is confirmed (`reported`).
+        `commit_delay`: seconds a record waits for others to share its commit. Nothing waits
         for the record but the delivery's ack (a handler's follow-ups are published meanwhile),
         and at a steady rate it turns a commit per event into one per interval; the price is
         that a crash within the interval redelivers those events, whose handlers run again.
@@ -112,6 +111,7 @@ class Inbox:
         nothing more until acks go out)."""
         self._engine = engine
         self._runner = BatchRunner(engine)
+        self._reported_types = None if reported_types is None else frozenset(reported_types)
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(
@@ -135,6 +135,9 @@ class Inbox:
             Column("follow_ups", LargeBinary, nullable=True),
             # The attempt that succeeded: with `handled_at`, the record is its status report.
             Column("attempt", Integer, nullable=True),
+            # 1 while that report is owed (not confirmed by the broker yet); NULL once it was,
+            # and for records that owe none. Only owed rows are indexed: a handful at a time.
+            Column("unreported", SmallInteger, nullable=True),
         )
         # Cancellations are durable: they survive restarts, unlike an in-memory revoke list.
         self._cancellations = Table(
@@ -145,7 +148,10 @@ class Inbox:
             # When a delivery of the event was skipped, and its type: its `cancelled` report.
             Column("skipped_at", DateTime(timezone=True), nullable=True),
             Column("event_type", String(128), nullable=True),
+            Column("unreported", SmallInteger, nullable=True),  # as the inbox's
         )
+        self._owed_records = _owed_index(self._table, self._table.c.handled_at)
+        self._owed_skips = _owed_index(self._cancellations, self._cancellations.c.skipped_at)
 
     async def start(self) -> None:
         def creating(table: Table) -> Migration:
@@ -160,6 +166,12 @@ class Inbox:
 
             return add
 
+        def indexing(index: Index) -> Migration:
+            async def create(conn: AsyncConnection) -> None:
+                await conn.run_sync(lambda sync: index.create(sync, checkfirst=True))
+
+            return create
+
         await migrate(
             self._engine,
             self._component,
@@ -169,6 +181,11 @@ class Inbox:
                 adding(self._table, "attempt"),
                 adding(self._cancellations, "skipped_at"),
                 adding(self._cancellations, "event_type"),
+                # Records made before owe nothing: their reports went by the earlier rule.
+                adding(self._table, "unreported"),
+                adding(self._cancellations, "unreported"),
+                indexing(self._owed_records),
+                indexing(self._owed_skips),
             ],
         )
         raw = loop_reader(self._engine)
@@ -260,9 +277,12 @@ class Inbox:
         self, items: list[tuple[Envelope, bytes | None, int]]
     ) -> list[datetime | None]:
         now = datetime.now(UTC)
+        owes = self._owes
         if self._runner.sqlite:
             at = sqlite_time(now)
-            values = [(e.id, e.type, at, payload, attempt) for e, payload, attempt in items]
+            values = [
+                (e.id, e.type, at, payload, attempt, owes(e.type)) for e, payload, attempt in items
+            ]
             inserted = await self._runner.run_autocommit(lambda raw: self._insert_new(raw, values))
         else:
             rows = [
@@ -272,6 +292,7 @@ class Inbox:
                     "handled_at": now,
                     "follow_ups": payload,
                     "attempt": attempt,
+                    "unreported": owes(e.type),
                 }
                 for e, payload, attempt in items
             ]
@@ -315,6 +336,7 @@ class Inbox:
                         handled_at=now,
                         follow_ups=payload if follow_ups else None,
                         attempt=attempt,
+                        unreported=self._owes(event.type),
                     )
                 )
         except IntegrityError:
@@ -329,50 +351,56 @@ class Inbox:
 
     async def _skip_many(self, items: list[tuple[str, str]]) -> list[datetime]:
         now = datetime.now(UTC)
+        noted = [(event_id, event_type, self._owes(event_type)) for event_id, event_type in items]
         return await self._runner.run(
-            lambda conn: _note_skips(conn, self._cancellations, items, now)
+            lambda conn: _note_skips(conn, self._cancellations, noted, now)
         )
 
-    async def recent(self, window: timedelta, event_types: Collection[str]) -> list[Outcome]:
-        """The outcomes of `event_types` settled here within `window` before the newest one,
-        oldest first: what a process that stopped abruptly may have settled and acknowledged
-        without reporting it yet (status reports are sent every interval, after the ack)."""
+    def _owes(self, event_type: str) -> int | None:
+        """The `unreported` mark of a new outcome of `event_type`: 1 if its report is owed."""
+        owed = self._reported_types is None or event_type in self._reported_types
+        return 1 if owed else None
+
+    async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
+        """Note that the broker confirmed the status reports holding `transitions`: their
+        outcomes (`succeeded` from a record, `cancelled` from a skip) owe nothing any more."""
+        succeeded = [t["event_id"] for t in transitions if t["state"] == "succeeded"]
+        cancelled = [t["event_id"] for t in transitions if t["state"] == "cancelled"]
+        marks = [(self._table, succeeded), (self._cancellations, cancelled)]
+        if self._runner.sqlite:
+            await self._runner.run_autocommit(lambda raw: _unmark_raw(raw, marks))
+        else:
+            await self._runner.run(lambda conn: _unmark_core(conn, marks))
+
+    async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
+        """At most `limit` outcomes whose reports are owed, settled before `settled_before` (any
+        time when None), oldest first: what a crash took before the report went out, or what
+        the broker did not confirm; this process's or another's of the service."""
         inbox, cancellations = self._table, self._cancellations
+        handled_before = _before(inbox.c.handled_at, settled_before)
+        skipped_before = _before(cancellations.c.skipped_at, settled_before)
         async with self._engine.connect() as conn:
-            newest = [
-                as_utc(at)
-                for at in (
-                    await conn.scalar(select(func.max(inbox.c.handled_at))),
-                    await conn.scalar(select(func.max(cancellations.c.skipped_at))),
-                )
-                if at is not None
-            ]
-            if not newest:
-                return []
-            since = max(newest) - window
             handled = await conn.execute(
-                select(
-                    inbox.c.event_id, inbox.c.event_type, inbox.c.handled_at, inbox.c.attempt
-                ).where(
-                    inbox.c.handled_at >= since,
-                    inbox.c.event_type.in_(sorted(event_types)),
-                    # Recorded before records had an attempt, their reports were not stamped
-                    # with the record's time: told again, they would be new history entries.
-                    inbox.c.attempt.is_not(None),
-                )
+                select(inbox.c.event_id, inbox.c.event_type, inbox.c.handled_at, inbox.c.attempt)
+                .where(inbox.c.unreported.is_not(None), *handled_before)
+                .order_by(inbox.c.handled_at)
+                .limit(limit)
             )
+            outcomes = [
+                Outcome(e, t, "succeeded", as_utc(at), attempt) for e, t, at, attempt in handled
+            ]
             skipped = await conn.execute(
                 select(
                     cancellations.c.event_id,
                     cancellations.c.event_type,
                     cancellations.c.skipped_at,
-                ).where(cancellations.c.skipped_at >= since)
+                )
+                .where(cancellations.c.unreported.is_not(None), *skipped_before)
+                .order_by(cancellations.c.skipped_at)
+                .limit(limit)
             )
-            outcomes = [
-                Outcome(e, t, "succeeded", as_utc(at), attempt) for e, t, at, attempt in handled
-            ]
             outcomes += [Outcome(e, t, "cancelled", as_utc(at), None) for e, t, at in skipped]
-        return sorted(outcomes, key=lambda outcome: outcome.at)
+        return sorted(outcomes, key=lambda outcome: outcome.at)[:limit]
 
     async def cancel(self, conn: AsyncConnection, event_id: str) -> bool:
         """Record a cancellation; False if the event was cancelled already."""
@@ -415,22 +443,61 @@ class Inbox:
 FoundRow = tuple[str, datetime, bytes | None, bool, int | None]
 """An event id, when it was handled or cancelled, its follow-ups, whether it was handled (not
 cancelled), and the attempt that handled it."""
-_COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt")
+_COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt", "unreported")
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
 
 
+def _owed_index(table: Table, settled_at: Column[datetime]) -> Index:
+    """The outcomes whose reports are owed, by when they were settled: a partial index, so it
+    holds the few awaiting a report, not every record."""
+    owed = table.c.unreported.is_not(None)
+    return Index(f"ix_{table.name}_owed", settled_at, sqlite_where=owed, postgresql_where=owed)
+
+
+def _before(settled_at: Column[datetime], moment: datetime | None) -> list[ColumnElement[bool]]:
+    return [] if moment is None else [settled_at < moment]
+
+
+_UNMARK_CHUNK = 500
+
+
+def _unmark_raw(raw: sqlite3.Connection, marks: list[tuple[Table, list[str]]]) -> None:
+    for table, ids in marks:
+        for at in range(0, len(ids), _UNMARK_CHUNK):
+            part = ids[at : at + _UNMARK_CHUNK]
+            raw.execute(
+                f'UPDATE "{table.name}" SET unreported = NULL '  # noqa: S608  # names from code, values bound
+                f"WHERE unreported IS NOT NULL AND event_id IN ({','.join('?' * len(part))})",
+                part,
+            )
+
+
+def _unmark_core(conn: Connection, marks: list[tuple[Table, list[str]]]) -> None:
+    for table, ids in marks:
+        for at in range(0, len(ids), _UNMARK_CHUNK):
+            part = ids[at : at + _UNMARK_CHUNK]
+            conn.execute(
+                update(table)
+                .where(table.c.unreported.is_not(None), table.c.event_id.in_(part))
+                .values(unreported=None)
+            )
+
+
 def _note_skips(
-    conn: Connection, cancellations: Table, items: list[tuple[str, str]], now: datetime
+    conn: Connection,
+    cancellations: Table,
+    items: list[tuple[str, str, int | None]],
+    now: datetime,
 ) -> list[datetime]:
-    """Stamp the cancellations of skipped deliveries that were not skipped before; when each
-    was first skipped."""
+    """Stamp the cancellations of skipped deliveries that were not skipped before, marked as
+    owing their report if it is owed (`Inbox._owes`); when each was first skipped."""
     conn.execute(
         update(cancellations)
         .where(cancellations.c.event_id == bindparam("id_"), cancellations.c.skipped_at.is_(None))
-        .values(skipped_at=now, event_type=bindparam("type_")),
-        [{"id_": event_id, "type_": event_type} for event_id, event_type in items],
+        .values(skipped_at=now, event_type=bindparam("type_"), unreported=bindparam("owed")),
+        [{"id_": event_id, "type_": type_, "owed": owed} for event_id, type_, owed in items],
     )
-    ids = [event_id for event_id, _ in items]
+    ids = [event_id for event_id, _, _ in items]
     first = select(cancellations.c.event_id, cancellations.c.skipped_at).where(
         cancellations.c.event_id.in_(ids)
     )

@@ -12,7 +12,7 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import NoReturn, TypeVar
@@ -135,7 +135,10 @@ async def _watch(
     return ServiceExit.OK
 
 
-async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service: str) -> Inbox:
+async def _open_inbox(
+    stack: AsyncExitStack, settings: ConsumerSettings, topology: ServiceTopology
+) -> Inbox:
+    service = topology.service
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
     inbox = Inbox(
@@ -143,6 +146,7 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
         service,
         commit_delay=settings.inbox_commit_delay_ms / 1000,
         batch=max(1, settings.prefetch // 2),
+        reported_types=topology.event_types,  # the consumers' `_reported_types`
     )
     stack.callback(inbox.close)
     await inbox.start()
@@ -153,28 +157,6 @@ async def _open_inbox(stack: AsyncExitStack, settings: ConsumerSettings, service
 
     run_every(stack, PRUNE_INTERVAL_SECONDS, "inbox-prune", prune)
     return inbox
-
-
-async def _report_recent(
-    inbox: Inbox, reporter: StatusReporter, event_types: Collection[str], window: timedelta
-) -> None:
-    """Report again the outcomes the inbox noted shortly before its newest one.
-
-    A service reports `succeeded` and `cancelled` after the ack, once per interval: a process
-    killed in between took those reports with it, and the events would show `processing` or
-    `pending` for ever (no callback either). The inbox tells each report again exactly (same
-    time, same attempt), so the gateway, which keeps a report once, changes nothing for those
-    that did arrive."""
-    if window <= timedelta(0):
-        return
-    outcomes = await inbox.recent(window, event_types)
-    for outcome in outcomes:
-        detail = {} if outcome.attempt is None else {"attempt": outcome.attempt}
-        reporter.report(
-            outcome.event_id, outcome.event_type, outcome.state, at=outcome.at, **detail
-        )
-    if outcomes:
-        log.info("reporting recent outcomes again", extra={"events": len(outcomes)})
 
 
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
@@ -282,17 +264,21 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             connection, [topology], unbind_moved=True
         )
 
-        inbox = await _open_inbox(stack, settings, service)
+        inbox = await _open_inbox(stack, settings, topology)
         reporter = StatusReporter(
             service,
             publisher,
             topology.events_exchange,
             interval=settings.status_report_interval_ms / 1000,
+            ledger=inbox,
+            recover_after=settings.status_recovery_seconds,
         )
         reporter.start()
         stack.push_async_callback(reporter.close)  # after the drain: report what finished
-        recovery = timedelta(seconds=settings.status_recovery_seconds)
-        await _report_recent(inbox, reporter, topology.event_types, recovery)
+        if settings.status_recovery_seconds > 0:
+            # What a crash took before it was reported, all of it: this process has told
+            # nothing yet (a replica's fresh outcomes may be told twice, which is harmless).
+            await reporter.recover()
         results = ResultReporter(
             service,
             publisher,

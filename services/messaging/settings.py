@@ -250,8 +250,9 @@ class ConsumerSettings(CourierSettings):
         default=10.0,
         ge=0,
         le=DAY,
-        description="How far back from its newest outcome a starting service reports the "
-        "outcomes its inbox noted again, in case a crash took their reports.",
+        description="How long an outcome's report may stay unconfirmed before the service "
+        "(any replica) reports it again from the inbox, in case a crash or a refusal took it; "
+        "a starting service reports every such outcome at once.",
     )
     result_report_delay_ms: float = Field(
         default=25.0,
@@ -292,8 +293,8 @@ class ConsumerSettings(CourierSettings):
 
     @model_validator(mode="after")
     def _recovery_covers_the_interval(self) -> Self:
-        # Reports wait up to an interval after their ack: a shorter window would not reach
-        # back to what a crash took.
+        # Reports wait up to an interval after their ack: a shorter age would tell again
+        # outcomes whose report is still on its way.
         interval = self.status_report_interval_ms / 1000
         if 0 < self.status_recovery_seconds < 2 * interval:
             raise ValueError(

@@ -6,8 +6,13 @@ a background task publishes them as one `status.reported` event every `interval`
 when the batch is full). Reporting is off the acknowledgement path — a slow or absent broker
 delays status, never work — and a batch that could not be published is kept and sent with the
 next one (bounded; the oldest transitions are dropped first, with a warning, if the broker
-stays away for long). A crash loses what was noted and not sent; the inbox tells `succeeded`
-and `cancelled` again at the next start.
+stays away for long).
+
+A crash loses what was noted and not sent. The final outcomes (`succeeded`, `cancelled`) do not
+depend on that: the inbox marks each as owing its report until the broker confirmed the report
+(`Ledger`), and a reporter tells again what is still owed after `recover_after` seconds, its own
+process's or another's of the service (a replica killed for good, a process that crashed), and
+at start-up all of it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import asyncio
 import math
 import time
 from collections import deque
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
 
 from contracts.tracking import MAX_TRANSITIONS, State, StatusReported, StatusReportedData
 from services.messaging.errors import BrokerUnavailable, Unroutable
@@ -34,6 +41,28 @@ DROP_WARNING_SECONDS = 10.0
 buried the logs under thousands of lines a second)."""
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How an event ended here, as its status report tells it: `succeeded` from its inbox
+    record, `cancelled` from its cancellation once a delivery of it was skipped."""
+
+    event_id: str
+    event_type: str | None
+    state: Literal["succeeded", "cancelled"]
+    at: datetime
+    attempt: int | None
+
+
+class Ledger(Protocol):
+    """Where final outcomes wait until their report is confirmed (the inbox)."""
+
+    async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
+        """The broker confirmed a report holding `transitions`."""
+
+    async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
+        """Outcomes still owed, oldest first."""
+
+
 class StatusReporter:
     def __init__(
         self,
@@ -41,11 +70,19 @@ class StatusReporter:
         publisher: Publisher,
         exchange: str,
         interval: float = DEFAULT_INTERVAL,
+        ledger: Ledger | None = None,
+        recover_after: float = 0.0,
     ) -> None:
+        """`ledger`: told which outcomes were reported, and asked which are owed. With
+        `recover_after` > 0, each round whose report went out also tells again (at most
+        `MAX_TRANSITIONS`) outcomes still owed that long after they were settled: long past
+        the round that should have reported them, so their report was lost."""
         self._service = service
         self._publisher = publisher
         self._exchange = exchange
         self._interval = interval
+        self._ledger = ledger
+        self._recover_after = recover_after
         self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -101,19 +138,45 @@ class StatusReporter:
                 pass
             self._wake.clear()
             try:
-                await self.flush()
+                went_out = await self.flush()
             except Exception:  # never let status reporting die quietly
                 log.exception("status report failed; trying again")
+                continue
+            # Only after a report went out: while the broker refuses reports, what is owed is
+            # pending here already, and telling it again would only pile it up.
+            if went_out and self._recover_after > 0:
+                try:
+                    await self.recover(timedelta(seconds=self._recover_after))
+                except Exception:  # still owed: the next round looks again
+                    log.warning("could not read the outcomes owed a report", exc_info=True)
+
+    async def recover(self, age: timedelta | None = None) -> int:
+        """Note again the outcomes the ledger has as owed for at least `age` (all when None),
+        unless enough is pending already; how many."""
+        if self._ledger is None or len(self._pending) >= MAX_TRANSITIONS:
+            return 0
+        before = None if age is None else datetime.now(UTC) - age
+        owed = await self._ledger.unreported(before, MAX_TRANSITIONS)
+        for outcome in owed:
+            detail = {} if outcome.attempt is None else {"attempt": outcome.attempt}
+            # As first told (same time, same attempt): the gateway keeps a report once.
+            self.report(
+                outcome.event_id, outcome.event_type, outcome.state, at=outcome.at, **detail
+            )
+        if owed:
+            log.info("reporting owed outcomes again", extra={"events": len(owed)})
+        return len(owed)
 
     @property
     def pending(self) -> int:
         """Transitions noted and not yet published."""
         return len(self._pending)
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
         """Publish what was pending when the flush began, in batches; keep what the broker did
         not take. What is noted meanwhile waits for the next round: draining until empty would,
-        under steady traffic, publish a tiny report per confirmation round trip."""
+        under steady traffic, publish a tiny report per confirmation round trip. Whether all
+        of it went out."""
         due = len(self._pending)
         while due > 0 and self._pending:
             size = min(due, len(self._pending), MAX_TRANSITIONS)
@@ -142,7 +205,21 @@ class StatusReporter:
                 log.warning(
                     "could not report status; will retry", extra={"pending": len(self._pending)}
                 )
-                return
+                return False
+            await self._confirmed(batch)
+        return True
+
+    async def _confirmed(self, batch: list[dict[str, Any]]) -> None:
+        if self._ledger is None:
+            return
+        try:
+            await self._ledger.reported(batch)
+        except Exception:  # the outcomes stay owed: told again, harmlessly
+            log.warning(
+                "could not note the reported outcomes; they will be reported again",
+                exc_info=True,
+                extra={"transitions": len(batch)},
+            )
 
     async def close(self) -> None:
         """Stop the loop and send what is left (best effort at shutdown)."""

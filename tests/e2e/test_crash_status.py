@@ -49,7 +49,7 @@ def test_succeeded_and_cancelled_outcomes_survive_a_kill_after_their_acks(
     for event_id in (blocker, cancelled, *handled):
         assert system.service_status(event_id, "notifier")["state"] == "pending"
 
-    system.start_service().wait_ready(60)  # reports every 0.5 s, tells the last 10 s again
+    system.start_service().wait_ready(60)  # tells at once what its inbox still owes
 
     for event_id in (blocker, *handled):
         notifier = system.wait_state(event_id, "notifier", "succeeded", timeout=20)

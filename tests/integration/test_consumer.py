@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,11 +42,11 @@ from services.messaging.consumer import Consumer, Handler, Route
 from services.messaging.dead_letters import read_delivered
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, StoreUnavailable, Unroutable
-from services.messaging.inbox import Handled, Inbox, Outcome
+from services.messaging.inbox import Handled, Inbox
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
 from services.messaging.retry import RetryPolicy
-from services.messaging.status import StatusReporter
+from services.messaging.status import Outcome, StatusReporter
 from services.messaging.store import open_store
 from tests.conftest import Namespace
 from tests.support.polling import eventually
@@ -1005,7 +1005,7 @@ async def test_a_succeeded_report_is_stamped_as_its_inbox_record_tells_it_again(
         await handler.called(event.id, event.id)
         await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
     [succeeded] = [t for t in await reporting.sent() if t["state"] == "succeeded"]
-    [recorded] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
+    [recorded] = await inbox_on_disk.unreported(None, 10)
     assert recorded == Outcome(event.id, event.type, "succeeded", recorded.at, 2)
     assert (datetime.fromisoformat(succeeded["at"]), succeeded["attempt"]) == (recorded.at, 2)
 
@@ -1052,7 +1052,7 @@ async def test_a_cancelled_report_is_stamped_as_its_cancellation_tells_it_again(
         await eventually(lambda: assert_empty(namespace.amqp_url, [topo.queue]), timeout=10)
     assert handler.calls == []
     [cancelled] = await reporting.sent()
-    [noted] = await inbox_on_disk.recent(timedelta(minutes=1), {event.type})
+    [noted] = await inbox_on_disk.unreported(None, 10)
     assert noted == Outcome(event.id, event.type, "cancelled", noted.at, None)
     assert (cancelled["state"], datetime.fromisoformat(cancelled["at"])) == ("cancelled", noted.at)
 

@@ -19,8 +19,9 @@ from contracts.events import (
     NotificationRequested,
     NotificationRequestedData,
 )
-from services.messaging.inbox import Cancelled, Handled, Inbox, Outcome
+from services.messaging.inbox import Cancelled, Handled, Inbox
 from services.messaging.publisher import event_body
+from services.messaging.status import Outcome
 from services.messaging.store import open_store, store_unavailable, store_url
 
 
@@ -169,13 +170,20 @@ async def handled_at(engine: AsyncEngine, times: dict[str, datetime]) -> None:
             )
 
 
-async def test_a_record_tells_when_it_was_made_and_which_attempt_succeeded(inbox: Inbox) -> None:
+def told(outcomes: list[Outcome]) -> list[dict[str, str]]:
+    """The transitions of a status report that told `outcomes`."""
+    return [{"event_id": o.event_id, "state": o.state} for o in outcomes]
+
+
+async def test_a_record_owes_its_report_with_its_time_and_the_attempt_that_succeeded(
+    inbox: Inbox,
+) -> None:
     remembered, in_transaction = an_event(), an_event()
     at = await inbox.remember(remembered, [], attempt=3)
     async with inbox.transaction() as conn:
         at_too = await inbox.record(conn, in_transaction, [], attempt=2)
     assert at is not None and at_too is not None
-    assert await inbox.recent(timedelta(minutes=1), {remembered.type}) == sorted(
+    assert await inbox.unreported(None, 10) == sorted(
         [
             Outcome(remembered.id, remembered.type, "succeeded", at, 3),
             Outcome(in_transaction.id, in_transaction.type, "succeeded", at_too, 2),
@@ -184,42 +192,72 @@ async def test_a_record_tells_when_it_was_made_and_which_attempt_succeeded(inbox
     )
 
 
-async def test_recent_records_are_those_within_the_window_before_the_newest(
-    inbox: Inbox, engine: AsyncEngine
-) -> None:
-    old, edge, newest = an_event(), an_event(), an_event()
-    for event in (old, edge, newest):
-        await inbox.remember(event, [])
-    t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)  # long ago: the newest decides
-    await handled_at(
-        engine,
-        {old.id: t, edge.id: t + timedelta(seconds=50), newest.id: t + timedelta(seconds=110)},
-    )
-    recent = await inbox.recent(timedelta(seconds=60), {newest.type})
-    assert [(r.event_id, r.at) for r in recent] == [
-        (edge.id, t + timedelta(seconds=50)),
-        (newest.id, t + timedelta(seconds=110)),
-    ]
+async def test_a_reported_outcome_is_owed_no_more(inbox: Inbox) -> None:
+    reported, not_yet = an_event(), an_event()
+    await inbox.remember(reported, [])
+    await inbox.remember(not_yet, [])
+    owed = await inbox.unreported(None, 10)
+    await inbox.reported(told([o for o in owed if o.event_id == reported.id]))
+    assert [o.event_id for o in await inbox.unreported(None, 10)] == [not_yet.id]
 
 
-async def test_recent_records_are_only_those_of_the_types_asked_for(inbox: Inbox) -> None:
+async def test_a_report_of_another_state_settles_no_outcome(inbox: Inbox) -> None:
     event = an_event()
     await inbox.remember(event, [])
-    assert await inbox.recent(timedelta(minutes=1), {"cancellation.requested"}) == []
+    other_states = ["processing", "cancelled"]  # a record's outcome is `succeeded`
+    await inbox.reported([{"event_id": event.id, "state": state} for state in other_states])
+    assert [o.event_id for o in await inbox.unreported(None, 10)] == [event.id]
 
 
-async def test_an_empty_inbox_has_no_recent_records(inbox: Inbox) -> None:
-    assert await inbox.recent(timedelta(minutes=1), {"notification.requested"}) == []
+async def test_owed_outcomes_come_oldest_first_settled_before_the_moment_asked_at_most_the_limit(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    events = [an_event() for _ in range(4)]
+    for event in events:
+        await inbox.remember(event, [])
+    t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    await handled_at(engine, {e.id: t - timedelta(seconds=i) for i, e in enumerate(events)})
+    # events[3] is the oldest, events[0] the newest, settled at t: not before it.
+    owed = await inbox.unreported(t, 2)
+    assert [(o.event_id, o.at) for o in owed] == [
+        (events[3].id, t - timedelta(seconds=3)),
+        (events[2].id, t - timedelta(seconds=2)),
+    ]
+    assert len(await inbox.unreported(t, 10)) == 3
 
 
-async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_are_not_told(
+async def test_records_of_types_whose_outcomes_are_not_reported_owe_nothing(
+    engine: AsyncEngine,
+) -> None:
+    inbox = Inbox(engine, "svc", reported_types={"dataset.submitted"})
+    await inbox.start()
+    event = an_event()  # a notification.requested
+    await inbox.remember(event, [])
+    async with inbox.transaction() as conn:
+        await inbox.cancel(conn, event.id)
+    assert await inbox.unreported(None, 10) == []
+    inbox.close()
+
+
+async def test_an_empty_inbox_owes_nothing(inbox: Inbox) -> None:
+    assert await inbox.unreported(None, 10) == []
+
+
+async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_owe_nothing(
     inbox: Inbox, engine: AsyncEngine
 ) -> None:
     before, cancelled_before = an_event(), an_event()
-    async with engine.begin() as conn:  # the store as the previous version left it
-        await conn.execute(text("ALTER TABLE svc_inbox DROP COLUMN attempt"))
-        await conn.execute(text("ALTER TABLE svc_cancellations DROP COLUMN skipped_at"))
-        await conn.execute(text("ALTER TABLE svc_cancellations DROP COLUMN event_type"))
+    async with engine.begin() as conn:  # the store as the version before outcomes left it
+        await conn.execute(text("DROP INDEX ix_svc_inbox_owed"))
+        await conn.execute(text("DROP INDEX ix_svc_cancellations_owed"))
+        for table, column in [
+            ("svc_inbox", "attempt"),
+            ("svc_inbox", "unreported"),
+            ("svc_cancellations", "skipped_at"),
+            ("svc_cancellations", "event_type"),
+            ("svc_cancellations", "unreported"),
+        ]:
+            await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
         await conn.execute(
             text("UPDATE courier_migrations SET version = 2 WHERE component = 'svc.inbox'")
         )
@@ -236,9 +274,9 @@ async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_
     after = an_event()
     await upgraded.remember(after, [], attempt=1)
     await upgraded.skipped(cancelled_before)  # after the record: last
-    recent = await upgraded.recent(timedelta(minutes=1), {after.type})
-    # The old record's report was not stamped: not told again.
-    assert [(r.event_id, r.state) for r in recent] == [
+    owed = await upgraded.unreported(None, 10)
+    # The old record's report went by the earlier rule: not owed.
+    assert [(o.event_id, o.state) for o in owed] == [
         (after.id, "succeeded"),
         (cancelled_before.id, "cancelled"),
     ]
@@ -246,16 +284,17 @@ async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_
     upgraded.close()
 
 
-async def test_a_skipped_cancellation_is_an_outcome_stamped_once(inbox: Inbox) -> None:
+async def test_a_skipped_cancellation_owes_its_report_stamped_once(inbox: Inbox) -> None:
     cancelled, never_delivered = an_event(), an_event()
     async with inbox.transaction() as conn:
         await inbox.cancel(conn, cancelled.id)
         await inbox.cancel(conn, never_delivered.id)
     at = await inbox.skipped(cancelled)
     assert await inbox.skipped(cancelled) == at  # a redelivery skipped again: same report
-    assert await inbox.recent(timedelta(minutes=1), {cancelled.type}) == [
-        Outcome(cancelled.id, cancelled.type, "cancelled", at, None)
-    ]
+    owed = await inbox.unreported(None, 10)
+    assert owed == [Outcome(cancelled.id, cancelled.type, "cancelled", at, None)]
+    await inbox.reported(told(owed))
+    assert await inbox.unreported(None, 10) == []
 
 
 async def test_skips_noted_together_each_get_their_own_time(inbox: Inbox) -> None:
@@ -269,17 +308,21 @@ async def test_skips_noted_together_each_get_their_own_time(inbox: Inbox) -> Non
     assert times[1] == times[2] > earlier  # one commit for the two new ones
 
 
-async def test_the_window_reaches_back_from_the_newest_outcome_of_either_kind(
+async def test_owed_outcomes_of_either_kind_come_in_the_order_they_were_settled(
     inbox: Inbox, engine: AsyncEngine
 ) -> None:
     handled, cancelled = an_event(), an_event()
     await inbox.remember(handled, [])
-    await handled_at(engine, {handled.id: datetime(2026, 1, 2, tzinfo=UTC)})  # long before
     async with inbox.transaction() as conn:
         await inbox.cancel(conn, cancelled.id)
     await inbox.skipped(cancelled)
-    recent = await inbox.recent(timedelta(seconds=60), {handled.type})
-    assert [(r.event_id, r.state) for r in recent] == [(cancelled.id, "cancelled")]
+    await handled_at(engine, {handled.id: datetime.now(UTC) + timedelta(seconds=5)})
+    owed = await inbox.unreported(None, 10)
+    assert [(o.event_id, o.state) for o in owed] == [
+        (cancelled.id, "cancelled"),
+        (handled.id, "succeeded"),
+    ]
+    assert [o.event_id for o in await inbox.unreported(None, 1)] == [cancelled.id]
 
 
 async def test_a_database_closed_to_connections_is_an_outage_not_a_failure(
