@@ -14,7 +14,15 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from services.messaging.store import STORE_ERRORS
 from services.ops.auth import Operator
@@ -96,7 +104,8 @@ class Selection(BaseModel):
         max_length=10_000,
         description="Letters not to take: a batched replay passes the ones it left dead.",
     )
-    all: bool = Field(default=False, description="Required to select without any filter.")
+    # Strict: a safety switch takes JSON's `true`, not "yes" or 1.
+    all: StrictBool = Field(default=False, description="Required to select without any filter.")
 
     @model_validator(mode="after")
     def _not_everything_by_accident(self) -> Selection:
@@ -123,7 +132,7 @@ class Selection(BaseModel):
 
 
 class ReplayRequest(Selection):
-    dry_run: bool = False
+    dry_run: StrictBool = False
     limit: int = Field(default=100, ge=1, le=10_000, description="Most letters moved.")
     # At least a letter each 1000 s, as the CLI's --rate: the request is paced by it.
     rate: float = Field(default=100.0, ge=0.001, le=10_000, description="Most letters per second.")
@@ -139,10 +148,10 @@ class DiscardRequest(Selection):
     reason_text: Annotated[
         Text, AfterValidator(_said), Field(min_length=1, max_length=1000, alias="why")
     ]
-    dry_run: bool = False
+    dry_run: StrictBool = False
     limit: int = Field(default=100, ge=1, le=10_000)
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # By its alias only: the body says `why`.
+    model_config = ConfigDict(extra="forbid")
 
 
 class ListQuery(BaseModel):
@@ -158,6 +167,15 @@ class ListQuery(BaseModel):
     """`any`: letters in every state (a query string cannot leave a default out)."""
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
+
+    @field_validator(
+        "service", "event_type", "group", "reason", "exception_type", "text", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `?service=` (a client's unset variable) narrows nothing, as `?text=` never did; it
+        # matched no letter. Reading is harmless; replays and discards refuse an empty filter.
+        return None if value == "" else value
 
     def to_filter(self) -> Filter:
         return Filter(

@@ -650,6 +650,12 @@ async def test_a_replay_or_discard_without_a_selection_or_by_an_empty_filter_is_
             # with its claims renewed for good (found by fuzzing).
             ("/v1/ops/replays", {"all": True, "rate": 5e-324}),
             ("/v1/ops/replays", {"all": True, "rate": 0.0009}),
+            # Switches are JSON booleans: "false" read as false ran a dry run for real.
+            ("/v1/ops/replays", {"all": "yes"}),
+            ("/v1/ops/discards", {"all": 1, "why": "x"}),
+            ("/v1/ops/replays", {"all": True, "dry_run": "false"}),
+            # The reason is `why`; the field's own name is not an alias of it.
+            ("/v1/ops/discards", {"all": True, "reason_text": "x"}),
         ):
             response = await client.post(path, json=body, headers=AUTH)
             assert response.status_code == 422, (body, response.text)
@@ -658,6 +664,20 @@ async def test_a_replay_or_discard_without_a_selection_or_by_an_empty_filter_is_
         assert len(await letters(client)) == 2
         actions = (await client.get("/v1/ops/actions", headers=AUTH)).json()["actions"]
         assert actions == []
+
+
+@pytest.mark.broker
+async def test_an_empty_filter_in_a_listing_narrows_nothing(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """`?service=` (a client's unset variable) matched no letter, where `?text=` was ignored."""
+    settings = gateway_settings(namespace, tmp_path)
+    seeded = set(await seed(tmp_path, namespace, 2))
+    async with running_gateway(settings) as client:
+        for name in ("service", "event_type", "group", "reason", "exception_type", "text"):
+            assert {i["id"] for i in await letters(client, **{name: ""})} == seeded, name
+        count = await client.get("/v1/ops/count", params={"service": ""}, headers=AUTH)
+    assert count.json() == {"count": 2}
 
 
 @pytest.mark.broker
