@@ -100,9 +100,16 @@ async def courier(url: str, namespace: str, total: int, prefetch: int, store: Pa
         "notifier",
         commit_delay=settings.inbox_commit_delay_ms / 1000,
         batch=max(1, prefetch // 2),
+        reported_types=topology.event_types,
     )
     await inbox.start()
-    reporter = StatusReporter("notifier", publisher, topology.events_exchange)
+    reporter = StatusReporter(
+        "notifier",
+        publisher,
+        topology.events_exchange,
+        ledger=inbox,
+        recover_after=settings.status_recovery_seconds,
+    )
     reporter.start()
     seen = 0
     done = asyncio.Event()

@@ -519,7 +519,7 @@ class Consumer:
         known = None if route.idempotent else await self._inbox.lookup(event.id)
         if isinstance(known, Cancelled):
             # Noted before the ack, to stamp the report with: a crash after the ack would
-            # take the report, which the next start tells again from the note (`Inbox.recent`).
+            # take the report, which the note owes until told (`Inbox.unreported`).
             skipped_at = await self._inbox.skipped(event)
             self._ack(message)
             self._report(event, "cancelled", at=skipped_at)
@@ -553,7 +553,7 @@ class Consumer:
     ) -> None:
         self._ack(message)
         # Stamped with the inbox record's time: the record can tell this report again after a
-        # crash took it (`Inbox.recent`), and the gateway sees the same report twice.
+        # crash took it (`Inbox.unreported`), and the gateway sees the same report twice.
         self._report(event, "succeeded", at=handled_at, attempt=attempt)
         log.debug("handled", extra={"event_type": event.type, "attempt": attempt})
 

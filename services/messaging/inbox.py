@@ -97,10 +97,10 @@ class Inbox:
         service: str,
         commit_delay: float = 0.0,
         batch: int = 500,
-        reported_types: Collection[str] | None = None,
+        reported_types: Collection[str] = (),
     ) -> None:
-        """`reported_types`: the event types whose outcomes are reported (all when None): their
-        records owe a report until it is confirmed (`reported`).
+        """`reported_types`: the event types whose outcomes are reported: their records owe a
+        report until one that carries them is confirmed (`reported`); none by default.
         `commit_delay`: seconds a record waits for others to share its commit. Nothing waits
         for the record but the delivery's ack (a handler's follow-ups are published meanwhile),
         and at a steady rate it turns a commit per event into one per interval; the price is
@@ -111,7 +111,7 @@ class Inbox:
         nothing more until acks go out)."""
         self._engine = engine
         self._runner = BatchRunner(engine)
-        self._reported_types = None if reported_types is None else frozenset(reported_types)
+        self._reported_types = frozenset(reported_types)
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(
@@ -269,7 +269,7 @@ class Inbox:
         """Record `event` as handled (group-committed with others) with the bodies of its
         follow-ups (`event_body`, as they are published): when, or None if it already was. The
         time is the record's own, so a status report stamped with it can be told again from the
-        record, as the same report (`recent`)."""
+        record, as the same report (`unreported`)."""
         payload = _as_json(follow_ups) if follow_ups else None
         return await self._records.submit((event, payload, attempt))
 
@@ -358,14 +358,15 @@ class Inbox:
 
     def _owes(self, event_type: str) -> int | None:
         """The `unreported` mark of a new outcome of `event_type`: 1 if its report is owed."""
-        owed = self._reported_types is None or event_type in self._reported_types
-        return 1 if owed else None
+        return 1 if event_type in self._reported_types else None
 
     async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
         """Note that the broker confirmed the status reports holding `transitions`: their
         outcomes (`succeeded` from a record, `cancelled` from a skip) owe nothing any more."""
-        succeeded = [t["event_id"] for t in transitions if t["state"] == "succeeded"]
-        cancelled = [t["event_id"] for t in transitions if t["state"] == "cancelled"]
+        # Sorted: replicas clearing overlapping sets (both told a lost replica's outcomes)
+        # lock rows in one order, never waiting on each other crosswise.
+        succeeded = sorted({t["event_id"] for t in transitions if t["state"] == "succeeded"})
+        cancelled = sorted({t["event_id"] for t in transitions if t["state"] == "cancelled"})
         marks = [(self._table, succeeded), (self._cancellations, cancelled)]
         if self._runner.sqlite:
             await self._runner.run_autocommit(lambda raw: _unmark_raw(raw, marks))

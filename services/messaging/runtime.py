@@ -146,7 +146,8 @@ async def _open_inbox(
         service,
         commit_delay=settings.inbox_commit_delay_ms / 1000,
         batch=max(1, settings.prefetch // 2),
-        reported_types=topology.event_types,  # the consumers' `_reported_types`
+        # The consumers' `_reported_types`, unless owed reports are never told again.
+        reported_types=topology.event_types if settings.status_recovery_seconds > 0 else (),
     )
     stack.callback(inbox.close)
     await inbox.start()
@@ -157,6 +158,16 @@ async def _open_inbox(
 
     run_every(stack, PRUNE_INTERVAL_SECONDS, "inbox-prune", prune)
     return inbox
+
+
+async def _recover_owed(reporter: StatusReporter) -> None:
+    """Report the outcomes a crash took before their reports went out, whatever their age: this
+    process has told nothing yet (a replica's fresh ones may be told twice: harmless). A store
+    that cannot say now is asked again after the first report."""
+    try:
+        await reporter.recover()
+    except STORE_ERRORS:
+        log.warning("could not read the outcomes owed a report; asking again later", exc_info=True)
 
 
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
@@ -265,20 +276,20 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
         )
 
         inbox = await _open_inbox(stack, settings, topology)
+        recovering = settings.status_recovery_seconds > 0
         reporter = StatusReporter(
             service,
             publisher,
             topology.events_exchange,
             interval=settings.status_report_interval_ms / 1000,
-            ledger=inbox,
+            ledger=inbox if recovering else None,
             recover_after=settings.status_recovery_seconds,
         )
         reporter.start()
-        stack.push_async_callback(reporter.close)  # after the drain: report what finished
-        if settings.status_recovery_seconds > 0:
-            # What a crash took before it was reported, all of it: this process has told
-            # nothing yet (a replica's fresh outcomes may be told twice, which is harmless).
-            await reporter.recover()
+        # After the drain: report what finished.
+        stack.push_async_callback(_bounded, reporter.close)
+        if recovering:
+            await _recover_owed(reporter)
         results = ResultReporter(
             service,
             publisher,

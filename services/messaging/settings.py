@@ -247,7 +247,9 @@ class ConsumerSettings(CourierSettings):
         description="How often the status transitions noted meanwhile are reported.",
     )
     status_recovery_seconds: float = Field(
-        default=10.0,
+        # Past a delivery's returns to the queue (seconds in all): a record whose delivery is
+        # still unsettled (its follow-ups not published yet) is rarely told this old.
+        default=60.0,
         ge=0,
         le=DAY,
         description="How long an outcome's report may stay unconfirmed before the service "

@@ -12,7 +12,7 @@ A crash loses what was noted and not sent. The final outcomes (`succeeded`, `can
 depend on that: the inbox marks each as owing its report until the broker confirmed the report
 (`Ledger`), and a reporter tells again what is still owed after `recover_after` seconds, its own
 process's or another's of the service (a replica killed for good, a process that crashed), and
-at start-up all of it.
+at start-up what is owed whatever its age.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ log = get_logger("status")
 DEFAULT_INTERVAL = 0.5
 """Seconds between reports (`COURIER_STATUS_REPORT_INTERVAL_MS`'s default)."""
 MAX_PENDING = 100_000
+LEDGER_TIMEOUT = 5.0
+"""Seconds a report round waits for the ledger (the store) to note what was reported: the
+outcomes stay owed if it does not, and status reporting never waits long on the store."""
 DROP_WARNING_SECONDS = 10.0
 """At most one warning this often while a full backlog drops transitions (one per drop
 buried the logs under thousands of lines a second)."""
@@ -86,6 +89,7 @@ class StatusReporter:
         self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._dropped = 0
         self._warned_at = -math.inf
 
@@ -136,6 +140,8 @@ class StatusReporter:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            if self._stopping:  # `close` sends what is left
+                return
             self._wake.clear()
             try:
                 went_out = await self.flush()
@@ -213,7 +219,8 @@ class StatusReporter:
         if self._ledger is None:
             return
         try:
-            await self._ledger.reported(batch)
+            async with asyncio.timeout(LEDGER_TIMEOUT):
+                await self._ledger.reported(batch)
         except Exception:  # the outcomes stay owed: told again, harmlessly
             log.warning(
                 "could not note the reported outcomes; they will be reported again",
@@ -222,8 +229,14 @@ class StatusReporter:
             )
 
     async def close(self) -> None:
-        """Stop the loop and send what is left (best effort at shutdown)."""
+        """Stop the loop once its round is done (a round cut short could lose the batch it
+        took, or leave reported outcomes owed) and send what is left (best effort at
+        shutdown)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.gather(self._task, return_exceptions=True)
+            finally:  # our caller gave up waiting
+                self._task.cancel()
         await self.flush()

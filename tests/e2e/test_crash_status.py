@@ -49,7 +49,8 @@ def test_succeeded_and_cancelled_outcomes_survive_a_kill_after_their_acks(
     for event_id in (blocker, cancelled, *handled):
         assert system.service_status(event_id, "notifier")["state"] == "pending"
 
-    system.start_service().wait_ready(60)  # tells at once what its inbox still owes
+    # Only its start can tell them in time: its rounds tell again what is owed for 2 minutes.
+    system.start_service(COURIER_STATUS_RECOVERY_SECONDS="120").wait_ready(60)
 
     for event_id in (blocker, *handled):
         notifier = system.wait_state(event_id, "notifier", "succeeded", timeout=20)

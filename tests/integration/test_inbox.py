@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from sqlalchemy import Column, DateTime, MetaData, String, Table, text, update
+from sqlalchemy import Column, Connection, DateTime, MetaData, String, Table, inspect, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.envelope import derived_event_id
@@ -36,9 +36,12 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     await store.dispose()
 
 
+REPORTED = {"notification.requested"}  # `an_event`'s type: its outcomes owe reports
+
+
 @pytest.fixture
 async def inbox(engine: AsyncEngine) -> AsyncIterator[Inbox]:
-    box = Inbox(engine, "svc")
+    box = Inbox(engine, "svc", reported_types=REPORTED)
     await box.start()
     yield box
     box.close()
@@ -269,8 +272,10 @@ async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_
             {"id": before.id, "type": before.type, "at": datetime.now(UTC)},
         )
         await inbox.cancel(conn, cancelled_before.id)
-    upgraded = Inbox(engine, "svc")
+    upgraded = Inbox(engine, "svc", reported_types=REPORTED)
     await upgraded.start()
+    indexes = await upgraded_indexes(engine)
+    assert {"ix_svc_inbox_owed", "ix_svc_cancellations_owed"} <= indexes
     after = an_event()
     await upgraded.remember(after, [], attempt=1)
     await upgraded.skipped(cancelled_before)  # after the record: last
@@ -282,6 +287,16 @@ async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_
     ]
     assert isinstance(await upgraded.lookup(before.id), Handled)
     upgraded.close()
+
+
+async def upgraded_indexes(engine: AsyncEngine) -> set[str]:
+    def names(sync: Connection) -> set[str]:
+        found = inspect(sync)
+        tables = ("svc_inbox", "svc_cancellations")
+        return {str(i["name"]) for table in tables for i in found.get_indexes(table)}
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(names)
 
 
 async def test_a_skipped_cancellation_owes_its_report_stamped_once(inbox: Inbox) -> None:
