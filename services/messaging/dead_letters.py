@@ -160,7 +160,7 @@ def read_dead_letter(
         fingerprint = str(headers.get(f.FINGERPRINT, "unknown"))
         message = str(headers.get(f.EXCEPTION_MESSAGE, ""))
         return DeadLetter(
-            id=str(headers.get(f.DEAD_LETTER_ID) or _stable_id(message_id, headers, body)),
+            id=_letter_id(headers.get(f.DEAD_LETTER_ID)) or _stable_id(message_id, headers, body),
             service=str(headers.get(f.SERVICE)),
             queue=str(headers.get(f.QUEUE)),
             event_id=_str_or_none(headers.get(f.EVENT_ID)) or message_id,
@@ -243,6 +243,18 @@ def _broker_dead_letter(
         headers=json_safe(dict(headers)),
         correlation_id=correlation_id,
     )
+
+
+_LETTER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a letter id may be: what its URL (`/v1/ops/dead-letters/{id}`) and a selection by ids
+take as it is. Courier's consumers give a UUID."""
+
+
+def _letter_id(value: object) -> str | None:
+    """The letter's own id, unless it is one the ops API could not name (a letter published by
+    hand with `a/b`, `..` or a long id was listed but could not be shown or replayed by id):
+    then the letter gets a stable id of its own, as a broker's letter does."""
+    return value if isinstance(value, str) and _LETTER_ID.fullmatch(value) else None
 
 
 def _stable_id(message_id: str | None, headers: Mapping[str, Any], body: bytes) -> str:

@@ -3,6 +3,7 @@ the times a consumer's letter carries."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from services.messaging import failure as f
@@ -112,6 +113,19 @@ def consumers_letter(**extra: object) -> dict[str, object]:
         event_type="notification.requested",
     )
     return {**headers, **extra}
+
+
+def test_a_consumers_letter_keeps_its_id() -> None:
+    assert read({**consumers_letter(), f.DEAD_LETTER_ID: "0b7c-uuid_like"}).id == "0b7c-uuid_like"
+
+
+def test_a_letter_id_the_ops_api_could_not_name_is_replaced_by_a_stable_one() -> None:
+    """A letter published by hand: its id goes into a URL path and into a selection by ids."""
+    for unusable in ("a/b", "..", "x" * 65, "", "é", 7):
+        headers = {**consumers_letter(), f.DEAD_LETTER_ID: unusable}
+        letter = read(headers)
+        assert re.fullmatch("[0-9a-f]{32}", letter.id), unusable
+        assert read(headers).id == letter.id  # the drain stores a redelivery once
 
 
 def test_a_consumers_letter_keeps_its_failure_time_to_the_microsecond() -> None:
