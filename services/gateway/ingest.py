@@ -232,13 +232,41 @@ def parse_event(
         raise IngestError(415, f"use {JSON} or {STRUCTURED}, not {kind or 'no content type'!r}")
     if kind == JSON and "ce-specversion" in headers:
         body = _binary_body(headers, body)
+        try:
+            event = _checked(body, channels)
+        except IngestError as exc:
+            raise _in_binary_mode(exc) from exc
+    else:
+        event = _checked(body, channels)
+    return _with_correlation(event, headers.get("x-correlation-id"))
+
+
+def _checked(body: bytes, channels: Collection[Channel]) -> IngestEvent:
+    """One event from a structured body: valid, addressable and deliverable."""
     try:
         event = INGEST_ADAPTER.validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from exc
     _addressable(event, ())
     _deliverable(event, (), channels)
-    return _with_correlation(event, headers.get("x-correlation-id"))
+    return event
+
+
+def _in_binary_mode(error: IngestError) -> IngestError:
+    """A 422 of a binary-mode event located where the client put the value: an attribute's
+    header (`["header", "ce-type"]`) or the body, which is the event's `data`
+    (`["body", "recipient"]`), not the structured event the gateway made of them."""
+    if error.status != 422 or not isinstance(error.detail, list):
+        return error
+    for problem in error.detail:
+        loc = list(problem["loc"])
+        if loc and loc[0] in INGEST_TYPES:  # the union's tag: the header names the type
+            loc = loc[1:]
+        if loc and loc[0] in BINARY_ATTRIBUTES:
+            problem["loc"] = ("header", f"ce-{loc[0]}", *loc[1:])
+        elif loc and loc[0] == "data":
+            problem["loc"] = ("body", *loc[1:])
+    return error
 
 
 def parse_batch(

@@ -55,6 +55,37 @@ def test_binary_mode_reads_attributes_from_ce_headers() -> None:
     assert (event.id, event.source, event.correlationid) == ("evt-2", "urn:crm", "corr-7")
 
 
+BINARY = {"ce-specversion": "1.0", "ce-type": "notification.requested", "ce-id": "evt-3"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "loc"),
+    [
+        ({**BINARY, "ce-type": "order.placed"}, b'{"recipient": "r", "subject": "s"}', "ce-type"),
+        ({**BINARY, "ce-id": "x" * 200}, b'{"recipient": "r", "subject": "s"}', "ce-id"),
+        ({**BINARY, "ce-id": ".."}, b'{"recipient": "r", "subject": "s"}', "ce-id"),
+        ({**BINARY, "ce-time": "soon"}, b'{"recipient": "r", "subject": "s"}', "ce-time"),
+        (
+            {**BINARY, "ce-callbackurl": "ftp://x"},
+            b'{"recipient": "r", "subject": "s"}',
+            "ce-callbackurl",
+        ),
+    ],
+)
+def test_a_binary_mode_attributes_error_names_its_header(
+    headers: dict[str, str], body: bytes, loc: str
+) -> None:
+    [error] = error_of(lambda: parse_event("application/json", headers, body)).detail
+    assert error["loc"] == ("header", loc), error
+
+
+def test_a_binary_mode_datas_error_is_located_in_the_body() -> None:
+    [error] = error_of(
+        lambda: parse_event("application/json", BINARY, b'{"recipient": "r"}')
+    ).detail
+    assert error["loc"] == ("body", "subject"), error
+
+
 def test_a_correlation_header_applies_when_the_event_has_none() -> None:
     event = parse_event("application/json", {"x-correlation-id": "c-1"}, PLAIN)
     assert event.correlationid == "c-1"
