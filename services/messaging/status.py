@@ -39,6 +39,8 @@ MAX_PENDING = 100_000
 LEDGER_TIMEOUT = 5.0
 """Seconds a report round waits for the ledger (the store) to note what was reported: the
 outcomes stay owed if it does not, and status reporting never waits long on the store."""
+LOOKS_PER_AGE = 4
+"""How often a reporter looks for owed outcomes: this many times per `recover_after`."""
 DROP_WARNING_SECONDS = 10.0
 """At most one warning this often while a full backlog drops transitions (one per drop
 buried the logs under thousands of lines a second)."""
@@ -77,9 +79,10 @@ class StatusReporter:
         recover_after: float = 0.0,
     ) -> None:
         """`ledger`: told which outcomes were reported, and asked which are owed. With
-        `recover_after` > 0, each round whose report went out also tells again (at most
-        `MAX_TRANSITIONS`) outcomes still owed that long after they were settled: long past
-        the round that should have reported them, so their report was lost."""
+        `recover_after` > 0, a round whose report went out also tells again (at most
+        `MAX_TRANSITIONS`, `LOOKS_PER_AGE` times per `recover_after`) outcomes still owed that
+        long after they were settled: long past the round that should have reported them, so
+        their report was lost."""
         self._service = service
         self._publisher = publisher
         self._exchange = exchange
@@ -90,6 +93,7 @@ class StatusReporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._next_look = -math.inf  # monotonic time of the next look for owed outcomes
         self._dropped = 0
         self._warned_at = -math.inf
 
@@ -149,11 +153,14 @@ class StatusReporter:
                 log.exception("status report failed; trying again")
                 continue
             # Only after a report went out: while the broker refuses reports, what is owed is
-            # pending here already, and telling it again would only pile it up.
-            if went_out and self._recover_after > 0:
+            # pending here already, and telling it again would only pile it up. A few looks
+            # per recovery age: an idle service does not poll its store each round.
+            now = time.monotonic()
+            if went_out and self._recover_after > 0 and now >= self._next_look:
+                self._next_look = now + self._recover_after / LOOKS_PER_AGE
                 try:
                     await self.recover(timedelta(seconds=self._recover_after))
-                except Exception:  # still owed: the next round looks again
+                except Exception:  # still owed: the next look tells it
                     log.warning("could not read the outcomes owed a report", exc_info=True)
 
     async def recover(self, age: timedelta | None = None) -> int:

@@ -1,0 +1,72 @@
+"""How often a status reporter looks for owed outcomes, and a ledger that fails a round."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from services.messaging.publisher import Publisher
+from services.messaging.status import Outcome, StatusReporter
+
+
+class Takes(Publisher):
+    """A broker that takes every report."""
+
+    def __init__(self) -> None:
+        super().__init__("amqp://unused")
+        self.reports = 0
+
+    async def publish_event(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        self.reports += 1
+
+
+class Ledger:
+    """Owes nothing; counts the looks, and fails them while `failing`."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.looks = 0
+        self.failing = failing
+
+    async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
+        return None
+
+    async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
+        self.looks += 1
+        if self.failing:
+            raise OSError("the store is away")
+        return []
+
+
+async def run_for(reporter: StatusReporter, seconds: float) -> None:
+    reporter.start()
+    await asyncio.sleep(seconds)
+    await reporter.close()
+
+
+async def test_an_idle_reporter_looks_for_owed_outcomes_a_few_times_per_age_not_each_round() -> (
+    None
+):
+    ledger = Ledger()
+    # Some 35 rounds of 10 ms; an age of 0.4 s: a look every 0.1 s, not one each round.
+    reporter = StatusReporter(
+        "processor", Takes(), "x", interval=0.01, ledger=ledger, recover_after=0.4
+    )
+    await run_for(reporter, 0.35)
+    assert 1 <= ledger.looks <= 4, ledger.looks
+
+
+async def test_a_look_the_store_fails_leaves_reporting_running() -> None:
+    ledger, broker = Ledger(failing=True), Takes()
+    reporter = StatusReporter(
+        "processor", broker, "x", interval=0.01, ledger=ledger, recover_after=0.04
+    )
+    reporter.start()
+    await asyncio.sleep(0.1)
+    reporter.report("e-1", "dataset.submitted", "succeeded", attempt=1)
+    await asyncio.sleep(0.1)
+    await reporter.close()
+    assert ledger.looks >= 2  # it looked again after the failure
+    assert broker.reports == 1  # and the transition went out meanwhile
