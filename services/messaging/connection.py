@@ -12,10 +12,17 @@ from aio_pika.connection import make_url
 # How long a connect cut short may go on before it is cut: a broker that answers ends the
 # handshake in milliseconds; one that does not is cut where cutting leaks nothing.
 SETTLE_SECONDS = 5.0
+CONNECT_TIMEOUT = 30.0
+"""How long the first connect may take. A broker that accepts the TCP connection but never
+starts the handshake (one out of file handles, say) would otherwise hold it for ever, the
+service unready and saying nothing."""
 
 
-async def open_connection(url: str, *, heartbeat: int, name: str) -> AbstractRobustConnection:
-    """A robust connection; raises if the broker does not answer.
+async def open_connection(
+    url: str, *, heartbeat: int, name: str, answer_within: float = CONNECT_TIMEOUT
+) -> AbstractRobustConnection:
+    """A robust connection; raises if the broker does not answer (`ConnectionError` if it
+    does not within `answer_within` seconds, which callers retry as any refused connect).
 
     Made here rather than by `aio_pika.connect_robust`, so that a connect cut short (the
     service stopping while it connects) closes what it started: aio-pika's reconnecting task
@@ -26,10 +33,15 @@ async def open_connection(url: str, *, heartbeat: int, name: str) -> AbstractRob
     )
     attempt = asyncio.ensure_future(connection.connect())
     try:
-        await asyncio.shield(attempt)
-    except BaseException:
+        async with asyncio.timeout(answer_within):
+            await asyncio.shield(attempt)
+    except BaseException as exc:
         # Shielded: the close must finish even when the connect was cancelled.
         await asyncio.shield(_close_after(attempt, connection))
+        if isinstance(exc, TimeoutError):
+            raise ConnectionError(
+                f"the broker took the connection but did not answer within {answer_within:g} s"
+            ) from exc
         raise
     return connection
 

@@ -94,6 +94,7 @@ class StatusReporter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_look = -math.inf  # monotonic time of the next look for owed outcomes
+        self._catching_up: datetime | None = None  # `recover()`'s start, until all is told
         self._dropped = 0
         self._warned_at = -math.inf
 
@@ -153,23 +154,39 @@ class StatusReporter:
                 log.exception("status report failed; trying again")
                 continue
             # Only after a report went out: while the broker refuses reports, what is owed is
-            # pending here already, and telling it again would only pile it up. A few looks
-            # per recovery age: an idle service does not poll its store each round.
-            now = time.monotonic()
-            if went_out and self._recover_after > 0 and now >= self._next_look:
-                self._next_look = now + self._recover_after / LOOKS_PER_AGE
+            # pending here already, and telling it again would only pile it up.
+            if went_out:
                 try:
-                    await self.recover(timedelta(seconds=self._recover_after))
+                    await self._look_for_owed()
                 except Exception:  # still owed: the next look tells it
                     log.warning("could not read the outcomes owed a report", exc_info=True)
 
+    async def _look_for_owed(self) -> None:
+        """Tell again the rest of what was owed at the start, a batch a round; else, a few
+        times per recovery age (an idle service does not poll its store each round), what is
+        owed for that long."""
+        if self._catching_up is not None:
+            await self.recover()
+            return
+        now = time.monotonic()
+        if self._recover_after > 0 and now >= self._next_look:
+            self._next_look = now + self._recover_after / LOOKS_PER_AGE
+            await self.recover(timedelta(seconds=self._recover_after))
+
     async def recover(self, age: timedelta | None = None) -> int:
-        """Note again the outcomes the ledger has as owed for at least `age` (all when None),
-        unless enough is pending already; how many."""
+        """Note again the outcomes the ledger has as owed for at least `age`, unless enough is
+        pending already; how many. Without an age: those settled before the first such call
+        (at start-up: what a crash took, none of it this process's), `MAX_TRANSITIONS` a call;
+        the rounds tell the rest."""
         if self._ledger is None or len(self._pending) >= MAX_TRANSITIONS:
             return 0
-        before = None if age is None else datetime.now(UTC) - age
+        if age is not None:
+            before = datetime.now(UTC) - age
+        else:
+            before = self._catching_up = self._catching_up or datetime.now(UTC)
         owed = await self._ledger.unreported(before, MAX_TRANSITIONS)
+        if age is None and len(owed) < MAX_TRANSITIONS:
+            self._catching_up = None  # all told
         for outcome in owed:
             detail = {} if outcome.attempt is None else {"attempt": outcome.attempt}
             # As first told (same time, same attempt): the gateway keeps a report once.

@@ -216,6 +216,26 @@ async def test_at_start_up_every_owed_outcome_is_reported_again_whatever_its_age
     assert await inbox.unreported(None, 10) == []
 
 
+async def test_at_start_up_more_than_a_report_holds_is_told_a_batch_a_round_not_left_to_age(
+    publisher: Publisher, inbox: Inbox, reports: str, namespace: Namespace
+) -> None:
+    owed = await asyncio.gather(*(handled(inbox) for _ in range(2500)))
+    reporter = sweeping(publisher, namespace, inbox)  # an age of a minute
+    try:
+        assert await reporter.recover() == 1000
+
+        async def all_told() -> None:
+            assert await inbox.unreported(None, 10) == []
+
+        await eventually(all_told, timeout=10)
+    finally:
+        await reporter.close()
+    told = [
+        t["event_id"] for m in await take(namespace.amqp_url, reports, 3) for t in transitions(m)
+    ]
+    assert sorted(told) == sorted(event_id for event_id, _ in owed)
+
+
 async def test_owed_outcomes_are_not_piled_up_while_the_broker_refuses_reports(
     publisher: Publisher, inbox: Inbox, exchange: str, namespace: Namespace
 ) -> None:
