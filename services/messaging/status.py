@@ -93,6 +93,9 @@ class StatusReporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Monotonic time before which no look: the store did not note the last reports, and
+        # the same outcomes would be told again each round.
+        self._quiet_until = -math.inf
         self._next_look = -math.inf  # monotonic time of the next look for owed outcomes
         self._catching_up: datetime | None = None  # `recover()`'s start, until all is told
         self._dropped = 0
@@ -165,10 +168,12 @@ class StatusReporter:
         """Tell again the rest of what was owed at the start, a batch a round; else, a few
         times per recovery age (an idle service does not poll its store each round), what is
         owed for that long."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
         if self._catching_up is not None:
             await self.recover()
             return
-        now = time.monotonic()
         if self._recover_after > 0 and now >= self._next_look:
             self._next_look = now + self._recover_after / LOOKS_PER_AGE
             await self.recover(timedelta(seconds=self._recover_after))
@@ -246,6 +251,8 @@ class StatusReporter:
             async with asyncio.timeout(LEDGER_TIMEOUT):
                 await self._ledger.reported(batch)
         except Exception:  # the outcomes stay owed: told again, harmlessly
+            pause = max(self._interval, self._recover_after / LOOKS_PER_AGE)
+            self._quiet_until = time.monotonic() + pause
             log.warning(
                 "could not note the reported outcomes; they will be reported again",
                 exc_info=True,

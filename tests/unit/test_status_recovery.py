@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from services.messaging.publisher import Publisher
@@ -24,20 +24,26 @@ class Takes(Publisher):
 
 
 class Ledger:
-    """Owes nothing; counts the looks, and fails them while `failing`."""
+    """Owes `owed` for ever; counts the looks, and fails them while `failing`, and the noting
+    of reports while `refusing`."""
 
-    def __init__(self, failing: bool = False) -> None:
+    def __init__(
+        self, failing: bool = False, refusing: bool = False, owed: list[Outcome] | None = None
+    ) -> None:
         self.looks = 0
         self.failing = failing
+        self.refusing = refusing
+        self.owed = owed or []
 
     async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
-        return None
+        if self.refusing:
+            raise OSError("disk full")
 
     async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
         self.looks += 1
         if self.failing:
             raise OSError("the store is away")
-        return []
+        return self.owed
 
 
 async def run_for(reporter: StatusReporter, seconds: float) -> None:
@@ -70,3 +76,18 @@ async def test_a_look_the_store_fails_leaves_reporting_running() -> None:
     await reporter.close()
     assert ledger.looks >= 2  # it looked again after the failure
     assert broker.reports == 1  # and the transition went out meanwhile
+
+
+async def test_while_the_store_does_not_note_reports_the_owed_are_not_told_each_round() -> None:
+    """A store that reads but cannot write (a full disk): each telling stays owed. A start
+    catching up on a thousand owed outcomes (a round each while the store notes them) pauses
+    for a quarter of the recovery age after each failed noting."""
+    at = datetime.now(UTC)
+    owed = [Outcome(f"e-{i}", "dataset.submitted", "succeeded", at, 1) for i in range(1000)]
+    ledger, broker = Ledger(refusing=True, owed=owed), Takes()
+    reporter = StatusReporter(
+        "processor", broker, "x", interval=0.01, ledger=ledger, recover_after=0.4
+    )
+    assert await reporter.recover() == 1000  # catching up
+    await run_for(reporter, 0.3)  # some 30 rounds
+    assert broker.reports <= 4, broker.reports
