@@ -24,6 +24,12 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT_LOGGER}.{name}")
 
 
+def error_field(exc: BaseException) -> dict[str, str]:
+    """A failure as a log field of one line, for an expected outage logged without its
+    traceback (a store's error quotes its whole statement over several lines)."""
+    return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # An explicit `extra={"event_id": ...}` wins over the context.

@@ -38,7 +38,7 @@ from services.messaging.exits import ServiceExit, log_refusal
 from services.messaging.health import serve_health
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
-from services.messaging.logs import configure_logging, get_logger
+from services.messaging.logs import configure_logging, error_field, get_logger
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
@@ -166,8 +166,11 @@ async def _recover_owed(reporter: StatusReporter) -> None:
     that cannot say now is asked again after the first report."""
     try:
         await reporter.recover()
-    except STORE_ERRORS:
-        log.warning("could not read the outcomes owed a report; asking again later", exc_info=True)
+    except STORE_ERRORS as exc:
+        log.warning(
+            "could not read the outcomes owed a report; asking again later",
+            extra=error_field(exc),
+        )
 
 
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:

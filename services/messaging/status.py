@@ -28,8 +28,9 @@ from typing import Any, Literal, Protocol
 
 from contracts.tracking import MAX_TRANSITIONS, State, StatusReported, StatusReportedData
 from services.messaging.errors import BrokerUnavailable, Unroutable
-from services.messaging.logs import get_logger
+from services.messaging.logs import error_field, get_logger
 from services.messaging.publisher import Publisher, envelope_body
+from services.messaging.store import STORE_ERRORS
 
 log = get_logger("status")
 
@@ -161,8 +162,10 @@ class StatusReporter:
             if went_out:
                 try:
                     await self._look_for_owed()
-                except Exception:  # still owed: the next look tells it
-                    log.warning("could not read the outcomes owed a report", exc_info=True)
+                except (*STORE_ERRORS, TimeoutError) as exc:  # still owed: a later look
+                    log.warning("could not read the outcomes owed a report", extra=error_field(exc))
+                except Exception:  # the same, but not an outage: show where
+                    log.exception("could not read the outcomes owed a report")
 
     async def _look_for_owed(self) -> None:
         """Tell again the rest of what was owed at the start, a batch a round; else, a few
@@ -250,13 +253,15 @@ class StatusReporter:
         try:
             async with asyncio.timeout(LEDGER_TIMEOUT):
                 await self._ledger.reported(batch)
-        except Exception:  # the outcomes stay owed: told again, harmlessly
+        except Exception as exc:  # the outcomes stay owed: told again, harmlessly
             pause = max(self._interval, self._recover_after / LOOKS_PER_AGE)
             self._quiet_until = time.monotonic() + pause
             log.warning(
                 "could not note the reported outcomes; they will be reported again",
-                exc_info=True,
-                extra={"transitions": len(batch)},
+                # An outage in a line (the deliveries held meanwhile say it at length); a bug
+                # with its traceback.
+                exc_info=not isinstance(exc, (*STORE_ERRORS, TimeoutError)),
+                extra={"transitions": len(batch), **error_field(exc)},
             )
 
     async def close(self) -> None:
