@@ -243,10 +243,22 @@ async def test_owed_outcomes_are_not_piled_up_while_the_broker_refuses_reports(
     noted again once, not once a round. (The first round has nothing to send, which counts as
     gone out: it looks for what is owed.)"""
     await handled(inbox, ago=timedelta(minutes=2))
-    reporter = sweeping(publisher, namespace, inbox)
+    # A look due every round (a quarter of 0.2 s is a round of 50 ms).
+    reporter = StatusReporter(
+        "processor",
+        publisher,
+        events_exchange(namespace.name),
+        interval=0.05,
+        ledger=inbox,
+        recover_after=0.2,
+    )
+    reporter.start()
     try:
-        await asyncio.sleep(0.5)  # ten rounds
-        assert reporter.pending == 1
+        seen = []
+        for _ in range(50):  # ten rounds; a round's flush holds its batch while it publishes
+            seen.append(reporter.pending)
+            await asyncio.sleep(0.01)
+        assert max(seen) == 1, seen
     finally:
         task = reporter._task  # stop the rounds; its close would report again
         assert task is not None
