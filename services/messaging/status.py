@@ -44,7 +44,7 @@ LOOKS_PER_AGE = 4
 """How often a reporter looks for owed outcomes: this many times per `recover_after`."""
 DROP_WARNING_SECONDS = 10.0
 """At most one warning this often while a full backlog drops transitions (one per drop
-buried the logs under thousands of lines a second)."""
+buried the logs under thousands of lines a second), or while the broker refuses reports."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class StatusReporter:
         self._catching_up: datetime | None = None  # `recover()`'s start, until all is told
         self._dropped = 0
         self._warned_at = -math.inf
+        self._refusals = 0  # reports refused since the last one taken
+        self._refusal_warned_at = -math.inf
 
     def report(
         self,
@@ -240,12 +242,25 @@ class StatusReporter:
                     self._dropping(excess)
                     batch = batch[excess:]
                 self._pending.extendleft(reversed(batch))
-                log.warning(
-                    "could not report status; will retry", extra={"pending": len(self._pending)}
-                )
+                self._refused()
                 return False
             await self._confirmed(batch)
+        if self._refusals:
+            log.info("status reports go out again", extra={"refused": self._refusals})
+            self._refusals, self._refusal_warned_at = 0, -math.inf
         return True
+
+    def _refused(self) -> None:
+        """Count a report the broker did not take, and say so now and then (every round, two a
+        second, buried the logs while the broker stayed away)."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_warned_at >= DROP_WARNING_SECONDS:
+            self._refusal_warned_at = now
+            log.warning(
+                "could not report status; will retry",
+                extra={"pending": len(self._pending), "refused": self._refusals},
+            )
 
     async def _confirmed(self, batch: list[dict[str, Any]]) -> None:
         if self._ledger is None:

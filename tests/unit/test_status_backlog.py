@@ -69,3 +69,32 @@ async def test_a_refused_report_returns_to_a_full_backlog_dropping_its_oldest(
         t["event_id"] for body in publisher.taken for t in orjson.loads(body)["data"]["transitions"]
     ]
     assert reported == [f"e{n}" for n in range(6, 16)]
+
+
+class Refuses(Publisher):
+    """A broker that refuses every report while `away`."""
+
+    def __init__(self) -> None:
+        super().__init__("amqp://unused")
+        self.away = True
+
+    async def publish_event(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        if self.away:
+            raise BrokerUnavailable("the broker is away")
+
+
+async def test_refused_reports_are_said_once_in_a_while_and_their_end_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = Refuses()
+    reporter = StatusReporter("processor", broker, "events")
+    reporter.report("e-1", "dataset.submitted", "processing")
+    with caplog.at_level(logging.INFO, logger="courier.status"):
+        for _ in range(20):  # ten seconds of rounds
+            assert not await reporter.flush()
+        broker.away = False
+        assert await reporter.flush()
+    said = [r.message for r in caplog.records]
+    assert said == ["could not report status; will retry", "status reports go out again"]
+    assert caplog.records[-1].refused == 20  # type: ignore[attr-defined]
