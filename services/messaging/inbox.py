@@ -363,11 +363,15 @@ class Inbox:
     async def reported(self, transitions: Iterable[Mapping[str, Any]]) -> None:
         """Note that the broker confirmed the status reports holding `transitions`: their
         outcomes (`succeeded` from a record, `cancelled` from a skip) owe nothing any more."""
+        told: dict[str, set[str]] = {"succeeded": set(), "cancelled": set()}
+        for transition in transitions:  # read once: it may be an iterator
+            told.get(transition["state"], set()).add(transition["event_id"])
         # Sorted: replicas clearing overlapping sets (both told a lost replica's outcomes)
         # lock rows in one order, never waiting on each other crosswise.
-        succeeded = sorted({t["event_id"] for t in transitions if t["state"] == "succeeded"})
-        cancelled = sorted({t["event_id"] for t in transitions if t["state"] == "cancelled"})
-        marks = [(self._table, succeeded), (self._cancellations, cancelled)]
+        marks = [
+            (self._table, sorted(told["succeeded"])),
+            (self._cancellations, sorted(told["cancelled"])),
+        ]
         if self._runner.sqlite:
             await self._runner.run_autocommit(lambda raw: _unmark_raw(raw, marks))
         else:

@@ -12,7 +12,7 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import NoReturn, TypeVar
@@ -38,7 +38,7 @@ from services.messaging.exits import ServiceExit, log_refusal
 from services.messaging.health import serve_health
 from services.messaging.heap import freeze_start_up_heap
 from services.messaging.inbox import Inbox
-from services.messaging.logs import configure_logging, error_field, get_logger
+from services.messaging.logs import configure_logging, get_logger
 from services.messaging.periodic import run_every
 from services.messaging.publisher import Publisher
 from services.messaging.results import ResultReporter
@@ -136,9 +136,8 @@ async def _watch(
 
 
 async def _open_inbox(
-    stack: AsyncExitStack, settings: ConsumerSettings, topology: ServiceTopology
+    stack: AsyncExitStack, settings: ConsumerSettings, service: str, reported: Collection[str]
 ) -> Inbox:
-    service = topology.service
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
     stack.push_async_callback(engine.dispose)
     inbox = Inbox(
@@ -146,8 +145,7 @@ async def _open_inbox(
         service,
         commit_delay=settings.inbox_commit_delay_ms / 1000,
         batch=max(1, settings.prefetch // 2),
-        # The consumers' `_reported_types`, unless owed reports are never told again.
-        reported_types=topology.event_types if settings.status_recovery_seconds > 0 else (),
+        reported_types=reported,
     )
     stack.callback(inbox.close)
     await inbox.start()
@@ -158,19 +156,6 @@ async def _open_inbox(
 
     run_every(stack, PRUNE_INTERVAL_SECONDS, "inbox-prune", prune)
     return inbox
-
-
-async def _recover_owed(reporter: StatusReporter) -> None:
-    """Report the outcomes a crash took before their reports went out, whatever their age: this
-    process has told nothing yet (a replica's fresh ones may be told twice: harmless). A store
-    that cannot say now is asked again after the first report."""
-    try:
-        await reporter.recover()
-    except STORE_ERRORS as exc:
-        log.warning(
-            "could not read the outcomes owed a report; asking again later",
-            extra=error_field(exc),
-        )
 
 
 async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
@@ -278,8 +263,10 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             connection, [topology], unbind_moved=True
         )
 
-        inbox = await _open_inbox(stack, settings, topology)
         recovering = settings.status_recovery_seconds > 0
+        # The consumers' `_reported_types`, unless owed reports are never told again.
+        owing = topology.event_types if recovering else ()
+        inbox = await _open_inbox(stack, settings, service, owing)
         reporter = StatusReporter(
             service,
             publisher,
@@ -288,11 +275,9 @@ async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> i
             ledger=inbox if recovering else None,
             recover_after=settings.status_recovery_seconds,
         )
-        reporter.start()
+        reporter.start(catch_up=True)  # what a crash took, in its first rounds
         # After the drain: report what finished.
         stack.push_async_callback(_bounded, reporter.close)
-        if recovering:
-            await _recover_owed(reporter)
         results = ResultReporter(
             service,
             publisher,

@@ -69,6 +69,25 @@ class Ledger(Protocol):
         """Outcomes still owed, oldest first."""
 
 
+class _NowAndThen:
+    """True at most once per `seconds` (`due`), so a condition that lasts is said now and then,
+    not at each occurrence; `again` makes the next occurrence due at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._last = -math.inf
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._seconds:
+            return False
+        self._last = now
+        return True
+
+    def again(self) -> None:
+        self._last = -math.inf
+
+
 class StatusReporter:
     def __init__(
         self,
@@ -100,9 +119,9 @@ class StatusReporter:
         self._next_look = -math.inf  # monotonic time of the next look for owed outcomes
         self._catching_up: datetime | None = None  # `recover()`'s start, until all is told
         self._dropped = 0
-        self._warned_at = -math.inf
+        self._drops_said = _NowAndThen(DROP_WARNING_SECONDS)
         self._refusals = 0  # reports refused since the last one taken
-        self._refusal_warned_at = -math.inf
+        self._refusals_said = _NowAndThen(DROP_WARNING_SECONDS)
 
     def report(
         self,
@@ -133,15 +152,18 @@ class StatusReporter:
     def _dropping(self, count: int) -> None:
         """Count transitions the full backlog drops (the oldest), and say so now and then."""
         self._dropped += count
-        now = time.monotonic()
-        if now - self._warned_at >= DROP_WARNING_SECONDS:
-            self._warned_at = now
+        if self._drops_said.due():
             log.warning(
                 "status backlog full; dropping the oldest transitions",
                 extra={"dropped": self._dropped},  # since the start
             )
 
-    def start(self) -> None:
+    def start(self, catch_up: bool = False) -> None:
+        """Start the rounds. `catch_up`: the first rounds tell again everything owed when it
+        started, whatever its age (what a crash took: none of it this process's), a batch a
+        round (`recover`)."""
+        if catch_up and self._ledger is not None:
+            self._catching_up = datetime.now(UTC)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -247,16 +269,15 @@ class StatusReporter:
             await self._confirmed(batch)
         if self._refusals:
             log.info("status reports go out again", extra={"refused": self._refusals})
-            self._refusals, self._refusal_warned_at = 0, -math.inf
+            self._refusals = 0
+            self._refusals_said.again()
         return True
 
     def _refused(self) -> None:
         """Count a report the broker did not take, and say so now and then (every round, two a
         second, buried the logs while the broker stayed away)."""
         self._refusals += 1
-        now = time.monotonic()
-        if now - self._refusal_warned_at >= DROP_WARNING_SECONDS:
-            self._refusal_warned_at = now
+        if self._refusals_said.due():
             log.warning(
                 "could not report status; will retry",
                 extra={"pending": len(self._pending), "refused": self._refusals},

@@ -103,6 +103,25 @@ async def reported(url: str, queue: str) -> list[dict[str, object]]:
     return transitions
 
 
+async def successes_reported(
+    url: str, queue: str, event_ids: list[str], timeout: float
+) -> list[dict[str, object]]:
+    """The `succeeded` transitions of `event_ids` reported to `queue`, once every one of them
+    is (repeats included)."""
+    outcomes: list[dict[str, object]] = []
+
+    async def all_reported() -> None:
+        outcomes.extend(
+            t
+            for t in await reported(url, queue)
+            if t["state"] == "succeeded" and t["event_id"] in event_ids
+        )
+        assert {str(t["event_id"]) for t in outcomes} == set(event_ids)
+
+    await eventually(all_reported, timeout=timeout)
+    return outcomes
+
+
 SILENT = {
     "COURIER_STATUS_REPORT_INTERVAL_MS": "60000",  # nothing reported before the kill
     "COURIER_STATUS_RECOVERY_SECONDS": "120",  # (must cover two intervals)
@@ -147,15 +166,8 @@ async def test_a_kill_after_the_ack_before_the_status_report_loses_no_outcome(
     second = effect_service(COURIER_PREFETCH="1", COURIER_STATUS_RECOVERY_SECONDS="120")
     second.wait_ready()
 
-    async def outcomes_reported() -> None:
-        succeeded = [
-            t for t in await reported(namespace.amqp_url, reports) if t["state"] == "succeeded"
-        ]
-        outcomes.extend(succeeded)
-        assert sorted(str(t["event_id"]) for t in outcomes) == sorted([*handled, slow])
-
-    outcomes: list[dict[str, object]] = []
-    await eventually(outcomes_reported, timeout=30)
+    outcomes = await successes_reported(namespace.amqp_url, reports, [*handled, slow], 30)
+    assert sorted(str(t["event_id"]) for t in outcomes) == sorted([*handled, slow])
     assert second.terminate() == 0
     assert all(t["attempt"] == 1 for t in outcomes)
     # Told again from the inbox, not redelivered: the kill came after their acks.
@@ -187,17 +199,7 @@ async def test_a_replica_killed_for_good_has_its_outcomes_reported_by_another(
     assert doomed.process is not None
     assert {s.pid for s in effects.starts() if s.event_id in handled} == {doomed.process.pid}
 
-    outcomes: list[dict[str, object]] = []
-
-    async def outcomes_reported() -> None:
-        outcomes.extend(
-            t
-            for t in await reported(namespace.amqp_url, reports)
-            if t["state"] == "succeeded" and t["event_id"] in handled
-        )
-        assert {str(t["event_id"]) for t in outcomes} == set(handled)
-
-    await eventually(outcomes_reported, timeout=20)
+    outcomes = await successes_reported(namespace.amqp_url, reports, handled, 20)
     assert all(t["attempt"] == 1 for t in outcomes)
     assert effects.counts() == dict.fromkeys(handled, 1)  # told, not redone
     assert survivor.terminate() == 0

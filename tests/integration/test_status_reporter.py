@@ -163,15 +163,18 @@ async def test_a_report_the_broker_did_not_take_leaves_its_outcomes_owed(
     assert [o.event_id for o in await inbox.unreported(None, 10)] == [event_id]
 
 
-def sweeping(publisher: Publisher, namespace: Namespace, inbox: Inbox) -> StatusReporter:
-    """A running reporter that rounds every 50 ms and tells again what is owed for a minute."""
+def sweeping(
+    publisher: Publisher, namespace: Namespace, inbox: Inbox, recover_after: float = 60
+) -> StatusReporter:
+    """A running reporter that rounds every 50 ms and tells again what is owed for
+    `recover_after` seconds (a minute)."""
     reporter = StatusReporter(
         "processor",
         publisher,
         events_exchange(namespace.name),
         interval=0.05,
         ledger=inbox,
-        recover_after=60,
+        recover_after=recover_after,
     )
     reporter.start()
     return reporter
@@ -244,15 +247,7 @@ async def test_owed_outcomes_are_not_piled_up_while_the_broker_refuses_reports(
     gone out: it looks for what is owed.)"""
     await handled(inbox, ago=timedelta(minutes=2))
     # A look due every round (a quarter of 0.2 s is a round of 50 ms).
-    reporter = StatusReporter(
-        "processor",
-        publisher,
-        events_exchange(namespace.name),
-        interval=0.05,
-        ledger=inbox,
-        recover_after=0.2,
-    )
-    reporter.start()
+    reporter = sweeping(publisher, namespace, inbox, recover_after=0.2)
     try:
         seen = []
         for _ in range(50):  # ten rounds; a round's flush holds its batch while it publishes
