@@ -97,12 +97,26 @@ def fingerprint(exc: BaseException) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _text(exc: BaseException) -> str:
+    """`str(exc)` as an AMQP header can carry it: never raising (a broken `__str__`), lone
+    surrogates escaped (UTF-8 cannot encode them: the header could not be framed)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(exc).__qualname__}: str() failed>"
+    return _encodable(text)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _exception_name(exc: BaseException) -> str:
     return f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 def _trimmed_traceback(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception(exc))
+    text = _encodable("".join(traceback.format_exception(exc)))
     # Keep the end: the raise site and the exception line are what an operator needs.
     return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-MAX_TRACEBACK_CHARS:]
 
@@ -120,7 +134,7 @@ class Failure:
         return cls(exc, attempt, datetime.now(UTC))
 
     def summary(self) -> str:
-        return f"{_exception_name(self.exc)}: {self.exc}"[:MAX_MESSAGE_CHARS]
+        return f"{_exception_name(self.exc)}: {_text(self.exc)}"[:MAX_MESSAGE_CHARS]
 
     def _first_failure(self, headers: Mapping[str, Any]) -> dict[str, Any]:
         """When the message first failed: kept from an earlier attempt, else this one."""
@@ -165,7 +179,7 @@ class Failure:
             LAST_FAILURE: self.at,
             FAILED_AT: self.at.isoformat(),
             EXCEPTION_TYPE: _exception_name(self.exc),
-            EXCEPTION_MESSAGE: str(self.exc)[:MAX_MESSAGE_CHARS],
+            EXCEPTION_MESSAGE: _text(self.exc)[:MAX_MESSAGE_CHARS],
             TRACEBACK: _trimmed_traceback(self.exc),
             FINGERPRINT: fingerprint(self.exc),
         }

@@ -216,6 +216,63 @@ async def test_a_permanent_error_dead_letters_at_once_with_its_story(namespace: 
     await assert_empty(namespace.amqp_url, [topo.queue])
 
 
+# A file name as `os.listdir` gives one that is not UTF-8: a lone surrogate, which no AMQP
+# header can carry as it stands.
+UNDECODABLE = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+
+
+async def test_an_error_whose_text_no_header_can_carry_is_dead_lettered_at_once(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder(failures=[PermanentError(f"cannot read {UNDECODABLE}")])
+    event = notification()
+    routes = {"notification.requested": route(handler)}
+    async with running(namespace, "notifier", routes, delivery_limit=2) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    headers: dict[str, Any] = dict(dead.headers)
+    # Not the broker's `delivery_limit` after the handler ran three times, story lost.
+    assert headers[f.REASON] == "permanent" and handler.calls == [event.id]
+    assert headers[f.EXCEPTION_MESSAGE] == "cannot read report-\\udcff.csv"
+
+
+async def test_a_transient_error_whose_text_no_header_can_carry_waits_in_the_delay_tier(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder(failures=[ConnectionResetError(f"cannot reach {UNDECODABLE}")] * 2)
+    event = notification()
+    routes = {"notification.requested": route(handler)}
+    async with running(namespace, "notifier", routes, delivery_limit=2) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1, timeout=15)
+    headers: dict[str, Any] = dict(dead.headers)
+    assert headers[f.REASON] == "retries_exhausted"  # the first attempt, one delayed retry
+    assert handler.calls == [event.id, event.id]
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise IndexError("a bug in the exception's own __str__")
+
+
+async def test_an_error_that_cannot_be_rendered_is_dead_lettered_with_its_type(
+    namespace: Namespace,
+) -> None:
+    handler = Recorder(failures=[_Unprintable()])
+    event = notification()
+    routes = {
+        "notification.requested": Route(
+            handler, RetryPolicy(delays=(1,), immediate=0, permanent=(_Unprintable,))
+        )
+    }
+    async with running(namespace, "notifier", routes, delivery_limit=2) as (pub, topo, _):
+        await publish(pub, topo, event)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    headers: dict[str, Any] = dict(dead.headers)
+    assert headers[f.REASON] == "permanent" and handler.calls == [event.id]
+    assert headers[f.EXCEPTION_TYPE].endswith("._Unprintable")
+
+
 async def test_a_dead_letter_is_logged_with_its_event_id_type_and_reason(
     namespace: Namespace, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+
+from pamqp import encode
 
 from services.messaging import failure as f
 
@@ -86,3 +89,35 @@ def test_tracebacks_are_trimmed() -> None:
     )
     assert len(headers[f.TRACEBACK]) <= f.MAX_TRACEBACK_CHARS + 1
     assert len(headers[f.EXCEPTION_MESSAGE]) <= f.MAX_MESSAGE_CHARS
+
+
+def _frameable(headers: dict[str, Any]) -> bool:
+    """Whether pamqp (the AMQP client's codec) can write the headers into a frame."""
+    encode.field_table(headers)  # raises on what AMQP cannot carry
+    return True
+
+
+def test_an_error_text_no_header_can_carry_is_escaped() -> None:
+    name = b"report-\xff.csv".decode("utf-8", "surrogateescape")  # as os.listdir gives it
+    failure = f.Failure.of(caught(raise_at_a, ValueError(f"cannot read {name}")), attempt=1)
+    dead = failure.dead_letter_headers(
+        {}, reason="permanent", service="s", queue="q", event_id=None, event_type=None
+    )
+    assert dead[f.EXCEPTION_MESSAGE] == "cannot read report-\\udcff.csv"
+    assert _frameable(dead) and _frameable(failure.retry_headers({}))
+    assert failure.summary() == "builtins.ValueError: cannot read report-\\udcff.csv"
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise IndexError("a bug in __str__")
+
+
+def test_an_error_whose_text_cannot_be_rendered_still_has_a_story() -> None:
+    failure = f.Failure.of(caught(raise_at_a, BrokenStr()), attempt=1)
+    dead = failure.dead_letter_headers(
+        {}, reason="permanent", service="s", queue="q", event_id=None, event_type=None
+    )
+    assert dead[f.EXCEPTION_MESSAGE] == "<BrokenStr: str() failed>"
+    assert failure.summary().endswith("BrokenStr: <BrokenStr: str() failed>")
+    assert "raise_at_a" in dead[f.TRACEBACK] and _frameable(dead)
