@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from contracts.tracking import MAX_TRANSITIONS, State, StatusReported, StatusReportedData
-from services.messaging.errors import BrokerUnavailable, Unroutable
+from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
 from services.messaging.logs import error_field, get_logger
 from services.messaging.publisher import Publisher, envelope_body
 from services.messaging.store import STORE_ERRORS
@@ -86,6 +88,23 @@ class _NowAndThen:
 
     def again(self) -> None:
         self._last = -math.inf
+
+
+def _serialisable(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The transitions of `batch` that serialise; each that does not is said and dropped (a
+    caller's bug, such as a string with a lone surrogate)."""
+    kept = []
+    for transition in batch:
+        try:
+            orjson.dumps(transition)
+        except orjson.JSONEncodeError:
+            log.exception(
+                "a status transition cannot be serialised; dropped",
+                extra={"event_id": transition.get("event_id"), "state": transition.get("state")},
+            )
+        else:
+            kept.append(transition)
+    return kept
 
 
 class StatusReporter:
@@ -251,11 +270,12 @@ class StatusReporter:
                 data=StatusReportedData.model_construct(transitions=[]),
             )
             try:
-                await self._publisher.publish_event(
-                    event,
-                    exchange=self._exchange,
-                    body=envelope_body(event, {"transitions": batch}),
-                )
+                body = envelope_body(event, {"transitions": batch})
+            except orjson.JSONEncodeError:  # one transition must not take the others with it
+                batch = _serialisable(batch)
+                body = envelope_body(event, {"transitions": batch})
+            try:
+                await self._publisher.publish_event(event, exchange=self._exchange, body=body)
             except (BrokerUnavailable, Unroutable):
                 # Back in front: older than anything noted meanwhile. If that filled the
                 # backlog, the batch's oldest give way (extendleft would push out the newest).
@@ -266,6 +286,9 @@ class StatusReporter:
                 self._pending.extendleft(reversed(batch))
                 self._refused()
                 return False
+            except Unpublishable:  # a bug: publishing it again cannot help
+                log.exception("status report cannot be published", extra={"dropped": len(batch)})
+                continue
             await self._confirmed(batch)
         if self._refusals:
             log.info("status reports go out again", extra={"refused": self._refusals})
