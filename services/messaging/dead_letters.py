@@ -15,6 +15,7 @@ counter reset and its replay count raised.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import re
@@ -31,6 +32,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq import spec
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import TypeAdapter, ValidationError
 
@@ -362,7 +364,8 @@ class DeadLetterDrain:
         await channel.set_qos(prefetch_count=self._prefetch)
         for name in self._queues:
             queue = await channel.get_queue(name, ensure=True)
-            self._consuming.append((queue, await queue.consume(self._on_message)))
+            on_message = functools.partial(self._on_message, name)
+            self._consuming.append((queue, await queue.consume(on_message)))
 
     @property
     def consuming(self) -> bool:
@@ -411,16 +414,16 @@ class DeadLetterDrain:
         await asyncio.gather(*late, return_exceptions=True)
         return False
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None  # aio-pika runs each delivery's callback in a task
         self._storing.add(task)
         try:
-            await self._keep(message)
+            await self._keep(queue, message)
         finally:
             self._storing.discard(task)
 
-    async def _keep(self, message: AbstractIncomingMessage) -> None:
+    async def _keep(self, queue: str, message: AbstractIncomingMessage) -> None:
         letter = read_delivered(self._namespace, message)
         # While the store is away the letter is held, unacked, and stored again after a pause:
         # each return to its queue would count as a delivery, and a quorum queue with a
@@ -439,7 +442,7 @@ class DeadLetterDrain:
                         "could not store a dead letter; it goes back to its queue", extra=ids
                     )
                     if not message.channel.is_closed:  # else the broker has it back already
-                        await message.nack(requeue=True)
+                        await self._send_back(queue, message)
                     return
                 log.exception(
                     "could not store a dead letter; holding it and trying again",
@@ -447,6 +450,30 @@ class DeadLetterDrain:
                 )
             await asyncio.sleep(pause)
         await message.ack()
+
+    async def _send_back(self, queue: str, message: AbstractIncomingMessage) -> None:
+        """Put a letter held for too long back at the end of its queue as a new message (its
+        copy confirmed, then the delivery acked), rather than return it with `nack`: a return
+        counts as a delivery, and past a quorum queue's delivery limit the letter is dropped
+        (RabbitMQ 4 gives every queue a default of 20: twenty holds, some three hours of store
+        outage). A crash in between leaves two copies, which the store keeps once (same
+        headers and message id: same letter id). A letter without a message id is returned
+        (the client would give its copy a random one, which the letter would show as its
+        event's id)."""
+        channel = message.channel
+        if message.message_id:
+            try:
+                confirmed = await channel.basic_publish(
+                    message.body, routing_key=queue, properties=_fresh_copy(message)
+                )
+                if isinstance(confirmed, spec.Basic.Ack):
+                    await message.ack()
+                    return
+                log.error("the broker did not take the dead letter's copy; returning it")
+            except Exception:  # the channel closed over it (the broker has it back), or a bug
+                log.exception("could not put the dead letter back as new; returning it")
+        if not channel.is_closed:
+            await message.nack(requeue=True)
 
     async def _store(self, letter: DeadLetter) -> None:
         """Into the sink as it is or else in plain form: a letter whose strings or counts the
@@ -469,6 +496,26 @@ class DeadLetterDrain:
                 },
             )
             await self._sink(fallback)
+
+
+def _fresh_copy(message: AbstractIncomingMessage) -> spec.Basic.Properties:
+    """The properties of a persistent copy of a delivery, less its delivery count (a new message
+    starts at none), an expiry (a letter must not vanish) and a user id (checked against the
+    publishing connection's user)."""
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+    return spec.Basic.Properties(
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=headers,
+        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        message_type=message.type,
+        app_id=message.app_id,
+    )
 
 
 # --- replaying ------------------------------------------------------------------------------

@@ -489,6 +489,47 @@ async def test_a_dead_letter_is_held_while_the_store_is_away_not_returned_to_its
         await connection.close()
 
 
+async def test_a_letter_held_past_the_longest_hold_goes_back_as_new_spending_no_delivery(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Returned with a nack after each ten-minute hold, a letter spent a delivery each time: on
+    # RabbitMQ 4 (a default limit of 20 on every quorum queue; this one has 1) a store away for
+    # some three hours lost it. Put back as a new message, it spends none.
+    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
+    monkeypatch.setattr("services.messaging.hold.MAX_HOLD_SECONDS", 0.3)
+    queue = f"{namespace.name}.limited-dlq"
+    ids: list[str] = []
+
+    async def store_away_through_three_holds(letter: DeadLetter) -> None:
+        ids.append(letter.id)
+        if len(ids) <= 9:  # three tries a hold
+            raise ConnectionRefusedError("the store is away")
+
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    try:
+        channel = await connection.channel()
+        limited = {"x-queue-type": "quorum", "x-delivery-limit": 1}
+        await channel.declare_queue(queue, durable=True, arguments=limited)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"not json", message_id="m-held", headers={"k": "v"}),
+            routing_key=queue,
+        )
+        drain = DeadLetterDrain(namespace.name, [queue], store_away_through_three_holds)
+        await drain.start(connection)
+
+        async def stored() -> None:
+            assert len(ids) == 10
+
+        await eventually(stored, timeout=15)
+        assert await drain.stop(drain_seconds=5)
+        assert len(set(ids)) == 1  # each copy is the same letter to the store
+        await assert_empty(namespace.amqp_url, [queue])
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await connection.close()
+
+
 async def test_stopping_the_drain_waits_until_the_letter_being_stored_is_acked(
     namespace: Namespace,
 ) -> None:
