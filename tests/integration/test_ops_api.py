@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -452,59 +452,14 @@ async def dead_letter_arrives(
         )
 
 
-async def test_a_dead_letter_is_held_while_the_store_is_away_not_returned_to_its_queue(
-    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Returned to its queue every second, it spent a delivery each time: a quorum queue with a
-    # delivery limit (RabbitMQ 4 gives every one a default of 20; this one has 1) dropped it.
-    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
+@asynccontextmanager
+async def draining_a_limited_queue(
+    namespace: Namespace, sink: Callable[[DeadLetter], Awaitable[None]]
+) -> AsyncIterator[str]:
+    """A drain of a dead-letter queue with a delivery limit of 1 (RabbitMQ 4 gives every
+    quorum queue a default of 20), holding one letter (message id `m-held`). Stopped at the end,
+    which the queue must find empty."""
     queue = f"{namespace.name}.limited-dlq"
-    tries: list[str] = []
-
-    async def store_away_for_three_tries(letter: DeadLetter) -> None:
-        tries.append(letter.event_id or "")
-        if len(tries) <= 3:
-            raise ConnectionRefusedError("the store is away")
-
-    connection = await aio_pika.connect_robust(namespace.amqp_url)
-    try:
-        channel = await connection.channel()
-        limited = {"x-queue-type": "quorum", "x-delivery-limit": 1}
-        await channel.declare_queue(queue, durable=True, arguments=limited)
-        await channel.default_exchange.publish(
-            aio_pika.Message(b"not json", message_id="m-held"), routing_key=queue
-        )
-        drain = DeadLetterDrain(namespace.name, [queue], store_away_for_three_tries)
-        await drain.start(connection)
-
-        async def stored() -> None:
-            assert tries == ["m-held"] * 4
-
-        await eventually(stored, timeout=10)
-        assert await drain.stop(drain_seconds=5)
-        await assert_empty(namespace.amqp_url, [queue])
-    finally:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
-        await connection.close()
-
-
-async def test_a_letter_held_past_the_longest_hold_goes_back_as_new_spending_no_delivery(
-    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Returned with a nack after each ten-minute hold, a letter spent a delivery each time: on
-    # RabbitMQ 4 (a default limit of 20 on every quorum queue; this one has 1) a store away for
-    # some three hours lost it. Put back as a new message, it spends none.
-    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
-    monkeypatch.setattr("services.messaging.hold.MAX_HOLD_SECONDS", 0.3)
-    queue = f"{namespace.name}.limited-dlq"
-    ids: list[str] = []
-
-    async def store_away_through_three_holds(letter: DeadLetter) -> None:
-        ids.append(letter.id)
-        if len(ids) <= 9:  # three tries a hold
-            raise ConnectionRefusedError("the store is away")
-
     connection = await aio_pika.connect_robust(namespace.amqp_url)
     try:
         channel = await connection.channel()
@@ -514,20 +469,60 @@ async def test_a_letter_held_past_the_longest_hold_goes_back_as_new_spending_no_
             aio_pika.Message(b"not json", message_id="m-held", headers={"k": "v"}),
             routing_key=queue,
         )
-        drain = DeadLetterDrain(namespace.name, [queue], store_away_through_three_holds)
+        drain = DeadLetterDrain(namespace.name, [queue], sink)
         await drain.start(connection)
-
-        async def stored() -> None:
-            assert len(ids) == 10
-
-        await eventually(stored, timeout=15)
+        yield queue
         assert await drain.stop(drain_seconds=5)
-        assert len(set(ids)) == 1  # each copy is the same letter to the store
         await assert_empty(namespace.amqp_url, [queue])
     finally:
         channel = await connection.channel()
         await channel.queue_delete(queue)
         await connection.close()
+
+
+async def test_a_dead_letter_is_held_while_the_store_is_away_not_returned_to_its_queue(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Returned to its queue every second, it spent a delivery each time: a quorum queue with a
+    # delivery limit (RabbitMQ 4 gives every one a default of 20; this one has 1) dropped it.
+    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
+    tries: list[str] = []
+
+    async def store_away_for_three_tries(letter: DeadLetter) -> None:
+        tries.append(letter.event_id or "")
+        if len(tries) <= 3:
+            raise ConnectionRefusedError("the store is away")
+
+    async with draining_a_limited_queue(namespace, store_away_for_three_tries):
+
+        async def stored() -> None:
+            assert tries == ["m-held"] * 4
+
+        await eventually(stored, timeout=10)
+
+
+async def test_a_letter_held_past_the_longest_hold_goes_back_as_new_spending_no_delivery(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Returned with a nack after each ten-minute hold, a letter spent a delivery each time: on
+    # RabbitMQ 4 a store away for some three hours lost it. Put back as a new message, it
+    # spends none.
+    monkeypatch.setattr("services.messaging.dead_letters.FIRST_HOLD_PAUSE", 0.05)
+    monkeypatch.setattr("services.messaging.hold.MAX_HOLD_SECONDS", 0.3)
+    ids: list[str] = []
+
+    async def store_away_through_three_holds(letter: DeadLetter) -> None:
+        ids.append(letter.id)
+        if len(ids) <= 9:  # three tries a hold
+            raise ConnectionRefusedError("the store is away")
+
+    async with draining_a_limited_queue(namespace, store_away_through_three_holds):
+
+        async def stored() -> None:
+            assert len(ids) == 10
+
+        await eventually(stored, timeout=15)
+    assert len(set(ids)) == 1  # each copy is the same letter to the store
 
 
 async def test_stopping_the_drain_waits_until_the_letter_being_stored_is_acked(
