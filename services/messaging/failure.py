@@ -68,12 +68,17 @@ MAX_MESSAGE_CHARS: Final = 1_000
 _PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
 
 
+MAX_ATTEMPT: Final = 2**31 - 2
+"""The largest attempt count taken from a header: it and the next attempt's fit the stores'
+32-bit columns (the inbox, the status projection). Anyone may publish to a work queue."""
+
+
 def attempt_of(headers: Mapping[str, Any]) -> int:
-    """The attempt this delivery is (1 for a first delivery)."""
+    """The attempt this delivery is (1 for a first delivery, or a count that is not one)."""
     value = headers.get(ATTEMPT, 1)
     # Not a bool (an int to Python): the status report's attempt is a strict integer, and one
     # `true` would fail the whole report, up to 1000 transitions of other events.
-    return value if type(value) is int and value >= 1 else 1
+    return value if type(value) is int and 1 <= value <= MAX_ATTEMPT else 1
 
 
 def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from contracts.topology import dead_letter_queue
 from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter
 from services.messaging.errors import PermanentError
+from services.messaging.inbox import Handled, Inbox
 from services.messaging.publisher import event_body
 from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter
@@ -232,4 +233,38 @@ async def test_a_dead_letter_with_a_decimal_header_is_stored(
             await eventually(stored)
         await assert_empty(namespace.amqp_url, [queue])
     finally:
+        await engine.dispose()
+
+
+async def test_an_attempt_count_no_store_column_holds_is_no_attempt_count(
+    namespace: Namespace, postgres_database: str, tmp_path: Path
+) -> None:
+    # Anyone may publish to a work queue. An attempt of 2**40 in its header passed as the
+    # attempt: on PostgreSQL (32-bit columns) the inbox could not record the handled event, nor
+    # the gateway the status report it went out in, with up to 1000 other events' transitions.
+    handler = Recorder()
+    event = notification()
+    engine = open_store(store_url(postgres_database, tmp_path, "notifier"))
+    inbox = Inbox(engine, "notifier")
+    await inbox.start()
+    try:
+        routes = {"notification.requested": route(handler)}
+        async with running(namespace, "notifier", routes, inbox=inbox) as (pub, topo, _):
+            message = aio_pika.Message(
+                event_body(event),
+                message_id=event.id,
+                type=event.type,
+                headers={f.ATTEMPT: 2**40},
+            )
+            await pub.publish(message, exchange=topo.events_exchange, routing_key=event.type)
+            await handler.called(event.id)
+
+            async def recorded() -> None:
+                handled = await inbox.lookup(event.id)
+                assert isinstance(handled, Handled) and handled.attempt == 1
+
+            await eventually(recorded)
+        await assert_empty(namespace.amqp_url, [topo.queue, topo.dead_letter_queue])
+    finally:
+        inbox.close()
         await engine.dispose()

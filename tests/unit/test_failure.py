@@ -33,6 +33,12 @@ def test_a_first_delivery_is_attempt_one() -> None:
     assert f.attempt_of({f.ATTEMPT: "junk"}) == 1
 
 
+def test_an_attempt_header_no_store_column_holds_is_no_attempt() -> None:
+    assert f.attempt_of({f.ATTEMPT: f.MAX_ATTEMPT}) == f.MAX_ATTEMPT
+    assert f.attempt_of({f.ATTEMPT: 2**40}) == 1
+    assert f.MAX_ATTEMPT + 1 < 2**31  # the next attempt's count fits too
+
+
 def test_a_boolean_attempt_header_is_no_attempt() -> None:
     # `True` is an int to Python: reported as `"attempt": true`, it failed the gateway's
     # validation of the whole status report, with every other event's transitions in it.
