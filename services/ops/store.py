@@ -32,6 +32,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal,
     or_,
     select,
     update,
@@ -145,11 +146,14 @@ class Filter:
             clauses.append(c.dead_lettered_at < utc_bound(self.until))
         if self.text:
             # Literal text: `%` and `_` in it are no wildcards.
-            needle = self.text.lower()
+            # Lowered by the database, as the column is: Python's lower() and PostgreSQL's
+            # differ ("İ", a final "Σ"), and a needle lowered by one never matches the other.
+            escaped = self.text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+            needle = func.lower(literal(escaped, Text))
             clauses.append(
                 or_(
-                    func.lower(c.exception_message).contains(needle, autoescape=True),
-                    func.lower(c.exception_type).contains(needle, autoescape=True),
+                    func.lower(c.exception_message).contains(needle, escape="/"),
+                    func.lower(c.exception_type).contains(needle, escape="/"),
                 )
             )
         return and_(*clauses) if clauses else and_(True)

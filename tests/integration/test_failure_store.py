@@ -811,3 +811,19 @@ async def test_the_text_search_ignores_the_case_of_every_letter_not_only_ascii(
     await store.add(failed)
     found = await store.page(Filter(text=needle), limit=10)
     assert [item["id"] for item in found.items] == [failed.id]
+
+
+@pytest.mark.parametrize(
+    ("message", "needle"),
+    [("İstanbul edge unreachable", "İstanbul"), ("ΟΔΟΣ not found", "ΟΔΟΣ")],
+)
+async def test_the_text_search_finds_text_copied_from_the_error_whatever_its_letters(
+    store: FailureStore, message: str, needle: str
+) -> None:
+    # Lowered by Python on one side and by PostgreSQL on the other, a dotted capital I or a
+    # final capital sigma never matched: a replay or discard by that text selected nothing.
+    failed = letter(exception_message=message)
+    await store.add(failed)
+    found = await store.page(Filter(text=needle), limit=10)
+    assert [item["id"] for item in found.items] == [failed.id]
+    assert await store.count(Filter(text=needle)) == 1
