@@ -7,6 +7,12 @@ those jobs runs again alone, in a process of its own: only the one that dies aga
 `WorkerLost`. (Failing them all would charge each neighbour an attempt, and, retried together
 from the same delay tier, the culprit would take them down again until all were dead-lettered.)
 
+A job's outcome comes back through a file, the pool's result pipe carrying only its name:
+CPython's pool reads a result with a blocking `recv`, so a worker killed while it wrote one
+larger than the pipe takes at once (a dataset's summary, ~90 kB) left the pool's manager
+waiting for the rest for ever: the pool never marked broken, every later job hanging, and the
+process unable to exit. A name is written at once.
+
 Closing the pool stops work still running in it: by then the service gave up on those handlers
 (the shutdown timeout passed) and their messages went back to the queue, so the work is redone
 elsewhere. Waiting for it instead would keep the process alive past its shutdown timeout.
@@ -18,13 +24,17 @@ import asyncio
 import ctypes
 import multiprocessing
 import os
+import pickle
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Final, ParamSpec, TypeVar
+from typing import Final, ParamSpec, TypeVar, cast
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -98,6 +108,71 @@ def _terminate(executor: ProcessPoolExecutor) -> None:
         worker.join(timeout=5)
 
 
+class RemoteTraceback(Exception):
+    """Where a job raised, in its worker: the cause of the exception the caller gets."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _outcome_in_file(directory: str, fn: Callable[..., object], *args: object) -> str:
+    """In a worker: run `fn(*args)` and pickle its outcome to a new file of `directory`; the
+    file's name is what goes back through the pool's pipe."""
+    try:
+        done, value, where = True, fn(*args), ""
+    except Exception as exc:  # noqa: BLE001  # whatever it raised is its outcome
+        done, value, where = False, exc, "".join(traceback.format_exception(exc))
+    try:
+        pickled = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001  # an outcome that does not pickle: say so
+        failed = RuntimeError(f"the job's outcome cannot be sent back: {value!r}: {exc}")
+        done, pickled = False, pickle.dumps(failed, pickle.HIGHEST_PROTOCOL)
+    fd, path = tempfile.mkstemp(dir=directory)
+    with os.fdopen(fd, "wb") as file:
+        pickle.dump((done, where), file, pickle.HIGHEST_PROTOCOL)
+        file.write(pickled)
+    return path
+
+
+def _read_outcome(path: str) -> tuple[bool, object, str]:
+    """Whether the job returned, what it returned or raised, and where it raised. Written by
+    this pool's own worker, in a directory only this user can enter."""
+    try:
+        with open(path, "rb") as file:
+            done, where = pickle.load(file)  # noqa: S301
+            try:
+                return done, pickle.load(file), where  # noqa: S301
+            except Exception as exc:  # noqa: BLE001  # an exception whose class cannot be rebuilt
+                failed = RuntimeError(f"the job's outcome cannot be read back: {exc}")
+                return False, failed, where
+    finally:
+        os.unlink(path)
+
+
+OUTCOMES_PREFIX: Final = "courier-cpu-"
+
+
+def _outcomes_directory() -> str:
+    """A private directory for this process's job outcomes, named for its pid. Those of
+    processes that ended without closing their pool (killed) are removed first."""
+    base = tempfile.gettempdir()
+    for entry in os.scandir(base):
+        owner = entry.name.removeprefix(OUTCOMES_PREFIX).split("-", 1)[0]
+        if entry.name.startswith(OUTCOMES_PREFIX) and owner.isdigit() and _ended(int(owner)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{OUTCOMES_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _ended(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's
+        return False
+    return False
+
+
 def worker_count(configured: int = 0) -> int:
     """The pool's processes: as configured, or one per CPU for 0."""
     return configured or os.cpu_count() or 1
@@ -117,6 +192,7 @@ class CpuPool:
         # again, the replacement pool takes no more beside them (twice the work at once, just
         # after a worker was killed for memory, would put the innocent ones at risk too).
         self._slots = asyncio.Semaphore(self._workers)
+        self._outcomes = _outcomes_directory()
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if kwargs:
@@ -125,7 +201,7 @@ class CpuPool:
             executor = self._executor
             try:
                 await self._started(executor)
-                return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+                return await self._call(executor, fn, *args)
             except BrokenProcessPool:
                 # A broken pool refuses every later task: replace it (once, whoever sees it
                 # first).
@@ -159,7 +235,7 @@ class CpuPool:
         self._alone.add(executor)
         try:
             await self._launch(executor)
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            return await self._call(executor, fn, *args)
         except BrokenProcessPool as exc:
             raise WorkerLost(
                 f"a CPU worker died while computing {fn.__name__}, twice (once alone)"
@@ -168,8 +244,18 @@ class CpuPool:
             self._alone.discard(executor)
             _terminate(executor)  # idle once done; still computing if the caller gave up
 
+    async def _call(self, executor: ProcessPoolExecutor, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(executor, _outcome_in_file, self._outcomes, fn, *args)
+        done, value, where = await asyncio.to_thread(_read_outcome, path)
+        if done:
+            return cast(T, value)
+        assert isinstance(value, BaseException)
+        raise value from RemoteTraceback(where)
+
     def close(self) -> None:
         for executor in (self._executor, *self._alone):
             _terminate(executor)
         self._alone.clear()
         self._launcher.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._outcomes, ignore_errors=True)  # those of jobs given up on

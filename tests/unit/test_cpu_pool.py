@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.context import SpawnProcess
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.messaging.cpu import CpuPool, WorkerLost
+from services.messaging.cpu import OUTCOMES_PREFIX, CpuPool, WorkerLost
 
 
 def square(n: int) -> int:
@@ -175,3 +177,113 @@ def test_a_killed_service_takes_its_workers_with_it(tmp_path: Path) -> None:
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in workers), "workers outlived their service"
+    # Nor does the directory of its jobs' outcomes outlive the next pool's start.
+    left = Path(tempfile.gettempdir()).glob(f"{OUTCOMES_PREFIX}{service.pid}-*")
+    assert list(left)
+    CpuPool(1).close()
+    assert not list(Path(tempfile.gettempdir()).glob(f"{OUTCOMES_PREFIX}{service.pid}-*"))
+
+
+RESULT_BYTES = 1 << 20  # more than a pipe takes at once (a 1,000-field summary is ~90 kB)
+
+
+def _kill_self_while_sending() -> None:
+    main = threading.main_thread().ident
+    assert main is not None
+    while True:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name in ("_send_bytes", "_send"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            frame = frame.f_back
+
+
+def big_result(marker: str) -> bytes:
+    """A large result; the first time, its worker is killed while it sends it back."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        threading.Thread(target=_kill_self_while_sending, daemon=True).start()
+    return b"x" * RESULT_BYTES
+
+
+KILLED_WHILE_SENDING = """
+import asyncio, sys
+from services.messaging.cpu import CpuPool
+from tests.unit.test_cpu_pool import RESULT_BYTES, big_result, square
+
+async def main() -> None:
+    pool = CpuPool(2)
+    try:
+        try:
+            result = await asyncio.wait_for(pool.run(big_result, sys.argv[1]), 20)
+            print("job returned", len(result) == RESULT_BYTES, flush=True)
+        except TimeoutError:
+            print("job hung", flush=True)
+        try:
+            print("next job", await asyncio.wait_for(pool.run(square, 5), 10), flush=True)
+        except TimeoutError:
+            print("next job hung", flush=True)
+    finally:
+        pool.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_while_sending_its_result_back_hangs_nothing(tmp_path: Path) -> None:
+    # The OOM killer strikes at a worker's peak memory: its result and the result's pickled
+    # copy. Killed in the middle of writing it to the pool's pipe, it left the pool's manager
+    # waiting for the rest for ever: the job and every later one hung, and the process could
+    # not exit. (In a child process, so that a hang fails the test instead of hanging it.)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_SENDING, str(tmp_path / "killed-once")],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        pytest.fail(f"the process did not end:\n{out}")
+    assert (tmp_path / "killed-once").exists()  # the worker was killed once
+    assert "job returned True" in out and "next job 25" in out, out
+    assert child.returncode == 0, out
+
+
+class Refusal(Exception):
+    def __init__(self, code: int, why: str) -> None:  # two arguments: pickles, unpickles not
+        super().__init__(f"{code} {why}")
+
+
+def refuse() -> None:
+    raise Refusal(550, "no such mailbox")
+
+
+def refuse_plainly() -> None:
+    raise ValueError("no such mailbox")
+
+
+async def test_a_job_s_error_reaches_its_caller_with_where_it_was_raised() -> None:
+    pool = CpuPool(1)
+    try:
+        with pytest.raises(ValueError, match="no such mailbox") as raised:
+            await pool.run(refuse_plainly)
+        assert "in refuse_plainly" in str(raised.value.__cause__)  # the worker's traceback
+        assert await pool.run(square, 4) == 16
+    finally:
+        pool.close()
+
+
+async def test_an_error_its_caller_cannot_rebuild_is_an_error_naming_it() -> None:
+    pool = CpuPool(1)
+    try:
+        with pytest.raises(RuntimeError, match="cannot be read back") as raised:
+            await pool.run(refuse)
+        assert "Refusal: 550 no such mailbox" in str(raised.value.__cause__)
+        assert await pool.run(square, 4) == 16  # the pool is whole
+    finally:
+        pool.close()
