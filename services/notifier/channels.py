@@ -44,6 +44,35 @@ class Notification:
     `callbackurl`)."""
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line a crash left unfinished (a process killed, or the machine stopped, in
+    the middle of a write): its batch was not synced, so not acknowledged, and comes again;
+    kept, the next line would be glued to it, unreadable. At start only: the file is this
+    process's alone (`COURIER_NOTIFY_LOG`)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        size = end = os.fstat(fd).st_size
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - 65536)
+            cut = os.pread(fd, end - start, start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        if end < size:
+            log.warning(
+                "dropped an unfinished last line of the log channel's file (a crash mid-write)",
+                extra={"path": str(path), "bytes": size - end},
+            )
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DeliveryChannel(Protocol):
     async def deliver(self, notification: Notification) -> None: ...
 
@@ -58,6 +87,7 @@ class LogChannel:
         self._path = path
         self._lines: Batcher[bytes, None] = Batcher(self._append_all)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(path)
 
     def _append(self, lines: list[bytes]) -> None:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
