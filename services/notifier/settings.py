@@ -106,6 +106,14 @@ class NotifierSettings(ConsumerSettings):
         # Compose passes `${VAR:-}` as an empty string: that means "not set".
         return None if value == "" else value
 
+    @field_validator("notify_log")
+    @classmethod
+    def _a_file(cls, value: Path) -> Path:
+        # Else the notifier started, said it was ready, and failed every `log` notification.
+        if value.is_dir():
+            raise ValueError("COURIER_NOTIFY_LOG names a directory; it is the file to append to")
+        return value
+
     @field_validator("webhook_secrets", mode="before")
     @classmethod
     def _host_pairs(cls, value: object) -> object:

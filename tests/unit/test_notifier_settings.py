@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from pydantic import ValidationError
 
 from services.notifier.settings import NotifierSettings
 
@@ -156,4 +159,12 @@ def test_a_host_given_twice_is_refused(monkeypatch: pytest.MonkeyPatch, value: s
     # The last pair won silently: which secret signs must not depend on the pairs' order.
     monkeypatch.setenv("COURIER_WEBHOOK_SECRETS", value)
     with pytest.raises(ValueError, match=r"'a\.example' is given twice"):
+        NotifierSettings()
+
+
+def test_a_notify_log_that_is_a_directory_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("COURIER_NOTIFY_LOG", str(tmp_path))
+    with pytest.raises(ValidationError, match="COURIER_NOTIFY_LOG names a directory"):
         NotifierSettings()
