@@ -72,9 +72,11 @@ def _resolvable_name(host: str) -> bool:
 
 def dns_host(host: str | bytes) -> str:
     """A host name as DNS carries it: IDNA A-labels (`bücher.de` is `xn--bcher-kva.de`), lower
-    case; an IP address in its canonical form, without brackets. `bytes` are a parsed URL's
-    `raw_host`, in A-labels already; a name that does not encode stays as it is."""
+    case, without the trailing dot of a fully qualified name; an IP address in its canonical
+    form, without brackets. `bytes` are a parsed URL's `raw_host`, in A-labels already; a name
+    that does not encode stays as it is."""
     text = host.decode("ascii", errors="replace") if isinstance(host, bytes) else host
+    text = text.rstrip(".") or text
     if (address := parse_address(text)) is not None:
         return str(address)
     if isinstance(host, bytes):

@@ -124,6 +124,9 @@ def test_an_a_label_idna_will_not_decode_is_posted_as_dns_has_it(url: str) -> No
         ("💩.la", "https://xn--ls8h.la/in"),  # IDNA 2008 refuses the emoji; IDNA 2003 encodes it
         ("2001:db8::1", "https://[2001:0DB8:0::1]:8443/in"),
         ("[2001:db8::1]", "https://[2001:db8::1]/in"),
+        # A fully qualified name (a trailing dot) is the same host to DNS, TLS and HTTP.
+        ("hooks.example.com", "https://hooks.example.com./in"),
+        ("hooks.example.com.", "https://hooks.example.com/in"),
     ],
 )
 def test_a_hosts_secret_is_found_however_either_side_spells_it(configured: str, url: str) -> None:
