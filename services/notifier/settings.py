@@ -106,6 +106,17 @@ class NotifierSettings(ConsumerSettings):
         # Compose passes `${VAR:-}` as an empty string: that means "not set".
         return None if value == "" else value
 
+    @field_validator("smtp_host")
+    @classmethod
+    def _a_host_alone(cls, value: str | None) -> str | None:
+        # `mail.example.org:587` passed, then failed every email as a connection error.
+        if value is not None and not is_bare_host(value):
+            raise ValueError(
+                "COURIER_SMTP_HOST is a host name or IP address alone (a port goes in "
+                "COURIER_SMTP_PORT)"
+            )
+        return value
+
     @field_validator("notify_log")
     @classmethod
     def _a_file(cls, value: Path) -> Path:

@@ -168,3 +168,20 @@ def test_a_notify_log_that_is_a_directory_is_refused(
     monkeypatch.setenv("COURIER_NOTIFY_LOG", str(tmp_path))
     with pytest.raises(ValidationError, match="COURIER_NOTIFY_LOG names a directory"):
         NotifierSettings()
+
+
+@pytest.mark.parametrize("host", ["mail.example.org:587", "smtp://mail.example.org", "a b"])
+def test_an_smtp_host_with_more_than_a_host_is_refused(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    monkeypatch.setenv("COURIER_SMTP_HOST", host)
+    monkeypatch.setenv("COURIER_SMTP_FROM", "courier@example.org")
+    with pytest.raises(ValidationError, match="COURIER_SMTP_HOST is a host name or IP address"):
+        NotifierSettings()
+
+
+@pytest.mark.parametrize("host", ["mail.example.org", "127.0.0.1", "::1"])
+def test_an_smtp_host_is_a_name_or_an_address(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.setenv("COURIER_SMTP_HOST", host)
+    monkeypatch.setenv("COURIER_SMTP_FROM", "courier@example.org")
+    assert NotifierSettings().smtp_host == host
