@@ -7,8 +7,9 @@ carries the same id and mail systems can recognise the duplicate.
 How the server's answer is classified:
 
 * 5xx (sender, recipient or message refused; authentication failed), a server that lacks an
-  extension the message needs (SMTPUTF8), and a server that does not offer STARTTLS when it
-  is required (the message is never sent in clear; only a setting changes that) → permanent
+  extension the message needs (SMTPUTF8), a server that does not offer STARTTLS when it is
+  required (the message is never sent in clear; only a setting changes that), and one that
+  takes no login while a username is set → permanent
   (`EmailRejected`): dead-lettered at once;
 * 4xx (try again later), connection errors and timeouts → transient: retried.
 """
@@ -120,6 +121,19 @@ def _starttls_missing(exc: aiosmtplib.SMTPException) -> bool:
     return type(exc) is aiosmtplib.SMTPException and "STARTTLS extension not supported" in str(exc)
 
 
+def _no_auth(config: SmtpConfig) -> EmailRejected:
+    return EmailRejected(
+        f"the SMTP server {config.host}:{config.port} takes no login (no AUTH extension), which "
+        "COURIER_SMTP_USERNAME asks for: unset it for a relay that takes mail without one, or "
+        "use the server's submission port (often with COURIER_SMTP_TLS, where AUTH is offered)"
+    )
+
+
+def _auth_missing(exc: aiosmtplib.SMTPException) -> bool:
+    # A bare SMTPException as well, told apart by its message only.
+    return type(exc) is aiosmtplib.SMTPException and "AUTH extension is not supported" in str(exc)
+
+
 def _code(exc: aiosmtplib.SMTPException) -> int | None:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [refused.code for refused in exc.recipients]
@@ -153,8 +167,11 @@ class EmailChannel:
             # The message needs an extension the server lacks (SMTPUTF8): retrying cannot help.
             raise EmailRejected(f"SMTP server: {exc}") from exc
         except aiosmtplib.SMTPException as exc:
-            if _starttls_missing(exc):  # a configuration problem: no retry changes it
+            # Configuration problems: no retry changes them.
+            if _starttls_missing(exc):
                 raise _no_starttls(config) from exc
+            if _auth_missing(exc):
+                raise _no_auth(config) from exc
             code = _code(exc)
             if code is not None and 500 <= code < 600:
                 raise EmailRejected(f"SMTP server refused ({code}): {exc}") from exc

@@ -103,3 +103,21 @@ async def test_a_server_without_starttls_is_a_permanent_failure_naming_the_setti
         with pytest.raises(EmailRejected, match="COURIER_SMTP_STARTTLS") as caught:
             await EmailChannel(config).deliver(notification())
     assert RetryPolicy(delays=(1,)).is_permanent(caught.value)
+
+
+async def test_credentials_for_a_server_that_takes_no_login_are_a_permanent_failure() -> None:
+    """No retry makes the server offer AUTH: only the configuration can change."""
+    with SmtpServer().running() as server:
+        config = SmtpConfig(
+            host="127.0.0.1",
+            port=server.port,
+            sender=SENDER,
+            starttls=False,
+            username="courier",
+            password="secret",
+            timeout=5,
+        )
+        with pytest.raises(EmailRejected, match="COURIER_SMTP_USERNAME") as caught:
+            await EmailChannel(config).deliver(notification())
+        assert server.messages == []
+    assert RetryPolicy(delays=(1,)).is_permanent(caught.value)
