@@ -72,6 +72,15 @@ def _invalid(exc: ValidationError) -> IngestError:
     return IngestError(422, errors)
 
 
+def _utf8(value: str) -> str:
+    """A header's value with raw UTF-8 bytes read as UTF-8 (the server gives every header as
+    Latin-1: `café` came out `cafÃ©`); other bytes as the server read them."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def _attribute(name: str, value: str) -> str:
     """A `ce-*` header's value: percent-decoded, as the CloudEvents HTTP binding has senders
     encode what is not printable ASCII (and space, `"` and `%`), then read as UTF-8 (raw
@@ -86,7 +95,25 @@ def _attribute(name: str, value: str) -> str:
 
 
 def _binary_body(headers: Mapping[str, str], body: bytes) -> bytes:
-    """A structured-mode body from binary-mode headers plus the data body."""
+    """A structured-mode body from binary-mode headers plus the data body. A `ce-*` header
+    naming no attribute Courier knows is refused, as the same extension is in structured mode
+    (it was dropped without a word)."""
+    unknown = sorted(
+        name for name in headers if name.startswith("ce-") and name[3:] not in BINARY_ATTRIBUTES
+    )
+    if unknown:
+        raise IngestError(
+            422,
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("header", name),
+                    "msg": "Extra inputs are not permitted (a CloudEvents extension Courier "
+                    "does not know)",
+                }
+                for name in unknown
+            ],
+        )
     attributes = {
         name: _attribute(name, headers[f"ce-{name}"])
         for name in BINARY_ATTRIBUTES
@@ -110,6 +137,7 @@ def correlation_header(value: str | None) -> str | None:
     message's correlation id. 422 if it is not a valid id."""
     if not value:
         return None
+    value = _utf8(value)
     cut = value[:128].encode()[:MAX_ID_BYTES].decode(errors="ignore")  # no character split
     try:
         return _CORRELATION_ID.validate_python(cut)

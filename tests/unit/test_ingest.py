@@ -79,6 +79,18 @@ def test_a_binary_mode_attributes_error_names_its_header(
     assert error["loc"] == ("header", loc), error
 
 
+def test_a_binary_mode_extension_courier_does_not_know_is_refused_as_in_structured_mode() -> None:
+    # Structured mode refuses `"myext": "v"` (422); binary mode dropped `ce-myext` silently.
+    body = b'{"recipient": "r", "subject": "s"}'
+    [error] = error_of(
+        lambda: parse_event("application/json", {**BINARY, "ce-myext": "v"}, body)
+    ).detail
+    assert (error["type"], error["loc"]) == ("extra_forbidden", ("header", "ce-myext"))
+    structured = orjson.dumps({**NOTE, "specversion": "1.0", "myext": "v"})
+    [same] = error_of(lambda: parse_event("application/cloudevents+json", {}, structured)).detail
+    assert same["type"] == "extra_forbidden"
+
+
 def test_a_binary_mode_datas_error_is_located_in_the_body() -> None:
     [error] = error_of(
         lambda: parse_event("application/json", BINARY, b'{"recipient": "r"}')
@@ -89,6 +101,13 @@ def test_a_binary_mode_datas_error_is_located_in_the_body() -> None:
 def test_a_correlation_header_applies_when_the_event_has_none() -> None:
     event = parse_event("application/json", {"x-correlation-id": "c-1"}, PLAIN)
     assert event.correlationid == "c-1"
+
+
+def test_a_correlation_header_in_utf8_is_read_as_utf8() -> None:
+    # The server gives header values as Latin-1: `café` became `cafÃ©`.
+    as_served = "café".encode().decode("latin-1")
+    event = parse_event("application/json", {"x-correlation-id": as_served}, PLAIN)
+    assert event.correlationid == "café"
 
 
 @pytest.mark.parametrize(
