@@ -24,6 +24,7 @@ from services.gateway.idempotency import IdempotencyKeys, fingerprint
 from services.gateway.ingest import IngestError, correlation_header
 from services.gateway.routes import (
     INGEST_HEADERS,
+    STORE_AWAY,
     Problem,
     claim_key,
     idempotency_key,
@@ -450,7 +451,7 @@ def _processing(
 @router.get(
     "/v1/files/{file_id}",
     summary="A file's record, its processing status and, once done, its analysis",
-    responses={404: {"model": Problem, "description": "Unknown file"}},
+    responses={404: {"model": Problem, "description": "Unknown file"}, **STORE_AWAY},
 )
 async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> dict[str, Any]:
     unknown_unless_id(file_id, "file")
@@ -476,6 +477,7 @@ async def file_status(file_id: str, files: FilesDep, tracking: TrackingDep) -> d
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The file"},
         404: {"model": Problem, "description": "Unknown file"},
+        **STORE_AWAY,
     },
 )
 async def file_content(file_id: str, files: FilesDep, blobs: BlobsDep) -> StreamingResponse:

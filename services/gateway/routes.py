@@ -83,6 +83,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "The broker did not take the event; retry later"},
 }
 
+STORE_AWAY: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": Problem,
+        "description": "The gateway could not reach its store; retry later (Retry-After)",
+    }
+}
+"""What a read answers while the gateway's store is away (`store_away`)."""
+
 INGEST_HEADERS: list[dict[str, Any]] = [
     {
         "name": "Idempotency-Key",
@@ -493,7 +501,7 @@ def _partial_failure(
 @router.get(
     "/v1/events/{event_id:event_id}",
     summary="An event's fate: per consuming service, its state and history",
-    responses={404: {"model": Problem, "description": "Unknown event id"}},
+    responses={404: {"model": Problem, "description": "Unknown event id"}, **STORE_AWAY},
 )
 async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
     unknown_unless_id(event_id)
@@ -585,6 +593,7 @@ async def cancel_event_post(
             "description": "Cancelled or dead-lettered: no summary comes (unless a replay "
             "brings one); the event's status, with the reason"
         },
+        **STORE_AWAY,
     },
 )
 async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:

@@ -349,6 +349,21 @@ async def test_openapi_shows_every_event_schema(client: httpx.AsyncClient) -> No
     assert set(body) == {"application/json", "application/cloudevents+json"}
 
 
+async def test_openapi_documents_the_503_of_every_read_the_store_answers(
+    client: httpx.AsyncClient,
+) -> None:
+    # A read while the store is away is a 503 with Retry-After, which clients generated from
+    # the document did not expect.
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in (
+        "/v1/events/{event_id}",
+        "/v1/datasets/{dataset_id}",
+        "/v1/files/{file_id}",
+        "/v1/files/{file_id}/content",
+    ):
+        assert "503" in paths[path]["get"]["responses"], path
+
+
 # --- readiness says what is true ----------------------------------------------------------------
 
 
