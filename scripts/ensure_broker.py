@@ -50,7 +50,14 @@ def main() -> int:
         return 0
     local = host in {"127.0.0.1", "localhost", "::1"}
     server = shutil.which("rabbitmq-server")
-    if local and server:
+    if local and server and port != 5672:
+        # The local node listens on 5672: started, it would not answer here, and if it runs
+        # already, a second one would only fail beside it.
+        print(
+            f"broker: nothing answers at {host}:{port}; not starting the local RabbitMQ, "
+            "which listens on 5672: start the broker AMQP_URL names, or unset AMQP_URL"
+        )
+    elif local and server:
         print(f"broker: nothing at {host}:{port}; starting the local RabbitMQ ({server} -detached)")
         subprocess.run([server, "-detached"], check=False)
         if wait_for(host, port, START_TIMEOUT):

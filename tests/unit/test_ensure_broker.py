@@ -1,0 +1,28 @@
+"""scripts/ensure_broker.py: what it does when nothing answers at AMQP_URL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.processes import free_port
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "ensure_broker.py"
+
+
+def test_a_local_url_on_another_port_starts_no_local_broker(tmp_path: Path) -> None:
+    # The local node listens on 5672: started for another port it never answered there, and
+    # beside a node already running, a second one only failed.
+    started = tmp_path / "started"
+    fake = tmp_path / "rabbitmq-server"
+    fake.write_text(f"#!/bin/sh\ntouch {started}\n")
+    fake.chmod(0o755)
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    env = {**os.environ, "AMQP_URL": url, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--optional"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and not started.exists()
+    assert "not starting the local RabbitMQ" in run.stdout
