@@ -653,7 +653,12 @@ def analyse_file(
     head = blob.head()
     sniffed = sniff(head, whole=len(head) < HEAD_SIZE)
     notes: list[str] = []
-    if declared_type not in GENERIC_TYPES and declared_type != sniffed.media_type:
+    if (
+        declared_type not in GENERIC_TYPES
+        and declared_type != sniffed.media_type
+        # Another name of the same format (`application/jsonl`) is no difference to note.
+        and DECLARED_FORMATS.get(declared_type) != sniffed.format
+    ):
         notes.append(f"declared {declared_type}; the content looks like {sniffed.media_type}")
     for attempt in plan(declared_type, sniffed):
         try:

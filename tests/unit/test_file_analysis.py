@@ -259,6 +259,15 @@ def test_a_declared_type_that_differs_from_the_content_is_noted(stored: Stored) 
     assert "declared image/jpeg; the content looks like image/png" in analysis.notes
 
 
+@pytest.mark.parametrize("declared", ["application/jsonl", "application/ndjson"])
+def test_another_name_of_the_content_s_format_is_no_difference(
+    stored: Stored, declared: str
+) -> None:
+    analysis = stored.analyse(b'{"a": 1}\n{"a": 2}\n', declared)
+    assert analysis.record_count == 2
+    assert not [note for note in analysis.notes if "looks like" in note], analysis.notes
+
+
 @pytest.mark.parametrize("lines", [50, 200])  # under and over the 4 MiB a document is parsed
 def test_json_lines_too_long_for_the_sniffed_head_are_still_json_lines(
     stored: Stored, lines: int
