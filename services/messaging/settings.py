@@ -288,9 +288,15 @@ class ConsumerSettings(CourierSettings):
     @classmethod
     def _names_exception_types(cls, names: tuple[str, ...]) -> tuple[str, ...]:
         # Resolved here, so that a typo is a settings error at start-up, not a crash of the
-        # service once it has started.
+        # service once it has started; every bad entry is named at once.
+        problems = []
         for name in names:
-            _exception_type(name)
+            try:
+                _exception_type(name)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
         return names
 
     @model_validator(mode="after")

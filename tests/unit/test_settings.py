@@ -223,6 +223,15 @@ def test_a_permanent_error_that_names_no_exception_class_is_a_settings_error(
     assert why in str(caught.value)
 
 
+def test_every_permanent_error_that_names_no_exception_class_is_named_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COURIER_PERMANENT_ERRORS", "NoSuchError,KeyError,json.Nope")
+    with pytest.raises(ValidationError) as caught:
+        ConsumerSettings()
+    assert "'NoSuchError'" in str(caught.value) and "'json.Nope'" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "url",
     ["postgresql://courier@db/courier", "postgres://u@h/d", "sqlite:////var/lib/courier/x.db"],
