@@ -74,9 +74,9 @@ class Batcher(Generic[In, Out]):
                     await self._one_by_one(batch)
                     continue
                 _fail(batch, exc)
-                if isinstance(exc, asyncio.CancelledError):
+                if isinstance(exc, asyncio.CancelledError) and _stopping():
                     raise
-                continue
+                continue  # work cancelled under the batch: its callers saw it; the next runs
             _settle(batch, results)
 
     def _worth_isolating(
@@ -94,12 +94,21 @@ class Batcher(Generic[In, Out]):
             try:
                 results = await self._run([item])
             except asyncio.CancelledError as exc:
-                _fail(batch[at:], exc)
-                raise
+                if _stopping():
+                    _fail(batch[at:], exc)
+                    raise
+                _fail([(item, future)], exc)
+                continue
             except Exception as exc:  # noqa: BLE001  # this item's caller raises it
                 _fail([(item, future)], exc)
                 continue
             _settle([(item, future)], results)
+
+
+def _stopping() -> bool:
+    """Whether the draining task itself is being cancelled (not only work it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _settle(batch: Sequence[tuple[In, asyncio.Future[Out]]], results: Sequence[Out]) -> None:

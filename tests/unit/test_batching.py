@@ -93,6 +93,27 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still
     assert store.batches == [[1], [2]]
 
 
+async def test_a_batch_whose_work_was_cancelled_leaves_the_next_batch_running() -> None:
+    # Work cancelled under the batch (an executor shut down, a shared future cancelled), not
+    # the batcher: the calls that arrived meanwhile waited for the next call to come along.
+    class CancelledOnce(Store):
+        async def write(self, items: list[int]) -> list[int]:
+            self.batches.append(items)
+            await asyncio.sleep(self.seconds)
+            if len(self.batches) == 1:
+                raise asyncio.CancelledError
+            return [item * 10 for item in items]
+
+    store = CancelledOnce(seconds=0.05)
+    batcher = Batcher(store.write)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    later = asyncio.ensure_future(batcher.submit(2))
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await asyncio.wait_for(later, 1) == 20
+
+
 async def test_the_callers_of_a_failed_batch_each_raise_an_exception_of_their_own() -> None:
     """One object raised in many tasks would chain all their tracebacks into one."""
     store = Store(seconds=0.05, fail_first=True)
