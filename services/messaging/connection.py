@@ -13,9 +13,9 @@ from aio_pika.connection import make_url
 # handshake in milliseconds; one that does not is cut where cutting leaks nothing.
 SETTLE_SECONDS = 5.0
 CONNECT_TIMEOUT = 30.0
-"""How long the first connect may take. A broker that accepts the TCP connection but never
-starts the handshake (one out of file handles, say) would otherwise hold it for ever, the
-service unready and saying nothing."""
+"""How long a connect may take, the first and each reconnect. A broker that accepts the TCP
+connection but never starts the handshake (one out of file handles, say) would otherwise hold
+it for ever, the service unready and saying nothing."""
 
 
 async def open_connection(
@@ -31,7 +31,9 @@ async def open_connection(
     connection = RobustConnection(
         make_url(url, heartbeat=heartbeat), client_properties={"connection_name": name}
     )
-    attempt = asyncio.ensure_future(connection.connect())
+    # The timeout is aio-pika's for every reconnect too (the outer one below bounds only this
+    # first attempt): a reconnect that met a broker which never answered hung for good.
+    attempt = asyncio.ensure_future(connection.connect(timeout=answer_within))
     try:
         async with asyncio.timeout(answer_within):
             await asyncio.shield(attempt)

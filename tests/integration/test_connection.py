@@ -1,13 +1,16 @@
 """Opening a connection to a real broker: a connect cut short leaves nothing running, and one
-the broker never answers ends."""
+the broker never answers ends, a reconnect too."""
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import pytest
 
 from services.messaging.connection import open_connection
+from tests.support.polling import eventually
+from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -62,3 +65,32 @@ async def test_a_broker_that_takes_the_connection_but_never_answers_is_a_failed_
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_reconnect_to_a_broker_that_never_answers_is_cut_and_tried_again(
+    amqp_url: str,
+) -> None:
+    """After the broker went, the first reconnect met one that took the connection and never
+    answered (out of file handles, a load balancer holding it): it waited for ever, the
+    service unready though the broker came back."""
+    broker = urlsplit(amqp_url)
+    async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
+        connection = await open_connection(
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.5",
+            heartbeat=30,
+            name="reconnecting",
+            answer_within=1,
+        )
+        try:
+            proxy.set_mode(ProxyMode.BLACKHOLE)
+            proxy.reset_all()  # the broker goes; new connections are taken, never answered
+            before = proxy.accepted
+
+            async def tried_again() -> None:
+                assert proxy.accepted >= before + 2  # the first attempt was cut
+
+            await eventually(tried_again, timeout=10)
+            proxy.set_mode(ProxyMode.PASS)
+            await asyncio.wait_for(connection.connected.wait(), 10)
+        finally:
+            await connection.close()
