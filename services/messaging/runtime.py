@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from datetime import timedelta
-from typing import NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import uvloop
 from aio_pika.abc import AbstractRobustConnection
@@ -174,15 +174,33 @@ async def _record_cancellation(
     await inbox.cancel(conn, event.data.event_id)
 
 
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopped: a stop asked again while the process ends (a supervisor, an impatient
+    operator) finds nothing left to stop. With the loop's handlers gone, it killed the process
+    (exit -15) after a clean stop."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)  # else the loop puts back the default as it closes
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+    # From the first step: a stop asked while the store is claimed is a stop, not a kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
     try:
-        return await _serve(service, settings, build_routes)
+        return await _serve(service, settings, build_routes, stop)
     except StoreOfAnotherNamespace as exc:
         log_refusal(log, ServiceExit.STORE_CLAIMED, exc)
         return ServiceExit.STORE_CLAIMED
 
 
-async def _claim_store(settings: ConsumerSettings, service: str) -> None:
+async def _claim_store(settings: ConsumerSettings, service: str) -> bool:
     """Claim the service's store for its namespace first: refused, the service must leave
     before it declares anything on the broker or builds its routes."""
     engine = open_store(store_url(settings.database_url, settings.data_dir, service))
@@ -190,21 +208,23 @@ async def _claim_store(settings: ConsumerSettings, service: str) -> None:
         await claim(engine, settings.namespace)
     finally:
         await engine.dispose()
+    return True
 
 
-async def _serve(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+async def _serve(
+    service: str, settings: S, build_routes: RoutesFactory[S], stop: asyncio.Event
+) -> int:
     try:
-        await _claim_store(settings, service)
+        claimed = await _unless_stopped(_claim_store(settings, service), stop)
     except STORE_ERRORS:
         # Away, or a file that cannot be opened: as with an absent broker, the supervisor
         # starts the service again.
         log.exception("could not open the store; exiting")
         return ServiceExit.FAILED
+    if not claimed:
+        log.info("stopped while opening the store")
+        return ServiceExit.OK
     topology = settings.topology(service)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     consumers: list[Consumer] = []
 
@@ -356,4 +376,11 @@ def run(service: str, settings: S, build_routes: RoutesFactory[S]) -> NoReturn:
     configure_logging(settings.log_level, service)
     # uvloop (as the gateway runs under uvicorn): a faster loop and transports, ~7 % more
     # messages per CPU second in bench.consumer's path.
-    sys.exit(uvloop.run(serve(service, settings, build_routes)))
+    sys.exit(uvloop.run(_serve_and_end(service, settings, build_routes)))
+
+
+async def _serve_and_end(service: str, settings: S, build_routes: RoutesFactory[S]) -> int:
+    try:
+        return await serve(service, settings, build_routes)
+    finally:
+        _ignore_stop_signals()

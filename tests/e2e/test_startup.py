@@ -4,9 +4,11 @@ gateway and the consumers)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,6 +237,43 @@ def test_a_consumer_told_to_stop_while_it_waits_for_its_broker_exits_0_at_once(
         eventually_sync(waiting, timeout=30)
         assert processor.terminate(timeout=15) == 0
         assert "stopped while waiting for the broker" in processor.log()
+    finally:
+        processor.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_consumer_told_to_stop_while_its_store_does_not_answer_exits_0(
+    namespace: Namespace, tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A PostgreSQL that takes the connection and never answers (asyncpg waits 60 s): the
+    # signal handlers came after the store's claim, so a stop then killed the process.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x"
+        processor = consumer("processor", namespace.env(DATABASE_URL=url), tmp_path).start()
+        try:
+            assert processor.process is not None
+            silent.settimeout(20)
+            taken, _ = silent.accept()  # the store's connection: its answer awaited
+            with taken:
+                processor.process.send_signal(sig)
+                assert processor.process.wait(15) == 0, processor.log()
+            assert "stopped while opening the store" in processor.log()
+        finally:
+            processor.kill()
+
+
+def test_a_consumer_told_to_stop_twice_exits_0(namespace: Namespace, tmp_path: Path) -> None:
+    # A supervisor or an operator asking again: once stopped, the loop's handlers were gone
+    # and the second SIGTERM killed the process (exit -15) on its way out.
+    processor = consumer("processor", namespace.env(), tmp_path).start().wait_ready(60)
+    try:
+        assert processor.process is not None
+        while processor.process.poll() is None:
+            processor.process.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+        assert processor.process.wait(60) == 0, processor.log()
     finally:
         processor.kill()
 
