@@ -332,6 +332,8 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
             return f(Session(client, as_json, out, err), *args, **options)
         except OpsError as error:
             _fail(error, as_json=as_json, err=err)
+        except KeyboardInterrupt:  # click would exit 1, "Aborted!", with no JSON document
+            _fail(OpsError("interrupted", ExitCode.INTERRUPTED), as_json=as_json, err=err)
         finally:
             client.close()
 
@@ -597,40 +599,42 @@ def _run_batches(
     body = {**selection.body(until), **extra}
     homeless = False
     with _Progress(session, verb, total) as progress:
-        for size in _batches(total, batch):
-            # Letters left dead stay the oldest match: without this every batch took them again.
-            if len(run.skipped) >= MAX_PER_REQUEST:
-                homeless = True  # so many without a home: reported; discard them, then again
-                break
-            left = {"exclude_ids": list(run.skipped)} if run.skipped else {}
-            try:
-                outcome = session.client.post(
-                    path, {**body, **left, "limit": size}, extra_seconds=paced(size)
-                )
-            except KeyboardInterrupt:
-                error = OpsError(
-                    f"interrupted after {run.done} of {total}; the batch in flight may still "
-                    "complete on the gateway: check `courier dlq actions`",
-                    ExitCode.INTERRUPTED,
-                )
-                error.partial = run.document()
-                raise error from None
-            except OpsError as error:
-                if isinstance(error.detail, dict):  # a 503 says what it did before stopping
-                    run.done += int(error.detail.get("count", 0))
-                    run.ids.extend(error.detail.get("ids", []))
-                    if error.detail.get("action_id"):
-                        run.action_ids.append(str(error.detail["action_id"]))
-                error.partial = run.document()
-                error.message += f" ({verb.lower()} {run.done} of {total} before it stopped)"
-                raise
-            run.done += int(outcome["count"])
-            run.ids.extend(outcome.get("ids", []))
-            run.skipped.update(outcome.get("skipped", {}))
-            run.action_ids.append(str(outcome["action_id"]))
-            progress.update(run.done)
-            if outcome["count"] == 0 and not outcome.get("skipped"):
-                break  # nothing left to take: others took or discarded the rest
+        try:
+            for size in _batches(total, batch):
+                # Letters left dead stay the oldest match: without this every batch took
+                # them again.
+                if len(run.skipped) >= MAX_PER_REQUEST:
+                    homeless = True  # so many without a home: reported; discard them, then again
+                    break
+                left = {"exclude_ids": list(run.skipped)} if run.skipped else {}
+                try:
+                    outcome = session.client.post(
+                        path, {**body, **left, "limit": size}, extra_seconds=paced(size)
+                    )
+                except OpsError as error:
+                    if isinstance(error.detail, dict):  # a 503 says what it did before stopping
+                        run.done += int(error.detail.get("count", 0))
+                        run.ids.extend(error.detail.get("ids", []))
+                        if error.detail.get("action_id"):
+                            run.action_ids.append(str(error.detail["action_id"]))
+                    error.partial = run.document()
+                    error.message += f" ({verb.lower()} {run.done} of {total} before it stopped)"
+                    raise
+                run.done += int(outcome["count"])
+                run.ids.extend(outcome.get("ids", []))
+                run.skipped.update(outcome.get("skipped", {}))
+                run.action_ids.append(str(outcome["action_id"]))
+                progress.update(run.done)
+                if outcome["count"] == 0 and not outcome.get("skipped"):
+                    break  # nothing left to take: others took or discarded the rest
+        except KeyboardInterrupt:
+            interrupted = OpsError(
+                f"interrupted after {run.done} of {total}; the batch in flight may still "
+                "complete on the gateway: check `courier dlq actions`",
+                ExitCode.INTERRUPTED,
+            )
+            interrupted.partial = run.document()
+            raise interrupted from None
     if not selection.ids and not homeless:
         # Counted at the start: what no batch moved or left dead, a concurrent replay or
         # discard took (said, not passed over).
