@@ -43,6 +43,8 @@ EventId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, strict=True, pattern=ID_PATTERN),
     AfterValidator(_fits_amqp),
+    # What JSON Schema cannot say (it counts characters): said, so a client's check knows.
+    Field(description=f"1-128 characters, at most {MAX_ID_BYTES} bytes in UTF-8"),
 ]
 _EVENT_ID: TypeAdapter[str] = TypeAdapter(EventId)
 
