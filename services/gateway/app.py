@@ -192,6 +192,7 @@ def create_app(
                     settings.namespace,
                     [topology.dead_letter_queue for topology in settings.all_topologies()],
                     keep_letters(failures, tracking),
+                    topologies=settings.all_topologies(),
                 )
             )
             broker.consume_with(

@@ -51,6 +51,7 @@ from services.messaging.errors import (
     CourierError,
     PermanentError,
     StoreUnavailable,
+    Unroutable,
     causes,
 )
 from services.messaging.failure import (
@@ -736,11 +737,8 @@ class Consumer:
             await self._dead_letter(message, failure, "retries_exhausted", event)
             return
         retry_headers = failure.retry_headers(message.header.properties.headers or {})
-        await self._publisher.publish_raw(
-            message.body,
-            _republished(message, retry_headers),
-            exchange="",
-            routing_key=self._topology.retry_queue(delay),
+        await self._publish_to_own(
+            message.body, _republished(message, retry_headers), self._topology.retry_queue(delay)
         )
         self._ack(message)
         self._report(
@@ -760,6 +758,26 @@ class Consumer:
             },
         )
 
+    async def _publish_to_own(
+        self, body: bytes, properties: spec.Basic.Properties, queue: str
+    ) -> None:
+        """Publish into one of the service's own queues (a delay tier, its dead-letter queue).
+        Unroutable, an operator deleted it: the topology is declared again and the publish
+        tried once more. (Nothing declared it again: every failure went back to the queue
+        until the broker's delivery limit, the retry schedule and the failure's story lost,
+        and with the dead-letter queue gone, the event stayed `processing` out of sight.)"""
+        try:
+            await self._publisher.publish_raw(body, properties, exchange="", routing_key=queue)
+        except Unroutable:
+            connection = self._connection
+            if connection is None or connection.is_closed:
+                raise
+            log.warning(
+                "a queue of the service is gone; declaring it again", extra={"queue": queue}
+            )
+            await declare_topology(connection, [self._topology])
+            await self._publisher.publish_raw(body, properties, exchange="", routing_key=queue)
+
     async def _dead_letter(
         self,
         message: DeliveredMessage,
@@ -776,11 +794,8 @@ class Consumer:
             event_id=event.id if event is not None else properties.message_id,
             event_type=event.type if event is not None else properties.message_type,
         )
-        await self._publisher.publish_raw(
-            message.body,
-            _republished(message, dead_headers),
-            exchange="",
-            routing_key=self._topology.dead_letter_queue,
+        await self._publish_to_own(
+            message.body, _republished(message, dead_headers), self._topology.dead_letter_queue
         )
         self._ack(message)
         if event is not None:

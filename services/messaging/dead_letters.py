@@ -30,16 +30,18 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiormq import spec
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import TypeAdapter, ValidationError
 
-from contracts.topology import queue_for, service_of_queue, workers_of
+from contracts.topology import ServiceTopology, queue_for, service_of_queue, workers_of
 from contracts.tracking import EventIdField
 from services.messaging import failure as f
-from services.messaging.hold import hold_pauses
+from services.messaging.declare import declare_topology
+from services.messaging.hold import LONGEST_PAUSE, hold_pauses
 from services.messaging.logs import get_logger
 from services.messaging.publisher import CONTENT_TYPE, Publisher
 
@@ -346,15 +348,25 @@ class DeadLetterDrain:
     """Consumes dead-letter queues into a sink; acks only after the sink returned."""
 
     def __init__(
-        self, namespace: str, queues: Sequence[str], sink: Sink, prefetch: int = 64
+        self,
+        namespace: str,
+        queues: Sequence[str],
+        sink: Sink,
+        prefetch: int = 64,
+        topologies: Sequence[ServiceTopology] = (),
     ) -> None:
+        """`topologies`: those that declare the queues, declared again when one is deleted."""
         self._namespace = namespace
         self._queues = queues
         self._sink = sink
         self._prefetch = prefetch
+        self._declared_by = {topology.dead_letter_queue: topology for topology in topologies}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._lost: set[str] = set()
+        """Queues whose consumer the broker cancelled (deleted), until consumed again."""
+        self._again: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Task[Any]] = set()
         """The deliveries' tasks (aio-pika runs each in its own) still storing their letter."""
 
@@ -366,6 +378,55 @@ class DeadLetterDrain:
             queue = await channel.get_queue(name, ensure=True)
             on_message = functools.partial(self._on_message, name)
             self._consuming.append((queue, await queue.consume(on_message)))
+        await self._watch_cancels(channel)
+        if isinstance(channel, AbstractRobustChannel):
+            channel.reopen_callbacks.add(self._watch_cancels)
+
+    async def _watch_cancels(self, channel: object) -> None:
+        assert isinstance(channel, AbstractChannel)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        """The broker cancelled a consumer: its queue was deleted (an operator's mistake), and
+        the letters that would reach it are returned to their work queue over and over, unseen.
+        Not consuming until it is declared again and consumed."""
+        for at, (queue, tag) in enumerate(self._consuming):
+            if tag == frame.consumer_tag and queue.name not in self._lost:
+                self._lost.add(queue.name)
+                log.warning(
+                    "the broker cancelled a dead-letter consumer; declaring its queue again",
+                    extra={"queue": queue.name},
+                )
+                task = asyncio.get_running_loop().create_task(self._consume_again(at))
+                self._again.add(task)
+                task.add_done_callback(self._again.discard)
+
+    async def _consume_again(self, at: int) -> None:
+        queue, _ = self._consuming[at]
+        pause = FIRST_HOLD_PAUSE
+        while queue.name in self._lost and self._connection is not None:
+            try:
+                await self._declare_again(self._connection, queue.name)
+                tag = await queue.consume(functools.partial(self._on_message, queue.name))
+            except Exception:  # said, and tried again: never a drain that silently drains nothing
+                log.warning("could not consume dead letters again; retrying", exc_info=True)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, LONGEST_PAUSE)
+                continue
+            self._consuming[at] = (queue, tag)
+            self._lost.discard(queue.name)
+            log.info("consuming dead letters again", extra={"queue": queue.name})
+
+    async def _declare_again(self, connection: AbstractRobustConnection, name: str) -> None:
+        """Declare the queue's service topology again; without one, make sure the queue is
+        back (a consume on a missing queue would close the drain's channel)."""
+        topology = self._declared_by.get(name)
+        if topology is not None:
+            await declare_topology(connection, [topology])
+            return
+        async with connection.channel() as channel:
+            await channel.get_queue(name, ensure=True)
 
     @property
     def consuming(self) -> bool:
@@ -378,6 +439,7 @@ class DeadLetterDrain:
             and channel is not None
             and not channel.is_closed
             and len(self._consuming) == len(self._queues)
+            and not self._lost
         )
 
     async def stop(self, drain_seconds: float) -> bool:
@@ -385,6 +447,9 @@ class DeadLetterDrain:
         acked, so a letter the store has is not left in its queue (and redelivered on the next
         start). True if drained."""
         consuming, self._consuming = self._consuming, []
+        self._lost.clear()
+        for task in self._again:
+            task.cancel()
         if self._connection is None or not self._connection.connected.is_set():
             consuming = []  # the broker is away: nothing is delivered, and a cancel would wait
         for queue, tag in consuming:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import aio_pika
 import orjson
 import pytest
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -271,6 +271,64 @@ async def test_an_error_that_cannot_be_rendered_is_dead_lettered_with_its_type(
     headers: dict[str, Any] = dict(dead.headers)
     assert headers[f.REASON] == "permanent" and handler.calls == [event.id]
     assert headers[f.EXCEPTION_TYPE].endswith("._Unprintable")
+
+
+async def delete_queue(namespace: Namespace, name: str) -> None:
+    """What an operator's `rabbitmqctl delete_queue` does."""
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection, connection.channel() as channel:
+        await channel.queue_delete(name)
+
+
+async def test_a_dead_letter_queue_an_operator_deleted_is_declared_again_for_the_letter(
+    namespace: Namespace,
+) -> None:
+    # Its publish unroutable, the failure went back to the queue until the broker's delivery
+    # limit, the handler run each time, and the letter reached no one.
+    handler = Recorder(failures=[PermanentError("recipient refused")])
+    event = notification()
+    routes = {"notification.requested": route(handler)}
+    async with running(namespace, "notifier", routes) as (pub, topo, _):
+        await delete_queue(namespace, topo.dead_letter_queue)
+        await publish(pub, topo, event)
+
+        async def dead_lettered() -> None:
+            try:
+                count = await ready_messages(namespace.amqp_url, topo.dead_letter_queue)
+            except ChannelNotFoundEntity:
+                count = 0  # not declared again yet
+            assert count == 1
+
+        await eventually(dead_lettered)
+        [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
+    assert dict(dead.headers)[f.REASON] == "permanent" and handler.calls == [event.id]
+
+
+async def test_a_delay_tier_an_operator_deleted_is_declared_again_for_the_retry(
+    namespace: Namespace,
+) -> None:
+    # Returned to the queue instead, the failure skipped the back-off, ran again at once
+    # as attempt 1 each time, and ended as `delivery_limit`, not `retries_exhausted`.
+    attempts: list[int] = []
+
+    async def handler(event: Envelope, *, attempt: int) -> None:
+        attempts.append(attempt)
+        if attempt == 1:
+            raise ConnectionResetError("blip")
+
+    routes = {
+        "notification.requested": Route(
+            handler, RetryPolicy(delays=(1,), immediate=0), takes_attempt=True
+        )
+    }
+    async with running(namespace, "notifier", routes) as (pub, topo, _):
+        await delete_queue(namespace, topo.retry_queue(1))
+        await publish(pub, topo, notification())
+
+        async def retried() -> None:
+            assert attempts == [1, 2]  # the first delivery, then back from the delay tier
+
+        await eventually(retried)
 
 
 async def test_a_dead_letter_is_logged_with_its_event_id_type_and_reason(

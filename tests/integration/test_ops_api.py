@@ -428,6 +428,42 @@ async def draining(
         await connection.close()
 
 
+async def test_a_dead_letter_queue_an_operator_deleted_is_declared_again_and_drained(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The drain went on as if consuming, and ready: letters that failed meanwhile went back
+    # to their work queue over and over, their events `processing` out of sight.
+    kept: list[str | None] = []
+
+    async def keep(letter: DeadLetter) -> None:
+        kept.append(letter.event_id)
+
+    queue = dead_letter_queue(namespace.name, "notifier")
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    topologies = namespace.settings().all_topologies()
+    drain = DeadLetterDrain(namespace.name, [queue], keep, topologies=topologies)
+    try:
+        await declare_topology(connection, topologies)
+        await drain.start(connection)
+        assert drain.consuming
+        async with connection.channel() as channel:
+            await channel.queue_delete(queue)
+
+        async def back() -> None:
+            assert "consuming dead letters again" in caplog.text and drain.consuming
+
+        await eventually(back, timeout=10)
+        await dead_letter_arrives(namespace, "m-after")
+
+        async def drained() -> None:
+            assert kept == ["m-after"]
+
+        await eventually(drained, timeout=10)
+    finally:
+        await drain.stop(drain_seconds=5)
+        await connection.close()
+
+
 def storing(store: FailureStore) -> Sink:
     """A drain's sink that stores each letter in `store`."""
 
