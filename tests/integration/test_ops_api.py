@@ -438,6 +438,7 @@ async def test_a_dead_letter_queue_an_operator_deleted_is_declared_again_and_dra
     async def keep(letter: DeadLetter) -> None:
         kept.append(letter.event_id)
 
+    caplog.set_level(logging.INFO, logger="courier.dead_letters")
     queue = dead_letter_queue(namespace.name, "notifier")
     connection = await aio_pika.connect_robust(namespace.amqp_url)
     topologies = namespace.settings().all_topologies()
