@@ -138,6 +138,12 @@ MAX_UNRECORDED = 10_000
 """Notifications remembered as sent while the store would not take their record."""
 
 
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """A shielded send whose caller was cancelled: its failure is logged here, not lost."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("a delivery finished after its caller gave up, failing", exc_info=exc)
+
+
 class Channels:
     """Delivers on the notification's channel, at most once per event id once it succeeded."""
 
@@ -149,6 +155,18 @@ class Channels:
         self._unrecorded: dict[str, None] = {}  # oldest first
 
     async def deliver(self, notification: Notification) -> None:
+        # The send and its record go together. Cancelled in between (the broker closed the
+        # channel under the delivery, as in a graceful restart), a sent notification went
+        # unrecorded and its redelivery sent it again: they finish, and the redelivery finds
+        # the record. (A stop's drain still bounds them: the store then refuses, said.)
+        sending = asyncio.ensure_future(self._deliver(notification))
+        try:
+            await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            sending.add_done_callback(_retrieved)
+            raise
+
+    async def _deliver(self, notification: Notification) -> None:
         if notification.event_id in self._unrecorded:
             log.info("sent before the store went away; recording it, not sending again")
             await self._record(notification)

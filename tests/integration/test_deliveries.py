@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from services.notifier.webhook import (
     WebhookUnavailable,
     webhook_client,
 )
+from tests.support.polling import eventually
 from tests.support.webhook_receiver import Reply, WebhookReceiver
 
 SECRET = b"integration-webhook-secret-0123456789"
@@ -263,3 +265,31 @@ async def test_a_sent_notification_the_store_cannot_record_holds_its_delivery(
         await channels.deliver(notification(receiver.url()))
     assert isinstance(held.value.__cause__, sqlite3.OperationalError)
     assert len(receiver.received) == 1
+
+
+async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
+    channels: Channels, deliveries: Deliveries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker closed the channel under the delivery (a graceful restart): the line was
+    # written but not recorded, and the redelivery wrote it again.
+    append = LogChannel._append
+
+    def slow_append(self: LogChannel, lines: list[bytes]) -> None:
+        time.sleep(0.3)
+        append(self, lines)
+
+    monkeypatch.setattr(LogChannel, "_append", slow_append)
+    n = replace(notification("ops"), channel="log")
+    sending = asyncio.create_task(channels.deliver(n))
+    await asyncio.sleep(0.1)  # the line is being written
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+
+    async def recorded() -> None:
+        record = await deliveries.get(n.event_id)
+        assert record is not None and record.outcome == "delivered"
+
+    await eventually(recorded)
+    await channels.deliver(n)  # the redelivery
+    assert len((tmp_path / "log.jsonl").read_bytes().splitlines()) == 1
