@@ -335,7 +335,9 @@ class _Column:
 
     def stats(self, records: int, name: str) -> ColumnStats:
         numbers = self.numbers > 0
-        mean = self.mean if numbers else math.nan
+        # Within the values, where merging the batches' means may round it out by an ulp
+        # (3,000 values of float's largest came out just below their minimum).
+        mean = min(max(self.mean, self.low), self.high) if numbers else math.nan
         return ColumnStats(
             name=name,
             kind=self.kind(),

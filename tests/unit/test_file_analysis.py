@@ -259,6 +259,15 @@ def test_a_declared_type_that_differs_from_the_content_is_noted(stored: Stored) 
     assert "declared image/jpeg; the content looks like image/png" in analysis.notes
 
 
+def test_a_column_s_mean_stays_within_its_values(stored: Stored) -> None:
+    # Merged batch by batch, the mean of 3,000 values of float's largest came out an ulp
+    # below their minimum.
+    content = b"x\n" + b"1.7976931348623157e308\n" * 3000
+    stats = column(stored.analyse(content, "text/csv"), "x")
+    assert stats.mean is not None and stats.min is not None and stats.max is not None
+    assert stats.min <= stats.mean <= stats.max
+
+
 @pytest.mark.parametrize("declared", ["application/jsonl", "application/ndjson"])
 def test_another_name_of_the_content_s_format_is_no_difference(
     stored: Stored, declared: str
