@@ -73,11 +73,14 @@ class BrokerLink:
 
     @property
     def ready(self) -> bool:
-        """Connected, the topology declared, and every consumer consuming (a gateway that
-        publishes but no longer drains dead letters or status is not well)."""
+        """Connected, the topology declared, publishing not blocked by a resource alarm (every
+        event would be answered 503 after the publish timeout: a load balancer should send
+        them elsewhere), and every consumer consuming (a gateway that publishes but no longer
+        drains dead letters or status is not well)."""
         return (
             self._declared
             and self.publisher.ready
+            and not self.publisher.blocked
             and all(c.consuming for c in self._consumers if id(c) in self._started)
         )
 

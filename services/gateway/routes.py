@@ -624,12 +624,19 @@ async def healthz() -> dict[str, str]:
 class Readiness(BaseModel):
     ready: bool
     topology_error: str | None = None
+    publishing_blocked: bool | None = None
+    """True while the broker blocks publishing (a memory or disk alarm)."""
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Not connected to the broker (yet)"}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Not connected to the broker (yet), or it blocks publishing",
+        }
+    },
     summary="Readiness: connected to the broker with the topology declared",
 )
 async def readyz(broker: Broker) -> JSONResponse:
@@ -637,4 +644,6 @@ async def readyz(broker: Broker) -> JSONResponse:
     body: dict[str, Any] = {"ready": ready}
     if broker.topology_error:
         body["topology_error"] = broker.topology_error
+    if broker.publisher.blocked:
+        body["publishing_blocked"] = True
     return JSONResponse(status_code=200 if ready else 503, content=body)

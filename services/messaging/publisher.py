@@ -173,6 +173,19 @@ class Publisher:
         return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
     @property
+    def blocked(self) -> bool:
+        """The broker blocks this connection's publishes (a memory or disk alarm): each waits
+        until the alarm clears, and is answered as not confirmed after `confirm_timeout`.
+        (aiormq keeps the state in a private event; `tests/faults/test_resource_alarm.py`
+        pins it.)"""
+        connection = self._connection
+        transport = None if connection is None else connection.transport
+        if transport is None:
+            return False
+        unblocked = getattr(transport.connection, "_Connection__connection_unblocked", None)
+        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+    @property
     def ready(self) -> bool:
         """Connected with an open channel: a publish can be attempted."""
         connection = self._connection

@@ -220,6 +220,11 @@ class PrivateRabbitNode:
         self._ctl("start_app")  # returns once the application (and its listeners) runs
         self.timings["start_app"] = time.monotonic() - started
 
+    def memory_alarm(self, on: bool) -> None:
+        """Raise a memory alarm (a high watermark no node stays under: publishers are blocked),
+        or clear it (RabbitMQ's default watermark)."""
+        self._ctl("set_vm_memory_high_watermark", "0.0001" if on else "0.4")
+
     def kill(self) -> None:
         """Crash the node: ``kill -9`` the beam pid from the pid file and wait until it is gone."""
         process = self._require_process()
