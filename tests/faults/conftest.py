@@ -27,7 +27,7 @@ from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
 from services.messaging.settings import CourierSettings
 from tests.conftest import Namespace
-from tests.support.processes import ServiceProcess, consumer
+from tests.support.processes import ServiceProcess, consumer, gateway
 from tests.support.rabbit_node import PrivateRabbitNode
 
 # Environment variable of each topology setting -> its CourierSettings field.
@@ -257,3 +257,16 @@ def readiness(service: ServiceProcess) -> int | None:
         return httpx.get(service.health_url, timeout=2).status_code
     except httpx.HTTPError:
         return None
+
+
+@pytest.fixture
+def gateway_process(
+    namespace: Namespace, private_node: PrivateRabbitNode, tmp_path: Path
+) -> Iterator[ServiceProcess]:
+    """A gateway process of the test's namespace, pointed at the private node (not started)."""
+    process = gateway(
+        namespace.env(AMQP_URL=private_node.amqp_url, COURIER_LOG_LEVEL="INFO"), tmp_path
+    )
+    yield process
+    if process.process is not None:
+        process.kill()

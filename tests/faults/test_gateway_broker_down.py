@@ -14,9 +14,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +22,7 @@ import pytest
 from tests.conftest import Namespace
 from tests.faults.conftest import readiness
 from tests.support.polling import eventually
-from tests.support.processes import ServiceProcess, base_url, gateway
+from tests.support.processes import ServiceProcess, base_url
 from tests.support.queues import assert_empty, take
 from tests.support.rabbit_node import PrivateRabbitNode
 
@@ -82,19 +80,6 @@ class Client:
             assert 202 in await self.burst()
 
         await eventually(accepted, timeout=timeout)
-
-
-@pytest.fixture
-def gateway_process(
-    namespace: Namespace, private_node: PrivateRabbitNode, tmp_path: Path
-) -> Iterator[ServiceProcess]:
-    """A gateway process of the test's namespace, pointed at the private node (not started)."""
-    process = gateway(
-        namespace.env(AMQP_URL=private_node.amqp_url, COURIER_LOG_LEVEL="INFO"), tmp_path
-    )
-    yield process
-    if process.process is not None:
-        process.kill()
 
 
 async def wait_for_readiness(service: ServiceProcess, status: int, timeout: float) -> None:

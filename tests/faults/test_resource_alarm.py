@@ -8,36 +8,17 @@ alarm lasted, while a load balancer kept sending them there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Namespace
 from tests.support.polling import eventually
-from tests.support.processes import ServiceProcess, base_url, gateway
+from tests.support.processes import ServiceProcess, base_url
 from tests.support.rabbit_node import PrivateRabbitNode
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
 EVENT = {"type": "notification.requested", "data": {"recipient": "ops", "subject": "s"}}
-
-
-@pytest.fixture
-def gateway_process(
-    namespace: Namespace, private_node: PrivateRabbitNode, tmp_path: Path
-) -> Iterator[ServiceProcess]:
-    process = gateway(
-        namespace.env(AMQP_URL=private_node.amqp_url, COURIER_PUBLISH_TIMEOUT="2"), tmp_path
-    )
-    yield process
-    if process.process is not None:
-        process.kill()
-
-
-async def readiness(http: httpx.AsyncClient) -> httpx.Response:
-    return await http.get("/readyz")
 
 
 @pytest.mark.timeout(120)
@@ -53,7 +34,7 @@ async def test_a_gateway_whose_publishing_the_broker_blocks_is_not_ready_until_i
             assert (await http.post("/v1/events", json=EVENT)).status_code == 503
 
             async def blocked() -> None:
-                answer = await readiness(http)
+                answer = await http.get("/readyz")
                 assert answer.status_code == 503, answer.text
                 assert answer.json()["publishing_blocked"] is True
 
@@ -62,7 +43,7 @@ async def test_a_gateway_whose_publishing_the_broker_blocks_is_not_ready_until_i
             await asyncio.to_thread(private_node.memory_alarm, False)
 
         async def ready_again() -> None:
-            assert (await readiness(http)).status_code == 200
+            assert (await http.get("/readyz")).status_code == 200
 
         await eventually(ready_again, timeout=30)
         assert (await http.post("/v1/events", json=EVENT)).status_code == 202

@@ -273,6 +273,20 @@ async def test_an_error_that_cannot_be_rendered_is_dead_lettered_with_its_type(
     assert headers[f.EXCEPTION_TYPE].endswith("._Unprintable")
 
 
+def failing_its_first_attempt() -> tuple[list[int], dict[str, Route]]:
+    """The attempts a handler is told of (`takes_attempt`), and its route: the first fails
+    transiently, to come back from the 1 s delay tier."""
+    attempts: list[int] = []
+
+    async def handler(event: Envelope, *, attempt: int) -> None:
+        attempts.append(attempt)
+        if attempt == 1:
+            raise ConnectionResetError("blip")
+
+    policy = RetryPolicy(delays=(1,), immediate=0)
+    return attempts, {"notification.requested": Route(handler, policy, takes_attempt=True)}
+
+
 async def delete_queue(namespace: Namespace, name: str) -> None:
     """What an operator's `rabbitmqctl delete_queue` does."""
     connection = await aio_pika.connect(namespace.amqp_url)
@@ -309,18 +323,7 @@ async def test_a_delay_tier_an_operator_deleted_is_declared_again_for_the_retry(
 ) -> None:
     # Returned to the queue instead, the failure skipped the back-off, ran again at once
     # as attempt 1 each time, and ended as `delivery_limit`, not `retries_exhausted`.
-    attempts: list[int] = []
-
-    async def handler(event: Envelope, *, attempt: int) -> None:
-        attempts.append(attempt)
-        if attempt == 1:
-            raise ConnectionResetError("blip")
-
-    routes = {
-        "notification.requested": Route(
-            handler, RetryPolicy(delays=(1,), immediate=0), takes_attempt=True
-        )
-    }
+    attempts, routes = failing_its_first_attempt()
     async with running(namespace, "notifier", routes) as (pub, topo, _):
         await delete_queue(namespace, topo.retry_queue(1))
         await publish(pub, topo, notification())
@@ -361,18 +364,7 @@ async def test_a_transient_failure_is_retried_later_through_the_broker(
 async def test_a_handler_that_takes_the_attempt_is_told_which_one_it_is(
     namespace: Namespace,
 ) -> None:
-    attempts: list[int] = []
-
-    async def handler(event: Envelope, *, attempt: int) -> None:
-        attempts.append(attempt)
-        if attempt == 1:
-            raise ConnectionResetError("blip")
-
-    routes = {
-        "notification.requested": Route(
-            handler, RetryPolicy(delays=(1,), immediate=0), takes_attempt=True
-        )
-    }
+    attempts, routes = failing_its_first_attempt()
     async with running(namespace, "notifier", routes) as (pub, topo, _):
         await publish(pub, topo, notification())
 

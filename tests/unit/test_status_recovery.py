@@ -7,20 +7,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.messaging.publisher import Publisher
 from services.messaging.status import Outcome, StatusReporter
-
-
-class Takes(Publisher):
-    """A broker that takes every report."""
-
-    def __init__(self) -> None:
-        super().__init__("amqp://unused")
-        self.reports = 0
-
-    async def publish_event(self, *args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(0)
-        self.reports += 1
+from tests.support.status_broker import StatusBroker
 
 
 class Ledger:
@@ -58,14 +46,14 @@ async def test_an_idle_reporter_looks_for_owed_outcomes_a_few_times_per_age_not_
     ledger = Ledger()
     # Some 35 rounds of 10 ms; an age of 0.4 s: a look every 0.1 s, not one each round.
     reporter = StatusReporter(
-        "processor", Takes(), "x", interval=0.01, ledger=ledger, recover_after=0.4
+        "processor", StatusBroker(), "x", interval=0.01, ledger=ledger, recover_after=0.4
     )
     await run_for(reporter, 0.35)
     assert 1 <= ledger.looks <= 4, ledger.looks
 
 
 async def test_a_look_the_store_fails_leaves_reporting_running() -> None:
-    ledger, broker = Ledger(failing=True), Takes()
+    ledger, broker = Ledger(failing=True), StatusBroker()
     reporter = StatusReporter(
         "processor", broker, "x", interval=0.01, ledger=ledger, recover_after=0.04
     )
@@ -84,7 +72,7 @@ async def test_while_the_store_does_not_note_reports_the_owed_are_not_told_each_
     for a quarter of the recovery age after each failed noting."""
     at = datetime.now(UTC)
     owed = [Outcome(f"e-{i}", "dataset.submitted", "succeeded", at, 1) for i in range(1000)]
-    ledger, broker = Ledger(refusing=True, owed=owed), Takes()
+    ledger, broker = Ledger(refusing=True, owed=owed), StatusBroker()
     reporter = StatusReporter(
         "processor", broker, "x", interval=0.01, ledger=ledger, recover_after=0.4
     )
