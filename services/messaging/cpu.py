@@ -100,12 +100,13 @@ def _launch(executor: ProcessPoolExecutor) -> None:
 def _terminate(executor: ProcessPoolExecutor) -> None:
     # ProcessPoolExecutor cannot stop a running task (`terminate_workers` is Python 3.14+):
     # end the workers, or shutdown (and the interpreter's exit hook) waits for their tasks.
+    # SIGKILL, since the job was given up on and has nothing to clean up: a job deaf to SIGTERM
+    # (a library's handler) went on for ever. Without a join: the executor's manager thread
+    # reaps them, off the event loop (joined on it, they held the loop for 5 s each).
     workers = list((executor._processes or {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
     for worker in workers:
-        worker.terminate()
-    for worker in workers:
-        worker.join(timeout=5)
+        worker.kill()
 
 
 class RemoteTraceback(Exception):

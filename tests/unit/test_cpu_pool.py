@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.messaging.cpu import OUTCOMES_PREFIX, CpuPool, WorkerLost
+from tests.support.polling import eventually
 
 
 def square(n: int) -> int:
@@ -286,5 +287,47 @@ async def test_an_error_its_caller_cannot_rebuild_is_an_error_naming_it() -> Non
             await pool.run(refuse)
         assert "Refusal: 550 no such mailbox" in str(raised.value.__cause__)
         assert await pool.run(square, 4) == 16  # the pool is whole
+    finally:
+        pool.close()
+
+
+def deaf(folder: str) -> None:
+    """Kills its worker the first time; run again alone, it ignores SIGTERM (as a library with
+    a handler of its own may) and never ends."""
+    died = Path(folder, "died")
+    if not died.exists():
+        died.touch()
+        os._exit(9)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(folder, "pid.tmp").write_text(str(os.getpid()))
+    Path(folder, "pid.tmp").rename(Path(folder, "pid"))
+    while True:
+        time.sleep(1)
+
+
+async def test_a_job_given_up_on_ends_with_its_worker_at_once_even_one_deaf_to_sigterm(
+    tmp_path: Path,
+) -> None:
+    # Its worker was sent SIGTERM and joined on the event loop for 5 s (the loop neither
+    # acking nor heart-beating), then left running for ever.
+    pool = CpuPool(1)
+    try:
+        job = asyncio.create_task(pool.run(deaf, str(tmp_path)))
+
+        async def started() -> int:
+            assert (tmp_path / "pid").exists()
+            return int((tmp_path / "pid").read_text())
+
+        worker = await eventually(started)
+        given_up = time.monotonic()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert time.monotonic() - given_up < 1.0
+
+        async def ended() -> None:
+            assert not alive(worker)
+
+        await eventually(ended)
     finally:
         pool.close()
