@@ -353,6 +353,7 @@ class Consumer:
 
     async def stop(self, drain_seconds: float) -> bool:
         """Stop taking messages; wait up to `drain_seconds` for in-flight ones. True if drained."""
+        deadline = asyncio.get_running_loop().time() + drain_seconds
         if self._resubscribing is not None:
             self._resubscribing.cancel()
         if self._queue is not None and self._consumer_tag is not None:
@@ -360,14 +361,16 @@ class Consumer:
             # cancel (deliveries stop anyway once the connection closes).
             if self.consuming:
                 try:
-                    async with asyncio.timeout(CANCEL_TIMEOUT):
+                    # Within the drain (handlers go on meanwhile), not before it: 5 s more
+                    # with the broker away.
+                    async with asyncio.timeout(min(CANCEL_TIMEOUT, drain_seconds)):
                         await self._queue.cancel(self._consumer_tag)
                 except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
                     log.warning("could not cancel the consumer; the channel is gone already")
             self._consumer_tag = None
             self._subscribed = False
         try:
-            async with asyncio.timeout(drain_seconds):
+            async with asyncio.timeout_at(deadline):
                 await self._idle.wait()
         except TimeoutError:
             log.warning(

@@ -56,7 +56,10 @@ RoutesFactory = Callable[[AsyncExitStack, S], Awaitable[Mapping[str, Route]]]
 CONTROL_PREFETCH = 16
 CATCH_UP_SECONDS = 30.0
 PRUNE_INTERVAL_SECONDS = 3600
-CLOSE_TIMEOUT = 5.0
+# The closes after the drain that wait for the broker (the last status report, the publisher,
+# the connection) share this; with 5 s each, a stop with the broker away ran ~15 s past the
+# shutdown timeout, past a supervisor's grace period.
+CLOSE_BUDGET = 5.0
 # Also a channel the broker closed under a declaration: the connection went right after it came.
 _CONNECT_ERRORS = (AMQPConnectionError, ChannelInvalidStateError, ConnectionError, OSError)
 
@@ -158,13 +161,28 @@ async def _open_inbox(
     return inbox
 
 
-async def _bounded(close: Callable[[], Awaitable[object]], seconds: float = CLOSE_TIMEOUT) -> None:
-    """Close something that may wait for an absent broker: never hang a shutdown on it."""
-    try:
-        async with asyncio.timeout(seconds):
-            await close()
-    except TimeoutError:
-        log.warning("closing took too long; leaving it", extra={"seconds": seconds})
+class _Closing:
+    """Closes that may wait for an absent broker: never hang a shutdown on them. They share
+    one budget, from the first of them on."""
+
+    def __init__(self, seconds: float = CLOSE_BUDGET) -> None:
+        self._seconds = seconds
+        self._deadline: float | None = None
+
+    async def bounded(self, close: Callable[[], Awaitable[object]]) -> None:
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + self._seconds
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await close()
+        except TimeoutError:
+            log.warning(
+                "closing took too long; leaving it",
+                extra={
+                    "closing": getattr(close, "__qualname__", repr(close)),
+                    "budget_seconds": self._seconds,
+                },
+            )
 
 
 async def _record_cancellation(
@@ -277,8 +295,9 @@ async def _serve(
         except _CONNECT_ERRORS:
             log.exception("could not reach the broker; exiting")
             return ServiceExit.FAILED
-        stack.push_async_callback(_bounded, publisher.close)
-        stack.push_async_callback(_bounded, connection.close)
+        closing = _Closing()
+        stack.push_async_callback(closing.bounded, publisher.close)
+        stack.push_async_callback(closing.bounded, connection.close)
         keep_declared = redeclare_on_reconnect(  # held for the loop
             connection, [topology], unbind_moved=True
         )
@@ -297,7 +316,7 @@ async def _serve(
         )
         reporter.start(catch_up=True)  # what a crash took, in its first rounds
         # After the drain: report what finished.
-        stack.push_async_callback(_bounded, reporter.close)
+        stack.push_async_callback(closing.bounded, reporter.close)
         results = ResultReporter(
             service,
             publisher,

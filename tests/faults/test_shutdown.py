@@ -4,15 +4,18 @@ broker, which redelivers it to the next process (real processes, real broker).""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
 
 from services.messaging.publisher import Publisher
+from services.messaging.runtime import CLOSE_BUDGET
 from tests.conftest import Namespace
 from tests.faults.conftest import Effects, EffectServiceFactory, send
 from tests.support.polling import eventually, eventually_sync
 from tests.support.queues import assert_empty
+from tests.support.rabbit_node import PrivateRabbitNode
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -129,3 +132,31 @@ async def test_a_cpu_handler_slower_than_the_shutdown_timeout_is_redelivered_to_
     assert effects.counts()[event_id] == 1
     topology = namespace.settings().topology("notifier")
     await assert_empty(namespace.amqp_url, [topology.queue, topology.dead_letter_queue])
+
+
+async def test_a_stop_with_the_broker_away_ends_within_the_shutdown_timeout_and_the_close_budget(
+    namespace: Namespace,
+    private_node: PrivateRabbitNode,
+    node_publisher: Publisher,
+    effect_service: EffectServiceFactory,
+    effects: Effects,
+) -> None:
+    # Each close that waits for the broker (the consumers' cancel, the last status report, the
+    # publisher, the connection) had 5 s of its own: ~20 s past the timeout, past a supervisor's
+    # grace period (compose gives 10 s more), so the process was killed instead of ending.
+    service = effect_service(private_node.amqp_url, COURIER_SHUTDOWN_TIMEOUT="2").wait_ready()
+    [event_id] = await send(node_publisher, namespace, "slow:30")
+
+    async def in_flight() -> None:
+        assert [start.event_id for start in effects.starts()] == [event_id]
+
+    await eventually(in_flight, timeout=15)
+    beam = private_node.beam_pid()
+    os.kill(beam, signal.SIGSTOP)
+    try:
+        signalled = time.monotonic()
+        assert service.terminate(timeout=60) == 0
+        took = time.monotonic() - signalled
+    finally:
+        os.kill(beam, signal.SIGCONT)
+    assert took < 2 + CLOSE_BUDGET + 2, (took, service.log())
