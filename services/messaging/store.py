@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
 from sqlalchemy.exc import (
     ArgumentError,
     DataError,
@@ -230,7 +230,24 @@ def open_store(url: str) -> AsyncEngine:
     engine = create_async_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        event.listen(engine.sync_engine, "do_connect", _connect_or_away)
     return engine
+
+
+def _connect_or_away(
+    dialect: Dialect, _: ConnectionPoolEntry, cargs: list[Any], cparams: dict[str, Any]
+) -> DBAPIConnection:
+    """Connect; a server that cannot be reached (stopped, restarting: refused, reset, timed out)
+    fails as the driver's `OperationalError`, which SQLAlchemy wraps as its own. asyncpg raises
+    the socket's bare `OSError`, which SQLAlchemy passes through: `store_unavailable` cannot
+    tell it from a handler's own call, so a PostgreSQL restart spent the attempts of the work
+    held for it (the gateway's status reports dead-lettered as `retries_exhausted`)."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except OSError as exc:
+        dbapi = dialect.loaded_dbapi
+        raise dbapi.OperationalError(f"could not connect to the store: {exc!r}", exc) from exc
 
 
 def as_utc(value: datetime) -> datetime:
