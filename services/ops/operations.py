@@ -9,6 +9,7 @@ either still dead (claimed letters return to `dead` after the lease) or back in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -73,6 +74,7 @@ class Operations:
         moved: list[str] = []
         skipped: dict[str, str] = {}
         error: str | None = None
+        unmarked: tuple[DeadLetter, datetime] | None = None  # published, its mark not written
         interval = 1.0 / rate
         next_at = time.monotonic()
         # Renewed every third of a lease while the replay runs, its pauses included (a slow
@@ -104,27 +106,30 @@ class Operations:
                     # it stays dead, and the letters after it still go.
                     skipped[letter_id] = str(exc)
                     continue
-                if await self._store.mark_replayed(letter_id, token, action_id, actor) or (
-                    # Its claim ran out while it was published (the replay stalled past its
-                    # lease): replayed all the same, unless a discard or a replay took it since.
-                    await self._store.mark_released_replayed(letter_id, action_id, actor)
-                ):
+                unmarked = (letter, replayed_at)
+                marked = await self._mark(letter_id, action_id, token, actor)
+                unmarked = None
+                if marked:
                     moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
-                else:
-                    log.warning(
-                        "replayed a dead letter whose claim was lost meanwhile, to a discard or "
-                        "another replay",
-                        extra={"id": letter_id, "action_id": action_id},
-                    )
         except (BrokerUnavailable, *STORE_ERRORS) as exc:
-            # Said with what was done: letters published but not marked are dead again and a
-            # later replay sends them once more (the consumers' inboxes drop the repeat).
+            # Said with what was done: a letter published but not marked is marked once more
+            # below; if the store still refuses, it is dead again and a later replay sends it
+            # once more (the consumers' inboxes drop the repeat).
             error = str(exc)
             log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
         finally:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
+            if unmarked is not None:
+                # Published, but the store failed its mark (a connection cut under it): marked
+                # once more before the release, which would make it dead again at once, for a
+                # discard to take although the service has it.
+                letter, replayed_at = unmarked
+                with contextlib.suppress(BrokerUnavailable, *STORE_ERRORS):
+                    if await self._mark(letter.id, action_id, token, actor):
+                        moved.append(letter.id)
+                        await self._report_replayed(letter, replayed_at)
             unrecorded = await self._close_replay(token, action_id, actor, moved)
         error = error or unrecorded
         if skipped:
@@ -134,6 +139,21 @@ class Operations:
             )
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error, skipped)
+
+    async def _mark(self, letter_id: str, action_id: str, token: str, actor: str) -> bool:
+        """Mark a letter the broker took as replayed; False if a discard or another replay
+        took it meanwhile (said)."""
+        if await self._store.mark_replayed(letter_id, token, action_id, actor) or (
+            # Its claim ran out while it was published (the replay stalled past its lease):
+            # replayed all the same, unless a discard or a replay took it since.
+            await self._store.mark_released_replayed(letter_id, action_id, actor)
+        ):
+            return True
+        log.warning(
+            "replayed a dead letter whose claim was lost meanwhile, to a discard or another replay",
+            extra={"id": letter_id, "action_id": action_id},
+        )
+        return False
 
     async def _keep_renewed(self, token: str, action_id: str, moved: list[str]) -> None:
         """Renew the replay's claims, and its action's count, every third of a lease until

@@ -902,6 +902,24 @@ class StoreGoneAfter(FailureStore):
         return await super().record_action(**kwargs)
 
 
+class MarkCutOnce(FailureStore):
+    """The real store, whose connection is cut under the first mark of a replayed letter (its
+    PostgreSQL backend terminated mid-statement); the next statements, on a new connection,
+    work."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.cut = False
+
+    async def mark_replayed(self, *args: Any, **kwargs: Any) -> bool:
+        if not self.cut:
+            self.cut = True
+            raise OperationalError(
+                "UPDATE ops_dead_letters ...", {}, ConnectionResetError("connection was closed")
+            )
+        return await super().mark_replayed(*args, **kwargs)
+
+
 class ClaimLostWhileReading(FailureStore):
     """The real store, whose claims run out (released, as past their lease) just as the
     replay reads a letter: after its `holds` check, before its publish."""
@@ -1047,6 +1065,31 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
         assert outcome.error is not None and "went away" in outcome.error
         assert outcome.count == 2 and len(outcome.ids) == 2
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
+
+
+@pytest.mark.broker
+async def test_a_letter_published_when_its_mark_failed_is_marked_not_left_dead(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # Released with the letters the replay had not reached, it was dead again at once though
+    # the service had it: a discard then took it, and its record said `discarded`, not
+    # replayed, for an event the service handled again (found by PostgreSQL fault QA, with
+    # backends terminated under replays and discards).
+    published, not_reached = await seed(tmp_path, namespace, 2)
+    async with replaying(namespace, tmp_path, MarkCutOnce) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+        outcome = await operations.replay(
+            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
+        )
+        assert outcome.error is not None and "connection was closed" in outcome.error
+        assert (outcome.count, outcome.ids) == (1, [published])
+        discarded = await operations.discard(
+            Filter(), actor="bob", limit=10, reason="meanwhile", dry_run=False
+        )
+        assert discarded.ids == [not_reached]
+        found = await store.get(published)
+        assert found is not None and found["status"] == "replayed"
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
 
 
 @pytest.mark.broker
