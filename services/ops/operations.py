@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.exc import DBAPIError
+
 from contracts.tracking import Transition
 from services.messaging.dead_letters import DeadLetter, in_status, replay
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
@@ -25,6 +27,14 @@ from services.messaging.store import STORE_ERRORS
 from services.ops.store import FailureStore, Filter
 
 log = get_logger("ops")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a replay stopped, as its answer says it: a store's error by the driver's message.
+    SQLAlchemy's own rendering carries the statement and its parameters (a letter's fields)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"the failure store failed: {type(exc.orig).__name__}: {exc.orig}"
+    return str(exc)
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,8 @@ class Operations:
             # Said with what was done: a letter published but not marked is marked once more
             # below; if the store still refuses, it is dead again and a later replay sends it
             # once more (the consumers' inboxes drop the repeat).
-            error = str(exc)
-            log.warning("replay stopped early", extra={"moved": len(moved), "error": error})
+            error = _reason(exc)
+            log.warning("replay stopped early", extra={"moved": len(moved), "error": str(exc)})
         finally:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
@@ -182,7 +192,7 @@ class Operations:
                 "replay not fully recorded: the store failed",
                 extra={"action_id": action_id, "actor": actor, "moved": moved},
             )
-            return f"the replay could not be recorded: {exc}"
+            return f"the replay could not be recorded: {_reason(exc)}"
         return None
 
     async def _report_replayed(self, letter: DeadLetter, at: datetime) -> None:

@@ -1093,6 +1093,24 @@ async def test_a_letter_published_when_its_mark_failed_is_marked_not_left_dead(
 
 
 @pytest.mark.broker
+async def test_a_replay_stopped_by_its_store_says_why_without_the_statement(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # The answer carried SQLAlchemy's rendering of the error: the SQL statement, its
+    # parameters and a link to SQLAlchemy's error pages (found by PostgreSQL fault QA).
+    await seed(tmp_path, namespace, 1)
+    async with replaying(namespace, tmp_path, MarkCutOnce) as (store, publisher):
+        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+        outcome = await operations.replay(
+            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
+        )
+        assert outcome.error == (
+            "the failure store failed: ConnectionResetError: connection was closed"
+        )
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+
+
+@pytest.mark.broker
 async def test_a_letter_published_after_its_claim_ran_out_is_still_marked_replayed(
     namespace: Namespace, tmp_path: Path
 ) -> None:
