@@ -47,7 +47,14 @@ class LocalUpload:
     async def write(self, chunk: bytes | bytearray) -> None:
         if self._file is None:
             raise ValueError("the upload is already committed or aborted")
-        await asyncio.to_thread(self._file.write, chunk)
+        await asyncio.to_thread(self._write, self._file, chunk)
+
+    @staticmethod
+    def _write(file: BinaryIO, chunk: bytes | bytearray) -> None:
+        # Through to the file, not only into its buffer: what was written shows in the file's
+        # time, by which `sweep` tells a live upload from an abandoned one.
+        file.write(chunk)
+        file.flush()
 
     def _commit(self) -> None:
         file, self._file = self._file, None

@@ -4,13 +4,14 @@ The request body is fed, chunk by chunk as it arrives, to python-multipart's inc
 `MultipartParser`. Its callbacks only note what they saw (headers, slices of part data) for the
 chunk at hand; after each chunk the notes are acted on: the `file` part's headers are checked
 (media type against the allow-list: 415 before a byte is stored), its data is gathered into a
-block of at most `BLOCK_SIZE` bytes, and each full block is hashed and written to the blob
-upload in worker threads, side by side. So the gateway holds one request chunk plus one block
-per upload, whatever the file's size; the size limit is enforced as the bytes arrive (413, and
-the partial blob is removed). `notify` fields (notification targets, before or after the file
-part) are gathered, bounded in size and number, and each is checked as soon as it ends (422), as
-is a `callback_url` field (where the outcome is posted); other form fields are read past and
-dropped.
+block of at most `BLOCK_SIZE` bytes, and each full block (or what arrived within
+`WRITE_THROUGH_SECONDS`, so a slow upload's partial file never looks abandoned) is hashed and
+written to the blob upload in worker threads, side by side. So the gateway holds one request
+chunk plus one block per upload, whatever the file's size; the size limit is enforced as the
+bytes arrive (413, and the partial blob is removed). `notify` fields (notification targets,
+before or after the file part) are gathered, bounded in size and number, and each is checked as
+soon as it ends (422), as is a `callback_url` field (where the outcome is posted); other form
+fields are read past and dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
@@ -41,6 +43,10 @@ FILE_FIELD: Final = "file"
 CALLBACK_FIELDS: Final = (b"callback_url", b"callbackurl")
 """The callback URL's form field, spelled as in a JSON event (either way)."""
 BLOCK_SIZE: Final = 1 << 20
+WRITE_THROUGH_SECONDS: Final = 60.0
+"""Longest the file's received bytes wait for their block to fill before they are written. A
+slow body fills a block for long (1 MiB at the minimum rate of 240 bytes a second: 73
+minutes), and its partial file, untouched meanwhile, looked abandoned to the hourly sweep."""
 FRAMING_ALLOWANCE: Final = 1 << 20
 """Bytes of a request beyond the file's own: boundaries, part headers, small form fields."""
 UTF8_CHARSETS: Final = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
@@ -168,13 +174,17 @@ class _Sink:
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
         self._block = bytearray()
+        self._written_at = time.monotonic()
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self._max_bytes:
             raise IngestError(413, f"file larger than {self._max_bytes} bytes")
         self._block += data
-        if len(self._block) >= BLOCK_SIZE:
+        if (
+            len(self._block) >= BLOCK_SIZE
+            or time.monotonic() - self._written_at >= WRITE_THROUGH_SECONDS
+        ):
             await self._flush()
 
     async def _flush(self) -> None:
@@ -184,6 +194,7 @@ class _Sink:
             await asyncio.gather(
                 asyncio.to_thread(self._hash.update, block), self.upload.write(block)
             )
+        self._written_at = time.monotonic()
 
     async def finish(self) -> str:
         await self._flush()

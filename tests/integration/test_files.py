@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import aio_pika
@@ -880,3 +882,37 @@ async def test_a_client_gone_mid_upload_is_a_400_that_leaves_nothing(
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
     assert stored_files(blob_dir) == []
     await assert_empty(namespace.amqp_url, [files_lane(namespace)])
+
+
+async def test_a_slow_upload_still_sending_is_not_swept_as_abandoned(
+    monkeypatch: pytest.MonkeyPatch, namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    """The hourly sweep removes a partial upload nobody wrote to for an hour (its writer died).
+    A live upload kept its file's bytes in a 1 MiB block until the block was full: a client
+    within the minimum body rate (240 bytes a second fills a block in 73 minutes) left the
+    partial file untouched for over an hour, the sweep removed it under the upload, and the
+    commit after all that sending failed (a 503). Here the hour is a second."""
+    monkeypatch.setattr("services.gateway.uploads.WRITE_THROUGH_SECONDS", 0.2)
+    apps: list[FastAPI] = []
+
+    async def trickled() -> AsyncIterator[bytes]:
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="slow.csv"\r\nContent-Type: text/csv\r\n\r\nsku,price\n'
+        ).encode()
+        for n in range(15):  # 1.5 s of a live client, far below a block
+            yield f"s{n},{n}\n".encode()
+            await asyncio.sleep(0.1)
+        app = apps[0]
+        await app.state.files.sweep(app.state.blobs, timedelta(seconds=1))
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir)
+    async for client in gateway_client(settings, started=apps.append):
+        response = await client.post("/v1/files", content=trickled(), headers=MULTIPART)
+        assert response.status_code == 202, response.text
+        file_id = response.json()["id"]
+        expected = b"sku,price\n" + b"".join(f"s{n},{n}\n".encode() for n in range(15))
+        assert (blob_dir / file_id).read_bytes() == expected
+        [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
+        assert message.message_id == file_id
