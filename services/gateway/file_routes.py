@@ -173,6 +173,9 @@ async def upload_file(
         )
     except IngestError as exc:
         raise problem(exc) from exc
+    except OSError as exc:  # blob storage full, read-only, gone: its own words, not the store's
+        log.exception("could not store an upload's bytes; refusing it")
+        raise store_unavailable(settings, f"store the file ({exc.strerror or exc})") from exc
     upload = _Upload(received, correlation)
     gateway = _Gateway(broker, settings, tracking, files, blobs)
     if key is None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import aio_pika
 import httpx
@@ -23,6 +24,7 @@ from contracts.events import EVENT_ADAPTER
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData, FileUploaded
 from contracts.topology import events_exchange, queue_for
 from services.blobs import LocalBlobStore
+from services.blobs.local import LocalUpload
 from services.gateway.uploads import FRAMING_ALLOWANCE, MAX_PARTS
 from services.messaging.declare import declare_topology
 from services.messaging.publisher import Publisher
@@ -84,6 +86,19 @@ class UndeletableBlobs(LocalBlobStore):
 
     def _delete(self, key: str) -> None:
         raise OSError(errno.EROFS, "Read-only file system", key)
+
+
+class FullBlobs(LocalBlobStore):
+    """Blob storage on a full disk: an upload's first write fails."""
+
+    def _create(self, key: str) -> LocalUpload:
+        return FullUpload(*vars(super()._create(key)).values())
+
+
+class FullUpload(LocalUpload):
+    @staticmethod
+    def _write(file: BinaryIO, chunk: bytes | bytearray) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.fixture
@@ -916,3 +931,23 @@ async def test_a_slow_upload_still_sending_is_not_swept_as_abandoned(
         assert (blob_dir / file_id).read_bytes() == expected
         [message] = await take(namespace.amqp_url, files_lane(namespace), 1)
         assert message.message_id == file_id
+
+
+async def test_an_upload_that_finds_blob_storage_full_is_a_503_that_says_so(
+    namespace: Namespace, tmp_path: Path, blob_dir: Path
+) -> None:
+    # It said "the gateway could not reach its store", sending operators to the database.
+    def full(app: FastAPI) -> None:
+        app.state.blobs = FullBlobs(blob_dir)
+
+    settings = gateway_settings(namespace, tmp_path, blob_dir=blob_dir)
+    async for client in gateway_client(settings, started=full):
+        response = await client.post(
+            "/v1/files", files={"file": ("a.csv", b"a,b\n1,2\n", "text/csv")}
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"] == (
+            "the gateway could not store the file (No space left on device); retry later"
+        )
+        assert response.headers["retry-after"]
+        assert stored_files(blob_dir) == []
