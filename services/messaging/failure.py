@@ -103,12 +103,16 @@ def fingerprint(exc: BaseException) -> str:
 
 
 def _text(exc: BaseException) -> str:
-    """`str(exc)` as an AMQP header can carry it: never raising (a broken `__str__`), lone
+    """`str(exc)` and its notes (PEP 678: what the raiser added, such as which of several
+    targets failed), as an AMQP header can carry it: never raising (a broken `__str__`), lone
     surrogates escaped (UTF-8 cannot encode them: the header could not be framed)."""
     try:
         text = str(exc)
     except Exception:  # noqa: BLE001
         text = f"<{type(exc).__qualname__}: str() failed>"
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        text = "; ".join([text, *map(str, notes)])
     return _encodable(text)
 
 

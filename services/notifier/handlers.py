@@ -191,7 +191,8 @@ def _to_raise(failures: Sequence[Exception]) -> Exception:
     chosen = max(candidates, key=lambda exc: exc.min_delay if isinstance(exc, RetryLater) else 0.0)
     for other in failures:
         if other is not chosen:
-            chosen.add_note(f"another target failed too: {type(other).__name__}: {other}")
+            notes = "".join(f"; {note}" for note in getattr(other, "__notes__", ()))
+            chosen.add_note(f"another target failed too: {type(other).__name__}: {other}{notes}")
     if transient and len(transient) < len(failures):
         no_immediate_retry(chosen)
     return chosen
@@ -226,9 +227,15 @@ async def file_processed(event: FileProcessed, *, channels: Channels, attempt: i
         try:
             await channels.deliver(notification)
         except Exception as exc:  # noqa: BLE001  # raised below, after the other targets
+            # Named: with several targets, "webhook answered 503" does not say whose answer.
+            exc.add_note(f"target: {target_name(notification)}")
             log.warning(
                 "file notification failed",
-                extra={"channel": notification.channel, "error": f"{type(exc).__name__}: {exc}"},
+                extra={
+                    "channel": notification.channel,
+                    "target": target_name(notification),
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
             )
             failures.append(exc)
     if failures:

@@ -12,6 +12,7 @@ import pytest
 
 from contracts.files import FileAnalysis, FileProcessed, FileProcessedData
 from contracts.notify import NotifyTarget
+from services.messaging.failure import EXCEPTION_MESSAGE, Failure
 from services.messaging.retry import RetryPolicy
 from services.messaging.store import open_store
 from services.notifier.channels import Channels, LogChannel
@@ -253,3 +254,25 @@ async def test_a_replay_asks_a_target_that_refused_again(
         await file_processed(event, channels=send, attempt=1)  # replayed once the hook exists
         assert len(receiver.received) == 2
     assert (await record(deliveries, event, hook(receiver))).outcome == "delivered"
+
+
+async def test_each_failure_says_which_target_it_was(
+    client: httpx.AsyncClient, deliveries: Deliveries, tmp_path: Path
+) -> None:
+    # With several targets, the dead letter said "webhook answered 503", and of the other
+    # failure only its text: not whose answer either was.
+    with (
+        WebhookReceiver([Reply(503)]).running() as receiver,
+        SmtpServer(rcpt_reply="550 5.1.1 no such user").running() as smtp,
+    ):
+        event = processed(hook(receiver), MAIL)
+        with pytest.raises(WebhookUnavailable) as caught:
+            await file_processed(
+                event, channels=channels(client, smtp, deliveries, tmp_path / "log.jsonl")
+            )
+    said = Failure.of(caught.value, 1).dead_letter_headers(
+        {}, reason="permanent", service="notifier", queue="q", event_id="e", event_type="t"
+    )[EXCEPTION_MESSAGE]
+    assert said.startswith("webhook answered 503; target: webhook to 127.0.0.1; ")
+    assert "another target failed too: EmailRejected: " in said
+    assert said.endswith("; target: email:ops@example.com")
