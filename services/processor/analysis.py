@@ -656,7 +656,8 @@ def analyse_file(
     sniffed = sniff(head, whole=len(head) < HEAD_SIZE)
     notes: list[str] = []
     if (
-        declared_type not in GENERIC_TYPES
+        size > 0  # no content looks like anything
+        and declared_type not in GENERIC_TYPES
         and declared_type != sniffed.media_type
         # Another name of the same format (`application/jsonl`) is no difference to note.
         and DECLARED_FORMATS.get(declared_type) != sniffed.format

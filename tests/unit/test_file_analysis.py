@@ -424,3 +424,13 @@ def test_a_column_mean_of_batches_at_opposite_ends_of_the_range_is_finite(stored
     rows = [{"n": -1.5e308}] * 3000 + [{"n": 1.5e308}] * 3000  # batches of one sign each
     analysis = stored.analyse(b"\n".join(orjson.dumps(r) for r in rows), "application/x-ndjson")
     assert column(analysis, "n").mean == pytest.approx(0.0, abs=1e295)
+
+
+@pytest.mark.parametrize("declared", ["text/csv", "application/x-ndjson"])
+def test_an_empty_file_is_not_noted_as_looking_like_another_type(
+    stored: Stored, declared: str
+) -> None:
+    # Read as declared, yet noted "the content looks like text/plain": no content looks like
+    # anything.
+    analysis = stored.analyse(b"", declared)
+    assert not any("looks like" in note for note in analysis.notes), analysis.notes
