@@ -35,6 +35,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
+    func,
     literal,
     null,
     select,
@@ -69,6 +70,9 @@ log = get_logger("inbox")
 
 _FOLLOW_UPS: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
+EARLIER_RECOVERY = timedelta(seconds=10)
+"""The default of `COURIER_STATUS_RECOVERY_SECONDS` before outcomes owed their reports."""
+
 
 def _as_json(follow_ups: Sequence[bytes]) -> bytes:
     """The follow-ups' bodies (`event_body`) as a JSON array: what `_FOLLOW_UPS` reads."""
@@ -98,9 +102,13 @@ class Inbox:
         commit_delay: float = 0.0,
         batch: int = 500,
         reported_types: Collection[str] = (),
+        earlier_recovery: timedelta = EARLIER_RECOVERY,
     ) -> None:
         """`reported_types`: the event types whose outcomes are reported: their records owe a
         report until one that carries them is confirmed (`reported`); none by default.
+        `earlier_recovery`: how far back from its newest outcome a version before owed reports
+        told outcomes again at start (`COURIER_STATUS_RECOVERY_SECONDS`): upgrading its store
+        marks those as owed, since its crash may have taken their reports.
         `commit_delay`: seconds a record waits for others to share its commit. Nothing waits
         for the record but the delivery's ack (a handler's follow-ups are published meanwhile),
         and at a steady rate it turns a commit per event into one per interval; the price is
@@ -112,6 +120,7 @@ class Inbox:
         self._engine = engine
         self._runner = BatchRunner(engine)
         self._reported_types = frozenset(reported_types)
+        self._earlier_recovery = earlier_recovery
         # Concurrent handlers share round trips: one query answers many lookups, and one
         # transaction commits many records (group commit).
         self._lookups: Batcher[str, Handled | Cancelled | None] = Batcher(
@@ -166,6 +175,20 @@ class Inbox:
 
             return add
 
+        async def owing_skips(conn: AsyncConnection) -> None:
+            """The skips' mark; then, both marks there, what an earlier version's restart
+            would have told again is owed (`_owe_recent_outcomes`)."""
+            await adding(self._cancellations, "unreported")(conn)
+            await conn.run_sync(
+                lambda sync: _owe_recent_outcomes(
+                    sync,
+                    self._table,
+                    self._cancellations,
+                    self._reported_types,
+                    self._earlier_recovery,
+                )
+            )
+
         def indexing(index: Index) -> Migration:
             async def create(conn: AsyncConnection) -> None:
                 await conn.run_sync(lambda sync: index.create(sync, checkfirst=True))
@@ -181,9 +204,10 @@ class Inbox:
                 adding(self._table, "attempt"),
                 adding(self._cancellations, "skipped_at"),
                 adding(self._cancellations, "event_type"),
-                # Records made before owe nothing: their reports went by the earlier rule.
+                # Records made before owe nothing: their reports went by the earlier rule,
+                # save those its next start would have told again (`_owe_recent_outcomes`).
                 adding(self._table, "unreported"),
-                adding(self._cancellations, "unreported"),
+                owing_skips,
                 indexing(self._owed_records),
                 indexing(self._owed_skips),
             ],
@@ -450,6 +474,45 @@ FoundRow = tuple[str, datetime, bytes | None, bool, int | None]
 cancelled), and the attempt that handled it."""
 _COLUMNS = ("event_id", "event_type", "handled_at", "follow_ups", "attempt", "unreported")
 _NEW_ONLY = "ON CONFLICT (event_id) DO NOTHING"
+
+
+def _owe_recent_outcomes(
+    sync: Connection,
+    inbox: Table,
+    cancellations: Table,
+    reported_types: Collection[str],
+    window: timedelta,
+) -> None:
+    """Mark as owed what a version before owed reports told again when it started: the
+    outcomes settled within `window` of its newest one (a record with its attempt, a skip with
+    its type). A crash took their reports; started as the upgrade, the service would not tell
+    them, and the events stayed `processing` for ever, without callback. Told twice, a report
+    changes nothing at the gateway."""
+    if not reported_types or window <= timedelta(0):
+        return
+    times = [
+        sync.scalar(select(func.max(inbox.c.handled_at))),
+        sync.scalar(select(func.max(cancellations.c.skipped_at))),
+    ]
+    newest = [as_utc(at) for at in times if at is not None]
+    if not newest:
+        return
+    since = max(newest) - window
+    types = sorted(reported_types)
+    sync.execute(
+        update(inbox)
+        .where(
+            inbox.c.handled_at >= since,
+            inbox.c.attempt.is_not(None),
+            inbox.c.event_type.in_(types),
+        )
+        .values(unreported=1)
+    )
+    sync.execute(
+        update(cancellations)
+        .where(cancellations.c.skipped_at >= since, cancellations.c.event_type.in_(types))
+        .values(unreported=1)
+    )
 
 
 def _owed_index(table: Table, settled_at: Column[datetime]) -> Index:

@@ -149,6 +149,8 @@ async def _open_inbox(
         commit_delay=settings.inbox_commit_delay_ms / 1000,
         batch=max(1, settings.prefetch // 2),
         reported_types=reported,
+        # What a store of a version before owed reports re-sent at start: owed once upgraded.
+        earlier_recovery=timedelta(seconds=settings.status_recovery_seconds),
     )
     stack.callback(inbox.close)
     await inbox.start()

@@ -289,6 +289,50 @@ async def test_a_store_from_before_outcomes_gains_their_columns_and_old_records_
     upgraded.close()
 
 
+async def test_a_store_from_before_owed_outcomes_owes_what_its_restart_would_have_told(
+    inbox: Inbox, engine: AsyncEngine
+) -> None:
+    """A version before owed outcomes told again, at each start, the outcomes settled within
+    COURIER_STATUS_RECOVERY_SECONDS of its newest one (the reports a crash may have taken).
+    Killed, then started as the upgrade, it no longer would: those outcomes owe their reports
+    (the gateway keeps a repeated report once), the ones before the window do not."""
+    recent, old, cancelled = an_event(), an_event(), an_event()
+    async with engine.begin() as conn:  # the store as the version before owed outcomes left it
+        await conn.execute(text("DROP INDEX ix_svc_inbox_owed"))
+        await conn.execute(text("DROP INDEX ix_svc_cancellations_owed"))
+        for table in ("svc_inbox", "svc_cancellations"):
+            await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN unreported"))
+        await conn.execute(
+            text("UPDATE courier_migrations SET version = 5 WHERE component = 'svc.inbox'")
+        )
+    now = datetime.now(UTC)
+    async with inbox.transaction() as conn:
+        for event, at in ((recent, now), (old, now - timedelta(hours=1))):
+            await conn.execute(
+                text(
+                    "INSERT INTO svc_inbox (event_id, event_type, handled_at, attempt) "
+                    "VALUES (:id, :type, :at, 1)"
+                ),
+                {"id": event.id, "type": event.type, "at": at},
+            )
+        await conn.execute(
+            text(
+                "INSERT INTO svc_cancellations (event_id, cancelled_at, skipped_at, event_type) "
+                "VALUES (:id, :at, :at, :type)"
+            ),
+            {"id": cancelled.id, "type": cancelled.type, "at": now - timedelta(seconds=5)},
+        )
+    # Killed before its last reports went out, and started again as the upgrade.
+    upgraded = Inbox(engine, "svc", reported_types=REPORTED)
+    await upgraded.start()
+    owed = await upgraded.unreported(None, 10)
+    assert [(o.event_id, o.state, o.attempt) for o in owed] == [
+        (cancelled.id, "cancelled", None),
+        (recent.id, "succeeded", 1),
+    ]
+    upgraded.close()
+
+
 async def upgraded_indexes(engine: AsyncEngine) -> set[str]:
     def names(sync: Connection) -> set[str]:
         found = inspect(sync)
