@@ -15,7 +15,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, StrictInt, StringConstraints
 
-from contracts.envelope import ID_PATTERN, CallbackUrl, Envelope, Payload
+from contracts.envelope import ID_PATTERN, CallbackUrl, Envelope, Payload, derived_event_id
 
 State = Literal[
     "pending",
@@ -119,3 +119,11 @@ class CallbackRequested(Envelope):
     type: Literal["callback.requested"] = "callback.requested"
     dataschema: str | None = "urn:courier:schema:callback.requested:1"
     data: CallbackRequestedData
+
+
+def callback_id(event_id: str, outcome: str) -> str:
+    """The id of an event's `callback.requested` for an outcome (and the POST's
+    `Idempotency-Key`): one request per event and outcome, so the same settlement found twice
+    (a redelivered report, or a later report after a publish whose mark was lost) is the same
+    request, which the notifier and the receiver dedup."""
+    return derived_event_id(event_id, f"callback:{outcome}")

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Row, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts.envelope import Envelope, derived_event_id
+from contracts.envelope import Envelope
 from contracts.topology import workers_of
 from contracts.tracking import (
     MAX_DETAIL,
@@ -42,6 +42,7 @@ from contracts.tracking import (
     CallbackRequested,
     CallbackRequestedData,
     ServiceOutcome,
+    callback_id,
 )
 from services.gateway.tracking import ENDING_STATES, events, states
 from services.messaging.logs import event_context, get_logger
@@ -90,13 +91,6 @@ def settle(
     if found & {"succeeded", "skipped_duplicate"}:
         return "succeeded", at
     return "cancelled", at
-
-
-def callback_id(event_id: str, outcome: str) -> str:
-    """One request per event and outcome: the same settlement found twice (a redelivered
-    report, or a later report after a publish whose mark was lost) is the same request, which
-    the notifier and the receiver dedup. An event posts each outcome at most once anyway."""
-    return derived_event_id(event_id, f"callback:{outcome}")
 
 
 def _service_outcome(row: Row[*tuple[Any, ...]]) -> ServiceOutcome:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Row,
     String,
     Table,
     Text,
@@ -48,13 +49,20 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.selectable import CompoundSelect
 
 from contracts.envelope import Envelope, callback_url_of
 from contracts.events import DatasetProcessed, ResultsReported
 from contracts.topology import workers_of
-from contracts.tracking import FINAL_STATES, MAX_DETAIL, State, StatusReported, Transition
+from contracts.tracking import (
+    FINAL_STATES,
+    MAX_DETAIL,
+    State,
+    StatusReported,
+    Transition,
+    callback_id,
+)
 from services.gateway.tracking_migrations import steps as migration_steps
 from services.messaging.batching import Batcher
 from services.messaging.dead_letters import printable
@@ -424,6 +432,7 @@ class Tracking:
             if event is None:
                 return None
             rows = (await conn.execute(_fate(event.seq))).all()
+            callback = await _callback(conn, event)
         if not rows and event.accepted_at is None and event.noted_at is not None:
             # Only its callback URL, noted before a publish that failed or was never
             # confirmed (a crash, a broker away): not known to be accepted.
@@ -464,7 +473,35 @@ class Tracking:
             "accepted_at": accepted_at,
             "cancel_requested_at": _utc(event.cancel_requested_at),
             "services": dict(sorted(services.items())),
+            "callback": callback,
         }
+
+
+CALLBACK_WORKERS: Final = workers_of("callback.requested")
+
+
+async def _callback(conn: AsyncConnection, event: Row[Any]) -> dict[str, Any] | None:
+    """The event's last callback request, if one was published, and how its delivery went (the
+    request is an event of its own, whose worker reports on it): else a client polling the
+    status could not tell that a dead-lettered callback would never come."""
+    outcome = event.callback_outcome
+    if outcome is None or outcome == "cancelled":  # not settled yet, or nothing to post
+        return None
+    request = callback_id(event.event_id, outcome)
+    delivery = (
+        await conn.execute(
+            select(states.c.state, states.c.detail)
+            .join(events, events.c.seq == states.c.event_seq)
+            .where(events.c.event_id == request, states.c.service.in_(CALLBACK_WORKERS))
+        )
+    ).first()
+    return {
+        "id": request,
+        "outcome": outcome,
+        "settled_at": _utc(event.callback_settled_at),
+        "state": "pending" if delivery is None else delivery.state,
+        "detail": None if delivery is None else delivery.detail,
+    }
 
 
 def _storable(transition: Transition) -> Transition:

@@ -167,6 +167,12 @@ def test_the_final_status_is_posted_to_the_callback_url_once(
         for callback in callback_ids:
             assert states(gateway_process, callback) == {"notifier": "succeeded"}
         assert states(gateway_process, quiet_id) == {"processor": "succeeded"}
+        # And each event's own status tells its callback's delivery.
+        for event_id, outcome in ((dataset_id, "succeeded"), (doomed_id, "dead_lettered")):
+            told = status(gateway_process, event_id)["callback"]
+            assert (told["outcome"], told["state"]) == (outcome, "succeeded"), told
+            assert told["id"] in callback_ids
+        assert status(gateway_process, quiet_id)["callback"] is None
 
     eventually_sync(all_done, timeout=20)
     assert [service.terminate() for service in services] == [0, 0, 0]

@@ -636,3 +636,34 @@ async def test_a_stored_detail_longer_than_a_callback_holds_is_cut_not_left_unca
     [dead] = publisher.published
     detail = dead.data.services["notifier"].detail
     assert detail is not None and len(detail) == 1000
+
+
+async def test_an_events_status_tells_its_callback_and_how_its_delivery_went(
+    tracking: Tracking, publisher: FakePublisher
+) -> None:
+    # A callback that could not be delivered (dead-lettered at the notifier) showed nowhere on
+    # the event: its client, polling the status, could not tell it would never come.
+    event = dataset()
+    t = await accept(tracking, event) + timedelta(milliseconds=10)
+    status = await tracking.status(event.id)
+    assert status is not None and status["callback"] is None  # not settled: nothing asked yet
+    await tracking.apply([step(event, "succeeded", t, attempt=1)])
+    [request] = publisher.published
+    status = await tracking.status(event.id)
+    assert status is not None
+    assert status["callback"] == {
+        "id": request.id,
+        "outcome": "succeeded",
+        "settled_at": t,
+        "state": "pending",  # the notifier has not reported on it yet
+        "detail": None,
+    }
+    await tracking.apply(
+        [step(request, "dead_lettered", t + timedelta(seconds=9), detail="webhook answered 410")]
+    )
+    status = await tracking.status(event.id)
+    assert status is not None
+    assert (status["callback"]["state"], status["callback"]["detail"]) == (
+        "dead_lettered",
+        "webhook answered 410",
+    )
