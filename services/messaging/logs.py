@@ -75,6 +75,8 @@ def configure_logging(level: str = "INFO", service: str = "courier") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika's reconnect chatter is useful at WARNING and noise below it.
-    logging.getLogger("aio_pika").setLevel(max(logging.getLevelName(level), logging.WARNING))
-    logging.getLogger("aiormq").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # aio-pika's reconnect chatter is useful at WARNING and noise below it. httpx logs every
+    # request at INFO with its whole URL: a webhook's path or query often holds a token, and a
+    # webhook is named by its host alone (the notifier logs its own lines about each delivery).
+    for chatty in ("aio_pika", "aiormq", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ import pytest
 
 from contracts.events import NotificationRequested, NotificationRequestedData
 from services.messaging.errors import PermanentError
+from services.messaging.logs import configure_logging
 from services.notifier.channels import Notification
 from services.notifier.signing import verify
 from services.notifier.targets import TargetPolicy, TargetRefused
@@ -308,3 +310,23 @@ async def test_a_refusal_is_not_decompressed_and_asks_for_no_compression() -> No
                 await channel.deliver(notification(url))
     assert b"accept-encoding: identity" in requests[0].lower()
     assert "AAAA" not in str(caught.value)  # the body as sent, cut to MAX_ERROR_BODY
+
+
+async def test_the_webhooks_url_stays_out_of_the_logs(
+    channel: WebhookChannel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A webhook is named by its host alone: its path and query often hold a token. httpx logs
+    every request with its whole URL at INFO, the notifier's default level."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "notifier")  # its handler writes to the captured stderr
+        with WebhookReceiver([Reply(200), Reply(503)]).running() as receiver:
+            url = receiver.url("/in/path-t0ken?key=query-t0ken")
+            await channel.deliver(notification(url))
+            with pytest.raises(WebhookUnavailable):
+                await channel.deliver(notification(url))
+    finally:
+        root.handlers[:], root.level = handlers, level
+    logged = capsys.readouterr().err
+    assert "t0ken" not in logged
