@@ -51,7 +51,13 @@ PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 def _end_with(parent: int) -> None:
     """A worker's initializer: end when the service process that started it ends. Killed
     (`kill -9`, out of memory), the service takes nothing down with it: its workers went on
-    with the abandoned job, then idled for ever, a few more at each crash."""
+    with the abandoned job, then idled for ever, a few more at each crash.
+
+    SIGINT is the service's, not the worker's: Ctrl-C in a terminal signals the whole process
+    group, and a worker that took it as its own KeyboardInterrupt ended the job the service was
+    draining, whose KeyboardInterrupt then came back through the pool and ended the service in
+    the middle of its drain, with plain-text tracebacks. The service ends its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not _death_signal_set():  # not Linux: look for the parent every second
         threading.Thread(target=_watch, args=(parent,), daemon=True).start()
     elif os.getppid() != parent:  # it ended before the signal was asked for

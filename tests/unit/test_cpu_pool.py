@@ -331,3 +331,27 @@ async def test_a_job_given_up_on_ends_with_its_worker_at_once_even_one_deaf_to_s
         await eventually(ended)
     finally:
         pool.close()
+
+
+async def test_a_ctrl_c_leaves_the_workers_to_the_service_s_drain(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in a terminal signals the whole process group, workers included. The service
+    drains its handlers on SIGINT; a worker that took it as its own KeyboardInterrupt killed
+    the job being drained and printed a plain-text traceback among the JSON log lines."""
+    pool = CpuPool(1)
+    gate = tmp_path / "gate"
+    try:
+        await pool.run(square, 1)
+        [worker] = list((pool._executor._processes or {}).values())
+        assert worker.pid is not None
+        job = asyncio.ensure_future(pool.run(once_released, str(gate), 5))
+        await asyncio.sleep(0.2)  # the job is in the worker
+        os.kill(worker.pid, signal.SIGINT)
+        await asyncio.sleep(0.2)
+        gate.touch()
+        assert await job == 5  # without SIGINT ignored: a KeyboardInterrupt ends the test run
+        assert worker.is_alive()
+    finally:
+        pool.close()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
