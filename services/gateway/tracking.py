@@ -367,11 +367,14 @@ class Tracking:
             ).first()
         if row is None:
             return None
+        # Without its `notify`: whoever knows the id reads this (the callback's receiver is
+        # told it), and a webhook's URL often holds a token. Rows of earlier versions have it.
+        summary = {k: v for k, v in row.summary.items() if k != "notify"}
         return {
             "dataset_id": row.dataset_id,
             "processed_at": _utc(row.processed_at),
             "event_id": row.event_id,
-            **row.summary,
+            **summary,
         }
 
     async def prune(self, older_than: timedelta, *, batch: int = PRUNE_BATCH) -> int:
@@ -581,7 +584,8 @@ class _Result(NamedTuple):
 
 
 def _result_row(event: DatasetProcessed) -> _Result:
-    return _Result(event.data.dataset_id, event.id, event.time, event.data.model_dump_json())
+    summary = event.data.model_dump_json(exclude={"notify"})  # not served: see `result`
+    return _Result(event.data.dataset_id, event.id, event.time, summary)
 
 
 def _insert_results_sqlite(raw: sqlite3.Connection, rows: list[_Result]) -> None:

@@ -786,6 +786,24 @@ async def test_results_are_recorded_once_and_served(
     assert result["processed_at"] == processed.time
 
 
+async def test_a_results_notify_target_is_not_served(tracking: Tracking) -> None:
+    """`GET /v1/datasets/{id}` answers whoever knows the event id, such as the receiver of the
+    event's callback, which is told that id: the `notify` webhook's URL (whose path or query
+    often holds a token) is not its to see, as the webhook body and the callback leave it out."""
+    submitted = dataset()
+    target = "webhook:https://hooks.example.com/datasets/t0ken?key=s3cret"
+    processed = DatasetProcessed(
+        id=derived_event_id(submitted.id, "dataset.processed"),
+        data=DatasetProcessedData(
+            dataset_id=submitted.id, name="prices", record_count=0, fields={}, notify=target
+        ),
+    )
+    await tracking.record_result(processed)
+    result = await tracking.result(submitted.id)
+    assert result is not None and result["name"] == "prices"
+    assert "notify" not in result
+
+
 async def test_results_arriving_together_are_each_recorded_and_the_first_one_wins(
     tracking: Tracking,
 ) -> None:
