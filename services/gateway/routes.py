@@ -36,7 +36,7 @@ from services.gateway.ingest import (
 from services.gateway.settings import GatewaySettings
 from services.gateway.tracking import Tracking, states_of
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
-from services.messaging.logs import event_context, get_logger
+from services.messaging.logs import Throttle, event_context, get_logger
 from services.messaging.store import STORE_ERRORS
 
 log = get_logger("gateway")
@@ -179,6 +179,12 @@ async def publish_confirmed(broker: Broker, settings: Settings, event: Envelope)
             raise _refusal(event, exc, settings) from exc
 
 
+_refusals_logged = Throttle()
+"""The broker refusing events (not connected, a full queue): every request meets it."""
+_store_failures_logged = Throttle()
+"""The store failing the reads no route handles (status polls): every request meets it."""
+
+
 def _refusal(
     event: Envelope,
     failure: Unroutable | BrokerUnavailable | Unpublishable,
@@ -212,7 +218,12 @@ def _refusal(
                 "been accepted; retry with the same event id or Idempotency-Key",
                 headers=retry,
             )
-        log.warning("broker did not take the event", extra={"error": str(failure)})
+        suppressed = _refusals_logged()
+        if suppressed is not None:  # the client has its 503; one line per outage's stretch
+            log.warning(
+                "broker did not take the event",
+                extra={"error": str(failure), "suppressed": suppressed},
+            )
         return HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             f"the broker did not take the event: {failure}",
@@ -261,7 +272,13 @@ def store_unavailable(settings: GatewaySettings, what: str) -> HTTPException:
 async def store_away(request: Request, exc: Exception) -> Response:
     """A store failure no route handled (a status read, a result, a file's record): an outage
     to wait out, a 503 the client retries, not a 500 that blames the request."""
-    log.error("the store failed a request", exc_info=exc, extra={"path": request.url.path})
+    suppressed = _store_failures_logged()
+    if suppressed is not None:  # the client has its 503; one line per outage's stretch
+        log.error(
+            "the store failed a request",
+            exc_info=exc,
+            extra={"path": request.url.path, "suppressed": suppressed},
+        )
     answer = store_unavailable(request.app.state.settings, "reach its store")
     return await http_exception_handler(request, answer)
 

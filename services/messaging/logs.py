@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -28,6 +30,30 @@ def error_field(exc: BaseException) -> dict[str, str]:
     """A failure as a log field of one line, for an expected outage logged without its
     traceback (a store's error quotes its whole statement over several lines)."""
     return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+class Throttle:
+    """At most one line per `interval` seconds about a failure that every request meets while
+    it lasts (an outage): a line per request would bury the rest at hundreds a second, each
+    request being answered already. Called before logging: None to stay quiet, else how many
+    lines were left out since the last one (its `suppressed` field)."""
+
+    __slots__ = ("_clock", "_interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def __call__(self) -> int | None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._interval
+        return suppressed
 
 
 class _ContextFilter(logging.Filter):

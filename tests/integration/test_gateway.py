@@ -18,8 +18,10 @@ from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER, DatasetSubmitted
 from contracts.topology import work_queue
 from services.gateway import broker as broker_module
+from services.gateway import routes as routes_module
 from services.gateway.tracking import events
 from services.messaging import publisher as publisher_module
+from services.messaging.logs import Throttle
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 from tests.support.polling import eventually
@@ -275,6 +277,25 @@ async def test_broker_unreachable_is_503_with_retry_after(
         assert response.headers["retry-after"] == str(settings.retry_after_seconds)
         batch = await client.post("/v1/events/batch", json=[NOTIFICATION])
         assert batch.status_code == 503
+
+
+async def test_a_steady_broker_outage_is_not_a_log_line_per_refused_event(
+    namespace: Namespace,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each client has its 503; at hundreds of events a second, a WARNING each buried the
+    rest of the log for as long as the outage lasted. One line, then one per stretch."""
+    monkeypatch.setattr(routes_module, "_refusals_logged", Throttle(), raising=False)
+    settings = gateway_settings(
+        namespace, tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/"
+    )
+    async for client in gateway_client(settings, wait_ready=False):
+        for _ in range(30):
+            assert (await client.post("/v1/events", json=NOTIFICATION)).status_code == 503
+    lines = [r for r in caplog.records if r.getMessage() == "broker did not take the event"]
+    assert len(lines) == 1
 
 
 async def test_an_unroutable_event_is_a_500_naming_its_type(

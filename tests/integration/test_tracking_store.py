@@ -49,6 +49,7 @@ from contracts.tracking import (
     StatusReportedData,
     Transition,
 )
+from services.gateway import routes as routes_module
 from services.gateway.tracking import SEQ_LOOKUP_CHUNK, Tracking, metadata, states_of
 from services.gateway.tracking import _write as write_status
 from services.gateway.tracking_migrations import (
@@ -59,6 +60,7 @@ from services.gateway.tracking_migrations import (
 )
 from services.messaging.dead_letters import group_key
 from services.messaging.failure import EXCEPTION_MESSAGE, FINGERPRINT, Failure
+from services.messaging.logs import Throttle
 from services.messaging.publisher import Publisher
 from services.messaging.store import ROWS_PER_STATEMENT, migrate, open_store, store_url
 from tests.conftest import Namespace
@@ -1005,6 +1007,32 @@ async def test_a_store_away_is_a_503_to_retry_not_a_500(
         finally:
             await engine.dispose()
         assert (await client.get(f"/v1/events/{event_id}")).status_code == 200
+
+
+@pytest.mark.broker
+async def test_status_polls_during_a_store_outage_are_not_a_traceback_each(
+    namespace: Namespace,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients poll `GET /v1/events/{id}`: each poll answered 503 logged an ERROR with the
+    store's whole traceback, every poll of every client, for as long as the outage lasted."""
+    monkeypatch.setattr(routes_module, "_store_failures_logged", Throttle(), raising=False)
+    async with running_gateway(namespace, tmp_path, None) as client:
+        event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
+        engine = open_store(store_url(None, tmp_path, "gateway"))
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE status_events RENAME TO away"))
+            for _ in range(30):
+                assert (await client.get(f"/v1/events/{event_id}")).status_code == 503
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE away RENAME TO status_events"))
+        finally:
+            await engine.dispose()
+    lines = [r for r in caplog.records if r.getMessage() == "the store failed a request"]
+    assert len(lines) == 1
 
 
 @pytest.mark.broker

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.messaging.logs import configure_logging, event_context, get_logger
+from services.messaging.logs import Throttle, configure_logging, event_context, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +48,13 @@ def test_uvicorns_coloured_copy_of_its_message_is_left_out(
     [line] = _lines(capsys)
     assert line["message"] == "Started server process [7]"
     assert "color_message" not in line
+
+
+def test_a_throttle_lets_one_line_a_stretch_through_and_counts_the_others() -> None:
+    now = [0.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    assert throttle() == 0
+    assert [throttle() for _ in range(5)] == [None] * 5
+    now[0] = 10.0
+    assert throttle() == 5
+    assert throttle() is None
