@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from types import TracebackType
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -101,8 +103,31 @@ def configure_logging(level: str = "INFO", service: str = "courier") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # What Python prints itself comes here too, as JSON lines: a library's warning, and an
+    # exception nobody caught, in the main thread (the process then ends with code 1, as it
+    # would) or in another.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
     # aio-pika's reconnect chatter is useful at WARNING and noise below it. httpx logs every
     # request at INFO with its whole URL: a webhook's path or query often holds a token, and a
     # webhook is named by its host alone (the notifier logs its own lines about each delivery).
     for chatty in ("aio_pika", "aiormq", "httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger(ROOT_LOGGER).critical(
+        "ended by an exception nobody caught", exc_info=(kind, exc, tb)
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:  # how a thread ends on purpose: Python says nothing either
+        return
+    exc = args.exc_value if args.exc_value is not None else args.exc_type()
+    logging.getLogger(ROOT_LOGGER).critical(
+        "a thread ended by an exception nobody caught",
+        exc_info=(args.exc_type, exc, args.exc_traceback),
+        extra={"thread_name": args.thread.name if args.thread is not None else None},
+    )

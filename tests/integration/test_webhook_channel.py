@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import hashlib
 import logging
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -313,12 +315,14 @@ async def test_a_refusal_is_not_decompressed_and_asks_for_no_compression() -> No
 
 
 async def test_the_webhooks_url_stays_out_of_the_logs(
-    channel: WebhookChannel, capsys: pytest.CaptureFixture[str]
+    channel: WebhookChannel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A webhook is named by its host alone: its path and query often hold a token. httpx logs
     every request with its whole URL at INFO, the notifier's default level."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # configure_logging's, undone after
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     try:
         configure_logging("INFO", "notifier")  # its handler writes to the captured stderr
         with WebhookReceiver([Reply(200), Reply(503)]).running() as receiver:
@@ -328,5 +332,6 @@ async def test_the_webhooks_url_stays_out_of_the_logs(
                 await channel.deliver(notification(url))
     finally:
         root.handlers[:], root.level = handlers, level
+        logging.captureWarnings(False)
     logged = capsys.readouterr().err
     assert "t0ken" not in logged

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,11 +16,14 @@ from services.messaging.logs import Throttle, configure_logging, event_context, 
 
 
 @pytest.fixture(autouse=True)
-def _logging_restored() -> Iterator[None]:
+def _logging_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     yield
     root.handlers[:], root.level = handlers, level
+    logging.captureWarnings(False)
 
 
 def _lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
@@ -58,3 +65,41 @@ def test_a_throttle_lets_one_line_a_stretch_through_and_counts_the_others() -> N
     now[0] = 10.0
     assert throttle() == 5
     assert throttle() is None
+
+
+def _stderr_of(code: str) -> tuple[int, list[str]]:
+    ran = subprocess.run(  # this interpreter, a fixed program
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.stdout == ""
+    return ran.returncode, ran.stderr.splitlines()
+
+
+def test_a_crash_a_thread_s_crash_and_a_library_s_warning_are_json_lines_too() -> None:
+    """A service that dies of an exception nobody caught (a notifier whose log file cannot be
+    created) printed Python's plain-text traceback among its JSON lines, as did a thread's
+    uncaught exception and every `warnings.warn` of a library."""
+    code, lines = _stderr_of(
+        "import threading, warnings\n"
+        "from services.messaging.logs import configure_logging\n"
+        "configure_logging('INFO', 'notifier')\n"
+        "warnings.warn('deprecated thing', DeprecationWarning, stacklevel=1)\n"
+        "worker = threading.Thread(target=lambda: 1 / 0)\n"
+        "worker.start(); worker.join()\n"
+        "raise FileExistsError('data/notifications.jsonl')\n"
+    )
+    assert code == 1
+    logged = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert [(line["level"], line["service"]) for line in logged] == [
+        ("WARNING", "notifier"),
+        ("CRITICAL", "notifier"),
+        ("CRITICAL", "notifier"),
+    ]
+    assert "deprecated thing" in str(logged[0]["message"])
+    assert "ZeroDivisionError" in str(logged[1]["exc_info"])
+    assert "FileExistsError: data/notifications.jsonl" in str(logged[2]["exc_info"])
