@@ -46,6 +46,8 @@ class OpsClient:
 
     def __init__(self, url: str, token: str, timeout: float) -> None:
         self.url = url.rstrip("/")
+        self._shown = _without_password(self.url)
+        """The URL as messages quote it: a proxy's basic auth password stays out."""
         self._timeout = timeout
         self._http = httpx.Client(
             base_url=f"{self.url}/v1/ops",
@@ -80,19 +82,33 @@ class OpsClient:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise OpsError(
-                f"cannot reach the gateway at {self.url}: {exc or type(exc).__name__} "
+                f"cannot reach the gateway at {self._shown}: {exc or type(exc).__name__} "
                 "(check --url / COURIER_URL)",
                 ExitCode.UNREACHABLE,
             ) from None
         except httpx.TimeoutException:
             raise OpsError(
-                f"the gateway at {self.url} did not answer in time; a replay or discard may "
+                f"the gateway at {self._shown} did not answer in time; a replay or discard may "
                 "still have happened: check `courier dlq actions`",
                 ExitCode.FAILED,
             ) from None
         except httpx.HTTPError as exc:
-            raise OpsError(f"talking to the gateway at {self.url} failed: {exc}") from None
+            raise OpsError(
+                f"talking to the gateway at {self._shown} failed: {type(exc).__name__}: "
+                f"{str(exc).replace(self.url, self._shown)}"
+            ) from None
         return _decode(response)
+
+
+def _without_password(url: str) -> str:
+    """`url` with its password, if any, as `******` (as aio-pika shows an AMQP URL)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "the --url given (not a URL)"
+    if not parsed.password:
+        return url
+    return str(parsed.copy_with(username=parsed.username, password="******"))  # noqa: S106
 
 
 def _decode(response: httpx.Response) -> dict[str, Any]:

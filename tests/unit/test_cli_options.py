@@ -45,3 +45,14 @@ def test_url_and_token_before_the_command_win_over_the_environment() -> None:
         result = courier("--url", api.url, "--token", "before", "dlq", "list", **env)
         assert result.exit_code == 0, result.output
         assert [r.authorization for r in api.requests] == ["Bearer before"]
+
+
+def test_a_password_in_the_url_is_not_printed() -> None:
+    """A gateway behind a proxy that wants basic auth is reached as `https://user:pw@host`:
+    the errors quoted the URL with its password, on the terminal and in `--json`."""
+    secret_url = nowhere().replace("http://", "http://ops:pr0xy-s3cret@")
+    for json_flag in ((), ("--json",)):
+        result = courier("--url", secret_url, "--token", "t", "dlq", "list", *json_flag)
+        assert result.exit_code == 4
+        assert "pr0xy-s3cret" not in result.output + result.stderr
+        assert "cannot reach the gateway at http://ops:" in result.output + result.stderr
