@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from pydantic import ValidationError
+
 FailureReason = Literal["permanent", "retries_exhausted", "delivery_limit", "invalid"]
 
 ATTEMPT: Final = "courier-attempt"
@@ -102,12 +104,28 @@ def fingerprint(exc: BaseException) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _validation_text(exc: ValidationError) -> str:
+    """A validation error as pydantic renders it, without what it quotes: each wrong value
+    (`input_value=`, a whole `data` object with a webhook URL's token, say), which would reach
+    the log, the letter, the public status detail and the callback, and a link to its pages."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    lines = [f"{len(errors)} validation error{'s' if len(errors) != 1 else ''} for {exc.title}"]
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"])
+        lines.append(f"{where}\n  {error['msg']} [type={error['type']}]")
+    return "\n".join(lines)
+
+
+def _str(exc: BaseException) -> str:
+    return _validation_text(exc) if isinstance(exc, ValidationError) else str(exc)
+
+
 def _text(exc: BaseException) -> str:
     """`str(exc)` and its notes (PEP 678: what the raiser added, such as which of several
     targets failed), as an AMQP header can carry it: never raising (a broken `__str__`), lone
     surrogates escaped (UTF-8 cannot encode them: the header could not be framed)."""
     try:
-        text = str(exc)
+        text = _str(exc)
     except Exception:  # noqa: BLE001
         text = f"<{type(exc).__qualname__}: str() failed>"
     notes = getattr(exc, "__notes__", None)
@@ -125,7 +143,12 @@ def _exception_name(exc: BaseException) -> str:
 
 
 def _trimmed_traceback(exc: BaseException) -> str:
-    text = _encodable("".join(traceback.format_exception(exc)))
+    if isinstance(exc, ValidationError):  # its last line without the values (`_text`)
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        told = f"Traceback (most recent call last):\n{frames}{_exception_name(exc)}: {_str(exc)}\n"
+    else:
+        told = "".join(traceback.format_exception(exc))
+    text = _encodable(told)
     # Keep the end: the raise site and the exception line are what an operator needs.
     return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-MAX_TRACEBACK_CHARS:]
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from pamqp import encode
+from pydantic import ValidationError
 
+from contracts.events import EVENT_ADAPTER
 from services.messaging import failure as f
 
 
@@ -127,3 +130,33 @@ def test_an_error_whose_text_cannot_be_rendered_still_has_a_story() -> None:
     assert dead[f.EXCEPTION_MESSAGE] == "<BrokenStr: str() failed>"
     assert failure.summary().endswith("BrokenStr: <BrokenStr: str() failed>")
     assert "raise_at_a" in dead[f.TRACEBACK] and _frameable(dead)
+
+
+def test_an_invalid_event_s_values_stay_out_of_its_story() -> None:
+    """pydantic's rendering quotes the wrong value (`input_value=...`: here the `data` whose
+    `subject` is missing, its webhook URL's token included) into the dead letter's headers,
+    its log line, the public status detail and the callback; and links to pydantic's pages."""
+    body = {
+        "specversion": "1.0",
+        "id": "evt-1",
+        "source": "urn:test",
+        "type": "notification.requested",
+        "data": {"channel": "webhook", "recipient": "https://hooks.example.com/in?key=t0ken"},
+    }
+    try:
+        EVENT_ADAPTER.validate_json(json.dumps(body))
+    except ValidationError as exc:
+        failure = f.Failure.of(exc, 1)
+    headers = failure.dead_letter_headers(
+        {},
+        reason="invalid",
+        service="notifier",
+        queue="q",
+        event_id=None,
+        event_type=None,
+    )
+    told = [failure.summary(), *map(str, headers.values())]
+    assert not [text for text in told if "t0ken" in text or "errors.pydantic.dev" in text]
+    message = headers[f.EXCEPTION_MESSAGE]
+    assert "data.subject" in message and "Field required" in message
+    assert headers[f.EXCEPTION_TYPE].endswith("ValidationError")
