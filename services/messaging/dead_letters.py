@@ -515,6 +515,19 @@ class DeadLetterDrain:
                 )
             await asyncio.sleep(pause)
         await message.ack()
+        if f.REASON not in letter.headers:
+            # The consumer that made a letter logged it; the broker logs nothing (a message
+            # that kept killing its consumer until the delivery limit, a reject, an expiry).
+            log.error(
+                "dead-lettered by the broker",
+                extra={
+                    "event_id": letter.event_id,
+                    "correlation_id": letter.correlation_id,
+                    "event_type": letter.event_type,
+                    "queue": letter.queue,  # the service's (`service` is this line's writer)
+                    "reason": letter.reason,
+                },
+            )
 
     async def _send_back(self, queue: str, message: AbstractIncomingMessage) -> None:
         """Put a letter held for too long back at the end of its queue as a new message (its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -296,6 +297,34 @@ async def test_a_steady_broker_outage_is_not_a_log_line_per_refused_event(
             assert (await client.post("/v1/events", json=NOTIFICATION)).status_code == 503
     lines = [r for r in caplog.records if r.getMessage() == "broker did not take the event"]
     assert len(lines) == 1
+
+
+async def test_a_letter_the_broker_dead_lettered_is_logged_naming_its_event(
+    client: httpx.AsyncClient, namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer logs each dead letter it makes; one the broker made (a message that kept
+    killing its consumer until the delivery limit, a reject) was stored and shown in its status
+    without a line in any service's log."""
+    response = await client.post(
+        "/v1/events", json=DATASET, headers={"X-Correlation-ID": "corr-poison"}
+    )
+    dataset_id = response.json()["id"]
+    connection = await aio_pika.connect(namespace.amqp_url)
+    async with connection:  # the broker dead-letters it, no Courier consumer
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(namespace.name, "processor"))
+        message = await queue.get(timeout=5)
+        await message.reject(requeue=False)
+
+    async def said() -> None:
+        lines = [r for r in caplog.records if getattr(r, "event_id", None) == dataset_id]
+        assert len(lines) == 1, lines
+        [line] = lines
+        assert line.levelno >= logging.WARNING
+        assert (line.correlation_id, line.reason) == ("corr-poison", "rejected")  # type: ignore[attr-defined]
+        assert "dead-lettered" in line.getMessage()
+
+    await eventually(said, timeout=15)
 
 
 async def test_an_unroutable_event_is_a_500_naming_its_type(
