@@ -122,6 +122,17 @@ class Operations:
                 if marked:
                     moved.append(letter_id)
                     await self._report_replayed(letter, replayed_at)
+                    log.info(
+                        "dead letter replayed",
+                        extra={
+                            "event_id": letter.event_id,
+                            "correlation_id": letter.correlation_id,
+                            "letter_id": letter_id,
+                            "queue": letter.queue,
+                            "action_id": action_id,
+                            "actor": actor,
+                        },
+                    )
         except (BrokerUnavailable, *STORE_ERRORS) as exc:
             # Said with what was done: a letter published but not marked is marked once more
             # below; if the store still refuses, it is dead again and a later replay sends it
