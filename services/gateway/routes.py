@@ -522,7 +522,7 @@ def _partial_failure(
 )
 async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
     unknown_unless_id(event_id)
-    found = await tracking.status(event_id)
+    found = await tracking.status_seen(event_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
     if found["type"] == "dataset.submitted":
@@ -534,7 +534,7 @@ async def event_status(event_id: str, tracking: TrackingDep) -> dict[str, Any]:
 
 async def _cancel(event_id: str, broker: Broker, settings: Settings, tracking: Tracking) -> Any:
     unknown_unless_id(event_id)
-    found = await tracking.status(event_id)
+    found = await tracking.status_seen(event_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id!r} is known")
     # Processed means succeeded at some point: a later skipped duplicate or replay of the same
@@ -618,7 +618,7 @@ async def dataset_result(dataset_id: str, tracking: TrackingDep) -> Any:
     result = await tracking.result(dataset_id)
     if result is not None:
         return result
-    found = await tracking.status(dataset_id)
+    found = await tracking.status_seen(dataset_id)
     if found is None or found["type"] not in (None, "dataset.submitted"):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r} is known")
     # A client polls while it gets 202: for a dataset that will not be summarised, a 202 kept

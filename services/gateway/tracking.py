@@ -158,6 +158,13 @@ stored before the publish, a status read writes what is pending first, and an ev
 accept a crash took still gets its status from the first report. Each write is a commit, an
 fsync and a hop to the store's thread; every 200 ms instead of 50 took ~0.05 ms of CPU per
 event off the gateway at 500 events/s (with `RESULTS_LINGER_SECONDS` at 100 ms instead of 20)."""
+UNKNOWN_LOOK_SECONDS = 1.0
+"""How long a status read that finds no event looks again (every `ACCEPT_BATCH_SECONDS`)
+before the event is taken as unknown (`status_seen`). Another gateway process on the same store
+(a replica behind the same address) writes what it accepted within `ACCEPT_BATCH_SECONDS` and
+a commit, and the client it answered may come back through this one: it was told `404` for the
+event it had just been given, and its cancellation was refused as unknown (never published).
+Only an unknown id waits."""
 ACCEPT_RETRY_LONGEST = 5.0
 """The longest wait between tries to write accept records while the store fails."""
 MAX_ACCEPT_BACKLOG = 100_000
@@ -425,8 +432,20 @@ class Tracking:
 
     # --- reading --------------------------------------------------------------------------------
 
+    async def status_seen(self, event_id: str) -> dict[str, Any] | None:
+        """`status`, looked for again while the event is unknown, for `UNKNOWN_LOOK_SECONDS`:
+        another gateway process may have accepted it and not written it down yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNKNOWN_LOOK_SECONDS
+        found = await self.status(event_id)
+        while found is None and loop.time() < deadline:
+            await asyncio.sleep(ACCEPT_BATCH_SECONDS)  # the other process writes, not this one
+            found = await self.status(event_id)
+        return found
+
     async def status(self, event_id: str) -> dict[str, Any] | None:
-        """The event's fate per service, with history; None if never seen."""
+        """The event's fate per service, with history; None if never seen (by this look:
+        see `status_seen`)."""
         await self._flush_accepted()  # what this process accepted is visible at once
         async with self._engine.connect() as conn:
             event = (
