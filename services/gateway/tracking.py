@@ -434,7 +434,10 @@ class Tracking:
 
     async def status_seen(self, event_id: str) -> dict[str, Any] | None:
         """`status`, looked for again while the event is unknown, for `UNKNOWN_LOOK_SECONDS`:
-        another gateway process may have accepted it and not written it down yet."""
+        another gateway process may have accepted it and not written it down yet. Not on
+        SQLite: a file of one gateway, whose own accepts `status` writes first."""
+        if self._engine.dialect.name == "sqlite":
+            return await self.status(event_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + UNKNOWN_LOOK_SECONDS
         found = await self.status(event_id)

@@ -8,6 +8,7 @@ replica writes its accept records a moment after its `202`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services.gateway.tracking import UNKNOWN_LOOK_SECONDS
 from tests.conftest import Namespace
 from tests.integration.conftest import gateway_client, gateway_settings
 
@@ -73,3 +75,13 @@ async def test_an_unknown_event_is_still_404_on_every_replica(
         assert (await client.get("/v1/events/never-accepted")).status_code == 404
         assert (await client.delete("/v1/events/never-accepted")).status_code == 404
         assert (await client.get("/v1/datasets/never-accepted")).status_code == 404
+
+
+async def test_a_single_gateway_on_sqlite_says_404_at_once(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    # Its own accepts are written before it looks: no other process can have the event.
+    async for client in gateway_client(gateway_settings(namespace, tmp_path)):
+        began = time.monotonic()
+        assert (await client.get("/v1/events/never-accepted")).status_code == 404
+        assert time.monotonic() - began < UNKNOWN_LOOK_SECONDS / 2

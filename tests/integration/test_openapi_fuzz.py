@@ -37,7 +37,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.gateway import tracking
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from tests.conftest import Namespace
@@ -84,19 +83,13 @@ OPERATIONS = {
 
 
 @pytest.fixture
-def gateway_app(
-    namespace: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Any]:
+def gateway_app(namespace: Namespace, tmp_path: Path) -> Iterator[Any]:
     """A gateway app in the test's namespace on the real broker, started and ready.
-
-    Alone: an id it does not know is unknown at once, not looked for again in case another
-    replica accepted it (a second per unknown id, most of the fuzzed ids of four routes).
 
     Schemathesis's ASGI transport runs the app's lifespan on its own event loop (in a thread),
     where it also serves every request, and its pytest plugin ends that lifespan when the test
     ends (`pytest_runtest_teardown`, before the fixtures' finalizers: the gateway is closed
     before `namespace` deletes its queues). So each operation gets a gateway of its own."""
-    monkeypatch.setattr(tracking, "UNKNOWN_LOOK_SECONDS", 0.0)
     settings = gateway_settings(
         namespace,
         tmp_path,
