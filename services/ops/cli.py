@@ -37,6 +37,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import click
+import httpx
 from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -95,6 +96,19 @@ def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) ->
     # select every dead letter.
     if value is not None and not value:
         raise click.BadParameter("must not be empty")
+    return value
+
+
+def _url_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Checked here: a URL the HTTP client cannot parse ended the CLI with a traceback.
+    if value is None:
+        return None
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise click.BadParameter(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise click.BadParameter("an http:// or https:// URL with a host, as http://gateway:8000")
     return value
 
 
@@ -300,6 +314,7 @@ def _gateway_options(f: F) -> F:
         show_envvar=True,
         default=DEFAULT_URL,
         show_default=True,
+        callback=_url_option,
         help="The gateway's base URL.",
     )(f)
 

@@ -56,3 +56,10 @@ def test_a_password_in_the_url_is_not_printed() -> None:
         assert result.exit_code == 4
         assert "pr0xy-s3cret" not in result.output + result.stderr
         assert "cannot reach the gateway at http://ops:" in result.output + result.stderr
+
+
+def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback() -> None:
+    for url in ("::", "http://host:port", "ftp://gateway", "gateway:8000"):
+        result = CliRunner().invoke(cli, ["--url", url, "--token", "t", "dlq", "list"])
+        assert result.exit_code == 2, (url, result.output, result.exception)
+        assert "Invalid value for '--url'" in result.output, result.output
