@@ -123,6 +123,11 @@ class NotifierSettings(ConsumerSettings):
         # Else the notifier started, said it was ready, and failed every `log` notification.
         if value.is_dir():
             raise ValueError("COURIER_NOTIFY_LOG names a directory; it is the file to append to")
+        # Its directory is made at start: not under a file (the notifier died at start with a
+        # bare FileExistsError).
+        nearest = next((p for p in value.absolute().parents if p.exists()), None)
+        if nearest is not None and not nearest.is_dir():
+            raise ValueError(f"COURIER_NOTIFY_LOG is under {nearest}, which is not a directory")
         return value
 
     @field_validator("webhook_secrets", mode="before")

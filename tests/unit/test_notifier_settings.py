@@ -170,6 +170,15 @@ def test_a_notify_log_that_is_a_directory_is_refused(
         NotifierSettings()
 
 
+def test_a_notify_log_under_a_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setenv("COURIER_NOTIFY_LOG", str(tmp_path / "taken" / "logs" / "n.jsonl"))
+    with pytest.raises(ValidationError, match="which is not a directory"):
+        NotifierSettings()
+
+
 @pytest.mark.parametrize("host", ["mail.example.org:587", "smtp://mail.example.org", "a b"])
 def test_an_smtp_host_with_more_than_a_host_is_refused(
     monkeypatch: pytest.MonkeyPatch, host: str
