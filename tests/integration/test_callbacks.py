@@ -31,8 +31,8 @@ from contracts.events import (
     NotificationRequestedData,
 )
 from contracts.topology import work_queue
-from contracts.tracking import CallbackRequested, State, Transition
-from services.gateway.callbacks import Callbacks, callback_id
+from contracts.tracking import CallbackRequested, State, Transition, callback_id
+from services.gateway.callbacks import Callbacks
 from services.gateway.letters import dead_lettered
 from services.gateway.tracking import CALLBACK_COLUMNS, Tracking, events, metadata
 from services.gateway.tracking_migrations import LEGACY_CALLBACK_COLUMNS, steps

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from contracts.tracking import ServiceOutcome, State
+from contracts.tracking import ServiceOutcome, State, callback_id
 from services.gateway import callbacks
-from services.gateway.callbacks import callback_id, settle
+from services.gateway.callbacks import settle
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
