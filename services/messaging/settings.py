@@ -160,6 +160,16 @@ class CourierSettings(BaseSettings):
 
     _split_delays = field_validator("retry_delays", mode="before")(_int_tuple)
 
+    @field_validator("blob_dir")
+    @classmethod
+    def _a_directory(cls, value: Path) -> Path:
+        # Made at start if missing: a file there, or above it, failed every upload (503) and
+        # every analysis of a service that said it was ready.
+        nearest = next((p for p in (value, *value.absolute().parents) if p.exists()), None)
+        if nearest is not None and not nearest.is_dir():
+            raise ValueError(f"{nearest} is not a directory")
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp(cls, value: str) -> str:

@@ -273,3 +273,23 @@ def test_upload_types_that_are_no_media_types_are_a_settings_error(
     monkeypatch.setenv("COURIER_UPLOAD_TYPES", "Text/CSV, image/*, application/vnd.ms-excel")
     expected = ("text/csv", "image/*", "application/vnd.ms-excel")
     assert GatewaySettings(environment="development").upload_types == expected
+
+
+@pytest.mark.parametrize("where", ["blobs", "blobs/more"])
+def test_a_blob_directory_that_is_a_file_or_under_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    # The gateway started ready and answered every upload 503; the processor failed every
+    # analysis.
+    (tmp_path / "blobs").write_text("")
+    monkeypatch.setenv("COURIER_BLOB_DIR", str(tmp_path / where))
+    with pytest.raises(ValidationError, match="is not a directory"):
+        GatewaySettings(environment="development")
+
+
+def test_a_blob_directory_still_to_be_made_is_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("COURIER_BLOB_DIR", str(tmp_path / "not" / "yet"))
+    settings = GatewaySettings(environment="development")
+    assert settings.blob_dir == tmp_path / "not" / "yet"
