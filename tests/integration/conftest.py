@@ -37,7 +37,9 @@ async def gateway_client(
                 async def ready() -> None:
                     assert (await client.get("/readyz")).status_code == 200
 
-                await eventually(ready)
+                # Its topology declared on a broker that three other test workers keep busy
+                # took longer than 10 s once (a queue declaration cancelled by its timeout).
+                await eventually(ready, timeout=30)
             yield client
 
 
