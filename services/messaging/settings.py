@@ -89,6 +89,13 @@ def _variable(settings_type: type[CourierSettings], loc: tuple[int | str, ...]) 
     return name  # located by the variable itself
 
 
+def file_in_the_way(directory: Path) -> Path | None:
+    """What keeps `directory` from being made at start: it, or its nearest existing ancestor,
+    when that is not a directory; None when it is one or can be made."""
+    nearest = next((p for p in (directory, *directory.absolute().parents) if p.exists()), None)
+    return None if nearest is None or nearest.is_dir() else nearest
+
+
 class CourierSettings(BaseSettings):
     """What every Courier process reads."""
 
@@ -165,9 +172,9 @@ class CourierSettings(BaseSettings):
     def _a_directory(cls, value: Path) -> Path:
         # Made at start if missing: a file there, or above it, failed every upload (503) and
         # every analysis of a service that said it was ready.
-        nearest = next((p for p in (value, *value.absolute().parents) if p.exists()), None)
-        if nearest is not None and not nearest.is_dir():
-            raise ValueError(f"{nearest} is not a directory")
+        blocking = file_in_the_way(value)
+        if blocking is not None:
+            raise ValueError(f"{blocking} is not a directory")
         return value
 
     @field_validator("amqp_url")

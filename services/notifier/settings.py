@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from services.messaging.settings import ConsumerSettings
+from services.messaging.settings import ConsumerSettings, file_in_the_way
 from services.notifier.mail import EmailRejected, parse_address
 from services.notifier.targets import TargetPolicy, dns_host, is_bare_host
 
@@ -125,9 +125,9 @@ class NotifierSettings(ConsumerSettings):
             raise ValueError("COURIER_NOTIFY_LOG names a directory; it is the file to append to")
         # Its directory is made at start: not under a file (the notifier died at start with a
         # bare FileExistsError).
-        nearest = next((p for p in value.absolute().parents if p.exists()), None)
-        if nearest is not None and not nearest.is_dir():
-            raise ValueError(f"COURIER_NOTIFY_LOG is under {nearest}, which is not a directory")
+        blocking = file_in_the_way(value.absolute().parent)
+        if blocking is not None:
+            raise ValueError(f"COURIER_NOTIFY_LOG is under {blocking}, which is not a directory")
         return value
 
     @field_validator("webhook_secrets", mode="before")

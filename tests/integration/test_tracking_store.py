@@ -984,16 +984,27 @@ async def test_a_cancel_request_reaches_every_workers_control_queue(
             }
 
 
+@asynccontextmanager
+async def events_table_away(tmp_path: Path) -> AsyncIterator[None]:
+    """The gateway's SQLite store without its events table while inside (a store away)."""
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE status_events RENAME TO away"))
+        yield
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE away RENAME TO status_events"))
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.broker
 async def test_a_store_away_is_a_503_to_retry_not_a_500(
     namespace: Namespace, tmp_path: Path
 ) -> None:
     async with running_gateway(namespace, tmp_path, None) as client:
         event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
-        engine = open_store(store_url(None, tmp_path, "gateway"))
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(text("ALTER TABLE status_events RENAME TO away"))
+        async with events_table_away(tmp_path):
             for method, path in (
                 ("GET", f"/v1/events/{event_id}"),
                 ("GET", f"/v1/datasets/{event_id}"),
@@ -1002,10 +1013,6 @@ async def test_a_store_away_is_a_503_to_retry_not_a_500(
                 response = await client.request(method, path)
                 assert response.status_code == 503, (path, response.text)
                 assert response.headers["retry-after"] == "5"
-            async with engine.begin() as conn:
-                await conn.execute(text("ALTER TABLE away RENAME TO status_events"))
-        finally:
-            await engine.dispose()
         assert (await client.get(f"/v1/events/{event_id}")).status_code == 200
 
 
@@ -1021,16 +1028,9 @@ async def test_status_polls_during_a_store_outage_are_not_a_traceback_each(
     monkeypatch.setattr(routes_module, "_store_failures_logged", Throttle(), raising=False)
     async with running_gateway(namespace, tmp_path, None) as client:
         event_id = (await client.post("/v1/events", json=NOTIFICATION)).json()["id"]
-        engine = open_store(store_url(None, tmp_path, "gateway"))
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(text("ALTER TABLE status_events RENAME TO away"))
+        async with events_table_away(tmp_path):
             for _ in range(30):
                 assert (await client.get(f"/v1/events/{event_id}")).status_code == 503
-            async with engine.begin() as conn:
-                await conn.execute(text("ALTER TABLE away RENAME TO status_events"))
-        finally:
-            await engine.dispose()
     lines = [r for r in caplog.records if r.getMessage() == "the store failed a request"]
     assert len(lines) == 1
 
