@@ -137,6 +137,8 @@ class StatusReporter:
         self._quiet_until = -math.inf
         self._next_look = -math.inf  # monotonic time of the next look for owed outcomes
         self._catching_up: datetime | None = None  # `recover()`'s start, until all is told
+        # A look reading the ledger: another meanwhile would read (and note) the same outcomes.
+        self._looking = False
         self._dropped = 0
         self._drops_said = _NowAndThen(DROP_WARNING_SECONDS)
         self._refusals = 0  # reports refused since the last one taken
@@ -228,14 +230,18 @@ class StatusReporter:
         """Note again the outcomes the ledger has as owed for at least `age`, unless enough is
         pending already; how many. Without an age: those settled before the first such call
         (at start-up: what a crash took, none of it this process's), `MAX_TRANSITIONS` a call;
-        the rounds tell the rest."""
-        if self._ledger is None or len(self._pending) >= MAX_TRANSITIONS:
+        the rounds tell the rest. A call while another reads the ledger notes nothing."""
+        if self._ledger is None or self._looking or len(self._pending) >= MAX_TRANSITIONS:
             return 0
         if age is not None:
             before = datetime.now(UTC) - age
         else:
             before = self._catching_up = self._catching_up or datetime.now(UTC)
-        owed = await self._ledger.unreported(before, MAX_TRANSITIONS)
+        self._looking = True
+        try:
+            owed = await self._ledger.unreported(before, MAX_TRANSITIONS)
+        finally:
+            self._looking = False
         if age is None and len(owed) < MAX_TRANSITIONS:
             self._catching_up = None  # all told
         for outcome in owed:

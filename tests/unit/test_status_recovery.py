@@ -79,3 +79,23 @@ async def test_while_the_store_does_not_note_reports_the_owed_are_not_told_each_
     assert await reporter.recover() == 1000  # catching up
     await run_for(reporter, 0.3)  # some 30 rounds
     assert broker.reports <= 4, broker.reports
+
+
+class SlowLedger(Ledger):
+    """A look that takes a while (a store reading a thousand rows under load)."""
+
+    async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
+        await asyncio.sleep(0.05)
+        return await super().unreported(settled_before, limit)
+
+
+async def test_a_look_begun_while_another_reads_the_ledger_notes_nothing_again() -> None:
+    """Two looks at once would both read the same owed outcomes: each told twice."""
+    at = datetime.now(UTC)
+    owed = [Outcome(f"e-{i}", "dataset.submitted", "succeeded", at, 1) for i in range(3)]
+    reporter = StatusReporter("processor", StatusBroker(), "x", ledger=SlowLedger(owed=owed))
+
+    counts = await asyncio.gather(reporter.recover(), reporter.recover())
+
+    assert sorted(counts) == [0, 3]
+    assert reporter.pending == 3
