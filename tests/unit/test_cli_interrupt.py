@@ -65,6 +65,9 @@ def test_ctrl_c_exits_130_with_one_json_document(command: list[str]) -> None:
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # As from a terminal: a suite started in the background has SIGINT ignored, and
+            # Python keeps an ignored SIGINT ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert arrived.wait(20), "the CLI never called the gateway"
         time.sleep(0.2)
