@@ -238,8 +238,22 @@ class Operations:
             )
             return Outcome(action_id, True, len(ids), ids)
         action_id = uuid.uuid4().hex
-        ids = await self._store.discard(
+        discarded = await self._store.discard(
             selection, limit=limit, reason=reason, actor=actor, action_id=action_id
         )
-        log.info("discarded dead letters", extra={"count": len(ids), "actor": actor})
+        for letter in discarded:
+            log.info(
+                "dead letter discarded",
+                extra={
+                    "event_id": letter.event_id,
+                    "correlation_id": letter.correlation_id,
+                    "letter_id": letter.id,
+                    "queue": letter.queue,
+                    "action_id": action_id,
+                    "actor": actor,
+                    "reason": reason,
+                },
+            )
+        log.info("discarded dead letters", extra={"count": len(discarded), "actor": actor})
+        ids = [letter.id for letter in discarded]
         return Outcome(action_id, False, len(ids), ids)

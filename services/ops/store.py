@@ -201,6 +201,16 @@ def _cursor(row: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
+@dataclass(frozen=True)
+class Discarded:
+    """A letter a discard closed, with what its log line names."""
+
+    id: str
+    event_id: str | None
+    correlation_id: str | None
+    queue: str
+
+
 class InvalidCursor(ValueError):
     """A paging cursor this store did not hand out."""
 
@@ -535,7 +545,7 @@ class FailureStore:
 
     async def discard(
         self, selection: Filter, *, limit: int, reason: str, actor: str, action_id: str
-    ) -> list[str]:
+    ) -> list[Discarded]:
         """Discard up to `limit` matching dead letters and record the action, in one
         transaction: a discard is never left unaudited."""
         now = datetime.now(UTC)
@@ -548,10 +558,12 @@ class FailureStore:
             "action_id": action_id,
         }
         base = _takeable(selection, None, now)
-        discarded: list[str] = []
+        discarded: list[Discarded] = []
         async with self.engine.begin() as conn:
             for _ in range(CLAIM_ROUNDS):  # as a claim does: past what concurrent ones take
-                oldest = _oldest_first(base, limit - len(discarded)).add_columns(c.history)
+                oldest = _oldest_first(base, limit - len(discarded)).add_columns(
+                    c.history, c.event_id, c.correlation_id, c.queue
+                )
                 rows = (await conn.execute(_not_held(conn, oldest))).all()
                 took = 0
                 for row in rows:
@@ -561,7 +573,9 @@ class FailureStore:
                         .values(status="discarded", closed_at=now, history=[*row.history, entry])
                     )
                     if result.rowcount == 1:  # not taken by a concurrent replay meanwhile
-                        discarded.append(row.id)
+                        discarded.append(
+                            Discarded(row.id, row.event_id, row.correlation_id, row.queue)
+                        )
                         took += 1
                 if took == len(rows) or len(discarded) >= limit:
                     break

@@ -839,6 +839,30 @@ async def test_each_replayed_letter_is_logged_with_its_events_ids(
 
 
 @pytest.mark.broker
+async def test_each_discarded_letter_is_logged_with_its_events_ids(
+    namespace: Namespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A discard logged a count alone: which events ops gave up on, and why, showed in no log
+    line carrying their ids."""
+    caplog.set_level(logging.INFO)
+    settings = gateway_settings(namespace, tmp_path)
+    ids = await seed(tmp_path, namespace, 2)
+    async with running_gateway(settings) as client:
+        items = {item["id"]: item for item in await letters(client)}
+        response = await client.post(
+            "/v1/ops/discards", json={"ids": ids, "why": "bad input"}, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        action_id = response.json()["action_id"]
+    lines = [r for r in caplog.records if r.getMessage() == "dead letter discarded"]
+    assert sorted(
+        (r.event_id, r.letter_id, r.action_id, r.actor, r.reason)  # type: ignore[attr-defined]
+        for r in lines
+    ) == sorted((items[i]["event_id"], i, action_id, "tester", "bad input") for i in ids)
+    assert all(r.levelno == logging.INFO for r in lines)
+
+
+@pytest.mark.broker
 async def test_a_replayed_cancellation_goes_to_its_services_control_queue(
     namespace: Namespace, tmp_path: Path
 ) -> None:
