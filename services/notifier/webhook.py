@@ -185,7 +185,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
         assert last is not None  # `addresses` is never empty: the policy refuses that
-        raise last
+        # Named: "All connection attempts failed" in a dead letter does not say whose.
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise type(last)(f"{where}: {last}") from last
 
     async def connect_unix_socket(
         self,

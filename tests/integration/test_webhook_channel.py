@@ -188,6 +188,14 @@ async def test_a_refused_connection_is_transient(channel: WebhookChannel) -> Non
     assert not isinstance(caught.value, PermanentError)
 
 
+async def test_a_refused_connection_names_the_host_it_tried(channel: WebhookChannel) -> None:
+    # "All connection attempts failed" alone, in a dead letter or a status detail, did not say
+    # which receiver was down.
+    port = free_port()
+    with pytest.raises(httpx.ConnectError, match=rf"^127\.0\.0\.1:{port}: "):
+        await channel.deliver(notification(f"http://127.0.0.1:{port}/hook"))
+
+
 async def test_a_slow_receiver_times_out_as_transient() -> None:
     import socket
 
