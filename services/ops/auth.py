@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.types import Message, Receive
 
 _bearer = HTTPBearer(auto_error=False, description="An ops token from COURIER_OPS_TOKENS.")
 
@@ -44,3 +45,26 @@ async def require_operator(
 
 
 Operator = Annotated[str, Depends(require_operator)]
+
+
+async def authenticate(request: Request) -> str:
+    """`require_operator` from the request's headers alone, before its body is read."""
+    return await require_operator(request, await _bearer(request))
+
+
+def bounded(receive: Receive, limit: int) -> Receive:
+    """`receive` that refuses (413) a body growing past `limit` bytes as it arrives."""
+    taken = 0
+
+    async def receive_bounded() -> Message:
+        nonlocal taken
+        message = await receive()
+        if message["type"] == "http.request":
+            taken += len(message.get("body", b""))
+            if taken > limit:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE, f"body larger than {limit} bytes"
+                )
+        return message
+
+    return receive_bounded

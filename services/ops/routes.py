@@ -6,14 +6,15 @@ who, when, what and how many, and listed under `/v1/ops/actions`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,7 +26,7 @@ from pydantic import (
 )
 
 from services.messaging.store import STORE_ERRORS
-from services.ops.auth import Operator
+from services.ops.auth import Operator, authenticate, bounded
 from services.ops.operations import Operations, Outcome
 from services.ops.store import FailureStore, Filter, InvalidCursor, Status, utc_bound
 
@@ -34,12 +35,36 @@ class Problem(BaseModel):
     detail: Any
 
 
+class _OpsRoute(APIRoute):
+    """An ops route that checks the token before it reads the request's body, and reads at most
+    COURIER_MAX_BODY_BYTES of it (413 beyond). FastAPI reads and parses a JSON body before it
+    solves the route's dependencies, the token's among them: anyone could make the gateway
+    read and parse a body of any size before its 401."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            await authenticate(request)
+            limit: int = request.app.state.settings.max_body_bytes
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE, f"body larger than {limit} bytes"
+                )
+            return await handler(Request(request.scope, bounded(request.receive, limit)))
+
+        return guarded
+
+
 router = APIRouter(
     prefix="/v1/ops",
+    route_class=_OpsRoute,
     tags=["ops"],
     responses={
         401: {"model": Problem, "description": "No bearer token"},
         403: {"model": Problem, "description": "A token COURIER_OPS_TOKENS does not hold"},
+        413: {"model": Problem, "description": "A body larger than COURIER_MAX_BODY_BYTES"},
         503: {"model": Problem, "description": "The failure store is unavailable; retry later"},
     },
 )

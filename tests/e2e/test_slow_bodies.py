@@ -75,14 +75,25 @@ def test_an_event_body_behind_the_rate_is_a_408_and_the_connection_is_closed(
     assert GRACE <= time.monotonic() - began < ANSWER_WITHIN
 
 
-def test_an_ops_body_behind_the_rate_is_a_408_before_any_check_of_the_caller(
-    gateway_process: ServiceProcess,
-) -> None:
-    # FastAPI reads a route's body before its dependencies run (the token check here).
+def test_an_ops_body_behind_the_rate_is_a_408(gateway_process: ServiceProcess) -> None:
     with connect(gateway_process) as client:
-        client.sendall(head("/v1/ops/replays", "application/json", 500) + b'{"ids"')
+        request = head("/v1/ops/replays", "application/json", 500).replace(
+            b"\r\n\r\n", b"\r\nAuthorization: Bearer e2e-test-ops-token\r\n\r\n"
+        )
+        client.sendall(request + b'{"ids"')
         answer = answer_then_closed(client)
     assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_an_ops_body_without_a_token_is_not_waited_for(gateway_process: ServiceProcess) -> None:
+    # The token is checked before the body is read: a 401 at once, and the connection closed.
+    with connect(gateway_process) as client:
+        client.sendall(head("/v1/ops/replays", "application/json", 500) + b'{"ids"')
+        began = time.monotonic()
+        answer = answer_then_closed(client)
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b"connection: close" in answer.lower()
+    assert time.monotonic() - began < GRACE
 
 
 def test_a_request_answered_before_its_body_was_read_is_closed_after_the_answer(
