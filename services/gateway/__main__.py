@@ -1,5 +1,6 @@
-"""`python -m services.gateway`: serve the gateway with uvicorn (uvloop + httptools), and end
-with the service's exit code (`ServiceExit`), as the consumers do."""
+"""`python -m services.gateway`: serve the gateway with uvicorn (uvloop + httptools, its request
+heads bounded: `request_head`), and end with the service's exit code (`ServiceExit`), as the
+consumers do."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import uvloop
 from fastapi import FastAPI
 
 from services.gateway.app import create_app
+from services.gateway.request_head import BoundedHeadProtocol
 from services.gateway.settings import GatewaySettings
 from services.messaging.exits import ServiceExit
 from services.messaging.logs import configure_logging, get_logger
@@ -29,7 +31,7 @@ def server_config(settings: GatewaySettings, app: FastAPI) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        http="httptools",
+        http=BoundedHeadProtocol,
         log_config=None,  # keep the JSON logging configured in main
         access_log=False,
         timeout_graceful_shutdown=30,
