@@ -72,7 +72,10 @@ def start(
 def start_gateway(
     env: Mapping[str, str], port: int, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    return start("services.gateway.app:create_app", env, port, factory=True, log=log)
+    """The gateway as it ships, `python -m services.gateway` (one uvicorn worker, uvloop and
+    its httptools protocol with bounded request heads)."""
+    settings = {"COURIER_HOST": "127.0.0.1", "COURIER_PORT": str(port)}
+    return _popen([sys.executable, "-m", "services.gateway"], {**env, **settings}, log)
 
 
 def start_module(
