@@ -23,6 +23,9 @@ import httpx
 
 from contracts.envelope import http_url_problem
 from services.messaging.errors import PermanentError
+from services.messaging.logs import get_logger
+
+log = get_logger("notifier.targets")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -189,8 +192,12 @@ class TargetPolicy:
             raise TargetRefused(f"{host} resolves to no address")
         refused = [str(a) for a in addresses if not self.allows(a)]
         if refused:
+            # The addresses go to the operators' log, not into the failure: its text reaches
+            # the event's public status and callback, and would tell anyone who may submit an
+            # event what the notifier's DNS holds for internal names.
+            log.warning("webhook target refused", extra={"host": host, "addresses": refused})
             raise TargetRefused(
-                f"{host} resolves to a non-public address ({', '.join(refused)}); "
+                f"{host} resolves to a non-public address; "
                 "allow it with COURIER_WEBHOOK_ALLOWED_HOSTS if it is meant"
             )
 

@@ -145,22 +145,47 @@ class FakeDns:
         return [ipaddress.ip_address(a) for a in self.answers.get(host, ())]
 
 
-async def test_a_name_resolving_to_a_private_address_is_refused() -> None:
+async def refused_addresses(
+    host: str, dns: FakeDns, caplog: pytest.LogCaptureFixture
+) -> tuple[str, list[str]]:
+    """The refusal's text, and the addresses the log named for it."""
+    with pytest.raises(TargetRefused) as refused:
+        await TargetPolicy().addresses(host, 443, dns)
+    named = [r.addresses for r in caplog.records if r.getMessage() == "webhook target refused"]  # type: ignore[attr-defined]
+    return str(refused.value), [a for addresses in named for a in addresses]
+
+
+async def test_a_name_resolving_to_a_private_address_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     dns = FakeDns({"internal.example.org": ["10.1.2.3"]})
-    with pytest.raises(TargetRefused, match=r"10\.1\.2\.3"):
-        await TargetPolicy().addresses("internal.example.org", 443, dns)
+    text, logged = await refused_addresses("internal.example.org", dns, caplog)
+    assert "internal.example.org resolves to a non-public address" in text
+    assert logged == ["10.1.2.3"]
 
 
-async def test_every_resolved_address_must_pass() -> None:
+async def test_every_resolved_address_must_pass(caplog: pytest.LogCaptureFixture) -> None:
     dns = FakeDns({"mixed.example.org": ["93.184.215.14", "127.0.0.1"]})
-    with pytest.raises(TargetRefused, match=r"127\.0\.0\.1"):
-        await TargetPolicy().addresses("mixed.example.org", 443, dns)
+    _, logged = await refused_addresses("mixed.example.org", dns, caplog)
+    assert logged == ["127.0.0.1"]
 
 
-async def test_a_name_resolving_to_an_ipv6_loopback_is_refused() -> None:
+async def test_a_name_resolving_to_an_ipv6_loopback_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     dns = FakeDns({"v6.example.org": ["2606:4700:4700::1111", "::1"]})
-    with pytest.raises(TargetRefused, match="::1"):
-        await TargetPolicy().addresses("v6.example.org", 443, dns)
+    _, logged = await refused_addresses("v6.example.org", dns, caplog)
+    assert logged == ["::1"]
+
+
+async def test_a_refusal_does_not_say_what_the_name_resolved_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its text reaches the event's public status and its callback: it told anyone who may
+    # submit an event what the notifier's DNS holds for internal names. The log keeps it.
+    dns = FakeDns({"internal-db.lan": ["10.20.30.40"]})
+    text, _ = await refused_addresses("internal-db.lan", dns, caplog)
+    assert "10.20.30.40" not in text
 
 
 async def test_a_name_resolving_to_nothing_is_refused() -> None:
