@@ -63,7 +63,9 @@ async def webhook_channel(stack: AsyncExitStack, settings: NotifierSettings) -> 
         settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None,
         {host: s.get_secret_value().encode() for host, s in settings.webhook_secrets.items()},
     )
-    return WebhookChannel(client, secrets, timeout=settings.webhook_timeout)
+    return WebhookChannel(
+        client, secrets, timeout=settings.webhook_timeout, cooldown=settings.webhook_cooldown
+    )
 
 
 def email_channel(settings: NotifierSettings) -> DeliveryChannel:

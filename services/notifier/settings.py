@@ -80,6 +80,12 @@ class NotifierSettings(ConsumerSettings):
     webhook_connect_timeout: float = Field(
         default=5.0, gt=0, le=60, description="Seconds to resolve and connect to a receiver."
     )
+    webhook_cooldown: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Seconds a receiver that did not answer in time is not asked; 0: always.",
+    )
     webhook_max_connections: int = Field(
         default=100, ge=1, le=10_000, description="Pooled connections to webhook receivers."
     )

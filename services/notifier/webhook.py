@@ -39,6 +39,7 @@ from contracts.envelope import Envelope
 from services.messaging.dead_letters import printable
 from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
+from services.notifier.breaker import ReceiverBreaker
 from services.notifier.channels import Notification
 from services.notifier.signing import SIGNATURE_HEADER, sign
 from services.notifier.targets import (
@@ -56,6 +57,9 @@ USER_AGENT: Final = "Courier-Webhook/1"
 MAX_ERROR_BODY: Final = 512
 """Bytes of a refusing receiver's body kept in the error (and so in the dead letter)."""
 TRANSIENT_STATUSES: Final = frozenset({408, 429})
+DEFAULT_COOLDOWN: Final = 30.0
+"""Seconds a receiver that did not answer in time is not asked (`COURIER_WEBHOOK_COOLDOWN`)."""
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 class WebhookUnavailable(RetryLater):
@@ -251,11 +255,15 @@ class WebhookChannel:
         secrets: WebhookSecrets,
         *,
         timeout: float,
+        cooldown: float = DEFAULT_COOLDOWN,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`cooldown`: seconds a receiver that did not answer in time is not asked (see
+        `breaker`); 0: always asked."""
         self._client = client
         self._secrets = secrets
         self._timeout = timeout
+        self._breaker = ReceiverBreaker(cooldown)
         self._clock = clock
 
     async def deliver(self, notification: Notification) -> None:
@@ -272,7 +280,9 @@ class WebhookChannel:
             # gzip bomb, hundreds of MB): ask for none, and read what comes as it is.
             "Accept-Encoding": "identity",
         }
-        answered = False
+        receiver = f"{dns_host(url.raw_host)}:{url.port or DEFAULT_PORTS[url.scheme]}"
+        self._breaker.enter(receiver)
+        answered = timed_out = False
         start = bytearray()
         try:
             # httpx's timeouts bound each phase; this bounds the whole exchange (a slow drip).
@@ -286,6 +296,7 @@ class WebhookChannel:
                 await _read_start(response, start)
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             if not answered:
+                timed_out = isinstance(exc, (TimeoutError, httpx.TimeoutException))
                 if isinstance(exc, TimeoutError) and not str(exc):
                     # The whole exchange's bound, which says nothing: nor would the letter.
                     host = dns_host(url.raw_host)
@@ -298,6 +309,8 @@ class WebhookChannel:
                 "reading the rest of a webhook's answer failed",
                 extra={"status": response.status_code, "error": repr(exc)},
             )
+        finally:
+            self._breaker.settle(receiver, timed_out=timed_out)
         check_response(response.status_code, response.headers, bytes(start), datetime.now(UTC))
 
 

@@ -19,6 +19,7 @@ import pytest
 from contracts.events import NotificationRequested, NotificationRequestedData
 from services.messaging.errors import PermanentError
 from services.messaging.logs import configure_logging
+from services.notifier.breaker import ReceiverCoolingDown
 from services.notifier.channels import Notification
 from services.notifier.signing import verify
 from services.notifier.targets import TargetPolicy, TargetRefused
@@ -29,6 +30,7 @@ from services.notifier.webhook import (
     WebhookUnavailable,
     webhook_client,
 )
+from tests.support.polling import eventually
 from tests.support.processes import free_port
 from tests.support.webhook_receiver import Reply, WebhookReceiver
 
@@ -343,3 +345,123 @@ async def test_the_webhooks_url_stays_out_of_the_logs(
         logging.captureWarnings(False)
     logged = capsys.readouterr().err
     assert "t0ken" not in logged
+
+
+# --- a receiver that does not answer ------------------------------------------------------------
+
+
+class Silent:
+    """A receiver on 127.0.0.1 that takes connections and requests and answers `200` only once
+    `answering` is set; counts the requests that reached it."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.answering = asyncio.Event()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (task := asyncio.current_task()) is not None:
+            self._handlers.add(task)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                self.requests += 1
+                await self.answering.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        finally:
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            server.close()
+            await server.wait_closed()
+
+
+async def cooling_channel(cooldown: float) -> AsyncIterator[WebhookChannel]:
+    async with webhook_client(LOCAL, timeout=0.3, connect_timeout=2.0, max_connections=8) as client:
+        yield WebhookChannel(client, WebhookSecrets(SECRET, {}), timeout=0.3, cooldown=cooldown)
+
+
+async def test_a_receiver_that_did_not_answer_in_time_is_not_asked_again_while_it_cools_down(
+    receiver: WebhookReceiver,
+) -> None:
+    # Each delivery to it held a place of the notifier's prefetch window for the whole timeout:
+    # every other notification waited behind a few of them.
+    silent = Silent()
+    async with silent.running() as url:
+        async for channel in cooling_channel(cooldown=30):
+            with pytest.raises(TimeoutError):
+                await channel.deliver(notification(url))
+            started = time.monotonic()
+            with pytest.raises(ReceiverCoolingDown) as cooling:
+                await channel.deliver(notification(url))
+            assert time.monotonic() - started < 0.1
+            assert silent.requests == 1
+            assert 29 < cooling.value.min_delay <= 30  # retried once the cooldown is over
+            assert "127.0.0.1:" in str(cooling.value)
+            await channel.deliver(notification(receiver.url()))  # others are asked as ever
+    assert len(receiver.received) == 1
+
+
+async def test_after_its_cooldown_one_delivery_tries_the_receiver_while_the_others_wait() -> None:
+    silent = Silent()
+    async with silent.running() as url:
+        async for channel in cooling_channel(cooldown=0.2):
+            with pytest.raises(TimeoutError):
+                await channel.deliver(notification(url))
+            await asyncio.sleep(0.25)
+            trial = asyncio.create_task(channel.deliver(notification(url)))
+
+            async def reached() -> None:
+                assert silent.requests == 2
+
+            await eventually(reached, timeout=5)  # the trial is with the receiver
+            with pytest.raises(ReceiverCoolingDown):
+                await channel.deliver(notification(url))
+            silent.answering.set()
+            await trial
+            await channel.deliver(notification(url))  # it answered: asked as ever
+    assert silent.requests == 3
+
+
+async def test_a_trial_that_times_out_too_starts_another_cooldown() -> None:
+    silent = Silent()
+    async with silent.running() as url:
+        async for channel in cooling_channel(cooldown=0.2):
+            with pytest.raises(TimeoutError):
+                await channel.deliver(notification(url))
+            await asyncio.sleep(0.25)
+            with pytest.raises(TimeoutError):
+                await channel.deliver(notification(url))
+            with pytest.raises(ReceiverCoolingDown):
+                await channel.deliver(notification(url))
+    assert silent.requests == 2
+
+
+async def test_without_a_cooldown_a_receiver_is_asked_whatever_it_did_before() -> None:
+    silent = Silent()
+    async with silent.running() as url:
+        async for channel in cooling_channel(cooldown=0):
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    await channel.deliver(notification(url))
+    assert silent.requests == 2
+
+
+async def test_a_refused_connection_does_not_hold_a_receiver_back(
+    channel: WebhookChannel,
+) -> None:
+    # It fails at once: it holds no place of the window, and its retries ask it again.
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    for _ in range(2):
+        with pytest.raises(httpx.ConnectError):
+            await channel.deliver(notification(url))
