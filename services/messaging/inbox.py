@@ -34,7 +34,6 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
-    delete,
     func,
     literal,
     null,
@@ -61,6 +60,7 @@ from services.messaging.store import (
     insert_rows,
     loop_reader,
     migrate,
+    prune_in_batches,
     raw_sqlite,
     row_may_be_at_fault,
     sqlite_time,
@@ -451,16 +451,18 @@ class Inbox:
             self._reader = None
 
     async def prune(self, older_than: timedelta) -> int:
-        """Forget events handled longer ago than any redelivery can come."""
+        """Forget events handled longer ago than any redelivery can come: the number of
+        records forgotten. In batches (`prune_in_batches`): a consumer at 500 events/s prunes
+        1.8 million records an hour, and 3 million in one transaction held SQLite's write lock
+        for 24 s, past the busy timeout: the records of the events handled meanwhile failed
+        (`database is locked`)."""
         cutoff = datetime.now(UTC) - older_than
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                delete(self._table).where(self._table.c.handled_at < cutoff)
-            )
-            await conn.execute(
-                delete(self._cancellations).where(self._cancellations.c.cancelled_at < cutoff)
-            )
-        return int(result.rowcount or 0)
+        inbox, cancellations = self._table.c, self._cancellations.c
+        pruned = await prune_in_batches(self._runner, inbox.event_id, inbox.handled_at < cutoff)
+        await prune_in_batches(
+            self._runner, cancellations.event_id, cancellations.cancelled_at < cutoff
+        )
+        return pruned
 
 
 # --- the hot path's statements ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
+    delete,
     event,
     inspect,
     literal,
@@ -46,6 +47,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, SingletonThreadPool
 from sqlalchemy.schema import CreateTable
+from sqlalchemy.sql.elements import ColumnElement
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from services.messaging.errors import StoreOfAnotherNamespace, StoreUnavailable, causes
@@ -444,6 +446,31 @@ class BatchRunner:
             if _WRITERS.get(self._key) is writer:
                 del _WRITERS[self._key]
             writer.close()
+
+
+PRUNE_BATCH = 5_000
+"""Rows a prune deletes per transaction."""
+
+
+async def prune_in_batches(
+    runner: BatchRunner, key: Column[Any], old: ColumnElement[bool], batch: int = PRUNE_BATCH
+) -> int:
+    """Delete the rows of `key`'s table that are `old`, `batch` at a time, each batch its own
+    transaction through the store's writer (on SQLite the thread the hot path writes with),
+    so that the writes made meanwhile wait for one batch, never for the whole prune; how many
+    rows went. `key` is the table's primary key."""
+    table = key.table
+    gone = delete(table).where(key.in_(select(key).where(old).limit(batch)))
+
+    def delete_batch(conn: Connection) -> int:
+        return int(conn.execute(gone).rowcount)
+
+    pruned = 0
+    while True:
+        removed = await runner.run(delete_batch)
+        pruned += removed
+        if removed < batch:
+            return pruned
 
 
 def add_missing_columns(sync: Connection, table: Table, names: Sequence[str]) -> None:
