@@ -30,6 +30,7 @@ import functools
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -413,23 +414,58 @@ def list_letters(
 ) -> None:
     """List dead letters, newest first."""
     params = {**_filters(options).params(), "status": status, "limit": limit}
-    items: list[dict[str, Any]] = []
-    next_cursor = cursor
-    while True:
-        page = session.client.get("/dead-letters", {**params, "cursor": next_cursor})
-        items.extend(page.get("items", []))
-        next_cursor = page.get("next_cursor")
-        if not (all_pages and next_cursor):
-            break
+    # One page at a time: with --all-pages, every page kept until the end took the CLI to
+    # 517 MiB for 50,000 letters.
+    pages = _pages(session, params, cursor, follow=all_pages)
     if session.as_json:
-        session.emit({"items": items, "next_cursor": next_cursor})
+        _emit_listing(pages)
         return
-    if not items:
+    shown, next_cursor = 0, None
+    for items, after in pages:
+        if items:  # a table per page
+            session.out.print(letters_listing(items, status, session.out.width))
+        shown += len(items)
+        next_cursor = after
+    if not shown:
         session.say("No dead letters match.")
-    else:
-        session.out.print(letters_listing(items, status, session.out.width))
     if next_cursor:
         session.note(f"more: --cursor {next_cursor} (or --all-pages)")
+
+
+Page = tuple[list[dict[str, Any]], str | None]
+"""A page of dead letters, and the cursor of the next one."""
+
+
+def _pages(
+    session: Session, params: Mapping[str, Any], cursor: str | None, *, follow: bool
+) -> Iterator[Page]:
+    """The page after `cursor` and, if `follow`, every page after it, as each arrives."""
+    while True:
+        page = session.client.get("/dead-letters", {**params, "cursor": cursor})
+        cursor = page.get("next_cursor")
+        yield page.get("items", []), cursor
+        if not (follow and cursor):
+            return
+
+
+def _emit_listing(pages: Iterator[Page]) -> None:
+    """`{"items": [...], "next_cursor": ...}` as `_emit` writes it, built page by page in a
+    temporary file: one page in memory at a time, and stdout still gets one document, or
+    nothing if a page fails (the error's document instead)."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        spool.write('{\n  "items": [')
+        separator, next_cursor = "\n    ", None
+        for items, after in pages:
+            for item in items:
+                spool.write(separator + json_text(item).replace("\n", "\n    "))
+                separator = ",\n    "
+            next_cursor = after
+        closing = "]" if separator == "\n    " else "\n  ]"
+        spool.write(f'{closing},\n  "next_cursor": {json_text(next_cursor)}\n}}')
+        spool.seek(0)
+        while chunk := spool.read(1 << 16):
+            click.echo(chunk, nl=False)
+        click.echo()
 
 
 @dlq.command("show")
