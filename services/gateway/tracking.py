@@ -73,6 +73,7 @@ from services.messaging.store import (
     insert_for,
     insert_rows,
     migrate,
+    prune_in_batches,
     raw_sqlite,
     row_may_be_at_fault,
     select_in,
@@ -150,6 +151,9 @@ results = Table(
     Column("event_id", String(128), nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=False),
     Column("summary", JSON, nullable=False),
+    # What retention looks at: without it, every hourly prune read the whole table, summaries
+    # and all, to find the few results to remove.
+    Index("ix_dataset_results_processed", "processed_at"),
 )
 
 ACCEPT_BATCH_SECONDS = 0.2
@@ -416,11 +420,14 @@ class Tracking:
                 ids = list((await conn.execute(stale.limit(batch))).scalars())
                 for column in (history.c.event_seq, states.c.event_seq, events.c.seq):
                     await conn.execute(delete(column.table).where(column.in_(ids)))
-                if len(ids) < batch:
-                    await conn.execute(delete(results).where(results.c.processed_at < cutoff))
             removed += len(ids)
             if len(ids) < batch:
-                return removed
+                break
+        # In batches too: 500,000 old results in one statement held SQLite's write lock for
+        # 2-3 s, and the accept records, status reports and results waited.
+        old_results = results.c.processed_at < cutoff
+        await prune_in_batches(self._runner, results.c.dataset_id, old_results, batch)
+        return removed
 
     async def request_cancel(self, event_id: str) -> None:
         async with self._engine.begin() as conn:

@@ -82,7 +82,7 @@ LEGACY_CALLBACK_COLUMNS = ("callback_url", "callback_outcome", "callback_settled
 
 
 def steps(current: MetaData) -> list[Migration]:
-    """Versions 1-8 of the `gateway.tracking` component; `current` holds today's tables."""
+    """Versions 1-9 of the `gateway.tracking` component; `current` holds today's tables."""
 
     async def create(conn: AsyncConnection) -> None:
         await conn.run_sync(legacy.create_all)
@@ -101,6 +101,9 @@ def steps(current: MetaData) -> list[Migration]:
 
     async def sequential_keys(conn: AsyncConnection) -> None:
         await conn.run_sync(_move_to_sequential_keys, current)
+
+    async def results_index(conn: AsyncConnection) -> None:
+        await conn.run_sync(_create_indexes, current.tables["dataset_results"])
 
     def events_column(name: str) -> Migration:
         """A nullable column of `status_events` (a store created after it has it already:
@@ -122,6 +125,7 @@ def steps(current: MetaData) -> list[Migration]:
         # 8: the correlation id a callback carries on (rows noted before it have none: their
         # callbacks go without one, as before)
         events_column("callback_correlation"),
+        results_index,  # 9: what retention looks for results by
     ]
 
 

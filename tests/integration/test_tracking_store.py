@@ -8,6 +8,7 @@ gateway on a real broker. `IdempotencyKeys` is in test_idempotency.py.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from typing import Any, cast
 import aio_pika
 import httpx
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -717,6 +718,70 @@ async def test_pruning_goes_in_batches_until_nothing_is_left(tracking: Tracking)
     await status_of(tracking, events[0].id)  # written
     assert await tracking.prune(RETENTION, batch=2) >= 5
     assert [await tracking.status(e.id) for e in events] == [None] * 5
+
+
+async def test_old_results_go_in_batches_so_writes_made_meanwhile_do_not_wait_for_them(
+    tracking: Tracking, engine: AsyncEngine
+) -> None:
+    # They went in one statement: 500,000 old results held SQLite's write lock for 2-3 s,
+    # and the accept records, status reports and results waited that long.
+    prefix = f"old-{uuid.uuid4().hex}-"
+    at = datetime.now(UTC) - RETENTION - timedelta(days=1)
+    old = [
+        {
+            "dataset_id": f"{prefix}{i}",
+            "event_id": f"{prefix}{i}",
+            "processed_at": at,
+            "summary": {},
+        }
+        for i in range(30_000)
+    ]
+    async with engine.begin() as conn:
+        await conn.execute(metadata.tables["dataset_results"].insert(), old)
+
+    async def old_left() -> int:
+        async with engine.connect() as conn:
+            query = text("SELECT count(*) FROM dataset_results WHERE dataset_id LIKE :prefix")
+            return int(await conn.scalar(query, {"prefix": f"{prefix}%"}) or 0)
+
+    pruning = asyncio.create_task(tracking.prune(RETENTION))
+    seen_after_a_write = set()
+    while not pruning.done():
+        event = notification()
+        tracking.accepted(event)
+        assert await tracking.status(event.id) is not None  # its accept record written first
+        seen_after_a_write.add(await old_left())
+    await pruning
+    assert await old_left() == 0
+    # Accept records were written while part of the old results was gone and part still there.
+    assert seen_after_a_write - {0, len(old)}
+
+
+async def test_old_results_are_found_by_an_index(tmp_path: Path) -> None:
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        await Tracking(engine).start()
+        results = metadata.tables["dataset_results"]
+        query = select(results.c.dataset_id).where(results.c.processed_at < datetime.now(UTC))
+        async with engine.connect() as conn:
+            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
+            plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")).all()
+    finally:
+        await engine.dispose()
+    assert any("INDEX ix_dataset_results_processed" in str(step) for step in plan), plan
+
+
+async def test_a_store_of_an_earlier_version_gains_the_results_index(engine: AsyncEngine) -> None:
+    await Tracking(engine).start()
+    async with engine.begin() as conn:  # the store as version 8 left it
+        await conn.exec_driver_sql("DROP INDEX ix_dataset_results_processed")
+        await conn.exec_driver_sql(
+            "UPDATE courier_migrations SET version = 8 WHERE component = 'gateway.tracking'"
+        )
+    await Tracking(engine).start()
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(lambda sync: inspect(sync).get_indexes("dataset_results"))
+    assert "ix_dataset_results_processed" in {index["name"] for index in indexes}
 
 
 async def test_a_prune_beside_a_status_write_leaves_that_event_and_its_new_state(
