@@ -635,6 +635,34 @@ async def test_discard_closes_dead_letters_and_records_history(store: FailureSto
     await store.release(token)
 
 
+async def test_a_large_discard_takes_a_few_statements_not_one_per_letter(
+    store: FailureStore,
+) -> None:
+    # An UPDATE per letter, all in one transaction: 10,000 letters (the API's limit) held
+    # SQLite's write lock for 5.6 s, and a status read writing its accept records waited 5.4 s.
+    many = await add_all(store, (letter(group="g-many") for _ in range(300)))
+    statements: list[str] = []
+
+    def executed(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", executed)
+    try:
+        discarded = await store.discard(
+            Filter(group="g-many"), limit=1000, reason="noise", actor="alice", action_id="act-m"
+        )
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", executed)
+    assert [letter.id for letter in discarded] == [item.id for item in many]  # oldest first
+    assert len(statements) < 10, len(statements)
+    shown = await store.get(many[-1].id)
+    assert shown is not None and shown["status"] == "discarded"
+    assert [(e["action"], e.get("action_id")) for e in shown["history"]] == [
+        ("dead_lettered", None),
+        ("discarded", "act-m"),
+    ]
+
+
 async def test_discard_records_its_action_or_discards_nothing(store: FailureStore) -> None:
     # Discarded in one transaction and audited in the next, a store failing in between left
     # letters discarded with no action recorded (and the operator answered with a 503).
