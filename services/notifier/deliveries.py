@@ -28,7 +28,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    delete,
     func,
     select,
 )
@@ -42,6 +41,7 @@ from services.messaging.store import (
     insert_rows,
     loop_reader,
     migrate,
+    prune_in_batches,
     raw_sqlite,
     row_may_be_at_fault,
     sqlite_time,
@@ -141,11 +141,13 @@ class Deliveries:
         return None if row is None else Delivery(**row._asdict())
 
     async def prune(self, older_than: timedelta) -> int:
-        """Forget deliveries last attempted longer ago than any redelivery or replay comes."""
+        """Forget deliveries last attempted longer ago than any redelivery or replay comes.
+        In batches (`prune_in_batches`): in one transaction, SQLite's write lock of the file
+        the notifier's inbox shares was held for as long as the delete took (1.8 million
+        deliveries an hour at 500 notifications/s)."""
         cutoff = datetime.now(UTC) - older_than
-        async with self._engine.begin() as conn:
-            result = await conn.execute(delete(TABLE).where(TABLE.c.last_attempt_at < cutoff))
-        return int(result.rowcount or 0)
+        old = TABLE.c.last_attempt_at < cutoff
+        return await prune_in_batches(self._runner, TABLE.c.event_id, old)
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,17 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from contracts.events import NotificationRequested, NotificationRequestedData
 from services.messaging.errors import StoreUnavailable
 from services.messaging.store import open_store, store_url
 from services.notifier.channels import Channels, LogChannel, Notification, Unconfigured
-from services.notifier.deliveries import Deliveries
+from services.notifier.deliveries import TABLE, Deliveries
 from services.notifier.targets import TargetPolicy
 from services.notifier.webhook import (
     WebhookChannel,
@@ -293,3 +295,43 @@ async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
     await eventually(recorded)
     await channels.deliver(n)  # the redelivery
     assert len((tmp_path / "log.jsonl").read_bytes().splitlines()) == 1
+
+
+async def test_a_large_prune_commits_in_batches_so_outcomes_recorded_meanwhile_do_not_wait(
+    deliveries: Deliveries, tmp_path: Path
+) -> None:
+    # The hourly prune deleted every old delivery in one transaction: on SQLite it held the
+    # write lock of the file the notifier's inbox shares, for as long as the delete took.
+    month_ago = datetime.now(UTC) - timedelta(days=60)
+    old = [
+        {
+            "event_id": f"old-{i}",
+            "channel": "log",
+            "target": "ops",
+            "outcome": "delivered",
+            "attempts": 1,
+            "first_attempt_at": month_ago,
+            "last_attempt_at": month_ago,
+        }
+        for i in range(30_000)
+    ]
+    engine = deliveries._engine
+    async with engine.begin() as conn:
+        await conn.execute(TABLE.insert(), old)
+
+    async def old_left() -> int:
+        async with engine.connect() as conn:
+            query = select(func.count()).where(TABLE.c.event_id.like("old-%"))
+            return int(await conn.scalar(query) or 0)
+
+    pruning = asyncio.create_task(deliveries.prune(timedelta(days=30)))
+    seen_after_an_outcome = set()
+    while not pruning.done():
+        sent = notification("https://hooks.example.com/x")
+        await deliveries.delivered(sent)
+        seen_after_an_outcome.add(await old_left())
+        assert await deliveries.delivered_already(sent.event_id)
+    assert await pruning == len(old)
+    assert await old_left() == 0
+    # Outcomes were recorded while part of the old ones was gone and part still there.
+    assert seen_after_an_outcome - {0, len(old)}
