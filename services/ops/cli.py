@@ -63,6 +63,10 @@ MAX_PER_REQUEST = 10_000
 LIST_PAGE = 500
 """The largest page the list endpoint serves; used to count a selection."""
 DISCARD_BATCH = 1_000
+REPLAY_RATE_FLOOR = 50.0
+"""Letters a second a replay is allowed to take at the slowest, whatever --rate asks for: a
+gateway replays one letter at a time (its marks committed, its publish confirmed), measured at
+83-130 a second, so a batch's wait is paced at the lower of the two."""
 PIPED_WIDTH = 200
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -359,7 +363,7 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(min=0.1),
             default=30.0,
             show_default=True,
-            help="Seconds to wait for each answer (plus --batch / --rate for a replay).",
+            help="Seconds to wait for each answer (plus a replay's batch at --rate, at most 50/s).",
         ),
         click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout."),
     ):
@@ -785,7 +789,7 @@ def replay(
         extra={"rate": rate},
         limit=limit,
         batch=batch,
-        paced=lambda size: size / rate,
+        paced=lambda size: size / min(rate, REPLAY_RATE_FLOOR),
     )
     _report(session, run, "Replayed", "back into their services' queues")
     if not run.complete:  # said above, letter by letter; a script must not take it for done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ PREFIX = "/v1/ops"
 class Answer:
     document: Any
     status: int = 200
+    delay: float = 0.0
+    """Seconds before it is sent (a gateway at work)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class FakeOpsApi:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 path = urlsplit(self.path).path.removeprefix(PREFIX)
                 answer = api._answer(Request(self.command, path, self.headers["Authorization"]))
+                time.sleep(answer.delay)
                 body = json.dumps(answer.document).encode()
                 self.send_response(answer.status)
                 self.send_header("Content-Type", "application/json")

@@ -49,3 +49,17 @@ def test_a_dry_run_names_the_ids_it_would_not_take_and_fails(command: list[str])
         result = courier(api, "dlq", *command, "--id", "l1", "--id", "nosuch", "--dry-run")
     assert result.exit_code == 1, result.output
     assert "would not take: nosuch: unknown, or not dead" in result.stdout
+
+
+def test_a_replay_waits_for_a_gateway_slower_than_the_rate_asked_for() -> None:
+    # A gateway replays some 80-130 letters a second, whatever --rate says: a batch of 5,000 at
+    # --rate 1000 was given 5 s, took 38 s, and the CLI gave up on a replay that went through.
+    outcome = {"count": 100, "ids": [], "skipped": {}, "action_id": "a1"}
+    answers = {**TAKEN_BY_ANOTHER, "/count": Answer({"count": 100})}
+    answers["/replays"] = Answer(outcome, delay=2.0)  # 50 letters a second
+    with FakeOpsApi(answers).running() as api:
+        result = courier(
+            api, "dlq", "replay", "--all", "--rate", "1000", "--batch", "100", "--timeout", "1"
+        )
+    assert result.exit_code == 0, result.output
+    assert "Replayed 100 of 100 dead letter(s)" in result.stdout
