@@ -18,13 +18,16 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import (
     Column,
     Connection,
+    Delete,
     Integer,
     MetaData,
     String,
     Table,
+    any_,
     create_engine,
     delete,
     event,
+    func,
     inspect,
     literal,
     select,
@@ -459,11 +462,9 @@ async def prune_in_batches(
     transaction through the store's writer (on SQLite the thread the hot path writes with),
     so that the writes made meanwhile wait for one batch, never for the whole prune; how many
     rows went. `key` is the table's primary key."""
-    table = key.table
-    gone = delete(table).where(key.in_(select(key).where(old).limit(batch)))
 
     def delete_batch(conn: Connection) -> int:
-        return int(conn.execute(gone).rowcount)
+        return int(conn.execute(prune_batch(conn.dialect.name, key, old, batch)).rowcount)
 
     pruned = 0
     while True:
@@ -471,6 +472,19 @@ async def prune_in_batches(
         pruned += removed
         if removed < batch:
             return pruned
+
+
+def prune_batch(dialect: str, key: Column[Any], old: ColumnElement[bool], batch: int) -> Delete:
+    """The statement deleting up to `batch` rows that are `old`, found by `key`.
+
+    On PostgreSQL as `key = ANY(ARRAY(subquery))`: `key IN (subquery)` is planned as a semi
+    join that reads the whole table once per batch (1.2 million old rows pruned in 29 s
+    instead of 6, and a results table read whole to prune a few). SQLite looks the keys up
+    either way."""
+    found = select(key).where(old).limit(batch)
+    if dialect == "postgresql":
+        return delete(key.table).where(key == any_(func.array(found.scalar_subquery())))
+    return delete(key.table).where(key.in_(found))
 
 
 def add_missing_columns(sync: Connection, table: Table, names: Sequence[str]) -> None:
