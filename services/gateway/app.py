@@ -1,4 +1,5 @@
-"""The gateway application factory: `uvicorn services.gateway.app:create_app --factory`."""
+"""The gateway application factory, served by `python -m services.gateway` (uvicorn with the
+bounded-head protocol; `uvicorn services.gateway.app:create_app --factory` runs it without)."""
 
 from __future__ import annotations
 

@@ -30,21 +30,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     _in_head = False
     """A request has begun and its headers are not complete yet."""
+    _began = False
+    """A request began within the chunk being read."""
     _head_bytes = 0
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._began = True
+        self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_bytes = 0
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
-        was_in_head = self._in_head
+        self._began = False
         super().data_received(data)
-        if not (was_in_head and self._in_head) or self.transport.is_closing():
+        if not self._in_head or self._began or self.transport.is_closing():
             return  # no head being read, or it began within this chunk: see the module's doc
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
