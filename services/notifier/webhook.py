@@ -296,7 +296,10 @@ class WebhookChannel:
                 await _read_start(response, start)
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             if not answered:
-                timed_out = isinstance(exc, (TimeoutError, httpx.TimeoutException))
+                # The receiver's silence, not a wait for one of the notifier's own connections.
+                timed_out = isinstance(
+                    exc, (TimeoutError, httpx.TimeoutException)
+                ) and not isinstance(exc, httpx.PoolTimeout)
                 if isinstance(exc, TimeoutError) and not str(exc):
                     # The whole exchange's bound, which says nothing: nor would the letter.
                     host = dns_host(url.raw_host)

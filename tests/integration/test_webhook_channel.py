@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import logging
+import re
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 from contracts.events import NotificationRequested, NotificationRequestedData
 from services.messaging.errors import PermanentError
 from services.messaging.logs import configure_logging
-from services.notifier.breaker import ReceiverCoolingDown
+from services.notifier.breaker import TIMEOUTS_TO_OPEN, ReceiverCoolingDown
 from services.notifier.channels import Notification
 from services.notifier.signing import verify
 from services.notifier.targets import TargetPolicy, TargetRefused
@@ -351,21 +352,26 @@ async def test_the_webhooks_url_stays_out_of_the_logs(
 
 
 class Silent:
-    """A receiver on 127.0.0.1 that takes connections and requests and answers `200` only once
-    `answering` is set; counts the requests that reached it."""
+    """A receiver on 127.0.0.1 that takes connections and requests, and answers `200` to a path
+    with `/ok` in it, to the others only once `answering` is set; counts the requests that
+    reached it."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.answering = asyncio.Event()
         self._handlers: set[asyncio.Task[None]] = set()
+        self.url = ""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if (task := asyncio.current_task()) is not None:
             self._handlers.add(task)
         try:
-            while await reader.readuntil(b"\r\n\r\n"):
+            while head := await reader.readuntil(b"\r\n\r\n"):
                 self.requests += 1
-                await self.answering.wait()
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length[1]) if length else 0)
+                if b"/ok" not in head.split(b"\r\n", 1)[0]:
+                    await self.answering.wait()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -374,10 +380,11 @@ class Silent:
             writer.transport.abort()
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
+    async def running(self) -> AsyncIterator[Silent]:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
-            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+            yield self
         finally:
             for task in self._handlers:
                 task.cancel()
@@ -391,38 +398,54 @@ async def cooling_channel(cooldown: float) -> AsyncIterator[WebhookChannel]:
         yield WebhookChannel(client, WebhookSecrets(SECRET, {}), timeout=0.3, cooldown=cooldown)
 
 
-async def test_a_receiver_that_did_not_answer_in_time_is_not_asked_again_while_it_cools_down(
+async def times_out(channel: WebhookChannel, url: str, times: int = 1) -> None:
+    """`times` deliveries to `url` at once, each timing out."""
+    outcomes = await asyncio.gather(
+        *(channel.deliver(notification(url)) for _ in range(times)), return_exceptions=True
+    )
+    assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
+
+
+async def test_a_receiver_that_kept_timing_out_is_not_asked_again_while_it_cools_down(
     receiver: WebhookReceiver,
 ) -> None:
     # Each delivery to it held a place of the notifier's prefetch window for the whole timeout:
     # every other notification waited behind a few of them.
-    silent = Silent()
-    async with silent.running() as url:
+    async with Silent().running() as silent:
         async for channel in cooling_channel(cooldown=30):
-            with pytest.raises(TimeoutError):
-                await channel.deliver(notification(url))
+            await times_out(channel, f"{silent.url}/hook", TIMEOUTS_TO_OPEN)
             started = time.monotonic()
             with pytest.raises(ReceiverCoolingDown) as cooling:
-                await channel.deliver(notification(url))
+                await channel.deliver(notification(f"{silent.url}/hook"))
             assert time.monotonic() - started < 0.1
-            assert silent.requests == 1
+            assert silent.requests == TIMEOUTS_TO_OPEN
             assert 29 < cooling.value.min_delay <= 30  # retried once the cooldown is over
             assert "127.0.0.1:" in str(cooling.value)
             await channel.deliver(notification(receiver.url()))  # others are asked as ever
     assert len(receiver.received) == 1
 
 
+async def test_a_receiver_that_answers_between_its_timeouts_is_not_held_back() -> None:
+    # A host many receivers share: one URL of it hanging must not stop the others.
+    async with Silent().running() as silent:
+        async for channel in cooling_channel(cooldown=30):
+            for _ in range(TIMEOUTS_TO_OPEN):
+                await times_out(channel, f"{silent.url}/hang")
+                await channel.deliver(notification(f"{silent.url}/ok"))
+            await times_out(channel, f"{silent.url}/hang")  # asked still
+    assert silent.requests == 2 * TIMEOUTS_TO_OPEN + 1
+
+
 async def test_after_its_cooldown_one_delivery_tries_the_receiver_while_the_others_wait() -> None:
-    silent = Silent()
-    async with silent.running() as url:
+    async with Silent().running() as silent:
+        url = f"{silent.url}/hook"
         async for channel in cooling_channel(cooldown=0.2):
-            with pytest.raises(TimeoutError):
-                await channel.deliver(notification(url))
+            await times_out(channel, url, TIMEOUTS_TO_OPEN)
             await asyncio.sleep(0.25)
             trial = asyncio.create_task(channel.deliver(notification(url)))
 
             async def reached() -> None:
-                assert silent.requests == 2
+                assert silent.requests == TIMEOUTS_TO_OPEN + 1
 
             await eventually(reached, timeout=5)  # the trial is with the receiver
             with pytest.raises(ReceiverCoolingDown):
@@ -430,31 +453,27 @@ async def test_after_its_cooldown_one_delivery_tries_the_receiver_while_the_othe
             silent.answering.set()
             await trial
             await channel.deliver(notification(url))  # it answered: asked as ever
-    assert silent.requests == 3
+    assert silent.requests == TIMEOUTS_TO_OPEN + 2
 
 
 async def test_a_trial_that_times_out_too_starts_another_cooldown() -> None:
-    silent = Silent()
-    async with silent.running() as url:
+    async with Silent().running() as silent:
+        url = f"{silent.url}/hook"
         async for channel in cooling_channel(cooldown=0.2):
-            with pytest.raises(TimeoutError):
-                await channel.deliver(notification(url))
+            await times_out(channel, url, TIMEOUTS_TO_OPEN)
             await asyncio.sleep(0.25)
-            with pytest.raises(TimeoutError):
-                await channel.deliver(notification(url))
+            await times_out(channel, url)
             with pytest.raises(ReceiverCoolingDown):
                 await channel.deliver(notification(url))
-    assert silent.requests == 2
+    assert silent.requests == TIMEOUTS_TO_OPEN + 1
 
 
 async def test_without_a_cooldown_a_receiver_is_asked_whatever_it_did_before() -> None:
-    silent = Silent()
-    async with silent.running() as url:
+    async with Silent().running() as silent:
         async for channel in cooling_channel(cooldown=0):
-            for _ in range(2):
-                with pytest.raises(TimeoutError):
-                    await channel.deliver(notification(url))
-    assert silent.requests == 2
+            await times_out(channel, f"{silent.url}/hook", TIMEOUTS_TO_OPEN)
+            await times_out(channel, f"{silent.url}/hook")
+    assert silent.requests == TIMEOUTS_TO_OPEN + 1
 
 
 async def test_a_refused_connection_does_not_hold_a_receiver_back(
@@ -462,6 +481,6 @@ async def test_a_refused_connection_does_not_hold_a_receiver_back(
 ) -> None:
     # It fails at once: it holds no place of the window, and its retries ask it again.
     url = f"http://127.0.0.1:{free_port()}/hook"
-    for _ in range(2):
+    for _ in range(TIMEOUTS_TO_OPEN + 1):
         with pytest.raises(httpx.ConnectError):
             await channel.deliver(notification(url))
