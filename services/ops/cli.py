@@ -63,7 +63,7 @@ MAX_PER_REQUEST = 10_000
 LIST_PAGE = 500
 """The largest page the list endpoint serves; used to count a selection."""
 DISCARD_BATCH = 1_000
-REPLAY_RATE_FLOOR = 50.0
+SLOWEST_REPLAY_RATE = 50.0
 """Letters a second a replay is allowed to take at the slowest, whatever --rate asks for: a
 gateway replays one letter at a time (its marks committed, its publish confirmed), measured at
 83-130 a second, so a batch's wait is paced at the lower of the two."""
@@ -789,7 +789,7 @@ def replay(
         extra={"rate": rate},
         limit=limit,
         batch=batch,
-        paced=lambda size: size / min(rate, REPLAY_RATE_FLOOR),
+        paced=lambda size: size / min(rate, SLOWEST_REPLAY_RATE),
     )
     _report(session, run, "Replayed", "back into their services' queues")
     if not run.complete:  # said above, letter by letter; a script must not take it for done

@@ -48,7 +48,7 @@ class _OpsRoute(APIRoute):
             await authenticate(request)
             limit: int = request.app.state.settings.max_body_bytes
             declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise HTTPException(
                     status.HTTP_413_CONTENT_TOO_LARGE, f"body larger than {limit} bytes"
                 )
