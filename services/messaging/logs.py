@@ -57,6 +57,11 @@ class Throttle:
         self._next = now + self._interval
         return suppressed
 
+    def reset(self) -> None:
+        """The failure is over: its next occurrence is said at once."""
+        self._next = float("-inf")
+        self._suppressed = 0
+
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:

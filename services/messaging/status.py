@@ -30,7 +30,7 @@ import orjson
 
 from contracts.tracking import MAX_TRANSITIONS, State, StatusReported, StatusReportedData
 from services.messaging.errors import BrokerUnavailable, Unpublishable, Unroutable
-from services.messaging.logs import error_field, get_logger
+from services.messaging.logs import Throttle, error_field, get_logger
 from services.messaging.publisher import Publisher, envelope_body
 from services.messaging.store import STORE_ERRORS
 
@@ -69,25 +69,6 @@ class Ledger(Protocol):
 
     async def unreported(self, settled_before: datetime | None, limit: int) -> list[Outcome]:
         """Outcomes still owed, oldest first."""
-
-
-class _NowAndThen:
-    """True at most once per `seconds` (`due`), so a condition that lasts is said now and then,
-    not at each occurrence; `again` makes the next occurrence due at once."""
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._last = -math.inf
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._seconds:
-            return False
-        self._last = now
-        return True
-
-    def again(self) -> None:
-        self._last = -math.inf
 
 
 def _serialisable(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,9 +121,9 @@ class StatusReporter:
         # A look reading the ledger: another meanwhile would read (and note) the same outcomes.
         self._looking = False
         self._dropped = 0
-        self._drops_said = _NowAndThen(DROP_WARNING_SECONDS)
+        self._drops_said = Throttle(DROP_WARNING_SECONDS)
         self._refusals = 0  # reports refused since the last one taken
-        self._refusals_said = _NowAndThen(DROP_WARNING_SECONDS)
+        self._refusals_said = Throttle(DROP_WARNING_SECONDS)
 
     def report(
         self,
@@ -173,7 +154,7 @@ class StatusReporter:
     def _dropping(self, count: int) -> None:
         """Count transitions the full backlog drops (the oldest), and say so now and then."""
         self._dropped += count
-        if self._drops_said.due():
+        if self._drops_said() is not None:
             log.warning(
                 "status backlog full; dropping the oldest transitions",
                 extra={"dropped": self._dropped},  # since the start
@@ -299,14 +280,14 @@ class StatusReporter:
         if self._refusals:
             log.info("status reports go out again", extra={"refused": self._refusals})
             self._refusals = 0
-            self._refusals_said.again()
+            self._refusals_said.reset()
         return True
 
     def _refused(self) -> None:
         """Count a report the broker did not take, and say so now and then (every round, two a
         second, buried the logs while the broker stayed away)."""
         self._refusals += 1
-        if self._refusals_said.due():
+        if self._refusals_said() is not None:
             log.warning(
                 "could not report status; will retry",
                 extra={"pending": len(self._pending), "refused": self._refusals},

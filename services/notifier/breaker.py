@@ -24,6 +24,8 @@ from typing import Final
 
 from services.messaging.errors import RetryLater
 
+DEFAULT_COOLDOWN: Final = 30.0
+"""Seconds a receiver that kept timing out is not asked (`COURIER_WEBHOOK_COOLDOWN`)."""
 TIMEOUTS_TO_OPEN: Final = 3
 """Timeouts in a row, no answer between them, that hold a receiver back."""
 MAX_TRACKED: Final = 10_000

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from services.messaging.settings import ConsumerSettings, file_in_the_way
+from services.notifier.breaker import DEFAULT_COOLDOWN
 from services.notifier.mail import EmailRejected, parse_address
 from services.notifier.targets import TargetPolicy, dns_host, is_bare_host
 
@@ -81,7 +82,7 @@ class NotifierSettings(ConsumerSettings):
         default=5.0, gt=0, le=60, description="Seconds to resolve and connect to a receiver."
     )
     webhook_cooldown: float = Field(
-        default=30.0,
+        default=DEFAULT_COOLDOWN,
         ge=0,
         le=3600,
         description="Seconds a receiver that did not answer in time is not asked; 0: always.",

@@ -39,7 +39,7 @@ from contracts.envelope import Envelope
 from services.messaging.dead_letters import printable
 from services.messaging.errors import PermanentError, RetryLater
 from services.messaging.logs import get_logger
-from services.notifier.breaker import ReceiverBreaker
+from services.notifier.breaker import DEFAULT_COOLDOWN, ReceiverBreaker
 from services.notifier.channels import Notification
 from services.notifier.signing import SIGNATURE_HEADER, sign
 from services.notifier.targets import (
@@ -57,8 +57,6 @@ USER_AGENT: Final = "Courier-Webhook/1"
 MAX_ERROR_BODY: Final = 512
 """Bytes of a refusing receiver's body kept in the error (and so in the dead letter)."""
 TRANSIENT_STATUSES: Final = frozenset({408, 429})
-DEFAULT_COOLDOWN: Final = 30.0
-"""Seconds a receiver that did not answer in time is not asked (`COURIER_WEBHOOK_COOLDOWN`)."""
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 

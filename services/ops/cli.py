@@ -363,7 +363,10 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(min=0.1),
             default=30.0,
             show_default=True,
-            help="Seconds to wait for each answer (plus a replay's batch at --rate, at most 50/s).",
+            help=(
+                "Seconds to wait for each answer (plus a replay's batch at --rate, "
+                f"at most {SLOWEST_REPLAY_RATE:g}/s)."
+            ),
         ),
         click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout."),
     ):
