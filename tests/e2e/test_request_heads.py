@@ -9,7 +9,6 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -17,7 +16,7 @@ import pytest
 
 from services.gateway.request_head import MAX_HEAD_BYTES
 from tests.conftest import Namespace
-from tests.support.processes import ServiceProcess, base_url, gateway
+from tests.support.processes import ServiceProcess, base_url, gateway, raw_connection
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
@@ -35,12 +34,6 @@ def gateway_process(namespace: Namespace, tmp_path: Path) -> Iterator[ServicePro
         yield process
     finally:
         process.kill()
-
-
-def connect(process: ServiceProcess) -> socket.socket:
-    url = urlsplit(base_url(process))
-    assert url.hostname is not None and url.port is not None
-    return socket.create_connection((url.hostname, url.port), timeout=ANSWER_WITHIN)
 
 
 def send_until_answered(client: socket.socket, start: bytes, filler: bytes) -> tuple[bytes, int]:
@@ -75,7 +68,7 @@ def test_a_request_head_over_the_limit_is_a_431_and_the_connection_is_closed(
     gateway_process: ServiceProcess, where: str, start: bytes, filler: bytes
 ) -> None:
     began = time.monotonic()
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         answer, sent = send_until_answered(client, start, filler)
     assert answer.startswith(b"HTTP/1.1 431"), (where, answer[:200])
     assert b"connection: close" in answer.lower()
@@ -95,7 +88,7 @@ def test_a_body_sent_with_its_head_in_one_write_is_not_counted_as_head(
         "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head + body)
         answer = b""
         while chunk := client.recv(65536):

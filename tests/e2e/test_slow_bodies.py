@@ -12,12 +12,11 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import Namespace
-from tests.support.processes import ServiceProcess, base_url, gateway
+from tests.support.processes import ServiceProcess, gateway, raw_connection
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
@@ -42,12 +41,6 @@ def gateway_process(namespace: Namespace, tmp_path: Path) -> Iterator[ServicePro
         process.kill()
 
 
-def connect(process: ServiceProcess) -> socket.socket:
-    url = urlsplit(base_url(process))
-    assert url.hostname is not None and url.port is not None
-    return socket.create_connection((url.hostname, url.port), timeout=ANSWER_WITHIN)
-
-
 def head(path: str, content_type: str, length: int) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
@@ -66,7 +59,7 @@ def answer_then_closed(client: socket.socket) -> bytes:
 def test_an_event_body_behind_the_rate_is_a_408_and_the_connection_is_closed(
     gateway_process: ServiceProcess,
 ) -> None:
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/v1/events", "application/json", 500) + b'{"type": "dataset')
         began = time.monotonic()
         answer = answer_then_closed(client)  # closed: recv returned b"" before the timeout
@@ -76,7 +69,7 @@ def test_an_event_body_behind_the_rate_is_a_408_and_the_connection_is_closed(
 
 
 def test_an_ops_body_behind_the_rate_is_a_408(gateway_process: ServiceProcess) -> None:
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         request = head("/v1/ops/replays", "application/json", 500).replace(
             b"\r\n\r\n", b"\r\nAuthorization: Bearer e2e-test-ops-token\r\n\r\n"
         )
@@ -87,7 +80,7 @@ def test_an_ops_body_behind_the_rate_is_a_408(gateway_process: ServiceProcess) -
 
 def test_an_ops_body_without_a_token_is_not_waited_for(gateway_process: ServiceProcess) -> None:
     # The token is checked before the body is read: a 401 at once, and the connection closed.
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/v1/ops/replays", "application/json", 500) + b'{"ids"')
         began = time.monotonic()
         answer = answer_then_closed(client)
@@ -101,7 +94,7 @@ def test_a_request_answered_before_its_body_was_read_is_closed_after_the_answer(
 ) -> None:
     # uvicorn would read and drop the rest for as long as the client trickled it, every byte
     # restarting its keep-alive timer.
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/no-such-route", "application/json", 100_000) + b"{}")
         answer = answer_then_closed(client)
     assert answer.startswith(b"HTTP/1.1 404"), answer
@@ -117,7 +110,7 @@ def test_an_upload_behind_the_rate_is_a_408_that_keeps_no_copy(
         "Content-Type: text/csv\r\n\r\nsku,price\n"
     ).encode()
     content_type = f"multipart/form-data; boundary={boundary}"
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/v1/files", content_type, 1_000_000) + start)
         answer = answer_then_closed(client)
     assert answer.startswith(b"HTTP/1.1 408"), answer
@@ -129,7 +122,7 @@ def test_a_slow_body_that_keeps_the_rate_is_taken(gateway_process: ServiceProces
     records = ", ".join(f'{{"sku": "item-{n}", "price": {n}}}' for n in range(250))
     body = f'{{"type": "dataset.submitted", "data": {{"records": [{records}]}}}}'.encode()
     began = time.monotonic()
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/v1/events", "application/json", len(body)))
         for at in range(0, len(body), 300):  # 3 KB a second: three times the minimum
             client.sendall(body[at : at + 300])
@@ -147,7 +140,7 @@ def test_a_body_that_arrived_while_the_gateway_stood_still_is_taken(
     body = b'{"type": "dataset.submitted", "data": {"records": [{"price": 10}]}}'
     assert gateway_process.process is not None
     pid = gateway_process.process.pid
-    with connect(gateway_process) as client:
+    with raw_connection(gateway_process, ANSWER_WITHIN) as client:
         client.sendall(head("/v1/events", "application/json", len(body)) + body[:10])
         time.sleep(0.3)
         os.kill(pid, signal.SIGSTOP)

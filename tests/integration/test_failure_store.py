@@ -22,6 +22,7 @@ from services.messaging import failure as f
 from services.messaging.dead_letters import DeadLetter, read_dead_letter
 from services.messaging.store import open_store, store_url
 from services.ops.store import RECORDED_IDS, FailureStore, Filter, dead_letters
+from tests.support.plans import query_plan
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -419,11 +420,10 @@ async def test_grouping_reads_only_the_covering_index_on_sqlite(tmp_path: Path) 
             .group_by(c.group_key)
         )
         async with engine.connect() as conn:
-            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
-            plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")).all()
+            plan = await query_plan(conn, query)
     finally:
         await engine.dispose()
-    assert any("COVERING INDEX ix_ops_dl_groups" in str(step) for step in plan), plan
+    assert any("COVERING INDEX ix_ops_dl_groups" in step for step in plan), plan
 
 
 async def test_a_store_of_an_earlier_version_gains_the_grouping_index(tmp_path: Path) -> None:

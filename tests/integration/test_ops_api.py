@@ -1092,6 +1092,15 @@ async def replaying(
         await engine.dispose()
 
 
+def operations_on(store: FailureStore, publisher: Publisher, namespace: Namespace) -> Operations:
+    return Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
+
+
+async def replay_all(operations: Operations) -> Outcome:
+    """Replay every dead letter (ten at most), as fast as it goes."""
+    return await operations.replay(Filter(), actor="tester", limit=10, rate=1000, dry_run=False)
+
+
 async def replay_beside_a_releaser(
     namespace: Namespace,
     tmp_path: Path,
@@ -1165,10 +1174,7 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
     await seed(tmp_path, namespace, 4)
     gone_after_two = functools.partial(StoreGoneAfter, after=2, error=error)
     async with replaying(namespace, tmp_path, gone_after_two) as (store, publisher):
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
-        outcome = await operations.replay(
-            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
-        )
+        outcome = await replay_all(operations_on(store, publisher, namespace))
         assert outcome.error is not None and "went away" in outcome.error
         assert outcome.count == 2 and len(outcome.ids) == 2
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
@@ -1184,10 +1190,8 @@ async def test_a_letter_published_when_its_mark_failed_is_marked_not_left_dead(
     # backends terminated under replays and discards).
     published, not_reached = await seed(tmp_path, namespace, 2)
     async with replaying(namespace, tmp_path, MarkCutOnce) as (store, publisher):
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
-        outcome = await operations.replay(
-            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
-        )
+        operations = operations_on(store, publisher, namespace)
+        outcome = await replay_all(operations)
         assert outcome.error is not None and "connection was closed" in outcome.error
         assert (outcome.count, outcome.ids) == (1, [published])
         discarded = await operations.discard(
@@ -1207,10 +1211,7 @@ async def test_a_replay_stopped_by_its_store_says_why_without_the_statement(
     # parameters and a link to SQLAlchemy's error pages (found by PostgreSQL fault QA).
     await seed(tmp_path, namespace, 1)
     async with replaying(namespace, tmp_path, MarkCutOnce) as (store, publisher):
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
-        outcome = await operations.replay(
-            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
-        )
+        outcome = await replay_all(operations_on(store, publisher, namespace))
         assert outcome.error == (
             "the failure store failed: ConnectionResetError: connection was closed"
         )
@@ -1224,10 +1225,7 @@ async def test_a_letter_published_after_its_claim_ran_out_is_still_marked_replay
     # Published, but left dead (and uncounted): the next replay sent it again.
     [letter_id] = await seed(tmp_path, namespace, 1)
     async with replaying(namespace, tmp_path, ClaimLostWhileReading) as (store, publisher):
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
-        outcome = await operations.replay(
-            Filter(), actor="tester", limit=10, rate=1000, dry_run=False
-        )
+        outcome = await replay_all(operations_on(store, publisher, namespace))
         assert (outcome.count, outcome.ids) == (1, [letter_id])
         found = await store.get(letter_id)
         assert found is not None and found["status"] == "replayed"
@@ -1266,11 +1264,8 @@ async def test_a_letter_discarded_while_it_was_published_is_said_not_counted(
 ) -> None:
     [letter_id] = await seed(tmp_path, namespace, 1)
     async with replaying(namespace, tmp_path, DiscardedWhileReading) as (store, publisher):
-        operations = Operations(store, publisher, namespace.name, lease=timedelta(minutes=1))
         with caplog.at_level(logging.WARNING, logger="courier.ops"):
-            outcome = await operations.replay(
-                Filter(), actor="tester", limit=10, rate=1000, dry_run=False
-            )
+            outcome = await replay_all(operations_on(store, publisher, namespace))
         assert (outcome.count, outcome.error) == (0, None)
         [said] = [r for r in caplog.records if "claim was lost meanwhile" in r.getMessage()]
         assert getattr(said, "id", None) == letter_id

@@ -12,6 +12,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.messaging.store import open_store, prune_batch, store_url
+from tests.support.plans import query_plan
 
 metadata = MetaData()
 rows = Table(
@@ -47,8 +48,7 @@ async def test_on_postgresql_a_batch_finds_its_rows_by_key_not_by_reading_the_ta
         )
         await conn.execute(text("ANALYZE prune_rows"))
         statement = prune_batch("postgresql", rows.c.key, rows.c.at < old, 5000)
-        compiled = statement.compile(pg.sync_engine, compile_kwargs={"literal_binds": True})
-        plan = "\n".join((await conn.execute(text(f"EXPLAIN {compiled}"))).scalars())
+        plan = "\n".join(await query_plan(conn, statement))
     # The subquery (`prune_rows_1`) may scan: it stops at the batch's rows. The rows deleted
     # are looked up by key.
     assert not re.search(r"Seq Scan on prune_rows\s+\(", plan), plan

@@ -66,6 +66,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.store import ROWS_PER_STATEMENT, migrate, open_store, store_url
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
+from tests.support.plans import query_plan
 from tests.support.polling import eventually
 from tests.support.queues import take
 
@@ -764,11 +765,10 @@ async def test_old_results_are_found_by_an_index(tmp_path: Path) -> None:
         results = metadata.tables["dataset_results"]
         query = select(results.c.dataset_id).where(results.c.processed_at < datetime.now(UTC))
         async with engine.connect() as conn:
-            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
-            plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")).all()
+            plan = await query_plan(conn, query)
     finally:
         await engine.dispose()
-    assert any("INDEX ix_dataset_results_processed" in str(step) for step in plan), plan
+    assert any("INDEX ix_dataset_results_processed" in step for step in plan), plan
 
 
 async def test_a_store_of_an_earlier_version_gains_the_results_index(engine: AsyncEngine) -> None:

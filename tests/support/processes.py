@@ -137,3 +137,11 @@ def consumer(
 
 def base_url(gateway_process: ServiceProcess) -> str:
     return gateway_process.health_url.removesuffix("/readyz")
+
+
+def raw_connection(gateway_process: ServiceProcess, timeout: float) -> socket.socket:
+    """A plain TCP connection to the gateway, for a client no HTTP library would be (a head
+    or body sent byte by byte, a request cut short)."""
+    url = urlsplit(base_url(gateway_process))
+    assert url.hostname is not None and url.port is not None
+    return socket.create_connection((url.hostname, url.port), timeout=timeout)
