@@ -43,11 +43,14 @@ def main() -> int:
     parser.add_argument("--optional", action="store_true", help="do not fail without a broker")
     args = parser.parse_args()
 
-    url = urlsplit(os.environ.get("AMQP_URL", DEFAULT_URL))
-    host, port = url.hostname or "127.0.0.1", url.port or 5672
-    if answers(host, port):
-        print(f"broker: answering at {host}:{port}")
-        return 0
+    # A cluster's nodes are listed separated by commas: one answering is enough to start.
+    nodes = [urlsplit(one.strip()) for one in os.environ.get("AMQP_URL", DEFAULT_URL).split(",")]
+    for url in nodes:
+        host, port = url.hostname or "127.0.0.1", url.port or 5672
+        if answers(host, port):
+            print(f"broker: answering at {host}:{port}")
+            return 0
+    host, port = nodes[0].hostname or "127.0.0.1", nodes[0].port or 5672
     local = host in {"127.0.0.1", "localhost", "::1"}
     server = shutil.which("rabbitmq-server")
     if local and server and port != 5672:

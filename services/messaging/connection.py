@@ -1,13 +1,22 @@
 """How Courier opens a connection to the broker: robust (aio-pika reconnects it and restores
-its channels), with a heartbeat, and named, so the management UI tells the connections apart."""
+its channels), with a heartbeat, named, so the management UI tells the connections apart, and
+over every node of a cluster (`AMQP_URL` may list several), so losing a node is a reconnect,
+not an outage."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
 
 from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
+from aiormq.exceptions import AMQPConnectionError
+from yarl import URL
+
+log = logging.getLogger("courier.connection")
 
 # How long a connect cut short may go on before it is cut: a broker that answers ends the
 # handshake in milliseconds; one that does not is cut where cutting leaks nothing.
@@ -18,19 +27,75 @@ connection but never starts the handshake (one out of file handles, say) would o
 it for ever, the service unready and saying nothing."""
 
 
+def broker_urls(value: str) -> list[str]:
+    """The URLs `AMQP_URL` holds: one broker's, or a cluster's nodes' separated by commas (a
+    comma in a password is written `%2C`, as any reserved character in a URL)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def where(url: URL) -> str:
+    """A node as logs may name it: host and port, never the credentials."""
+    return f"{url.host}:{url.port}"
+
+
+class FailoverConnection(RobustConnection):
+    """aio-pika's robust connection, which retries the one URL it was given, over several:
+    each reconnect attempt goes to the next node, round the list, so a node that crashed (or
+    never answers) is not retried while another could serve. A cluster's nodes share its
+    queues, so any node will do; channels and consumers are restored there as on the same
+    node."""
+
+    def __init__(self, urls: Sequence[URL], first: int, **kwargs: Any) -> None:
+        self._urls = tuple(urls)
+        self._node = first
+        self._attempted = False
+        super().__init__(self._urls[first], **kwargs)
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        # aio-pika's private step that makes one connect attempt (`self.url` is where it
+        # goes); every attempt, the first and each reconnect, passes here. A test fails if
+        # an upgrade renames it: reconnects would then stay on the node they lost.
+        if self._attempted and len(self._urls) > 1:
+            lost = self.url
+            self._node = (self._node + 1) % len(self._urls)
+            self.url = self._urls[self._node]
+            log.warning(
+                "reconnecting to the next broker node",
+                extra={"node_from": where(lost), "node_to": where(self.url)},
+            )
+        self._attempted = True
+        await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+
+
 async def open_connection(
     url: str, *, heartbeat: int, name: str, answer_within: float = CONNECT_TIMEOUT
 ) -> AbstractRobustConnection:
-    """A robust connection; raises if the broker does not answer (`ConnectionError` if it
-    does not within `answer_within` seconds, which callers retry as any refused connect).
+    """A robust connection to the first of `url`'s nodes (see `broker_urls`) that answers,
+    reconnecting to the next when it is lost; raises what the last node's connect raised when
+    none does (`ConnectionError` for one that does not answer within `answer_within`
+    seconds), which callers retry as any refused connect."""
+    urls = [make_url(one, heartbeat=heartbeat) for one in broker_urls(url)]
+    if not urls:
+        raise ValueError("no broker URL given")
+    for node, address in enumerate(urls):
+        connection = FailoverConnection(urls, node, client_properties={"connection_name": name})
+        try:
+            return await _connect(connection, answer_within)
+        except (AMQPConnectionError, ConnectionError, OSError) as exc:  # refused, silent, ...
+            if node == len(urls) - 1:
+                raise
+            log.warning(
+                "broker node not reachable; trying the next",
+                extra={"node": where(address), "error": repr(exc)},
+            )
+    raise AssertionError("unreachable: the last node's failure is raised")
 
-    Made here rather than by `aio_pika.connect_robust`, so that a connect cut short (the
+
+async def _connect(connection: FailoverConnection, answer_within: float) -> FailoverConnection:
+    """Made here rather than by `aio_pika.connect_robust`, so that a connect cut short (the
     service stopping while it connects) closes what it started: aio-pika's reconnecting task
     treats a cancelled attempt as a failed one and tries again, for ever, and the process
     could not end (`asyncio.run` waits for every task it cancels)."""
-    connection = RobustConnection(
-        make_url(url, heartbeat=heartbeat), client_properties={"connection_name": name}
-    )
     # The timeout is aio-pika's for every reconnect too (the outer one below bounds only this
     # first attempt): a reconnect that met a broker which never answered hung for good.
     attempt = asyncio.ensure_future(connection.connect(timeout=answer_within))

@@ -24,6 +24,7 @@ from contracts.topology import (
     ServiceTopology,
     service_topology,
 )
+from services.messaging.connection import broker_urls
 from services.messaging.cpu import worker_count
 from services.messaging.exits import ServiceExit
 from services.messaging.retry import RetryPolicy
@@ -116,7 +117,10 @@ class CourierSettings(BaseSettings):
     amqp_url: str = Field(
         default="amqp://guest:guest@127.0.0.1:5672/",
         validation_alias=AliasChoices("AMQP_URL", "COURIER_AMQP_URL"),
-        description="RabbitMQ connection URL.",
+        description=(
+            "RabbitMQ connection URL; a cluster's nodes as several, separated by commas "
+            "(connects to the first that answers, moves on to the next when it is lost)."
+        ),
     )
     namespace: str = Field(
         default="courier",
@@ -182,12 +186,17 @@ class CourierSettings(BaseSettings):
     def _amqp(cls, value: str) -> str:
         # Said without the value, which holds the broker's password. Unchecked, a typo was
         # retried for ever (and logged by the client with the password in clear).
-        try:
-            url = URL(value)
-        except ValueError:
-            url = None
-        if url is None or url.scheme not in {"amqp", "amqps"} or not url.host:
+        urls = broker_urls(value)
+        if not urls:
             raise ValueError("not an amqp:// or amqps:// URL with a host")
+        for position, one in enumerate(urls, 1):
+            try:
+                url = URL(one)
+            except ValueError:
+                url = None
+            if url is None or url.scheme not in {"amqp", "amqps"} or not url.host:
+                which = f"URL {position} of {len(urls)} is " if len(urls) > 1 else ""
+                raise ValueError(f"{which}not an amqp:// or amqps:// URL with a host")
         return value
 
     @field_validator("log_level", mode="before")

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
-from services.messaging.connection import open_connection
+from services.messaging.connection import FailoverConnection, open_connection
+from tests.conftest import Namespace
 from tests.support.polling import eventually
+from tests.support.rabbit_node import free_port
 from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -92,5 +96,58 @@ async def test_a_reconnect_to_a_broker_that_never_answers_is_cut_and_tried_again
             await eventually(tried_again, timeout=10)
             proxy.set_mode(ProxyMode.PASS)
             await asyncio.wait_for(connection.connected.wait(), 10)
+        finally:
+            await connection.close()
+
+
+async def test_a_cluster_node_that_refuses_is_passed_over_for_the_next(amqp_url: str) -> None:
+    """`AMQP_URL` lists a cluster's nodes: the first is down, the connection is made to the
+    next that answers."""
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # nothing listens there
+    connection = await open_connection(f"{down},{amqp_url}", heartbeat=30, name="failover")
+    try:
+        assert isinstance(connection, FailoverConnection)
+        assert connection.url.port == (urlsplit(amqp_url).port or 5672)
+        channel = await connection.channel()
+        await channel.close()
+    finally:
+        await connection.close()
+
+
+async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming_resumes(
+    amqp_url: str, namespace: Namespace
+) -> None:
+    """The node a robust connection was on goes (and stays) away: it reconnects to the next
+    node of `AMQP_URL`, not to the lost one for ever, and its consumer is restored there."""
+    broker = urlsplit(amqp_url)
+    queue_name = f"{namespace.name}.failover"
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as node_1:
+        connection = await open_connection(
+            f"amqp://guest:guest@127.0.0.1:{node_1.port}/?reconnect_interval=0.2,{amqp_url}",
+            heartbeat=30,
+            name="failover",
+        )
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(queue_name, durable=True)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await message.ack()
+                await received.put(message.body)
+
+            await queue.consume(on_message)
+            node_1.set_mode(ProxyMode.REFUSE)
+            node_1.reset_all()  # node 1 crashed and does not come back
+
+            async with await aio_pika.connect(amqp_url) as direct:
+                sending = await direct.channel()
+                await sending.default_exchange.publish(
+                    aio_pika.Message(b"after the node was lost"), routing_key=queue_name
+                )
+                assert await asyncio.wait_for(received.get(), 15) == b"after the node was lost"
+                await sending.queue_delete(queue_name)
+            assert isinstance(connection, FailoverConnection)
+            assert connection.url.port == (broker.port or 5672)
         finally:
             await connection.close()

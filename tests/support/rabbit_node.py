@@ -90,8 +90,11 @@ class PrivateRabbitNode:
         name_prefix: str = "courier-test",
         boot_timeout: float = 60.0,
         base_dir: Path | None = None,
+        cookie: str | None = None,
     ) -> None:
+        """`cookie`: the Erlang cookie, the same for every node of a cluster (random if None)."""
         token = secrets.token_hex(4)
+        self._cookie = cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
         self.node_name = f"{name_prefix}-{os.getpid()}-{token}@localhost"
         self.boot_timeout = boot_timeout
         self.amqp_port = free_port()
@@ -116,7 +119,7 @@ class PrivateRabbitNode:
         home = base / "home"
         home.mkdir()
         cookie = home / ".erlang.cookie"
-        cookie.write_text("".join(secrets.choice(string.ascii_uppercase) for _ in range(32)))
+        cookie.write_text(self._cookie)
         cookie.chmod(0o400)
         (base / "mnesia").mkdir()
         (base / "log").mkdir()
@@ -219,6 +222,15 @@ class PrivateRabbitNode:
         started = time.monotonic()
         self._ctl("start_app")  # returns once the application (and its listeners) runs
         self.timings["start_app"] = time.monotonic() - started
+
+    def join(self, other: PrivateRabbitNode) -> None:
+        """Join `other`'s cluster (the two share a cookie). This node's users and queues are
+        replaced by the cluster's: connect with `other`'s credentials from now on."""
+        started = time.monotonic()
+        self._ctl("stop_app")
+        self._ctl("join_cluster", other.node_name)
+        self._ctl("start_app")
+        self.timings["join"] = time.monotonic() - started
 
     def memory_alarm(self, on: bool) -> None:
         """Raise a memory alarm (a high watermark no node stays under: publishers are blocked),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,22 @@ def test_a_local_url_on_another_port_starts_no_local_broker(tmp_path: Path) -> N
     )
     assert run.returncode == 0 and not started.exists()
     assert "not starting the local RabbitMQ" in run.stdout
+
+
+def test_a_cluster_answering_on_a_later_node_is_a_broker_that_answers(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    fake = tmp_path / "rabbitmq-server"
+    fake.write_text(f"#!/bin/sh\ntouch {started}\n")
+    fake.chmod(0o755)
+    with socket.create_server(("127.0.0.1", 0)) as node_2:
+        down = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+        port = node_2.getsockname()[1]
+        up = f"amqp://guest:guest@127.0.0.1:{port}/"
+        env = {
+            **os.environ,
+            "AMQP_URL": f"{down}, {up}",
+            "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        }
+        run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and not started.exists()
+    assert f"answering at 127.0.0.1:{port}" in run.stdout

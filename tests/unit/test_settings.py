@@ -78,6 +78,8 @@ def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch, valu
         ("AMQP_URL", "not-a-url"),
         ("AMQP_URL", "http://127.0.0.1:5672/"),
         ("COURIER_AMQP_URL", "amqp:///"),
+        ("AMQP_URL", " , "),
+        ("AMQP_URL", "amqp://rabbit-1/,rabbit-2:5672"),
         # 65535 or more turned heartbeats off.
         ("COURIER_HEARTBEAT", "100000"),
         # Infinite or huge durations overflowed where a duration is built, after start-up.
@@ -127,7 +129,24 @@ def test_a_broker_url_that_is_refused_is_never_quoted(monkeypatch: pytest.Monkey
     assert "S3cretPW" not in str(refused.value)
 
 
-@pytest.mark.parametrize("url", ["amqp://u:p@broker:5672/v", "amqps://broker/", "amqp://[::1]/"])
+def test_a_cluster_node_url_that_is_refused_is_named_by_its_place_never_quoted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AMQP_URL", "amqp://u:S3cretPW@rabbit-1/,amqp//u:S3cretPW@rabbit-2/")
+    with pytest.raises(ValidationError, match="URL 2 of 2 is not an amqp://") as refused:
+        CourierSettings()
+    assert "S3cretPW" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://u:p@broker:5672/v",
+        "amqps://broker/",
+        "amqp://[::1]/",
+        "amqp://u:p@rabbit-1:5672/,amqp://u:p@rabbit-2:5672/, amqp://u:p@rabbit-3:5672/",
+    ],
+)
 def test_a_broker_url_with_a_host_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("AMQP_URL", url)
     assert CourierSettings().amqp_url == url
