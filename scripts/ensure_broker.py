@@ -43,8 +43,11 @@ def main() -> int:
     parser.add_argument("--optional", action="store_true", help="do not fail without a broker")
     args = parser.parse_args()
 
-    # A cluster's nodes are listed separated by commas: one answering is enough to start.
-    nodes = [urlsplit(one.strip()) for one in os.environ.get("AMQP_URL", DEFAULT_URL).split(",")]
+    # A cluster's nodes are listed separated by commas: one answering is enough to start. An
+    # empty entry is no node (as services.messaging.connection.broker_urls reads it): taken
+    # as the default 127.0.0.1:5672, a local broker there passed for the listed cluster.
+    listed = [one.strip() for one in os.environ.get("AMQP_URL", DEFAULT_URL).split(",")]
+    nodes = [urlsplit(one) for one in listed if one] or [urlsplit(DEFAULT_URL)]
     for url in nodes:
         host, port = url.hostname or "127.0.0.1", url.port or 5672
         if answers(host, port):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -46,3 +47,20 @@ def test_a_cluster_answering_on_a_later_node_is_a_broker_that_answers(tmp_path: 
         run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and not started.exists()
     assert f"answering at 127.0.0.1:{port}" in run.stdout
+
+
+def test_an_empty_entry_in_the_list_is_not_taken_for_the_default_local_broker(
+    tmp_path: Path,
+) -> None:
+    # The settings pass over an empty entry (a trailing comma); this script read it as
+    # 127.0.0.1:5672 and, a broker answering there, said the listed cluster answered.
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # else something listens there already
+            stack.enter_context(socket.create_server(("127.0.0.1", 5672)))
+        url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+        env = {**os.environ, "AMQP_URL": f"{url},", "PATH": str(tmp_path)}
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), "--optional"], env=env, capture_output=True, text=True
+        )
+    assert "answering" not in run.stdout
+    assert "nothing answers" in run.stdout
