@@ -34,8 +34,9 @@ def broker_urls(value: str) -> list[str]:
 
 
 def where(url: URL) -> str:
-    """A node as logs may name it: host and port, never the credentials."""
-    return f"{url.host}:{url.port}"
+    """A node as logs may name it: host and port, never the credentials. (yarl knows no
+    default port for amqp; aiormq's are these.)"""
+    return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
 
 
 class FailoverConnection(RobustConnection):
