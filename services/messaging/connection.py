@@ -44,13 +44,17 @@ class FailoverConnection(RobustConnection):
     each reconnect attempt goes to the next node, round the list, so a node that crashed (or
     never answers) is not retried while another could serve. A cluster's nodes share its
     queues, so any node will do; channels and consumers are restored there as on the same
-    node."""
+    node. aio-pika's own URL options (`reconnect_interval`, `fail_fast`), read once for the
+    whole connection, come from the first URL listed; the client's (heartbeat, TLS) from the
+    URL of the node each attempt goes to."""
 
     def __init__(self, urls: Sequence[URL], first: int, **kwargs: Any) -> None:
         self._urls = tuple(urls)
         self._node = first
         self._attempted = False
-        super().__init__(self._urls[first], **kwargs)
+        # Not `first`'s URL: the options would then depend on which node answered at start.
+        super().__init__(self._urls[0], **kwargs)
+        self.url = self._urls[first]
 
     async def _RobustConnection__connect_transport(self) -> None:
         # aio-pika's private step that makes one connect attempt (`self.url` is where it

@@ -114,6 +114,22 @@ async def test_a_cluster_node_that_refuses_is_passed_over_for_the_next(amqp_url:
         await connection.close()
 
 
+async def test_connection_options_are_read_from_the_first_listed_url_whichever_node_answers(
+    amqp_url: str,
+) -> None:
+    """aio-pika reads its own options (`reconnect_interval`, `fail_fast`) once, from the URL a
+    connection is made with: they were the first node's when it answered and the defaults
+    when it did not."""
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/?reconnect_interval=0.2"
+    connection = await open_connection(f"{down},{amqp_url}", heartbeat=30, name="failover")
+    try:
+        assert isinstance(connection, FailoverConnection)
+        assert connection.url.port == (urlsplit(amqp_url).port or 5672)
+        assert connection.reconnect_interval == 0.2
+    finally:
+        await connection.close()
+
+
 async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming_resumes(
     amqp_url: str, namespace: Namespace
 ) -> None:
