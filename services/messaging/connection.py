@@ -39,14 +39,20 @@ def where(url: URL) -> str:
     return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
 
 
+_answered: dict[tuple[URL, ...], int] = {}
+"""Per list of nodes, the one a connection of this process last reached: where the next
+connection starts. A node that takes connections but never answers costs a whole connect
+timeout (30 s) before the next is tried; paid once, not by each of a service's connections."""
+
+
 class FailoverConnection(RobustConnection):
     """aio-pika's robust connection, which retries the one URL it was given, over several:
-    each reconnect attempt goes to the next node, round the list, so a node that crashed (or
-    never answers) is not retried while another could serve. A cluster's nodes share its
-    queues, so any node will do; channels and consumers are restored there as on the same
-    node. aio-pika's own URL options (`reconnect_interval`, `fail_fast`), read once for the
-    whole connection, come from the first URL listed; the client's (heartbeat, TLS) from the
-    URL of the node each attempt goes to."""
+    each reconnect attempt goes to the next node, round the list, so a node that crashed is
+    left for the next while it could serve (and tried again only once the others were). A
+    cluster's nodes share its queues, so any node will do; channels and consumers are
+    restored there as on the same node. aio-pika's own URL options (`reconnect_interval`,
+    `fail_fast`), read once for the whole connection, come from the first URL listed; the
+    client's (heartbeat, TLS) from the URL of the node each attempt goes to."""
 
     def __init__(self, urls: Sequence[URL], first: int, **kwargs: Any) -> None:
         self._urls = tuple(urls)
@@ -70,28 +76,31 @@ class FailoverConnection(RobustConnection):
             )
         self._attempted = True
         await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+        _answered[self._urls] = self._node
 
 
 async def open_connection(
     url: str, *, heartbeat: int, name: str, answer_within: float = CONNECT_TIMEOUT
 ) -> AbstractRobustConnection:
     """A robust connection to the first of `url`'s nodes (see `broker_urls`) that answers,
-    reconnecting to the next when it is lost; raises what the last node's connect raised when
-    none does (`ConnectionError` for one that does not answer within `answer_within`
-    seconds), which callers retry as any refused connect."""
-    urls = [make_url(one, heartbeat=heartbeat) for one in broker_urls(url)]
+    from the one this process last reached, reconnecting to the next when it is lost; raises
+    what the last node's connect raised when none does (`ConnectionError` for one that does
+    not answer within `answer_within` seconds), which callers retry as any refused connect."""
+    urls = tuple(make_url(one, heartbeat=heartbeat) for one in broker_urls(url))
     if not urls:
         raise ValueError("no broker URL given")
-    for node, address in enumerate(urls):
+    start = _answered.get(urls, 0)
+    for tried in range(len(urls)):
+        node = (start + tried) % len(urls)
         connection = FailoverConnection(urls, node, client_properties={"connection_name": name})
         try:
             return await _connect(connection, answer_within)
         except (AMQPConnectionError, ConnectionError, OSError) as exc:  # refused, silent, ...
-            if node == len(urls) - 1:
+            if tried == len(urls) - 1:
                 raise
             log.warning(
                 "broker node not reachable; trying the next",
-                extra={"node": where(address), "error": repr(exc)},
+                extra={"node": where(urls[node]), "error": repr(exc)},
             )
     raise AssertionError("unreachable: the last node's failure is raised")
 

@@ -130,17 +130,44 @@ async def test_connection_options_are_read_from_the_first_listed_url_whichever_n
         await connection.close()
 
 
+async def test_a_silent_cluster_node_costs_a_process_one_connect_timeout_not_one_each(
+    amqp_url: str,
+) -> None:
+    """Node 1 takes connections and never answers (its host out of file handles, say): the
+    first connection waits for it, then reaches node 2; the next one starts at node 2."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    nodes = f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/,{amqp_url}"
+    try:
+        for name in ("consumer", "publisher"):
+            connection = await open_connection(nodes, heartbeat=30, name=name, answer_within=1)
+            await connection.close()
+        assert len(held) == 1
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming_resumes(
     amqp_url: str, namespace: Namespace
 ) -> None:
     """The node a robust connection was on goes (and stays) away: it reconnects to the next
-    node of `AMQP_URL`, not to the lost one for ever, and its consumer is restored there."""
+    node of `AMQP_URL` that answers (past one that is down too), not to the lost one for
+    ever, and its consumer is restored there."""
     broker = urlsplit(amqp_url)
     queue_name = f"{namespace.name}.failover"
     received: asyncio.Queue[bytes] = asyncio.Queue()
     async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as node_1:
+        node_2 = f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # down as well
         connection = await open_connection(
-            f"amqp://guest:guest@127.0.0.1:{node_1.port}/?reconnect_interval=0.2,{amqp_url}",
+            f"amqp://guest:guest@127.0.0.1:{node_1.port}/?reconnect_interval=0.2,{node_2},"
+            f"{amqp_url}",
             heartbeat=30,
             name="failover",
         )
