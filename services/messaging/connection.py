@@ -39,6 +39,11 @@ def where(url: URL) -> str:
     return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
 
 
+if not hasattr(RobustConnection, "_RobustConnection__connect_transport"):  # pragma: no cover
+    # Refused at start rather than found out at the first lost node (reconnects would stay on
+    # it): `FailoverConnection` overrides this private step.
+    raise ImportError("this aio-pika has no RobustConnection.__connect_transport to fail over")
+
 _answered: dict[tuple[URL, ...], int] = {}
 """Per list of nodes, the one a connection of this process last reached: where the next
 connection starts. A node that takes connections but never answers costs a whole connect
