@@ -25,6 +25,11 @@ CONNECT_TIMEOUT = 30.0
 """How long a connect may take, the first and each reconnect. A broker that accepts the TCP
 connection but never starts the handshake (one out of file handles, say) would otherwise hold
 it for ever, the service unready and saying nothing."""
+NEXT_NODE_AFTER = 5.0
+"""How long a service's first connect waits for a node while other nodes are left to try: a
+node whose host is down often drops the connect rather than refusing it. The last node tried,
+and every reconnect, gets the whole `CONNECT_TIMEOUT` (a slow node that is the only one left
+is not cut short)."""
 
 
 def broker_urls(value: str) -> list[str]:
@@ -59,10 +64,13 @@ class FailoverConnection(RobustConnection):
     `fail_fast`), read once for the whole connection, come from the first URL listed; the
     client's (heartbeat, TLS) from the URL of the node each attempt goes to."""
 
-    def __init__(self, urls: Sequence[URL], first: int, **kwargs: Any) -> None:
+    def __init__(
+        self, urls: Sequence[URL], first: int, *, reconnect_within: float, **kwargs: Any
+    ) -> None:
         self._urls = tuple(urls)
         self._node = first
         self._attempted = False
+        self._reconnect_within = reconnect_within
         # Not `first`'s URL: the options would then depend on which node answered at start.
         super().__init__(self._urls[0], **kwargs)
         self.url = self._urls[first]
@@ -71,6 +79,10 @@ class FailoverConnection(RobustConnection):
         # aio-pika's private step that makes one connect attempt (`self.url` is where it
         # goes); every attempt, the first and each reconnect, passes here. A test fails if
         # an upgrade renames it: reconnects would then stay on the node they lost.
+        if self._attempted:
+            # `connect` set its timeout for every attempt, and the first one's may have been
+            # `NEXT_NODE_AFTER`: a reconnect waits the whole time for a slow node.
+            self._RobustConnection__connect_timeout = self._reconnect_within
         if self._attempted and len(self._urls) > 1:
             lost = self.url
             self._node = (self._node + 1) % len(self._urls)
@@ -97,11 +109,16 @@ async def open_connection(
     start = _answered.get(urls, 0)
     for tried in range(len(urls)):
         node = (start + tried) % len(urls)
-        connection = FailoverConnection(urls, node, client_properties={"connection_name": name})
+        last = tried == len(urls) - 1
+        connection = FailoverConnection(
+            urls, node, reconnect_within=answer_within, client_properties={"connection_name": name}
+        )
         try:
-            return await _connect(connection, answer_within)
+            return await _connect(
+                connection, answer_within if last else min(answer_within, NEXT_NODE_AFTER)
+            )
         except (AMQPConnectionError, ConnectionError, OSError) as exc:  # refused, silent, ...
-            if tried == len(urls) - 1:
+            if last:
                 raise
             log.warning(
                 "broker node not reachable; trying the next",
