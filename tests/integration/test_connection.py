@@ -212,9 +212,10 @@ async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming
                 await sending.default_exchange.publish(
                     aio_pika.Message(b"after the node was lost"), routing_key=queue_name
                 )
-                assert await asyncio.wait_for(received.get(), 15) == b"after the node was lost"
-                await sending.queue_delete(queue_name)
+            assert await asyncio.wait_for(received.get(), 15) == b"after the node was lost"
             assert isinstance(connection, FailoverConnection)
             assert connection.url.port == (broker.port or 5672)
         finally:
             await connection.close()
+            async with await aio_pika.connect(amqp_url) as direct:
+                await (await direct.channel()).queue_delete(queue_name)
