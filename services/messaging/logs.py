@@ -117,7 +117,9 @@ def configure_logging(level: str = "INFO", service: str = "courier") -> None:
     # aio-pika's reconnect chatter is useful at WARNING and noise below it. httpx logs every
     # request at INFO with its whole URL: a webhook's path or query often holds a token, and a
     # webhook is named by its host alone (the notifier logs its own lines about each delivery).
-    for chatty in ("aio_pika", "aiormq", "httpx", "httpcore"):
+    # aiosqlite logs every operation at DEBUG with its statement and values: thousands of lines
+    # a minute, holding what the stores keep (an upload's targets and callback URL, tokens too).
+    for chatty in ("aio_pika", "aiormq", "httpx", "httpcore", "aiosqlite"):
         logging.getLogger(chatty).setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 

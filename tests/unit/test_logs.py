@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from services.messaging.logs import Throttle, configure_logging, event_context, get_logger
@@ -103,3 +104,17 @@ def test_a_crash_a_thread_s_crash_and_a_library_s_warning_are_json_lines_too() -
     assert "deprecated thing" in str(logged[0]["message"])
     assert "ZeroDivisionError" in str(logged[1]["exc_info"])
     assert "FileExistsError: data/notifications.jsonl" in str(logged[2]["exc_info"])
+
+
+async def test_the_sqlite_driver_logs_no_statement_with_its_values_at_debug(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """aiosqlite logs every operation at DEBUG with its statement and values: a gateway at
+    `COURIER_LOG_LEVEL=DEBUG` wrote ~2,000 such lines in 8 idle seconds, burying its own, and
+    among them the `notify` targets and callback URL of an upload, tokens included."""
+    configure_logging("DEBUG", "gateway")
+    async with aiosqlite.connect(":memory:") as db:
+        await db.execute("CREATE TABLE t (url TEXT)")
+        await db.execute("INSERT INTO t VALUES (?)", ("https://hooks.example.com/?token=s3cret",))
+    get_logger("consumer").debug("handled")
+    assert [line["message"] for line in _lines(capsys)] == ["handled"]
