@@ -22,14 +22,14 @@ log = logging.getLogger("courier.connection")
 # handshake in milliseconds; one that does not is cut where cutting leaks nothing.
 SETTLE_SECONDS = 5.0
 CONNECT_TIMEOUT = 30.0
-"""How long a connect may take, the first and each reconnect. A broker that accepts the TCP
-connection but never starts the handshake (one out of file handles, say) would otherwise hold
-it for ever, the service unready and saying nothing."""
+"""How long a connect may take, the first (but see `NEXT_NODE_AFTER`) and each reconnect. A
+broker that accepts the TCP connection but never starts the handshake (one out of file
+handles, say) would otherwise hold it for ever, the service unready and saying nothing."""
 NEXT_NODE_AFTER = 5.0
-"""How long a service's first connect waits for a node while other nodes are left to try: a
-node whose host is down often drops the connect rather than refusing it. The last node tried,
-and every reconnect, gets the whole `CONNECT_TIMEOUT` (a slow node that is the only one left
-is not cut short)."""
+"""How long a connection's first connect (each `open_connection`) waits for a node while
+other nodes are left to try: a node whose host is down often drops the connect rather than
+refusing it. The last node tried, and every reconnect, gets the whole `CONNECT_TIMEOUT` (a
+slow node that is the only one left is not cut short)."""
 
 
 def broker_urls(value: str) -> list[str]:
@@ -132,8 +132,9 @@ async def _connect(connection: FailoverConnection, answer_within: float) -> Fail
     service stopping while it connects) closes what it started: aio-pika's reconnecting task
     treats a cancelled attempt as a failed one and tries again, for ever, and the process
     could not end (`asyncio.run` waits for every task it cancels)."""
-    # The timeout is aio-pika's for every reconnect too (the outer one below bounds only this
-    # first attempt): a reconnect that met a broker which never answered hung for good.
+    # aio-pika's timeout for this attempt (the outer one below bounds only it); each reconnect
+    # gets the connection's `reconnect_within`: one that met a broker which never answered,
+    # with no timeout, hung for good.
     attempt = asyncio.ensure_future(connection.connect(timeout=answer_within))
     try:
         async with asyncio.timeout(answer_within):

@@ -131,7 +131,7 @@ class CourierSettings(BaseSettings):
         # 0 turns heartbeats off, as 65535 or more did without a word. The AMQP client takes a
         # connection that received nothing for 3 heartbeats and 3 s as lost: at 10 s a node
         # frozen or cut off is left for the next after 33 s (93 s at 30 s), within the
-        # 6-15 s RabbitMQ's team finds works best.
+        # 5-20 s RabbitMQ's heartbeat guide finds optimal for most environments.
         default=10,
         ge=0,
         le=3600,
