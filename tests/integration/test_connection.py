@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.messaging.connection import NEXT_NODE_AFTER, FailoverConnection, open_connection
 from tests.conftest import Namespace
 from tests.support.polling import eventually
-from tests.support.rabbit_node import free_port
+from tests.support.processes import free_port
 from tests.support.tcp_proxy import ProxyMode, TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -152,6 +152,48 @@ async def test_a_cluster_node_that_takes_the_connection_but_never_answers_is_pas
             assert connection.url.port == (broker.port or 5672)
         finally:
             await connection.close()
+
+
+async def test_a_reconnect_waits_the_whole_connect_timeout_for_a_silent_node(
+    amqp_url: str,
+) -> None:
+    """`NEXT_NODE_AFTER` cuts only a first connect short: a reconnect, which may have no node
+    left but a slow one, waits `answer_within` for it, though the connection was first made
+    under the shorter timeout (to a node with others after it)."""
+    loop = asyncio.get_running_loop()
+    held: list[float] = []  # how long each connection to the silent node was held open
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = loop.time()
+        await reader.read()  # until the client gives up and closes
+        held.append(loop.time() - accepted)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    node_2 = f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    broker = urlsplit(amqp_url)
+    try:
+        async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as node_1:
+            connection = await open_connection(
+                f"amqp://guest:guest@127.0.0.1:{node_1.port}/,{node_2}",
+                heartbeat=30,
+                name="reconnecting",
+                answer_within=NEXT_NODE_AFTER + 7,
+            )
+            try:
+                node_1.set_mode(ProxyMode.REFUSE)
+                node_1.reset_all()  # the reconnect goes to node 2, which never answers
+
+                async def reconnect_gave_up_on_node_2() -> None:
+                    assert held, "the reconnect is still waiting for node 2"
+
+                await eventually(reconnect_gave_up_on_node_2, timeout=30)
+                assert held[0] > NEXT_NODE_AFTER + 5
+            finally:
+                await connection.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_silent_cluster_node_costs_a_process_one_connect_timeout_not_one_each(

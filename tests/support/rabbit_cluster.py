@@ -15,7 +15,6 @@ Typical use::
 from __future__ import annotations
 
 import secrets
-import string
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Self
@@ -27,7 +26,7 @@ __all__ = ["PrivateRabbitCluster"]
 
 class PrivateRabbitCluster:
     def __init__(self, size: int = 3, *, name_prefix: str = "courier-cluster") -> None:
-        cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
+        cookie = secrets.token_hex(16)
         self.nodes = [
             PrivateRabbitNode(name_prefix=f"{name_prefix}{n}", cookie=cookie)
             for n in range(1, size + 1)

@@ -227,9 +227,9 @@ class PrivateRabbitNode:
         """Join `other`'s cluster (the two share a cookie). This node's users and queues are
         replaced by the cluster's: connect with `other`'s credentials from now on."""
         started = time.monotonic()
-        self._ctl("stop_app")
+        self.stop_app()
         self._ctl("join_cluster", other.node_name)
-        self._ctl("start_app")
+        self.start_app()
         self.timings["join"] = time.monotonic() - started
 
     def memory_alarm(self, on: bool) -> None:
