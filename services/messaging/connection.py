@@ -57,12 +57,12 @@ timeout (30 s) before the next is tried; paid once, not by each of a service's c
 
 class FailoverConnection(RobustConnection):
     """aio-pika's robust connection, which retries the one URL it was given, over several:
-    each reconnect attempt goes to the next node, round the list, so a node that crashed is
-    left for the next while it could serve (and tried again only once the others were). A
+    each reconnect attempt goes to the next node, round the list. A node that crashed is not
+    retried while the others may serve; it comes round again once each of them was tried. A
     cluster's nodes share its queues, so any node will do; channels and consumers are
     restored there as on the same node. aio-pika's own URL options (`reconnect_interval`,
-    `fail_fast`), read once for the whole connection, come from the first URL listed; the
-    client's (heartbeat, TLS) from the URL of the node each attempt goes to."""
+    `fail_fast` and the like), read once for the whole connection, come from the first URL
+    listed; the client's (heartbeat, TLS) from the URL of the node each attempt goes to."""
 
     def __init__(
         self, urls: Sequence[URL], first: int, *, reconnect_within: float, **kwargs: Any

@@ -199,7 +199,10 @@ class CourierSettings(BaseSettings):
                 url = None
             if url is None or url.scheme not in {"amqp", "amqps"} or not url.host:
                 which = f"URL {position} of {len(urls)} is " if len(urls) > 1 else ""
-                raise ValueError(f"{which}not an amqp:// or amqps:// URL with a host")
+                raise ValueError(
+                    f"{which}not an amqp:// or amqps:// URL with a host"
+                    + (" (a comma in a password is written %2C)" if len(urls) > 1 else "")
+                )
         return value
 
     @field_validator("log_level", mode="before")

@@ -138,6 +138,15 @@ def test_a_cluster_node_url_that_is_refused_is_named_by_its_place_never_quoted(
     assert "S3cretPW" not in str(refused.value)
 
 
+def test_a_raw_comma_in_a_password_is_refused_saying_how_to_write_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AMQP_URL", "amqp://u:S3c,ret99@rabbit-1:5672/")
+    with pytest.raises(ValidationError, match="a comma in a password is written %2C") as refused:
+        CourierSettings()
+    assert "ret99" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     "url",
     [
