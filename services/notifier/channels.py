@@ -153,13 +153,22 @@ class Channels:
         # Sent, but the store did not take the `delivered` record (an outage longer than the
         # budget): the handler failed, and its retry must record, not send again.
         self._unrecorded: dict[str, None] = {}  # oldest first
+        self._sending: dict[str, asyncio.Future[None]] = {}  # by notification id
 
     async def deliver(self, notification: Notification) -> None:
         # The send and its record go together. Cancelled in between (the broker closed the
         # channel under the delivery, as in a graceful restart), a sent notification went
         # unrecorded and its redelivery sent it again: they finish, and the redelivery finds
         # the record. (A stop's drain still bounds them: the store then refuses, said.)
+        key = notification.event_id
+        # A redelivery can come while that send still runs: a connection lost with a cluster
+        # node is back on another in milliseconds, and the consumer's hold on the id went
+        # with the cancelled delivery. It waits for the send, then finds its record.
+        while (earlier := self._sending.get(key)) is not None:
+            await asyncio.wait({earlier})
         sending = asyncio.ensure_future(self._deliver(notification))
+        self._sending[key] = sending
+        sending.add_done_callback(lambda _: self._sending.pop(key, None))
         try:
             await asyncio.shield(sending)
         except asyncio.CancelledError:

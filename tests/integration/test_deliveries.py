@@ -297,6 +297,29 @@ async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
     assert len((tmp_path / "log.jsonl").read_bytes().splitlines()) == 1
 
 
+async def test_a_redelivery_while_the_cancelled_send_still_runs_waits_for_it_and_sends_nothing(
+    channels: Channels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection went with a node of the cluster and came back on another within
+    # milliseconds: the broker redelivered the notification to the same process while its
+    # first send (shielded, still running) had not been recorded, and it was sent twice.
+    append = LogChannel._append
+
+    def slow_append(self: LogChannel, lines: list[bytes]) -> None:
+        time.sleep(0.3)
+        append(self, lines)
+
+    monkeypatch.setattr(LogChannel, "_append", slow_append)
+    n = replace(notification("ops"), channel="log")
+    sending = asyncio.create_task(channels.deliver(n))
+    await asyncio.sleep(0.1)  # the line is being written
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    await channels.deliver(n)  # the redelivery, at once
+    assert len((tmp_path / "log.jsonl").read_bytes().splitlines()) == 1
+
+
 async def test_a_large_prune_commits_in_batches_so_outcomes_recorded_meanwhile_do_not_wait(
     deliveries: Deliveries, tmp_path: Path
 ) -> None:
