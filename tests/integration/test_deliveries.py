@@ -269,11 +269,11 @@ async def test_a_sent_notification_the_store_cannot_record_holds_its_delivery(
     assert len(receiver.received) == 1
 
 
-async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
-    channels: Channels, deliveries: Deliveries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def cancel_while_writing(
+    channels: Channels, n: Notification, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The broker closed the channel under the delivery (a graceful restart): the line was
-    # written but not recorded, and the redelivery wrote it again.
+    """Deliver `n` on the log channel, whose writes take 0.3 s, and cancel the delivery while
+    its line is being written (as the broker closing the channel under it does)."""
     append = LogChannel._append
 
     def slow_append(self: LogChannel, lines: list[bytes]) -> None:
@@ -281,12 +281,20 @@ async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
         append(self, lines)
 
     monkeypatch.setattr(LogChannel, "_append", slow_append)
-    n = replace(notification("ops"), channel="log")
     sending = asyncio.create_task(channels.deliver(n))
     await asyncio.sleep(0.1)  # the line is being written
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sending
+
+
+async def test_a_send_whose_delivery_was_cancelled_midway_is_still_recorded(
+    channels: Channels, deliveries: Deliveries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker closed the channel under the delivery (a graceful restart): the line was
+    # written but not recorded, and the redelivery wrote it again.
+    n = replace(notification("ops"), channel="log")
+    await cancel_while_writing(channels, n, monkeypatch)
 
     async def recorded() -> None:
         record = await deliveries.get(n.event_id)
@@ -303,19 +311,8 @@ async def test_a_redelivery_while_the_cancelled_send_still_runs_waits_for_it_and
     # The connection went with a node of the cluster and came back on another within
     # milliseconds: the broker redelivered the notification to the same process while its
     # first send (shielded, still running) had not been recorded, and it was sent twice.
-    append = LogChannel._append
-
-    def slow_append(self: LogChannel, lines: list[bytes]) -> None:
-        time.sleep(0.3)
-        append(self, lines)
-
-    monkeypatch.setattr(LogChannel, "_append", slow_append)
     n = replace(notification("ops"), channel="log")
-    sending = asyncio.create_task(channels.deliver(n))
-    await asyncio.sleep(0.1)  # the line is being written
-    sending.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await sending
+    await cancel_while_writing(channels, n, monkeypatch)
     await channels.deliver(n)  # the redelivery, at once
     assert len((tmp_path / "log.jsonl").read_bytes().splitlines()) == 1
 
