@@ -198,10 +198,11 @@ class CourierSettings(BaseSettings):
             except ValueError:
                 url = None
             if url is None or url.scheme not in {"amqp", "amqps"} or not url.host:
-                which = f"URL {position} of {len(urls)} is " if len(urls) > 1 else ""
+                if len(urls) == 1:
+                    raise ValueError("not an amqp:// or amqps:// URL with a host")
                 raise ValueError(
-                    f"{which}not an amqp:// or amqps:// URL with a host"
-                    + (" (a comma in a password is written %2C)" if len(urls) > 1 else "")
+                    f"URL {position} of {len(urls)} is not an amqp:// or amqps:// URL with a "
+                    "host (a comma in a password is written %2C)"
                 )
         return value
 
