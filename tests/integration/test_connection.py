@@ -4,6 +4,8 @@ the broker never answers ends, a reconnect too."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -21,6 +23,25 @@ pytestmark = pytest.mark.broker
 
 def _others() -> set[asyncio.Task[object]]:
     return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+@contextlib.asynccontextmanager
+async def silent_broker() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A broker that takes TCP connections and never starts the handshake (RabbitMQ out of file
+    handles, say): its port, and the connections it holds."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], held
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_connect_cancelled_at_any_point_leaves_no_task_behind(amqp_url: str) -> None:
@@ -46,14 +67,7 @@ async def test_a_connect_cancelled_at_any_point_leaves_no_task_behind(amqp_url: 
 
 async def test_a_broker_that_takes_the_connection_but_never_answers_is_a_failed_connect() -> None:
     """As RabbitMQ out of file handles does: it accepts TCP and starts no handshake."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_broker() as (port, held):
         with pytest.raises(ConnectionError, match=r"did not answer within 0\.5 s"):
             await open_connection(
                 f"amqp://guest:guest@127.0.0.1:{port}/",
@@ -64,11 +78,6 @@ async def test_a_broker_that_takes_the_connection_but_never_answers_is_a_failed_
         assert held  # it did connect
         await asyncio.sleep(0.05)
         assert not _others()  # and left nothing running
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_reconnect_to_a_broker_that_never_answers_is_cut_and_tried_again(
@@ -201,23 +210,12 @@ async def test_a_silent_cluster_node_costs_a_process_one_connect_timeout_not_one
 ) -> None:
     """Node 1 takes connections and never answers (its host out of file handles, say): the
     first connection waits for it, then reaches node 2; the next one starts at node 2."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    nodes = f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/,{amqp_url}"
-    try:
+    async with silent_broker() as (port, held):
+        nodes = f"amqp://guest:guest@127.0.0.1:{port}/,{amqp_url}"
         for name in ("consumer", "publisher"):
             connection = await open_connection(nodes, heartbeat=30, name=name, answer_within=1)
             await connection.close()
         assert len(held) == 1
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming_resumes(
