@@ -16,7 +16,7 @@ import pytest
 
 from services.gateway.request_head import MAX_HEAD_BYTES
 from tests.conftest import Namespace
-from tests.support.processes import ServiceProcess, base_url, gateway, raw_connection
+from tests.support.processes import ServiceProcess, base_url, gateway, raw_connection, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
@@ -27,13 +27,10 @@ SENT_AT_MOST = 64 << 20
 
 @pytest.fixture
 def gateway_process(namespace: Namespace, tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = gateway(namespace.env(COURIER_BLOB_DIR=str(tmp_path / "blobs")), tmp_path)
-    process.start()
-    try:
-        process.wait_ready()
+    with running(
+        gateway(namespace.env(COURIER_BLOB_DIR=str(tmp_path / "blobs")), tmp_path)
+    ) as process:
         yield process
-    finally:
-        process.kill()
 
 
 def send_until_answered(client: socket.socket, start: bytes, filler: bytes) -> tuple[bytes, int]:

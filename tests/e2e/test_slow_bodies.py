@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Namespace
-from tests.support.processes import ServiceProcess, gateway, raw_connection
+from tests.support.processes import ServiceProcess, gateway, raw_connection, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
@@ -32,13 +32,8 @@ def gateway_process(namespace: Namespace, tmp_path: Path) -> Iterator[ServicePro
         COURIER_BODY_RATE_GRACE_SECONDS=str(GRACE),
         COURIER_BLOB_DIR=str(tmp_path / "blobs"),
     )
-    process = gateway(env, tmp_path)
-    process.start()
-    try:
-        process.wait_ready()
+    with running(gateway(env, tmp_path)) as process:
         yield process
-    finally:
-        process.kill()
 
 
 def head(path: str, content_type: str, length: int) -> bytes:

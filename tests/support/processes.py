@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -97,6 +98,17 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@contextlib.contextmanager
+def running(process: ServiceProcess) -> Iterator[ServiceProcess]:
+    """The process started and ready; killed when the block ends, however it ends."""
+    process.start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.kill()
 
 
 def gateway(env: Mapping[str, str], workdir: Path) -> ServiceProcess:
