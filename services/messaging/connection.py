@@ -83,14 +83,14 @@ class FailoverConnection(RobustConnection):
             # `connect` set its timeout for every attempt, and the first one's may have been
             # `NEXT_NODE_AFTER`: a reconnect waits the whole time for a slow node.
             self._RobustConnection__connect_timeout = self._reconnect_within
-        if self._attempted and len(self._urls) > 1:
-            lost = self.url
-            self._node = (self._node + 1) % len(self._urls)
-            self.url = self._urls[self._node]
-            log.warning(
-                "reconnecting to the next broker node",
-                extra={"node_from": where(lost), "node_to": where(self.url)},
-            )
+            if len(self._urls) > 1:
+                lost = self.url
+                self._node = (self._node + 1) % len(self._urls)
+                self.url = self._urls[self._node]
+                log.warning(
+                    "reconnecting to the next broker node",
+                    extra={"node_from": where(lost), "node_to": where(self.url)},
+                )
         self._attempted = True
         await super()._RobustConnection__connect_transport()  # type: ignore[misc]
         _answered[self._urls] = self._node
