@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,14 +66,16 @@ class FailoverConnection(RobustConnection):
     listed; the client's (heartbeat, TLS) from the URL of the node each attempt goes to."""
 
     def __init__(
-        self, urls: Sequence[URL], first: int, *, reconnect_within: float, **kwargs: Any
+        self, urls: Sequence[URL], first: int, *, name: str, reconnect_within: float, **kwargs: Any
     ) -> None:
+        self.name = name
         self._urls = tuple(urls)
         self._node = first
         self._attempted = False
         self._reconnect_within = reconnect_within
+        self._lost_at: float | None = None  # since when the connection is down, if it is
         # Not `first`'s URL: the options would then depend on which node answered at start.
-        super().__init__(self._urls[0], **kwargs)
+        super().__init__(self._urls[0], client_properties={"connection_name": name}, **kwargs)
         self.url = self._urls[first]
 
     async def _RobustConnection__connect_transport(self) -> None:
@@ -94,6 +97,37 @@ class FailoverConnection(RobustConnection):
         self._attempted = True
         await super()._RobustConnection__connect_transport()  # type: ignore[misc]
         _answered[self._urls] = self._node
+        if self._lost_at is not None:  # connected, its channels and consumers restored
+            log.info(
+                "broker connection restored",
+                extra={
+                    "connection": self.name,
+                    "node": where(self.url),
+                    "after_seconds": round(time.monotonic() - self._lost_at, 3),
+                },
+            )
+            self._lost_at = None
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        await super()._on_connection_close(closing)
+        # Said once an outage, by the service, rather than by the AMQP client's lines (see
+        # `logs.ReconnectNoise`); a close the service asked for is no loss.
+        if self._close_called or self.is_closed or self._lost_at is not None:
+            return
+        self._lost_at = time.monotonic()
+        log.warning(
+            "broker connection lost",
+            extra={"connection": self.name, "node": where(self.url), "reason": _why(closing)},
+        )
+
+
+def _why(closing: asyncio.Future[Any]) -> str:
+    """Why a connection closed, as the client tells it (`Server connection reset:
+    ConnectionResetError(...)`, the broker's close reason, a missed heartbeat)."""
+    if closing.cancelled():
+        return "closed"
+    exc = closing.exception()
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "closed"
 
 
 async def open_connection(
@@ -110,9 +144,7 @@ async def open_connection(
     for tried in range(len(urls)):
         node = (start + tried) % len(urls)
         last = tried == len(urls) - 1
-        connection = FailoverConnection(
-            urls, node, reconnect_within=answer_within, client_properties={"connection_name": name}
-        )
+        connection = FailoverConnection(urls, node, name=name, reconnect_within=answer_within)
         try:
             return await _connect(
                 connection, answer_within if last else min(answer_within, NEXT_NODE_AFTER)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
 
+from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.robust_channel import RobustChannel
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
@@ -93,6 +95,31 @@ class event_context:  # used like the function it replaced: `with event_context(
         correlation_id_var.reset(correlation_token)
 
 
+class ReconnectNoise(logging.Filter):
+    """Leaves out the AMQP client's own lines about a connection lost, which the service says
+    once in its own (`broker connection lost`, `... restored`, see `connection`): aiormq's
+    traceback per connection whose socket failed, and aio-pika's `ERROR` per channel whose
+    restore met the connection closed (the reconnect restores each channel). An alarm on
+    `ERROR` lines went off at every reconnect. Their lines for any other cause pass: aiormq's
+    about a frame it could not read, aio-pika's about any other failed callback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiormq.connection":
+            lost = record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+            return not (lost and record.msg == "Cancelling cause reader exited abnormally")
+        if record.name == "aio_pika.tools" and isinstance(record.args, tuple):
+            callback, _, exc = (*record.args, None, None, None)[:3]
+            restoring = getattr(getattr(callback, "callback", None), "__func__", None)
+            closed = isinstance(exc, ChannelInvalidStateError) or (
+                type(exc) is RuntimeError and str(exc).endswith(" closed")
+            )
+            return not (restoring is RobustChannel._on_close and closed)
+        return True
+
+
+_RECONNECT_NOISE = ReconnectNoise()
+
+
 def configure_logging(level: str = "INFO", service: str = "courier") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
@@ -121,6 +148,8 @@ def configure_logging(level: str = "INFO", service: str = "courier") -> None:
     # a minute, holding what the stores keep (an upload's targets and callback URL, tokens too).
     for chatty in ("aio_pika", "aiormq", "httpx", "httpcore", "aiosqlite"):
         logging.getLogger(chatty).setLevel(max(logging.getLevelName(level), logging.WARNING))
+    for reconnecting in ("aiormq.connection", "aio_pika.tools"):
+        logging.getLogger(reconnecting).addFilter(_RECONNECT_NOISE)  # once: the same filter
 
 
 def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sys
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.messaging.connection import NEXT_NODE_AFTER, FailoverConnection, open_connection
+from services.messaging.logs import configure_logging
 from tests.conftest import Namespace
 from tests.support.polling import eventually
 from tests.support.processes import free_port
@@ -259,3 +265,56 @@ async def test_a_lost_cluster_node_is_reconnected_through_the_next_and_consuming
             await connection.close()
             async with await aio_pika.connect(amqp_url) as direct:
                 await (await direct.channel()).queue_delete(queue_name)
+
+
+async def test_a_lost_connection_is_one_warning_naming_the_node_and_its_return_one_line(
+    amqp_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection cut under a service (its channels open, a consumer on one) and restored: the
+    service says so in two lines of its own, where and why it was lost, and when it was back.
+    The AMQP client said it as a traceback per connection and an `ERROR` per channel that its
+    reconnect restores anyway: an alarm on `ERROR` lines went off at every reconnect."""
+    broker = urlsplit(amqp_url)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # configure_logging's, undone after
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    lines: list[dict[str, Any]] = []
+    try:
+        configure_logging("INFO", "processor")  # its handler writes to the captured stderr
+        async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as node:
+            where = f"127.0.0.1:{node.port}"
+            connection = await open_connection(
+                f"amqp://guest:guest@{where}/?reconnect_interval=0.2",
+                heartbeat=30,
+                name="lost",
+            )
+            try:
+                channels = [await connection.channel() for _ in range(3)]
+                queue = await channels[0].declare_queue(exclusive=True)
+
+                async def on_message(message: AbstractIncomingMessage) -> None:
+                    await message.ack()
+
+                await queue.consume(on_message)
+                node.reset_all()
+
+                async def said_back() -> None:
+                    err = capsys.readouterr().err
+                    lines.extend(orjson.loads(line) for line in err.splitlines())
+                    assert "broker connection restored" in [line["message"] for line in lines]
+
+                await eventually(said_back, timeout=15)
+            finally:
+                await connection.close()
+    finally:
+        root.handlers[:], root.level = handlers, level
+        logging.captureWarnings(False)
+    assert [line for line in lines if line["level"] in ("ERROR", "CRITICAL")] == []
+    [lost] = [line for line in lines if line["level"] == "WARNING"]
+    assert (lost["logger"], lost["message"]) == ("courier.connection", "broker connection lost")
+    assert (lost["connection"], lost["node"]) == ("lost", where)
+    assert "ConnectionResetError" in lost["reason"]
+    [back] = [line for line in lines if line["message"] == "broker connection restored"]
+    assert (back["connection"], back["node"]) == ("lost", where)
+    assert 0 < back["after_seconds"] < 15

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
+from aio_pika.tools import OneShotCallback
 
 from services.messaging.logs import Throttle, configure_logging, event_context, get_logger
 
@@ -118,3 +119,27 @@ async def test_the_sqlite_driver_logs_no_statement_with_its_values_at_debug(
         await db.execute("INSERT INTO t VALUES (?)", ("https://hooks.example.com/?token=s3cret",))
     get_logger("consumer").debug("handled")
     assert [line["message"] for line in _lines(capsys)] == ["handled"]
+
+
+async def test_the_amqp_clients_lines_on_other_failures_than_a_lost_connection_are_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The service says a lost connection in its own line, and the AMQP client's lines about
+    it are left out (see `test_connection`); not its lines about anything else: a frame it
+    could not read, a callback that failed otherwise."""
+    configure_logging("INFO", "processor")
+
+    async def on_message() -> None: ...
+
+    logging.getLogger("aiormq.connection").warning(
+        "Cancelling cause reader exited abnormally", exc_info=ValueError("malformed frame")
+    )
+    logging.getLogger("aio_pika.tools").error(
+        "Callback %r error: %s: %s", OneShotCallback(on_message), "KeyError", KeyError("x")
+    )
+    lines = _lines(capsys)
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("aiormq.connection", "WARNING"),
+        ("aio_pika.tools", "ERROR"),
+    ]
+    assert "malformed frame" in str(lines[0]["exc_info"])
