@@ -25,7 +25,16 @@ from typing import Any
 from bench.report import RESULTS
 
 OUTPUT = "RESULTS.md"
-ORDER = ("gateway", "consumer", "batch", "e2e_latency", "dlq_store", "memory", "upload_memory")
+ORDER = (
+    "gateway",
+    "consumer",
+    "batch",
+    "e2e_latency",
+    "replay",
+    "dlq_store",
+    "memory",
+    "upload_memory",
+)
 HEADER = frozenset({"scenario", "at", "machine", "results", "target", "targets"})
 PERCENT = frozenset({"spread", "growth", "growth_of_file"})
 

@@ -543,10 +543,12 @@ async def test_a_claim_past_its_lease_is_taken_over(store: FailureStore) -> None
     assert set(taken) == ids and token != dead_token
 
     # The dead replay can no longer finish them; the new owner can.
-    await store.mark_replayed(letters[0].id, dead_token, "old-action", "ghost")
+    assert await store.mark_replayed([letters[0].id], dead_token, "old-action", "ghost") == set()
     await store.release(dead_token)
     assert set((await status_of(store, ids)).values()) == {"replaying"}
-    await store.mark_replayed(letters[0].id, token, "action-1", "tester")
+    assert await store.mark_replayed([letters[0].id], token, "action-1", "tester") == {
+        letters[0].id
+    }
     shown = await store.get(letters[0].id)
     assert shown is not None
     assert shown["status"] == "replayed" and shown["closed_at"] is not None
@@ -555,11 +557,41 @@ async def test_a_claim_past_its_lease_is_taken_over(store: FailureStore) -> None
     assert shown["history"][-1]["action_id"] == "action-1"
 
 
+async def test_letters_published_together_are_marked_together_each_only_if_still_held(
+    store: FailureStore,
+) -> None:
+    """A replay marks the letters it published together in one statement: each gets its own
+    history entry, and one whose claim another replay took meanwhile is not marked."""
+    letters = await add_all(store, (letter() for _ in range(3)))
+    ids = [item.id for item in letters]
+    token, claimed = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert set(claimed) == set(ids)
+    # The second letter's claim ran out, and another replay took it.
+    await set_column(store, "claimed_at", {ids[1]: datetime.now(UTC) - 2 * LEASE})
+    other, taken = await store.claim(Filter(), limit=10, lease=LEASE)
+    assert taken == [ids[1]]
+
+    assert await store.mark_replayed(ids, token, "action-1", "tester") == {ids[0], ids[2]}
+    assert await status_of(store, ids) == {
+        ids[0]: "replayed",
+        ids[1]: "replaying",
+        ids[2]: "replayed",
+    }
+    for letter_id in (ids[0], ids[2]):
+        shown = await store.get(letter_id)
+        assert shown is not None
+        assert [(h["action"], h.get("action_id")) for h in shown["history"]][-1] == (
+            "replayed",
+            "action-1",
+        )
+    assert await store.mark_replayed([ids[1]], other, "action-2", "tester") == {ids[1]}
+
+
 async def test_release_returns_unmoved_letters_to_dead(store: FailureStore) -> None:
     letters = await add_all(store, (letter() for _ in range(3)))
     token, claimed = await store.claim(Filter(), limit=10, lease=LEASE)
     assert len(claimed) == 3
-    await store.mark_replayed(letters[0].id, token, "a", "tester")
+    await store.mark_replayed([letters[0].id], token, "a", "tester")
     await store.release(token)
     assert await status_of(store, [item.id for item in letters]) == {
         letters[0].id: "replayed",

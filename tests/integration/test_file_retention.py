@@ -109,7 +109,7 @@ async def test_a_file_replayed_lately_is_kept_until_it_can_have_been_read_again(
         token, [letter_id] = await failures.claim(
             Filter(ids=(f"dl-{file_id}",)), limit=1, lease=timedelta(minutes=5)
         )
-        assert await failures.mark_replayed(letter_id, token, "a-1", "ops")
+        assert await failures.mark_replayed([letter_id], token, "a-1", "ops")
     async with fresh_engine.begin() as conn:
         await conn.execute(
             update(dead_letters)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,7 +48,7 @@ from services.messaging.publisher import Publisher
 from services.messaging.retry import RetryPolicy
 from services.messaging.settings import CourierSettings
 from services.messaging.store import open_store, store_url
-from services.ops.operations import Operations, Outcome
+from services.ops.operations import Operations, Outcome, together
 from services.ops.store import FailureStore, Filter, dead_letters
 from tests.conftest import Namespace
 from tests.integration.conftest import OPS_TOKEN, gateway_client, gateway_settings
@@ -973,7 +973,8 @@ async def test_a_letter_that_cannot_go_back_is_left_dead_and_the_replay_goes_on(
 
 
 class StoreGoneAfter(FailureStore):
-    """The real store, gone (every call fails) once `after` letters were marked replayed."""
+    """The real store, gone (every call fails) once `after` letters were marked replayed (a
+    replay marks together the letters it published together, `together(rate)`)."""
 
     def __init__(self, engine: Any, after: int, error: Exception | None = None) -> None:
         super().__init__(engine)
@@ -991,13 +992,15 @@ class StoreGoneAfter(FailureStore):
         self._gone()
         await super().renew(token)
 
-    async def holds(self, token: str, letter_id: str) -> bool:
+    async def held(self, token: str, letter_ids: Sequence[str]) -> set[str]:
         self._gone()
-        return await super().holds(token, letter_id)
+        return await super().held(token, letter_ids)
 
-    async def mark_replayed(self, *args: Any, **kwargs: Any) -> bool:
-        marked = await super().mark_replayed(*args, **kwargs)
-        self.marked += 1
+    async def mark_replayed(
+        self, letter_ids: Sequence[str], token: str, action_id: str, actor: str
+    ) -> set[str]:
+        marked = await super().mark_replayed(letter_ids, token, action_id, actor)
+        self.marked += len(marked)
         return marked
 
     async def release(self, token: str) -> None:
@@ -1018,21 +1021,23 @@ class MarkCutOnce(FailureStore):
         super().__init__(engine)
         self.cut = False
 
-    async def mark_replayed(self, *args: Any, **kwargs: Any) -> bool:
+    async def mark_replayed(
+        self, letter_ids: Sequence[str], token: str, action_id: str, actor: str
+    ) -> set[str]:
         if not self.cut:
             self.cut = True
             raise OperationalError(
                 "UPDATE ops_dead_letters ...", {}, ConnectionResetError("connection was closed")
             )
-        return await super().mark_replayed(*args, **kwargs)
+        return await super().mark_replayed(letter_ids, token, action_id, actor)
 
 
 class ClaimLostWhileReading(FailureStore):
     """The real store, whose claims run out (released, as past their lease) just as the
-    replay reads a letter: after its `holds` check, before its publish."""
+    replay reads its letters: after its `held` check, before their publish."""
 
-    async def letter(self, letter_id: str) -> DeadLetter | None:
-        found = await super().letter(letter_id)
+    async def letters(self, letter_ids: Sequence[str]) -> dict[str, DeadLetter]:
+        found = await super().letters(letter_ids)
         await self.release_expired(timedelta(0))
         return found
 
@@ -1040,8 +1045,8 @@ class ClaimLostWhileReading(FailureStore):
 class DiscardedWhileReading(ClaimLostWhileReading):
     """... and an operator discards it then."""
 
-    async def letter(self, letter_id: str) -> DeadLetter | None:
-        found = await super().letter(letter_id)
+    async def letters(self, letter_ids: Sequence[str]) -> dict[str, DeadLetter]:
+        found = await super().letters(letter_ids)
         await self.discard(Filter(), limit=10, reason="meanwhile", actor="bob", action_id="d-1")
         return found
 
@@ -1054,6 +1059,25 @@ class CountingRenewals(FailureStore):
     async def renew(self, token: str) -> None:
         self.renewed_at.append(time.monotonic())
         await super().renew(token)
+
+
+class CountingWindows(FailureStore):
+    """The real store, noting when a replay starts on each window of letters, and its size."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.windows: list[tuple[float, int]] = []
+        self.marks: list[int] = []
+
+    async def held(self, token: str, letter_ids: Sequence[str]) -> set[str]:
+        self.windows.append((time.monotonic(), len(letter_ids)))
+        return await super().held(token, letter_ids)
+
+    async def mark_replayed(
+        self, letter_ids: Sequence[str], token: str, action_id: str, actor: str
+    ) -> set[str]:
+        self.marks.append(len(letter_ids))
+        return await super().mark_replayed(letter_ids, token, action_id, actor)
 
 
 @asynccontextmanager
@@ -1101,6 +1125,12 @@ async def replay_all(operations: Operations) -> Outcome:
     return await operations.replay(Filter(), actor="tester", limit=10, rate=1000, dry_run=False)
 
 
+async def replay_in_twos(operations: Operations) -> Outcome:
+    """Replay every dead letter (ten at most), two published and marked together."""
+    assert together(40) == 2
+    return await operations.replay(Filter(), actor="tester", limit=10, rate=40, dry_run=False)
+
+
 async def replay_beside_a_releaser(
     namespace: Namespace,
     tmp_path: Path,
@@ -1143,6 +1173,27 @@ async def test_a_replay_renews_its_claims_every_half_lease_not_per_letter(
 
 
 @pytest.mark.broker
+async def test_a_replay_moves_what_its_rate_allows_in_50_ms_together_and_keeps_to_its_rate(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """Each letter published, confirmed and marked on its own, a replay moved ~200 letters a
+    second whatever rate it was given. At 200 a second: ten letters together, published
+    together and marked in one transaction, a window each 50 ms."""
+    await seed(tmp_path, namespace, 30)
+    async with replaying(namespace, tmp_path, CountingWindows) as (store, publisher):
+        outcome = await operations_on(store, publisher, namespace).replay(
+            Filter(), actor="tester", limit=30, rate=200, dry_run=False
+        )
+        assert (outcome.count, outcome.error) == (30, None)
+        assert isinstance(store, CountingWindows)
+        assert [size for _, size in store.windows] == [10, 10, 10]
+        assert store.marks == [10, 10, 10]
+        gaps = [b - a for (a, _), (b, _) in itertools.pairwise(store.windows)]
+        assert all(gap >= 0.045 for gap in gaps), gaps
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 30)
+
+
+@pytest.mark.broker
 async def test_a_replay_slower_than_its_lease_keeps_its_claims_through_its_pauses(
     namespace: Namespace, tmp_path: Path
 ) -> None:
@@ -1174,7 +1225,7 @@ async def test_a_replay_whose_store_goes_away_says_what_it_moved(
     await seed(tmp_path, namespace, 4)
     gone_after_two = functools.partial(StoreGoneAfter, after=2, error=error)
     async with replaying(namespace, tmp_path, gone_after_two) as (store, publisher):
-        outcome = await replay_all(operations_on(store, publisher, namespace))
+        outcome = await replay_in_twos(operations_on(store, publisher, namespace))
         assert outcome.error is not None and "went away" in outcome.error
         assert outcome.count == 2 and len(outcome.ids) == 2
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
@@ -1188,19 +1239,20 @@ async def test_a_letter_published_when_its_mark_failed_is_marked_not_left_dead(
     # the service had it: a discard then took it, and its record said `discarded`, not
     # replayed, for an event the service handled again (found by PostgreSQL fault QA, with
     # backends terminated under replays and discards).
-    published, not_reached = await seed(tmp_path, namespace, 2)
+    *published, not_reached = await seed(tmp_path, namespace, 3)
     async with replaying(namespace, tmp_path, MarkCutOnce) as (store, publisher):
         operations = operations_on(store, publisher, namespace)
-        outcome = await replay_all(operations)
+        outcome = await replay_in_twos(operations)
         assert outcome.error is not None and "connection was closed" in outcome.error
-        assert (outcome.count, outcome.ids) == (1, [published])
+        assert (outcome.count, outcome.ids) == (2, published)
         discarded = await operations.discard(
             Filter(), actor="bob", limit=10, reason="meanwhile", dry_run=False
         )
         assert discarded.ids == [not_reached]
-        found = await store.get(published)
-        assert found is not None and found["status"] == "replayed"
-        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 1)
+        for letter_id in published:
+            found = await store.get(letter_id)
+            assert found is not None and found["status"] == "replayed"
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 2)
 
 
 @pytest.mark.broker
