@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.report import Result, save
+from bench.system import pg_admin
 from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter, dead_letters
 
@@ -233,16 +234,6 @@ async def run(url: str, count: int, runs: int, seed: int) -> None:
     print(f"\nsaved {path}")
 
 
-async def _admin(url: str, statement: str) -> None:
-    import asyncpg  # type: ignore[import-untyped]
-
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 async def main_async(args: argparse.Namespace) -> None:
     if args.postgres is None:
         with tempfile.TemporaryDirectory() as directory:
@@ -250,12 +241,12 @@ async def main_async(args: argparse.Namespace) -> None:
         return
     server = args.postgres.replace("postgresql+asyncpg://", "postgresql://")
     name = f"bench_dlq_{uuid.uuid4().hex[:8]}"
-    await _admin(server, f'CREATE DATABASE "{name}"')
+    await pg_admin(server, f'CREATE DATABASE "{name}"')
     try:
         database = str(make_url(server).set(database=name).render_as_string(hide_password=False))
         await run(store_url(database, Path(), "gateway"), args.rows, args.runs, args.seed)
     finally:
-        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,10 @@ reference, rounds alternating: the same messages published by bare aio-pika into
 of queue (quorum), confirmed, 256 in flight: the broker's ceiling for the publishes alone, with
 no store, no claim and no audit. Queues are purged between rounds.
 
-    python -m bench.replay [--letters 2000] [--rounds 3]
+    python -m bench.replay [--letters 2000] [--rounds 3] [--postgres URL]
+
+`--postgres`: the gateway's store on that PostgreSQL server (in a database of its own, created
+and dropped), instead of a SQLite file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import aio_pika
 import httpx
+from sqlalchemy.engine import make_url
 
 from bench.report import Result, median, print_table, save
 from bench.system import (
@@ -31,6 +35,7 @@ from bench.system import (
     courier_env,
     free_port,
     new_namespace,
+    pg_admin,
     start_gateway,
     stop,
     wait_ready,
@@ -77,8 +82,8 @@ def dead_letters(namespace: str, count: int) -> list[DeadLetter]:
     return made
 
 
-async def seed(data: Path, letters: list[DeadLetter]) -> None:
-    engine = open_store(store_url(None, data, "gateway"))
+async def seed(database: str | None, data: Path, letters: list[DeadLetter]) -> None:
+    engine = open_store(store_url(database, data, "gateway"))
     try:
         store = FailureStore(engine)
         await store.start()
@@ -88,9 +93,11 @@ async def seed(data: Path, letters: list[DeadLetter]) -> None:
         await engine.dispose()
 
 
-async def courier_round(base: str, data: Path, letters: list[DeadLetter]) -> float:
+async def courier_round(
+    base: str, database: str | None, data: Path, letters: list[DeadLetter]
+) -> float:
     """Letters a second of one replay of `letters` through the gateway's ops API."""
-    await seed(data, letters)
+    await seed(database, data, letters)
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         started = time.perf_counter()
         response = await client.post(
@@ -132,28 +139,30 @@ async def bare_round(queue: str, letters: list[DeadLetter]) -> float:
     return len(letters) / took
 
 
+def bare_queue(namespace: str) -> str:
+    return f"{namespace}.bare-replay"
+
+
 async def purge(queue: str) -> None:
     async with await aio_pika.connect(AMQP_URL) as connection:
         channel = await connection.channel()
         await (await channel.get_queue(queue)).purge()
 
 
-async def run(namespace: str, base: str, data: Path, args: argparse.Namespace) -> list[Result]:
+async def run(
+    namespace: str, base: str, database: str | None, data: Path, args: argparse.Namespace
+) -> list[Result]:
     courier: list[float] = []
     bare: list[float] = []
-    bare_queue = f"{namespace}.bare-replay"
-    try:
-        for round_ in range(args.rounds):
-            letters = dead_letters(namespace, args.letters)
-            courier.append(await courier_round(base, data, letters))
-            await purge(work_queue(namespace, "notifier"))
-            bare.append(await bare_round(bare_queue, letters))
-            print(
-                f"round {round_ + 1}: courier {courier[-1]:,.0f} letters/s, "
-                f"bare publishes {bare[-1]:,.0f}/s"
-            )
-    finally:
-        await cleanup(namespace, bare_queue)
+    for round_ in range(args.rounds):
+        letters = dead_letters(namespace, args.letters)
+        courier.append(await courier_round(base, database, data, letters))
+        await purge(work_queue(namespace, "notifier"))
+        bare.append(await bare_round(bare_queue(namespace), letters))
+        print(
+            f"round {round_ + 1}: courier {courier[-1]:,.0f} letters/s, "
+            f"bare publishes {bare[-1]:,.0f}/s"
+        )
     return [
         Result("courier: replay (POST /v1/ops/replays)", "letters/s", median(courier), courier),
         Result("bare aio-pika: confirmed publishes, 256 in flight", "msgs/s", median(bare), bare),
@@ -161,28 +170,57 @@ async def run(namespace: str, base: str, data: Path, args: argparse.Namespace) -
 
 
 def main(args: argparse.Namespace) -> None:
+    database = None
+    if args.postgres is not None:
+        server = args.postgres.replace("postgresql+asyncpg://", "postgresql://")
+        name = f"bench_replay_{uuid.uuid4().hex[:8]}"
+        asyncio.run(pg_admin(server, f'CREATE DATABASE "{name}"'))
+        database = make_url(server).set(database=name).render_as_string(hide_password=False)
+    try:
+        results = measure(database, args)
+    finally:
+        if args.postgres is not None:
+            asyncio.run(pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    store = "PostgreSQL" if database else "SQLite"
+    print_table(f"Replay of {args.letters} dead letters, {store}, {args.rounds} rounds", results)
+    ratio = results[0].median / results[1].median
+    print(f"courier / bare publishes: {ratio:.2f}x")
+    save(
+        "replay_postgres" if database else "replay",
+        results,
+        {"letters": args.letters, "store": store, "ratio_to_bare": ratio},
+    )
+
+
+def measure(database: str | None, args: argparse.Namespace) -> list[Result]:
     namespace = new_namespace()
     data = Path(tempfile.mkdtemp())
     port = free_port()
     env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
+    if database is not None:
+        env["DATABASE_URL"] = database
     gateway = start_gateway(env, port, log=data / "gateway.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", process=gateway)
-        results = asyncio.run(run(namespace, f"http://127.0.0.1:{port}", data, args))
+        base = f"http://127.0.0.1:{port}"
+        return asyncio.run(run(namespace, base, database, data, args))
     except BaseException:
         print((data / "gateway.log").read_text(errors="replace")[-3000:])
         raise
     finally:
         stop(gateway)
+        # Once the gateway is gone: it declares again a queue deleted under it.
+        asyncio.run(cleanup(namespace, bare_queue(namespace)))
         shutil.rmtree(data, ignore_errors=True)
-    print_table(f"Replay of {args.letters} dead letters, {args.rounds} rounds", results)
-    ratio = results[0].median / results[1].median
-    print(f"courier / bare publishes: {ratio:.2f}x")
-    save("replay", results, {"letters": args.letters, "ratio_to_bare": ratio})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--letters", type=int, default=2000, help="dead letters per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
+    )
     main(parser.parse_args())

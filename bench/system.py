@@ -181,6 +181,17 @@ async def cleanup(namespace: str, *queues: str) -> None:
         await channel.exchange_delete(dead_letter_exchange(namespace))
 
 
+async def pg_admin(url: str, statement: str) -> None:
+    """Run one statement on a PostgreSQL server (a benchmark's own database made or dropped)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
