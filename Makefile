@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.e2e_latency
 	$(BIN)/python -m bench.consumer
 	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.dlq_drain
 	$(BIN)/python -m bench.dlq_store
 	$(BIN)/python -m bench.upload_memory
 	$(BIN)/python -m bench.memory

@@ -31,6 +31,7 @@ ORDER = (
     "batch",
     "e2e_latency",
     "replay",
+    "dlq_drain",
     "dlq_store",
     "memory",
     "upload_memory",

@@ -45,7 +45,7 @@ from sqlalchemy.sql import Insert, Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.messaging.dead_letters import DeadLetter
-from services.messaging.store import as_utc, migrate
+from services.messaging.store import as_utc, insert_for, migrate
 
 Status = Literal["dead", "replaying", "replayed", "discarded"]
 Clock = datetime | ColumnElement[datetime]
@@ -263,44 +263,31 @@ class FailureStore:
     async def store(self, letter: DeadLetter) -> datetime:
         """Store a dead letter; when it was stored (the first time, for a letter stored
         already: the same letter redelivered to the drain, or stored before a failure after)."""
+        [stored_at] = await self.store_many([letter])
+        return stored_at
+
+    async def store_many(self, letters: Sequence[DeadLetter]) -> list[datetime]:
+        """`store` for several letters in one transaction (the drain's letters that arrive
+        together: one commit instead of one each); when each was stored, in order."""
         now = datetime.now(UTC)
-        if await self.add(letter, now):
-            return now
-        async with self.engine.connect() as conn:
-            stored = await conn.scalar(
-                select(dead_letters.c.dead_lettered_at).where(dead_letters.c.id == letter.id)
+        c = dead_letters.c
+        insert = insert_for(self.engine.dialect.name)(dead_letters).on_conflict_do_nothing(
+            index_elements=[c.id]
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(insert, [_fitted(_row(letter, now)) for letter in letters])
+            found = await conn.execute(
+                select(c.id, c.dead_lettered_at).where(c.id.in_([item.id for item in letters]))
             )
-        return now if stored is None else as_utc(stored)  # None: purged meanwhile
+            stored = {letter_id: as_utc(at) for letter_id, at in found}
+        return [stored.get(letter.id, now) for letter in letters]  # absent: purged meanwhile
 
     async def add(self, letter: DeadLetter, now: datetime | None = None) -> bool:
         """Store a dead letter; False if it was stored already (a redelivery to the drain)."""
         now = now or datetime.now(UTC)
-        values = dict(
-            id=letter.id,
-            service=letter.service,
-            queue=letter.queue,
-            event_id=letter.event_id,
-            event_type=letter.event_type,
-            reason=letter.reason,
-            attempts=letter.attempts,
-            replays=letter.replays,
-            first_failure=letter.first_failure,
-            last_failure=letter.last_failure,
-            dead_lettered_at=now,
-            exception_type=letter.exception_type,
-            exception_message=letter.exception_message,
-            traceback=letter.traceback,
-            fingerprint=letter.fingerprint,
-            group_key=letter.group,
-            body=letter.body,
-            headers=letter.headers,
-            correlation_id=letter.correlation_id,
-            status="dead",
-            history=[{"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}],
-        )
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(dead_letters.insert().values(_fitted(values)))
+                await conn.execute(dead_letters.insert().values(_fitted(_row(letter, now))))
         except IntegrityError:
             return False  # stored already (redelivered, or a concurrent drain)
         return True
@@ -723,6 +710,33 @@ def _recorded(selection: dict[str, Any]) -> dict[str, Any]:
             recorded[key] = list(ids[:RECORDED_IDS])
             recorded[f"{key}_count"] = len(ids)
     return recorded
+
+
+def _row(letter: DeadLetter, now: datetime) -> dict[str, Any]:
+    """A dead letter as the store's row, stored at `now`."""
+    return {
+        "id": letter.id,
+        "service": letter.service,
+        "queue": letter.queue,
+        "event_id": letter.event_id,
+        "event_type": letter.event_type,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "replays": letter.replays,
+        "first_failure": letter.first_failure,
+        "last_failure": letter.last_failure,
+        "dead_lettered_at": now,
+        "exception_type": letter.exception_type,
+        "exception_message": letter.exception_message,
+        "traceback": letter.traceback,
+        "fingerprint": letter.fingerprint,
+        "group_key": letter.group,
+        "body": letter.body,
+        "headers": letter.headers,
+        "correlation_id": letter.correlation_id,
+        "status": "dead",
+        "history": [{"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}],
+    }
 
 
 def _fitted(values: dict[str, Any]) -> dict[str, Any]:

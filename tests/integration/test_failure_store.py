@@ -864,6 +864,21 @@ async def test_a_letter_stored_again_tells_when_it_was_first_stored(store: Failu
     assert await store.store(same) == first
 
 
+async def test_letters_stored_together_tell_each_when_it_was_first_stored(
+    store: FailureStore,
+) -> None:
+    """The drain stores the letters delivered together in one transaction: one stored
+    before keeps its first time, a letter twice in the batch (two copies of it in the queue)
+    is stored once, and each is told its own time, in order."""
+    before, new, twice = letter(), letter(), letter()
+    first = await store.store(before)
+    stored_at = await store.store_many([new, before, twice, twice])
+    assert stored_at[1] == first
+    assert stored_at[0] > first and stored_at[2] == stored_at[3] == stored_at[0]
+    assert await store.count(Filter()) == 3
+    assert await store.store(new) == stored_at[0]
+
+
 @pytest.mark.parametrize("needle", ["échec", "ÉCHEC", "Échec"])
 async def test_the_text_search_ignores_the_case_of_every_letter_not_only_ascii(
     store: FailureStore, needle: str
