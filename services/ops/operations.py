@@ -35,6 +35,9 @@ most `MOST_TOGETHER`): published together, their confirms awaited together, mark
 transaction. One letter at a time, each confirmed and marked on its own, moved ~200 a second
 whatever the rate asked for."""
 MOST_TOGETHER = 100
+WINDOW_BYTES = 8 * 1024 * 1024
+"""The most body bytes a window holds (beyond its first letter): a hundred letters of 1 MiB,
+held as read, as messages and as frames, took ~390 MB at once."""
 
 
 def together(rate: float) -> int:
@@ -120,15 +123,26 @@ class Operations:
             self._keep_renewed(token, action_id, moved)
         )
         try:
-            for at in range(0, len(claimed), size):
-                window = claimed[at : at + size]
+            at = 0
+            while at < len(claimed):
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at = time.monotonic() + len(window) / rate
-                letters = await self._held_letters(token, window)
+                started = time.monotonic()
+                window, letters = await self._held_letters(token, claimed[at : at + size])
+                at += len(window)
+                next_at = started + len(window) / rate
                 # Stamped before the publish: the service may report its new attempt before
                 # the letter is marked, and the status must keep them in that order.
                 replayed_at = datetime.now(UTC)
-                published, failure = await self._publish(letters, skipped)
+                publishing = asyncio.ensure_future(self._publish(letters, skipped))
+                try:
+                    published, failure = await asyncio.shield(publishing)
+                except asyncio.CancelledError:
+                    # Cancelled (the gateway stopping past its grace period): the broker keeps
+                    # what was written all the same. Which it took is known once each publish
+                    # settles (within the confirm timeout); marked below, before the release
+                    # would make them dead again for a discard to take.
+                    unmarked, _ = await publishing
+                    raise
                 unmarked = published
                 marked = await self._mark(published, action_id, token, actor)
                 unmarked = []
@@ -161,16 +175,25 @@ class Operations:
         log.info("replayed dead letters", extra={"count": len(moved), "actor": actor})
         return Outcome(action_id, False, len(moved), moved, error, skipped)
 
-    async def _held_letters(self, token: str, window: Sequence[str]) -> list[DeadLetter]:
-        """The letters of `window` the replay still holds, in its order."""
+    async def _held_letters(
+        self, token: str, window: Sequence[str]
+    ) -> tuple[Sequence[str], list[DeadLetter]]:
+        """The start of `window` whose bodies fit in `WINDOW_BYTES` (at least one letter), and
+        the letters of it the replay still holds, in its order."""
         held = await self._store.held(token, window)
+        size = 0
+        for end, letter_id in enumerate(window):
+            size += held.get(letter_id, 0)
+            if size > WINDOW_BYTES and end > 0:
+                window = window[:end]
+                break
         for letter_id in window:
             if letter_id not in held:
                 # Its claim ran out (the renewals failed for a lease) and another replay may
                 # have it: left alone, said.
                 log.warning("a claimed letter was lost to its lease", extra={"id": letter_id})
         found = await self._store.letters([i for i in window if i in held])
-        return [found[i] for i in window if i in found]  # not those purged meanwhile
+        return window, [found[i] for i in window if i in found]  # not those purged meanwhile
 
     async def _publish(
         self, letters: Sequence[DeadLetter], skipped: dict[str, str]
@@ -196,22 +219,19 @@ class Operations:
     async def _mark(
         self, letters: Sequence[DeadLetter], action_id: str, token: str, actor: str
     ) -> list[DeadLetter]:
-        """Mark letters the broker took as replayed: those marked, in order; not those a
-        discard or another replay took meanwhile (said)."""
+        """Mark letters the broker took as replayed, in one transaction: those marked, in
+        order; not those a discard or another replay took meanwhile (said)."""
         if not letters:
             return []
-        ids = [letter.id for letter in letters]
-        marked = await self._store.mark_replayed(ids, token, action_id, actor)
-        if released := [i for i in ids if i not in marked]:
-            # Their claim ran out while they were published (the replay stalled past its
-            # lease): replayed all the same, unless a discard or a replay took them since.
-            marked |= await self._store.mark_released_replayed(released, action_id, actor)
-        for letter_id in ids:
-            if letter_id not in marked:
+        marked = await self._store.mark_replayed(
+            [letter.id for letter in letters], token, action_id, actor
+        )
+        for letter in letters:
+            if letter.id not in marked:
                 log.warning(
                     "replayed a dead letter whose claim was lost meanwhile, to a discard or "
                     "another replay",
-                    extra={"id": letter_id, "action_id": action_id},
+                    extra={"id": letter.id, "action_id": action_id},
                 )
         return [letter for letter in letters if letter.id in marked]
 

@@ -465,15 +465,18 @@ class FailureStore:
                 .values(claimed_at=self._lease_clock())
             )
 
-    async def held(self, token: str, letter_ids: Sequence[str]) -> set[str]:
-        """Which of `letter_ids` the replay with `token` still holds: not those whose lease ran
-        out and were released (or taken over by another replay)."""
+    async def held(self, token: str, letter_ids: Sequence[str]) -> dict[str, int]:
+        """Which of `letter_ids` the replay with `token` still holds (not those whose lease ran
+        out and were released, or taken over by another replay), and the size of each one's
+        body in bytes."""
         c = dead_letters.c
         async with self.engine.connect() as conn:
-            mine = await conn.scalars(
-                select(c.id).where(c.id.in_(letter_ids), c.claim == token, c.status == "replaying")
+            mine = await conn.execute(
+                select(c.id, func.length(c.body)).where(
+                    c.id.in_(letter_ids), c.claim == token, c.status == "replaying"
+                )
             )
-            return set(mine)
+            return {letter_id: size or 0 for letter_id, size in mine}
 
     async def release_expired(self, lease: timedelta) -> int:
         """Letters claimed by a replay that died (its lease ran out) are dead again."""
@@ -489,19 +492,13 @@ class FailureStore:
     async def mark_replayed(
         self, letter_ids: Sequence[str], token: str, action_id: str, actor: str
     ) -> set[str]:
-        """The replay of claimed letters was confirmed by the broker: those of `letter_ids`
-        marked replayed (the ones the replay with `token` still held)."""
-        return await self._replayed(letter_ids, dead_letters.c.claim == token, action_id, actor)
-
-    async def mark_released_replayed(
-        self, letter_ids: Sequence[str], action_id: str, actor: str
-    ) -> set[str]:
-        """A replay published letters whose claim had run out meanwhile: replayed all the
-        same if no one took them since (they are dead again, unclaimed); not if a discard or
-        another replay did. Those marked."""
+        """The replay with `token` published its claimed `letter_ids`, confirmed: those marked
+        replayed, in one transaction. A letter it still holds, and one whose claim ran out
+        while it was published (the replay stalled past its lease: dead again, unclaimed);
+        not one a discard or another replay took since."""
         c = dead_letters.c
-        unclaimed = and_(c.status == "dead", c.claim.is_(None))
-        return await self._replayed(letter_ids, unclaimed, action_id, actor)
+        mine = or_(c.claim == token, and_(c.status == "dead", c.claim.is_(None)))
+        return await self._replayed(letter_ids, mine, action_id, actor)
 
     async def _replayed(
         self, letter_ids: Sequence[str], held: ColumnElement[bool], action_id: str, actor: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import logging
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -1044,7 +1046,7 @@ class StoreGoneAfter(FailureStore):
         self._gone()
         await super().renew(token)
 
-    async def held(self, token: str, letter_ids: Sequence[str]) -> set[str]:
+    async def held(self, token: str, letter_ids: Sequence[str]) -> dict[str, int]:
         self._gone()
         return await super().held(token, letter_ids)
 
@@ -1121,7 +1123,7 @@ class CountingWindows(FailureStore):
         self.windows: list[tuple[float, int]] = []
         self.marks: list[int] = []
 
-    async def held(self, token: str, letter_ids: Sequence[str]) -> set[str]:
+    async def held(self, token: str, letter_ids: Sequence[str]) -> dict[str, int]:
         self.windows.append((time.monotonic(), len(letter_ids)))
         return await super().held(token, letter_ids)
 
@@ -1243,6 +1245,76 @@ async def test_a_replay_moves_what_its_rate_allows_in_50_ms_together_and_keeps_t
         gaps = [b - a for (a, _), (b, _) in itertools.pairwise(store.windows)]
         assert all(gap >= 0.045 for gap in gaps), gaps
         await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 30)
+
+
+async def statuses(store: FailureStore, ids: Sequence[str]) -> dict[str, str | None]:
+    """Each letter's status, by id."""
+    return {letter_id: ((await store.get(letter_id)) or {}).get("status") for letter_id in ids}
+
+
+@pytest.mark.broker
+async def test_a_replay_cancelled_while_a_window_is_confirmed_marks_what_the_broker_took(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """The gateway cancels a request still running past its graceful-shutdown timeout (a
+    replay of thousands at a low rate runs longer). Cancelled while the last confirm of a
+    window was awaited, a replay released the whole window, the nine letters the service had
+    already got among them: dead again, for a discard to take."""
+    ids = await seed(tmp_path, namespace, 10)
+    assert together(200) == 10
+    async with replaying(namespace, tmp_path, FailureStore) as (store, publisher):
+        publish = publisher.publish
+        confirmed = 0
+        nine_confirmed = asyncio.Event()
+
+        async def slow_tenth(message: Any, *, exchange: str, routing_key: str) -> None:
+            nonlocal confirmed
+            await publish(message, exchange=exchange, routing_key=routing_key)
+            confirmed += 1
+            if confirmed == 9:
+                nine_confirmed.set()
+                await asyncio.sleep(1)  # the window's last confirm, slow
+
+        publisher.publish = slow_tenth  # type: ignore[method-assign]
+        operations = operations_on(store, publisher, namespace)
+        replay = asyncio.get_running_loop().create_task(
+            operations.replay(Filter(), actor="tester", limit=10, rate=200, dry_run=False)
+        )
+        await nine_confirmed.wait()
+        replay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replay
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), 10)
+        assert {letter_id: "replayed" for letter_id in ids} == await statuses(store, ids)
+        discarded = await operations.discard(
+            Filter(), actor="bob", limit=10, reason="looks stuck", dry_run=False
+        )
+        assert discarded.count == 0
+
+
+@pytest.mark.broker
+async def test_a_window_holds_a_few_megabytes_of_letters_not_a_hundred_letters_whatever_size(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """Letters of up to `COURIER_MAX_BODY_BYTES` (1 MiB) each: a window of a hundred held
+    ~390 MB at once, per replay."""
+    ids = await seed(tmp_path, namespace, 30)
+    async with replaying(namespace, tmp_path, CountingWindows) as (store, publisher):
+        async with store.engine.begin() as conn:
+            await conn.execute(update(dead_letters).values(body=b"x" * 1_000_000))
+        tracemalloc.start()
+        try:
+            outcome = await operations_on(store, publisher, namespace).replay(
+                Filter(), actor="tester", limit=30, rate=10_000, dry_run=False
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert outcome.count == len(ids)
+        assert isinstance(store, CountingWindows)
+        assert store.marks == [8, 8, 8, 6]  # 8 MiB a window
+        assert peak < 64_000_000, peak
+        await take(namespace.amqp_url, work_queue(namespace.name, "notifier"), len(ids))
 
 
 @pytest.mark.broker
