@@ -35,8 +35,10 @@ from bench.system import (
     AMQP_URL,
     cleanup,
     courier_env,
+    declare_quorum,
     free_port,
     new_namespace,
+    purge,
     require_wrk,
     start_gateway,
     stop,
@@ -98,21 +100,6 @@ async def bare(queue: str, seconds: float, window: int, body: bytes) -> float:
         return sent / (time.perf_counter() - started)
 
 
-async def declare_bare(queue: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
-
-
-async def purge(*queues: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in queues:
-            await (await channel.get_queue(queue)).purge()
-
-
 def main(seconds: int, rounds: int, connections: int, batch: int, window: int) -> None:
     require_wrk()
     namespace = new_namespace()
@@ -132,7 +119,7 @@ def main(seconds: int, rounds: int, connections: int, batch: int, window: int) -
     server = start_gateway(courier_env(namespace, data / "gateway"), port)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", process=server)
-        uvloop.run(declare_bare(bare_queue))
+        uvloop.run(declare_quorum(bare_queue))
         # A short warm-up of both paths (connections, caches, the broker's queue processes).
         wrk(url, 2, connections, script)
         uvloop.run(bare(bare_queue, 2, window, message))

@@ -23,13 +23,16 @@ from pathlib import Path
 import aio_pika
 import httpx
 
+from bench.consumer import bare as consume_and_ack
 from bench.report import Result, median, print_table, save
 from bench.system import (
     AMQP_URL,
     cleanup,
     courier_env,
+    declare_quorum,
     free_port,
     new_namespace,
+    publish_all,
     start_gateway,
     stop,
     wait_ready,
@@ -41,7 +44,6 @@ from services.messaging.settings import CourierSettings
 
 TOKEN = "bench:" + "d" * 32
 PREFETCH = 64  # the drain's
-WINDOW = 256
 
 
 def messages(namespace: str, count: int) -> list[aio_pika.Message]:
@@ -78,20 +80,6 @@ def messages(namespace: str, count: int) -> list[aio_pika.Message]:
     return made
 
 
-async def fill(queue: str, batch: list[aio_pika.Message], declare: bool = False) -> None:
-    async with await aio_pika.connect(AMQP_URL) as connection:
-        channel = await connection.channel()
-        if declare:
-            await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
-        for at in range(0, len(batch), WINDOW):
-            await asyncio.gather(
-                *(
-                    channel.default_exchange.publish(message, routing_key=queue)
-                    for message in batch[at : at + WINDOW]
-                )
-            )
-
-
 async def stored(base: str, wanted: int) -> None:
     """Until the gateway's store counts `wanted` dead letters."""
     headers = {"Authorization": f"Bearer {TOKEN.split(':', 1)[1]}"}
@@ -108,7 +96,7 @@ def courier_round(namespace: str, data: Path, letters: int, total: int) -> float
     """Letters a second the gateway stores from a full dead-letter queue; `total`: how many
     the store holds once they are in."""
     dlq = CourierSettings(namespace=namespace).topology("notifier").dead_letter_queue
-    asyncio.run(fill(dlq, messages(namespace, letters)))
+    asyncio.run(publish_all(dlq, messages(namespace, letters)))
     port = free_port()
     env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
     gateway = start_gateway(env, port, log=data / "gateway.log")
@@ -123,27 +111,10 @@ def courier_round(namespace: str, data: Path, letters: int, total: int) -> float
 
 
 async def bare_round(namespace: str, queue: str, letters: int) -> float:
-    await fill(queue, messages(namespace, letters), declare=True)
-    done = asyncio.Event()
-    seen = 0
-
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        nonlocal seen
-        await message.ack()
-        seen += 1
-        if seen == letters:
-            done.set()
-
-    async with await aio_pika.connect(AMQP_URL) as connection:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=PREFETCH)
-        draining = await channel.get_queue(queue)
-        started = time.perf_counter()
-        tag = await draining.consume(on_message)
-        await done.wait()
-        took = time.perf_counter() - started
-        await draining.cancel(tag)
-    return letters / took
+    """Letters a second a bare consume-and-ack loop drains at the drain's prefetch."""
+    await declare_quorum(queue)
+    await publish_all(queue, messages(namespace, letters))
+    return letters / await consume_and_ack(AMQP_URL, queue, letters, PREFETCH)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -30,12 +30,14 @@ from sqlalchemy.engine import make_url
 
 from bench.report import Result, median, print_table, save
 from bench.system import (
-    AMQP_URL,
     cleanup,
     courier_env,
+    declare_quorum,
     free_port,
     new_namespace,
     pg_admin,
+    publish_all,
+    purge,
     start_gateway,
     stop,
     wait_ready,
@@ -47,7 +49,6 @@ from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore
 
 TOKEN = "bench:" + "b" * 32
-WINDOW = 256
 
 
 def dead_letters(namespace: str, count: int) -> list[DeadLetter]:
@@ -115,38 +116,25 @@ async def courier_round(
 
 async def bare_round(queue: str, letters: list[DeadLetter]) -> float:
     """Letters a second of the same messages published by bare aio-pika, 256 in flight."""
-    async with await aio_pika.connect(AMQP_URL) as connection:
-        channel = await connection.channel()
-        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
-        started = time.perf_counter()
-        for at in range(0, len(letters), WINDOW):
-            await asyncio.gather(
-                *(
-                    channel.default_exchange.publish(
-                        aio_pika.Message(
-                            letter.body,
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            message_id=letter.event_id,
-                            headers=letter.headers,
-                        ),
-                        routing_key=queue,
-                    )
-                    for letter in letters[at : at + WINDOW]
-                )
-            )
-        took = time.perf_counter() - started
+    await declare_quorum(queue)
+    messages = [
+        aio_pika.Message(
+            letter.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=letter.event_id,
+            headers=letter.headers,
+        )
+        for letter in letters
+    ]
+    started = time.perf_counter()
+    await publish_all(queue, messages)
+    took = time.perf_counter() - started
     await purge(queue)
     return len(letters) / took
 
 
 def bare_queue(namespace: str) -> str:
     return f"{namespace}.bare-replay"
-
-
-async def purge(queue: str) -> None:
-    async with await aio_pika.connect(AMQP_URL) as connection:
-        channel = await connection.channel()
-        await (await channel.get_queue(queue)).purge()
 
 
 async def run(

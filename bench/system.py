@@ -6,6 +6,7 @@ made is derived from it, so `cleanup` removes them all whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -179,6 +180,33 @@ async def cleanup(namespace: str, *queues: str) -> None:
             await channel.queue_delete(queue)
         await channel.exchange_delete(events_exchange(namespace))
         await channel.exchange_delete(dead_letter_exchange(namespace))
+
+
+async def declare_quorum(queue: str) -> None:
+    """A durable quorum queue of a bare baseline's own (deleted by `cleanup`)."""
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+async def purge(*queues: str) -> None:
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        for queue in queues:
+            await (await channel.get_queue(queue)).purge()
+
+
+async def publish_all(queue: str, messages: Sequence[aio_pika.Message], window: int = 256) -> None:
+    """Publish `messages` into `queue`, confirmed, `window` in flight at a time."""
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for at in range(0, len(messages), window):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(message, routing_key=queue)
+                    for message in messages[at : at + window]
+                )
+            )
 
 
 async def pg_admin(url: str, statement: str) -> None:

@@ -107,8 +107,9 @@ class ReconnectNoise(logging.Filter):
         if record.name == "aiormq.connection":
             lost = record.exc_info is not None and isinstance(record.exc_info[1], OSError)
             return not (lost and record.msg == "Cancelling cause reader exited abnormally")
-        if record.name == "aio_pika.tools" and isinstance(record.args, tuple):
-            callback, _, exc = (*record.args, None, None, None)[:3]
+        args = record.args
+        if record.name == "aio_pika.tools" and isinstance(args, tuple) and len(args) == 3:
+            callback, _, exc = args  # "Callback %r error: %s: %s"
             restoring = getattr(getattr(callback, "callback", None), "__func__", None)
             closed = isinstance(exc, ChannelInvalidStateError) or (
                 type(exc) is RuntimeError and str(exc).endswith(" closed")

@@ -275,7 +275,7 @@ class FailureStore:
             index_elements=[c.id]
         )
         async with self.engine.begin() as conn:
-            await conn.execute(insert, [_fitted(_row(letter, now)) for letter in letters])
+            await conn.execute(insert, [_row(letter, now) for letter in letters])
             found = await conn.execute(
                 select(c.id, c.dead_lettered_at).where(c.id.in_([item.id for item in letters]))
             )
@@ -287,7 +287,7 @@ class FailureStore:
         now = now or datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(dead_letters.insert().values(_fitted(_row(letter, now))))
+                await conn.execute(dead_letters.insert().values(_row(letter, now)))
         except IntegrityError:
             return False  # stored already (redelivered, or a concurrent drain)
         return True
@@ -496,18 +496,11 @@ class FailureStore:
         replayed, in one transaction. A letter it still holds, and one whose claim ran out
         while it was published (the replay stalled past its lease: dead again, unclaimed);
         not one a discard or another replay took since."""
-        c = dead_letters.c
-        mine = or_(c.claim == token, and_(c.status == "dead", c.claim.is_(None)))
-        return await self._replayed(letter_ids, mine, action_id, actor)
-
-    async def _replayed(
-        self, letter_ids: Sequence[str], held: ColumnElement[bool], action_id: str, actor: str
-    ) -> set[str]:
-        # One transaction, and one statement for all the rows, for the letters a replay
-        # published together (a statement each: ~0.5 ms a letter on SQLite). Each appends to
-        # its own history; each is marked only where it is still held when it is written.
+        # One statement for all the rows (a statement each: ~0.5 ms a letter on SQLite). Each
+        # appends to its own history, and is marked only if still the replay's when written.
         now = datetime.now(UTC)
         c = dead_letters.c
+        mine = or_(c.claim == token, and_(c.status == "dead", c.claim.is_(None)))
         entry = {
             "at": now.isoformat(),
             "action": "replayed",
@@ -515,7 +508,7 @@ class FailureStore:
             "action_id": action_id,
         }
         async with self.engine.begin() as conn:
-            found = await conn.execute(select(c.id, c.history).where(c.id.in_(letter_ids), held))
+            found = await conn.execute(select(c.id, c.history).where(c.id.in_(letter_ids), mine))
             rows = [
                 {"letter_id": letter_id, "new_history": [*(history or []), entry]}
                 for letter_id, history in found.all()
@@ -524,7 +517,7 @@ class FailureStore:
                 return set()
             await conn.execute(
                 update(dead_letters)
-                .where(c.id == bindparam("letter_id"), held)
+                .where(c.id == bindparam("letter_id"), mine)
                 .values(
                     status="replayed", claim=None, closed_at=now, history=bindparam("new_history")
                 ),
@@ -710,30 +703,34 @@ def _recorded(selection: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row(letter: DeadLetter, now: datetime) -> dict[str, Any]:
-    """A dead letter as the store's row, stored at `now`."""
-    return {
-        "id": letter.id,
-        "service": letter.service,
-        "queue": letter.queue,
-        "event_id": letter.event_id,
-        "event_type": letter.event_type,
-        "reason": letter.reason,
-        "attempts": letter.attempts,
-        "replays": letter.replays,
-        "first_failure": letter.first_failure,
-        "last_failure": letter.last_failure,
-        "dead_lettered_at": now,
-        "exception_type": letter.exception_type,
-        "exception_message": letter.exception_message,
-        "traceback": letter.traceback,
-        "fingerprint": letter.fingerprint,
-        "group_key": letter.group,
-        "body": letter.body,
-        "headers": letter.headers,
-        "correlation_id": letter.correlation_id,
-        "status": "dead",
-        "history": [{"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}],
-    }
+    """A dead letter as the store's row, stored at `now` (its strings fitted)."""
+    return _fitted(
+        {
+            "id": letter.id,
+            "service": letter.service,
+            "queue": letter.queue,
+            "event_id": letter.event_id,
+            "event_type": letter.event_type,
+            "reason": letter.reason,
+            "attempts": letter.attempts,
+            "replays": letter.replays,
+            "first_failure": letter.first_failure,
+            "last_failure": letter.last_failure,
+            "dead_lettered_at": now,
+            "exception_type": letter.exception_type,
+            "exception_message": letter.exception_message,
+            "traceback": letter.traceback,
+            "fingerprint": letter.fingerprint,
+            "group_key": letter.group,
+            "body": letter.body,
+            "headers": letter.headers,
+            "correlation_id": letter.correlation_id,
+            "status": "dead",
+            "history": [
+                {"at": now.isoformat(), "action": "dead_lettered", "reason": letter.reason}
+            ],
+        }
+    )
 
 
 def _fitted(values: dict[str, Any]) -> dict[str, Any]:
