@@ -5,7 +5,7 @@ failure headers, real events) into the notifier's dead-letter queue while the ga
 stopped, starts it, and times from its readiness until the queue is empty and the store
 holds every letter (`GET /v1/ops/count`). The same-run reference, rounds alternating: a bare
 aio-pika consume-and-ack loop draining the same messages from a quorum queue at the same
-prefetch (64), storing nothing: the broker's ceiling for the deliveries alone.
+prefetch (the drain's), storing nothing: the broker's ceiling for the deliveries alone.
 
     python -m bench.dlq_drain [--letters 5000] [--rounds 3]
 """
@@ -29,6 +29,7 @@ from bench.system import (
     AMQP_URL,
     cleanup,
     courier_env,
+    cpu_seconds,
     declare_quorum,
     free_port,
     new_namespace,
@@ -40,10 +41,10 @@ from bench.system import (
 from contracts.events import NotificationRequested, NotificationRequestedData
 from contracts.topology import work_queue
 from services.messaging import failure as f
+from services.messaging.dead_letters import DRAIN_PREFETCH
 from services.messaging.settings import CourierSettings
 
 TOKEN = "bench:" + "d" * 32
-PREFETCH = 64  # the drain's
 
 
 def messages(namespace: str, count: int) -> list[aio_pika.Message]:
@@ -89,12 +90,12 @@ async def stored(base: str, wanted: int) -> None:
             response.raise_for_status()
             if response.json()["count"] >= wanted:
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # each poll is CPU the gateway's drain then lacks
 
 
-def courier_round(namespace: str, data: Path, letters: int, total: int) -> float:
-    """Letters a second the gateway stores from a full dead-letter queue; `total`: how many
-    the store holds once they are in."""
+def courier_round(namespace: str, data: Path, letters: int, total: int) -> tuple[float, float]:
+    """Letters a second the gateway stores from a full dead-letter queue, and the gateway's CPU
+    per letter (ms) meanwhile; `total`: how many the store holds once they are in."""
     dlq = CourierSettings(namespace=namespace).topology("notifier").dead_letter_queue
     asyncio.run(publish_all(dlq, messages(namespace, letters)))
     port = free_port()
@@ -103,9 +104,12 @@ def courier_round(namespace: str, data: Path, letters: int, total: int) -> float
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(f"{base}/readyz", process=gateway)
+        cpu_before = cpu_seconds(gateway.pid) or 0.0
         started = time.perf_counter()
         asyncio.run(stored(base, total))
-        return letters / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        cpu = (cpu_seconds(gateway.pid) or 0.0) - cpu_before
+        return letters / elapsed, 1000 * cpu / letters
     finally:
         stop(gateway)
 
@@ -114,7 +118,7 @@ async def bare_round(namespace: str, queue: str, letters: int) -> float:
     """Letters a second a bare consume-and-ack loop drains at the drain's prefetch."""
     await declare_quorum(queue)
     await publish_all(queue, messages(namespace, letters))
-    return letters / await consume_and_ack(AMQP_URL, queue, letters, PREFETCH)
+    return letters / await consume_and_ack(AMQP_URL, queue, letters, DRAIN_PREFETCH)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -122,6 +126,7 @@ def main(args: argparse.Namespace) -> None:
     data = Path(tempfile.mkdtemp())
     bare_queue = f"{namespace}.bare-drain"
     courier: list[float] = []
+    cpu: list[float] = []
     bare: list[float] = []
     try:
         # The gateway declares the topology the first time; the queue stays between rounds.
@@ -135,10 +140,13 @@ def main(args: argparse.Namespace) -> None:
             stop(gateway)
         for round_ in range(args.rounds):
             total = (round_ + 1) * args.letters
-            courier.append(courier_round(namespace, data, args.letters, total))
+            rate, per_letter = courier_round(namespace, data, args.letters, total)
+            courier.append(rate)
+            cpu.append(per_letter)
             bare.append(asyncio.run(bare_round(namespace, bare_queue, args.letters)))
             print(
-                f"round {round_ + 1}: courier {courier[-1]:,.0f} letters/s, "
+                f"round {round_ + 1}: courier {rate:,.0f} letters/s "
+                f"(gateway CPU {per_letter:.2f} ms a letter), "
                 f"bare consume-and-ack {bare[-1]:,.0f}/s"
             )
     except BaseException:
@@ -149,17 +157,18 @@ def main(args: argparse.Namespace) -> None:
         shutil.rmtree(data, ignore_errors=True)
     results = [
         Result("courier: dead letters stored", "letters/s", median(courier), courier),
+        Result("courier: gateway CPU per letter", "ms", median(cpu), cpu),
         Result("bare aio-pika: consume and ack", "msgs/s", median(bare), bare),
     ]
     print_table(
         f"Draining {args.letters} dead letters into the store, {args.rounds} rounds", results
     )
-    ratio = results[0].median / results[1].median
+    ratio = results[0].median / results[2].median
     print(f"courier / bare consume-and-ack: {ratio:.2f}x")
     save(
         "dlq_drain",
         results,
-        {"letters": args.letters, "prefetch": PREFETCH, "ratio_to_bare": ratio},
+        {"letters": args.letters, "prefetch": DRAIN_PREFETCH, "ratio_to_bare": ratio},
     )
 
 

@@ -39,7 +39,7 @@ from contracts.tracking import Transition
 from services.gateway.letters import dead_lettered
 from services.messaging import failure as f
 from services.messaging.consumer import Consumer, Handler, Route
-from services.messaging.dead_letters import read_delivered
+from services.messaging.dead_letters import read_dead_letter
 from services.messaging.declare import declare_topology
 from services.messaging.errors import PermanentError, StoreUnavailable, Unroutable
 from services.messaging.inbox import Handled, Inbox
@@ -1178,7 +1178,15 @@ async def test_a_dead_letter_and_its_report_are_one_transition(
     ) as (pub, topo, _):
         await publish(pub, topo, event)
         [dead] = await take(namespace.amqp_url, topo.dead_letter_queue, 1)
-    from_letter = dead_lettered(read_delivered(namespace.name, dead), stored_at=datetime.now(UTC))
+    letter = read_dead_letter(
+        namespace.name,
+        body=dead.body,
+        headers=dead.headers or {},
+        message_id=dead.message_id,
+        message_type=dead.type,
+        correlation_id=dead.correlation_id,
+    )
+    from_letter = dead_lettered(letter, stored_at=datetime.now(UTC))
     assert from_letter is not None
     [reported] = [t for t in await reporting.sent() if t["state"] == "dead_lettered"]
     assert Transition.model_validate(reported) == from_letter

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
@@ -60,6 +61,7 @@ from tests.integration.test_failure_store import letter
 from tests.support.polling import eventually
 from tests.support.processes import REPO
 from tests.support.queues import assert_empty, ready_messages, take
+from tests.support.tcp_proxy import TcpProxy
 
 AUTH = {"Authorization": f"Bearer {OPS_TOKEN}"}
 WRONG_TOKEN = "wrong-but-plausible-ops-token-9876543210"
@@ -575,6 +577,48 @@ async def test_a_dead_letter_queue_an_operator_deleted_is_declared_again_and_dra
     finally:
         await drain.stop(drain_seconds=5)
         await connection.close()
+
+
+async def test_after_a_reconnect_the_drain_consumes_dead_letters_again(
+    namespace: Namespace,
+) -> None:
+    """The drain consumes on the channel's aiormq layer, which the robust channel does not
+    restore after a reconnect: it consumes again itself, or letters would pile up unseen."""
+    kept: list[str | None] = []
+
+    async def keep(letter: DeadLetter) -> None:
+        kept.append(letter.event_id)
+
+    broker = urlsplit(namespace.amqp_url)
+    async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
+        connection = await aio_pika.connect_robust(
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.2"
+        )
+        topologies = namespace.settings().all_topologies()
+        queue = dead_letter_queue(namespace.name, "notifier")
+        drain = DeadLetterDrain(namespace.name, [queue], keep, topologies=topologies)
+        try:
+            await declare_topology(connection, topologies)
+            await drain.start(connection)
+            reconnected = asyncio.Event()
+            connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+            proxy.reset_all()
+            await asyncio.wait_for(reconnected.wait(), 10)
+
+            async def consuming() -> None:
+                assert drain.consuming
+
+            await eventually(consuming, timeout=10)
+            await dead_letter_arrives(namespace, "m-after-reconnect")
+
+            async def drained() -> None:
+                assert kept == ["m-after-reconnect"]
+
+            await eventually(drained, timeout=10)
+        finally:
+            await drain.stop(drain_seconds=5)
+            await connection.close()
+    await assert_empty(namespace.amqp_url, [queue])
 
 
 def storing(store: FailureStore) -> Sink:
