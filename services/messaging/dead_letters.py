@@ -34,6 +34,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
+from aiormq.abc import AbstractChannel as AbstractAmqpChannel
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import TypeAdapter, ValidationError
@@ -345,11 +346,13 @@ Sink = Callable[[DeadLetter], Awaitable[None]]
 CANCEL_TIMEOUT = 5.0
 DELIVERY_HOPS = 2
 DRAIN_PREFETCH = 128
-"""Dead letters the drain holds at once, stored in shared transactions: a window of 64 waited
-for a store commit, a status commit and the acks' round trip per 64 letters (~1,300 a second
-on SQLite, `bench.dlq_drain`); 128 keep ~2,500, 256 little more. A letter is the size of the
-event that failed (a file's is its announcement, not the file): a window of typical events is
-a few MiB, of the largest the gateway accepts (1 MiB) 128 MiB."""
+"""Dead letters the drain holds at once from each queue, stored in shared transactions: a
+window of 64 waited for a store commit, a status commit and the acks' round trip per 64
+letters (~1,500-2,000 a second on SQLite, `bench.dlq_drain`); 128 keep ~2,000-3,200, 256
+little more. The window is per queue (a quorum queue has no channel-wide prefetch), and a
+letter is the size of the event that failed (a file's is its announcement, not the file): a
+window of typical events is a few MiB; of the largest the gateway accepts (1 MiB), 128 MiB a
+queue whose service failed them all."""
 FIRST_HOLD_PAUSE = 0.5
 
 
@@ -376,10 +379,16 @@ class DeadLetterDrain:
         self._declared_by = {topology.dead_letter_queue: topology for topology in topologies}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._consuming: list[AbstractQueue] = []
+        self._tags: dict[str, str] = {}
+        """Each queue's latest consumer tag, noted before the consume is sent: `stop` cancels
+        it even if the consume was cut short after the broker had it."""
         self._lost: set[str] = set()
         """Queues not consumed until consumed again: the broker cancelled their consumer (the
         queue was deleted), or the channel came back after a reconnect."""
+        self._consumed_on: dict[str, AbstractAmqpChannel] = {}
+        """The channel (aiormq's) each queue's consumer was made on: a reconnect brings a new
+        one, which a queue consumed again before `_reopened` ran is on already."""
         self._again: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Task[Any]] = set()
         """The deliveries' tasks (aiormq runs each in its own) still storing their letter."""
@@ -391,19 +400,20 @@ class DeadLetterDrain:
         await channel.set_qos(prefetch_count=self._prefetch)
         for name in self._queues:
             queue = await channel.get_queue(name, ensure=True)
-            self._consuming.append((queue, await self._subscribe(queue)))
+            await self._subscribe(queue)
+            self._consuming.append(queue)
         await self._watch_cancels(channel)
         if isinstance(channel, AbstractRobustChannel):
             channel.reopen_callbacks.add(self._reopened)
 
-    async def _subscribe(self, queue: AbstractQueue) -> str:
-        """Consume `queue` on the channel's aiormq layer; the consumer's tag."""
+    async def _subscribe(self, queue: AbstractQueue) -> None:
+        """Consume `queue` on the channel's aiormq layer."""
         underlay = await queue.channel.get_underlay_channel()
-        tag = f"courier.dead-letters.{uuid.uuid4().hex}"
+        self._tags[queue.name] = tag = f"courier.dead-letters.{uuid.uuid4().hex}"
         await underlay.basic_consume(
             queue.name, functools.partial(self._on_message, queue.name), consumer_tag=tag
         )
-        return tag
+        self._consumed_on[queue.name] = underlay
 
     async def _watch_cancels(self, channel: object) -> None:
         assert isinstance(channel, AbstractChannel)
@@ -412,44 +422,47 @@ class DeadLetterDrain:
 
     async def _reopened(self, channel: object) -> None:
         """After a reconnect the robust channel is back with its QoS, but not with consumers
-        made on its aiormq layer: every queue is consumed again."""
+        made on its aiormq layer: each queue is consumed again, unless a `_consume_again`
+        that was waiting did so on the new channel already (a second consumer would double
+        the window, and outlive `stop`, which cancels the one it knows)."""
+        assert isinstance(channel, AbstractChannel)
         await self._watch_cancels(channel)
-        for at, (queue, _) in enumerate(self._consuming):
-            self._consume_again_soon(at, queue.name)
+        underlay = await channel.get_underlay_channel()
+        for queue in self._consuming:
+            if self._consumed_on.get(queue.name) is not underlay:
+                self._consume_again_soon(queue)
 
     def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
         """The broker cancelled a consumer: its queue was deleted (an operator's mistake), and
         the letters that would reach it are returned to their work queue over and over, unseen.
         Not consuming until it is declared again and consumed."""
-        for at, (queue, tag) in enumerate(self._consuming):
-            if tag == frame.consumer_tag and queue.name not in self._lost:
+        for queue in self._consuming:
+            if self._tags.get(queue.name) == frame.consumer_tag and queue.name not in self._lost:
                 log.warning(
                     "the broker cancelled a dead-letter consumer; declaring its queue again",
                     extra={"queue": queue.name},
                 )
-                self._consume_again_soon(at, queue.name)
+                self._consume_again_soon(queue)
 
-    def _consume_again_soon(self, at: int, name: str) -> None:
-        if name in self._lost:
+    def _consume_again_soon(self, queue: AbstractQueue) -> None:
+        if queue.name in self._lost:
             return  # already being consumed again
-        self._lost.add(name)
-        task = asyncio.get_running_loop().create_task(self._consume_again(at))
+        self._lost.add(queue.name)
+        task = asyncio.get_running_loop().create_task(self._consume_again(queue))
         self._again.add(task)
         task.add_done_callback(self._again.discard)
 
-    async def _consume_again(self, at: int) -> None:
-        queue, _ = self._consuming[at]
+    async def _consume_again(self, queue: AbstractQueue) -> None:
         pause = FIRST_HOLD_PAUSE
         while queue.name in self._lost and self._connection is not None:
             try:
                 await self._declare_again(self._connection, queue.name)
-                tag = await self._subscribe(queue)
+                await self._subscribe(queue)
             except Exception:  # said, and tried again: never a drain that silently drains nothing
                 log.warning("could not consume dead letters again; retrying", exc_info=True)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, LONGEST_PAUSE)
                 continue
-            self._consuming[at] = (queue, tag)
             self._lost.discard(queue.name)
             log.info("consuming dead letters again", extra={"queue": queue.name})
 
@@ -485,12 +498,15 @@ class DeadLetterDrain:
         self._lost.clear()
         for task in self._again:
             task.cancel()
+        # Ended before the cancels below: one in the middle of its consume would otherwise
+        # leave a consumer nobody cancels.
+        await asyncio.gather(*self._again, return_exceptions=True)
         if self._connection is None or not self._connection.connected.is_set():
             consuming = []  # the broker is away: nothing is delivered, and a cancel would wait
-        for queue, tag in consuming:
+        for queue in consuming:
             try:
                 async with asyncio.timeout(CANCEL_TIMEOUT):
-                    await queue.cancel(tag)
+                    await queue.cancel(self._tags[queue.name])
             except (TimeoutError, AMQPError, ChannelInvalidStateError, ConnectionError):
                 log.warning("could not cancel the dead-letter consumer; the channel is gone")
                 break

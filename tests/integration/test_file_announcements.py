@@ -75,8 +75,14 @@ def due_in(tmp_path: Path, at: datetime) -> None:
         )
 
 
-async def reconnected(client: httpx.AsyncClient) -> None:
-    """Once the gateway noticed its connection was reset, and connected (and declared) again."""
+async def reconnected(client: httpx.AsyncClient, proxy: TcpProxy, before: int) -> None:
+    """Once the gateway noticed its connections were reset, and connected (and declared) again:
+    both (publisher's and consumers') opened anew since the proxy had accepted `before`. Ready
+    once alone was not enough: under load, the consumers' connection could go down and come
+    back before the publisher's noticed its reset."""
+
+    async def both_again() -> None:
+        assert proxy.accepted >= before + 2
 
     async def ready() -> int:
         return (await client.get("/readyz")).status_code
@@ -88,6 +94,7 @@ async def reconnected(client: httpx.AsyncClient) -> None:
         assert await ready() == 200
 
     await eventually(down)
+    await eventually(both_again, timeout=30)
     await eventually(up, timeout=30)
 
 
@@ -207,8 +214,9 @@ async def test_a_keyed_repeat_refused_for_certain_leaves_an_earlier_maybe_to_the
         file_id = first.headers["location"].removeprefix("/v1/files/")
         not_due_yet(tmp_path)  # the sweep waits while the client repeats
         proxy.set_mode(ProxyMode.PASS)
+        before = proxy.accepted
         proxy.reset_all()
-        await reconnected(client)
+        await reconnected(client, proxy, before)
         await unbind_everyone(namespace.amqp_url, namespace.settings(), "file.uploaded")
         repeat = await client.post(
             "/v1/files", files={"file": ("p.csv", CSV, "text/csv")}, headers=key

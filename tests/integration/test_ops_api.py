@@ -621,6 +621,30 @@ async def test_after_a_reconnect_the_drain_consumes_dead_letters_again(
     await assert_empty(namespace.amqp_url, [queue])
 
 
+async def test_a_late_reopen_does_not_consume_a_queue_twice(namespace: Namespace) -> None:
+    """A consume-again that was waiting (after a broker cancel, a failed declare) may take the
+    queue on the new channel before the reopen callback runs: the callback must not add a
+    second consumer, which would double the window and outlive `stop`."""
+
+    async def keep(letter: DeadLetter) -> None:
+        return None
+
+    queue = dead_letter_queue(namespace.name, "notifier")
+    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    drain = DeadLetterDrain(namespace.name, [queue], keep)
+    try:
+        await declare_topology(connection, namespace.settings().all_topologies())
+        await drain.start(connection)
+        channel = await connection.channel()
+        await drain._reopened(drain._channel)  # consumed on this channel already
+        await asyncio.sleep(0.5)  # a consume-again would be done by now
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.consumer_count == 1
+    finally:
+        await drain.stop(drain_seconds=5)
+        await connection.close()
+
+
 def storing(store: FailureStore) -> Sink:
     """A drain's sink that stores each letter in `store`."""
 
