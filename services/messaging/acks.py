@@ -19,8 +19,10 @@ import bisect
 import contextlib
 import weakref
 from dataclasses import dataclass, field
+from typing import cast
 
-from aiormq.abc import AbstractChannel
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from services.messaging.logs import get_logger
@@ -130,3 +132,8 @@ class Acks:
 def _is_outstanding(outstanding: list[int], tag: int) -> bool:
     at = bisect.bisect_left(outstanding, tag)
     return at < len(outstanding) and outstanding[at] == tag
+
+
+def delivery_tag(message: DeliveredMessage) -> int:
+    """A consumed delivery's tag (aiormq's type also covers basic.get answers and returns)."""
+    return cast(int, cast(spec.Basic.Deliver, message.delivery).delivery_tag)

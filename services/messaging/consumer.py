@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
@@ -43,7 +43,7 @@ from contracts.envelope import Envelope
 from contracts.events import EVENT_ADAPTER
 from contracts.topology import RESULT_TYPES, QueueSpec, ServiceTopology
 from contracts.tracking import State
-from services.messaging.acks import Acks
+from services.messaging.acks import Acks, delivery_tag
 from services.messaging.dead_letters import group_key
 from services.messaging.declare import declare_topology
 from services.messaging.errors import (
@@ -391,13 +391,13 @@ class Consumer:
     # --- one delivery -------------------------------------------------------------------------
 
     def _ack(self, message: DeliveredMessage) -> None:
-        self._acks.settle(message.channel, _tag(message))
+        self._acks.settle(message.channel, delivery_tag(message))
 
     def _acked(self, message: DeliveredMessage) -> bool:
-        return self._acks.is_settled(message.channel, _tag(message))
+        return self._acks.is_settled(message.channel, delivery_tag(message))
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        self._acks.delivered(message.channel, _tag(message))
+        self._acks.delivered(message.channel, delivery_tag(message))
         self._in_flight += 1
         self._idle.clear()
         task = asyncio.current_task()
@@ -429,7 +429,7 @@ class Consumer:
                 return  # settled before the failure: a nack now would close the channel
             await asyncio.sleep(pause)
             await _requeue(message)
-            self._acks.forget(message.channel, _tag(message))
+            self._acks.forget(message.channel, delivery_tag(message))
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -835,11 +835,6 @@ async def _outcome(work: Awaitable[T]) -> T | Exception:
         return exc
 
 
-def _tag(message: DeliveredMessage) -> int:
-    """A consumed delivery's tag (aiormq's type also covers basic.get answers and returns)."""
-    return cast(int, cast(spec.Basic.Deliver, message.delivery).delivery_tag)
-
-
 def _republished(message: DeliveredMessage, headers: dict[str, Any]) -> spec.Basic.Properties:
     """The properties of a persistent copy of a delivery with new headers; identity unchanged."""
     properties = message.header.properties
@@ -857,7 +852,7 @@ def _republished(message: DeliveredMessage, headers: dict[str, Any]) -> spec.Bas
 async def _requeue(message: DeliveredMessage) -> None:
     # If the channel is gone, the broker returns the message by itself.
     with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
-        await message.channel.basic_nack(_tag(message), requeue=True)
+        await message.channel.basic_nack(delivery_tag(message), requeue=True)
 
 
 class OneAtATime:
