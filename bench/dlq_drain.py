@@ -7,7 +7,10 @@ holds every letter (`GET /v1/ops/count`). The same-run reference, rounds alterna
 aio-pika consume-and-ack loop draining the same messages from a quorum queue at the same
 prefetch (the drain's), storing nothing: the broker's ceiling for the deliveries alone.
 
-    python -m bench.dlq_drain [--letters 5000] [--rounds 3]
+    python -m bench.dlq_drain [--letters 5000] [--rounds 3] [--postgres URL]
+
+`--postgres`: the gateway's store on that PostgreSQL server (in a database of its own, created
+and dropped by the benchmark), instead of its SQLite file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from bench.system import (
     declare_quorum,
     free_port,
     new_namespace,
+    postgres_database,
     publish_all,
     start_gateway,
     stop,
@@ -93,13 +97,14 @@ async def stored(base: str, wanted: int) -> None:
             await asyncio.sleep(0.2)  # each poll is CPU the gateway's drain then lacks
 
 
-def courier_round(namespace: str, data: Path, letters: int, total: int) -> tuple[float, float]:
+def courier_round(
+    namespace: str, env: dict[str, str], data: Path, letters: int, total: int
+) -> tuple[float, float]:
     """Letters a second the gateway stores from a full dead-letter queue, and the gateway's CPU
     per letter (ms) meanwhile; `total`: how many the store holds once they are in."""
     dlq = CourierSettings(namespace=namespace).topology("notifier").dead_letter_queue
     asyncio.run(publish_all(dlq, messages(namespace, letters)))
     port = free_port()
-    env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
     gateway = start_gateway(env, port, log=data / "gateway.log")
     try:
         base = f"http://127.0.0.1:{port}"
@@ -122,25 +127,48 @@ async def bare_round(namespace: str, queue: str, letters: int) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    with postgres_database(args.postgres, "bench_drain") as database:
+        results = measure(database, args)
+    store = "PostgreSQL" if database else "SQLite"
+    print_table(
+        f"Draining {args.letters} dead letters into the store, {store}, {args.rounds} rounds",
+        results,
+    )
+    ratio = results[0].median / results[2].median
+    print(f"courier / bare consume-and-ack: {ratio:.2f}x")
+    save(
+        "dlq_drain_postgres" if database else "dlq_drain",
+        results,
+        {
+            "letters": args.letters,
+            "prefetch": DRAIN_PREFETCH,
+            "store": store,
+            "ratio_to_bare": ratio,
+        },
+    )
+
+
+def measure(database: str | None, args: argparse.Namespace) -> list[Result]:
     namespace = new_namespace()
     data = Path(tempfile.mkdtemp())
     bare_queue = f"{namespace}.bare-drain"
+    env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
+    if database is not None:
+        env["DATABASE_URL"] = database
     courier: list[float] = []
     cpu: list[float] = []
     bare: list[float] = []
     try:
         # The gateway declares the topology the first time; the queue stays between rounds.
         port = free_port()
-        gateway = start_gateway(
-            courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN), port, log=data / "gateway.log"
-        )
+        gateway = start_gateway(env, port, log=data / "gateway.log")
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", process=gateway)
         finally:
             stop(gateway)
         for round_ in range(args.rounds):
             total = (round_ + 1) * args.letters
-            rate, per_letter = courier_round(namespace, data, args.letters, total)
+            rate, per_letter = courier_round(namespace, env, data, args.letters, total)
             courier.append(rate)
             cpu.append(per_letter)
             bare.append(asyncio.run(bare_round(namespace, bare_queue, args.letters)))
@@ -155,25 +183,20 @@ def main(args: argparse.Namespace) -> None:
     finally:
         asyncio.run(cleanup(namespace, bare_queue))
         shutil.rmtree(data, ignore_errors=True)
-    results = [
+    return [
         Result("courier: dead letters stored", "letters/s", median(courier), courier),
         Result("courier: gateway CPU per letter", "ms", median(cpu), cpu),
         Result("bare aio-pika: consume and ack", "msgs/s", median(bare), bare),
     ]
-    print_table(
-        f"Draining {args.letters} dead letters into the store, {args.rounds} rounds", results
-    )
-    ratio = results[0].median / results[2].median
-    print(f"courier / bare consume-and-ack: {ratio:.2f}x")
-    save(
-        "dlq_drain",
-        results,
-        {"letters": args.letters, "prefetch": DRAIN_PREFETCH, "ratio_to_bare": ratio},
-    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--letters", type=int, default=5000, help="dead letters per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
+    )
     main(parser.parse_args())

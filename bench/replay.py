@@ -26,7 +26,6 @@ from pathlib import Path
 
 import aio_pika
 import httpx
-from sqlalchemy.engine import make_url
 
 from bench.report import Result, median, print_table, save
 from bench.system import (
@@ -35,7 +34,7 @@ from bench.system import (
     declare_quorum,
     free_port,
     new_namespace,
-    pg_admin,
+    postgres_database,
     publish_all,
     purge,
     start_gateway,
@@ -158,17 +157,8 @@ async def run(
 
 
 def main(args: argparse.Namespace) -> None:
-    database = None
-    if args.postgres is not None:
-        server = args.postgres.replace("postgresql+asyncpg://", "postgresql://")
-        name = f"bench_replay_{uuid.uuid4().hex[:8]}"
-        asyncio.run(pg_admin(server, f'CREATE DATABASE "{name}"'))
-        database = make_url(server).set(database=name).render_as_string(hide_password=False)
-    try:
+    with postgres_database(args.postgres, "bench_replay") as database:
         results = measure(database, args)
-    finally:
-        if args.postgres is not None:
-            asyncio.run(pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     store = "PostgreSQL" if database else "SQLite"
     print_table(f"Replay of {args.letters} dead letters, {store}, {args.rounds} rounds", results)
     ratio = results[0].median / results[1].median

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -207,6 +207,24 @@ async def publish_all(queue: str, messages: Sequence[aio_pika.Message], window: 
                     for message in messages[at : at + window]
                 )
             )
+
+
+@contextlib.contextmanager
+def postgres_database(server: str | None, prefix: str) -> Iterator[str | None]:
+    """A database of the benchmark's own on that PostgreSQL server (its URL, for
+    `DATABASE_URL`), dropped afterwards; None without a server (the services' SQLite)."""
+    if server is None:
+        yield None
+        return
+    from sqlalchemy.engine import make_url
+
+    server = server.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(pg_admin(server, f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def pg_admin(url: str, statement: str) -> None:
