@@ -193,6 +193,7 @@ def create_app(
                     settings.namespace,
                     [topology.dead_letter_queue for topology in settings.all_topologies()],
                     keep_letters(failures, tracking),
+                    prefetch=settings.dlq_prefetch,
                     topologies=settings.all_topologies(),
                 )
             )

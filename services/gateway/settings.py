@@ -7,6 +7,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from contracts.notify import CHANNELS, Channel
+from services.messaging.dead_letters import DRAIN_PREFETCH
 from services.messaging.settings import DAY, CourierSettings
 
 DEFAULT_UPLOAD_TYPES = (
@@ -50,6 +51,13 @@ class GatewaySettings(CourierSettings):
         le=3600,
         description="Longest pause within a request body (408 and the connection closed "
         "beyond); 0 for no limit.",
+    )
+    dlq_prefetch: int = Field(
+        default=DRAIN_PREFETCH,
+        ge=1,
+        le=65_535,
+        description="Dead letters the drain holds at once from each dead-letter queue, stored "
+        "in shared transactions: more is faster, and holds more letters in memory.",
     )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="`Retry-After` sent with a 503 when the broker is away."

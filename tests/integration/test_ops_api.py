@@ -473,6 +473,40 @@ async def test_a_dead_letter_stays_in_its_queue_until_the_store_has_it(
     await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
 
 
+@pytest.mark.broker
+async def test_the_drain_holds_at_most_its_prefetch_of_a_queue(
+    namespace: Namespace, tmp_path: Path
+) -> None:
+    """`COURIER_DLQ_PREFETCH` bounds the letters the gateway holds in memory from one queue:
+    with the store away it holds that many, and the rest wait in the queue."""
+    settings = gateway_settings(namespace, tmp_path, dlq_prefetch=2)
+    queue = dead_letter_queue(namespace.name, "notifier")
+    engine = open_store(store_url(None, tmp_path, "gateway"))
+    try:
+        async with running_gateway(settings) as client:
+            async with engine.begin() as conn:  # the store breaks
+                await conn.execute(text("ALTER TABLE ops_dead_letters RENAME TO unavailable"))
+            for n in range(5):
+                await dead_letter_arrives(namespace, f"m-{n}")
+
+            async def three_wait() -> None:
+                assert await ready_messages(namespace.amqp_url, queue) == 3
+
+            await eventually(three_wait, timeout=10)
+            await asyncio.sleep(1)  # held, not taken later
+            assert await ready_messages(namespace.amqp_url, queue) == 3
+            async with engine.begin() as conn:  # the store is back
+                await conn.execute(text("ALTER TABLE unavailable RENAME TO ops_dead_letters"))
+
+            async def stored() -> None:
+                assert len(await letters(client)) == 5
+
+            await eventually(stored, timeout=30)
+    finally:
+        await engine.dispose()
+    await assert_empty(namespace.amqp_url, [queue])
+
+
 @asynccontextmanager
 async def draining(
     namespace: Namespace, sink: Sink
