@@ -37,6 +37,7 @@ from bench.system import (
     free_port,
     new_namespace,
     postgres_database,
+    postgres_option,
     publish_all,
     start_gateway,
     stop,
@@ -152,9 +153,7 @@ def measure(database: str | None, args: argparse.Namespace) -> list[Result]:
     namespace = new_namespace()
     data = Path(tempfile.mkdtemp())
     bare_queue = f"{namespace}.bare-drain"
-    env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
-    if database is not None:
-        env["DATABASE_URL"] = database
+    env = courier_env(namespace, data, database, COURIER_OPS_TOKENS=TOKEN)
     courier: list[float] = []
     cpu: list[float] = []
     bare: list[float] = []
@@ -194,9 +193,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--letters", type=int, default=5000, help="dead letters per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--postgres",
-        metavar="URL",
-        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
-    )
+    postgres_option(parser)
     main(parser.parse_args())

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.report import Result, save
-from bench.system import pg_admin
+from bench.system import postgres_database, postgres_option
 from services.messaging.store import open_store, store_url
 from services.ops.store import FailureStore, Filter, dead_letters
 
@@ -234,35 +234,21 @@ async def run(url: str, count: int, runs: int, seed: int) -> None:
     print(f"\nsaved {path}")
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    if args.postgres is None:
-        with tempfile.TemporaryDirectory() as directory:
-            await run(store_url(None, Path(directory), "gateway"), args.rows, args.runs, args.seed)
-        return
-    server = args.postgres.replace("postgresql+asyncpg://", "postgresql://")
-    name = f"bench_dlq_{uuid.uuid4().hex[:8]}"
-    await pg_admin(server, f'CREATE DATABASE "{name}"')
-    try:
-        database = str(make_url(server).set(database=name).render_as_string(hide_password=False))
-        await run(store_url(database, Path(), "gateway"), args.rows, args.runs, args.seed)
-    finally:
-        await pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dlq_store", description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000, help="dead letters to insert")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per query")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the data")
-    parser.add_argument(
-        "--postgres",
-        metavar="URL",
-        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
-    )
+    postgres_option(parser)
     args = parser.parse_args(argv)
     if args.rows < 2_600:
         sys.exit("--rows must be at least 2,600 (50 pages of 50 dead letters, and some closed)")
-    asyncio.run(main_async(args))
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        postgres_database(args.postgres, "bench_dlq") as database,
+    ):
+        url = store_url(database, Path(directory), "gateway")
+        asyncio.run(run(url, args.rows, args.runs, args.seed))
 
 
 if __name__ == "__main__":

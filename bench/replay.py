@@ -35,6 +35,7 @@ from bench.system import (
     free_port,
     new_namespace,
     postgres_database,
+    postgres_option,
     publish_all,
     purge,
     start_gateway,
@@ -174,9 +175,7 @@ def measure(database: str | None, args: argparse.Namespace) -> list[Result]:
     namespace = new_namespace()
     data = Path(tempfile.mkdtemp())
     port = free_port()
-    env = courier_env(namespace, data, COURIER_OPS_TOKENS=TOKEN)
-    if database is not None:
-        env["DATABASE_URL"] = database
+    env = courier_env(namespace, data, database, COURIER_OPS_TOKENS=TOKEN)
     gateway = start_gateway(env, port, log=data / "gateway.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", process=gateway)
@@ -196,9 +195,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--letters", type=int, default=2000, help="dead letters per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--postgres",
-        metavar="URL",
-        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
-    )
+    postgres_option(parser)
     main(parser.parse_args())

@@ -6,6 +6,7 @@ made is derived from it, so `cleanup` removes them all whatever happened.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -41,14 +42,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def courier_env(namespace: str, data: Path, **extra: str) -> dict[str, str]:
-    """What every Courier process of a benchmark reads (quiet logs: logging is not measured)."""
+def courier_env(
+    namespace: str, data: Path, database: str | None = None, **extra: str
+) -> dict[str, str]:
+    """What every Courier process of a benchmark reads (quiet logs: logging is not measured);
+    `database`: its store's `DATABASE_URL`, else SQLite files in `data`."""
     return {
         "AMQP_URL": AMQP_URL,
         "COURIER_NAMESPACE": namespace,
         "COURIER_DATA_DIR": str(data),
         "COURIER_ENVIRONMENT": "development",
         "COURIER_LOG_LEVEL": "WARNING",
+        **({"DATABASE_URL": database} if database is not None else {}),
         **extra,
     }
 
@@ -207,6 +212,15 @@ async def publish_all(queue: str, messages: Sequence[aio_pika.Message], window: 
                     for message in messages[at : at + window]
                 )
             )
+
+
+def postgres_option(parser: argparse.ArgumentParser) -> None:
+    """`--postgres URL`, for `postgres_database`."""
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="a PostgreSQL server (any database on it); the benchmark creates and drops its own",
+    )
 
 
 @contextlib.contextmanager

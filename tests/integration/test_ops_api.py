@@ -509,13 +509,13 @@ async def test_the_drain_holds_at_most_its_prefetch_of_a_queue(
 
 @asynccontextmanager
 async def draining(
-    namespace: Namespace, sink: Sink
+    namespace: Namespace, sink: Sink, url: str | None = None
 ) -> AsyncIterator[tuple[DeadLetterDrain, aio_pika.abc.AbstractRobustConnection]]:
-    """A drain of the notifier's dead-letter queue into `sink`, on its own connection, stopped
-    as the gateway stops it: a letter the sink has just taken is acked before the connection
-    closes (closed first, the letter went back to its queue, and a test that had seen it kept
-    found it there)."""
-    connection = await aio_pika.connect_robust(namespace.amqp_url)
+    """A drain of the notifier's dead-letter queue into `sink`, on its own connection (to
+    `url`, else the namespace's broker), stopped as the gateway stops it: a letter the sink has
+    just taken is acked before the connection closes (closed first, the letter went back to its
+    queue, and a test that had seen it kept found it there)."""
+    connection = await aio_pika.connect_robust(url or namespace.amqp_url)
     drain = DeadLetterDrain(namespace.name, [dead_letter_queue(namespace.name, "notifier")], sink)
     try:
         await declare_topology(connection, namespace.settings().all_topologies())
@@ -625,15 +625,8 @@ async def test_after_a_reconnect_the_drain_consumes_dead_letters_again(
 
     broker = urlsplit(namespace.amqp_url)
     async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
-        connection = await aio_pika.connect_robust(
-            f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.2"
-        )
-        topologies = namespace.settings().all_topologies()
-        queue = dead_letter_queue(namespace.name, "notifier")
-        drain = DeadLetterDrain(namespace.name, [queue], keep, topologies=topologies)
-        try:
-            await declare_topology(connection, topologies)
-            await drain.start(connection)
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.2"
+        async with draining(namespace, keep, url) as (drain, connection):
             reconnected = asyncio.Event()
             connection.reconnect_callbacks.add(lambda *_: reconnected.set())
             proxy.reset_all()
@@ -649,10 +642,7 @@ async def test_after_a_reconnect_the_drain_consumes_dead_letters_again(
                 assert kept == ["m-after-reconnect"]
 
             await eventually(drained, timeout=10)
-        finally:
-            await drain.stop(drain_seconds=5)
-            await connection.close()
-    await assert_empty(namespace.amqp_url, [queue])
+    await assert_empty(namespace.amqp_url, [dead_letter_queue(namespace.name, "notifier")])
 
 
 async def test_a_late_reopen_does_not_consume_a_queue_twice(namespace: Namespace) -> None:
@@ -664,19 +654,12 @@ async def test_a_late_reopen_does_not_consume_a_queue_twice(namespace: Namespace
         return None
 
     queue = dead_letter_queue(namespace.name, "notifier")
-    connection = await aio_pika.connect_robust(namespace.amqp_url)
-    drain = DeadLetterDrain(namespace.name, [queue], keep)
-    try:
-        await declare_topology(connection, namespace.settings().all_topologies())
-        await drain.start(connection)
+    async with draining(namespace, keep) as (drain, connection):
         channel = await connection.channel()
         await drain._reopened(drain._channel)  # consumed on this channel already
         await asyncio.sleep(0.5)  # a consume-again would be done by now
         declared = await channel.declare_queue(queue, passive=True)
         assert declared.declaration_result.consumer_count == 1
-    finally:
-        await drain.stop(drain_seconds=5)
-        await connection.close()
 
 
 def storing(store: FailureStore) -> Sink:
